@@ -1,0 +1,1 @@
+"""Export: checkpoint -> bundle; bundle loading and verification; the parity checker."""

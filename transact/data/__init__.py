@@ -1,0 +1,1 @@
+"""Data: a synthetic generator, MovieLens-100K, user action logs, and batching."""

@@ -1,0 +1,69 @@
+"""Reference nearest-neighbour selection over int8 user sequences (DESIGN §2.4 step 1).
+
+This is the readable, exact definition that the fused GPU kernel and the model's vectorised
+selection are both checked against. Semantics:
+
+* Sequences are jagged: user ``u`` owns rows ``seq[starts[u] : starts[u] + lengths[u]]``, stored
+  oldest -> newest. ``lengths`` counts only the *valid* prefix (actions before the request time);
+  callers cut it, so a larger position always means a more recent action.
+* Score = cosine similarity between the dequantised item and the candidate. The quantisation scale
+  is one positive constant, so it cancels: we use the raw int8 codes. A zero vector scores 0.
+* Output per candidate: the ``k`` best positions (relative to the user's start), best first; equal
+  scores are broken by the more recent action (larger position first). Slots beyond the user's
+  length hold index -1 and score -inf.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-12
+
+
+def normalize_rows(x: torch.Tensor) -> torch.Tensor:
+    """L2-normalise the last dimension; an all-zero row stays zero (no NaN)."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
+
+
+def nn_select_reference(
+    seq: torch.Tensor,
+    starts: torch.Tensor,
+    lengths: torch.Tensor,
+    cand: torch.Tensor,
+    cand_user: torch.Tensor,
+    k: int,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k cosine neighbours of each candidate within its own user's sequence.
+
+    Args:
+        seq: (T, D) int8 item codes of all users, concatenated.
+        starts, lengths: (U,) first row and number of valid rows of each user.
+        cand: (N, D) candidate embeddings (float or int8).
+        cand_user: (N,) the user each candidate belongs to.
+        k: how many neighbours to return.
+        dtype: precision of the scores (float64 for an exact reference).
+    Returns:
+        idx (N, k) int64 positions relative to the user's start (-1 for empty slots), and
+        scores (N, k) in ``dtype`` (-inf for empty slots).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    n = cand.shape[0]
+    idx = torch.full((n, k), -1, dtype=torch.int64)
+    scores = torch.full((n, k), float("-inf"), dtype=dtype)
+    cand_hat = normalize_rows(cand.detach().cpu().to(dtype))
+    for i in range(n):
+        u = int(cand_user[i])
+        start, length = int(starts[u]), int(lengths[u])
+        if length == 0:
+            continue
+        items = normalize_rows(seq[start : start + length].detach().cpu().to(dtype))
+        s = items @ cand_hat[i]
+        # Newest first, then a stable sort by descending score: equal scores keep newest-first order.
+        newest_first = torch.arange(length - 1, -1, -1)
+        order = torch.sort(s[newest_first], descending=True, stable=True).indices
+        take = newest_first[order[:k]]
+        idx[i, : take.numel()] = take
+        scores[i, : take.numel()] = s[take]
+    return idx, scores
