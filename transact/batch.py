@@ -9,8 +9,8 @@ the request time; sequences are sorted by time, so the valid tokens are always a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import Iterator
 
 import torch
 

@@ -12,10 +12,11 @@ sequence sizes: no data-dependent Python control flow, no in-place writes into i
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .batch import Batch, Seq
@@ -125,13 +126,14 @@ class TransAct(nn.Module):
 
 
 def transact_inputs(
-    rt: Seq, cand_request: torch.Tensor, cand_item: torch.Tensor, seq_len: int, scale: float
+    rt: Seq, request_ts: torch.Tensor, cand_request: torch.Tensor, seq_len: int, scale: float
 ) -> tuple[torch.Tensor, ...]:
     """Build the reference module's per-candidate inputs (newest first) from a request batch.
 
+    Only actions before the request enter (the reference would keep a future action in slot 0).
     Action id = highest set bit of the mask + 1, so 0 is "no action" (padding)."""
     j = torch.arange(seq_len, device=rt.ts.device)
-    pos = rt.length.unsqueeze(1) - 1 - j  # (R, S) newest first
+    pos = rt.valid_count(request_ts).unsqueeze(1) - 1 - j  # (R, S) newest first
     stored = pos >= 0
     rows = torch.arange(rt.ts.shape[0], device=rt.ts.device)
     ts = torch.where(stored, gather_rows(rt.ts, rows, pos), torch.zeros_like(pos))
@@ -339,7 +341,7 @@ class RankingModel(nn.Module):
         aux = ModelOutput(probs=torch.zeros(0))
         if self.transact is not None:
             action, item, ts = transact_inputs(
-                batch.rt, batch.cand_request, batch.cand_item, self.config.transact.seq_len, self.config.quant_scale
+                batch.rt, batch.request_ts, batch.cand_request, self.config.transact.seq_len, self.config.quant_scale
             )
             v1 = self.transact(action, item, ts, batch.request_ts[batch.cand_request], batch.cand_item)
         if self.transact_v2 is not None:
@@ -381,3 +383,14 @@ class RankingModel(nn.Module):
     def score(self, probs: torch.Tensor) -> torch.Tensor:
         """Final ranking score Σ_h w_h p_h."""
         return probs @ self.score_weights
+
+
+@contextmanager
+def transformer_fastpath(enabled: bool) -> Iterator[None]:
+    """Switch PyTorch's fused transformer inference path on or off for a block, then restore it."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
