@@ -47,6 +47,7 @@ class TransActV2Config:
     """TransAct V2: the lifelong module with nearest-neighbour selection (DESIGN §2.4)."""
 
     enabled: bool = True
+    use_ll: bool = True  # False: the lifelong sequence contributes no tokens (the "rt + NAL" ablation)
     k_ll: int = 96
     r_rt: int = 32
     k_rt: int = 32

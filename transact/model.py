@@ -210,7 +210,7 @@ class TransActV2(nn.Module):
         cfg = self.config
         cand_hat = normalize_rows(cand_emb.to(torch.float32))
         req, dev = batch.cand_request, cand_emb.device
-        ll_n = batch.ll.valid_count(batch.request_ts)
+        ll_n = batch.ll.valid_count(batch.request_ts) * int(cfg.use_ll)
         rt_n = batch.rt.valid_count(batch.request_ts)
         imp_n = batch.imp.valid_count(batch.request_ts)
         rest_n = (rt_n - cfg.r_rt).clamp_min(0)
@@ -260,7 +260,9 @@ class TransActV2(nn.Module):
         """Step 4: causal transformer with key padding."""
         t = x.shape[1]
         causal = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
-        return self.transformer_encoder(x, mask=causal, src_key_padding_mask=pad)
+        # is_causal=True states what the mask is (PyTorch would otherwise compare it with a causal mask
+        # element by element, a data-dependent check that torch.export cannot trace); the mask is still used.
+        return self.transformer_encoder(x, mask=causal, src_key_padding_mask=pad, is_causal=True)
 
     def pool(self, hidden: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         """Step 5: Linear(masked max pool) ⊕ the last ``latest_n`` valid rows."""
@@ -335,7 +337,7 @@ class RankingModel(nn.Module):
 
     def sequence_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, ModelOutput]:
         """The two sequence-module outputs, (N, d1) and (N, d2) (width 0 when switched off)."""
-        n, dev = batch.num_candidates, batch.cand_item.device
+        n, dev = batch.cand_item.shape[0], batch.cand_item.device  # a symbolic size under export
         v1 = torch.zeros(n, 0, device=dev)
         v2 = torch.zeros(n, 0, device=dev)
         aux = ModelOutput(probs=torch.zeros(0))
