@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
@@ -90,7 +90,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> tuple
         raise TransactError("weights missing", weights)
     try:
         tensors = load_file(weights, device=map_location)
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise TransactError(f"unreadable safetensors file ({e})", weights) from None
     model = RankingModel(config)
     missing, unexpected = set(model.state_dict()) - set(tensors), set(tensors) - set(model.state_dict())

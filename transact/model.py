@@ -157,9 +157,17 @@ def select_recent_nn(
     r, length = seq_item.shape[0], seq_item.shape[1]
     n = cand_hat.shape[0]
     items = normalize_rows(seq_item.to(torch.float32))
-    # One matmul per request against all candidates; keep each candidate's own request row.
-    scores = torch.matmul(items, cand_hat.t()).transpose(1, 2).reshape(r * n, length)
-    scores = scores[cand_request * n + torch.arange(n, device=cand_request.device)]
+    if torch.compiler.is_compiling() or r == 1:
+        # Shape-generic form for export: every request against every candidate, then each
+        # candidate's own row. R x N x L work, which is exactly right for one request.
+        scores = torch.matmul(items, cand_hat.t()).transpose(1, 2).reshape(r * n, length)
+        scores = scores[cand_request * n + torch.arange(n, device=cand_request.device)]
+    else:
+        # Eager with many requests (training): one small matmul per request, N x L work.
+        scores = torch.empty(n, length, dtype=items.dtype, device=items.device)
+        for req in torch.unique(cand_request).tolist():
+            rows = (cand_request == req).nonzero().squeeze(1)
+            scores[rows] = cand_hat[rows] @ items[req].t()
     pos = torch.arange(length, device=scores.device)
     valid = pos.unsqueeze(0) < count[cand_request].unsqueeze(1)
     key = torch.where(valid, scores.to(torch.float64) + pos.to(torch.float64) * TIE_STEP, NEG_INF)
@@ -235,12 +243,14 @@ class TransActV2(nn.Module):
     def tokens(self, batch: Batch, cand_emb: torch.Tensor, sel: Selection) -> tuple[torch.Tensor, torch.Tensor]:
         """Step 3: token features (N, T, 64) and the key-padding mask (N, T), null token included."""
         req = batch.cand_request
-        item = torch.zeros(*sel.pos.shape, ITEM_DIM, dtype=torch.int8, device=cand_emb.device)
+        # Item codes are gathered as int8 but merged in float32 (exact for int8 values): ONNX Runtime
+        # before 1.32 has no int8 Where kernel.
+        item = torch.zeros(*sel.pos.shape, ITEM_DIM, dtype=torch.float32, device=cand_emb.device)
         action = torch.zeros_like(sel.pos, dtype=torch.int32)
         surface = torch.zeros_like(sel.pos)
         for g, seq in enumerate((batch.ll, batch.rt, batch.imp)):
             here = sel.valid & (sel.group == g)
-            item = torch.where(here.unsqueeze(-1), gather_rows(seq.item, req, sel.pos), item)
+            item = torch.where(here.unsqueeze(-1), gather_rows(seq.item, req, sel.pos).to(torch.float32), item)
             action = torch.where(here, gather_rows(seq.action, req, sel.pos), action)
             surface = torch.where(here, gather_rows(seq.surface, req, sel.pos), surface)
         t = sel.pos.shape[1]

@@ -17,8 +17,8 @@ strictly before the request time, so no example can see its own future:
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,18 @@ from ..quant import dequantize
 HOUR_MS = 3_600_000
 DEFAULT_ACTIONS = ("click", "save", "hide")
 NEGATIVE_ACTIONS = ("hide",)  # actions that count against an item (negative score weight)
+
+
+def stable_order(key: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """Permutation sorting by (key, ts); equal pairs keep their input order."""
+    order = np.argsort(ts, kind="stable")
+    return order[np.argsort(key[order], kind="stable")]
+
+
+def is_sorted(key: np.ndarray, ts: np.ndarray) -> bool:
+    """Whether the rows are already ordered by (key, ts)."""
+    dk = np.diff(key)
+    return bool((dk >= 0).all() and ((dk > 0) | (np.diff(ts) >= 0)).all())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,12 +71,13 @@ class ActionLog:
             if arr.size and not np.issubdtype(arr.dtype, np.integer):
                 raise TransactError(f"expected integers, got {arr.dtype}", field=name)
             setattr(self, name, arr)
-        order = np.lexsort((self.ts, self.user))  # lexsort is stable: equal (user, ts) keep log order
-        self.user = self.user[order].astype(np.int64)
-        self.item = self.item[order].astype(np.int64)
-        self.action = self.action[order].astype(np.int32)
-        self.ts = self.ts[order].astype(np.int64)
-        self.surface = self.surface[order].astype(np.int64)
+        self.user, self.item = self.user.astype(np.int64), self.item.astype(np.int64)
+        self.action, self.ts = self.action.astype(np.int32), self.ts.astype(np.int64)
+        self.surface = self.surface.astype(np.int64)
+        if not is_sorted(self.user, self.ts):
+            order = stable_order(self.user, self.ts)
+            for name in ("user", "item", "action", "ts", "surface"):
+                setattr(self, name, getattr(self, name)[order])
 
     def __len__(self) -> int:
         return len(self.user)
@@ -100,18 +113,21 @@ def cut_points(
     """Events sorted by (group, ts); for each query (q_group, q_ts) return the index of the group's
     first event and of its first event with ts >= q_ts. Events in [start, cut) are strictly earlier.
 
-    Groups and times are replaced by dense ranks so that the combined key fits in int64 whatever the
-    raw ids and timestamps are.
-    """
-    groups = np.unique(np.concatenate([group, q_group]))
-    g, qg = np.searchsorted(groups, group), np.searchsorted(groups, q_group)
-    times = np.unique(ts)
-    t, qt = np.searchsorted(times, ts), np.searchsorted(times, q_ts)  # ts < q_ts  <=>  t < qt
-    span = len(times) + 1
-    key = g * span + t
-    start = np.searchsorted(key, qg * span, side="left")
-    cut = np.searchsorted(key, qg * span + qt, side="left")
-    return start.astype(np.int64), cut.astype(np.int64)
+    A binary search inside each query's own group, run for all queries at once (the cost depends on
+    the number of queries, not of events)."""
+    start = np.searchsorted(group, q_group, side="left").astype(np.int64)
+    hi = np.searchsorted(group, q_group, side="right").astype(np.int64)
+    lo = start.copy()
+    q_ts = np.asarray(q_ts, dtype=np.int64)
+    while True:
+        open_ = lo < hi
+        if not open_.any():
+            break
+        mid = (lo + hi) // 2
+        before = open_ & (ts[np.minimum(mid, len(ts) - 1)] < q_ts)
+        lo = np.where(before, mid + 1, lo)
+        hi = np.where(open_ & ~before, mid, hi)
+    return start, lo
 
 
 def ragged_arange(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -165,11 +181,10 @@ def history_features(
     n_all = cut - start
     n_ex = cum_ex[cut] - cum_ex[start]
     kinds = cum_bits[cut] - cum_bits[start]
-    user_f = np.column_stack(
-        [np.log1p(n_ex), np.log1p(n_all - n_ex), (kinds + 0.1) / (n_ex[:, None] + 1.0)]
-    ).astype(np.float32)
+    share = (kinds + 0.1) / (n_ex[:, None] + 1.0)
+    user_f = np.column_stack([np.log1p(n_ex), np.log1p(n_all - n_ex), share]).astype(np.float32)
 
-    by_item = np.lexsort((log.ts, log.item))
+    by_item = stable_order(log.item, log.ts)
     i_bits = np.concatenate([np.zeros((1, num_actions), np.int64), np.cumsum(bits[by_item], axis=0)])
     i_start, i_cut = cut_points(log.item[by_item], log.ts[by_item], cand_item, req_ts[cand_request])
     n_item = i_cut - i_start
@@ -254,6 +269,9 @@ class RankingDataset:
         self.scale = float(scale)
         # Items seen by the embedding learner end before this time; a split must not train later.
         self.embedding_cutoff_ts = embedding_cutoff_ts
+        self.item_topic: np.ndarray | None = None  # ground-truth topic per item, when a generator knows it
+        self.user_keys: np.ndarray | None = None  # original ids of dense user / item ids, when loaded from a file
+        self.item_keys: np.ndarray | None = None
         self._validate_config()
         self.item_codes = self._check_codes(item_codes)
         self.log = log
@@ -404,8 +422,8 @@ class RankingDataset:
 
     def describe(self) -> str:
         """One line: sizes and label rates."""
-        rates = ", ".join(f"{h} {r:.3f}" for h, r in zip(self.heads, self.labels.mean(0) if self.num_candidates
-                                                            else [0.0] * len(self.heads)))  # fmt: skip
+        rate = self.labels.mean(0) if self.num_candidates else np.zeros(len(self.heads))
+        rates = ", ".join(f"{h} {r:.3f}" for h, r in zip(self.heads, rate, strict=True))
         return (f"{self.source}: {self.num_requests} requests, {self.num_candidates} candidates, "
                 f"{len(set(self.req_user.tolist()))} users, {self.num_items} items, {len(self.log)} events; "
                 f"label rates {rates}")  # fmt: skip
@@ -418,7 +436,8 @@ class RankingDataset:
         out = copy.copy(self)
         lo, hi = self.cand_offsets[ids], self.cand_offsets[ids + 1]
         rows = ragged_arange(lo, hi - lo)
-        out.cand_item, out.cand_action, out.item_dense = self.cand_item[rows], self.cand_action[rows], self.item_dense[rows]
+        out.cand_item, out.cand_action = self.cand_item[rows], self.cand_action[rows]
+        out.item_dense = self.item_dense[rows]
         out.cand_offsets = np.concatenate([[0], np.cumsum(hi - lo)]).astype(np.int64)
         for name in ("req_user", "req_ts", "req_surface", "req_hour", "user_dense",
                      "_ex_start", "_ex_cut", "_im_start", "_im_cut"):  # fmt: skip
@@ -441,8 +460,8 @@ class RankingDataset:
         ts = self.req_ts
         parts = [np.flatnonzero(ts < t_valid), np.flatnonzero((ts >= t_valid) & (ts < t_test)),
                  np.flatnonzero(ts >= t_test)]  # fmt: skip
-        for name, frac, ids in zip(("train", "valid", "test"), (1 - valid_frac - test_frac, valid_frac, test_frac),
-                                   parts):  # fmt: skip
+        fracs = (1 - valid_frac - test_frac, valid_frac, test_frac)
+        for name, frac, ids in zip(("train", "valid", "test"), fracs, parts, strict=True):
             if frac > 0 and len(ids) == 0:
                 raise self._err(f"the {name} split is empty ({self.num_requests} requests)", "split")
         train, valid, test = (self.subset(ids) for ids in parts)
