@@ -1,0 +1,49 @@
+"""The ``cpu`` backend: the whole model in ONNX Runtime (``full.onnx``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from transact.batch import INPUT_NAMES
+
+from ..batching import BatchPlan, plan_batch
+from ..session import Limits, LoadedBundle, SessionOptions
+from .warmup import warmup_requests
+
+
+def ort_options(threads: int | None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.inter_op_num_threads = 1
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    so.log_severity_level = 3
+    return so
+
+
+class CpuBackend:
+    """ONNX Runtime on ``full.onnx``; sequences padded to the longest of each batch."""
+
+    name = "cpu"
+
+    def __init__(self, bundle: LoadedBundle, options: SessionOptions) -> None:
+        self.config = bundle.config
+        self.session = ort.InferenceSession(
+            bundle.graph_bytes("full.onnx"), sess_options=ort_options(options.threads),
+            providers=["CPUExecutionProvider"],
+        )
+        names = [i.name for i in self.session.get_inputs()]
+        if tuple(names) != INPUT_NAMES:
+            raise ValueError(f"full.onnx: unexpected inputs {names}")
+
+    def run(self, plan: BatchPlan) -> tuple[np.ndarray, np.ndarray]:
+        feed = plan.padded_inputs()
+        probs, scores = self.session.run(["probabilities", "scores"], feed)
+        return probs, scores
+
+    def warmup(self, limits: Limits) -> None:
+        """Run a few shapes once so that ONNX Runtime has planned its memory before the first request."""
+        for reqs in warmup_requests(self.config, limits, [(1, 1), (1, 16), (2, 64)]):
+            self.run(plan_batch(reqs))

@@ -1,0 +1,481 @@
+"""The ``cuda`` backend (hybrid): the sequence modules on the GPU, the dense part in ONNX Runtime.
+
+Per batch:
+
+1. The host writes the batch into one pinned staging arena (item codes, action masks and surfaces of
+   the three sequences, valid-prefix lengths, candidates) sized for the batch's shape bucket, and one
+   asynchronous copy moves it to the GPU.
+2. On the GPU: ``nn_select`` once per sequence group (ll, rt[:-r], imp) over the jagged int8 rows;
+   the V2 tokens (ordering, gathers, embeddings) in torch; ``skut_forward`` runs the whole V2
+   transformer with the causal + padding masks and the masked max pool fused; the V1 tokens (newest
+   rt actions ⊕ candidate) go through ``skut_forward`` as well, then max pool ⊕ the first ``latest_n``
+   rows and the ``out_linear`` layers in torch. Per shape bucket this whole GPU part is captured once
+   as a CUDA graph and replayed (``cuda_graphs=True``).
+3. ``v1`` / ``v2`` come back into pinned host buffers and ``dense.onnx`` runs in ONNX Runtime on the CPU
+   on numpy views of them (no extra copies). With ``dense_on="gpu"`` the dense part runs in torch on
+   the GPU inside the same graph instead (one small copy back: the probabilities).
+
+Shape buckets (request rows, candidates, ll width; rt and imp always at their configured maximum) are
+warmed up at start-up, so every Triton kernel is compiled before the server reports ready, and
+Triton's compiled kernels live in a persistent folder (``TRITON_CACHE_DIR``) so that restarts do not
+compile again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from transact.config import ITEM_DIM, ModelConfig
+from transact.model import RankingModel, highest_bit
+
+from ..batching import BatchPlan, plan_batch
+from ..session import Limits, LoadedBundle, SessionOptions
+from . import BackendUnavailable
+from .warmup import warmup_requests
+
+log = logging.getLogger("transact.runtime.cuda")
+SEQS = ("ll", "rt", "imp")
+MIN_CANDIDATE_BUCKET = 16
+MIN_LL_BUCKET = 64
+ALIGN = 256
+
+
+def default_triton_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "transact" / "triton"
+
+
+def set_triton_cache_dir(path: str | os.PathLike | None) -> Path:
+    """Point Triton's compiled-kernel cache at a persistent folder (explicit path > $TRITON_CACHE_DIR > default)."""
+    if path is None:
+        path = os.environ.get("TRITON_CACHE_DIR") or default_triton_cache_dir()
+    path = Path(path).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TRITON_CACHE_DIR"] = str(path)
+    try:  # Triton >= 3.4 reads its knobs lazily from the environment; set the knob too where it exists
+        import triton
+
+        knobs = getattr(triton, "knobs", None)
+        if knobs is not None and hasattr(knobs, "cache"):
+            knobs.cache.dir = str(path)
+    except Exception:  # noqa: BLE001 - older Triton: the environment variable is enough
+        pass
+    return path
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_cuda_available() -> None:
+    """Raise BackendUnavailable with the reason when the hybrid backend cannot run here."""
+    if not torch.cuda.is_available():
+        raise BackendUnavailable(
+            "device='cuda' needs a CUDA GPU for its Triton kernels, and torch.cuda.is_available() is False "
+            "here; use device='cpu' (ONNX Runtime) or device='auto'"
+        )
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        raise BackendUnavailable(f"device='cuda' needs Triton for its kernels ({e}); pip install triton") from None
+
+
+def load_kernels():
+    """The two Triton kernels (import errors become BackendUnavailable)."""
+    try:
+        from runtime.kernels.nn_select import nn_select
+        from runtime.kernels.skut import pack_encoder_weights, skut_forward
+    except ImportError as e:
+        raise BackendUnavailable(f"device='cuda': the Triton kernels are not available ({e})") from None
+    return nn_select, pack_encoder_weights, skut_forward
+
+
+def pow2_bucket(n: int, minimum: int, cap: int | None = None) -> int:
+    b = 1 << max(0, math.ceil(math.log2(max(n, minimum, 1))))
+    return min(b, cap) if cap is not None and n <= cap else b
+
+
+@dataclass(frozen=True)
+class Bucket:
+    rows: int
+    cands: int
+    widths: tuple[int, int, int]  # ll, rt, imp
+
+
+class Arena:
+    """One pinned host buffer and one device buffer with the same layout; named views into both."""
+
+    def __init__(self, fields: list[tuple[str, torch.dtype, tuple[int, ...]]], device: torch.device) -> None:
+        offsets, size = {}, 0
+        for name, dtype, shape in fields:
+            nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+            offsets[name] = (size, nbytes, dtype, shape)
+            size += (nbytes + ALIGN - 1) // ALIGN * ALIGN
+        pin = device.type == "cuda"
+        self.host_bytes = torch.zeros(max(size, ALIGN), dtype=torch.uint8, pin_memory=pin)
+        self.dev_bytes = torch.zeros(max(size, ALIGN), dtype=torch.uint8, device=device)
+        self.host: dict[str, torch.Tensor] = {}
+        self.dev: dict[str, torch.Tensor] = {}
+        self.np: dict[str, np.ndarray] = {}
+        for name, (off, nbytes, dtype, shape) in offsets.items():
+            self.host[name] = self.host_bytes[off : off + nbytes].view(dtype).view(shape)
+            self.dev[name] = self.dev_bytes[off : off + nbytes].view(dtype).view(shape)
+            self.np[name] = self.host[name].numpy()
+        self.size = size
+        self.consts: dict[str, torch.Tensor] = {}
+
+    def upload(self) -> None:
+        self.dev_bytes.copy_(self.host_bytes, non_blocking=True)
+
+
+class CudaBackend:
+    """Triton kernels + torch on the GPU for the sequence modules, ONNX Runtime for the dense graph."""
+
+    name = "cuda"
+
+    def __init__(self, bundle: LoadedBundle, options: SessionOptions, device: str | torch.device | None = None,
+                 cpu_reference: bool = False) -> None:
+        """``device`` defaults to the current GPU. ``cpu_reference=True`` (tests) runs the same code on the CPU
+        with the kernels' CPU paths (their PyTorch versions, or the interpreter under TRITON_INTERPRET=1)."""
+        self.device = torch.device(device or "cuda")
+        if self.device.type == "cuda":
+            check_cuda_available()
+        elif not (cpu_reference or _interpreting()):
+            raise BackendUnavailable("the cuda backend runs on a CUDA GPU (or on the CPU under TRITON_INTERPRET=1)")
+        self.options = options
+        self.triton_cache_dir = set_triton_cache_dir(options.triton_cache_dir)
+        self.nn_select, pack, self.skut_forward = load_kernels()
+        self.config: ModelConfig = bundle.config
+        self.model = _load_model(bundle, self.device)
+        self._lock = threading.Lock()
+        m, c = self.model, self.config
+        self.dense_on = options.dense_on
+        if self.dense_on not in ("cpu", "gpu"):
+            raise ValueError(f"dense_on must be 'cpu' or 'gpu', got {self.dense_on!r}")
+        self.use_graphs = bool(options.cuda_graphs) and self.device.type == "cuda"
+        half = torch.float16
+        self.v1_packed = pack(m.transact.transformer_encoder, half) if m.transact is not None else None
+        self.v2_packed = pack(m.transact_v2.transformer_encoder, half) if m.transact_v2 is not None else None
+        self.widths_rt_imp = (max(1, c.max_rt), max(1, c.max_imp))
+        self.graphs: dict[Bucket, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
+        self.arenas: dict[Bucket, Arena] = {}
+        self.outputs: dict[Bucket, dict[str, torch.Tensor]] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.stats = {"graphs_captured": 0, "graph_failures": 0, "buckets_warmed": 0}
+        if self.dense_on == "cpu":
+            import onnxruntime as ort
+
+            from .cpu import ort_options
+
+            self.dense = ort.InferenceSession(
+                bundle.graph_bytes("dense.onnx"), sess_options=ort_options(options.threads),
+                providers=["CPUExecutionProvider"],
+            )
+            self.dense_inputs = [i.name for i in self.dense.get_inputs()]
+
+    # -- shapes ---------------------------------------------------------------------------------
+
+    def bucket_for(self, rows: int, cands: int, ll_width: int) -> Bucket:
+        cap = max(1, self.config.max_ll)
+        ll = pow2_bucket(ll_width, MIN_LL_BUCKET, cap)
+        return Bucket(pow2_bucket(rows, 1), pow2_bucket(cands, MIN_CANDIDATE_BUCKET), (ll, *self.widths_rt_imp))
+
+    def _arena(self, b: Bucket) -> Arena:
+        arena = self.arenas.get(b)
+        if arena is None:
+            c, r, n = self.config, b.rows, b.cands
+            tokens = r * sum(b.widths)
+            fields = [
+                ("item", torch.int8, (tokens, ITEM_DIM)), ("action", torch.int32, (tokens,)),
+                ("surface", torch.int32, (tokens,)), ("counts", torch.int32, (3, r)),
+                ("cand", torch.float32, (n, ITEM_DIM)), ("cand_req", torch.int32, (n,)),
+                ("user_dense", torch.float32, (r, c.user_dense_dim)), ("context", torch.int64, (2, r)),
+                ("item_dense", torch.float32, (n, c.item_dense_dim)),
+            ]  # fmt: skip
+            arena = self.arenas[b] = Arena(fields, self.device)
+            arena.consts = self._constants(b)
+        return arena
+
+    def _constants(self, b: Bucket) -> dict[str, torch.Tensor]:
+        """Small per-bucket device constants, made before any graph capture (no copies while capturing)."""
+        cfg, dev = self.config.transact_v2, self.device
+        r, (w_ll, w_rt, w_imp) = b.rows, b.widths
+        group = [0] * cfg.k_ll + [1] * cfg.k_rt + [2] * cfg.k_imp + [1] * cfg.r_rt
+        return {
+            "group": torch.tensor(group, dtype=torch.int64, device=dev),
+            "width": torch.tensor([w_ll, w_rt, w_imp], dtype=torch.int64, device=dev),
+            "base": torch.tensor([0, r * w_ll, r * (w_ll + w_rt)], dtype=torch.int64, device=dev),
+        }
+
+    def _fill(self, arena: Arena, b: Bucket, plan: BatchPlan) -> None:
+        """Write the batch into the pinned staging arena (padding rows: zero lengths, row-0 candidates)."""
+        a = arena.np
+        base = 0
+        counts = a["counts"]
+        counts[:] = 0
+        for g, (s, w) in enumerate(zip(SEQS, b.widths, strict=True)):
+            for i, u in enumerate(plan.users):
+                seq = getattr(u, s)
+                n = len(seq)
+                lo = base + i * w
+                if n:
+                    a["item"][lo : lo + n] = seq.item
+                    a["action"][lo : lo + n] = seq.action
+                    a["surface"][lo : lo + n] = seq.surface
+                counts[g, i] = u.valid_length(s)
+            base += b.rows * w
+        n0 = 0
+        for req, row in zip(plan.requests, plan.rows, strict=True):
+            n = req.num_candidates
+            a["cand"][n0 : n0 + n] = req.cand_item
+            a["item_dense"][n0 : n0 + n] = req.item_dense
+            a["cand_req"][n0 : n0 + n] = row
+            n0 += n
+        a["cand_req"][n0:] = 0
+        if n0 < b.cands:
+            a["cand"][n0:] = 0
+            a["item_dense"][n0:] = 0
+        for i, u in enumerate(plan.users):
+            a["user_dense"][i] = u.user_dense
+            a["context"][0, i] = u.surface
+            a["context"][1, i] = u.hour
+
+    # -- the GPU part ----------------------------------------------------------------------------
+
+    def _compute(self, arena: Arena, b: Bucket) -> dict[str, torch.Tensor]:
+        """v1 (Nb, d1), v2 (Nb, d2) (and probabilities with dense_on="gpu"), all on the device."""
+        m = self.model
+        d = arena.dev
+        cand = d["cand"]
+        cand_req = d["cand_req"].long()
+        counts = d["counts"].long()
+        out: dict[str, torch.Tensor] = {}
+        n = cand.shape[0]
+        v1 = torch.zeros(n, 0, device=self.device)
+        v2 = torch.zeros(n, 0, device=self.device)
+        if m.transact_v2 is not None:
+            v2, sel = self._v2(arena, b, cand, cand_req, counts)
+            out.update(sel)
+        if m.transact is not None:
+            v1 = self._v1(arena, b, cand, cand_req, counts[1])
+        out["v1"], out["v2"] = v1, v2
+        if self.dense_on == "gpu":
+            probs = m.dense(d["user_dense"], d["item_dense"], d["context"][0], d["context"][1], cand_req, cand, v1, v2)
+            out["probabilities"] = probs
+        return out
+
+    def _v2(self, arena: Arena, b: Bucket, cand, cand_req, counts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        m2, cfg = self.model.transact_v2, self.config.transact_v2
+        dev, r = self.device, b.rows
+        d = arena.dev
+        w_ll, w_rt, w_imp = b.widths
+        ll_n = counts[0] * int(cfg.use_ll)
+        rt_n, imp_n = counts[1], counts[2]
+        rest_n = (rt_n - cfg.r_rt).clamp_min(0)
+        rows = torch.arange(r, device=dev)
+        tok = d["item"]
+        base_rt, base_imp = r * w_ll, r * (w_ll + w_rt)
+
+        def select(lo: int, w: int, lengths: torch.Tensor, k: int) -> torch.Tensor:
+            seq = tok[lo : lo + r * w]
+            idx, _ = self.nn_select(seq, rows * w, lengths, cand, cand_req, k)
+            key = torch.where(idx >= 0, idx, torch.full_like(idx, 1 << 40))
+            key = key.sort(dim=1).values  # oldest -> newest, empty slots last
+            return torch.where(key >= (1 << 40), torch.full_like(key, -1), key)
+
+        ll_pos = select(0, w_ll, ll_n, cfg.k_ll)
+        rt_pos = select(base_rt, w_rt, rest_n, cfg.k_rt)
+        imp_pos = select(base_imp, w_imp, imp_n, cfg.k_imp)
+        recent = (rt_n - cfg.r_rt)[cand_req].unsqueeze(1) + torch.arange(cfg.r_rt, device=dev)
+        recent = torch.where(recent >= 0, recent, torch.full_like(recent, -1))
+        pos = torch.cat([ll_pos, rt_pos, imp_pos, recent], dim=1)
+        consts = arena.consts
+        group = consts["group"].unsqueeze(0).expand_as(pos)
+        valid = pos >= 0
+        order = (~valid).to(torch.int8).sort(dim=1, stable=True).indices  # valid first, order kept
+        pos, group, valid = pos.gather(1, order), group.gather(1, order), valid.gather(1, order)
+        t = pos.shape[1]
+        flat = consts["base"][group] + cand_req.unsqueeze(1) * consts["width"][group] + pos.clamp_min(0)
+        item = tok[flat]  # (N, T, 32) int8
+        action = d["action"][flat]
+        surface = d["surface"][flat].long()
+        x = torch.cat([item.float() * (self.config.quant_scale / 127.0),
+                       cand.unsqueeze(1).expand(-1, t, -1)], dim=-1)  # fmt: skip
+        bit = torch.arange(m2.num_actions, device=dev, dtype=torch.int32)
+        bits = ((action.unsqueeze(-1) >> bit) & 1).float()
+        x = x + bits @ m2.action_emb + m2.surface_emb.weight[surface]
+        x = x * valid.unsqueeze(-1)
+        x = x + m2.pos_emb.weight[:t]
+        num_valid = valid.sum(1)
+        first = torch.arange(t, device=dev) == 0
+        null = (num_valid == 0).unsqueeze(1) & first.unsqueeze(0)
+        x = torch.where(null.unsqueeze(-1), m2.null_token.expand_as(x), x)
+        pad = ~(valid | null)
+        if cfg.latest_n > 0:
+            hidden = self.skut_forward(x.half(), self.v2_packed, key_padding_mask=pad, causal=True, pool=None).float()
+            v2 = m2.pool(hidden, pad)
+        else:
+            pooled = self.skut_forward(x.half(), self.v2_packed, key_padding_mask=pad, causal=True, pool="max_valid")
+            v2 = m2.out_linear(pooled.float())
+        return v2, {"selection_pos": torch.where(valid, pos, -1), "selection_group": torch.where(valid, group, -1)}
+
+    def _v1(self, arena: Arena, b: Bucket, cand, cand_req, rt_n) -> torch.Tensor:
+        m1, cfg = self.model.transact, self.config.transact
+        dev, r = self.device, b.rows
+        d = arena.dev
+        w_ll, w_rt, _ = b.widths
+        s = cfg.seq_len
+        # Newest first: slot j holds valid position rt_n - 1 - j (the module's `transact_inputs`).
+        p = rt_n.unsqueeze(1) - 1 - torch.arange(s, device=dev)
+        stored = p >= 0
+        flat = r * w_ll + torch.arange(r, device=dev).unsqueeze(1) * w_rt + p.clamp(0, w_rt - 1)
+        action = torch.where(stored, highest_bit(d["action"][flat]) + 1, torch.zeros_like(p))
+        ids = m1.action_type_lookup[action + 1]  # (R, S)
+        item = d["item"][flat].float() * (self.config.quant_scale / 127.0) * stored.unsqueeze(-1)
+        user_tokens = torch.cat([m1.action_emb_module(ids), item], dim=-1)  # (R, S, a + 32)
+        x = user_tokens[cand_req]
+        if cfg.concat_candidate_emb:
+            x = torch.cat([x, cand.unsqueeze(1).expand(-1, s, -1)], dim=-1)
+        mask = (ids <= 0)[cand_req]
+        mask[:, 0] = False  # slot 0 always attends (no fully masked row)
+        hidden = self.skut_forward(x.half(), self.v1_packed, key_padding_mask=mask, causal=False, pool=None).float()
+        parts = []
+        if cfg.concat_max_pool:
+            parts.append(m1.out_linear(hidden.max(dim=1).values))
+        rows = hidden[:, : cfg.latest_n_emb] if cfg.latest_n_emb > 0 else hidden
+        parts.append(rows.flatten(1))
+        return torch.cat(parts, dim=1)
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def _outputs_for(self, arena: Arena, b: Bucket) -> dict[str, torch.Tensor]:
+        """Run the GPU part for a bucket: a graph replay when captured, else eagerly (capturing once)."""
+        if not self.use_graphs:
+            with torch.no_grad():
+                return self._compute(arena, b)
+        graph = self.graphs.get(b)
+        if graph is None:
+            return self._capture(arena, b)
+        graph[0].replay()
+        return graph[1]
+
+    def _capture(self, arena: Arena, b: Bucket) -> dict[str, torch.Tensor]:
+        """Compile (eager runs on a side stream), capture a CUDA graph, check it against the eager result."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.no_grad(), torch.cuda.stream(stream):
+            for _ in range(2):
+                eager = self._compute(arena, b)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.no_grad(), torch.cuda.graph(graph, pool=self._pool):
+                static = self._compute(arena, b)
+            graph.replay()
+            torch.cuda.synchronize(self.device)
+            for k, v in eager.items():
+                if v.is_floating_point() and v.numel() and not torch.allclose(v, static[k], atol=1e-4, rtol=1e-4):
+                    raise RuntimeError(f"graph replay differs from the eager run on '{k}'")
+                if not v.is_floating_point() and not torch.equal(v, static[k]):
+                    raise RuntimeError(f"graph replay differs from the eager run on '{k}'")
+        except Exception as e:  # noqa: BLE001 - fall back to eager launches, never to wrong results
+            self.stats["graph_failures"] += 1
+            log.warning("CUDA graph capture failed for %s (%s); running that path eagerly from now on", b, e)
+            self.use_graphs = False
+            torch.cuda.synchronize(self.device)
+            return eager
+        self.graphs[b] = (graph, static)
+        self.stats["graphs_captured"] += 1
+        return static
+
+    def _host_out(self, b: Bucket, name: str, src: torch.Tensor) -> torch.Tensor:
+        store = self.outputs.setdefault(b, {})
+        buf = store.get(name)
+        if buf is None or buf.shape != src.shape:
+            buf = store[name] = torch.empty(src.shape, dtype=src.dtype, pin_memory=self.device.type == "cuda")
+        return buf
+
+    def sequence_outputs(self, plan: BatchPlan) -> dict[str, np.ndarray]:
+        """The GPU part for a plan, copied back: v1, v2, the selection (and probabilities if dense_on="gpu")."""
+        with self._lock:
+            return {k: v.copy() for k, v in self._sequence_outputs(plan).items()}
+
+    def _sequence_outputs(self, plan: BatchPlan) -> dict[str, np.ndarray]:
+        """As ``sequence_outputs``, as views of the reused pinned buffers (valid until the next batch)."""
+        b = self.bucket_for(plan.num_rows, plan.num_candidates, max(len(u.ll) for u in plan.users))
+        arena = self._arena(b)
+        self._fill(arena, b, plan)
+        arena.upload()
+        outs = self._outputs_for(arena, b)
+        n = plan.num_candidates
+        wanted = ["probabilities"] if self.dense_on == "gpu" else ["v1", "v2"]
+        host = {}
+        for k in wanted + [k for k in ("selection_pos", "selection_group") if k in outs]:
+            buf = self._host_out(b, k, outs[k])
+            buf.copy_(outs[k], non_blocking=True)
+            host[k] = buf
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return {k: v.numpy()[:n] for k, v in host.items()}
+
+    def run(self, plan: BatchPlan) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            return self._run(plan)
+
+    def _run(self, plan: BatchPlan) -> tuple[np.ndarray, np.ndarray]:
+        outs = self._sequence_outputs(plan)
+        if self.dense_on == "gpu":
+            probs = outs["probabilities"].astype(np.float32, copy=True)
+            return probs, probs @ np.asarray(self.config.score_weights, np.float32)
+        users = plan.users
+        feed = {
+            "user_dense": np.stack([u.user_dense for u in users]), "surface": np.array([u.surface for u in users]),
+            "hour": np.array([u.hour for u in users]), "cand_request": plan.cand_request(),
+            "cand_item": np.concatenate([q.cand_item for q in plan.requests]),
+            "item_dense": np.concatenate([q.item_dense for q in plan.requests]),
+            "v1": outs["v1"], "v2": outs["v2"],
+        }  # fmt: skip
+        feed["surface"] = feed["surface"].astype(np.int64)
+        feed["hour"] = feed["hour"].astype(np.int64)
+        probs, scores = self.dense.run(["probabilities", "scores"], {k: feed[k] for k in self.dense_inputs})
+        return probs, scores
+
+    def warmup(self, limits: Limits) -> None:
+        """Compile and capture the common buckets: one user at every candidate bucket and ll width, then
+        the batched row buckets, so that no request pays for a compile."""
+        t0 = time.perf_counter()
+        c = self.config
+        shapes = self.options.warmup_shapes
+        if shapes is None:
+            top = max(limits.max_candidates, MIN_CANDIDATE_BUCKET)
+            n_buckets = [MIN_CANDIDATE_BUCKET << i for i in range(16) if (MIN_CANDIDATE_BUCKET << i) <= top]
+            ll_widths = sorted({pow2_bucket(w, MIN_LL_BUCKET, max(1, c.max_ll))
+                                for w in [MIN_LL_BUCKET << i for i in range(20)] + [c.max_ll]
+                                if w <= max(c.max_ll, MIN_LL_BUCKET)})  # fmt: skip
+            shapes = [(1, n, w) for n in n_buckets for w in ll_widths]
+            rows = 2
+            while rows <= max(1, self.options.max_batch):
+                shapes.append((rows, MIN_CANDIDATE_BUCKET * rows, ll_widths[-1]))
+                rows *= 2
+        for users, cands, ll in shapes:
+            lim = Limits(max(cands, 1), min(ll, c.max_ll), limits.max_rt, limits.max_imp)
+            reqs = warmup_requests(c, lim, [(users, cands)])[0]
+            self.run(plan_batch(reqs, dedup=False))
+            self.stats["buckets_warmed"] += 1
+        self.stats["warmup_s"] = time.perf_counter() - t0
+
+
+def _load_model(bundle: LoadedBundle, device: torch.device) -> RankingModel:
+    """Rebuild the model from the manifest's config and load weights.safetensors (fp32, eval mode)."""
+    model = RankingModel(bundle.config)
+    model.load_state_dict(bundle.state_dict(), strict=True)
+    return model.eval().to(device)

@@ -1,0 +1,66 @@
+"""``transact serve BUNDLE``: the Open Inference Protocol v2 server on uvicorn."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from transact.errors import TransactError
+
+
+@click.command("serve")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 for all).")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--max-batch", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Most requests per model batch.")
+@click.option("--max-queue-delay-ms", default=2.0, show_default=True, type=click.FloatRange(min=0),
+              help="How long a request may wait for others to batch with.")
+@click.option("--max-candidates", default=4096, show_default=True, type=click.IntRange(min=1),
+              help="Most candidates per request.")
+@click.option("--max-body-mb", default=64.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Largest request body.")
+@click.option("--model-name", default="transact", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--triton-cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Persistent compiled-kernel cache (cuda; default ~/.cache/transact/triton).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+def serve_cmd(bundle, host, port, device, max_batch, max_queue_delay_ms, max_candidates, max_body_mb, model_name,
+              threads, triton_cache_dir, log_level) -> None:  # fmt: skip
+    """Serve BUNDLE over HTTP (KServe / Triton Inference Server v2 protocol) until SIGINT/SIGTERM."""
+    from .server import ServerSettings, create_app, run_server
+    from .session import Session
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServerSettings(model_name=model_name, device=device, max_batch=max_batch,
+                              max_queue_delay_ms=max_queue_delay_ms, max_candidates=max_candidates,
+                              max_body_mb=max_body_mb, threads=threads)  # fmt: skip
+    server_box: list = []
+
+    def load() -> Session:
+        return Session(bundle, device=device, threads=threads, max_candidates=max_candidates,
+                       triton_cache_dir=triton_cache_dir, max_batch=max_batch)  # fmt: skip
+
+    def stop(_: BaseException) -> None:
+        if server_box:
+            server_box[0].should_exit = True
+
+    app = create_app(settings, load=load, on_load_error=stop)
+    server = run_server(app, host=host, port=port, log_level=log_level)
+    server_box.append(server)
+    click.echo(f"serving '{model_name}' from {bundle} on http://{host}:{port}/v2 (ready after verification "
+               "and warm-up)", err=True)  # fmt: skip
+    server.run()
+    error = app.state.transact.load_error
+    if isinstance(error, TransactError):
+        raise error
+    if error is not None:
+        raise TransactError(f"cannot serve the bundle: {error}", bundle)
+
+
+if __name__ == "__main__":
+    from transact.cli import _run
+
+    _run(serve_cmd)

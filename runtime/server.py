@@ -1,0 +1,288 @@
+"""The serving process: Open Inference Protocol v2 over HTTP (FastAPI + uvicorn).
+
+Routes (KServe / Triton Inference Server REST):
+
+    GET  /v2/health/live                 200 while the process runs
+    GET  /v2/health/ready                200 once the bundle is verified and warmed up, else 400
+    GET  /v2                             server metadata
+    GET  /v2/models/{m}[/versions/{v}]          model metadata
+    GET  /v2/models/{m}[/versions/{v}]/ready    model readiness
+    POST /v2/models/{m}[/versions/{v}]/infer    inference (JSON or the binary tensor data extension)
+    GET  /metrics                        Prometheus
+
+Errors are ``{"error": "..."}`` with a 4xx status naming the tensor and the problem (404 for an unknown
+model, 413 for an oversized body, 503 while the model is loading or the server is stopping).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from transact.batch import BatchError
+
+from .batching import BatcherClosed, DynamicBatcher
+from .metrics import ServerMetrics
+from .protocol import HEADER_LENGTH, InferRequest, ProtocolError, decode_infer_request, encode_infer_response
+from .session import Output, Session, request_from_tensors
+from .session import Request as ModelRequest
+
+log = logging.getLogger("transact.serve")
+MODEL_VERSION = "1"
+
+
+@dataclass
+class ServerSettings:
+    model_name: str = "transact"
+    device: str = "auto"
+    max_batch: int = 16
+    max_queue_delay_ms: float = 2.0
+    max_candidates: int = 4096
+    max_body_mb: float = 64.0
+    threads: int | None = None
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+
+class ServerState:
+    """The loaded session, its batcher and the metrics; ``ready`` only after verification and warm-up."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.metrics = ServerMetrics(settings.model_name)
+        self.session: Session | None = None
+        self.batcher: DynamicBatcher | None = None
+        self.load_error: BaseException | None = None
+        self.ready = False
+
+    def attach(self, session: Session) -> None:
+        self.session = session
+        self.limits = dataclasses.replace(
+            session.limits, max_candidates=min(self.settings.max_candidates, session.limits.max_candidates)
+        )
+        self.batcher = DynamicBatcher(
+            session.run, self.settings.max_batch, self.settings.max_queue_delay_ms / 1000.0,
+            on_batch=lambda reqs, res: self.metrics.batch(len(reqs), res.rows, res.candidates, res.seconds),
+            on_depth=self.metrics.queue_depth.set,
+        )  # fmt: skip
+        self.ready = True
+        self.metrics.ready.set(1)
+
+    def shutdown(self) -> None:
+        self.ready = False
+        self.metrics.ready.set(0)
+        if self.batcher is not None:
+            self.batcher.close()
+
+
+def _error(message: str, status: int) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing (413) anything over ``limit`` bytes; an oversized body is drained, not stored."""
+    declared = request.headers.get("content-length")
+    too_big = ProtocolError(f"request body is larger than the limit of {limit} bytes (--max-body-mb)", 413,
+                            kind="body_too_large")  # fmt: skip
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        await _drain(request, 2 * limit + (16 << 20))
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            await _drain(request, 2 * limit + (16 << 20) - size)
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _drain(request: Request, budget: int) -> None:
+    try:
+        async for chunk in request.stream():
+            budget -= len(chunk)
+            if budget < 0:
+                return
+    except Exception:  # noqa: BLE001 - the client may already be gone
+        return
+
+
+def _model_metadata(state: ServerState) -> dict[str, Any]:
+    session = state.session
+    assert session is not None
+    c = session.config
+    return {
+        "name": state.settings.model_name,
+        "versions": [MODEL_VERSION],
+        "platform": f"transact_{session.backend_name}",
+        "inputs": [s.metadata() for s in session.input_specs()],
+        "outputs": [s.metadata() for s in session.output_specs()],
+        "parameters": {
+            "backend": session.backend_name, "max_candidates": state.limits.max_candidates,
+            "max_ll": c.max_ll, "max_rt": c.max_rt, "max_imp": c.max_imp, "num_surfaces": c.num_surfaces,
+            "action_names": list(c.action_names), "heads": list(c.heads), "quant_scale": c.quant_scale,
+        },  # fmt: skip
+    }
+
+
+def _server_version() -> str:
+    try:
+        return importlib_metadata.version("transact-toolchain")
+    except importlib_metadata.PackageNotFoundError:
+        return "0"
+
+
+def create_app(
+    settings: ServerSettings | None = None,
+    session: Session | None = None,
+    load: Callable[[], Session] | None = None,
+    on_load_error: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """The OIP v2 app. Give a ready ``session``, or a ``load`` callable run on a thread at start-up
+    (the app answers live at once and ready when the load returns)."""
+    settings = settings or ServerSettings()
+    state = ServerState(settings)
+
+    def load_in_background() -> None:
+        try:
+            t0 = time.perf_counter()
+            s = load()
+            state.attach(s)
+            log.info("model '%s' ready on %s in %.1f s", settings.model_name, s.backend_name, time.perf_counter() - t0)
+        except BaseException as e:  # noqa: BLE001 - reported, and the caller decides to stop
+            state.load_error = e
+            log.error("model '%s' failed to load: %s", settings.model_name, e)
+            if on_load_error:
+                on_load_error(e)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if session is not None:
+            state.attach(session)
+        elif load is not None:
+            threading.Thread(target=load_in_background, name="transact-load", daemon=True).start()
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, state.shutdown)
+
+    app = FastAPI(title="transact", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.transact = state
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(str(exc.detail), exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error on %s", request.url.path)
+        state.metrics.error("internal")
+        return _error(f"internal error: {type(exc).__name__}", 500)
+
+    def check_model(name: str, version: str | None) -> ProtocolError | None:
+        if name != settings.model_name:
+            return ProtocolError(f"unknown model '{name}'", 404, kind="unknown_model")
+        if version is not None and version != MODEL_VERSION:
+            return ProtocolError(f"unknown version '{version}' of model '{name}'", 404, kind="unknown_model")
+        if not state.ready:
+            return ProtocolError(f"model '{name}' is not ready", 503, kind="not_ready")
+        return None
+
+    @app.get("/v2/health/live")
+    async def live() -> JSONResponse:
+        return JSONResponse({"live": True})
+
+    @app.get("/v2/health/ready")
+    async def ready() -> JSONResponse:
+        return JSONResponse({"ready": state.ready}, status_code=200 if state.ready else 400)
+
+    @app.get("/v2")
+    async def server_metadata() -> JSONResponse:
+        return JSONResponse({"name": "transact", "version": _server_version(), "extensions": ["binary_tensor_data"]})
+
+    @app.get("/v2/models/{model}")
+    @app.get("/v2/models/{model}/versions/{version}")
+    async def model_metadata(model: str, version: str | None = None) -> JSONResponse:
+        err = check_model(model, version)
+        if err is not None:
+            return _error(str(err), err.status)
+        return JSONResponse(_model_metadata(state))
+
+    @app.get("/v2/models/{model}/ready")
+    @app.get("/v2/models/{model}/versions/{version}/ready")
+    async def model_ready(model: str, version: str | None = None) -> JSONResponse:
+        err = check_model(model, version)
+        if err is not None and err.status == 404:
+            return _error(str(err), 404)
+        return JSONResponse({"name": model, "ready": state.ready}, status_code=200 if state.ready else 400)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = state.metrics.render()
+        return Response(body, media_type=content_type)
+
+    def decode(body: bytes, header_length: str | None) -> tuple[InferRequest, ModelRequest]:
+        parsed = decode_infer_request(body, header_length)
+        names = {s.name for s in state.session.output_specs()}
+        for o in parsed.outputs or ():
+            if o.name not in names:
+                raise ProtocolError(f"unknown output '{o.name}' (expected {', '.join(sorted(names))})")
+        tensors = {name: (t.datatype, t.array) for name, t in parsed.inputs.items()}
+        try:
+            req = request_from_tensors(tensors, state.session.config, state.limits)
+        except BatchError as e:
+            raise ProtocolError(str(e)) from None
+        return parsed, req
+
+    @app.post("/v2/models/{model}/infer")
+    @app.post("/v2/models/{model}/versions/{version}/infer")
+    async def infer(model: str, request: Request, version: str | None = None) -> Response:
+        t0 = time.perf_counter()
+        state.metrics.requests.labels(settings.model_name).inc()
+        try:
+            err = check_model(model, version)
+            if err is not None:
+                await _drain(request, settings.max_body_bytes)
+                raise err
+            body = await _read_body(request, settings.max_body_bytes)
+            parsed, req = await run_in_threadpool(decode, body, request.headers.get(HEADER_LENGTH))
+            try:
+                future = state.batcher.submit(req)
+            except BatcherClosed as e:
+                raise ProtocolError(str(e), 503, kind="not_ready") from None
+            out: Output = await asyncio.wrap_future(future)
+            payload, headers = encode_infer_response(
+                settings.model_name, MODEL_VERSION, {"probabilities": out.probabilities, "scores": out.scores}, parsed
+            )
+        except ProtocolError as e:
+            state.metrics.error(e.kind)
+            return _error(str(e), e.status)
+        state.metrics.success.inc()
+        state.metrics.latency.observe(time.perf_counter() - t0)
+        media = headers.pop("Content-Type")
+        return Response(payload, media_type=media, headers=headers)
+
+    return app
+
+
+def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+               graceful_timeout_s: float = 30.0) -> Any:
+    """Build the uvicorn server for ``app`` (call ``.run()``); SIGINT/SIGTERM finish in-flight requests."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=graceful_timeout_s, lifespan="on")  # fmt: skip
+    return uvicorn.Server(config)
