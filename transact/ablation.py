@@ -85,7 +85,7 @@ def plot(summary: dict, path: Path) -> None:
     lows = [results[n]["test"][h]["auc"] for n in names for h in heads]
     ax.set_ylim(max(0.0, min(lows) - 0.05), min(1.0, max(lows) + 0.03))
     ax.set_title(f"Ablation on {summary['data']} (seed {summary['seed']})")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=120)

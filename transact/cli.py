@@ -140,6 +140,11 @@ def _register_optional() -> None:
     cli.add_command(export_cmd, "export")
     cli.add_command(inspect_cmd, "inspect")
     cli.add_command(parity_cmd, "parity")
+    try:
+        from runtime.commands import serve_cmd
+    except ImportError:
+        return
+    cli.add_command(serve_cmd, "serve")
 
 
 _register_optional()

@@ -163,11 +163,17 @@ def select_recent_nn(
         scores = torch.matmul(items, cand_hat.t()).transpose(1, 2).reshape(r * n, length)
         scores = scores[cand_request * n + torch.arange(n, device=cand_request.device)]
     else:
-        # Eager with many requests (training): one small matmul per request, N x L work.
+        # Eager with many requests (training): candidates padded per request, one batched matmul,
+        # R x C x L work with C the most candidates of any request.
+        order = torch.argsort(cand_request, stable=True)
+        req_sorted = cand_request[order]
+        counts = torch.bincount(cand_request, minlength=r)
+        slot = torch.arange(n, device=order.device) - (counts.cumsum(0) - counts)[req_sorted]
+        padded = cand_hat.new_zeros(r, int(counts.max()), cand_hat.shape[1])
+        padded[req_sorted, slot] = cand_hat[order]
+        per_request = torch.bmm(padded, items.transpose(1, 2))  # (R, C, L)
         scores = torch.empty(n, length, dtype=items.dtype, device=items.device)
-        for req in torch.unique(cand_request).tolist():
-            rows = (cand_request == req).nonzero().squeeze(1)
-            scores[rows] = cand_hat[rows] @ items[req].t()
+        scores[order] = per_request[req_sorted, slot]
     pos = torch.arange(length, device=scores.device)
     valid = pos.unsqueeze(0) < count[cand_request].unsqueeze(1)
     key = torch.where(valid, scores.to(torch.float64) + pos.to(torch.float64) * TIE_STEP, NEG_INF)

@@ -1,1 +1,39 @@
-"""Triton kernels, each beside its PyTorch reference."""
+"""Triton kernels, each beside its PyTorch reference.
+
+- ``nn_select``: fused int8 nearest-neighbour selection (dequant, normalise, score, top-k).
+- ``skut``: a whole ``nn.TransformerEncoder`` stack in one launch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+# Triton 3.6 on H100 computes wrong results (and sometimes faults) for these kernels when their
+# 64-row tiles are lowered to Hopper's asynchronous warp-group MMA (wgmma, "MMA v3"): seen on the
+# transformer kernel with several heads or the pooling epilogue, while the same tiles are exact with
+# fp32 (no tensor cores) and with 16/32-row tiles (mma.sync). The matrices here have K <= 256, so the
+# synchronous mma.sync path costs little; it is forced while *our* kernels compile (the variable is
+# part of Triton's cache key, so cached binaries keep the choice). TRANSACT_KERNELS_WGMMA=1 lifts it.
+ALLOW_WGMMA = os.environ.get("TRANSACT_KERNELS_WGMMA", "0") == "1"
+
+
+@contextlib.contextmanager
+def mma_sync_only() -> Iterator[None]:
+    """Compile (and launch) Triton kernels inside with DISABLE_MMA_V3=1, restoring it afterwards.
+
+    Not thread-safe with respect to other threads compiling Triton kernels at the same moment.
+    """
+    if ALLOW_WGMMA:
+        yield
+        return
+    old = os.environ.get("DISABLE_MMA_V3")
+    os.environ["DISABLE_MMA_V3"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["DISABLE_MMA_V3"]
+        else:
+            os.environ["DISABLE_MMA_V3"] = old

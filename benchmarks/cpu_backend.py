@@ -1,0 +1,126 @@
+"""CPU backend benchmark: ONNX Runtime on full.onnx against eager PyTorch, one request, same CPU.
+
+The request of DESIGN §5: 1 user, ll 16,000, rt 100, imp 100, 256 candidates. Both runtimes get the same
+number of intra-op threads; the median over many runs after a warm-up is reported, with the ratio.
+
+    python benchmarks/cpu_backend.py                      # random default model, exported to a temp folder
+    python benchmarks/cpu_backend.py --bundle BUNDLE --threads 4 --runs 50 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from export.bundle import export_bundle, load_bundle  # noqa: E402
+from export.manifest import tool_versions  # noqa: E402
+from transact.checkpoint import save_checkpoint  # noqa: E402
+from transact.config import ModelConfig  # noqa: E402
+from transact.data.random_batch import random_batch  # noqa: E402
+from transact.model import RankingModel  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def timed(fn, warmup: int, runs: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def make_bundle(folder: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    model = RankingModel(ModelConfig())
+    save_checkpoint(folder / "checkpoint", model)
+    return export_bundle(folder / "checkpoint", folder / "bundle", parity_cases=0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", type=Path, help="bundle to time (default: export a random default model)")
+    ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 8), help="intra-op threads for both")
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--candidates", type=int, default=256)
+    ap.add_argument("--ll", type=int, default=16_000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, help="write the results here as JSON")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    tmp = None
+    if args.bundle is None:
+        tmp = tempfile.TemporaryDirectory(prefix="transact-bench-")
+        args.bundle = make_bundle(Path(tmp.name), args.seed)
+    bundle = load_bundle(args.bundle)
+    model = bundle.build_model()
+    batch = random_batch(bundle.config, 1, args.candidates, ll=args.ll, rt=100, imp=100, seed=args.seed)
+    feed = {k: v.numpy() for k, v in batch.named_tensors()}
+    session = bundle.session("full", optimize=True, threads=args.threads)
+
+    results: dict[str, list[float]] = {}
+    outputs = {}
+    for fastpath in (True, False):
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        with torch.inference_mode():
+            outputs[fastpath] = model(batch).numpy()
+            results[f"eager (fast path {'on' if fastpath else 'off'})"] = timed(
+                lambda: model(batch), args.warmup, args.runs
+            )  # fmt: skip
+    torch.backends.mha.set_fastpath_enabled(True)
+    probs = session.run(["probabilities"], feed)[0]
+    results["onnxruntime full.onnx"] = timed(lambda: session.run(None, feed), args.warmup, args.runs)
+
+    med = {k: statistics.median(v) for k, v in results.items()}
+    eager_best = min(v for k, v in med.items() if k.startswith("eager"))
+    ratio = eager_best / med["onnxruntime full.onnx"]
+    diff = float(np.abs(probs - outputs[False]).max())
+    info = {
+        "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "logical_cpus": os.cpu_count(),
+        "threads": args.threads, "request": {"users": 1, "ll": args.ll, "rt": 100, "imp": 100,
+                                             "candidates": args.candidates},
+        "runs": args.runs, "warmup": args.warmup, "median_ms": med,
+        "p10_ms": {k: float(np.percentile(v, 10)) for k, v in results.items()},
+        "p90_ms": {k: float(np.percentile(v, 90)) for k, v in results.items()},
+        "speedup_vs_best_eager": ratio, "max_abs_diff_probabilities": diff, "versions": tool_versions(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }  # fmt: skip
+    print(f"{info['cpu']} ({info['logical_cpus']} logical CPUs), {args.threads} intra-op threads for both runtimes")
+    print(f"request: 1 user, ll {args.ll}, rt 100, imp 100, {args.candidates} candidates; "
+          f"median of {args.runs} runs after {args.warmup} warm-up")  # fmt: skip
+    for k, v in med.items():
+        print(f"  {k:<26} median {v:9.2f} ms   p10 {info['p10_ms'][k]:9.2f}   p90 {info['p90_ms'][k]:9.2f}")
+    print(f"  ONNX Runtime speed-up over the faster eager setting: {ratio:.2f}x   (max |diff| {diff:.1e})")
+    if args.json:
+        args.json.write_text(json.dumps(info, indent=2))
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""End-to-end latency of one request in process: the hybrid (cuda) backend vs the eager PyTorch model on
+the same GPU (DESIGN §5), plus cold vs warm start of a cuda Session.
+
+The request: 1 user, ll 16,000, rt 100, imp 100, 256 candidates; default ModelConfig, random weights.
+Rows (p50 / p99 over ``--runs`` runs after ``--warmup`` runs):
+
+* hybrid, dense in ONNX Runtime (CPU) — the DESIGN's split, numpy in -> numpy out
+* hybrid, dense in torch on the GPU (same CUDA graph) — numpy in -> numpy out
+* hybrid without CUDA graphs (dense on the GPU)
+* eager fp32 / eager fp16 autocast — the batch already on the GPU, and end to end (copy in, copy out)
+* on the CPU: ONNX Runtime (full.onnx) and eager fp32 (the DESIGN's CPU target: ORT >= 2x eager)
+
+Start-up: a fresh process builds ``Session(device="cuda")`` twice with one TRITON_CACHE_DIR: first with the
+folder empty (cold: every kernel compiles), then again (warm: compiled kernels come from the cache).
+
+    python benchmarks/runtime.py [--bundle DIR] [--runs 300] [--skip-startup]
+
+Prints a table; writes $OUT/runtime.json when $OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from runtime.batching import plan_batch  # noqa: E402
+from runtime.session import Request, Session  # noqa: E402
+from transact.batch import Batch  # noqa: E402
+from transact.data.random_batch import random_batch  # noqa: E402
+from transact.model import transformer_fastpath  # noqa: E402
+
+SHAPE = {"candidates": 256, "ll": 16000, "rt": 100, "imp": 100}
+
+
+def build_bundle(out: Path) -> Path:
+    from export.bundle import export_bundle
+    from transact.checkpoint import save_checkpoint
+    from transact.config import ModelConfig
+    from transact.model import RankingModel
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(Path(tmp) / "ckpt", RankingModel(ModelConfig()).eval())
+        return export_bundle(Path(tmp) / "ckpt", out, check=False, force=True)
+
+
+def timeit(fn, runs: int, warmup: int, sync: bool) -> dict:
+    for _ in range(warmup):
+        fn()
+    if sync:
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    ms = np.asarray(times) * 1000
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "mean_ms": float(ms.mean()), "runs": runs}  # fmt: skip
+
+
+def startup_child(bundle: str, cache: str) -> None:
+    """In a fresh process: build a cuda Session and print its start-up timings as JSON."""
+    t0 = time.perf_counter()
+    s = Session(bundle, device="cuda", triton_cache_dir=cache)
+    total = time.perf_counter() - t0
+    print(json.dumps({"total_s": total, **s.startup, **{k: v for k, v in s.backend.stats.items()}}))
+
+
+def measure_startup(bundle: Path) -> dict:
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        for label in ("cold", "warm"):
+            cmd = [sys.executable, __file__, "--startup-child", str(bundle), "--cache", cache]
+            res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800)
+            if res.returncode != 0:
+                raise SystemExit(f"start-up child failed:\n{res.stderr[-3000:]}")
+            out[label] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, help="a bundle with the default config (default: export one now)")
+    p.add_argument("--runs", type=int, default=300)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--cpu-runs", type=int, default=20)
+    p.add_argument("--skip-startup", action="store_true")
+    p.add_argument("--skip-cpu", action="store_true")
+    p.add_argument("--startup-child", help=argparse.SUPPRESS)
+    p.add_argument("--cache", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.startup_child:
+        startup_child(args.startup_child, args.cache)
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/runtime.py needs a CUDA GPU")
+
+    tmp = tempfile.TemporaryDirectory()
+    bundle = args.bundle or build_bundle(Path(tmp.name) / "bundle")
+    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": SHAPE, "rows": {}}
+    rows = results["rows"]
+
+    startup = None if args.skip_startup else measure_startup(bundle)
+    hybrid = Session(bundle, device="cuda")
+    cfg = hybrid.config
+    b = random_batch(cfg, 1, SHAPE["candidates"], ll=SHAPE["ll"], rt=SHAPE["rt"], imp=SHAPE["imp"], seed=0)
+    req = Request.from_batch(b, 0)
+    plan = plan_batch([req])
+
+    rows["hybrid, dense in ONNX Runtime (CPU)"] = timeit(lambda: hybrid.run([req], validate=False), args.runs,
+                                                         args.warmup, sync=False)  # fmt: skip
+    dense_gpu = Session(bundle, device="cuda", dense_on="gpu", warmup_shapes=[(1, 256, 16000)])
+    rows["hybrid, dense on GPU"] = timeit(lambda: dense_gpu.run([req], validate=False), args.runs, args.warmup, False)
+    no_graph = Session(bundle, device="cuda", dense_on="gpu", cuda_graphs=False, warmup_shapes=[(1, 256, 16000)])
+    rows["hybrid, dense on GPU, no CUDA graphs"] = timeit(lambda: no_graph.run([req], validate=False), args.runs,
+                                                          args.warmup, False)  # fmt: skip
+    got = dense_gpu.score(req)
+
+    model = hybrid.bundle.verified.build_model().cuda()
+    named = {k: torch.from_numpy(v) for k, v in plan.padded_inputs().items()}
+    cpu_batch = Batch.from_named(named)
+    gpu_batch = cpu_batch.to("cuda")
+    with torch.no_grad(), transformer_fastpath(True):
+        want = model(gpu_batch).cpu().numpy()
+        rows["eager fp32, inputs on GPU"] = timeit(lambda: model(gpu_batch), args.runs, args.warmup, True)
+        rows["eager fp32, end to end"] = timeit(lambda: model(cpu_batch.to("cuda")).cpu(),
+                                                args.runs, args.warmup, True)  # fmt: skip
+        with torch.autocast("cuda", dtype=torch.float16):
+            rows["eager fp16 autocast, inputs on GPU"] = timeit(lambda: model(gpu_batch), args.runs, args.warmup, True)
+            rows["eager fp16 autocast, end to end"] = timeit(
+                lambda: model(cpu_batch.to("cuda")).float().cpu(), args.runs, args.warmup, True)
+    results["max_abs_diff_hybrid_vs_eager"] = float(np.abs(got - want).max())
+
+    if not args.skip_cpu:
+        cpu = Session(bundle, device="cpu")
+        rows["CPU: ONNX Runtime full.onnx"] = timeit(lambda: cpu.run([req], validate=False), args.cpu_runs, 3, False)
+        cpu_model = hybrid.bundle.verified.build_model()
+        with torch.no_grad():
+            rows["CPU: eager fp32"] = timeit(lambda: cpu_model(cpu_batch), args.cpu_runs, 3, False)
+
+    base = rows["eager fp32, inputs on GPU"]["p50_ms"]
+    print(f"\nruntime: 1 user, ll {SHAPE['ll']}, rt {SHAPE['rt']}, imp {SHAPE['imp']}, {SHAPE['candidates']} "
+          f"candidates, default ModelConfig, on {results['device']} (torch {torch.__version__})\n")  # fmt: skip
+    print("| path | p50 ms | p99 ms | speed-up vs eager fp32 (p50) |")
+    print("|---|---:|---:|---:|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {base / r['p50_ms']:.1f}x |")
+    print(f"\nmax |hybrid - eager| on probabilities: {results['max_abs_diff_hybrid_vs_eager']:.2e}")
+    best = min(rows["hybrid, dense in ONNX Runtime (CPU)"]["p50_ms"], rows["hybrid, dense on GPU"]["p50_ms"])
+    print(f"targets: p50 <= 0.5 ms -> best hybrid {best:.3f} ms; >= 10x eager -> {base / best:.1f}x")
+    if "CPU: ONNX Runtime full.onnx" in rows:
+        ratio = rows["CPU: eager fp32"]["p50_ms"] / rows["CPU: ONNX Runtime full.onnx"]["p50_ms"]
+        print(f"CPU: ONNX Runtime is {ratio:.1f}x eager (target >= 2x)")
+    if startup:
+        results["startup"] = startup
+        print("\n| start-up (cuda Session) | total s | warm-up s | buckets | graphs |")
+        print("|---|---:|---:|---:|---:|")
+        for label, s in startup.items():
+            print(f"| {label} Triton cache | {s['total_s']:.1f} | {s['warmup_s']:.1f} | {s.get('buckets_warmed', 0)} "
+                  f"| {s.get('graphs_captured', 0)} |")  # fmt: skip
+    out = os.environ.get("OUT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "runtime.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Bounded load test of `transact serve` on loopback.
+
+Starts the server as a subprocess (or uses ``--url``), then for each concurrency level keeps that many
+clients sending binary-tensor infer requests (distinct users, random among a pre-built pool) for
+``--duration`` seconds. Reports throughput in candidates scored per second, request latency p50 / p99
+and the error count; prints a Markdown table and writes JSON to $OUT/serve_load.json when $OUT is set.
+
+    python benchmarks/serve_load.py BUNDLE --device cpu --concurrency 1,4,16 --duration 10
+    python benchmarks/serve_load.py --build-bundle /tmp/b   # export a random-weights bundle first
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from runtime.backends.warmup import synthetic_request  # noqa: E402
+from runtime.protocol import encode_infer_request  # noqa: E402
+
+
+def build_bundle(out: Path, small: bool = False) -> Path:
+    """Export a random-weights model (the default ModelConfig, or a small one) to ``out``."""
+    import tempfile
+
+    import torch
+
+    from export.bundle import export_bundle
+    from transact.checkpoint import save_checkpoint
+    from transact.config import ModelConfig
+    from transact.model import RankingModel
+
+    torch.manual_seed(0)
+    config = ModelConfig(max_ll=1024) if small else ModelConfig()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(Path(tmp) / "ckpt", RankingModel(config).eval())
+        return export_bundle(Path(tmp) / "ckpt", out, check=False, force=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(bundle: Path, device: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "runtime.commands", str(bundle), "--port", str(port), "--device", device,
+           "--max-batch", str(args.max_batch), "--max-queue-delay-ms", str(args.max_queue_delay_ms),
+           "--log-level", "warning"]  # fmt: skip
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + args.start_timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/v2/health/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.terminate()
+    raise SystemExit("server did not become ready in time")
+
+
+def model_config(url: str, model: str):
+    from transact.config import ModelConfig
+
+    meta = httpx.get(f"{url}/v2/models/{model}", timeout=10).json()
+    dims = {i["name"]: i["shape"] for i in meta["inputs"]}
+    par = meta["parameters"]
+    heads = par["heads"]
+    return ModelConfig(
+        user_dense_dim=dims["user_dense"][0], item_dense_dim=dims["item_dense"][1], num_surfaces=par["num_surfaces"],
+        action_names=par["action_names"], heads=heads, positive_actions=[], score_weights=[1.0] * len(heads),
+        loss_weights=[1.0] * len(heads), quant_scale=par["quant_scale"], max_ll=par["max_ll"], max_rt=par["max_rt"],
+        max_imp=par["max_imp"],
+    )  # fmt: skip
+
+
+def run_level(url: str, model: str, bodies: list[tuple[bytes, dict]], candidates: int, concurrency: int,
+              duration: float) -> dict:  # fmt: skip
+    """``concurrency`` clients in a closed loop for ``duration`` seconds."""
+    lat: list[float] = []
+    errors = {"count": 0}
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + duration
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    client = httpx.Client(base_url=url, timeout=60, limits=limits)
+
+    def worker(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        mine, bad = [], 0
+        while time.perf_counter() < stop_at:
+            body, headers = bodies[int(rng.integers(len(bodies)))]
+            t0 = time.perf_counter()
+            try:
+                r = client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
+                ok = r.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                mine.append(time.perf_counter() - t0)
+            else:
+                bad += 1
+        with lock:
+            lat.extend(mine)
+            errors["count"] += bad
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(duration + 120)
+    wall = time.perf_counter() - t0
+    client.close()
+    ms = np.asarray(lat) * 1000 if lat else np.zeros(1)
+    return {
+        "concurrency": concurrency, "requests": len(lat), "seconds": round(wall, 2),
+        "requests_per_s": round(len(lat) / wall, 1), "candidates_per_s": round(len(lat) * candidates / wall),
+        "p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "errors": errors["count"],
+    }  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundle", nargs="?", type=Path)
+    p.add_argument("--build-bundle", type=Path, help="export a random-weights bundle here first and use it")
+    p.add_argument("--small", action="store_true", help="with --build-bundle: max_ll 1024 instead of 16,000")
+    p.add_argument("--url", help="use a running server instead of starting one")
+    p.add_argument("--model", default="transact")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per concurrency level")
+    p.add_argument("--candidates", type=int, default=256)
+    p.add_argument("--ll", type=int, default=1000)
+    p.add_argument("--rt", type=int, default=100)
+    p.add_argument("--imp", type=int, default=100)
+    p.add_argument("--users", type=int, default=32, help="distinct requests in the pool")
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--max-queue-delay-ms", type=float, default=2.0)
+    p.add_argument("--threads", type=int, default=None, help="server: ONNX Runtime intra-op threads")
+    p.add_argument("--start-timeout", type=float, default=600.0)
+    args = p.parse_args()
+
+    bundle = args.bundle
+    if args.build_bundle:
+        bundle = build_bundle(args.build_bundle, small=args.small)
+    proc = None
+    if args.url:
+        url = args.url
+    else:
+        if bundle is None:
+            p.error("give BUNDLE, --build-bundle DIR or --url")
+        proc, url = start_server(bundle, args.device, args)
+    try:
+        config = model_config(url, args.model)
+        meta = httpx.get(f"{url}/v2/models/{args.model}", timeout=10).json()
+        lengths = {s: min(getattr(args, s), getattr(config, f"max_{s}")) for s in ("ll", "rt", "imp")}
+        bodies = [encode_infer_request(synthetic_request(config, args.candidates, lengths, seed=i).tensors())
+                  for i in range(args.users)]  # fmt: skip
+        rows = []
+        for c in [int(x) for x in args.concurrency.split(",")]:
+            run_level(url, args.model, bodies, args.candidates, c, min(2.0, args.duration))  # warm the level up
+            rows.append(run_level(url, args.model, bodies, args.candidates, c, args.duration))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
+    backend = meta.get("parameters", {}).get("backend", "?")
+    print(f"\nserve load: backend={backend}, {args.candidates} candidates/request, ll={lengths['ll']} "
+          f"rt={lengths['rt']} imp={lengths['imp']}, max_batch={args.max_batch}, "
+          f"max_queue_delay={args.max_queue_delay_ms} ms, "
+          f"{os.cpu_count()} CPU cores\n")  # fmt: skip
+    print("| concurrency | requests | req/s | candidates/s | p50 ms | p99 ms | errors |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['concurrency']} | {r['requests']} | {r['requests_per_s']} | {r['candidates_per_s']:,} | "
+              f"{r['p50_ms']} | {r['p99_ms']} | {r['errors']} |")  # fmt: skip
+    out = os.environ.get("OUT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        result = {"backend": backend, "args": {k: str(v) for k, v in vars(args).items()}, "levels": rows}
+        (Path(out) / "serve_load.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""PyTorch -> ONNX for the two graphs of a bundle (DESIGN §3).
+
+* ``full.onnx``  — the whole model, NN selection included: every ``Batch`` input in ``INPUT_NAMES`` order
+  -> ``probabilities`` (N, H), ``scores`` (N,) and, when TransAct V2 is on, the selection it made
+  (``selection_group`` / ``selection_pos``, (N, T) int64, -1 in unused slots) so that parity checks can
+  compare the chosen tokens, not only the final numbers.
+* ``dense.onnx`` — the CPU-side graph: dense/context features and the two sequence-module outputs
+  ``v1`` / ``v2`` -> ``probabilities`` and ``scores``.
+
+Both graphs carry their weights as initializers and are exported with the dynamo exporter
+(``torch.export`` + onnxscript) with symbolic requests ``R``, candidates ``N`` and sequence lengths
+``L_ll`` / ``L_rt`` / ``L_imp``. The transformer fast path is off and the model in eval mode while
+tracing.
+
+Self-attention inside ``full.onnx``: PyTorch's ``nn.MultiheadAttention`` decomposes into a long chain of
+transposes, mask arithmetic and batched matmuls that materialise every (N, T, T) score tensor; ONNX
+Runtime runs that about as fast as eager PyTorch. While exporting, each post-norm ``nn.TransformerEncoder``
+is therefore traced through ``encoder_forward`` below, which computes the same function with one fused
+``com.microsoft.Attention`` node per layer (QKV projection, scaled scores, causal and key-padding masks,
+softmax, weighted sum; one (T, T) tile per sequence and head at a time). The eager model is untouched and
+the parity checker holds the exported graph to it. ``dense.onnx`` contains no attention and stays
+standard ONNX.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnxscript
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.export import Dim
+
+from transact.batch import INPUT_NAMES, SEQUENCES, Batch, Seq
+from transact.config import ModelConfig
+from transact.data.random_batch import random_batch
+from transact.model import RankingModel
+
+DEFAULT_OPSET = 18
+FULL_OUTPUTS = ("probabilities", "scores")
+SELECTION_OUTPUTS = ("selection_group", "selection_pos")
+DENSE_INPUTS = ("user_dense", "surface", "hour", "cand_request", "cand_item", "item_dense", "v1", "v2")
+DENSE_OUTPUTS = ("probabilities", "scores")
+
+# Example sizes used for tracing: all >= 2 and pairwise different, so that no dynamic dim is specialised
+# or unified with another one by accident.
+EXAMPLE_R, EXAMPLE_N = 3, 11
+EXAMPLE_WIDTH = {"ll": 53, "rt": 29, "imp": 23}
+
+
+MASK_FILTER = -1e30  # added to masked attention scores; exp() of it is exactly 0, like -inf
+
+
+class ExportFailed(RuntimeError):
+    """torch.export / the ONNX translation failed; the message says which graph."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused self-attention for export
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("transact_export::self_attention", mutates_args=())
+def self_attention(
+    x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor, keep: torch.Tensor, num_heads: int, causal: bool
+) -> torch.Tensor:
+    """Multi-head self-attention before the output projection: x (B, S, E), weight_t (E, 3E), bias (3E,),
+    keep (B, S) int32 (1 = attend to this key), -> (B, S, E). Mirrors ``com.microsoft.Attention``."""
+    b, s, e = x.shape
+    hd = e // num_heads
+    q, k, v = (x @ weight_t + bias).split(e, dim=-1)
+    q, k, v = (t.reshape(b, s, num_heads, hd).transpose(1, 2) for t in (q, k, v))
+    scores = (q @ k.transpose(-1, -2)) * hd**-0.5
+    masked = (keep == 0)[:, None, None, :]
+    if causal:
+        masked = masked | torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)
+    probs = scores.masked_fill(masked, float("-inf")).softmax(-1)
+    return (probs @ v).transpose(1, 2).reshape(b, s, e)
+
+
+@self_attention.register_fake
+def _self_attention_fake(x, weight_t, bias, keep, num_heads, causal):  # noqa: ANN001, ANN202
+    return torch.empty_like(x)
+
+
+def _attention_schema() -> onnx.defs.OpSchema:
+    """The part of ONNX Runtime's ``com.microsoft.Attention`` schema used here (onnx itself has none)."""
+    schema = onnx.defs.OpSchema
+    param = schema.FormalParameter
+    attr = schema.Attribute
+    optional = schema.FormalParameterOption.Optional
+    return schema(
+        "Attention", "com.microsoft", 1,
+        inputs=[param("input", "T"), param("weights", "T"), param("bias", "T", param_option=optional),
+                param("mask_index", "M", param_option=optional)],
+        outputs=[param("output", "T")],
+        type_constraints=[("T", ["tensor(float)"], "float"), ("M", ["tensor(int32)"], "int32 mask")],
+        attributes=[attr("num_heads", schema.AttrType.INT, "heads"),
+                    attr("unidirectional", schema.AttrType.INT, "causal"),
+                    attr("mask_filter_value", schema.AttrType.FLOAT, "added to masked scores")],
+    )  # fmt: skip
+
+
+_ATTENTION = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "Attention", _attention_schema())
+
+
+def _self_attention_onnx(x, weight_t, bias, keep, num_heads: int, causal: bool):  # noqa: ANN001, ANN202
+    return _ATTENTION(x, weight_t, bias, keep, num_heads=num_heads, unidirectional=int(causal),
+                      mask_filter_value=MASK_FILTER)  # fmt: skip
+
+
+TRANSLATIONS = {torch.ops.transact_export.self_attention.default: _self_attention_onnx}
+
+
+def _fusable(encoder: nn.TransformerEncoder) -> bool:
+    """Post-norm, ReLU, batch-first layers with packed QKV and biases: what ``encoder_forward`` implements."""
+    for layer in encoder.layers:
+        attn = layer.self_attn
+        if (
+            layer.norm_first or not attn.batch_first or not attn._qkv_same_embed_dim or attn.in_proj_bias is None
+            or attn.bias_k is not None or attn.add_zero_attn or getattr(layer, "activation_relu_or_gelu", 0) != 1
+        ):  # fmt: skip
+            return False
+    return True
+
+
+def encoder_forward(
+    encoder: nn.TransformerEncoder,
+    src: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    src_key_padding_mask: torch.Tensor | None = None,
+    is_causal: bool | None = None,
+) -> torch.Tensor:
+    """``nn.TransformerEncoder.forward`` for export (eval mode): the same maths, fused attention.
+
+    ``mask`` must be None or the causal mask announced with ``is_causal=True`` (what the model passes)."""
+    causal = mask is not None
+    if causal and not is_causal:
+        raise ExportFailed("attention masks other than the causal mask are not supported by the fused export")
+    if src_key_padding_mask is None:
+        keep = torch.ones(src.shape[:2], dtype=torch.int32, device=src.device)
+    elif src_key_padding_mask.dtype == torch.bool:
+        keep = (~src_key_padding_mask).to(torch.int32)
+    else:  # additive float mask: 0 keeps, -inf drops
+        keep = (src_key_padding_mask == 0).to(torch.int32)
+    # Rows are independent outside attention: keep them 2-D there (plain Gemm and LayerNormalization;
+    # ONNX Runtime would otherwise fuse the 3-D residual adds into SkipLayerNormalization, which its CPU
+    # kernel runs several times slower than Add + LayerNormalization at these widths).
+    b, s, e = src.shape
+    x = src.reshape(b * s, e)
+    for layer in encoder.layers:
+        attn = layer.self_attn
+        a = self_attention(x.reshape(b, s, e), attn.in_proj_weight.t(), attn.in_proj_bias, keep, attn.num_heads,
+                           causal)  # fmt: skip
+        x = layer.norm1(x + attn.out_proj(a.reshape(b * s, e)))
+        x = layer.norm2(x + layer.linear2(F.relu(layer.linear1(x))))
+    if encoder.norm is not None:
+        x = encoder.norm(x)
+    return x.reshape(b, s, e)
+
+
+@contextlib.contextmanager
+def fused_attention(model: nn.Module) -> Iterator[None]:
+    """Route every fusable ``nn.TransformerEncoder`` of ``model`` through ``encoder_forward``."""
+    patched = []
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoder) and _fusable(module):
+            module.forward = encoder_forward.__get__(module)
+            patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
+@contextlib.contextmanager
+def export_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode, no grad and PyTorch's transformer fast path off; everything restored afterwards."""
+    was_training = model.training
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        model.train(was_training)
+
+
+class FullGraph(nn.Module):
+    """Flat-tensor wrapper of ``RankingModel``: INPUT_NAMES tensors -> probabilities, scores (, selection)."""
+
+    def __init__(self, model: RankingModel) -> None:
+        super().__init__()
+        self.model = model
+        self.with_selection = model.transact_v2 is not None
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        batch = Batch.from_named(dict(zip(INPUT_NAMES, tensors, strict=True)))
+        out = self.model.forward_with_aux(batch)
+        result = (out.probs, self.model.score(out.probs))
+        if self.with_selection:
+            sel = out.v2_selection
+            result += (torch.where(sel.valid, sel.group, -1), torch.where(sel.valid, sel.pos, -1))
+        return result
+
+
+class DenseGraph(nn.Module):
+    """``RankingModel.dense`` with the final score: DENSE_INPUTS -> probabilities, scores."""
+
+    def __init__(self, model: RankingModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, user_dense, surface, hour, cand_request, cand_item, item_dense, v1, v2):  # noqa: ANN001
+        probs = self.model.dense(user_dense, item_dense, surface, hour, cand_request, cand_item, v1, v2)
+        return probs, self.model.score(probs)
+
+
+def full_output_names(config: ModelConfig) -> tuple[str, ...]:
+    return FULL_OUTPUTS + (SELECTION_OUTPUTS if config.transact_v2.enabled else ())
+
+
+def pad_batch(batch: Batch, widths: dict[str, int]) -> Batch:
+    """The same batch with each sequence padded (zeros, beyond ``length``) to the given widths."""
+    seqs = {}
+    for s in SEQUENCES:
+        seq: Seq = getattr(batch, s)
+        extra = widths[s] - seq.ts.shape[1]
+        if extra < 0:
+            raise ValueError(f"{s}: cannot pad width {seq.ts.shape[1]} down to {widths[s]}")
+
+        def pad(t: torch.Tensor, extra: int = extra) -> torch.Tensor:
+            shape = (t.shape[0], extra, *t.shape[2:])
+            return torch.cat([t, torch.zeros(shape, dtype=t.dtype)], dim=1)
+
+        seqs[s] = Seq(pad(seq.ts), pad(seq.action), pad(seq.surface), pad(seq.item), seq.length)
+    fields = {k: getattr(batch, k) for k in ("request_ts", "user_dense", "surface", "hour", "cand_request",
+                                              "cand_item", "item_dense", "labels")}  # fmt: skip
+    return Batch(**fields, **seqs)
+
+
+def example_batch(config: ModelConfig, seed: int = 0) -> Batch:
+    """A well-formed tracing example with sizes EXAMPLE_R / EXAMPLE_N / EXAMPLE_WIDTH."""
+    lengths = {}
+    for s in SEQUENCES:
+        cap = min(getattr(config, f"max_{s}"), EXAMPLE_WIDTH[s])
+        lengths[s] = [cap, cap // 2, max(cap - 3, 0)][:EXAMPLE_R]
+    batch = random_batch(config, EXAMPLE_R, EXAMPLE_N, seed=seed, **lengths)
+    return pad_batch(batch, EXAMPLE_WIDTH)
+
+
+def full_dynamic_shapes() -> tuple[tuple[dict[int, Dim], ...]]:
+    """Symbolic dims of every full-graph input: R, N and one length per sequence."""
+    r, n = Dim("R"), Dim("N")
+    length = {s: Dim(f"L_{s}") for s in SEQUENCES}
+    specs: list[dict[int, Dim]] = []
+    for name in INPUT_NAMES:
+        seq = name.split("_", 1)[0]
+        if seq in SEQUENCES:
+            specs.append({0: r} if name.endswith("_length") else {0: r, 1: length[seq]})
+        elif name in ("cand_request", "cand_item", "item_dense"):
+            specs.append({0: n})
+        else:
+            specs.append({0: r})
+    return (tuple(specs),)
+
+
+def dense_example(model: RankingModel, batch: Batch) -> tuple[torch.Tensor, ...]:
+    v1, v2, _ = model.sequence_features(batch)
+    return (batch.user_dense, batch.surface, batch.hour, batch.cand_request, batch.cand_item,
+            batch.item_dense, v1, v2)  # fmt: skip
+
+
+def dense_dynamic_shapes() -> tuple[dict[int, Dim], ...]:
+    r, n = Dim("R"), Dim("N")
+    return ({0: r}, {0: r}, {0: r}, {0: n}, {0: n}, {0: n}, {0: n}, {0: n})
+
+
+def _export(module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_shapes, opset: int,
+            translations: dict | None = None) -> None:  # fmt: skip
+    """One dynamo export to a self-contained .onnx file (weights embedded), quietly."""
+    quiet = io.StringIO()
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module, args, dynamo=True, input_names=list(input_names), output_names=list(output_names),
+                dynamic_shapes=dynamic_shapes, opset_version=opset, optimize=True, verbose=False,
+                external_data=False, custom_translation_table=translations,
+            )  # fmt: skip
+            program.save(os.fspath(path), external_data=False)
+    except Exception as e:  # the exporter raises many kinds; report one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportFailed(f"{path.name}: ONNX export failed: {type(e).__name__}: {first}") from e
+    finally:
+        registry_log.setLevel(level)
+
+
+@dataclass
+class ExportedGraphs:
+    full: Path
+    dense: Path
+
+
+def export_graphs(
+    model: RankingModel, out_dir: str | os.PathLike, opset: int = DEFAULT_OPSET, fuse_attention: bool = True
+) -> ExportedGraphs:
+    """Write ``full.onnx`` and ``dense.onnx`` for ``model`` into ``out_dir``.
+
+    ``fuse_attention=False`` keeps PyTorch's own attention decomposition (standard ONNX only, slower)."""
+    out = Path(out_dir)
+    with export_mode(model):
+        batch = example_batch(model.config)
+        args = tuple(t for _, t in batch.named_tensors())
+        full = out / "full.onnx"
+        with fused_attention(model) if fuse_attention else contextlib.nullcontext():
+            _export(FullGraph(model), args, full, INPUT_NAMES, full_output_names(model.config),
+                    full_dynamic_shapes(), opset, TRANSLATIONS if fuse_attention else None)  # fmt: skip
+        dense = out / "dense.onnx"
+        _export(DenseGraph(model), dense_example(model, batch), dense, DENSE_INPUTS, DENSE_OUTPUTS,
+                dense_dynamic_shapes(), opset)  # fmt: skip
+    return ExportedGraphs(full, dense)
+
+
+__all__ = [
+    "DEFAULT_OPSET", "DENSE_INPUTS", "DENSE_OUTPUTS", "FULL_OUTPUTS", "SELECTION_OUTPUTS",
+    "DenseGraph", "ExportFailed", "ExportedGraphs", "FullGraph", "encoder_forward", "example_batch", "export_graphs",
+    "export_mode", "full_output_names", "fused_attention", "pad_batch",
+]  # fmt: skip

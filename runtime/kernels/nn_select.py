@@ -1,0 +1,597 @@
+"""Fused nearest-neighbour selection over int8 jagged user sequences (DESIGN §2.4 step 1, §4).
+
+For each candidate ``c`` (mapped to user ``u = cand_user[c]``) return the ``k`` positions of
+``seq[starts[u] : starts[u] + lengths[u]]`` with the largest cosine similarity to the candidate,
+best first, equal scores broken by the larger (more recent) position; ``-1`` / ``-inf`` pad the
+slots a short sequence cannot fill. The exact definition is ``transact.selection.nn_select_reference``.
+
+GPU design (no (N, S) score matrix ever reaches memory):
+
+* Scores and the tie rule are folded into one unique 64-bit key per (candidate, position):
+  ``(order-preserving int32 of the fp32 score) << 32 | position``. Descending key order is exactly
+  "score desc, then position desc", so every selection below is a plain top-k over distinct keys.
+* Dequantisation cancels in the cosine. The candidate is normalised in fp32 and split into an
+  fp16 ``hi + lo`` pair; int8 codes are exact in fp16, so two tensor-core dots give the dot product
+  with fp32 accuracy. Row norms come from the int8 codes in fp32 (exact).
+* Each program owns a block of candidates and one chunk of every sequence its candidates use
+  (split-K over the sequence fills the GPU when there are few candidates). It keeps a running
+  top-K set of keys in registers and merges every tile into it: by a bitonic top-K of the two
+  sorted halves when many keys qualify, otherwise by replacing the current minimum one key at a
+  time (few keys beat the running k-th best after the first tiles).
+* Optional prefilter for long, cache-resident sequences: a first pass takes column-wise maxima of
+  the scores (disjoint groups of positions); the k-th largest group maximum is a lower bound of the
+  k-th best score, so the second pass skips almost every key before any merge work.
+* A last small pass merges the per-split top-K sets and writes the sorted result.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from transact.selection import nn_select_reference
+
+from . import mma_sync_only
+
+__all__ = ["nn_select", "nn_select_torch", "nn_select_reference", "NNSelectConfig"]
+
+# Sentinel keys start at -2**63 (distinct offsets keep them distinct); every real key is at least
+# (INT32_MIN + 1) << 32, so all sentinels sort below all real keys.
+_BIG_USER = tl.constexpr(2**31 - 1)  # "no user": larger than any user index
+_MAX_K = 256  # register budget of the (block_n, K) key tiles; the models use k <= 96
+
+
+# --------------------------------------------------------------------------------------------
+# Triton helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _ordered_bits(s):
+    """fp32 -> int32 with the same order (the sign-magnitude to two's-complement flip)."""
+    bits = s.to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _load_cand_hi_lo(cand_ptr, rows, row_ok, D, D_P: tl.constexpr):
+    """Normalised candidates as an fp16 (hi, lo) pair: hi + lo carries ~22 mantissa bits."""
+    d = tl.arange(0, D_P)
+    c = tl.load(
+        cand_ptr + rows[:, None].to(tl.int64) * D + d[None, :],
+        mask=row_ok[:, None] & (d[None, :] < D),
+        other=0,
+    ).to(tl.float32)
+    nrm2 = tl.sum(c * c, axis=1)
+    inv = tl.where(nrm2 > 0, 1.0 / tl.sqrt(tl.maximum(nrm2, 1e-30)), 0.0)  # a zero candidate scores 0
+    c = c * inv[:, None]
+    hi = c.to(tl.float16)
+    lo = (c - hi.to(tl.float32)).to(tl.float16)
+    return hi, lo
+
+
+@triton.jit
+def _tile_scores(seq_ptr, start, pos, pos_ok, c_hi, c_lo, D, D_P: tl.constexpr):
+    """Cosine scores (BN, BS) fp32 of the candidates against one tile of a user's sequence."""
+    d = tl.arange(0, D_P)
+    q = tl.load(
+        seq_ptr + (start + pos[:, None].to(tl.int64)) * D + d[None, :],
+        mask=pos_ok[:, None] & (d[None, :] < D),
+        other=0,
+    )
+    qf = q.to(tl.float32)
+    nrm2 = tl.sum(qf * qf, axis=1)  # exact: int8 codes
+    inv = tl.where(nrm2 > 0, 1.0 / tl.sqrt(tl.maximum(nrm2, 1.0)), 0.0)  # a zero row scores 0
+    qt = tl.trans(q.to(tl.float16))
+    dot = tl.dot(c_hi, qt) + tl.dot(c_lo, qt)
+    s = dot * inv[None, :]
+    return tl.where(s == 0.0, 0.0, s)  # -0.0 and +0.0 must be the same score (ties by position)
+
+
+@triton.jit
+def _user_chunk(starts_ptr, lengths_ptr, u, split, SPLITS, BS: tl.constexpr):
+    """Rows [p_lo, p_hi) of user u handled by this split; chunk sizes are whole tiles."""
+    start = tl.load(starts_ptr + u).to(tl.int64)
+    length = tl.load(lengths_ptr + u).to(tl.int32)
+    chunk = tl.cdiv(tl.cdiv(length, SPLITS), BS) * BS
+    p_lo = split * chunk
+    p_hi = tl.minimum(length, p_lo + chunk)
+    return start, p_lo, p_hi
+
+
+@triton.jit
+def _merge_keys(buf, key, K: tl.constexpr, M_BULK: tl.constexpr):
+    """Running top-K set ``buf`` (BN, K) of distinct keys, merged with a tile of distinct keys.
+
+    Both tensors hold distinct values (sentinels included). Keys not above the current minimum
+    of ``buf`` can never enter it; if many rows have many such keys, the bitonic top-K of
+    sorted(buf, desc) and sorted(key, asc) does it in one go, else one insertion per key.
+    """
+    SENT_TOP: tl.constexpr = -(2**63) + 4 * K  # every sentinel used here is below it
+    col = tl.arange(0, K).to(tl.int64)
+    # A row with nothing yet (first tile of a chunk) takes the tile as it is: no sort needed.
+    empty = tl.max(buf, axis=1) <= SENT_TOP
+    buf = tl.where(empty[:, None], tl.where(key > SENT_TOP, key, -(2**63) + col[None, :]), buf)
+    key = tl.where(empty[:, None], -(2**63) + K + col[None, :], key)
+    bmin = tl.min(buf, axis=1)
+    thr = tl.maximum(bmin, SENT_TOP)
+    cnt = tl.sum((key > thr[:, None]).to(tl.int32), axis=1)
+    if tl.max(cnt, axis=0) > M_BULK:
+        buf = tl.maximum(tl.sort(buf, descending=True), tl.sort(key))
+        # Tile sentinels may have entered; give buf's sentinels back their own distinct values.
+        buf = tl.where(buf > SENT_TOP, buf, -(2**63) + col[None, :])
+    else:
+        best = tl.max(key, axis=1)
+        need = best > thr
+        go = tl.max(need.to(tl.int32), axis=0)
+        while go > 0:
+            slot = need[:, None] & (buf == bmin[:, None])
+            buf = tl.where(slot, best[:, None], buf)
+            key = tl.where(key == best[:, None], -(2**63), key)
+            bmin = tl.min(buf, axis=1)
+            thr = tl.maximum(bmin, SENT_TOP)
+            best = tl.max(key, axis=1)
+            need = best > thr
+            go = tl.max(need.to(tl.int32), axis=0)
+    return buf
+
+
+@triton.jit
+def _store_sorted(buf, rows, row_ok, idx_ptr, score_ptr, k, K: tl.constexpr):
+    """Sort the top-K set, decode keys into (position, score) and write the first k columns."""
+    buf = tl.sort(buf, descending=True)
+    col = tl.arange(0, K)
+    hi = (buf >> 32).to(tl.int32)
+    valid = hi > -(2**31)
+    bits = tl.where(hi >= 0, hi, hi ^ 0x7FFFFFFF)
+    score = tl.where(valid, bits.to(tl.float32, bitcast=True), float("-inf"))
+    pos = tl.where(valid, (buf & 0xFFFFFFFF).to(tl.int32), -1)
+    offs = rows[:, None].to(tl.int64) * k + col[None, :]
+    m = row_ok[:, None] & (col[None, :] < k)
+    tl.store(idx_ptr + offs, pos.to(idx_ptr.dtype.element_ty), mask=m)
+    tl.store(score_ptr + offs, score, mask=m)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _nn_groupmax_kernel(
+    seq_ptr,
+    starts_ptr,
+    lengths_ptr,
+    cand_ptr,
+    user_ptr,
+    gm_ptr,
+    N,
+    D,
+    G_TOT,
+    SPLITS,
+    BN: tl.constexpr,
+    BS: tl.constexpr,
+    C: tl.constexpr,
+    D_P: tl.constexpr,
+):
+    """Pass 1 of the prefilter: per candidate, the max score of C column groups of this split."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid * BN + tl.arange(0, BN)
+    row_ok = rows < N
+    users = tl.load(user_ptr + rows, mask=row_ok, other=_BIG_USER).to(tl.int32)
+    c_hi, c_lo = _load_cand_hi_lo(cand_ptr, rows, row_ok, D, D_P)
+    gmax = tl.full((BN, C), -(2**31), tl.int32)
+    u = tl.min(users, axis=0)
+    while u < _BIG_USER:  # each distinct user of the block once (fast when candidates are grouped)
+        is_u = users == u
+        start, p_lo, p_hi = _user_chunk(starts_ptr, lengths_ptr, u, split, SPLITS, BS)
+        for p0 in range(p_lo, p_hi, BS):
+            pos = p0 + tl.arange(0, BS)
+            pos_ok = pos < p_hi
+            s = _tile_scores(seq_ptr, start, pos, pos_ok, c_hi, c_lo, D, D_P)
+            o = tl.where(is_u[:, None] & pos_ok[None, :], _ordered_bits(s), -(2**31))
+            gmax = tl.maximum(gmax, tl.max(tl.reshape(o, (BN, BS // C, C)), axis=1))
+        u = tl.min(tl.where(users > u, users, _BIG_USER), axis=0)
+    g = tl.arange(0, C)
+    tl.store(gm_ptr + rows[:, None].to(tl.int64) * G_TOT + split * C + g[None, :], gmax, mask=row_ok[:, None])
+
+
+@triton.jit
+def _nn_collect_kernel(
+    seq_ptr,
+    starts_ptr,
+    lengths_ptr,
+    cand_ptr,
+    user_ptr,
+    gm_ptr,
+    part_ptr,
+    idx_ptr,
+    score_ptr,
+    N,
+    D,
+    k,
+    G_TOT,
+    SPLITS,
+    BN: tl.constexpr,
+    K: tl.constexpr,
+    D_P: tl.constexpr,
+    G_P: tl.constexpr,
+    USE_TAU: tl.constexpr,
+    TAU_ITERS: tl.constexpr,
+    FINAL: tl.constexpr,
+    M_BULK: tl.constexpr,
+):
+    """Pass 2: the top-K key set of each candidate over this split's chunk of its sequence."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid * BN + tl.arange(0, BN)
+    row_ok = rows < N
+    users = tl.load(user_ptr + rows, mask=row_ok, other=_BIG_USER).to(tl.int32)
+    c_hi, c_lo = _load_cand_hi_lo(cand_ptr, rows, row_ok, D, D_P)
+    col = tl.arange(0, K)
+
+    tau = tl.full((BN,), -(2**63), tl.int64)
+    if USE_TAU:
+        # k-th largest group maximum, by bisection (any value with >= k maxima above it is a
+        # valid lower bound, so stopping early only loosens it).
+        g = tl.arange(0, G_P)
+        gm = tl.load(
+            gm_ptr + rows[:, None].to(tl.int64) * G_TOT + g[None, :],
+            mask=row_ok[:, None] & (g[None, :] < G_TOT),
+            other=-(2**31),
+        )
+        real = gm > -(2**31)
+        lo = tl.full((BN,), -(2**31), tl.int64)
+        hi = tl.full((BN,), 2**31, tl.int64)
+        for _ in tl.static_range(TAU_ITERS):
+            mid = (lo + hi) >> 1
+            cnt = tl.sum((real & (gm >= mid[:, None].to(tl.int32))).to(tl.int32), axis=1)
+            enough = cnt >= k
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid)
+        tau = lo << 32
+
+    buf = tl.full((BN, K), -(2**63), tl.int64) + col[None, :]  # distinct sentinels
+    tile_sent = tl.full((BN, K), -(2**63) + K, tl.int64) + col[None, :]
+    u = tl.min(users, axis=0)
+    while u < _BIG_USER:
+        is_u = users == u
+        start, p_lo, p_hi = _user_chunk(starts_ptr, lengths_ptr, u, split, SPLITS, K)
+        for p0 in range(p_lo, p_hi, K):
+            pos = p0 + col
+            pos_ok = pos < p_hi
+            s = _tile_scores(seq_ptr, start, pos, pos_ok, c_hi, c_lo, D, D_P)
+            key = (_ordered_bits(s).to(tl.int64) << 32) | pos[None, :].to(tl.int64)
+            ok = is_u[:, None] & pos_ok[None, :] & (key >= tau[:, None])
+            key = tl.where(ok, key, tile_sent)
+            buf = _merge_keys(buf, key, K, M_BULK)
+        u = tl.min(tl.where(users > u, users, _BIG_USER), axis=0)
+
+    if FINAL:
+        _store_sorted(buf, rows, row_ok, idx_ptr, score_ptr, k, K)
+    else:
+        offs = (split * N + rows[:, None]).to(tl.int64) * K + col[None, :]
+        tl.store(part_ptr + offs, buf, mask=row_ok[:, None])
+
+
+@triton.jit
+def _nn_merge_kernel(
+    part_ptr, idx_ptr, score_ptr, N, k, SPLITS, BN: tl.constexpr, K: tl.constexpr, M_BULK: tl.constexpr
+):
+    """Pass 3: merge the SPLITS partial top-K sets of each candidate and write the result."""
+    pid = tl.program_id(0)
+    rows = pid * BN + tl.arange(0, BN)
+    row_ok = rows < N
+    col = tl.arange(0, K)
+    SENT_TOP: tl.constexpr = -(2**63) + 4 * K
+    buf = tl.load(
+        part_ptr + rows[:, None].to(tl.int64) * K + col[None, :], mask=row_ok[:, None], other=-(2**63)
+    )
+    buf = tl.where(buf > SENT_TOP, buf, tl.full((BN, K), -(2**63), tl.int64) + col[None, :])
+    tile_sent = tl.full((BN, K), -(2**63) + K, tl.int64) + col[None, :]
+    for s in range(1, SPLITS):
+        key = tl.load(
+            part_ptr + (s * N + rows[:, None]).to(tl.int64) * K + col[None, :],
+            mask=row_ok[:, None],
+            other=-(2**63),
+        )
+        key = tl.where(key > SENT_TOP, key, tile_sent)  # partial sentinels would collide with buf's
+        buf = _merge_keys(buf, key, K, M_BULK)
+    _store_sorted(buf, rows, row_ok, idx_ptr, score_ptr, k, K)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+class NNSelectConfig:
+    """Launch parameters (all chosen from shapes only, never from tensor values)."""
+
+    def __init__(
+        self, block_n: int, k_pad: int, splits: int, use_tau: bool, num_warps: int, groups_per_split: int
+    ) -> None:
+        self.block_n = block_n
+        self.k_pad = k_pad
+        self.splits = splits
+        self.use_tau = use_tau
+        self.num_warps = num_warps
+        self.groups_per_split = groups_per_split
+
+    def __repr__(self) -> str:
+        return (
+            f"NNSelectConfig(block_n={self.block_n}, k_pad={self.k_pad}, splits={self.splits}, "
+            f"use_tau={self.use_tau}, num_warps={self.num_warps}, "
+            f"groups_per_split={self.groups_per_split})"
+        )
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def choose_config(
+    n_cand: int,
+    n_users: int,
+    total_rows: int,
+    k: int,
+    device: torch.device,
+    *,
+    block_n: int | None = None,
+    splits: int | None = None,
+    use_tau: bool | None = None,
+) -> NNSelectConfig:
+    """Pick block sizes and the split count from shapes alone (no device sync).
+
+    About one program per SM: candidate blocks x sequence splits. Splits are capped at 16 so the
+    final merge stays short; the prefilter pays a second pass over the rows, worth it while the
+    rows stay in L2 (<= 48 MB) and every chunk has several tiles.
+    """
+    k_pad = max(16, triton.next_power_of_2(k))
+    sms = _sm_count(device)
+    if block_n is None:
+        per_user = n_cand // max(n_users, 1)
+        block_n = 64 if n_cand >= 4 * sms else 32 if n_cand >= 32 and per_user >= 32 else 16
+        block_n = max(16, min(block_n, 4096 // k_pad))
+    n_blocks = triton.cdiv(max(n_cand, 1), block_n)
+    avg_len = total_rows // max(n_users, 1)
+    if splits is None:
+        splits = max(1, min(sms // n_blocks, avg_len // (4 * k_pad), 16))
+    # Groups of the prefilter: ~2K in total, at least 2 per split, a power of two dividing k_pad.
+    gps = min(k_pad, max(2, triton.next_power_of_2(triton.cdiv(2 * k_pad, splits))))
+    if use_tau is None:
+        use_tau = (avg_len // splits >= 4 * k_pad) and total_rows * 32 <= 48 * 2**20
+    num_warps = 4 if block_n * k_pad <= 4096 else 8
+    return NNSelectConfig(block_n, k_pad, splits, bool(use_tau), num_warps, gps)
+
+
+def _check_inputs(seq, starts, lengths, cand, cand_user, k):
+    if not isinstance(seq, torch.Tensor) or seq.dim() != 2 or seq.dtype != torch.int8:
+        raise ValueError(f"seq must be a (T, D) int8 tensor, got {_describe(seq)}")
+    for name, t in (("starts", starts), ("lengths", lengths), ("cand_user", cand_user)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be a 1-D int32/int64 tensor, got {_describe(t)}")
+    if starts.shape != lengths.shape:
+        raise ValueError(
+            f"starts and lengths must have the same shape, got {tuple(starts.shape)} "
+            f"and {tuple(lengths.shape)}"
+        )
+    if (
+        not isinstance(cand, torch.Tensor)
+        or cand.dim() != 2
+        or cand.dtype not in (torch.float16, torch.float32, torch.bfloat16, torch.int8)
+    ):
+        raise ValueError(f"cand must be a (N, D) float16/float32/bfloat16/int8 tensor, got {_describe(cand)}")
+    if cand.shape[1] != seq.shape[1]:
+        raise ValueError(f"cand has D={cand.shape[1]} but seq has D={seq.shape[1]}")
+    if cand_user.shape[0] != cand.shape[0]:
+        raise ValueError(
+            f"cand_user must have one entry per candidate ({cand.shape[0]}), got {cand_user.shape[0]}"
+        )
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    devs = {t.device for t in (seq, starts, lengths, cand, cand_user)}
+    if len(devs) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(str(d) for d in devs)}")
+
+
+def _describe(t) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"tensor(shape={tuple(t.shape)}, dtype={t.dtype})"
+    return type(t).__name__
+
+
+def nn_select(
+    seq: torch.Tensor,
+    starts: torch.Tensor,
+    lengths: torch.Tensor,
+    cand: torch.Tensor,
+    cand_user: torch.Tensor,
+    k: int,
+    *,
+    idx_dtype: torch.dtype = torch.int64,
+    config: NNSelectConfig | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k cosine neighbours of every candidate within its own user's int8 sequence.
+
+    Args:
+        seq: (T, D) int8 item codes of all users, concatenated (each user's rows oldest -> newest).
+        starts, lengths: (U,) first row and number of valid rows of each user.
+        cand: (N, D) candidate embeddings, float16/float32/bfloat16 or int8 codes.
+        cand_user: (N,) the user of each candidate (fastest when a user's candidates are adjacent).
+        k: neighbours per candidate.
+        idx_dtype: torch.int64 (default) or torch.int32 for the positions.
+        config: launch parameters; by default chosen from the shapes.
+        out: optional preallocated (idx, scores) to write into (e.g. under CUDA-graph capture).
+    Returns:
+        idx (N, k) positions relative to the user's start, best first (-1 when the user has fewer
+        than k rows), scores (N, k) float32 cosine similarities (-inf in empty slots).
+
+    Runs the Triton kernels on CUDA tensors (and on CPU tensors under ``TRITON_INTERPRET=1``);
+    otherwise the vectorised PyTorch version ``nn_select_torch``.
+    """
+    _check_inputs(seq, starts, lengths, cand, cand_user, k)
+    if idx_dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"idx_dtype must be torch.int32 or torch.int64, got {idx_dtype}")
+    n = cand.shape[0]
+    if out is not None:
+        idx, scores = out
+        if (
+            idx.shape != (n, k)
+            or idx.dtype != idx_dtype
+            or scores.shape != (n, k)
+            or scores.dtype != torch.float32
+            or not idx.is_contiguous()
+            or not scores.is_contiguous()
+            or idx.device != seq.device
+            or scores.device != seq.device
+        ):
+            raise ValueError(
+                f"out must be contiguous ({n}, {k}) {idx_dtype} and float32 tensors on {seq.device}"
+            )
+    if not (seq.is_cuda or _interpreting()):
+        ref_idx, ref_scores = nn_select_torch(seq, starts, lengths, cand, cand_user, k)
+        if out is None:
+            return ref_idx.to(idx_dtype), ref_scores
+        idx.copy_(ref_idx)
+        scores.copy_(ref_scores)
+        return idx, scores
+    if k > _MAX_K:
+        raise ValueError(f"k must be <= {_MAX_K} for the GPU kernel, got {k}")
+    if out is None:
+        idx = torch.empty((n, k), dtype=idx_dtype, device=seq.device)
+        scores = torch.empty((n, k), dtype=torch.float32, device=seq.device)
+    return _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, config)
+
+
+def _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, config):
+    n, d = cand.shape
+    dev = seq.device
+    if n == 0:
+        return idx, scores
+    seq = seq.contiguous()
+    cand = cand.contiguous()
+    if cand.dtype == torch.bfloat16:
+        cand = cand.float()
+    starts = starts.contiguous()
+    lengths = lengths.contiguous()
+    cand_user = cand_user.contiguous()
+    cfg = config or choose_config(n, starts.shape[0], seq.shape[0], k, dev)
+    bn, kp, splits = cfg.block_n, cfg.k_pad, cfg.splits
+    d_p = max(16, triton.next_power_of_2(d))
+    n_blocks = triton.cdiv(n, bn)
+    m_bulk = 8
+    with mma_sync_only():
+        if cfg.use_tau:
+            g_tot = splits * cfg.groups_per_split
+            gm = torch.empty((n, g_tot), dtype=torch.int32, device=dev)
+            _nn_groupmax_kernel[(n_blocks, splits)](
+                seq,
+                starts,
+                lengths,
+                cand,
+                cand_user,
+                gm,
+                n,
+                d,
+                g_tot,
+                splits,
+                BN=bn,
+                BS=kp,
+                C=cfg.groups_per_split,
+                D_P=d_p,
+                num_warps=cfg.num_warps,
+            )
+        else:
+            g_tot = 1
+            gm = idx  # unused
+        final = splits == 1
+        part = idx if final else torch.empty((splits, n, kp), dtype=torch.int64, device=dev)
+        _nn_collect_kernel[(n_blocks, splits)](
+            seq,
+            starts,
+            lengths,
+            cand,
+            cand_user,
+            gm,
+            part,
+            idx,
+            scores,
+            n,
+            d,
+            k,
+            g_tot,
+            splits,
+            BN=bn,
+            K=kp,
+            D_P=d_p,
+            G_P=triton.next_power_of_2(g_tot),
+            USE_TAU=cfg.use_tau,
+            TAU_ITERS=20,
+            FINAL=final,
+            M_BULK=m_bulk,
+            num_warps=cfg.num_warps,
+        )
+        if not final:
+            bn_m = 16
+            _nn_merge_kernel[(triton.cdiv(n, bn_m),)](
+                part,
+                idx,
+                scores,
+                n,
+                k,
+                splits,
+                BN=bn_m,
+                K=kp,
+                M_BULK=m_bulk,
+                num_warps=4 if bn_m * kp <= 4096 else 8,
+            )
+    return idx, scores
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch version (CPU without the interpreter)
+# --------------------------------------------------------------------------------------------
+def nn_select_torch(
+    seq: torch.Tensor,
+    starts: torch.Tensor,
+    lengths: torch.Tensor,
+    cand: torch.Tensor,
+    cand_user: torch.Tensor,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vectorised per-user PyTorch selection, the semantics of the kernel.
+
+    Scores are computed in float64 and rounded to float32 before ranking, so that identical rows
+    (which a BLAS product may round differently in the last float64 bit) tie exactly and the more
+    recent one wins. Returns idx (N, k) int64 and scores (N, k) float32.
+    """
+    _check_inputs(seq, starts, lengths, cand, cand_user, k)
+    n = cand.shape[0]
+    dev = cand.device
+    idx = torch.full((n, k), -1, dtype=torch.int64, device=dev)
+    scores = torch.full((n, k), float("-inf"), dtype=torch.float32, device=dev)
+    c = cand.to(torch.float64)
+    c = c / c.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    users = cand_user.to(torch.int64)
+    starts_l = starts.tolist()
+    lengths_l = lengths.tolist()
+    for u in torch.unique(users).tolist():
+        length = int(lengths_l[u])
+        if length == 0:
+            continue
+        rows = (users == u).nonzero().squeeze(1)
+        items = seq[starts_l[u] : starts_l[u] + length].to(torch.float64)
+        items = items / items.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        s = (c[rows] @ items.T).to(torch.float32)  # (n_u, L), newest last
+        s = s.flip(1)  # newest first, so a stable descending sort breaks ties by recency
+        top = min(k, length)
+        order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :top]
+        idx[rows, :top] = length - 1 - order
+        scores[rows, :top] = torch.gather(s, 1, order)
+    return idx, scores

@@ -1,0 +1,786 @@
+"""A whole ``nn.TransformerEncoder`` stack in one Triton launch (DESIGN §2.4 step 4, §4).
+
+Same function as ``nn.TransformerEncoderLayer`` (post-norm, ReLU, biases, affine LayerNorm,
+batch-first) stacked ``n_layers`` times, with a causal mask and/or a boolean key-padding mask
+(True = ignore), any sequence length, d_model 32-128 (any d up to 128), 1-4 heads, FFN 16-256.
+
+Semantics beyond PyTorch's: a query row that can see no key at all (every key it may attend to is
+padded) is *fully masked*. PyTorch returns NaN there (and the NaN then leaks into later layers);
+here that row's output is exactly zero, and so is its contribution to ``pool="max_all"``. Such a row
+is always a padded position itself, so it is never a key of another row and no other row changes.
+``skut_reference`` defines this with the real PyTorch modules, layer by layer.
+
+Kernel design: one program per sequence runs every layer. Per layer it walks query tiles of
+BLOCK_M rows: Q projection, flash-style attention (online softmax in base 2 with the softmax scale
+and log2(e) folded into Wq) over key tiles of the layer's K/V, out projection, residual + LayerNorm,
+FFN (in chunks of the hidden width), residual + LayerNorm, then directly the next layer's K/V
+for these rows. K/V live in a small per-sequence global scratch (double-buffered across layers,
+L2-resident for typical sizes), activations between layers in the output buffer; a CTA barrier
+separates layers. Key tiles past the causal diagonal, after the last valid key and before the
+first valid key are never visited. Weights are packed once (``pack_encoder_weights``): transposed,
+zero-padded to powers of two, per head, matrices in the compute dtype and vectors in fp32, all in
+one contiguous byte buffer.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+from . import mma_sync_only
+
+__all__ = [
+    "PackedEncoder",
+    "SkutConfig",
+    "pack_encoder_weights",
+    "skut_forward",
+    "skut_reference",
+    "skut_torch",
+    "choose_config",
+    "workspace_numel",
+    "POOL_MODES",
+    "SWEEP_CONFIGS",
+]
+
+POOL_MODES = (None, "max_valid", "max_all")
+_LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------------
+# Weight packing
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PackedEncoder:
+    """All layers' parameters, packed once at load time.
+
+    ``buffer`` is one contiguous uint8 allocation; ``mats`` (compute dtype) and ``vecs`` (fp32) are
+    views into it. Layout per layer, matrices: WqT, WkT, WvT as (H, D_P, DH_P); WoT (H, DH_P, D_P);
+    W1T (D_P, F_P); W2T (F_P, D_P). Vectors: bq, bk, bv (H, DH_P); bo, ln1 weight, ln1 bias (D_P);
+    b1 (F_P); b2, ln2 weight, ln2 bias (D_P); ln1 eps, ln2 eps. Then the optional final norm:
+    weight, bias (D_P), eps. Wq and bq carry the factor log2(e) / sqrt(head_dim).
+    """
+
+    buffer: torch.Tensor
+    mats: torch.Tensor
+    vecs: torch.Tensor
+    dtype: torch.dtype
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_ff: int
+    final_norm: bool
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def d_pad(self) -> int:
+        return _pad_dim(self.d_model)
+
+    @property
+    def dh_pad(self) -> int:
+        return _pad_dim(self.head_dim)
+
+    @property
+    def ff_pad(self) -> int:
+        return _pad_dim(self.d_ff)
+
+    def to(self, device: torch.device | str) -> PackedEncoder:
+        """A copy on another device (the views are rebuilt over the moved buffer)."""
+        buf = self.buffer.to(device)
+        m_bytes = self.mats.numel() * self.mats.element_size()
+        v_off = self.vecs.data_ptr() - self.buffer.data_ptr()
+        mats = buf[:m_bytes].view(self.dtype)
+        vecs = buf[v_off : v_off + self.vecs.numel() * 4].view(torch.float32)
+        return PackedEncoder(
+            buf, mats, vecs, self.dtype, self.n_layers, self.d_model, self.n_heads, self.d_ff, self.final_norm
+        )
+
+
+def _pad_dim(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _layer_sizes(h: int, d_p: int, dh_p: int, f_p: int) -> tuple[int, int]:
+    mats = 4 * h * d_p * dh_p + 2 * d_p * f_p
+    vecs = 3 * h * dh_p + 6 * d_p + f_p + 2
+    return mats, vecs
+
+
+def _check_layer(layer: nn.Module, i: int) -> None:
+    if not isinstance(layer, nn.TransformerEncoderLayer):
+        raise ValueError(
+            f"encoder.layers[{i}] must be an nn.TransformerEncoderLayer, got {type(layer).__name__}"
+        )
+    if layer.norm_first:
+        raise ValueError(f"encoder.layers[{i}] uses norm_first=True; only post-norm layers are supported")
+    act = getattr(layer, "activation_relu_or_gelu", 0)
+    if (
+        act != 1
+        and layer.activation is not torch.nn.functional.relu
+        and not isinstance(layer.activation, nn.ReLU)
+    ):
+        raise ValueError(f"encoder.layers[{i}] activation must be ReLU, got {layer.activation}")
+    if not layer.self_attn._qkv_same_embed_dim:
+        raise ValueError(f"encoder.layers[{i}].self_attn must use one in_proj_weight (kdim = vdim = d_model)")
+
+
+def pack_encoder_weights(
+    encoder: nn.TransformerEncoder | nn.TransformerEncoderLayer,
+    dtype: torch.dtype = torch.float16,
+    device: torch.device | str | None = None,
+) -> PackedEncoder:
+    """Flatten every layer's parameters into one contiguous buffer, once (at load time).
+
+    Args:
+        encoder: an ``nn.TransformerEncoder`` (or a single layer) of post-norm ReLU layers.
+        dtype: compute dtype of the matrices (float16, bfloat16 or float32).
+        device: where the buffer lives (default: the encoder's device).
+    """
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+    if isinstance(encoder, nn.TransformerEncoderLayer):
+        layers, final = [encoder], None
+    elif isinstance(encoder, nn.TransformerEncoder):
+        layers, final = list(encoder.layers), encoder.norm
+    else:
+        raise ValueError(f"encoder must be an nn.TransformerEncoder, got {type(encoder).__name__}")
+    if not layers:
+        raise ValueError("encoder has no layers")
+    for i, layer in enumerate(layers):
+        _check_layer(layer, i)
+    first = layers[0]
+    d = first.self_attn.embed_dim
+    h = first.self_attn.num_heads
+    f = first.linear1.out_features
+    for i, layer in enumerate(layers):
+        if (layer.self_attn.embed_dim, layer.self_attn.num_heads, layer.linear1.out_features) != (d, h, f):
+            raise ValueError(f"encoder.layers[{i}] has a different shape from layer 0")
+    if not 1 <= d <= 128:
+        raise ValueError(f"d_model must be in [1, 128], got {d}")
+    if not 1 <= h <= 4:
+        raise ValueError(f"nhead must be in [1, 4], got {h}")
+    if not 1 <= f <= 256:
+        raise ValueError(f"dim_feedforward must be in [1, 256], got {f}")
+    dh = d // h
+    d_p, dh_p, f_p = _pad_dim(d), _pad_dim(dh), _pad_dim(f)
+    lm, lv = _layer_sizes(h, d_p, dh_p, f_p)
+    n = len(layers)
+    n_vecs = n * lv + (2 * d_p + 1 if final is not None else 0)
+    mats = torch.zeros(n * lm, dtype=torch.float64)
+    vecs = torch.zeros(n_vecs, dtype=torch.float64)
+    qscale = _LOG2E / math.sqrt(dh)
+
+    def vec(t: torch.Tensor | None, size: int, default: float = 0.0) -> torch.Tensor:
+        if t is None:
+            return torch.full((size,), default, dtype=torch.float64)
+        return t.detach().to("cpu", torch.float64)
+
+    with torch.no_grad():
+        for li, layer in enumerate(layers):
+            att = layer.self_attn
+            w_in = att.in_proj_weight.detach().to("cpu", torch.float64)  # (3d, d)
+            b_in = vec(att.in_proj_bias, 3 * d)
+            w_out = att.out_proj.weight.detach().to("cpu", torch.float64)  # (d, d)
+            mo = mats[li * lm : (li + 1) * lm]
+            vo = vecs[li * lv : (li + 1) * lv]
+            wq, wk, wv, wo = (mo[j * h * d_p * dh_p : (j + 1) * h * d_p * dh_p] for j in range(4))
+            wq, wk, wv = (t.view(h, d_p, dh_p) for t in (wq, wk, wv))
+            wo = wo.view(h, dh_p, d_p)
+            w1 = mo[4 * h * d_p * dh_p : 4 * h * d_p * dh_p + d_p * f_p].view(d_p, f_p)
+            w2 = mo[4 * h * d_p * dh_p + d_p * f_p :].view(f_p, d_p)
+            bq, bk, bv = (vo[j * h * dh_p : (j + 1) * h * dh_p].view(h, dh_p) for j in range(3))
+            o = 3 * h * dh_p
+            bo, l1w, l1b = vo[o : o + d_p], vo[o + d_p : o + 2 * d_p], vo[o + 2 * d_p : o + 3 * d_p]
+            o += 3 * d_p
+            b1 = vo[o : o + f_p]
+            o += f_p
+            b2, l2w, l2b = vo[o : o + d_p], vo[o + d_p : o + 2 * d_p], vo[o + 2 * d_p : o + 3 * d_p]
+            o += 3 * d_p
+            for hh in range(h):
+                sl = slice(hh * dh, (hh + 1) * dh)
+                wq[hh, :d, :dh] = w_in[0 * d : 1 * d][sl].T * qscale
+                wk[hh, :d, :dh] = w_in[1 * d : 2 * d][sl].T
+                wv[hh, :d, :dh] = w_in[2 * d : 3 * d][sl].T
+                wo[hh, :dh, :d] = w_out[:, sl].T
+                bq[hh, :dh] = b_in[0 * d : 1 * d][sl] * qscale
+                bk[hh, :dh] = b_in[1 * d : 2 * d][sl]
+                bv[hh, :dh] = b_in[2 * d : 3 * d][sl]
+            bo[:d] = vec(att.out_proj.bias, d)
+            w1[:d, :f] = layer.linear1.weight.detach().to("cpu", torch.float64).T
+            b1[:f] = vec(layer.linear1.bias, f)
+            w2[:f, :d] = layer.linear2.weight.detach().to("cpu", torch.float64).T
+            b2[:d] = vec(layer.linear2.bias, d)
+            l1w[:d] = vec(layer.norm1.weight, d, 1.0)
+            l1b[:d] = vec(layer.norm1.bias, d)
+            l2w[:d] = vec(layer.norm2.weight, d, 1.0)
+            l2b[:d] = vec(layer.norm2.bias, d)
+            vo[o] = layer.norm1.eps
+            vo[o + 1] = layer.norm2.eps
+        if final is not None:
+            fo = vecs[n * lv :]
+            fo[:d] = vec(final.weight, d, 1.0)
+            fo[d_p : d_p + d] = vec(final.bias, d)
+            fo[2 * d_p] = final.eps
+
+    if device is None:
+        device = first.linear1.weight.device
+    esize = torch.empty((), dtype=dtype).element_size()
+    m_bytes = mats.numel() * esize
+    v_off = (m_bytes + 255) // 256 * 256  # keep the fp32 view 256-byte aligned
+    buf = torch.zeros(v_off + vecs.numel() * 4, dtype=torch.uint8)
+    buf[:m_bytes].view(dtype).copy_(mats.to(dtype))
+    buf[v_off:].view(torch.float32).copy_(vecs.to(torch.float32))
+    buf = buf.to(device)
+    return PackedEncoder(
+        buf, buf[:m_bytes].view(dtype), buf[v_off:].view(torch.float32), dtype, n, d, h, f, final is not None
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _layernorm(x, v_ptr, off_w, off_b, eps, dmask, D: tl.constexpr, D_P: tl.constexpr):
+    """Affine LayerNorm over the first D of D_P columns (padded columns stay 0)."""
+    cd = tl.arange(0, D_P)
+    w = tl.load(v_ptr + off_w + cd)
+    b = tl.load(v_ptr + off_b + cd)
+    mean = tl.sum(x, axis=1) / D
+    xc = tl.where(dmask[None, :], x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / D
+    return xc * (1.0 / tl.sqrt(var + eps))[:, None] * w[None, :] + b[None, :]
+
+
+@triton.jit
+def _store_kv(
+    x16,
+    rows,
+    row_ok,
+    w_layer,
+    v_layer,
+    kv_k,
+    kv_v,
+    S,
+    H: tl.constexpr,
+    D_P: tl.constexpr,
+    DH_P: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """K and V of these rows for every head, into the K/V scratch of one layer."""
+    cd = tl.arange(0, D_P)
+    ch = tl.arange(0, DH_P)
+    HW: tl.constexpr = H * D_P * DH_P
+    for h in tl.static_range(H):
+        wk = tl.load(w_layer + HW + h * D_P * DH_P + cd[:, None] * DH_P + ch[None, :])
+        wv = tl.load(w_layer + 2 * HW + h * D_P * DH_P + cd[:, None] * DH_P + ch[None, :])
+        bk = tl.load(v_layer + H * DH_P + h * DH_P + ch)
+        bv = tl.load(v_layer + 2 * H * DH_P + h * DH_P + ch)
+        k = tl.dot(x16, wk, input_precision=PREC) + bk[None, :]
+        v = tl.dot(x16, wv, input_precision=PREC) + bv[None, :]
+        offs = (h * S + rows[:, None]).to(tl.int64) * DH_P + ch[None, :]
+        tl.store(kv_k + offs, k.to(kv_k.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(kv_v + offs, v.to(kv_v.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _skut_kernel(
+    x_ptr,
+    out_ptr,
+    kv_ptr,
+    mask_ptr,
+    w_ptr,
+    v_ptr,
+    pool_ptr,
+    S,
+    n_layers,
+    D: tl.constexpr,
+    D_P: tl.constexpr,
+    H: tl.constexpr,
+    DH_P: tl.constexpr,
+    F_P: tl.constexpr,
+    F_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    POOL: tl.constexpr,
+    FINAL_NORM: tl.constexpr,
+    KV_BUFS: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    dt = out_ptr.dtype.element_ty
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    cd = tl.arange(0, D_P)
+    ch = tl.arange(0, DH_P)
+    cf = tl.arange(0, F_CHUNK)
+    dmask = cd < D
+    HW: tl.constexpr = H * D_P * DH_P
+    LW: tl.constexpr = 4 * HW + 2 * D_P * F_P
+    LV: tl.constexpr = 3 * H * DH_P + 6 * D_P + F_P + 2
+    OFF_BO: tl.constexpr = 3 * H * DH_P
+    OFF_B1: tl.constexpr = OFF_BO + 3 * D_P
+    OFF_B2: tl.constexpr = OFF_B1 + F_P
+    OFF_EPS: tl.constexpr = OFF_B2 + 3 * D_P
+
+    x_b = x_ptr + b * S * D
+    o_b = out_ptr + b * S * D
+    kv_b = kv_ptr + b * (KV_BUFS * 2 * H) * S * DH_P
+    KV_STRIDE = H * S * DH_P  # K of one buffer, then its V
+
+    # Valid keys span [k_first, k_end); every key outside is padding, so those tiles are skipped.
+    k_first = 0
+    k_end = S
+    if HAS_MASK:
+        k_first = S
+        k_end = 0
+        for s0 in range(0, S, BLOCK_N):
+            kidx = s0 + rn
+            pad = tl.load(mask_ptr + b * S + kidx, mask=kidx < S, other=1)
+            ok = (pad == 0) & (kidx < S)
+            k_first = tl.minimum(k_first, tl.min(tl.where(ok, kidx, S), axis=0))
+            k_end = tl.maximum(k_end, tl.max(tl.where(ok, kidx + 1, 0), axis=0))
+    n_qt = tl.cdiv(S, BLOCK_M)
+
+    # K/V of layer 0.
+    for qt in range(0, n_qt):
+        rows = qt * BLOCK_M + rm
+        row_ok = rows < S
+        x = tl.load(x_b + rows[:, None] * D + cd[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0)
+        _store_kv(x.to(dt), rows, row_ok, w_ptr, v_ptr, kv_b, kv_b + KV_STRIDE, S, H, D_P, DH_P, PREC)
+    tl.debug_barrier()
+
+    pooled = tl.full((D_P,), float("-inf"), tl.float32)
+    for layer in range(0, n_layers):
+        w_l = w_ptr + layer * LW
+        v_l = v_ptr + layer * LV
+        kv_cur = kv_b + (layer % KV_BUFS) * 2 * KV_STRIDE
+        kv_nxt = kv_b + ((layer + 1) % KV_BUFS) * 2 * KV_STRIDE
+        eps1 = tl.load(v_l + OFF_EPS)
+        eps2 = tl.load(v_l + OFF_EPS + 1)
+        for qt in range(0, n_qt):
+            rows = qt * BLOCK_M + rm
+            row_ok = rows < S
+            xmask = row_ok[:, None] & dmask[None, :]
+            if layer == 0:
+                x = tl.load(x_b + rows[:, None] * D + cd[None, :], mask=xmask, other=0.0).to(tl.float32)
+            else:
+                x = tl.load(o_b + rows[:, None] * D + cd[None, :], mask=xmask, other=0.0).to(tl.float32)
+            x16 = x.to(dt)
+            k_hi = k_end
+            if CAUSAL:
+                k_hi = tl.minimum(k_hi, (qt + 1) * BLOCK_M)
+            k_lo = (k_first // BLOCK_N) * BLOCK_N
+
+            # ---- self-attention, one head at a time, summed through the out projection
+            attn = tl.zeros((BLOCK_M, D_P), tl.float32)
+            for h in tl.static_range(H):
+                wq = tl.load(w_l + h * D_P * DH_P + cd[:, None] * DH_P + ch[None, :])
+                bq = tl.load(v_l + h * DH_P + ch)
+                q = (tl.dot(x16, wq, input_precision=PREC) + bq[None, :]).to(dt)
+                m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
+                l_i = tl.zeros((BLOCK_M,), tl.float32)
+                acc = tl.zeros((BLOCK_M, DH_P), tl.float32)
+                k_base = kv_cur + h * S * DH_P
+                v_base = kv_cur + KV_STRIDE + h * S * DH_P
+                for k0 in range(k_lo, k_hi, BLOCK_N):
+                    kidx = k0 + rn
+                    kv_ok = kidx < k_hi
+                    offs = kidx[:, None].to(tl.int64) * DH_P + ch[None, :]
+                    kt = tl.load(k_base + offs, mask=kv_ok[:, None], other=0.0)
+                    vt = tl.load(v_base + offs, mask=kv_ok[:, None], other=0.0)
+                    s = tl.dot(q, tl.trans(kt), input_precision=PREC)
+                    ok = kv_ok[None, :]
+                    if HAS_MASK:
+                        pad = tl.load(mask_ptr + b * S + kidx, mask=kv_ok, other=1)
+                        ok = ok & (pad == 0)[None, :]
+                    if CAUSAL:
+                        ok = ok & (kidx[None, :] <= rows[:, None])
+                    s = tl.where(ok, s, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                    alpha = tl.exp2(m_i - m_new)
+                    p = tl.exp2(s - m_new[:, None])
+                    l_i = l_i * alpha + tl.sum(p, axis=1)
+                    acc = acc * alpha[:, None] + tl.dot(p.to(dt), vt, input_precision=PREC)
+                    m_i = m_new
+                # A row that saw no valid key gets a zero attention output (never 0/0).
+                o_h = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
+                wo = tl.load(w_l + 3 * HW + h * DH_P * D_P + ch[:, None] * D_P + cd[None, :])
+                attn += tl.dot(o_h.to(dt), wo, input_precision=PREC)
+            bo = tl.load(v_l + OFF_BO + cd)
+            x = _layernorm(x + attn + bo[None, :], v_l, OFF_BO + D_P, OFF_BO + 2 * D_P, eps1, dmask, D, D_P)
+
+            # ---- feed-forward, in chunks of the hidden width
+            x16 = x.to(dt)
+            ff = tl.zeros((BLOCK_M, D_P), tl.float32)
+            for f0 in tl.static_range(0, F_P, F_CHUNK):
+                w1 = tl.load(w_l + 4 * HW + cd[:, None] * F_P + (f0 + cf)[None, :])
+                b1 = tl.load(v_l + OFF_B1 + f0 + cf)
+                hid = tl.maximum(tl.dot(x16, w1, input_precision=PREC) + b1[None, :], 0.0)
+                w2 = tl.load(w_l + 4 * HW + D_P * F_P + (f0 + cf)[:, None] * D_P + cd[None, :])
+                ff += tl.dot(hid.to(dt), w2, input_precision=PREC)
+            b2 = tl.load(v_l + OFF_B2 + cd)
+            x = _layernorm(x + ff + b2[None, :], v_l, OFF_B2 + D_P, OFF_B2 + 2 * D_P, eps2, dmask, D, D_P)
+
+            if layer + 1 < n_layers:
+                x16 = x.to(dt)
+                _store_kv(
+                    x16, rows, row_ok, w_l + LW, v_l + LV, kv_nxt, kv_nxt + KV_STRIDE, S, H, D_P, DH_P, PREC
+                )
+                tl.store(o_b + rows[:, None] * D + cd[None, :], x16, mask=xmask)
+            else:
+                if FINAL_NORM:
+                    f_off = n_layers * LV
+                    eps_f = tl.load(v_ptr + f_off + 2 * D_P)
+                    x = _layernorm(x, v_ptr, f_off, f_off + D_P, eps_f, dmask, D, D_P)
+                # Fully masked rows: causal -> before the first valid key; else -> no valid key at all.
+                if CAUSAL:
+                    dead = rows < k_first
+                else:
+                    dead = (rows * 0 + k_first) >= S
+                x = tl.where(dead[:, None], 0.0, x)
+                if POOL == 0:
+                    tl.store(o_b + rows[:, None] * D + cd[None, :], x.to(dt), mask=xmask)
+                else:
+                    keep = row_ok
+                    if POOL == 1:
+                        if HAS_MASK:
+                            pad = tl.load(mask_ptr + b * S + rows, mask=row_ok, other=1)
+                            keep = keep & (pad == 0)
+                    pooled = tl.maximum(pooled, tl.max(tl.where(keep[:, None], x, float("-inf")), axis=0))
+        tl.debug_barrier()
+    if POOL != 0:
+        pooled = tl.where(pooled == float("-inf"), 0.0, pooled)  # no valid row at all -> 0
+        tl.store(pool_ptr + b * D + cd, pooled.to(pool_ptr.dtype.element_ty), mask=dmask)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SkutConfig:
+    """Tile sizes of the kernel (all tested: see tests/test_kernel_skut.py and tests/gpu)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    f_chunk: int = 64
+    num_stages: int = 2
+
+
+# Configurations the benchmark sweeps (each one is also checked by tests/gpu/test_kernels_gpu.py).
+SWEEP_CONFIGS = (
+    SkutConfig(64, 32, 8),
+    SkutConfig(64, 16, 8),
+    SkutConfig(32, 32, 4),
+    SkutConfig(32, 16, 4),
+    SkutConfig(128, 32, 8),
+)
+
+
+def choose_config(seq_len: int, packed: PackedEncoder, batch: int | None = None) -> SkutConfig:
+    """Shape-based choice; no device sync.
+
+    With mma.sync every warp holds whole K/V tiles as matrix operands in registers, so key tiles
+    stay narrow (16/32) and wide rows (d_model > 64) use 32-row query tiles (ptxas spills stay
+    small). Measured on H100 (benchmarks/RESULTS.md): 128-row query tiles are fastest for
+    S = 192-2048 up to a few hundred sequences; with thousands of sequences smaller programs
+    (32 rows, 4 warps, fewer registers) keep more of them resident per SM.
+    """
+    f_chunk = 64  # clamped to the padded FFN width at launch
+    if seq_len <= 16:
+        return SkutConfig(16, 16, 4, f_chunk)
+    if packed.d_pad > 64:
+        return SkutConfig(32, 32, 8, f_chunk)
+    if seq_len <= 32:
+        return SkutConfig(32, 16, 4, f_chunk)
+    if batch is not None and batch >= 1024:
+        return SkutConfig(32, 32, 4, f_chunk)
+    if seq_len <= 64:
+        return SkutConfig(64, 32, 8, f_chunk)
+    return SkutConfig(128, 32, 8, f_chunk)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_forward_args(x, packed, key_padding_mask, pool):
+    if not isinstance(packed, PackedEncoder):
+        raise ValueError(
+            f"packed must be a PackedEncoder (see pack_encoder_weights), got {type(packed).__name__}"
+        )
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError(f"x must be a (B, S, d_model) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if x.dtype != packed.dtype:
+        raise ValueError(f"x has dtype {x.dtype} but the weights were packed for {packed.dtype}")
+    if x.shape[2] != packed.d_model:
+        raise ValueError(f"x has d_model={x.shape[2]} but the encoder has d_model={packed.d_model}")
+    if x.device != packed.buffer.device:
+        raise ValueError(f"x is on {x.device} but the packed weights are on {packed.buffer.device}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise ValueError("key_padding_mask must be a bool tensor (True = ignore)")
+        if tuple(key_padding_mask.shape) != tuple(x.shape[:2]):
+            raise ValueError(
+                f"key_padding_mask must have shape {tuple(x.shape[:2])}, got {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != x.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, x on {x.device}")
+    if pool not in POOL_MODES:
+        raise ValueError(f"pool must be one of {POOL_MODES}, got {pool!r}")
+
+
+def skut_forward(
+    x: torch.Tensor,
+    packed: PackedEncoder,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    pool: str | None = None,
+    *,
+    config: SkutConfig | None = None,
+    workspace: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run every layer of the packed encoder on ``x`` (B, S, d_model) in one kernel launch.
+
+    Args:
+        x: (B, S, d_model) activations in the packed dtype.
+        packed: weights from ``pack_encoder_weights``.
+        key_padding_mask: optional (B, S) bool, True = padded key (ignored by attention).
+        causal: each position attends only to itself and earlier positions.
+        pool: None -> (B, S, d) outputs; "max_valid" -> (B, d) max over non-padded positions;
+            "max_all" -> (B, d) max over all S positions.
+        config: tile sizes (default from ``choose_config``).
+        workspace: optional preallocated K/V scratch of at least ``workspace_numel(...)`` elements
+            of the packed dtype (useful under CUDA-graph capture; otherwise allocated per call).
+        out: optional preallocated result ((B, S, d) or, with ``pool``, (B, d)), contiguous.
+    Returns:
+        (B, S, d) or, with ``pool``, (B, d) in x's dtype. Fully masked rows are zeros.
+
+    Runs the Triton kernel on CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``);
+    otherwise ``skut_torch``.
+    """
+    _check_forward_args(x, packed, key_padding_mask, pool)
+    bsz, s, d = x.shape
+    dev = x.device
+    res_shape = (bsz, s, d) if pool is None else (bsz, d)
+    if out is not None and (
+        tuple(out.shape) != res_shape or out.dtype != x.dtype or out.device != dev or not out.is_contiguous()
+    ):
+        raise ValueError(f"out must be a contiguous {res_shape} {x.dtype} tensor on {dev}")
+    if not (x.is_cuda or _interpreting()):
+        res = skut_torch(x, packed, key_padding_mask, causal, pool)
+        return res if out is None else out.copy_(res)
+    if pool is None:
+        act = out if out is not None else torch.empty((bsz, s, d), dtype=x.dtype, device=dev)
+        pooled = act
+    else:
+        pooled = out if out is not None else torch.empty((bsz, d), dtype=x.dtype, device=dev)
+        # Activations between layers need a (B, S, d) buffer; one layer needs none.
+        act = torch.empty((bsz, s, d), dtype=x.dtype, device=dev) if packed.n_layers > 1 else pooled
+    if bsz == 0 or s == 0:
+        if pool is not None:
+            pooled.zero_()
+        return pooled
+    cfg = config or choose_config(s, packed, bsz)
+    for name in ("block_m", "block_n", "f_chunk"):
+        v = getattr(cfg, name)
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"config.{name} must be a power of two >= 16, got {v}")
+    f_chunk = min(cfg.f_chunk, packed.ff_pad)  # both powers of two, so it divides the padded width
+    kv_bufs = 2 if packed.n_layers > 1 else 1
+    need = workspace_numel(bsz, s, packed)
+    if workspace is None:
+        workspace = torch.empty(need, dtype=x.dtype, device=dev)
+    elif workspace.dtype != x.dtype or workspace.numel() < need or workspace.device != dev:
+        raise ValueError(f"workspace must hold >= {need} elements of {x.dtype} on {dev}")
+    x = x.contiguous()
+    mask = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else x
+    with mma_sync_only():
+        compiled = _skut_kernel[(bsz,)](
+            x,
+            act,
+            workspace,
+            mask,
+            packed.mats,
+            packed.vecs,
+            pooled,
+            s,
+            packed.n_layers,
+            D=d,
+            D_P=packed.d_pad,
+            H=packed.n_heads,
+            DH_P=packed.dh_pad,
+            F_P=packed.ff_pad,
+            F_CHUNK=f_chunk,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            CAUSAL=bool(causal),
+            HAS_MASK=key_padding_mask is not None,
+            POOL=POOL_MODES.index(pool),
+            FINAL_NORM=packed.final_norm,
+            KV_BUFS=kv_bufs,
+            PREC="ieee" if x.dtype == torch.float32 else "tf32",
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+    _note_launch(compiled, cfg)
+    return pooled
+
+
+# Registers / spills / shared memory of the last compiled launch (for the benchmark's report).
+last_launch_info: dict = {}
+
+
+def _note_launch(compiled, cfg) -> None:
+    info = {k: getattr(compiled, k, None) for k in ("n_regs", "n_spills")}
+    info["shared"] = getattr(getattr(compiled, "metadata", None), "shared", None)
+    info["config"] = cfg
+    last_launch_info.clear()
+    last_launch_info.update(info)
+
+
+def workspace_numel(batch: int, seq_len: int, packed: PackedEncoder) -> int:
+    """Elements of K/V scratch that ``skut_forward`` needs for a (batch, seq_len) input."""
+    kv_bufs = 2 if packed.n_layers > 1 else 1
+    return batch * kv_bufs * 2 * packed.n_heads * seq_len * packed.dh_pad
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch references
+# --------------------------------------------------------------------------------------------
+def _dead_rows(
+    key_padding_mask: torch.Tensor | None, bsz: int, s: int, causal: bool, device: torch.device
+) -> torch.Tensor:
+    """(B, S) True where a query row can attend to no key."""
+    if key_padding_mask is None:
+        return torch.zeros((bsz, s), dtype=torch.bool, device=device)
+    valid = ~key_padding_mask
+    if causal:
+        return valid.cumsum(dim=1) == 0
+    return (~valid.any(dim=1, keepdim=True)).expand(bsz, s)
+
+
+def _pool(out: torch.Tensor, key_padding_mask: torch.Tensor | None, pool: str | None) -> torch.Tensor:
+    if pool is None:
+        return out
+    if pool == "max_all" or key_padding_mask is None:
+        return out.amax(dim=1) if out.shape[1] else out.new_zeros(out.shape[0], out.shape[2])
+    filled = out.masked_fill(key_padding_mask[..., None], float("-inf"))
+    pooled = filled.amax(dim=1) if out.shape[1] else out.new_full((out.shape[0], out.shape[2]), float("-inf"))
+    return torch.where(torch.isinf(pooled) & (pooled < 0), torch.zeros_like(pooled), pooled)
+
+
+def skut_reference(
+    encoder: nn.TransformerEncoder,
+    x: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    pool: str | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """The definition: the real PyTorch layers (fast path off, eval), in ``dtype``, layer by layer,
+    with fully masked rows set to zero after every layer (they are never keys of other rows).
+
+    Args as ``skut_forward`` but with the ``nn.TransformerEncoder`` itself; ``x`` is (B, S, d).
+    Returns float ``dtype`` outputs.
+    """
+    enc = copy.deepcopy(encoder).to(device=x.device, dtype=dtype).eval()
+    layers = list(enc.layers) if isinstance(enc, nn.TransformerEncoder) else [enc]
+    final = enc.norm if isinstance(enc, nn.TransformerEncoder) else None
+    bsz, s, _ = x.shape
+    h = x.to(dtype)
+    dead = _dead_rows(key_padding_mask, bsz, s, causal, x.device)
+    attn_mask = (
+        torch.triu(torch.ones(s, s, dtype=torch.bool, device=x.device), diagonal=1) if causal else None
+    )
+    kpm = key_padding_mask
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                if not getattr(layer.self_attn, "batch_first", False):
+                    out = layer(h.transpose(0, 1), src_mask=attn_mask, src_key_padding_mask=kpm).transpose(
+                        0, 1
+                    )
+                else:
+                    out = layer(h, src_mask=attn_mask, src_key_padding_mask=kpm)
+                h = torch.where(dead[..., None], torch.zeros((), dtype=dtype, device=x.device), out)
+            if final is not None:
+                h = torch.where(dead[..., None], torch.zeros((), dtype=dtype, device=x.device), final(h))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+    return _pool(h, key_padding_mask, pool)
+
+
+def skut_torch(
+    x: torch.Tensor,
+    packed: PackedEncoder,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    pool: str | None = None,
+) -> torch.Tensor:
+    """PyTorch evaluation of the packed weights (the CPU path); same semantics as the kernel.
+
+    Works from the packed buffer alone (the original module is not needed at run time), in float32
+    on CPU, and returns x's dtype.
+    """
+    _check_forward_args(x, packed, key_padding_mask, pool)
+    bsz, s, d = x.shape
+    h_, dh, f = packed.n_heads, packed.head_dim, packed.d_ff
+    d_p, dh_p, f_p = packed.d_pad, packed.dh_pad, packed.ff_pad
+    lm, lv = _layer_sizes(h_, d_p, dh_p, f_p)
+    mats = packed.mats.float()
+    vecs = packed.vecs.float()
+    hw = h_ * d_p * dh_p
+    y = x.float()
+    dead = _dead_rows(key_padding_mask, bsz, s, causal, x.device)
+    allowed = torch.ones((bsz, 1, s, s), dtype=torch.bool, device=x.device)
+    if key_padding_mask is not None:
+        allowed = allowed & ~key_padding_mask[:, None, None, :]
+    if causal:
+        allowed = allowed & torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+    for li in range(packed.n_layers):
+        mo = mats[li * lm : (li + 1) * lm]
+        vo = vecs[li * lv : (li + 1) * lv]
+        wq, wk, wv = (mo[j * hw : (j + 1) * hw].view(h_, d_p, dh_p)[:, :d, :dh] for j in range(3))
+        wo = mo[3 * hw : 4 * hw].view(h_, dh_p, d_p)[:, :dh, :d]
+        w1 = mo[4 * hw : 4 * hw + d_p * f_p].view(d_p, f_p)[:d, :f]
+        w2 = mo[4 * hw + d_p * f_p :].view(f_p, d_p)[:f, :d]
+        bq, bk, bv = (vo[j * h_ * dh_p : (j + 1) * h_ * dh_p].view(h_, dh_p)[:, :dh] for j in range(3))
+        o = 3 * h_ * dh_p
+        bo, l1w, l1b = vo[o : o + d], vo[o + d_p : o + d_p + d], vo[o + 2 * d_p : o + 2 * d_p + d]
+        o += 3 * d_p
+        b1 = vo[o : o + f]
+        o += f_p
+        b2, l2w, l2b = vo[o : o + d], vo[o + d_p : o + d_p + d], vo[o + 2 * d_p : o + 2 * d_p + d]
+        o += 3 * d_p
+        eps1, eps2 = float(vo[o]), float(vo[o + 1])
+        q = torch.einsum("bsd,hde->bhse", y, wq) + bq[None, :, None, :]
+        k = torch.einsum("bsd,hde->bhse", y, wk) + bk[None, :, None, :]
+        v = torch.einsum("bsd,hde->bhse", y, wv) + bv[None, :, None, :]
+        sc = (q @ k.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))  # base-2 logits
+        p = torch.exp2(sc - sc.amax(dim=-1, keepdim=True).clamp_min(-1e30))
+        p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        att = torch.einsum("bhst,bhte->bhse", p, v)
+        attn = torch.einsum("bhse,hed->bsd", att, wo) + bo
+        y = nn.functional.layer_norm(y + attn, (d,), l1w, l1b, eps1)
+        ff = torch.relu(y @ w1 + b1) @ w2 + b2
+        y = nn.functional.layer_norm(y + ff, (d,), l2w, l2b, eps2)
+    if packed.final_norm:
+        fo = vecs[packed.n_layers * lv :]
+        y = nn.functional.layer_norm(y, (d,), fo[:d], fo[d_p : d_p + d], float(fo[2 * d_p]))
+    y = y.masked_fill(dead[..., None], 0.0)
+    return _pool(y, key_padding_mask, pool).to(x.dtype)

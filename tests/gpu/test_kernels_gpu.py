@@ -1,0 +1,249 @@
+"""GPU checks of the Triton kernels (``pytest -m gpu``): the CPU grid plus production shapes, every
+tile configuration the kernels may choose, bf16, and CUDA-graph capture; errors are measured
+against float64 references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+import runtime.kernels.nn_select as nn_mod  # noqa: E402
+import runtime.kernels.skut as sk  # noqa: E402
+from transact.selection import nn_select_reference  # noqa: E402
+
+DEV = "cuda"
+SKUT_TOL = {torch.float32: (1e-4, 1e-3), torch.float16: (5e-3, 2e-2), torch.bfloat16: (3e-2, 1.5e-1)}
+NN_TOL = 2e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# skut
+# ----------------------------------------------------------------------------------------------
+def make_encoder(d, h, f, n_layers, seed=0, batch_first=True, final_norm=False):
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(d, h, f, dropout=0.0, batch_first=batch_first)
+    enc = nn.TransformerEncoder(
+        layer, n_layers, norm=nn.LayerNorm(d) if final_norm else None, enable_nested_tensor=False
+    )
+    with torch.no_grad():
+        for name, p in enc.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif p.dim() == 1:
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+    return enc.eval()
+
+
+def make_mask(bsz, s, seed=1, dead=False):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.rand(bsz, s, generator=g) < 0.25
+    m[:, 0] = False
+    if dead:
+        m[0, : min(3, s)] = True
+        m[-1, :] = True
+    return m
+
+
+def skut_case(s, d, h, f, n_layers, causal, masked, pool, dtype, bsz=3, config=None, dead=False, seed=0):
+    enc = make_encoder(d, h, f, n_layers, seed=seed + s + d).to(DEV)
+    x = torch.randn(bsz, s, d, device=DEV)
+    mask = make_mask(bsz, s, seed=s, dead=dead).to(DEV) if masked else None
+    packed = sk.pack_encoder_weights(enc, dtype)
+    shape = (bsz, s, d) if pool is None else (bsz, d)
+    out = torch.full(shape, float("nan"), dtype=dtype, device=DEV)
+    sk.skut_forward(x.to(dtype), packed, mask, causal, pool, config=config, out=out)
+    torch.cuda.synchronize()
+    ref = sk.skut_reference(enc, x, mask, causal, pool)
+    out = out.double()
+    assert not torch.isnan(out).any()
+    err = ((out - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+    rel_tol, abs_tol = SKUT_TOL[dtype]
+    assert err <= rel_tol, f"relative error {err:.3e}"
+    assert (out - ref).abs().max().item() <= abs_tol
+    return out, ref
+
+
+SKUT_GRID = [
+    (1, 32, 4, 16, 2, True, True, None, torch.float32),
+    (5, 64, 1, 32, 2, True, True, None, torch.float16),
+    (17, 96, 2, 32, 2, False, True, "max_all", torch.float16),
+    (33, 64, 1, 32, 2, True, True, "max_valid", torch.float16),
+    (33, 48, 3, 24, 1, False, False, None, torch.float32),
+    (17, 128, 4, 256, 1, True, False, None, torch.float16),
+    (70, 32, 2, 64, 3, True, True, None, torch.float32),
+    (45, 40, 2, 20, 2, False, True, "max_valid", torch.float32),
+    (9, 64, 2, 16, 2, True, True, "max_all", torch.bfloat16),
+    # production shapes
+    (192, 64, 1, 32, 2, True, True, None, torch.float16),  # V2 (B=256 in the benchmark)
+    (192, 64, 1, 32, 2, True, True, "max_valid", torch.float16),
+    (100, 96, 2, 32, 2, False, True, "max_all", torch.float16),  # V1
+    (2048, 64, 1, 32, 2, True, True, None, torch.float16),
+    (300, 128, 4, 256, 4, True, True, None, torch.float16),
+]
+
+
+@pytest.mark.parametrize("s,d,h,f,n_layers,causal,masked,pool,dtype", SKUT_GRID)
+def test_skut_grid(s, d, h, f, n_layers, causal, masked, pool, dtype):
+    skut_case(s, d, h, f, n_layers, causal, masked, pool, dtype)
+
+
+# Every configuration choose_config can return (the benchmark checks each config it sweeps itself).
+SKUT_CONFIGS = sorted(
+    {
+        sk.choose_config(s, sk.pack_encoder_weights(make_encoder(d, 2, 32, 1), torch.float16), batch)
+        for s in (1, 16, 17, 33, 192, 2048)
+        for d in (32, 64, 96, 128)
+        for batch in (None, 4096)
+    },
+    key=lambda c: (c.block_m, c.block_n, c.num_warps, c.num_stages, c.f_chunk),
+)
+
+
+@pytest.mark.parametrize("config", SKUT_CONFIGS, ids=str)
+@pytest.mark.parametrize("d,h,f", [(64, 1, 32), (96, 2, 64), (128, 4, 256)])
+def test_skut_every_config(config, d, h, f):
+    if config.f_chunk > sk._pad_dim(f):
+        config = sk.SkutConfig(
+            config.block_m, config.block_n, config.num_warps, sk._pad_dim(f), config.num_stages
+        )
+    for s in (37, 200):
+        skut_case(s, d, h, f, 2, True, True, None, torch.float16, bsz=4, config=config, seed=1)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_skut_fully_masked_rows(causal):
+    for pool in (None, "max_valid", "max_all"):
+        out, _ = skut_case(17, 32, 2, 32, 2, causal, True, pool, torch.float32, dead=True)
+        if pool is None:
+            assert (out[-1] == 0).all()
+
+
+def test_skut_cuda_graph():
+    enc = make_encoder(64, 1, 32, 2).to(DEV)
+    packed = sk.pack_encoder_weights(enc, torch.float16)
+    bsz, s = 8, 150
+    x = torch.randn(bsz, s, 64, device=DEV).half()
+    mask = make_mask(bsz, s).to(DEV)
+    ws = torch.empty(sk.workspace_numel(bsz, s, packed), dtype=torch.float16, device=DEV)
+    out = torch.empty(bsz, 64, dtype=torch.float16, device=DEV)
+    sk.skut_forward(x, packed, mask, True, "max_valid", workspace=ws, out=out)  # compile outside capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        sk.skut_forward(x, packed, mask, True, "max_valid", workspace=ws, out=out)
+    x.copy_(torch.randn_like(x))
+    mask.copy_(make_mask(bsz, s, seed=5).to(DEV))
+    g.replay()
+    torch.cuda.synchronize()
+    ref = sk.skut_reference(enc, x.float(), mask, True, "max_valid")
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 5e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# nn_select
+# ----------------------------------------------------------------------------------------------
+def nn_inputs(lengths, n_per_user, dtype=torch.float16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    seq = torch.randint(-127, 128, (total, 32), generator=g, dtype=torch.int8)
+    starts = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)[:-1].tolist()), dtype=torch.int64)
+    lens = torch.tensor(lengths, dtype=torch.int64)
+    users = torch.arange(len(lengths)).repeat_interleave(torch.tensor(n_per_user))
+    cand = torch.randn(users.numel(), 32, generator=g).to(dtype)
+    return seq, starts, lens, cand, users
+
+
+def nn_check(inputs, k, config=None, idx_dtype=torch.int64):
+    seq, starts, lens, cand, users = inputs
+    n = cand.shape[0]
+    idx = torch.full((n, k), -7, dtype=idx_dtype, device=DEV)
+    scores = torch.full((n, k), float("nan"), device=DEV)
+    nn_mod.nn_select(*(t.to(DEV) for t in inputs), k, idx_dtype=idx_dtype, config=config, out=(idx, scores))
+    torch.cuda.synchronize()
+    idx, scores = idx.cpu().long(), scores.cpu()
+    ref_idx, ref_scores = nn_select_reference(seq, starts, lens, cand, users, k)
+    assert not (idx == -7).any() and not torch.isnan(scores).any()
+    assert torch.equal(idx == -1, ref_idx == -1)
+    fin = ~torch.isinf(ref_scores)
+    if fin.any():
+        assert (scores.double()[fin] - ref_scores[fin]).abs().max().item() <= NN_TOL
+    bad = (idx != ref_idx).nonzero().tolist()
+    if bad:  # allowed only between near-equal scores
+        c = cand.double()
+        c = c / c.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        for i, j in bad:
+            u = int(users[i])
+            row = seq[int(starts[u]) + int(idx[i, j])].double()
+            s = (row @ c[i]) / row.norm().clamp_min(1e-12)
+            assert abs(s.item() - ref_scores[i, j].item()) <= NN_TOL
+    for i in range(idx.shape[0]):
+        v = idx[i][idx[i] >= 0]
+        assert v.unique().numel() == v.numel()
+
+
+NN_GRID = [
+    ([1], [1], 1),
+    ([5], [3], 8),
+    ([17], [2], 4),
+    ([33], [1], 40),
+    ([5, 17, 0, 33], [3, 1, 2, 4], 8),
+    ([0, 0], [2, 1], 3),
+    ([65, 1, 20], [5, 6, 7], 16),
+    # production shapes
+    ([16000], [256], 64),
+    ([16000] * 64, [4] * 64, 64),
+    ([3000] * 40, [7] * 40, 96),
+    ([500, 20000], [300, 200], 32),
+]
+
+
+@pytest.mark.parametrize("lengths,n_per_user,k", NN_GRID, ids=lambda v: str(v)[:40])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_nn_select_grid(lengths, n_per_user, k, dtype):
+    nn_check(nn_inputs(lengths, n_per_user, dtype, seed=k), k)
+
+
+def test_nn_select_100k():
+    nn_check(nn_inputs([100_000] * 8, [4] * 8, seed=1), 64)
+
+
+# (k, block_n): every (k_pad, block_n) pair choose_config can pick; splits are a run-time argument.
+NN_CONFIG_KB = [(16, 16), (16, 32), (16, 64), (64, 16), (64, 32), (64, 64), (96, 16), (96, 32), (200, 16)]
+
+
+@pytest.mark.parametrize("k,block_n", NN_CONFIG_KB)
+@pytest.mark.parametrize("splits,use_tau", [(1, False), (7, False), (33, True)])
+def test_nn_select_every_config(k, block_n, splits, use_tau):
+    k_pad = max(16, 1 << (k - 1).bit_length())
+    gps = min(k_pad, max(2, 1 << (math.ceil(2 * k_pad / splits) - 1).bit_length()))
+    cfg = nn_mod.NNSelectConfig(block_n, k_pad, splits, use_tau, 4 if block_n * k_pad <= 4096 else 8, gps)
+    nn_check(nn_inputs([3000, 700, 0, 5], [40, 9, 3, 2], seed=block_n + splits), k, cfg)
+
+
+def test_nn_select_auto_configs_and_graph():
+    for lengths, n_per_user in (([16000], [256]), ([16000] * 64, [4] * 64)):
+        inputs = nn_inputs(lengths, n_per_user, seed=2)
+        nn_check(inputs, 64, idx_dtype=torch.int32)
+        dev_inputs = [t.to(DEV) for t in inputs]
+        n = inputs[3].shape[0]
+        idx = torch.empty((n, 64), dtype=torch.int64, device=DEV)
+        scores = torch.empty((n, 64), device=DEV)
+        nn_mod.nn_select(*dev_inputs, 64, out=(idx, scores))
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            nn_mod.nn_select(*dev_inputs, 64, out=(idx, scores))
+        new_cand = torch.randn(dev_inputs[3].shape, device=DEV).to(dev_inputs[3].dtype)
+        dev_inputs[3].copy_(new_cand)
+        g.replay()
+        torch.cuda.synchronize()
+        ref_idx, _ = nn_select_reference(inputs[0], inputs[1], inputs[2], new_cand.cpu(), inputs[4], 64)
+        assert (idx.cpu() == ref_idx).float().mean().item() > 0.999

@@ -1,0 +1,273 @@
+"""The fused NN-selection kernel against the float64 reference, under TRITON_INTERPRET=1 on the CPU.
+
+Shapes are small (the interpreter runs every program in Python) but cover: lengths that are not
+multiples of 16, one token, k above the length, empty users, one and several users, candidates of
+different users in one block, ties (duplicate rows: the more recent must win), zero rows and
+candidates, fp16 / fp32 / bf16 / int8 candidates, every code path (one pass, split + merge,
+prefilter) and the argument checks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import runtime.kernels.nn_select as nn_mod  # noqa: E402
+from transact.selection import nn_select_reference  # noqa: E402
+
+if (
+    os.environ.get("TRITON_INTERPRET") == "1"
+    and type(nn_mod._nn_collect_kernel).__name__ != "InterpretedFunction"
+):
+    nn_mod = importlib.reload(nn_mod)  # imported earlier without the interpreter: decorate again
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = 2e-5  # our scores are fp32-accurate (hi/lo fp16 split), the reference is float64
+
+
+def make_inputs(lengths, n_per_user, dtype=torch.float16, seed=0, d=32):
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    seq = torch.randint(-127, 128, (total, d), generator=g, dtype=torch.int8)
+    starts = torch.tensor([sum(lengths[:i]) for i in range(len(lengths))], dtype=torch.int64)
+    lens = torch.tensor(lengths, dtype=torch.int64)
+    users = torch.arange(len(lengths)).repeat_interleave(torch.tensor(n_per_user))
+    if dtype == torch.int8:
+        cand = torch.randint(-127, 128, (users.numel(), d), generator=g, dtype=torch.int8)
+    else:
+        cand = torch.randn(users.numel(), d, generator=g).to(dtype)
+    return seq, starts, lens, cand, users
+
+
+def full_scores(seq, starts, lengths, cand, users):
+    """float64 cosine of every candidate against every row of its user (for near-tie checks)."""
+    out = []
+    c = cand.double()
+    c = c / c.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    for i in range(cand.shape[0]):
+        u = int(users[i])
+        rows = seq[int(starts[u]) : int(starts[u]) + int(lengths[u])].double()
+        rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        out.append(rows @ c[i])
+    return out
+
+
+def assert_matches_reference(idx, scores, inputs, k):
+    seq, starts, lens, cand, users = inputs
+    ref_idx, ref_scores = nn_select_reference(seq, starts, lens, cand, users, k)
+    idx, scores = idx.cpu().long(), scores.cpu()
+    assert not torch.isnan(scores).any(), "unwritten (NaN-poisoned) score"
+    assert torch.equal(idx == -1, ref_idx == -1), "padding slots differ"
+    assert torch.equal(torch.isinf(scores), torch.isinf(ref_scores)), "-inf slots differ"
+    fin = ~torch.isinf(ref_scores)
+    if fin.any():
+        assert (scores.double()[fin] - ref_scores[fin]).abs().max().item() <= TOL
+    # A different index is allowed only where the reference scores of both picks are within TOL.
+    full = full_scores(seq, starts, lens, cand, users)
+    diff = (idx != ref_idx).nonzero().tolist()
+    for i, j in diff:
+        assert abs(full[i][idx[i, j]].item() - ref_scores[i, j].item()) <= TOL, (i, j)
+    # and every row is a set of distinct positions
+    for i in range(idx.shape[0]):
+        v = idx[i][idx[i] >= 0]
+        assert v.unique().numel() == v.numel(), f"duplicate positions in row {i}"
+
+
+def brute_force(seq, starts, lengths, cand, users, k):
+    """Exactly rounded cosine (math.fsum) per row, so identical rows tie exactly; then the rule:
+    score desc, position desc. (A BLAS matmul may round identical rows differently.)"""
+    idx = torch.full((cand.shape[0], k), -1, dtype=torch.int64)
+    for i in range(cand.shape[0]):
+        c = [float(v) for v in cand[i]]
+        cn = math.sqrt(math.fsum(v * v for v in c))
+        u = int(users[i])
+        rows = []
+        for p in range(int(lengths[u])):
+            q = [float(v) for v in seq[int(starts[u]) + p]]
+            qn = math.sqrt(math.fsum(v * v for v in q))
+            s = 0.0 if qn == 0 or cn == 0 else math.fsum(a * b for a, b in zip(q, c, strict=True)) / (qn * cn)
+            rows.append((s, p))
+        rows.sort(key=lambda t: (-t[0], -t[1]))
+        for j, (_, p) in enumerate(rows[:k]):
+            idx[i, j] = p
+    return idx
+
+
+def run_kernel(inputs, k, config=None, idx_dtype=torch.int64):
+    seq, starts, lens, cand, users = (t.to(DEV) for t in inputs)
+    n = cand.shape[0]
+    idx = torch.full((n, k), -7, dtype=idx_dtype, device=DEV)  # poison
+    scores = torch.full((n, k), float("nan"), dtype=torch.float32, device=DEV)
+    nn_mod.nn_select(seq, starts, lens, cand, users, k, idx_dtype=idx_dtype, config=config, out=(idx, scores))
+    assert not (idx == -7).any(), "unwritten index"
+    return idx, scores
+
+
+# Small grid of shapes and automatic configurations.
+GRID = [
+    # lengths, candidates per user, k, candidate dtype
+    ([1], [1], 1, torch.float16),
+    ([5], [3], 8, torch.float32),
+    ([17], [2], 4, torch.float16),
+    ([33], [1], 40, torch.float32),  # k > length, K padded to 64
+    ([5, 17, 0, 33], [3, 1, 2, 4], 8, torch.float16),  # an empty user, users sharing a block
+    ([0, 0], [2, 1], 3, torch.float32),  # nobody has actions
+    ([65, 1, 20], [5, 6, 7], 16, torch.float16),
+    ([40, 9], [2, 3], 5, torch.int8),
+    ([23], [4], 6, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("lengths,n_per_user,k,dtype", GRID)
+def test_grid_matches_reference(lengths, n_per_user, k, dtype):
+    inputs = make_inputs(lengths, n_per_user, dtype, seed=len(lengths) * 100 + k)
+    idx, scores = run_kernel(inputs, k)
+    assert_matches_reference(idx, scores, inputs, k)
+
+
+# Every code path: one pass, split + merge (with and without the prefilter), and several block sizes.
+CONFIGS = [
+    # block_n, k_pad, splits, use_tau, groups_per_split
+    (16, 16, 1, False, 16),
+    (32, 16, 3, False, 8),
+    (16, 16, 4, True, 8),
+    (16, 32, 2, True, 16),
+    (64, 16, 2, True, 16),
+]
+
+
+@pytest.mark.parametrize("block_n,k_pad,splits,use_tau,gps", CONFIGS)
+def test_every_path(block_n, k_pad, splits, use_tau, gps):
+    k = 12
+    inputs = make_inputs([150, 37, 3], [5, 9, 2], torch.float16, seed=block_n + splits)
+    cfg = nn_mod.NNSelectConfig(
+        block_n=block_n, k_pad=k_pad, splits=splits, use_tau=use_tau, num_warps=4, groups_per_split=gps
+    )
+    idx, scores = run_kernel(inputs, k, cfg)
+    assert_matches_reference(idx, scores, inputs, k)
+
+
+def test_prefilter_large_k():
+    """k = 64 (the production K) with the prefilter and a split merge."""
+    k = 64
+    inputs = make_inputs([260], [16], torch.float16, seed=3)
+    cfg = nn_mod.NNSelectConfig(
+        block_n=16, k_pad=64, splits=2, use_tau=True, num_warps=4, groups_per_split=64
+    )
+    idx, scores = run_kernel(inputs, k, cfg)
+    assert_matches_reference(idx, scores, inputs, k)
+
+
+@pytest.mark.parametrize("splits,use_tau", [(1, False), (3, False), (2, True)])
+def test_ties_prefer_recent(splits, use_tau):
+    """Duplicated rows give bit-identical scores: the larger position must come first, exactly."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.randint(-127, 128, (6, 32), generator=g, dtype=torch.int8)
+    pick = torch.randint(0, 6, (70,), generator=g)
+    seq = base[pick]  # 70 rows, each one of 6 distinct vectors: many exact ties
+    seq[10] = 0  # a zero row scores 0
+    seq[50] = 0
+    starts = torch.tensor([0])
+    lens = torch.tensor([70])
+    cand = torch.randn(5, 32, generator=g).half()
+    cand[4] = 0  # a zero candidate: every score 0, so pure recency order
+    users = torch.zeros(5, dtype=torch.int64)
+    k = 20
+    cfg = nn_mod.NNSelectConfig(
+        block_n=16, k_pad=32, splits=splits, use_tau=use_tau, num_warps=4, groups_per_split=16
+    )
+    inputs = (seq, starts, lens, cand, users)
+    idx, scores = run_kernel(inputs, k, cfg)
+    assert_matches_reference(idx, scores, inputs, k)
+    assert torch.equal(idx.cpu().long(), brute_force(*inputs, k))
+    assert idx[4].tolist() == list(range(69, 49, -1))
+    assert (scores[4] == 0).all()
+
+
+def test_int32_indices_and_unordered_users():
+    """Candidates of different users interleaved, int32 output."""
+    inputs = make_inputs([30, 18, 7], [4, 4, 4], torch.float32, seed=5)
+    seq, starts, lens, cand, users = inputs
+    perm = torch.randperm(users.numel(), generator=torch.Generator().manual_seed(0))
+    inputs = (seq, starts, lens, cand[perm], users[perm])
+    idx, scores = run_kernel(inputs, 9, idx_dtype=torch.int32)
+    assert idx.dtype == torch.int32
+    assert_matches_reference(idx, scores, inputs, 9)
+
+
+def test_torch_fallback_matches_reference():
+    inputs = make_inputs([5, 17, 0, 33, 1], [3, 1, 2, 4, 2], torch.float16, seed=9)
+    idx, scores = nn_mod.nn_select_torch(*inputs, 10)
+    assert_matches_reference(idx, scores, inputs, 10)
+    g = torch.Generator().manual_seed(4)
+    seq = torch.randint(-127, 128, (4, 32), generator=g, dtype=torch.int8)[
+        torch.randint(0, 4, (50,), generator=g)
+    ]
+    tie_inputs = (
+        seq,
+        torch.tensor([0]),
+        torch.tensor([50]),
+        torch.randn(6, 32, generator=g),
+        torch.zeros(6, dtype=torch.int64),
+    )
+    idx, _ = nn_mod.nn_select_torch(*tie_inputs, 30)
+    assert torch.equal(idx, brute_force(*tie_inputs, 30))
+
+
+def test_zero_candidates():
+    seq, starts, lens, _, _ = make_inputs([10], [1])
+    idx, scores = nn_mod.nn_select(
+        seq, starts, lens, torch.randn(0, 32).half(), torch.zeros(0, dtype=torch.int64), 4
+    )
+    assert idx.shape == (0, 4) and scores.shape == (0, 4)
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(seq=torch.zeros(4, 32)), "seq"),
+        (dict(starts=torch.zeros(2, 2, dtype=torch.int64)), "starts"),
+        (dict(lengths=torch.zeros(3, dtype=torch.int64)), "starts and lengths"),
+        (dict(cand=torch.zeros(3, 16)), "cand has D"),
+        (dict(cand=torch.zeros(3, 32, dtype=torch.float64)), "cand must"),
+        (dict(cand_user=torch.zeros(2, dtype=torch.int64)), "cand_user"),
+        (dict(cand_user=torch.zeros(3)), "cand_user"),
+        (dict(k=0), "k must"),
+    ],
+)
+def test_argument_checks(bad, match):
+    args = dict(
+        seq=torch.ones(4, 32, dtype=torch.int8),
+        starts=torch.zeros(1, dtype=torch.int64),
+        lengths=torch.ones(1, dtype=torch.int64),
+        cand=torch.ones(3, 32),
+        cand_user=torch.zeros(3, dtype=torch.int64),
+        k=2,
+    )
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        nn_mod.nn_select(**args)
+
+
+def test_kernel_k_limit():
+    seq, starts, lens, cand, users = make_inputs([300], [2])
+    with pytest.raises(ValueError, match="k must be <= 256"):
+        nn_mod.nn_select(seq, starts, lens, cand, users, 257)
+
+
+def test_config_is_shape_only():
+    """The automatic choice depends on shapes alone and always yields valid block sizes."""
+    for n, u, t, k in [(1, 1, 1, 1), (256, 1, 16000, 64), (256, 64, 64 * 100000, 64), (5000, 100, 10**6, 96)]:
+        cfg = nn_mod.choose_config(n, u, t, k, torch.device("cpu"))
+        assert cfg.k_pad >= k and cfg.k_pad & (cfg.k_pad - 1) == 0
+        assert cfg.block_n >= 16 and cfg.splits >= 1
+        assert cfg.k_pad % cfg.groups_per_split == 0

@@ -1,0 +1,254 @@
+"""The single-launch transformer kernel against the real nn.TransformerEncoder (float64), under
+TRITON_INTERPRET=1 on the CPU.
+
+Covers sequence lengths that are not multiples of 16 (1, 5, 17, 33, 45, 70), d_model 32-128 with
+padding (40, 48, 96), 1-4 heads (head dim 8 padded to 16), FFN 16-256, 1-3 layers, causal and
+key-padding masks, fully masked rows (zeros, never NaN), both pooling epilogues, a final norm,
+batch_first=False encoders, fp16 / bf16 / fp32, every tile configuration, and the argument checks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+from torch import nn
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import runtime.kernels.skut as sk  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1" and type(sk._skut_kernel).__name__ != "InterpretedFunction":
+    sk = importlib.reload(sk)  # imported earlier without the interpreter: decorate again
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# (relative norm error, max abs error) against the float64 reference; outputs are O(1) after LayerNorm.
+TOL = {torch.float32: (1e-4, 1e-3), torch.float16: (5e-3, 2e-2), torch.bfloat16: (3e-2, 1.5e-1)}
+
+
+def make_encoder(d, h, f, n_layers, seed=0, batch_first=True, final_norm=False):
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(d, h, f, dropout=0.0, batch_first=batch_first, layer_norm_eps=1e-5)
+    enc = nn.TransformerEncoder(
+        layer, n_layers, norm=nn.LayerNorm(d, eps=1e-6) if final_norm else None, enable_nested_tensor=False
+    )
+    with torch.no_grad():  # distinct, non-trivial weights in every layer (LayerNorm included)
+        for name, p in enc.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif p.dim() == 1:
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+    return enc.eval()
+
+
+def make_mask(bsz, s, causal, seed=1, dead=False):
+    """25% random key padding; position 0 kept valid (as the models do), unless ``dead``, which
+    also pads the first 3 positions of sequence 0 and every position of the last sequence."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.rand(bsz, s, generator=g) < 0.25
+    m[:, 0] = False
+    if dead:
+        m[0, : min(3, s)] = True
+        m[-1, :] = True
+    return m
+
+
+def check(out, ref, dtype):
+    out = out.double().cpu()
+    assert not torch.isnan(out).any(), "NaN (or unwritten poisoned) output"
+    rel_tol, abs_tol = TOL[dtype]
+    err = (out - ref).norm() / ref.norm().clamp_min(1e-12)
+    assert err.item() <= rel_tol, f"relative error {err.item():.3e} > {rel_tol}"
+    assert (out - ref).abs().max().item() <= abs_tol
+
+
+def run_kernel(enc, x, mask, causal, pool, dtype, config=None):
+    packed = sk.pack_encoder_weights(enc, dtype, device=DEV)
+    bsz, s, d = x.shape
+    shape = (bsz, s, d) if pool is None else (bsz, d)
+    out = torch.full(shape, float("nan"), dtype=dtype, device=DEV)  # poison
+    res = sk.skut_forward(
+        x.to(DEV, dtype), packed, None if mask is None else mask.to(DEV), causal, pool, config=config, out=out
+    )
+    assert res.data_ptr() == out.data_ptr()
+    return res
+
+
+GRID = [
+    # S, d, heads, ffn, layers, causal, mask, pool, dtype
+    (1, 32, 4, 16, 2, True, True, None, torch.float32),  # head dim 8 -> padded to 16
+    (5, 64, 1, 32, 2, True, True, None, torch.float16),  # the V2 shape
+    (17, 96, 2, 32, 2, False, True, "max_all", torch.float16),  # the V1 shape (d padded to 128)
+    (33, 64, 1, 32, 2, True, True, "max_valid", torch.float16),
+    (33, 48, 3, 24, 1, False, False, None, torch.float32),
+    (17, 128, 4, 256, 1, True, False, None, torch.float16),
+    (70, 32, 2, 64, 3, True, True, None, torch.float32),  # several query tiles
+    (45, 40, 2, 20, 2, False, True, "max_valid", torch.float32),
+    pytest.param(
+        9,
+        64,
+        2,
+        16,
+        2,
+        True,
+        True,
+        "max_all",
+        torch.bfloat16,
+        marks=pytest.mark.skipif(DEV == "cpu", reason="the Triton 3.9 interpreter mis-computes bf16 tl.dot"),
+    ),
+]
+
+
+@pytest.mark.parametrize("s,d,h,f,n_layers,causal,masked,pool,dtype", GRID)
+def test_grid_matches_pytorch(s, d, h, f, n_layers, causal, masked, pool, dtype):
+    bsz = 3
+    enc = make_encoder(d, h, f, n_layers, seed=s + d)
+    x = torch.randn(bsz, s, d, generator=torch.Generator().manual_seed(s))
+    mask = make_mask(bsz, s, causal, seed=s) if masked else None
+    out = run_kernel(enc, x, mask, causal, pool, dtype)
+    check(out, sk.skut_reference(enc, x, mask, causal, pool), dtype)
+
+
+CONFIGS = [
+    sk.SkutConfig(16, 16, 4, 16),
+    sk.SkutConfig(16, 32, 4, 32),
+    sk.SkutConfig(32, 16, 4, 64),
+    sk.SkutConfig(32, 32, 8, 64),
+    sk.SkutConfig(64, 16, 8, 64),
+    sk.SkutConfig(64, 32, 8, 64),
+    sk.SkutConfig(128, 32, 8, 64),
+]
+
+
+@pytest.mark.parametrize(
+    "config", CONFIGS, ids=lambda c: f"m{c.block_m}n{c.block_n}w{c.num_warps}f{c.f_chunk}"
+)
+def test_every_tile_config(config):
+    s, d, h, f = 45, 64, 2, 64
+    enc = make_encoder(d, h, f, 2, seed=7)
+    x = torch.randn(2, s, d, generator=torch.Generator().manual_seed(3))
+    mask = make_mask(2, s, True, seed=4)
+    out = run_kernel(enc, x, mask, True, None, torch.float32, config)
+    check(out, sk.skut_reference(enc, x, mask, True), torch.float32)
+
+
+def test_auto_configs_are_in_the_tested_set():
+    for d in (32, 64, 96, 128):
+        packed = sk.pack_encoder_weights(make_encoder(d, 2, 32, 1), torch.float16)
+        for s in (1, 5, 16, 17, 32, 33, 100, 192, 2048):
+            cfg = sk.choose_config(s, packed)
+            assert (cfg.block_m, cfg.block_n) in {(c.block_m, c.block_n) for c in CONFIGS}
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("pool", [None, "max_valid", "max_all"])
+def test_fully_masked_rows_are_zero(causal, pool):
+    s, d = 17, 32
+    enc = make_encoder(d, 2, 32, 2, seed=5)
+    x = torch.randn(3, s, d, generator=torch.Generator().manual_seed(8))
+    mask = make_mask(3, s, causal, seed=9, dead=True)
+    out = run_kernel(enc, x, mask, causal, pool, torch.float32)
+    ref = sk.skut_reference(enc, x, mask, causal, pool)
+    check(out, ref, torch.float32)
+    out = out.cpu()
+    if pool is None:
+        assert (out[-1] == 0).all()  # nothing valid at all
+        if causal:
+            assert (out[0, :3] == 0).all() and (out[0, 3:].abs().sum(-1) > 0).all()
+    elif pool == "max_valid":
+        assert (out[-1] == 0).all()
+
+
+def test_final_norm_and_sequence_first_encoder():
+    enc = make_encoder(64, 2, 48, 2, seed=11, batch_first=False, final_norm=True)
+    x = torch.randn(2, 21, 64, generator=torch.Generator().manual_seed(12))
+    mask = make_mask(2, 21, True, seed=13)
+    out = run_kernel(enc, x, mask, True, None, torch.float16)
+    check(out, sk.skut_reference(enc, x, mask, True), torch.float16)
+
+
+def test_torch_path_matches_reference():
+    """The pure PyTorch path (used on CPU without the interpreter) computes the same function."""
+    enc = make_encoder(96, 2, 32, 2, seed=2)
+    x = torch.randn(4, 19, 96, generator=torch.Generator().manual_seed(2))
+    mask = make_mask(4, 19, True, seed=2, dead=True)
+    packed = sk.pack_encoder_weights(enc, torch.float32)
+    for pool in (None, "max_valid", "max_all"):
+        check(
+            sk.skut_torch(x, packed, mask, True, pool),
+            sk.skut_reference(enc, x, mask, True, pool),
+            torch.float32,
+        )
+
+
+def test_reference_is_pytorch_where_nothing_is_fully_masked():
+    enc = make_encoder(32, 2, 16, 2, seed=6)
+    x = torch.randn(2, 9, 32)
+    mask = make_mask(2, 9, False)
+    ref = sk.skut_reference(enc, x, mask, False, dtype=torch.float32)
+    with torch.no_grad():
+        plain = enc(x, src_key_padding_mask=mask)
+    torch.testing.assert_close(ref, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_inputs_and_workspace():
+    enc = make_encoder(32, 1, 16, 2)
+    packed = sk.pack_encoder_weights(enc, torch.float32, device=DEV)
+    assert sk.skut_forward(torch.randn(0, 5, 32, device=DEV), packed).shape == (0, 5, 32)
+    pooled = sk.skut_forward(torch.randn(2, 0, 32, device=DEV), packed, pool="max_all")
+    assert pooled.shape == (2, 32) and (pooled == 0).all()
+    x = torch.randn(2, 7, 32, device=DEV)
+    ws = torch.empty(sk.workspace_numel(2, 7, packed), dtype=torch.float32, device=DEV)
+    check(sk.skut_forward(x, packed, workspace=ws), sk.skut_reference(enc, x.cpu()), torch.float32)
+    with pytest.raises(ValueError, match="workspace"):
+        sk.skut_forward(x, packed, workspace=ws[:10])
+
+
+def test_argument_checks():
+    enc = make_encoder(32, 2, 16, 1)
+    packed = sk.pack_encoder_weights(enc, torch.float16)
+    x = torch.randn(2, 5, 32).half()
+    with pytest.raises(ValueError, match="x has dtype"):
+        sk.skut_forward(x.float(), packed)
+    with pytest.raises(ValueError, match="d_model"):
+        sk.skut_forward(torch.randn(2, 5, 16).half(), packed)
+    with pytest.raises(ValueError, match="x must be"):
+        sk.skut_forward(torch.randn(5, 32).half(), packed)
+    with pytest.raises(ValueError, match="key_padding_mask must be a bool"):
+        sk.skut_forward(x, packed, key_padding_mask=torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        sk.skut_forward(x, packed, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="pool"):
+        sk.skut_forward(x, packed, pool="mean")
+    with pytest.raises(ValueError, match="packed"):
+        sk.skut_forward(x, enc)
+    with pytest.raises(ValueError, match="norm_first"):
+        sk.pack_encoder_weights(
+            nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(32, 2, 16, norm_first=True), 1, enable_nested_tensor=False
+            )
+        )
+    with pytest.raises(ValueError, match="ReLU"):
+        sk.pack_encoder_weights(nn.TransformerEncoderLayer(32, 2, 16, activation="gelu"))
+    with pytest.raises(ValueError, match="d_model"):
+        sk.pack_encoder_weights(nn.TransformerEncoderLayer(160, 2, 16))
+    with pytest.raises(ValueError, match="dtype"):
+        sk.pack_encoder_weights(enc, torch.float64)
+
+
+def test_packing_is_one_buffer():
+    enc = make_encoder(96, 2, 32, 2)
+    packed = sk.pack_encoder_weights(enc, torch.float16)
+    base = packed.buffer.data_ptr()
+    end = base + packed.buffer.numel()
+    for view in (packed.mats, packed.vecs):
+        assert base <= view.data_ptr() and view.data_ptr() + view.numel() * view.element_size() <= end
+    moved = packed.to("cpu")
+    assert torch.equal(moved.mats, packed.mats) and torch.equal(moved.vecs, packed.vecs)

@@ -1,0 +1,194 @@
+"""Parity of the exported graphs with the eager model; the checker itself must be able to fail."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from test_export_bundle import small_bundle_dir, small_config
+
+from export.bundle import ParityError, export_bundle, load_bundle
+from export.commands import parity_cmd
+from export.onnx_export import EXAMPLE_N, EXAMPLE_R, EXAMPLE_WIDTH, pad_batch
+from export.parity import (
+    PROB_ATOL,
+    BackendOutput,
+    eager_backend,
+    parity_cases,
+    run_parity,
+    spearman,
+)
+from transact.batch import INPUT_NAMES
+from transact.checkpoint import save_checkpoint
+from transact.config import ModelConfig
+from transact.data.random_batch import random_batch
+from transact.model import RankingModel
+
+EDGE_CASES = {"n1", "n7", "n256", "empty", "empty-mixed", "short", "rt-under-r", "max", "ties", "future"}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    return load_bundle(small_bundle_dir(tmp_path_factory))
+
+
+@pytest.fixture(scope="module")
+def report(bundle):  # noqa: ANN001, ANN201
+    return run_parity(bundle, random_cases=4, seed=3)
+
+
+def test_onnx_matches_eager_on_every_case(report) -> None:  # noqa: ANN001
+    names = {c["name"] for c in report.cases}
+    assert EDGE_CASES <= names
+    by_name = {c["name"]: c for c in report.cases}
+    assert by_name["n1"]["candidates"] == 1 and by_name["n7"]["candidates"] == 7
+    assert by_name["n256"]["candidates"] == 256
+    assert by_name["empty"]["widths"] == {"ll": 1, "rt": 1, "imp": 1}
+    assert by_name["max"]["lengths"]["ll"] == [small_config().max_ll]
+    assert report.passed, report.format_table()
+    for comp in report.comparisons:
+        probs = comp.outputs["probabilities"]
+        assert probs.out_of_tolerance == 0 and probs.max_abs <= PROB_ATOL
+        assert probs.count == sum(c["candidates"] for c in report.cases) * 3
+        assert comp.spearman_min >= 0.999
+
+
+def test_toggle_matrix_and_identical_selection(report) -> None:  # noqa: ANN001
+    seen = {(c.backend, c.settings["ort_graph_optimization"], c.settings["torch_fastpath"]) for c in report.comparisons}
+    assert seen == {(b, o, f) for b in ("onnxruntime-full", "onnxruntime-dense") for o in ("all", "disabled")
+                    for f in (False, True)}  # fmt: skip
+    total = sum(c["candidates"] for c in report.cases)
+    for comp in report.comparisons:
+        if comp.backend == "onnxruntime-full":
+            assert comp.selection_checked and comp.selection_candidates == total
+            assert comp.selection_mismatched == 0
+        else:
+            assert not comp.selection_checked  # dense.onnx does no selection
+    d = report.to_dict()
+    json.dumps(d)  # serialisable
+    assert d["comparisons"][0]["selection"]["agreement"] == 1.0
+
+
+def test_selection_output_is_the_eager_selection(bundle) -> None:  # noqa: ANN001
+    """full.onnx's selection outputs equal TransActV2.select, including ties and an empty user."""
+    model = bundle.build_model()
+    session = bundle.session("full")
+    cases = {c.name: c for c in parity_cases(bundle.config, 0)}
+    for name in ("ties", "empty-mixed", "short", "n256"):
+        batch = cases[name].batch
+        with torch.inference_mode():
+            sel = model.transact_v2.select(batch, batch.cand_item)
+        group, pos = session.run(["selection_group", "selection_pos"], {k: v.numpy() for k, v in batch.named_tensors()})
+        np.testing.assert_array_equal(pos, torch.where(sel.valid, sel.pos, -1).numpy())
+        np.testing.assert_array_equal(group, torch.where(sel.valid, sel.group, -1).numpy())
+        if name == "ties":
+            assert (pos >= 0).sum() > 0
+
+
+@pytest.mark.parametrize(
+    "requests,candidates,widths",
+    [(1, 1, (1, 1, 1)), (1, 2, (5, 2, 9)), (2, 5, (64, 24, 20)), (4, 300, (17, 8, 3)), (5, 3, (200, 40, 33))],
+)
+def test_dynamic_dims(bundle, requests: int, candidates: int, widths: tuple[int, int, int]) -> None:  # noqa: ANN001
+    """Sizes unlike the export example (R=3, N=11, widths 53/29/23), widths beyond the config's maxima too."""
+    assert (requests, candidates) != (EXAMPLE_R, EXAMPLE_N) and widths != tuple(EXAMPLE_WIDTH.values())
+    cfg = bundle.config
+    lengths = {s: [min(w, getattr(cfg, f"max_{s}"), 1 + (i * 7) % (w + 1)) for i in range(requests)]
+               for s, w in zip(("ll", "rt", "imp"), widths, strict=True)}  # fmt: skip
+    batch = random_batch(cfg, requests, candidates, seed=requests * 31 + candidates, **lengths)
+    batch = pad_batch(batch, dict(zip(("ll", "rt", "imp"), widths, strict=True)))
+    feed = {k: v.numpy() for k, v in batch.named_tensors()}
+    ref = eager_backend(bundle.build_model())(batch)
+    for optimize in (True, False):
+        probs, scores = bundle.session("full", optimize=optimize).run(["probabilities", "scores"], feed)
+        assert probs.shape == (candidates, 3) and scores.shape == (candidates,)
+        assert np.abs(probs - ref.probs).max() <= PROB_ATOL
+    v1, v2, _ = bundle.build_model().sequence_features(batch)
+    dense_feed = {"user_dense": feed["user_dense"], "surface": feed["surface"], "hour": feed["hour"],
+                  "cand_request": feed["cand_request"], "cand_item": feed["cand_item"],
+                  "item_dense": feed["item_dense"], "v1": v1.detach().numpy(), "v2": v2.detach().numpy()}  # fmt: skip
+    probs, _ = bundle.session("dense").run(None, dense_feed)
+    assert np.abs(probs - ref.probs).max() <= PROB_ATOL
+
+
+def test_graph_dims_are_symbolic(bundle) -> None:  # noqa: ANN001
+    proto = onnx.load_model_from_string(bundle.graph_bytes("full"))
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+    assert list(dims) == list(INPUT_NAMES)
+    assert dims["ll_ts"] == ["R", "L_ll"] and dims["rt_item"] == ["R", "L_rt", 32] and dims["imp_length"] == ["R"]
+    assert dims["cand_request"] == ["N"] and dims["item_dense"] == ["N", small_config().item_dense_dim]
+
+
+def test_checker_fails_on_a_wrong_backend(bundle) -> None:  # noqa: ANN001
+    """A backend off by 2e-5 on one probability, or with one swapped token, must fail the report."""
+    model = bundle.build_model()
+    eager = eager_backend(model)
+    cases = [c for c in parity_cases(bundle.config, 0) if c.name in ("n7", "short")]
+
+    def off_by_a_bit(batch):  # noqa: ANN001, ANN202
+        out = eager(batch)
+        probs = out.probs.copy()
+        probs[-1, 1] += 2e-5
+        return BackendOutput(probs, out.scores, out.selection)
+
+    def swapped_selection(batch):  # noqa: ANN001, ANN202
+        out = eager(batch)
+        sel = out.selection.copy()
+        sel[0, [0, 1]] = sel[0, [1, 0]]
+        return BackendOutput(out.probs, out.scores, sel)
+
+    rep = run_parity(bundle, cases=cases, extra_backends={"off": off_by_a_bit, "swap": swapped_selection})
+    assert not rep.passed
+    comps = {c.backend: c for c in rep.comparisons}
+    assert comps["off"].outputs["probabilities"].out_of_tolerance == 2
+    worst = comps["off"].outputs["probabilities"].worst
+    assert worst["index"] in ([6, 1], [5, 1]) and worst["case"] in ("n7", "short")
+    assert comps["swap"].selection_mismatched == 2 and comps["swap"].first_mismatch["candidate"] == 0
+    assert all(c.passed for c in rep.comparisons if c.backend.startswith("onnxruntime"))
+    assert "FAIL" in rep.format_table()
+
+
+def test_parity_command(bundle) -> None:  # noqa: ANN001
+    result = CliRunner().invoke(parity_cmd, [str(bundle.path), "--json", "--cases", "1", "--seed", "5"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    data = json.loads(result.output)
+    assert data["passed"] is True and data["seed"] == 5 and len(data["comparisons"]) == 8
+    result = CliRunner().invoke(parity_cmd, [str(bundle.path), "--cases", "0"])
+    assert result.exit_code == 0 and "PASSED" in result.output and "selection" in result.output
+
+
+def test_parity_command_fails_on_mismatch(bundle, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setattr("export.parity.PROB_ATOL", 0.0)  # nothing can be that exact: the command must fail
+    result = CliRunner().invoke(parity_cmd, [str(bundle.path), "--cases", "0"])
+    assert isinstance(result.exception, ParityError) and result.exception.exit_code == 1
+    assert "FAILED" in result.output
+
+
+def test_spearman() -> None:
+    a = np.array([0.1, 0.5, 0.3, 0.9])
+    assert spearman(a, a * 2 + 1) == pytest.approx(1.0)
+    assert spearman(a, -a) == pytest.approx(-1.0)
+    assert spearman(np.array([1.0, 2.0, 3.0]), np.array([1.0, 3.0, 2.0])) == pytest.approx(0.5)
+    assert spearman(np.array([1.0, 1.0]), np.array([2.0, 2.0])) == 1.0
+
+
+def test_default_config_bundle(tmp_path: Path) -> None:
+    """The default ModelConfig (ll up to 16,000, k 96/32/32/32) exports and passes parity at export."""
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "ckpt", RankingModel(ModelConfig()))
+    out = export_bundle(ckpt, tmp_path / "bundle", parity_cases=0)
+    parity = json.loads((out / "manifest.json").read_text())["parity"]
+    assert parity["passed"] is True
+    cases = {c["name"]: c for c in parity["cases"]}
+    assert cases["max"]["lengths"] == {"ll": [16_000], "rt": [100], "imp": [100]}
+    assert cases["n256"]["candidates"] == 256 and EDGE_CASES <= set(cases)
+    for comp in parity["comparisons"]:
+        assert comp["outputs"]["probabilities"]["max_abs"] <= PROB_ATOL
+        assert comp["outputs"]["probabilities"]["out_of_tolerance"] == 0
+        if comp["selection"]:
+            assert comp["selection"]["mismatched"] == 0 and comp["selection"]["candidates"] > 256

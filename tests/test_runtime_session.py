@@ -1,0 +1,235 @@
+"""runtime.Session on the CPU backend against the eager model; request validation; de-duplication; the
+hybrid backend's glue code run on the CPU; device selection and refusals.
+
+``small_bundle`` (used by the server tests too) exports one small model per test session."""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from runtime.backends import BackendUnavailable
+from runtime.batching import plan_batch
+from runtime.session import Limits, Request, Session, request_from_tensors, resolve_device
+from transact.batch import Batch, BatchError
+from transact.config import ModelConfig, TransActConfig, TransActV2Config
+from transact.data.random_batch import random_batch
+from transact.model import RankingModel, transformer_fastpath
+
+_BUILT: dict[str, Path] = {}
+
+
+def small_config() -> ModelConfig:
+    return ModelConfig(
+        max_ll=256, max_rt=40, max_imp=30, mlp_dims=[32, 16],
+        transact=TransActConfig(seq_len=16, latest_n_emb=2),
+        transact_v2=TransActV2Config(k_ll=8, r_rt=4, k_rt=4, k_imp=4),
+    )  # fmt: skip
+
+
+def small_bundle() -> Path:
+    """A checkpoint of a small random model exported to a bundle, once per test process."""
+    if "bundle" not in _BUILT:
+        from export.bundle import export_bundle
+        from transact.checkpoint import save_checkpoint
+
+        root = Path(tempfile.mkdtemp(prefix="transact-runtime-"))
+        atexit.register(shutil.rmtree, root, True)
+        torch.manual_seed(0)
+        model = RankingModel(small_config()).eval()
+        save_checkpoint(root / "ckpt", model)
+        _BUILT["bundle"] = export_bundle(root / "ckpt", root / "bundle", check=False)
+        _BUILT["root"] = root
+    return _BUILT["bundle"]
+
+
+@pytest.fixture(scope="session")
+def bundle_dir() -> Path:
+    return small_bundle()
+
+
+@pytest.fixture(scope="session")
+def session(bundle_dir: Path) -> Session:
+    return Session(bundle_dir, device="cpu", threads=2)
+
+
+@pytest.fixture(scope="session")
+def eager(session: Session) -> RankingModel:
+    return session.bundle.verified.build_model()
+
+
+def eager_probs(model: RankingModel, requests: list[Request]) -> list[np.ndarray]:
+    """The eager PyTorch model on the same requests (fp32, fast path off)."""
+    plan = plan_batch(requests, dedup=False)
+    named = plan.padded_inputs()
+    with torch.no_grad(), transformer_fastpath(False):
+        probs = model(Batch.from_named({k: torch.from_numpy(v) for k, v in named.items()})).numpy()
+    return plan.split(probs)
+
+
+def random_requests(config: ModelConfig, seed: int, n_requests: int = 3, n_cands: int = 12, **lengths) -> list[Request]:
+    lengths = {"ll": [200, 0, 37], "rt": [40, 3, 0], "imp": [30, 0, 5], **lengths}
+    b = random_batch(config, n_requests, n_cands, seed=seed, future=2, **lengths)
+    return [Request.from_batch(b, r) for r in range(n_requests)]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cpu_session_matches_eager_per_request_and_batched(session: Session, eager: RankingModel) -> None:
+    for seed in range(3):
+        reqs = random_requests(session.config, seed)
+        together = session.score_many(reqs)
+        for req, got, want in zip(reqs, together, eager_probs(eager, reqs), strict=True):
+            assert got.shape == (req.num_candidates, 3)
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(session.score(req), want, atol=1e-5, rtol=0)
+
+
+def test_edge_cases_match_eager(session: Session, eager: RankingModel) -> None:
+    c = session.config
+    cases = [
+        random_requests(c, 10, 1, 1, ll=[0], rt=[0], imp=[0]),  # one candidate, a user with no actions
+        random_requests(c, 11, 1, 5, ll=[c.max_ll], rt=[c.max_rt], imp=[c.max_imp]),  # maximum lengths
+        random_requests(c, 12, 2, 7, ll=[3, 1], rt=[2, 5], imp=[1, 0]),  # shorter than k
+    ]
+    for reqs in cases:
+        for got, want in zip(session.score_many(reqs), eager_probs(eager, reqs), strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_scores_are_weighted_heads(session: Session) -> None:
+    req = random_requests(session.config, 3)[0]
+    out = session.run([req]).outputs[0]
+    np.testing.assert_allclose(out.scores, session.rank_scores(out.probabilities), atol=1e-6)
+
+
+def test_dedup_shares_rows_and_keeps_answers(session: Session, eager: RankingModel) -> None:
+    a, b, _ = random_requests(session.config, 4)
+    other = random_requests(session.config, 5)[0]
+    # Same user as `a`, other candidates: shares a's row, candidates concatenate.
+    a2 = Request(**{**a.__dict__, "cand_item": other.cand_item[:3], "item_dense": other.item_dense[:3]})
+    plan = plan_batch([a, b, a2, a])
+    assert plan.num_rows == 2 and plan.rows == [0, 1, 0, 0]
+    res = session.run([a, b, a2, a])
+    assert res.rows == 2 and res.candidates == 2 * a.num_candidates + b.num_candidates + 3
+    for req, out in zip([a, b, a2, a], res.outputs, strict=True):
+        np.testing.assert_allclose(out.probabilities, eager_probs(eager, [req])[0], atol=1e-5, rtol=0)
+    # A user differing in one sequence token is a different row.
+    c = Request(**{**a.__dict__})
+    c.ll = type(a.ll)(a.ll.ts, a.ll.action.copy(), a.ll.surface, a.ll.item)
+    c.ll.action[0] ^= 1
+    assert plan_batch([a, c]).num_rows == 2
+    assert plan_batch([a, a], dedup=False).num_rows == 2
+
+
+def wire(req: Request) -> dict[str, tuple[str, np.ndarray]]:
+    types = {np.dtype("int64"): "INT64", np.dtype("int32"): "INT32", np.dtype("int8"): "INT8",
+             np.dtype("float32"): "FP32"}  # fmt: skip
+    return {k: (types[v.dtype], v) for k, v in req.tensors().items()}
+
+
+@pytest.mark.parametrize(
+    "change, tensor, words",
+    [
+        (lambda t: t.pop("rt_ts"), "rt_ts", "missing"),
+        (lambda t: t.__setitem__("extra", ("FP32", np.zeros(1, np.float32))), "extra", "unknown input"),
+        (lambda t: t.__setitem__("ll_ts", ("FP32", t["ll_ts"][1].astype(np.float32))), "ll_ts", "datatype"),
+        (lambda t: t.__setitem__("ll_item", ("INT8", t["ll_item"][1][:, :16])), "ll_item", "shape"),
+        (lambda t: t.__setitem__("ll_action", ("INT32", t["ll_action"][1][:-1])), "ll_action", "shape"),
+        (lambda t: t["user_dense"][1].__setitem__(0, np.nan), "user_dense", "NaN"),
+        (lambda t: t["item_dense"][1].__setitem__((0, 0), np.inf), "item_dense", "infinite"),
+        (lambda t: t["ll_item"][1].__setitem__((0, 0), -128), "ll_item", "[-127, 127]"),
+        (lambda t: t.__setitem__("hour", ("INT64", np.array([24]))), "hour", "[0, 23]"),
+        (lambda t: t.__setitem__("surface", ("INT64", np.array([-1]))), "surface", "[0, 8)"),
+        (lambda t: t["ll_ts"][1].__setitem__(0, t["ll_ts"][1][-1] + 1), "ll_ts", "sorted"),
+    ],
+)
+def test_request_validation_names_the_tensor(session: Session, change, tensor: str, words: str) -> None:
+    req = random_requests(session.config, 6)[0]
+    tensors = {k: (d, a.copy()) for k, (d, a) in wire(req).items()}
+    change(tensors)
+    with pytest.raises(BatchError) as e:
+        request_from_tensors(tensors, session.config, session.limits)
+    assert str(e.value).startswith(tensor) and words in str(e.value)
+
+
+def test_limits_on_candidates_and_lengths(session: Session) -> None:
+    req = random_requests(session.config, 7, 1, 20, ll=[256], rt=[40], imp=[30])[0]
+    t = wire(req)
+    request_from_tensors(t, session.config, Limits.from_config(session.config, 20))  # at the limits: fine
+    with pytest.raises(BatchError, match=r"^cand_item: 20 candidates, more than the limit of 19"):
+        request_from_tensors(t, session.config, Limits.from_config(session.config, 19))
+    longer = dict(t)
+    longer["ll_ts"] = ("INT64", np.arange(257, dtype=np.int64))
+    for f in ("action", "surface"):
+        longer[f"ll_{f}"] = (t[f"ll_{f}"][0], np.zeros(257, t[f"ll_{f}"][1].dtype))
+    longer["ll_item"] = ("INT8", np.zeros((257, 32), np.int8))
+    with pytest.raises(BatchError, match=r"^ll_ts: 257 tokens, more than max_ll=256"):
+        request_from_tensors(longer, session.config, session.limits)
+
+
+def test_int8_candidates_are_dequantised(session: Session) -> None:
+    req = random_requests(session.config, 8)[0]
+    codes = np.round(req.cand_item * 127 / session.config.quant_scale).astype(np.int8)
+    t = wire(req)
+    t["cand_item"] = ("INT8", codes)
+    got = request_from_tensors(t, session.config, session.limits)
+    np.testing.assert_allclose(got.cand_item, req.cand_item, atol=1e-6)
+    np.testing.assert_allclose(session.score(got), session.score(req), atol=1e-6)
+
+
+def test_device_selection_and_cuda_refusal(bundle_dir: Path) -> None:
+    expect = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto") == expect
+    with pytest.raises(ValueError, match="device must be one of"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailable, match=r"needs a CUDA GPU.*device='cpu'"):
+            Session(bundle_dir, device="cuda")
+
+
+def test_tampered_bundle_is_refused(bundle_dir: Path, tmp_path: Path) -> None:
+    from export.bundle import BundleError
+
+    bad = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, bad)
+    data = bytearray((bad / "dense.onnx").read_bytes())
+    data[-10] ^= 0xFF
+    (bad / "dense.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="dense.onnx"):
+        Session(bad, device="cpu")
+
+
+def test_hybrid_glue_on_cpu_matches_eager(session: Session, eager: RankingModel, tmp_path: Path) -> None:
+    """The cuda backend's own code (staging arena, selection ordering, token gathers, V1/V2 assembly,
+    dense.onnx) run on the CPU with the kernels' CPU paths; the GPU run is in tests/gpu."""
+    pytest.importorskip("runtime.kernels.skut")
+    from runtime.backends.cuda import CudaBackend
+    from runtime.session import SessionOptions
+
+    try:
+        options = SessionOptions(triton_cache_dir=str(tmp_path / "triton"))
+        backend = CudaBackend(session.bundle, options, device="cpu", cpu_reference=True)
+        reqs = random_requests(session.config, 9, n_cands=20)
+        probs, _ = backend.run(plan_batch(reqs))
+    except (NotImplementedError, RuntimeError, ValueError) as e:  # a kernel without a CPU path
+        pytest.skip(f"kernels have no CPU path here: {e}")
+    want = np.concatenate(eager_probs(eager, reqs))
+    np.testing.assert_allclose(probs, want, atol=2e-3, rtol=0)
+    # Selections: identical to the model's (the reference scores are exact, no near-ties at this size).
+    plan = plan_batch(reqs)
+    sel = backend.sequence_outputs(plan)
+    named = plan.padded_inputs()
+    with torch.no_grad(), transformer_fastpath(False):
+        out = eager.forward_with_aux(Batch.from_named({k: torch.from_numpy(v) for k, v in named.items()}))
+    ref_pos = torch.where(out.v2_selection.valid, out.v2_selection.pos, -1).numpy()
+    ref_group = torch.where(out.v2_selection.valid, out.v2_selection.group, -1).numpy()
+    np.testing.assert_array_equal(sel["selection_pos"], ref_pos)
+    np.testing.assert_array_equal(sel["selection_group"], ref_group)
