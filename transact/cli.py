@@ -116,10 +116,17 @@ DEMO_MODEL = {
 @click.option("--epochs", type=int, default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo(out, users, epochs, seed) -> None:
-    """Synthetic data -> train the ablation variants -> evaluate -> print the table."""
+    """Synthetic data -> train the ablation variants -> evaluate -> export -> parity -> serve -> query."""
     from .ablation import run_ablation
     from .train import TrainConfig
 
+    try:
+        from runtime.demo import run_demo
+    except ImportError:  # the export/serving extras are not installed: data, training and evaluation only
+        run_demo = None
+    if run_demo is not None:
+        run_demo(Path(out), users, epochs, seed, DEMO_MODEL)
+        return
     t0 = time.perf_counter()
     cfg = TrainConfig(data="synthetic", seed=seed, model=DEMO_MODEL, **({"epochs": epochs} if epochs else {}))
     cfg = _data_options(cfg, users)
@@ -174,3 +181,7 @@ def main() -> None:
 def export_main() -> None:
     """`transact-export` = `transact export`."""
     _run(cli, ["export", *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    main()

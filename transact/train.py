@@ -189,7 +189,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, data=No
         steps = 0
         batches = train_ds.batches(cfg.batch_requests, shuffle=True, seed=cfg.seed * 1000 + epoch)
         bar = tqdm(batches, total=math.ceil(train_ds.num_requests / cfg.batch_requests),
-                   desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)  # fmt: skip
+                   desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None if progress else True, leave=False)  # fmt: skip
         for batch in bar:
             loss, parts = total_loss(model, batch, model.forward_with_aux(batch))
             opt.zero_grad(set_to_none=True)
