@@ -176,7 +176,8 @@ def select_recent_nn(
         scores[order] = per_request[req_sorted, slot]
     pos = torch.arange(length, device=scores.device)
     valid = pos.unsqueeze(0) < count[cand_request].unsqueeze(1)
-    key = torch.where(valid, scores.to(torch.float64) + pos.to(torch.float64) * TIE_STEP, NEG_INF)
+    # Mask in float32 (half the bytes of the float64 key); -inf stays -inf after the tie-break step.
+    key = torch.where(valid, scores, NEG_INF).to(torch.float64) + pos.to(torch.float64) * TIE_STEP
     key = torch.cat([key, torch.full((n, k), NEG_INF, dtype=key.dtype, device=key.device)], dim=1)
     top, idx = key.topk(k, dim=1)
     chosen = top > NEG_INF

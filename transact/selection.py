@@ -59,7 +59,9 @@ def nn_select_reference(
         if length == 0:
             continue
         items = normalize_rows(seq[start : start + length].detach().cpu().to(dtype))
-        s = items @ cand_hat[i]
+        # Multiply and sum per row (not a matmul, whose blocking may round equal rows differently), so
+        # that identical items get bit-identical scores and the recency tie-break decides.
+        s = (items * cand_hat[i]).sum(dim=1)
         # Newest first, then a stable sort by descending score: equal scores keep newest-first order.
         newest_first = torch.arange(length - 1, -1, -1)
         order = torch.sort(s[newest_first], descending=True, stable=True).indices

@@ -18,9 +18,9 @@ GPU design (no (N, S) score matrix ever reaches memory):
   top-K set of keys in registers and merges every tile into it: by a bitonic top-K of the two
   sorted halves when many keys qualify, otherwise by replacing the current minimum one key at a
   time (few keys beat the running k-th best after the first tiles).
-* Optional prefilter for long, cache-resident sequences: a first pass takes column-wise maxima of
-  the scores (disjoint groups of positions); the k-th largest group maximum is a lower bound of the
-  k-th best score, so the second pass skips almost every key before any merge work.
+* Prefilter for sequences of several tiles per split: a first pass takes column-wise maxima of the
+  scores (disjoint groups of positions); the k-th largest group maximum is a lower bound of the k-th
+  best score, so the second pass skips almost every key before any merge work.
 * A last small pass merges the per-split top-K sets and writes the sorted result.
 """
 
@@ -347,24 +347,23 @@ def choose_config(
 ) -> NNSelectConfig:
     """Pick block sizes and the split count from shapes alone (no device sync).
 
-    About one program per SM: candidate blocks x sequence splits. Splits are capped at 16 so the
-    final merge stays short; the prefilter pays a second pass over the rows, worth it while the
-    rows stay in L2 (<= 48 MB) and every chunk has several tiles.
+    Measured on H100 (benchmarks/RESULTS.md): the per-tile merge work is serial within a program,
+    so 16-candidate blocks with up to 16 sequence splits (8 when the rows exceed the L2) and the
+    prefilter won at every selection shape of DESIGN §5, the 205 MB case included.
     """
     k_pad = max(16, triton.next_power_of_2(k))
     sms = _sm_count(device)
     if block_n is None:
-        per_user = n_cand // max(n_users, 1)
-        block_n = 64 if n_cand >= 4 * sms else 32 if n_cand >= 32 and per_user >= 32 else 16
-        block_n = max(16, min(block_n, 4096 // k_pad))
+        block_n = 16
     n_blocks = triton.cdiv(max(n_cand, 1), block_n)
     avg_len = total_rows // max(n_users, 1)
     if splits is None:
-        splits = max(1, min(sms // n_blocks, avg_len // (4 * k_pad), 16))
+        cap = 16 if total_rows * 32 <= 48 * 2**20 else 8
+        splits = max(1, min(2 * sms // n_blocks, avg_len // (4 * k_pad), cap))
     # Groups of the prefilter: ~2K in total, at least 2 per split, a power of two dividing k_pad.
     gps = min(k_pad, max(2, triton.next_power_of_2(triton.cdiv(2 * k_pad, splits))))
     if use_tau is None:
-        use_tau = (avg_len // splits >= 4 * k_pad) and total_rows * 32 <= 48 * 2**20
+        use_tau = avg_len // splits >= 4 * k_pad
     num_warps = 4 if block_n * k_pad <= 4096 else 8
     return NNSelectConfig(block_n, k_pad, splits, bool(use_tau), num_warps, gps)
 

@@ -19,7 +19,7 @@ L2-resident for typical sizes), activations between layers in the output buffer;
 separates layers. Key tiles past the causal diagonal, after the last valid key and before the
 first valid key are never visited. Weights are packed once (``pack_encoder_weights``): transposed,
 zero-padded to powers of two, per head, matrices in the compute dtype and vectors in fp32, all in
-one contiguous byte buffer.
+one contiguous byte buffer. Matrix products use mma.sync (see ``runtime.kernels.mma_sync_only``).
 """
 
 from __future__ import annotations

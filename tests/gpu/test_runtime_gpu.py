@@ -7,6 +7,8 @@ the GPU; batched requests with de-duplication.
 
 from __future__ import annotations
 
+import os
+
 import tempfile
 from pathlib import Path
 
@@ -36,6 +38,8 @@ def bundle() -> Path:
     from export.bundle import export_bundle
     from transact.checkpoint import save_checkpoint
 
+    if os.environ.get("TRANSACT_TEST_BUNDLE"):  # a default-config bundle exported beforehand
+        return Path(os.environ["TRANSACT_TEST_BUNDLE"])
     root = Path(tempfile.mkdtemp(prefix="transact-gpu-"))
     torch.manual_seed(0)
     save_checkpoint(root / "ckpt", RankingModel(ModelConfig()).eval())  # default config: max_ll 16,000

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The hybrid runtime on a CUDA machine: GPU tests, then the end-to-end benchmark (DESIGN §5).
+#   OUT=results_dir bash benchmarks/gpu_runtime.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$(pwd)/bench_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
+PY=${PYTHON:-python3}
+BUNDLE=${BUNDLE:-/tmp/transact-default-bundle}
+status=0
+$PY -c "import torch, triton, onnxruntime, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, \
+'triton', triton.__version__, 'onnxruntime', onnxruntime.__version__, torch.cuda.get_device_name())" | tee "$OUT/env.txt"
+# One default-config bundle (random weights) for the tests and the benchmark.
+$PY - "$BUNDLE" <<'PYEOF'
+import sys, tempfile, torch
+from pathlib import Path
+from export.bundle import export_bundle
+from transact.checkpoint import save_checkpoint
+from transact.config import ModelConfig
+from transact.model import RankingModel
+torch.manual_seed(0)
+with tempfile.TemporaryDirectory() as tmp:
+    save_checkpoint(Path(tmp) / "ckpt", RankingModel(ModelConfig()).eval())
+    export_bundle(Path(tmp) / "ckpt", sys.argv[1], check=False, force=True)
+print("bundle", sys.argv[1])
+PYEOF
+t0=$(date +%s)
+TRANSACT_TEST_BUNDLE=$BUNDLE timeout "${TEST_TIMEOUT:-600}" $PY -m pytest -m gpu tests/gpu/test_runtime_gpu.py -q -x \
+  -p no:cacheprovider 2>&1 | tee "$OUT/runtime_gpu_tests.log"
+rc=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] && status=$rc
+echo "runtime gpu tests: exit $rc in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/runtime_gpu_tests.log"
+timeout "${BENCH_TIMEOUT:-900}" $PY benchmarks/runtime.py --bundle "$BUNDLE" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/runtime_bench.log"
+exit "$status"
