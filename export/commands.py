@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import click
+import torch
 
 from .bundle import ParityError, export_bundle, load_bundle
 from .manifest import BUNDLE_FILES, MANIFEST
@@ -57,9 +58,18 @@ def inspect_cmd(bundle: Path, as_json: bool, verify: bool) -> None:
 @click.option("--cases", default=8, show_default=True, type=click.IntRange(min=0),
               help="Random cases on top of the fixed edge cases.")  # fmt: skip
 @click.option("--seed", default=0, show_default=True, type=int)
-def parity_cmd(bundle: Path, as_json: bool, cases: int, seed: int) -> None:
-    """Compare eager PyTorch with ONNX Runtime (full.onnx, dense.onnx) on random and edge-case inputs."""
-    report = run_parity(load_bundle(bundle), random_cases=cases, seed=seed)
+@click.option("--hybrid", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Also check the hybrid GPU runtime (auto: when a CUDA GPU is present).")
+def parity_cmd(bundle: Path, as_json: bool, cases: int, seed: int, hybrid: str) -> None:
+    """Compare eager PyTorch with ONNX Runtime (full.onnx, dense.onnx) and, on a GPU, the hybrid runtime,
+    on random and edge-case inputs."""
+    verified = load_bundle(bundle)
+    extra = None
+    if hybrid == "on" or (hybrid == "auto" and torch.cuda.is_available()):
+        from runtime.parity_backend import hybrid_backends  # the runtime builds on export, not the reverse
+
+        extra = hybrid_backends(bundle)
+    report = run_parity(verified, random_cases=cases, seed=seed, extra_backends=extra)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format_table())
     if not report.passed:
         raise ParityError(f"parity check failed: {report.failure_summary()}", bundle)

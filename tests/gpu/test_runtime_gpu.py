@@ -8,7 +8,6 @@ the GPU; batched requests with de-duplication.
 from __future__ import annotations
 
 import os
-
 import tempfile
 from pathlib import Path
 
