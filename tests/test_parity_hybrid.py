@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_runtime_session import small_bundle
 
 from export.bundle import load_bundle
 from export.parity import BackendOutput, run_parity
 from runtime.backends.cuda import CudaBackend
 from runtime.parity_backend import HYBRID_ATOL, hybrid_backend
 from runtime.session import Session, SessionOptions
-from test_runtime_session import small_bundle
 
 
 @pytest.fixture(scope="module")

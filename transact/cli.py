@@ -112,8 +112,8 @@ DEMO_MODEL = {
 
 @cli.command()
 @click.option("--out", type=click.Path(file_okay=False), default="runs/demo", show_default=True)
-@click.option("--users", type=int, default=None, help="Synthetic users (smaller is faster).")
-@click.option("--epochs", type=int, default=None)
+@click.option("--users", type=int, default=500, show_default=True, help="Synthetic users (smaller is faster).")
+@click.option("--epochs", type=int, default=3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo(out, users, epochs, seed) -> None:
     """Synthetic data -> train the ablation variants -> evaluate -> export -> parity -> serve -> query."""
