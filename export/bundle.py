@@ -28,7 +28,7 @@ from transact.checkpoint import FORMAT as CKPT_FORMAT
 from transact.checkpoint import WEIGHTS as CKPT_WEIGHTS
 from transact.checkpoint import load_checkpoint
 from transact.config import ModelConfig
-from transact.errors import TransactError
+from transact.errors import TransactError, replace_folder
 from transact.model import RankingModel
 
 from .manifest import (
@@ -368,14 +368,7 @@ def export_bundle(
             if not report.passed:
                 raise ParityError(f"export refused, parity check failed: {report.failure_summary()}", out)
         _publishable(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -43,7 +43,7 @@ from torch.export import Dim
 from transact.batch import INPUT_NAMES, SEQUENCES, Batch, Seq
 from transact.config import ModelConfig
 from transact.data.random_batch import random_batch
-from transact.model import RankingModel
+from transact.model import RankingModel, transformer_fastpath
 
 DEFAULT_OPSET = 18
 FULL_OUTPUTS = ("probabilities", "scores")
@@ -187,14 +187,11 @@ def fused_attention(model: nn.Module) -> Iterator[None]:
 def export_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode, no grad and PyTorch's transformer fast path off; everything restored afterwards."""
     was_training = model.training
-    fastpath = torch.backends.mha.get_fastpath_enabled()
     model.eval()
-    torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with torch.no_grad():
+        with transformer_fastpath(False), torch.no_grad():
             yield
     finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
         model.train(was_training)
 
 

@@ -27,7 +27,7 @@ import torch
 from transact.batch import SEQUENCES, Batch, Seq
 from transact.config import ITEM_DIM, ModelConfig
 from transact.data.random_batch import random_batch
-from transact.model import RankingModel
+from transact.model import RankingModel, transformer_fastpath
 from transact.quant import dequantize
 
 from .manifest import tool_versions
@@ -128,13 +128,9 @@ Backend = Callable[[Batch], BackendOutput]
 
 @contextlib.contextmanager
 def fastpath(enabled: bool) -> Iterator[None]:
-    old = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(enabled)
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(old)
+    """Inference mode with PyTorch's transformer fast path on or off."""
+    with transformer_fastpath(enabled), torch.inference_mode():
+        yield
 
 
 def _selection(out: Any) -> np.ndarray | None:

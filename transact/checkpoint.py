@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
-from .errors import TransactError
+from .errors import TransactError, replace_folder
 from .model import RankingModel
 
 FORMAT = "transact-checkpoint/1"
@@ -54,14 +54,7 @@ def save_checkpoint(
         (tmp / STATE).write_text(json.dumps(state or {}, indent=2))
         if optimizer:
             save_file({k: v.contiguous().cpu() for k, v in optimizer.items()}, tmp / OPTIMIZER)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_folder(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
