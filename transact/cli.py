@@ -27,6 +27,8 @@ def _train_config(config: str | None, **flags):
 
 def _data_options(cfg, users: int | None):
     if users is not None:
+        if cfg.data != "synthetic":
+            raise TransactError("--users applies to synthetic data only", field="users")
         cfg.data_options = {**cfg.data_options, "num_users": users}
     return cfg
 
