@@ -4,6 +4,8 @@ the same backend runs the Triton kernels (`transact parity BUNDLE --hybrid on`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 from test_runtime_session import small_bundle
@@ -16,11 +18,15 @@ from runtime.session import Session, SessionOptions
 
 
 @pytest.fixture(scope="module")
-def hybrid_on_cpu(tmp_path_factory) -> Session:
-    session = Session(small_bundle(), device="cpu", threads=1)
-    options = SessionOptions(triton_cache_dir=str(tmp_path_factory.mktemp("triton")))
-    session.backend = CudaBackend(session.bundle, options, device="cpu", cpu_reference=True)
-    return session
+def hybrid_on_cpu(tmp_path_factory) -> Iterator[Session]:
+    # The kernels' PyTorch paths, not the (slow) Triton interpreter that the kernel tests switch on: the
+    # kernels themselves are checked against their references in test_kernel_*.py.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("TRITON_INTERPRET", raising=False)
+        session = Session(small_bundle(), device="cpu", threads=1)
+        options = SessionOptions(triton_cache_dir=str(tmp_path_factory.mktemp("triton")))
+        session.backend = CudaBackend(session.bundle, options, device="cpu", cpu_reference=True)
+        yield session
 
 
 def test_hybrid_backend_passes_parity(hybrid_on_cpu: Session) -> None:
