@@ -115,7 +115,11 @@ def model_config_for(cfg: TrainConfig, dataset) -> ModelConfig:
     data = dataset.model_overrides()
     merged = {**data, **{k: v for k, v in cfg.model.items() if k not in data}}
     for key in set(cfg.model) & set(data):
-        if cfg.model[key] != data[key] and key not in ("max_ll", "max_rt", "max_imp"):
+        if key in ("max_ll", "max_rt", "max_imp"):
+            if cfg.model[key] < data[key]:
+                raise TransactError(f"{cfg.model[key]} is shorter than the data's sequences ({data[key]}); set "
+                                    f"data_options.{key} to cut them", field=f"model.{key}")  # fmt: skip
+        elif cfg.model[key] != data[key]:
             raise TransactError(f"conflicts with the data ({data[key]!r})", field=f"model.{key}")
         merged[key] = cfg.model[key]
     return ModelConfig.from_dict(merged)
