@@ -150,10 +150,12 @@ def _register_optional() -> None:
     cli.add_command(inspect_cmd, "inspect")
     cli.add_command(parity_cmd, "parity")
     try:
+        from runtime.bench import bench_cmd
         from runtime.commands import serve_cmd
     except ImportError:
         return
     cli.add_command(serve_cmd, "serve")
+    cli.add_command(bench_cmd, "bench")
 
 
 _register_optional()
