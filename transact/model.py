@@ -176,10 +176,16 @@ def select_recent_nn(
         scores[order] = per_request[req_sorted, slot]
     pos = torch.arange(length, device=scores.device)
     valid = pos.unsqueeze(0) < count[cand_request].unsqueeze(1)
-    # Mask in float32 (half the bytes of the float64 key); -inf stays -inf after the tie-break step.
-    key = torch.where(valid, scores, NEG_INF).to(torch.float64) + pos.to(torch.float64) * TIE_STEP
-    key = torch.cat([key, torch.full((n, k), NEG_INF, dtype=key.dtype, device=key.device)], dim=1)
-    top, idx = key.topk(k, dim=1)
+    masked = torch.where(valid, scores, NEG_INF)
+    pad = torch.full((n, k), NEG_INF, dtype=masked.dtype, device=masked.device)  # TopK needs >= k columns
+    if torch.compiler.is_compiling():
+        # Exported graph: ONNX TopK breaks ties by the lower index, so newest-first order makes the
+        # more recent action win, as the float64 key does in eager (same set, float32 bytes only).
+        top, j = torch.cat([masked.flip(1), pad], dim=1).topk(k, dim=1)
+        idx = torch.where(j < length, length - 1 - j, j)
+    else:
+        key = masked.to(torch.float64) + pos.to(torch.float64) * TIE_STEP  # -inf stays -inf
+        top, idx = torch.cat([key, pad.to(torch.float64)], dim=1).topk(k, dim=1)
     chosen = top > NEG_INF
     # Oldest -> newest: sort the chosen positions ascending, empty slots last.
     order_key = torch.where(chosen, idx, idx + 2 * (length + k))
@@ -250,16 +256,16 @@ class TransActV2(nn.Module):
     def tokens(self, batch: Batch, cand_emb: torch.Tensor, sel: Selection) -> tuple[torch.Tensor, torch.Tensor]:
         """Step 3: token features (N, T, 64) and the key-padding mask (N, T), null token included."""
         req = batch.cand_request
-        # Item codes are gathered as int8 but merged in float32 (exact for int8 values): ONNX Runtime
-        # before 1.32 has no int8 Where kernel.
-        item = torch.zeros(*sel.pos.shape, ITEM_DIM, dtype=torch.float32, device=cand_emb.device)
-        action = torch.zeros_like(sel.pos, dtype=torch.int32)
-        surface = torch.zeros_like(sel.pos)
-        for g, seq in enumerate((batch.ll, batch.rt, batch.imp)):
-            here = sel.valid & (sel.group == g)
-            item = torch.where(here.unsqueeze(-1), gather_rows(seq.item, req, sel.pos).to(torch.float32), item)
-            action = torch.where(here, gather_rows(seq.action, req, sel.pos), action)
-            surface = torch.where(here, gather_rows(seq.surface, req, sel.pos), surface)
+        # One gather per field from the three sequences laid side by side: slot (group g, position p)
+        # reads column offset[g] + p. Invalid slots read some token and are zeroed below.
+        seqs = (batch.ll, batch.rt, batch.imp)
+        l_ll, l_rt = batch.ll.ts.shape[1], batch.rt.ts.shape[1]
+        zero = torch.zeros_like(sel.pos)
+        offset = torch.where(sel.group == 1, zero + l_ll, torch.where(sel.group == 2, zero + l_ll + l_rt, zero))
+        col = offset + sel.pos.clamp_min(0)
+        item = gather_rows(torch.cat([s.item for s in seqs], dim=1), req, col).to(torch.float32)
+        action = gather_rows(torch.cat([s.action for s in seqs], dim=1), req, col)
+        surface = gather_rows(torch.cat([s.surface for s in seqs], dim=1), req, col)
         t = sel.pos.shape[1]
         x = torch.cat(
             [dequantize(item, self.scale), cand_emb.to(torch.float32).unsqueeze(1).expand(-1, t, -1)], dim=-1
