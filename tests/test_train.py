@@ -27,7 +27,7 @@ def ablation(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("ablation")
     reports = {}
     for name in ("rt", "rt + ll + NAL"):
-        cfg = TrainConfig(out=str(out / name.replace(" ", "")), epochs=3, seed=3, lr=3e-3,
+        cfg = TrainConfig(out=str(out / name.replace(" ", "")), epochs=3, seed=3, lr=3e-3, batch_requests=16,
                           model=deep_merge(DEMO_MODEL, VARIANTS[name]))  # fmt: skip
         reports[name] = train(cfg, progress=False, data=data)[1]
     return reports
