@@ -105,19 +105,8 @@ def measure_peaks() -> tuple[float, float]:
 # ----------------------------------------------------------------------------------------------
 # transformer
 # ----------------------------------------------------------------------------------------------
-def make_encoder(d=64, h=1, f=32, n_layers=2, seed=0) -> nn.TransformerEncoder:
-    torch.manual_seed(seed)
-    layer = nn.TransformerEncoderLayer(d, h, f, dropout=0.0, batch_first=True)
-    enc = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
-    with torch.no_grad():
-        for name, p in enc.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif p.dim() == 1:
-                p.copy_(0.1 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
-    return enc.eval().to(DEV)
+def make_encoder(d: int = 64, h: int = 1, f: int = 32, n_layers: int = 2, seed: int = 0) -> nn.TransformerEncoder:
+    return sk.random_encoder(d, h, f, n_layers, seed).to(DEV)
 
 
 class SDPAEncoder(nn.Module):

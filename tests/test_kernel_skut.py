@@ -31,21 +31,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: (1e-4, 1e-3), torch.float16: (5e-3, 2e-2), torch.bfloat16: (3e-2, 1.5e-1)}
 
 
-def make_encoder(d, h, f, n_layers, seed=0, batch_first=True, final_norm=False):
-    torch.manual_seed(seed)
-    layer = nn.TransformerEncoderLayer(d, h, f, dropout=0.0, batch_first=batch_first, layer_norm_eps=1e-5)
-    enc = nn.TransformerEncoder(
-        layer, n_layers, norm=nn.LayerNorm(d, eps=1e-6) if final_norm else None, enable_nested_tensor=False
-    )
-    with torch.no_grad():  # distinct, non-trivial weights in every layer (LayerNorm included)
-        for name, p in enc.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif p.dim() == 1:
-                p.copy_(0.1 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
-    return enc.eval()
+make_encoder = sk.random_encoder
 
 
 def make_mask(bsz, s, causal, seed=1, dead=False):

@@ -682,6 +682,27 @@ def _pool(out: torch.Tensor, key_padding_mask: torch.Tensor | None, pool: str | 
     return torch.where(torch.isinf(pooled) & (pooled < 0), torch.zeros_like(pooled), pooled)
 
 
+def random_encoder(
+    d: int, h: int, f: int, n_layers: int, seed: int = 0, batch_first: bool = True, final_norm: bool = False
+) -> nn.TransformerEncoder:
+    """A post-norm ReLU encoder with distinct, non-trivial weights in every layer (LayerNorm included),
+    for checking and timing the kernel against its reference."""
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(d, h, f, dropout=0.0, batch_first=batch_first, layer_norm_eps=1e-5)
+    enc = nn.TransformerEncoder(
+        layer, n_layers, norm=nn.LayerNorm(d, eps=1e-6) if final_norm else None, enable_nested_tensor=False
+    )
+    with torch.no_grad():
+        for name, p in enc.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif p.dim() == 1:
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+    return enc.eval()
+
+
 def skut_reference(
     encoder: nn.TransformerEncoder,
     x: torch.Tensor,

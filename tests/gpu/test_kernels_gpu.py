@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 pytestmark = pytest.mark.gpu
 
@@ -27,21 +26,7 @@ NN_TOL = 2e-5
 # ----------------------------------------------------------------------------------------------
 # skut
 # ----------------------------------------------------------------------------------------------
-def make_encoder(d, h, f, n_layers, seed=0, batch_first=True, final_norm=False):
-    torch.manual_seed(seed)
-    layer = nn.TransformerEncoderLayer(d, h, f, dropout=0.0, batch_first=batch_first)
-    enc = nn.TransformerEncoder(
-        layer, n_layers, norm=nn.LayerNorm(d) if final_norm else None, enable_nested_tensor=False
-    )
-    with torch.no_grad():
-        for name, p in enc.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif p.dim() == 1:
-                p.copy_(0.1 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
-    return enc.eval()
+make_encoder = sk.random_encoder
 
 
 def make_mask(bsz, s, seed=1, dead=False):
