@@ -286,12 +286,11 @@ def torch_dedup(seq, lens, cand, n_users, length, k):
 
 def nn_configs(n_cand, n_users, total, k):
     auto = nn_mod.choose_config(n_cand, n_users, total, k, torch.device(DEV))
-    variants = [dict(use_tau=not auto.use_tau)]
-    variants += [dict(block_n=bn, splits=sp) for bn in (16, 32, 64) for sp in (8, 16, 32)]
+    variants = [dict(block_n=bn, splits=sp) for bn in (16, 32, 64) for sp in (16, 32, 64, 128)]
     cfgs = [auto]
     for v in variants:
         c = nn_mod.choose_config(n_cand, n_users, total, k, torch.device(DEV), **v)
-        if (c.block_n, c.splits, c.use_tau) not in {(x.block_n, x.splits, x.use_tau) for x in cfgs}:
+        if repr(c) not in {repr(x) for x in cfgs}:
             cfgs.append(c)
     return cfgs
 

@@ -3,8 +3,9 @@
 Shapes are small (the interpreter runs every program in Python) but cover: lengths that are not
 multiples of 16, one token, k above the length, empty users, one and several users, candidates of
 different users in one block, ties (duplicate rows: the more recent must win), zero rows and
-candidates, fp16 / fp32 / bf16 / int8 candidates, every code path (one pass, split + merge,
-prefilter) and the argument checks.
+candidates, fp16 / fp32 / bf16 / int8 candidates, every code path (one or several chunks per
+sequence, thresholds that let everything or little through, key lists that overflow into the exact
+fallback scan) and the argument checks.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from transact.selection import nn_select_reference  # noqa: E402
 
 if (
     os.environ.get("TRITON_INTERPRET") == "1"
-    and type(nn_mod._nn_collect_kernel).__name__ != "InterpretedFunction"
+    and type(nn_mod._nn_scan_kernel).__name__ != "InterpretedFunction"
 ):
     nn_mod = importlib.reload(nn_mod)  # imported earlier without the interpreter: decorate again
 
@@ -134,42 +135,80 @@ def test_grid_matches_reference(lengths, n_per_user, k, dtype):
     assert_matches_reference(idx, scores, inputs, k)
 
 
-# Every code path: one pass, split + merge (with and without the prefilter), and several block sizes.
+# Every code path: one chunk or several, several block and tile sizes, a few or many groups, and a
+# key capacity small enough that lists overflow into the exact fallback scan.
 CONFIGS = [
-    # block_n, k_pad, splits, use_tau, groups_per_split
-    (16, 16, 1, False, 16),
-    (32, 16, 3, False, 8),
-    (16, 16, 4, True, 8),
-    (16, 32, 2, True, 16),
-    (64, 16, 2, True, 16),
+    # block_n, k_pad, splits, groups_per_split, tile, capacity
+    (16, 16, 1, 16, 64, None),
+    (32, 16, 3, 8, 64, None),
+    (16, 16, 4, 8, 16, None),
+    (16, 32, 2, 16, 32, 32),  # capacity == k_pad: the 150-row user overflows
+    (64, 16, 2, 16, 64, 16),
 ]
 
 
-@pytest.mark.parametrize("block_n,k_pad,splits,use_tau,gps", CONFIGS)
-def test_every_path(block_n, k_pad, splits, use_tau, gps):
+@pytest.mark.parametrize("block_n,k_pad,splits,gps,tile,cap", CONFIGS)
+def test_every_path(block_n, k_pad, splits, gps, tile, cap):
     k = 12
     inputs = make_inputs([150, 37, 3], [5, 9, 2], torch.float16, seed=block_n + splits)
-    cfg = nn_mod.NNSelectConfig(
-        block_n=block_n, k_pad=k_pad, splits=splits, use_tau=use_tau, num_warps=4, groups_per_split=gps
-    )
+    cfg = nn_mod.NNSelectConfig(block_n, k_pad, splits, 4, gps, tile=tile, capacity=cap)
     idx, scores = run_kernel(inputs, k, cfg)
     assert_matches_reference(idx, scores, inputs, k)
 
 
 def test_prefilter_large_k():
-    """k = 64 (the production K) with the prefilter and a split merge."""
+    """k = 64 (the production K) with several chunks: the threshold must keep every top-k key."""
     k = 64
-    inputs = make_inputs([260], [16], torch.float16, seed=3)
-    cfg = nn_mod.NNSelectConfig(
-        block_n=16, k_pad=64, splits=2, use_tau=True, num_warps=4, groups_per_split=64
-    )
+    inputs = make_inputs([700], [16], torch.float16, seed=3)
+    cfg = nn_mod.NNSelectConfig(block_n=16, k_pad=64, splits=3, num_warps=4, groups_per_split=64)
     idx, scores = run_kernel(inputs, k, cfg)
     assert_matches_reference(idx, scores, inputs, k)
 
 
-@pytest.mark.parametrize("splits,use_tau", [(1, False), (3, False), (2, True)])
-def test_ties_prefer_recent(splits, use_tau):
-    """Duplicated rows give bit-identical scores: the larger position must come first, exactly."""
+def test_threshold_filters():
+    """The threshold is the k-th largest group maximum: few keys beyond k reach the key lists."""
+    k = 16
+    seq, starts, lens, cand, users = (t.to(DEV) for t in make_inputs([2000], [4], torch.float16, seed=8))
+    cfg = nn_mod.choose_config(4, 1, 2000, k, torch.device(DEV))
+    n = cand.shape[0]
+    gm = torch.full((n, cfg.splits * cfg.groups_per_split), 7, dtype=torch.int32, device=DEV)
+    nn_mod._nn_scan_kernel[(1, cfg.splits)](
+        seq, starts, lens, cand, users, gm, gm, gm, gm, n, 32, gm.shape[1], cfg.splits, 1,
+        BN=cfg.block_n, BS=cfg.tile, C=cfg.groups_per_split, D_P=32, COLLECT=False, num_warps=4,
+    )  # fmt: skip
+    s = full_scores(*(t.cpu() for t in (seq, starts, lens, cand, users)))
+    for i in range(n):  # each group maximum is the max of its own positions (float32 rounding)
+        chunk = -(-2000 // cfg.splits)
+        chunk = -(-chunk // cfg.tile) * cfg.tile
+        for j in range(gm.shape[1]):
+            sp, c = divmod(j, cfg.groups_per_split)
+            pos = [p for p in range(sp * chunk, min(2000, (sp + 1) * chunk)) if p % cfg.groups_per_split == c]
+            want = max(s[i][p].item() for p in pos)
+            got = nn_mod_decode(gm[i, j].item())
+            assert abs(got - want) <= TOL
+    tau = torch.empty(n, dtype=torch.int64, device=DEV)
+    cnt = torch.full((n,), 99, dtype=torch.int32, device=DEV)
+    nn_mod._nn_threshold_kernel[(1,)](gm, tau, cnt, n, k, gm.shape[1], BN=16, G_P=gm.shape[1], num_warps=4)
+    assert (cnt == 0).all()
+    for i in range(n):
+        kth_group_max = torch.sort(gm[i].cpu(), descending=True).values[k - 1].item()
+        assert tau[i].item() == kth_group_max << 32
+        passing = (torch.tensor([float(v) for v in s[i]]) >= nn_mod_decode(kth_group_max) - TOL).sum().item()
+        assert k <= passing < 8 * k  # the lists stay short on random data
+
+
+def nn_mod_decode(bits: int) -> float:
+    """Inverse of the kernel's order-preserving float32 -> int32 map."""
+    b = bits if bits >= 0 else bits ^ 0x7FFFFFFF
+    return torch.tensor([b], dtype=torch.int32).view(torch.float32).item()
+
+
+@pytest.mark.parametrize("splits,cap", [(1, None), (3, None), (2, 32), (1, 16)])
+def test_ties_prefer_recent(splits, cap):
+    """Duplicated rows give bit-identical scores: the larger position must come first, exactly.
+
+    With a small capacity the runs of equal scores overflow the key lists, so the exact fallback
+    scan decides."""
     g = torch.Generator().manual_seed(11)
     base = torch.randint(-127, 128, (6, 32), generator=g, dtype=torch.int8)
     pick = torch.randint(0, 6, (70,), generator=g)
@@ -182,9 +221,7 @@ def test_ties_prefer_recent(splits, use_tau):
     cand[4] = 0  # a zero candidate: every score 0, so pure recency order
     users = torch.zeros(5, dtype=torch.int64)
     k = 20
-    cfg = nn_mod.NNSelectConfig(
-        block_n=16, k_pad=32, splits=splits, use_tau=use_tau, num_warps=4, groups_per_split=16
-    )
+    cfg = nn_mod.NNSelectConfig(16, 32, splits, 4, 16, tile=32, capacity=cap)
     inputs = (seq, starts, lens, cand, users)
     idx, scores = run_kernel(inputs, k, cfg)
     assert_matches_reference(idx, scores, inputs, k)
@@ -269,5 +306,5 @@ def test_config_is_shape_only():
     for n, u, t, k in [(1, 1, 1, 1), (256, 1, 16000, 64), (256, 64, 64 * 100000, 64), (5000, 100, 10**6, 96)]:
         cfg = nn_mod.choose_config(n, u, t, k, torch.device("cpu"))
         assert cfg.k_pad >= k and cfg.k_pad & (cfg.k_pad - 1) == 0
-        assert cfg.block_n >= 16 and cfg.splits >= 1
-        assert cfg.k_pad % cfg.groups_per_split == 0
+        assert cfg.block_n >= 16 and cfg.splits >= 1 and cfg.tile >= cfg.k_pad
+        assert cfg.tile % cfg.groups_per_split == 0 and cfg.capacity >= cfg.k_pad

@@ -13,15 +13,18 @@ GPU design (no (N, S) score matrix ever reaches memory):
 * Dequantisation cancels in the cosine. The candidate is normalised in fp32 and split into an
   fp16 ``hi + lo`` pair; int8 codes are exact in fp16, so two tensor-core dots give the dot product
   with fp32 accuracy. Row norms come from the int8 codes in fp32 (exact).
-* Each program owns a block of candidates and one chunk of every sequence its candidates use
-  (split-K over the sequence fills the GPU when there are few candidates). It keeps a running
-  top-K set of keys in registers and merges every tile into it: by a bitonic top-K of the two
-  sorted halves when many keys qualify, otherwise by replacing the current minimum one key at a
-  time (few keys beat the running k-th best after the first tiles).
-* Prefilter for sequences of several tiles per split: a first pass takes column-wise maxima of the
-  scores (disjoint groups of positions); the k-th largest group maximum is a lower bound of the k-th
-  best score, so the second pass skips almost every key before any merge work.
-* A last small pass merges the per-split top-K sets and writes the sorted result.
+* Four launches, all graph-capturable, none waiting on the host:
+  1. scan: each program owns a block of candidates and one chunk of every sequence they use
+     (split over the sequence fills the GPU when there are few candidates) and keeps the maximum
+     score of each of a few disjoint column groups;
+  2. threshold: the k-th largest group maximum of a candidate is a lower bound of its k-th best
+     score (at least k distinct positions reach it);
+  3. scan again: every key at or above the threshold is appended to the candidate's key list
+     (slots from an atomic counter). On random data about 1-2k keys per candidate pass;
+  4. final: a running top-K merge over each (short) key list, then sort and decode. A list that
+     overflowed its capacity (long runs of exactly equal scores) is rebuilt by an exact full scan.
+  No program keeps a running top-k while it scans, which is what made the earlier single-pass
+  design slow: its per-tile merges were serial within each program.
 """
 
 from __future__ import annotations
@@ -157,30 +160,44 @@ def _store_sorted(buf, rows, row_ok, idx_ptr, score_ptr, k, K: tl.constexpr):
 # Kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _nn_groupmax_kernel(
+def _nn_scan_kernel(
     seq_ptr,
     starts_ptr,
     lengths_ptr,
     cand_ptr,
     user_ptr,
     gm_ptr,
+    tau_ptr,
+    cnt_ptr,
+    keys_ptr,
     N,
     D,
     G_TOT,
     SPLITS,
+    CAP,
     BN: tl.constexpr,
     BS: tl.constexpr,
     C: tl.constexpr,
     D_P: tl.constexpr,
+    COLLECT: tl.constexpr,
 ):
-    """Pass 1 of the prefilter: per candidate, the max score of C column groups of this split."""
+    """One chunk of every sequence a block of candidates uses, in tiles of BS positions.
+
+    COLLECT=False (pass 1): the max score of each of C column groups of this chunk.
+    COLLECT=True (pass 3): append every key >= the candidate's threshold to its key list (an atomic
+    counter per candidate hands out slots; at most CAP are stored, the count goes on).
+    Both passes tile the chunk identically, so a position gets bit-identical scores in each.
+    """
     pid = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid * BN + tl.arange(0, BN)
     row_ok = rows < N
     users = tl.load(user_ptr + rows, mask=row_ok, other=_BIG_USER).to(tl.int32)
     c_hi, c_lo = _load_cand_hi_lo(cand_ptr, rows, row_ok, D, D_P)
-    gmax = tl.full((BN, C), -(2**31), tl.int32)
+    if COLLECT:
+        tau = tl.load(tau_ptr + rows, mask=row_ok, other=2**62)
+    else:
+        gmax = tl.full((BN, C), -(2**31), tl.int32)
     u = tl.min(users, axis=0)
     while u < _BIG_USER:  # each distinct user of the block once (fast when candidates are grouped)
         is_u = users == u
@@ -189,114 +206,111 @@ def _nn_groupmax_kernel(
             pos = p0 + tl.arange(0, BS)
             pos_ok = pos < p_hi
             s = _tile_scores(seq_ptr, start, pos, pos_ok, c_hi, c_lo, D, D_P)
-            o = tl.where(is_u[:, None] & pos_ok[None, :], _ordered_bits(s), -(2**31))
-            gmax = tl.maximum(gmax, tl.max(tl.reshape(o, (BN, BS // C, C)), axis=1))
+            if COLLECT:
+                key = (_ordered_bits(s).to(tl.int64) << 32) | pos[None, :].to(tl.int64)
+                ok = is_u[:, None] & pos_ok[None, :] & (key >= tau[:, None])
+                n_ok = tl.sum(ok.to(tl.int32), axis=1)
+                if tl.max(n_ok, axis=0) > 0:
+                    base = tl.atomic_add(cnt_ptr + rows, n_ok, mask=n_ok > 0)
+                    slot = base[:, None] + tl.cumsum(ok.to(tl.int32), axis=1) - 1
+                    tl.store(
+                        keys_ptr + rows[:, None].to(tl.int64) * CAP + slot, key, mask=ok & (slot < CAP)
+                    )
+            else:
+                o = tl.where(is_u[:, None] & pos_ok[None, :], _ordered_bits(s), -(2**31))
+                gmax = tl.maximum(gmax, tl.max(tl.reshape(o, (BN, BS // C, C)), axis=1))
         u = tl.min(tl.where(users > u, users, _BIG_USER), axis=0)
-    g = tl.arange(0, C)
-    tl.store(gm_ptr + rows[:, None].to(tl.int64) * G_TOT + split * C + g[None, :], gmax, mask=row_ok[:, None])
+    if not COLLECT:
+        g = tl.arange(0, C)
+        tl.store(
+            gm_ptr + rows[:, None].to(tl.int64) * G_TOT + split * C + g[None, :], gmax, mask=row_ok[:, None]
+        )
 
 
 @triton.jit
-def _nn_collect_kernel(
+def _nn_threshold_kernel(gm_ptr, tau_ptr, cnt_ptr, N, k, G_TOT, BN: tl.constexpr, G_P: tl.constexpr):
+    """Pass 2: per candidate, the k-th largest group maximum (exact, by bisection over the 32-bit
+    ordered scores) as a key threshold, and a zeroed key counter for pass 3.
+
+    At least k distinct positions score >= that maximum, so every top-k key is >= the threshold.
+    With fewer than k non-empty groups the threshold lets everything through.
+    """
+    pid = tl.program_id(0)
+    rows = pid * BN + tl.arange(0, BN)
+    row_ok = rows < N
+    g = tl.arange(0, G_P)
+    gm = tl.load(
+        gm_ptr + rows[:, None].to(tl.int64) * G_TOT + g[None, :],
+        mask=row_ok[:, None] & (g[None, :] < G_TOT),
+        other=-(2**31),
+    )
+    real = gm > -(2**31)
+    lo = tl.full((BN,), -(2**31), tl.int64)  # count(gm >= lo) >= k, or lo is the floor
+    hi = tl.full((BN,), 2**31, tl.int64)  # count(gm >= hi) < k
+    for _ in tl.static_range(33):
+        mid = (lo + hi) >> 1
+        cnt = tl.sum((real & (gm.to(tl.int64) >= mid[:, None])).to(tl.int32), axis=1)
+        enough = cnt >= k
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid)
+    tl.store(tau_ptr + rows, lo << 32, mask=row_ok)
+    tl.store(cnt_ptr + rows, tl.zeros((BN,), tl.int32), mask=row_ok)
+
+
+@triton.jit
+def _nn_final_kernel(
     seq_ptr,
     starts_ptr,
     lengths_ptr,
     cand_ptr,
     user_ptr,
-    gm_ptr,
-    part_ptr,
+    cnt_ptr,
+    keys_ptr,
     idx_ptr,
     score_ptr,
     N,
     D,
     k,
-    G_TOT,
-    SPLITS,
+    CAP,
     BN: tl.constexpr,
     K: tl.constexpr,
     D_P: tl.constexpr,
-    G_P: tl.constexpr,
-    USE_TAU: tl.constexpr,
-    TAU_ITERS: tl.constexpr,
-    FINAL: tl.constexpr,
     M_BULK: tl.constexpr,
 ):
-    """Pass 2: the top-K key set of each candidate over this split's chunk of its sequence."""
+    """Pass 4: the top-K of each candidate's key list, sorted and decoded.
+
+    A list that overflowed CAP (long runs of equal scores defeat the threshold) is rebuilt by a
+    full scan of the candidate's sequence with the running top-K merge: slow, rare and exact.
+    """
     pid = tl.program_id(0)
-    split = tl.program_id(1)
     rows = pid * BN + tl.arange(0, BN)
     row_ok = rows < N
-    users = tl.load(user_ptr + rows, mask=row_ok, other=_BIG_USER).to(tl.int32)
-    c_hi, c_lo = _load_cand_hi_lo(cand_ptr, rows, row_ok, D, D_P)
     col = tl.arange(0, K)
-
-    tau = tl.full((BN,), -(2**63), tl.int64)
-    if USE_TAU:
-        # k-th largest group maximum, by bisection (any value with >= k maxima above it is a
-        # valid lower bound, so stopping early only loosens it).
-        g = tl.arange(0, G_P)
-        gm = tl.load(
-            gm_ptr + rows[:, None].to(tl.int64) * G_TOT + g[None, :],
-            mask=row_ok[:, None] & (g[None, :] < G_TOT),
-            other=-(2**31),
-        )
-        real = gm > -(2**31)
-        lo = tl.full((BN,), -(2**31), tl.int64)
-        hi = tl.full((BN,), 2**31, tl.int64)
-        for _ in tl.static_range(TAU_ITERS):
-            mid = (lo + hi) >> 1
-            cnt = tl.sum((real & (gm >= mid[:, None].to(tl.int32))).to(tl.int32), axis=1)
-            enough = cnt >= k
-            lo = tl.where(enough, mid, lo)
-            hi = tl.where(enough, hi, mid)
-        tau = lo << 32
-
+    cnt = tl.load(cnt_ptr + rows, mask=row_ok, other=0)
+    n_take = tl.minimum(cnt, CAP)
     buf = tl.full((BN, K), -(2**63), tl.int64) + col[None, :]  # distinct sentinels
     tile_sent = tl.full((BN, K), -(2**63) + K, tl.int64) + col[None, :]
-    u = tl.min(users, axis=0)
-    while u < _BIG_USER:
-        is_u = users == u
-        start, p_lo, p_hi = _user_chunk(starts_ptr, lengths_ptr, u, split, SPLITS, K)
-        for p0 in range(p_lo, p_hi, K):
-            pos = p0 + col
-            pos_ok = pos < p_hi
-            s = _tile_scores(seq_ptr, start, pos, pos_ok, c_hi, c_lo, D, D_P)
-            key = (_ordered_bits(s).to(tl.int64) << 32) | pos[None, :].to(tl.int64)
-            ok = is_u[:, None] & pos_ok[None, :] & (key >= tau[:, None])
-            key = tl.where(ok, key, tile_sent)
-            buf = _merge_keys(buf, key, K, M_BULK)
-        u = tl.min(tl.where(users > u, users, _BIG_USER), axis=0)
-
-    if FINAL:
-        _store_sorted(buf, rows, row_ok, idx_ptr, score_ptr, k, K)
-    else:
-        offs = (split * N + rows[:, None]).to(tl.int64) * K + col[None, :]
-        tl.store(part_ptr + offs, buf, mask=row_ok[:, None])
-
-
-@triton.jit
-def _nn_merge_kernel(
-    part_ptr, idx_ptr, score_ptr, N, k, SPLITS, BN: tl.constexpr, K: tl.constexpr, M_BULK: tl.constexpr
-):
-    """Pass 3: merge the SPLITS partial top-K sets of each candidate and write the result."""
-    pid = tl.program_id(0)
-    rows = pid * BN + tl.arange(0, BN)
-    row_ok = rows < N
-    col = tl.arange(0, K)
-    SENT_TOP: tl.constexpr = -(2**63) + 4 * K
-    buf = tl.load(
-        part_ptr + rows[:, None].to(tl.int64) * K + col[None, :], mask=row_ok[:, None], other=-(2**63)
-    )
-    buf = tl.where(buf > SENT_TOP, buf, tl.full((BN, K), -(2**63), tl.int64) + col[None, :])
-    tile_sent = tl.full((BN, K), -(2**63) + K, tl.int64) + col[None, :]
-    for s in range(1, SPLITS):
-        key = tl.load(
-            part_ptr + (s * N + rows[:, None]).to(tl.int64) * K + col[None, :],
-            mask=row_ok[:, None],
-            other=-(2**63),
-        )
-        key = tl.where(key > SENT_TOP, key, tile_sent)  # partial sentinels would collide with buf's
-        buf = _merge_keys(buf, key, K, M_BULK)
+    for c0 in range(0, tl.max(n_take, axis=0), K):
+        slot = c0 + col
+        m = row_ok[:, None] & (slot[None, :] < n_take[:, None])
+        key = tl.load(keys_ptr + rows[:, None].to(tl.int64) * CAP + slot[None, :], mask=m, other=0)
+        buf = _merge_keys(buf, tl.where(m, key, tile_sent), K, M_BULK)
+    ovf = row_ok & (cnt > CAP)
+    if tl.max(ovf.to(tl.int32), axis=0) > 0:
+        buf = tl.where(ovf[:, None], tl.full((BN, K), -(2**63), tl.int64) + col[None, :], buf)
+        users = tl.load(user_ptr + rows, mask=ovf, other=_BIG_USER).to(tl.int32)
+        c_hi, c_lo = _load_cand_hi_lo(cand_ptr, rows, ovf, D, D_P)
+        u = tl.min(users, axis=0)
+        while u < _BIG_USER:
+            is_u = users == u
+            start, p_lo, p_hi = _user_chunk(starts_ptr, lengths_ptr, u, 0, 1, K)
+            for p0 in range(p_lo, p_hi, K):
+                pos = p0 + col
+                pos_ok = pos < p_hi
+                s = _tile_scores(seq_ptr, start, pos, pos_ok, c_hi, c_lo, D, D_P)
+                key = (_ordered_bits(s).to(tl.int64) << 32) | pos[None, :].to(tl.int64)
+                buf = _merge_keys(buf, tl.where(is_u[:, None] & pos_ok[None, :], key, tile_sent), K, M_BULK)
+            u = tl.min(tl.where(users > u, users, _BIG_USER), axis=0)
     _store_sorted(buf, rows, row_ok, idx_ptr, score_ptr, k, K)
 
 
@@ -304,23 +318,38 @@ def _nn_merge_kernel(
 # Host side
 # --------------------------------------------------------------------------------------------
 class NNSelectConfig:
-    """Launch parameters (all chosen from shapes only, never from tensor values)."""
+    """Launch parameters (all chosen from shapes only, never from tensor values).
+
+    block_n candidates and ``tile`` positions per score tile; ``splits`` chunks per sequence (the
+    second grid axis of the scans); ``groups_per_split`` group maxima per chunk for the threshold;
+    ``capacity`` keys kept per candidate before the exact fallback scan takes over.
+    """
 
     def __init__(
-        self, block_n: int, k_pad: int, splits: int, use_tau: bool, num_warps: int, groups_per_split: int
+        self,
+        block_n: int,
+        k_pad: int,
+        splits: int,
+        num_warps: int,
+        groups_per_split: int,
+        tile: int | None = None,
+        capacity: int | None = None,
     ) -> None:
         self.block_n = block_n
         self.k_pad = k_pad
         self.splits = splits
-        self.use_tau = use_tau
         self.num_warps = num_warps
         self.groups_per_split = groups_per_split
+        self.tile = tile or max(64, k_pad)
+        self.capacity = capacity or 8 * k_pad
+        if self.tile % groups_per_split or groups_per_split & (groups_per_split - 1):
+            raise ValueError(f"groups_per_split must be a power of two dividing tile={self.tile}")
 
     def __repr__(self) -> str:
         return (
             f"NNSelectConfig(block_n={self.block_n}, k_pad={self.k_pad}, splits={self.splits}, "
-            f"use_tau={self.use_tau}, num_warps={self.num_warps}, "
-            f"groups_per_split={self.groups_per_split})"
+            f"num_warps={self.num_warps}, groups_per_split={self.groups_per_split}, "
+            f"tile={self.tile}, capacity={self.capacity})"
         )
 
 
@@ -343,29 +372,25 @@ def choose_config(
     *,
     block_n: int | None = None,
     splits: int | None = None,
-    use_tau: bool | None = None,
 ) -> NNSelectConfig:
     """Pick block sizes and the split count from shapes alone (no device sync).
 
-    Measured on H100 (benchmarks/RESULTS.md): the per-tile merge work is serial within a program,
-    so 16-candidate blocks with up to 16 sequence splits (8 when the rows exceed the L2) and the
-    prefilter won at every selection shape of DESIGN §5, the 205 MB case included.
+    Chunks of about four tiles per program, as many as keep ~8 programs per SM busy: the scans are
+    latency-bound chains of small loads and dots, so more and shorter programs win. About 2k group
+    maxima per candidate make the threshold pass only ~1-2k keys per candidate on random data.
     """
     k_pad = max(16, triton.next_power_of_2(k))
+    tile = max(64, k_pad)
     sms = _sm_count(device)
     if block_n is None:
         block_n = 16
     n_blocks = triton.cdiv(max(n_cand, 1), block_n)
     avg_len = total_rows // max(n_users, 1)
     if splits is None:
-        cap = 16 if total_rows * 32 <= 48 * 2**20 else 8
-        splits = max(1, min(2 * sms // n_blocks, avg_len // (4 * k_pad), cap))
-    # Groups of the prefilter: ~2K in total, at least 2 per split, a power of two dividing k_pad.
-    gps = min(k_pad, max(2, triton.next_power_of_2(triton.cdiv(2 * k_pad, splits))))
-    if use_tau is None:
-        use_tau = avg_len // splits >= 4 * k_pad
-    num_warps = 4 if block_n * k_pad <= 4096 else 8
-    return NNSelectConfig(block_n, k_pad, splits, bool(use_tau), num_warps, gps)
+        splits = max(1, min(triton.cdiv(avg_len, 4 * tile), max(1, 8 * sms // n_blocks), 128))
+    gps = min(tile, max(2, triton.next_power_of_2(triton.cdiv(2 * k_pad, splits))))
+    num_warps = 4 if block_n * tile <= 4096 else 8
+    return NNSelectConfig(block_n, k_pad, splits, num_warps, gps, tile)
 
 
 def _check_inputs(seq, starts, lengths, cand, cand_user, k):
@@ -481,75 +506,43 @@ def _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, con
     lengths = lengths.contiguous()
     cand_user = cand_user.contiguous()
     cfg = config or choose_config(n, starts.shape[0], seq.shape[0], k, dev)
-    bn, kp, splits = cfg.block_n, cfg.k_pad, cfg.splits
+    bn, kp, splits, gps, cap = cfg.block_n, cfg.k_pad, cfg.splits, cfg.groups_per_split, cfg.capacity
     d_p = max(16, triton.next_power_of_2(d))
     n_blocks = triton.cdiv(n, bn)
-    m_bulk = 8
+    g_tot = splits * gps
+    gm = torch.empty((n, g_tot), dtype=torch.int32, device=dev)
+    tau = torch.empty((n,), dtype=torch.int64, device=dev)
+    cnt = torch.empty((n,), dtype=torch.int32, device=dev)
+    keys = torch.empty((n, cap), dtype=torch.int64, device=dev)
+    scan = dict(BN=bn, BS=cfg.tile, C=gps, D_P=d_p, num_warps=cfg.num_warps)
+    args = (seq, starts, lengths, cand, cand_user, gm, tau, cnt, keys, n, d, g_tot, splits, cap)
+    bn_t = 16
     with mma_sync_only():
-        if cfg.use_tau:
-            g_tot = splits * cfg.groups_per_split
-            gm = torch.empty((n, g_tot), dtype=torch.int32, device=dev)
-            _nn_groupmax_kernel[(n_blocks, splits)](
-                seq,
-                starts,
-                lengths,
-                cand,
-                cand_user,
-                gm,
-                n,
-                d,
-                g_tot,
-                splits,
-                BN=bn,
-                BS=kp,
-                C=cfg.groups_per_split,
-                D_P=d_p,
-                num_warps=cfg.num_warps,
-            )
-        else:
-            g_tot = 1
-            gm = idx  # unused
-        final = splits == 1
-        part = idx if final else torch.empty((splits, n, kp), dtype=torch.int64, device=dev)
-        _nn_collect_kernel[(n_blocks, splits)](
+        _nn_scan_kernel[(n_blocks, splits)](*args, COLLECT=False, **scan)
+        _nn_threshold_kernel[(triton.cdiv(n, bn_t),)](
+            gm, tau, cnt, n, k, g_tot, BN=bn_t, G_P=triton.next_power_of_2(g_tot), num_warps=4
+        )
+        _nn_scan_kernel[(n_blocks, splits)](*args, COLLECT=True, **scan)
+        _nn_final_kernel[(triton.cdiv(n, bn_t),)](
             seq,
             starts,
             lengths,
             cand,
             cand_user,
-            gm,
-            part,
+            cnt,
+            keys,
             idx,
             scores,
             n,
             d,
             k,
-            g_tot,
-            splits,
-            BN=bn,
+            cap,
+            BN=bn_t,
             K=kp,
             D_P=d_p,
-            G_P=triton.next_power_of_2(g_tot),
-            USE_TAU=cfg.use_tau,
-            TAU_ITERS=20,
-            FINAL=final,
-            M_BULK=m_bulk,
-            num_warps=cfg.num_warps,
+            M_BULK=8,
+            num_warps=4 if bn_t * kp <= 4096 else 8,
         )
-        if not final:
-            bn_m = 16
-            _nn_merge_kernel[(triton.cdiv(n, bn_m),)](
-                part,
-                idx,
-                scores,
-                n,
-                k,
-                splits,
-                BN=bn_m,
-                K=kp,
-                M_BULK=m_bulk,
-                num_warps=4 if bn_m * kp <= 4096 else 8,
-            )
     return idx, scores
 
 

@@ -201,17 +201,35 @@ def test_nn_select_100k():
     nn_check(nn_inputs([100_000] * 8, [4] * 8, seed=1), 64)
 
 
-# (k, block_n): every (k_pad, block_n) pair choose_config can pick; splits are a run-time argument.
+# (k, block_n): every (k_pad, block_n) pair choose_config can pick; splits are a run-time argument,
+# and a capacity of k_pad forces the overflow fallback on the long user.
 NN_CONFIG_KB = [(16, 16), (16, 32), (16, 64), (64, 16), (64, 32), (64, 64), (96, 16), (96, 32), (200, 16)]
 
 
 @pytest.mark.parametrize("k,block_n", NN_CONFIG_KB)
-@pytest.mark.parametrize("splits,use_tau", [(1, False), (7, False), (33, True)])
-def test_nn_select_every_config(k, block_n, splits, use_tau):
+@pytest.mark.parametrize("splits,small_cap", [(1, False), (7, False), (33, False), (5, True)])
+def test_nn_select_every_config(k, block_n, splits, small_cap):
     k_pad = max(16, 1 << (k - 1).bit_length())
-    gps = min(k_pad, max(2, 1 << (math.ceil(2 * k_pad / splits) - 1).bit_length()))
-    cfg = nn_mod.NNSelectConfig(block_n, k_pad, splits, use_tau, 4 if block_n * k_pad <= 4096 else 8, gps)
+    tile = max(64, k_pad)
+    gps = min(tile, max(2, 1 << (math.ceil(2 * k_pad / splits) - 1).bit_length()))
+    warps = 4 if block_n * tile <= 4096 else 8
+    cfg = nn_mod.NNSelectConfig(block_n, k_pad, splits, warps, gps, tile, k_pad if small_cap else None)
     nn_check(nn_inputs([3000, 700, 0, 5], [40, 9, 3, 2], seed=block_n + splits), k, cfg)
+
+
+@pytest.mark.parametrize("distinct", [20, 400])
+def test_nn_select_repeated_items(distinct):
+    """A lifelong sequence is full of repeats: 16,000 rows drawn from few distinct items give runs
+    of exactly equal scores (with 20 items, longer than the key capacity, so the exact fallback
+    scan runs). Identical rows score identically on both sides, so the selections match exactly."""
+    g = torch.Generator().manual_seed(distinct)
+    base = torch.randint(-127, 128, (distinct, 32), generator=g, dtype=torch.int8)
+    seq = base[torch.randint(0, distinct, (16000,), generator=g)]
+    cand = torch.randn(64, 32, generator=g).half()
+    inputs = (seq, torch.tensor([0]), torch.tensor([16000]), cand, torch.zeros(64, dtype=torch.int64))
+    idx, _ = nn_mod.nn_select(*(t.to(DEV) for t in inputs), 64)
+    ref_idx, _ = nn_select_reference(*inputs, 64)
+    assert torch.equal(idx.cpu(), ref_idx)
 
 
 def test_nn_select_auto_configs_and_graph():
