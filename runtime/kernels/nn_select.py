@@ -21,8 +21,9 @@ GPU design (no (N, S) score matrix ever reaches memory):
      score (at least k distinct positions reach it);
   3. scan again: every key at or above the threshold is appended to the candidate's key list
      (slots from an atomic counter). On random data about 1-2k keys per candidate pass;
-  4. final: a running top-K merge over each (short) key list, then sort and decode. A list that
-     overflowed its capacity (long runs of exactly equal scores) is rebuilt by an exact full scan.
+  4. final: one sort of each key list (a running top-K merge when lists exceed 2K keys), then
+     decode. A list that overflowed its capacity (long runs of exactly equal scores) is rebuilt by
+     an exact full scan.
   No program keeps a running top-k while it scans, which is what made the earlier single-pass
   design slow: its per-tile merges were serial within each program.
 """
@@ -75,14 +76,19 @@ def _load_cand_hi_lo(cand_ptr, rows, row_ok, D, D_P: tl.constexpr):
 
 
 @triton.jit
-def _tile_scores(seq_ptr, start, pos, pos_ok, c_hi, c_lo, D, D_P: tl.constexpr):
-    """Cosine scores (BN, BS) fp32 of the candidates against one tile of a user's sequence."""
+def _load_tile(seq_ptr, start, pos, pos_ok, D, D_P: tl.constexpr):
+    """int8 rows (BS, D_P) of one tile of a user's sequence (zeros where masked)."""
     d = tl.arange(0, D_P)
-    q = tl.load(
+    return tl.load(
         seq_ptr + (start + pos[:, None].to(tl.int64)) * D + d[None, :],
         mask=pos_ok[:, None] & (d[None, :] < D),
         other=0,
     )
+
+
+@triton.jit
+def _scores(q, c_hi, c_lo):
+    """Cosine scores (BN, BS) fp32 of the candidates against int8 rows q (BS, D_P)."""
     qf = q.to(tl.float32)
     nrm2 = tl.sum(qf * qf, axis=1)  # exact: int8 codes
     inv = tl.where(nrm2 > 0, 1.0 / tl.sqrt(tl.maximum(nrm2, 1.0)), 0.0)  # a zero row scores 0
@@ -90,6 +96,12 @@ def _tile_scores(seq_ptr, start, pos, pos_ok, c_hi, c_lo, D, D_P: tl.constexpr):
     dot = tl.dot(c_hi, qt) + tl.dot(c_lo, qt)
     s = dot * inv[None, :]
     return tl.where(s == 0.0, 0.0, s)  # -0.0 and +0.0 must be the same score (ties by position)
+
+
+@triton.jit
+def _tile_scores(seq_ptr, start, pos, pos_ok, c_hi, c_lo, D, D_P: tl.constexpr):
+    """Cosine scores (BN, BS) fp32 of the candidates against one tile of a user's sequence."""
+    return _scores(_load_tile(seq_ptr, start, pos, pos_ok, D, D_P), c_hi, c_lo)
 
 
 @triton.jit
@@ -141,10 +153,9 @@ def _merge_keys(buf, key, K: tl.constexpr, M_BULK: tl.constexpr):
 
 
 @triton.jit
-def _store_sorted(buf, rows, row_ok, idx_ptr, score_ptr, k, K: tl.constexpr):
-    """Sort the top-K set, decode keys into (position, score) and write the first k columns."""
-    buf = tl.sort(buf, descending=True)
-    col = tl.arange(0, K)
+def _store_keys(buf, rows, row_ok, idx_ptr, score_ptr, k, W: tl.constexpr):
+    """Decode keys sorted in descending order, (BN, W), into (position, score); write the first k."""
+    col = tl.arange(0, W)
     hi = (buf >> 32).to(tl.int32)
     valid = hi > -(2**31)
     bits = tl.where(hi >= 0, hi, hi ^ 0x7FFFFFFF)
@@ -154,6 +165,12 @@ def _store_sorted(buf, rows, row_ok, idx_ptr, score_ptr, k, K: tl.constexpr):
     m = row_ok[:, None] & (col[None, :] < k)
     tl.store(idx_ptr + offs, pos.to(idx_ptr.dtype.element_ty), mask=m)
     tl.store(score_ptr + offs, score, mask=m)
+
+
+@triton.jit
+def _store_sorted(buf, rows, row_ok, idx_ptr, score_ptr, k, K: tl.constexpr):
+    """Sort the top-K set and write its first k columns."""
+    _store_keys(tl.sort(buf, descending=True), rows, row_ok, idx_ptr, score_ptr, k, K)
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,10 +219,14 @@ def _nn_scan_kernel(
     while u < _BIG_USER:  # each distinct user of the block once (fast when candidates are grouped)
         is_u = users == u
         start, p_lo, p_hi = _user_chunk(starts_ptr, lengths_ptr, u, split, SPLITS, BS)
+        pos = p_lo + tl.arange(0, BS)
+        q = _load_tile(seq_ptr, start, pos, pos < p_hi, D, D_P)
         for p0 in range(p_lo, p_hi, BS):
             pos = p0 + tl.arange(0, BS)
             pos_ok = pos < p_hi
-            s = _tile_scores(seq_ptr, start, pos, pos_ok, c_hi, c_lo, D, D_P)
+            q_next = _load_tile(seq_ptr, start, pos + BS, pos + BS < p_hi, D, D_P)  # in flight meanwhile
+            s = _scores(q, c_hi, c_lo)
+            q = q_next
             if COLLECT:
                 key = (_ordered_bits(s).to(tl.int64) << 32) | pos[None, :].to(tl.int64)
                 ok = is_u[:, None] & pos_ok[None, :] & (key >= tau[:, None])
@@ -228,33 +249,28 @@ def _nn_scan_kernel(
 
 
 @triton.jit
-def _nn_threshold_kernel(gm_ptr, tau_ptr, cnt_ptr, N, k, G_TOT, BN: tl.constexpr, G_P: tl.constexpr):
-    """Pass 2: per candidate, the k-th largest group maximum (exact, by bisection over the 32-bit
-    ordered scores) as a key threshold, and a zeroed key counter for pass 3.
+def _nn_threshold_kernel(gm_ptr, tau_ptr, cnt_ptr, k, G_TOT, G_P: tl.constexpr):
+    """Pass 2, one candidate per program: the k-th largest group maximum (exact, by bisection over
+    the 32-bit ordered scores) as a key threshold, and a zeroed key counter for pass 3.
 
     At least k distinct positions score >= that maximum, so every top-k key is >= the threshold.
-    With fewer than k non-empty groups the threshold lets everything through.
+    With fewer than k non-empty groups the threshold lets everything through. (One warp per
+    candidate: the 33 steps are a chain of warp-level reductions, cheapest without shared memory.)
     """
-    pid = tl.program_id(0)
-    rows = pid * BN + tl.arange(0, BN)
-    row_ok = rows < N
+    row = tl.program_id(0)
     g = tl.arange(0, G_P)
-    gm = tl.load(
-        gm_ptr + rows[:, None].to(tl.int64) * G_TOT + g[None, :],
-        mask=row_ok[:, None] & (g[None, :] < G_TOT),
-        other=-(2**31),
-    )
+    gm = tl.load(gm_ptr + row.to(tl.int64) * G_TOT + g, mask=g < G_TOT, other=-(2**31))
     real = gm > -(2**31)
-    lo = tl.full((BN,), -(2**31), tl.int64)  # count(gm >= lo) >= k, or lo is the floor
-    hi = tl.full((BN,), 2**31, tl.int64)  # count(gm >= hi) < k
+    lo = tl.full((), -(2**31), tl.int64)  # count(gm >= lo) >= k, or lo is the floor
+    hi = tl.full((), 2**31, tl.int64)  # count(gm >= hi) < k
     for _ in tl.static_range(33):
-        mid = (lo + hi) >> 1
-        cnt = tl.sum((real & (gm.to(tl.int64) >= mid[:, None])).to(tl.int32), axis=1)
+        mid = (lo + hi) >> 1  # in [-2**31, 2**31 - 1]: an exact int32
+        cnt = tl.sum((real & (gm >= mid.to(tl.int32))).to(tl.int32), axis=0)
         enough = cnt >= k
         lo = tl.where(enough, mid, lo)
         hi = tl.where(enough, hi, mid)
-    tl.store(tau_ptr + rows, lo << 32, mask=row_ok)
-    tl.store(cnt_ptr + rows, tl.zeros((BN,), tl.int32), mask=row_ok)
+    tl.store(tau_ptr + row, lo << 32)
+    tl.store(cnt_ptr + row, 0)
 
 
 @triton.jit
@@ -288,30 +304,38 @@ def _nn_final_kernel(
     col = tl.arange(0, K)
     cnt = tl.load(cnt_ptr + rows, mask=row_ok, other=0)
     n_take = tl.minimum(cnt, CAP)
-    buf = tl.full((BN, K), -(2**63), tl.int64) + col[None, :]  # distinct sentinels
-    tile_sent = tl.full((BN, K), -(2**63) + K, tl.int64) + col[None, :]
-    for c0 in range(0, tl.max(n_take, axis=0), K):
-        slot = c0 + col
-        m = row_ok[:, None] & (slot[None, :] < n_take[:, None])
-        key = tl.load(keys_ptr + rows[:, None].to(tl.int64) * CAP + slot[None, :], mask=m, other=0)
-        buf = _merge_keys(buf, tl.where(m, key, tile_sent), K, M_BULK)
-    ovf = row_ok & (cnt > CAP)
-    if tl.max(ovf.to(tl.int32), axis=0) > 0:
-        buf = tl.where(ovf[:, None], tl.full((BN, K), -(2**63), tl.int64) + col[None, :], buf)
-        users = tl.load(user_ptr + rows, mask=ovf, other=_BIG_USER).to(tl.int32)
-        c_hi, c_lo = _load_cand_hi_lo(cand_ptr, rows, ovf, D, D_P)
-        u = tl.min(users, axis=0)
-        while u < _BIG_USER:
-            is_u = users == u
-            start, p_lo, p_hi = _user_chunk(starts_ptr, lengths_ptr, u, 0, 1, K)
-            for p0 in range(p_lo, p_hi, K):
-                pos = p0 + col
-                pos_ok = pos < p_hi
-                s = _tile_scores(seq_ptr, start, pos, pos_ok, c_hi, c_lo, D, D_P)
-                key = (_ordered_bits(s).to(tl.int64) << 32) | pos[None, :].to(tl.int64)
-                buf = _merge_keys(buf, tl.where(is_u[:, None] & pos_ok[None, :], key, tile_sent), K, M_BULK)
-            u = tl.min(tl.where(users > u, users, _BIG_USER), axis=0)
-    _store_sorted(buf, rows, row_ok, idx_ptr, score_ptr, k, K)
+    if tl.max(cnt, axis=0) <= tl.minimum(CAP, 2 * K):  # the common case: one sort of all lists
+        col2 = tl.arange(0, 2 * K)
+        m = row_ok[:, None] & (col2[None, :] < n_take[:, None])
+        key = tl.load(keys_ptr + rows[:, None].to(tl.int64) * CAP + col2[None, :], mask=m, other=0)
+        key = tl.where(m, key, -(2**63) + col2[None, :].to(tl.int64))
+        _store_keys(tl.sort(key, descending=True), rows, row_ok, idx_ptr, score_ptr, k, 2 * K)
+    else:
+        buf = tl.full((BN, K), -(2**63), tl.int64) + col[None, :]  # distinct sentinels
+        tile_sent = tl.full((BN, K), -(2**63) + K, tl.int64) + col[None, :]
+        for c0 in range(0, tl.max(n_take, axis=0), K):
+            slot = c0 + col
+            m = row_ok[:, None] & (slot[None, :] < n_take[:, None])
+            key = tl.load(keys_ptr + rows[:, None].to(tl.int64) * CAP + slot[None, :], mask=m, other=0)
+            buf = _merge_keys(buf, tl.where(m, key, tile_sent), K, M_BULK)
+        ovf = row_ok & (cnt > CAP)
+        if tl.max(ovf.to(tl.int32), axis=0) > 0:
+            buf = tl.where(ovf[:, None], tl.full((BN, K), -(2**63), tl.int64) + col[None, :], buf)
+            users = tl.load(user_ptr + rows, mask=ovf, other=_BIG_USER).to(tl.int32)
+            c_hi, c_lo = _load_cand_hi_lo(cand_ptr, rows, ovf, D, D_P)
+            u = tl.min(users, axis=0)
+            while u < _BIG_USER:
+                is_u = users == u
+                start, p_lo, p_hi = _user_chunk(starts_ptr, lengths_ptr, u, 0, 1, K)
+                for p0 in range(p_lo, p_hi, K):
+                    pos = p0 + col
+                    pos_ok = pos < p_hi
+                    s = _tile_scores(seq_ptr, start, pos, pos_ok, c_hi, c_lo, D, D_P)
+                    key = (_ordered_bits(s).to(tl.int64) << 32) | pos[None, :].to(tl.int64)
+                    key = tl.where(is_u[:, None] & pos_ok[None, :], key, tile_sent)
+                    buf = _merge_keys(buf, key, K, M_BULK)
+                u = tl.min(tl.where(users > u, users, _BIG_USER), axis=0)
+        _store_sorted(buf, rows, row_ok, idx_ptr, score_ptr, k, K)
 
 
 # --------------------------------------------------------------------------------------------
@@ -519,9 +543,7 @@ def _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, con
     bn_t = 16
     with mma_sync_only():
         _nn_scan_kernel[(n_blocks, splits)](*args, COLLECT=False, **scan)
-        _nn_threshold_kernel[(triton.cdiv(n, bn_t),)](
-            gm, tau, cnt, n, k, g_tot, BN=bn_t, G_P=triton.next_power_of_2(g_tot), num_warps=4
-        )
+        _nn_threshold_kernel[(n,)](gm, tau, cnt, k, g_tot, G_P=triton.next_power_of_2(g_tot), num_warps=1)
         _nn_scan_kernel[(n_blocks, splits)](*args, COLLECT=True, **scan)
         _nn_final_kernel[(triton.cdiv(n, bn_t),)](
             seq,
