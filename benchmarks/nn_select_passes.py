@@ -19,6 +19,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from runtime.kernels import nn_select as nn_mod  # noqa: E402
+from transact.selection import nn_select_reference  # noqa: E402
 
 ROWS = [("1 user", 1, 16000), ("64 users", 64, 16000), ("64 users S=100k", 64, 100000)]
 
@@ -61,7 +62,14 @@ def main() -> None:
         for bn in (16, 64) if n_users == 1 else ():
             cfg = nn_mod.choose_config(256, n_users, n_users * length, 64, dev, block_n=bn, splits=64)
             cfgs.append(nn_mod.NNSelectConfig(bn, 64, 64, 4 if bn == 16 else 8, cfg.groups_per_split, tile=128))
+        seq, starts, lens, cand, users = args
+        ref_idx, _ = nn_select_reference(seq.cpu(), starts.cpu(), lens.cpu(), cand[:8].cpu(), users[:8].cpu(), 64)
         for cfg in cfgs:
+            idx, _ = nn_mod.nn_select(*args, 64, config=cfg)
+            agree = (idx[:8].cpu() == ref_idx).float().mean().item()
+            if agree < 0.99:
+                print(f"{name}: {cfg} WRONG (agreement {agree:.3f} with the reference)", flush=True)
+                continue
             times = profile_once(args, cfg)
             total = sum(times.values())
             parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(times.items(), key=lambda kv: -kv[1]))
