@@ -74,6 +74,30 @@ def timeit(fn, runs: int, warmup: int, sync: bool) -> dict:
             "mean_ms": float(ms.mean()), "runs": runs}  # fmt: skip
 
 
+def stage_breakdown(session: Session, req: Request, runs: int) -> dict[str, float]:
+    """Median ms of each stage of one request through the cuda backend (each stage synchronised)."""
+    be = session.backend
+    times: dict[str, list[float]] = {}
+
+    def stage(name, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        torch.cuda.synchronize()
+        times.setdefault(name, []).append((time.perf_counter() - t0) * 1000)
+        return out
+
+    for _ in range(runs):
+        plan = stage("plan the batch (host)", plan_batch, [req])
+        b = be.bucket_for(plan.num_rows, plan.num_candidates, max(len(u.ll) for u in plan.users))
+        arena = be._arena(b)
+        stage("fill the pinned arena (host)", be._fill, arena, b, plan)
+        stage("copy to the GPU", arena.upload)
+        outs = stage("GPU part (graph replay)", be._outputs_for, arena, b)
+        buf = be._host_out(b, "probabilities", outs["probabilities"])
+        stage("copy back", buf.copy_, outs["probabilities"])
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
 def startup_child(bundle: str, cache: str) -> None:
     """In a fresh process: build a cuda Session and print its start-up timings as JSON."""
     t0 = time.perf_counter()
@@ -130,6 +154,7 @@ def main() -> None:
     rows["hybrid, dense on GPU, no CUDA graphs"] = timeit(lambda: no_graph.run([req], validate=False), args.runs,
                                                           args.warmup, False)  # fmt: skip
     got = dense_gpu.score(req)
+    results["stages_dense_gpu_ms"] = stage_breakdown(dense_gpu, req, args.runs)
 
     model = hybrid.bundle.verified.build_model().cuda()
     named = {k: torch.from_numpy(v) for k, v in plan.padded_inputs().items()}
@@ -160,6 +185,9 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for name, r in rows.items():
         print(f"| {name} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {base / r['p50_ms']:.1f}x |")
+    print("\n| stage of one request, hybrid with dense on GPU (each synchronised) | median ms |\n|---|---:|")
+    for name, ms in results["stages_dense_gpu_ms"].items():
+        print(f"| {name} | {ms:.3f} |")
     print(f"\nmax |hybrid - eager| on probabilities: {results['max_abs_diff_hybrid_vs_eager']:.2e}")
     best = min(rows["hybrid, dense in ONNX Runtime (CPU)"]["p50_ms"], rows["hybrid, dense on GPU"]["p50_ms"])
     print(f"targets: p50 <= 0.5 ms -> best hybrid {best:.3f} ms; >= 10x eager -> {base / best:.1f}x")
