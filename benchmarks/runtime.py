@@ -98,6 +98,32 @@ def stage_breakdown(session: Session, req: Request, runs: int) -> dict[str, floa
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
+def gpu_kernel_profile(session: Session, req: Request, calls: int = 10, top: int = 15) -> list[tuple[str, float]]:
+    """Device time per request of the heaviest kernels of the GPU part (run without graphs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    be = session.backend
+    plan = plan_batch([req])
+    b = be.bucket_for(plan.num_rows, plan.num_candidates, max(len(u.ll) for u in plan.users))
+    arena = be._arena(b)
+    be._fill(arena, b, plan)
+    arena.upload()
+    with torch.no_grad():
+        be._compute(arena, b)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                be._compute(arena, b)
+            torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+        if t:
+            rows.append((ev.key[:60], t / calls / 1000, ev.count // calls))
+    rows.sort(key=lambda r: -r[1])
+    return [("TOTAL", sum(r[1] for r in rows), sum(r[2] for r in rows))] + rows[:top]
+
+
 def startup_child(bundle: str, cache: str) -> None:
     """In a fresh process: build a cuda Session and print its start-up timings as JSON."""
     t0 = time.perf_counter()
@@ -155,6 +181,7 @@ def main() -> None:
                                                           args.warmup, False)  # fmt: skip
     got = dense_gpu.score(req)
     results["stages_dense_gpu_ms"] = stage_breakdown(dense_gpu, req, args.runs)
+    results["gpu_kernels_ms"] = gpu_kernel_profile(no_graph, req)
 
     model = hybrid.bundle.verified.build_model().cuda()
     named = {k: torch.from_numpy(v) for k, v in plan.padded_inputs().items()}
@@ -188,6 +215,9 @@ def main() -> None:
     print("\n| stage of one request, hybrid with dense on GPU (each synchronised) | median ms |\n|---|---:|")
     for name, ms in results["stages_dense_gpu_ms"].items():
         print(f"| {name} | {ms:.3f} |")
+    print("\n| kernel of the GPU part (no graph), per request | device ms | launches |\n|---|---:|---:|")
+    for name, ms, n in results["gpu_kernels_ms"]:
+        print(f"| {name} | {ms:.3f} | {n} |")
     print(f"\nmax |hybrid - eager| on probabilities: {results['max_abs_diff_hybrid_vs_eager']:.2e}")
     best = min(rows["hybrid, dense in ONNX Runtime (CPU)"]["p50_ms"], rows["hybrid, dense on GPU"]["p50_ms"])
     print(f"targets: p50 <= 0.5 ms -> best hybrid {best:.3f} ms; >= 10x eager -> {base / best:.1f}x")
