@@ -166,7 +166,7 @@ def main() -> None:
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": SHAPE, "rows": {}}
     rows = results["rows"]
 
-    hybrid = Session(bundle, device="cuda", warmup_shapes=[REQUEST_BUCKET])
+    hybrid = Session(bundle, device="cuda", dense_on="cpu", warmup_shapes=[REQUEST_BUCKET])
     cfg = hybrid.config
     b = random_batch(cfg, 1, SHAPE["candidates"], ll=SHAPE["ll"], rt=SHAPE["rt"], imp=SHAPE["imp"], seed=0)
     req = Request.from_batch(b, 0)

@@ -341,7 +341,10 @@ class SessionOptions:
     warmup: bool = True
     triton_cache_dir: str | None = None  # cuda: persistent compiled-kernel cache (default ~/.cache/transact/triton)
     cuda_graphs: bool = True  # cuda: replay captured graphs per shape bucket
-    dense_on: str = "cpu"  # cuda: "cpu" runs dense.onnx in ONNX Runtime, "gpu" runs the dense part in torch
+    # cuda: "gpu" runs the dense part in torch inside the captured graph (about 2 ms less per 256
+    # candidates than dense.onnx on the host CPU, see benchmarks/RESULTS.md); "cpu" runs dense.onnx in
+    # ONNX Runtime on the host, which keeps the GPU for the sequence modules alone.
+    dense_on: str = "gpu"
     max_batch: int = 16  # cuda: largest number of request rows warmed up
     # cuda: (request rows, candidates, ll width) buckets compiled and captured at start-up; None: the defaults
     warmup_shapes: list[tuple[int, int, int]] | None = None
