@@ -1,0 +1,84 @@
+"""Tile sweep of the fused transformer kernel at the runtime's two shapes (and any you add).
+
+    PYTHONPATH=. python benchmarks/skut_sweep.py
+
+For each shape (the V2 module: B=256 sequences of 192 tokens, d=64, 1 head, causal; the V1 module:
+B=256 of 100 tokens, d=96, 2 heads, not causal; both 2 layers, FFN 32, 25% random key padding), every
+configuration below is first checked against the float64 PyTorch reference (relative norm error), then
+timed replayed from a CUDA graph (median ms). Prints one table; the fastest correct configuration per
+shape is marked.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+sys.path.append(_HERE)
+
+import torch  # noqa: E402
+from kernels import bench_graph, make_encoder  # noqa: E402
+
+from runtime.kernels import skut as sk  # noqa: E402
+
+SHAPES = [
+    # name, batch, seq, d_model, heads, ffn, causal
+    ("V2 B=256 S=192 d=64", 256, 192, 64, 1, 32, True),
+    ("V1 B=256 S=100 d=96 h=2", 256, 100, 96, 2, 32, False),
+    ("V2 B=16 S=192 d=64", 16, 192, 64, 1, 32, True),
+]
+CONFIGS = sorted(
+    set(sk.SWEEP_CONFIGS)
+    | {
+        sk.SkutConfig(128, 32, 16),
+        sk.SkutConfig(128, 16, 16),
+        sk.SkutConfig(256, 32, 16),
+        sk.SkutConfig(64, 32, 4),
+        sk.SkutConfig(32, 32, 8),
+        sk.SkutConfig(64, 16, 16),
+    },
+    key=lambda c: (c.block_m, c.block_n, c.num_warps),
+)
+
+
+def main() -> None:
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    for name, bsz, s, d, h, f, causal in SHAPES:
+        enc = make_encoder(d, h, f, 2)
+        packed = sk.pack_encoder_weights(enc, torch.float16)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(bsz, s, d, device="cuda", generator=g).half()
+        kpm = torch.rand(bsz, s, device="cuda", generator=g) < 0.25
+        kpm[:, 0] = False
+        ref = sk.skut_reference(enc, x[:8].float(), kpm[:8], causal)
+        default = sk.choose_config(s, packed, bsz)
+        rows = []
+        for cfg in CONFIGS:
+            try:
+                out = torch.full((8, s, d), float("nan"), dtype=torch.float16, device="cuda")
+                sk.skut_forward(x[:8], packed, kpm[:8], causal, None, config=cfg, out=out)
+                err = ((out.double() - ref).norm() / ref.norm()).item()
+                err = err if not math.isnan(err) else float("inf")
+                o = torch.empty(bsz, s, d, dtype=torch.float16, device="cuda")
+                run = functools.partial(sk.skut_forward, x, packed, kpm, causal, None, config=cfg, out=o)
+                ms = bench_graph([run])
+                info = {k: v for k, v in sk.last_launch_info.items() if k != "config"}
+                rows.append((cfg, err, ms, info))
+            except Exception as exc:  # a configuration that does not compile is reported, not used
+                rows.append((cfg, float("inf"), float("inf"), {"error": f"{type(exc).__name__}: {exc}"[:120]}))
+        ok = [r for r in rows if r[1] < 5e-3]
+        best = min(ok, key=lambda r: r[2])[0] if ok else None
+        print(f"\n{name} (default {default})\n| block_m/block_n/warps | rel err | ms | registers, spills |")
+        print("|---|---:|---:|---|")
+        for cfg, err, ms, info in rows:
+            mark = " **best**" if cfg == best else (" (default)" if cfg == default else "")
+            print(f"| {cfg.block_m}/{cfg.block_n}/{cfg.num_warps}{mark} | {err:.1e} | {ms:.4f} | {info} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
