@@ -480,6 +480,7 @@ class SkutConfig:
 
 # Configurations the benchmark sweeps (each one is also checked by tests/gpu/test_kernels_gpu.py).
 SWEEP_CONFIGS = (
+    SkutConfig(64, 32, 4),
     SkutConfig(64, 32, 8),
     SkutConfig(64, 16, 8),
     SkutConfig(32, 32, 4),
@@ -491,23 +492,27 @@ SWEEP_CONFIGS = (
 def choose_config(seq_len: int, packed: PackedEncoder, batch: int | None = None) -> SkutConfig:
     """Shape-based choice; no device sync.
 
-    With mma.sync every warp holds whole K/V tiles as matrix operands in registers, so key tiles
-    stay narrow (16/32) and wide rows (d_model > 64) use 32-row query tiles (ptxas spills stay
-    small). Measured on H100 (benchmarks/RESULTS.md): 128-row query tiles are fastest for
-    S = 192-2048 up to a few hundred sequences; with thousands of sequences smaller programs
-    (32 rows, 4 warps, fewer registers) keep more of them resident per SM.
+    With mma.sync every warp holds whole K/V and weight tiles as matrix operands in registers, so key
+    tiles stay narrow (32) and a program's register budget decides how many fit on an SM. Measured
+    (benchmarks/RESULTS.md, ``benchmarks/skut_sweep.py``): for d_model <= 64 and S up to a few hundred,
+    64-row query tiles with 4 warps (253 registers, two programs per SM) beat 128 rows with 8 warps by
+    1.5x at B=256, S=192 on H200; for the V1 shape (d_model 96, two heads, FFN 32, S=100) 128-row tiles
+    with 8 warps beat 32-row ones by 2.5x; long sequences keep 128-row tiles (measured on H100), and
+    thousands of sequences use small programs (32 rows, 4 warps) so that more stay resident per SM.
     """
     f_chunk = 64  # clamped to the padded FFN width at launch
     if seq_len <= 16:
         return SkutConfig(16, 16, 4, f_chunk)
     if packed.d_pad > 64:
+        if seq_len > 64 and packed.ff_pad <= 64:
+            return SkutConfig(128, 32, 8, f_chunk)
         return SkutConfig(32, 32, 8, f_chunk)
     if seq_len <= 32:
         return SkutConfig(32, 16, 4, f_chunk)
     if batch is not None and batch >= 1024:
         return SkutConfig(32, 32, 4, f_chunk)
-    if seq_len <= 64:
-        return SkutConfig(64, 32, 8, f_chunk)
+    if seq_len <= 512:
+        return SkutConfig(64, 32, 4, f_chunk)
     return SkutConfig(128, 32, 8, f_chunk)
 
 
