@@ -20,8 +20,8 @@ GPU design (no (N, S) score matrix ever reaches memory):
   2. threshold: the k-th largest group maximum of a candidate is a lower bound of its k-th best
      score (at least k distinct positions reach it);
   3. scan again: every key at or above the threshold is appended to the candidate's key list
-     (slots from an atomic counter). On random data about 1-2k keys per candidate pass;
-  4. final: one sort of each key list (a running top-K merge when lists exceed 2K keys), then
+     (slots from an atomic counter). On random data about 1-2 x k keys per candidate pass;
+  4. final: one sort of each key list (a running top-K merge when lists exceed 2 x K keys), then
      decode. A list that overflowed its capacity (long runs of exactly equal scores) is rebuilt by
      an exact full scan.
   No program keeps a running top-k while it scans, which is what made the earlier single-pass
@@ -402,8 +402,8 @@ def choose_config(
     Chunks of about four tiles per program, as many as keep ~8 programs per SM busy: the scans are
     latency-bound chains of small loads and dots, so more and shorter programs win (measured on
     H200: 1 user, 256 candidates, S=16,000: 64-candidate blocks, 64 chunks, 38 us of kernel time;
-    16-candidate blocks 49 us). About 2k group
-    maxima per candidate make the threshold pass only ~1-2k keys per candidate on random data.
+    16-candidate blocks 49 us). About 2 x k group maxima per candidate make the threshold pass only
+    about 1-2 x k keys per candidate on random data.
     """
     k_pad = max(16, triton.next_power_of_2(k))
     tile = max(64, k_pad)
