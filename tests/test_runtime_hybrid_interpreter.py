@@ -22,7 +22,7 @@ from transact.data.random_batch import random_batch
 from transact.model import transformer_fastpath
 
 bundle = open_bundle(sys.argv[1])
-backend = CudaBackend(bundle, SessionOptions(triton_cache_dir=sys.argv[2]), device="cpu")
+backend = CudaBackend(bundle, SessionOptions(triton_cache_dir=sys.argv[2], dense_on=sys.argv[3]), device="cpu")
 model = bundle.verified.build_model()
 b = random_batch(bundle.config, 2, 4, ll=[30, 0], rt=[12, 3], imp=[6, 0], seed=0, future=1)
 reqs = [Request.from_batch(b, 0), Request.from_batch(b, 1), Request.from_batch(b, 0)]
@@ -43,9 +43,10 @@ print(json.dumps({
 
 
 @pytest.mark.slow
-def test_hybrid_backend_under_the_triton_interpreter(tmp_path) -> None:
+@pytest.mark.parametrize("dense_on", ["gpu", "cpu"])  # the dense part in torch (default) or dense.onnx in ORT
+def test_hybrid_backend_under_the_triton_interpreter(tmp_path, dense_on: str) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-c", SCRIPT, str(small_bundle()), str(tmp_path / "cache")],
+    res = subprocess.run([sys.executable, "-c", SCRIPT, str(small_bundle()), str(tmp_path / "cache"), dense_on],
                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
