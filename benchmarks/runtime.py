@@ -34,6 +34,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT / "benchmarks"))
+
+from kernels import kernel_times  # noqa: E402  (benchmarks/kernels.py, beside this script)
 
 from runtime.batching import plan_batch  # noqa: E402
 from runtime.session import Request, Session  # noqa: E402
@@ -88,8 +91,7 @@ def stage_breakdown(session: Session, req: Request, runs: int) -> dict[str, floa
 
     for _ in range(runs):
         plan = stage("plan the batch (host)", plan_batch, [req])
-        b = be.bucket_for(plan.num_rows, plan.num_candidates, max(len(u.ll) for u in plan.users))
-        arena = be._arena(b)
+        b, arena = be.staging_for(plan)
         stage("fill the pinned arena (host)", be._fill, arena, b, plan)
         stage("copy to the GPU", arena.upload)
         outs = stage("GPU part (graph replay)", be._outputs_for, arena, b)
@@ -98,29 +100,15 @@ def stage_breakdown(session: Session, req: Request, runs: int) -> dict[str, floa
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def gpu_kernel_profile(session: Session, req: Request, calls: int = 10, top: int = 15) -> list[tuple[str, float]]:
+def gpu_kernel_profile(session: Session, req: Request, top: int = 15) -> list[tuple[str, float, int]]:
     """Device time per request of the heaviest kernels of the GPU part (run without graphs)."""
-    from torch.profiler import ProfilerActivity, profile
-
     be = session.backend
     plan = plan_batch([req])
-    b = be.bucket_for(plan.num_rows, plan.num_candidates, max(len(u.ll) for u in plan.users))
-    arena = be._arena(b)
+    b, arena = be.staging_for(plan)
     be._fill(arena, b, plan)
     arena.upload()
     with torch.no_grad():
-        be._compute(arena, b)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(calls):
-                be._compute(arena, b)
-            torch.cuda.synchronize()
-    rows = []
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
-        if t:
-            rows.append((ev.key[:60], t / calls / 1000, ev.count // calls))
-    rows.sort(key=lambda r: -r[1])
+        rows = kernel_times(lambda: be._compute(arena, b), calls=10)
     return [("TOTAL", sum(r[1] for r in rows), sum(r[2] for r in rows))] + rows[:top]
 
 

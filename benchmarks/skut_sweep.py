@@ -12,7 +12,6 @@ shape is marked.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import sys
 
@@ -22,7 +21,7 @@ sys.path.insert(0, os.path.dirname(_HERE))
 sys.path.append(_HERE)
 
 import torch  # noqa: E402
-from kernels import bench_graph, make_encoder  # noqa: E402
+from kernels import bench_graph, check_skut, make_encoder, transformer_inputs  # noqa: E402
 
 from runtime.kernels import skut as sk  # noqa: E402
 
@@ -51,19 +50,12 @@ def main() -> None:
     for name, bsz, s, d, h, f, causal in SHAPES:
         enc = make_encoder(d, h, f, 2)
         packed = sk.pack_encoder_weights(enc, torch.float16)
-        g = torch.Generator(device="cuda").manual_seed(0)
-        x = torch.randn(bsz, s, d, device="cuda", generator=g).half()
-        kpm = torch.rand(bsz, s, device="cuda", generator=g) < 0.25
-        kpm[:, 0] = False
-        ref = sk.skut_reference(enc, x[:8].float(), kpm[:8], causal)
+        x, kpm = transformer_inputs(bsz, s, d, seed=0)
         default = sk.choose_config(s, packed, bsz)
         rows = []
         for cfg in CONFIGS:
             try:
-                out = torch.full((8, s, d), float("nan"), dtype=torch.float16, device="cuda")
-                sk.skut_forward(x[:8], packed, kpm[:8], causal, None, config=cfg, out=out)
-                err = ((out.double() - ref).norm() / ref.norm()).item()
-                err = err if not math.isnan(err) else float("inf")
+                err = check_skut(enc, packed, cfg, 8, s, causal)
                 o = torch.empty(bsz, s, d, dtype=torch.float16, device="cuda")
                 run = functools.partial(sk.skut_forward, x, packed, kpm, causal, None, config=cfg, out=o)
                 ms = bench_graph([run])

@@ -191,6 +191,11 @@ class CudaBackend:
         ll = pow2_bucket(ll_width, MIN_LL_BUCKET, cap)
         return Bucket(pow2_bucket(rows, 1), pow2_bucket(cands, MIN_CANDIDATE_BUCKET), (ll, *self.widths_rt_imp))
 
+    def staging_for(self, plan: BatchPlan) -> tuple[Bucket, Arena]:
+        """The shape bucket of a plan and its (reused) staging arena, not yet filled."""
+        b = self.bucket_for(plan.num_rows, plan.num_candidates, max(len(u.ll) for u in plan.users))
+        return b, self._arena(b)
+
     def _arena(self, b: Bucket) -> Arena:
         arena = self.arenas.get(b)
         if arena is None:
@@ -413,8 +418,7 @@ class CudaBackend:
 
     def _sequence_outputs(self, plan: BatchPlan) -> dict[str, np.ndarray]:
         """As ``sequence_outputs``, as views of the reused pinned buffers (valid until the next batch)."""
-        b = self.bucket_for(plan.num_rows, plan.num_candidates, max(len(u.ll) for u in plan.users))
-        arena = self._arena(b)
+        b, arena = self.staging_for(plan)
         self._fill(arena, b, plan)
         arena.upload()
         outs = self._outputs_for(arena, b)

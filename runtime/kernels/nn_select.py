@@ -31,6 +31,7 @@ GPU design (no (N, S) score matrix ever reaches memory):
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -303,7 +304,8 @@ def _nn_final_kernel(
     row_ok = rows < N
     col = tl.arange(0, K)
     cnt = tl.load(cnt_ptr + rows, mask=row_ok, other=0)
-    n_take = tl.minimum(cnt, CAP)
+    ovf = cnt > CAP
+    n_take = tl.where(ovf, 0, cnt)  # an overflowing list is rebuilt below, not read
     if tl.max(cnt, axis=0) <= tl.minimum(CAP, 2 * K):  # the common case: one sort of all lists
         col2 = tl.arange(0, 2 * K)
         m = row_ok[:, None] & (col2[None, :] < n_take[:, None])
@@ -318,9 +320,7 @@ def _nn_final_kernel(
             m = row_ok[:, None] & (slot[None, :] < n_take[:, None])
             key = tl.load(keys_ptr + rows[:, None].to(tl.int64) * CAP + slot[None, :], mask=m, other=0)
             buf = _merge_keys(buf, tl.where(m, key, tile_sent), K, M_BULK)
-        ovf = row_ok & (cnt > CAP)
-        if tl.max(ovf.to(tl.int32), axis=0) > 0:
-            buf = tl.where(ovf[:, None], tl.full((BN, K), -(2**63), tl.int64) + col[None, :], buf)
+        if tl.max(ovf.to(tl.int32), axis=0) > 0:  # those rows' buf still holds only sentinels
             users = tl.load(user_ptr + rows, mask=ovf, other=_BIG_USER).to(tl.int32)
             c_hi, c_lo = _load_cand_hi_lo(cand_ptr, rows, ovf, D, D_P)
             u = tl.min(users, axis=0)
@@ -341,6 +341,7 @@ def _nn_final_kernel(
 # --------------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
 class NNSelectConfig:
     """Launch parameters (all chosen from shapes only, never from tensor values).
 
@@ -349,32 +350,20 @@ class NNSelectConfig:
     ``capacity`` keys kept per candidate before the exact fallback scan takes over.
     """
 
-    def __init__(
-        self,
-        block_n: int,
-        k_pad: int,
-        splits: int,
-        num_warps: int,
-        groups_per_split: int,
-        tile: int | None = None,
-        capacity: int | None = None,
-    ) -> None:
-        self.block_n = block_n
-        self.k_pad = k_pad
-        self.splits = splits
-        self.num_warps = num_warps
-        self.groups_per_split = groups_per_split
-        self.tile = tile or max(64, k_pad)
-        self.capacity = capacity or 8 * k_pad
-        if self.tile % groups_per_split or groups_per_split & (groups_per_split - 1):
-            raise ValueError(f"groups_per_split must be a power of two dividing tile={self.tile}")
+    block_n: int
+    k_pad: int
+    splits: int
+    num_warps: int
+    groups_per_split: int
+    tile: int | None = None  # default max(64, k_pad)
+    capacity: int | None = None  # default 8 * k_pad
 
-    def __repr__(self) -> str:
-        return (
-            f"NNSelectConfig(block_n={self.block_n}, k_pad={self.k_pad}, splits={self.splits}, "
-            f"num_warps={self.num_warps}, groups_per_split={self.groups_per_split}, "
-            f"tile={self.tile}, capacity={self.capacity})"
-        )
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tile", self.tile or max(64, self.k_pad))
+        object.__setattr__(self, "capacity", self.capacity or 8 * self.k_pad)
+        g = self.groups_per_split
+        if self.tile % g or g & (g - 1):
+            raise ValueError(f"groups_per_split must be a power of two dividing tile={self.tile}")
 
 
 def _interpreting() -> bool:
