@@ -87,7 +87,11 @@ GRID = [
         True,
         "max_all",
         torch.bfloat16,
-        marks=pytest.mark.skipif(DEV == "cpu", reason="the Triton 3.9 interpreter mis-computes bf16 tl.dot (relative error ~1e9 on a plain 16x32 @ 32x16); bf16 runs in tests/gpu"),
+        marks=pytest.mark.skipif(
+            DEV == "cpu",
+            reason="the Triton 3.9 interpreter mis-computes bf16 tl.dot (relative error ~1e9 on a plain "
+            "16x32 @ 32x16); bf16 runs in tests/gpu",
+        ),
     ),
 ]
 
