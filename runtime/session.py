@@ -345,6 +345,9 @@ class SessionOptions:
     # candidates than dense.onnx on the host CPU, see benchmarks/RESULTS.md); "cpu" runs dense.onnx in
     # ONNX Runtime on the host, which keeps the GPU for the sequence modules alone.
     dense_on: str = "gpu"
+    # cuda: the fp32 matrix products on the GPU (dense part, output projections) on TF32 tensor cores:
+    # 10-bit mantissas like the fp16 transformer, well inside the fp16 path's 2e-3 on probabilities.
+    tf32: bool = True
     max_batch: int = 16  # cuda: largest number of request rows warmed up
     # cuda: (request rows, candidates, ll width) buckets compiled and captured at start-up; None: the defaults
     warmup_shapes: list[tuple[int, int, int]] | None = None

@@ -207,11 +207,16 @@ def test_tampered_bundle_is_refused(bundle_dir: Path, tmp_path: Path) -> None:
         Session(bad, device="cpu")
 
 
-def test_hybrid_glue_on_cpu_matches_eager(session: Session, eager: RankingModel, tmp_path: Path) -> None:
-    """The cuda backend's own code (staging arena, selection ordering, token gathers, V1/V2 assembly,
-    dense.onnx) run on the CPU with the kernels' CPU paths; the GPU run is in tests/gpu."""
+def test_hybrid_glue_on_cpu_matches_eager(
+    session: Session, eager: RankingModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cuda backend's own code (staging arena, selection, token building, V1/V2 assembly, dense
+    part) run on the CPU with the kernels' PyTorch paths; the interpreter runs the Triton kernels in
+    test_runtime_hybrid_interpreter.py and the GPU in tests/gpu."""
     from runtime.backends.cuda import CudaBackend
     from runtime.session import SessionOptions
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # set by the kernel tests' modules
 
     options = SessionOptions(triton_cache_dir=str(tmp_path / "triton"))
     backend = CudaBackend(session.bundle, options, device="cpu", cpu_reference=True)

@@ -25,19 +25,22 @@ compile again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from transact.config import ITEM_DIM, ModelConfig
-from transact.model import RankingModel, highest_bit
+from transact.model import RankingModel
 
 from ..batching import BatchPlan, plan_batch
 from ..session import Limits, LoadedBundle, SessionOptions
@@ -91,14 +94,29 @@ def check_cuda_available() -> None:
         raise BackendUnavailable(f"device='cuda' needs Triton for its kernels ({e}); pip install triton") from None
 
 
-def load_kernels():
-    """The two Triton kernels (import errors become BackendUnavailable)."""
+def load_kernels() -> SimpleNamespace:
+    """The Triton kernel modules (import errors become BackendUnavailable)."""
     try:
-        from runtime.kernels.nn_select import nn_select
-        from runtime.kernels.skut import pack_encoder_weights, skut_forward
+        from runtime.kernels import nn_select, skut, tokens
     except ImportError as e:
         raise BackendUnavailable(f"device='cuda': the Triton kernels are not available ({e})") from None
-    return nn_select, pack_encoder_weights, skut_forward
+    return SimpleNamespace(nn_select=nn_select, skut=skut, tokens=tokens)
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """fp32 matrix products on TF32 tensor cores inside the block (recorded as such by a graph capture),
+    the process-wide setting restored afterwards. Other threads' products in the meantime see it too."""
+    if not enabled:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
 
 
 def pow2_bucket(n: int, minimum: int, cap: int | None = None) -> int:
@@ -155,7 +173,9 @@ class CudaBackend:
             raise BackendUnavailable("the cuda backend runs on a CUDA GPU (or on the CPU under TRITON_INTERPRET=1)")
         self.options = options
         self.triton_cache_dir = set_triton_cache_dir(options.triton_cache_dir)
-        self.nn_select, pack, self.skut_forward = load_kernels()
+        self.kernels = load_kernels()
+        self.nn_select, self.skut_forward = self.kernels.nn_select.nn_select, self.kernels.skut.skut_forward
+        pack = self.kernels.skut.pack_encoder_weights
         self.config: ModelConfig = bundle.config
         self.model = _load_model(bundle, self.device)
         self._lock = threading.Lock()
@@ -167,11 +187,16 @@ class CudaBackend:
         half = torch.float16
         self.v1_packed = pack(m.transact.transformer_encoder, half) if m.transact is not None else None
         self.v2_packed = pack(m.transact_v2.transformer_encoder, half) if m.transact_v2 is not None else None
+        if m.transact_v2 is not None:
+            m2 = m.transact_v2
+            tables = (m2.action_emb, m2.surface_emb.weight, m2.pos_emb.weight, m2.null_token)
+            self.v2_emb = self.kernels.tokens.V2Embeddings(*(t.detach() for t in tables))
         self.widths_rt_imp = (max(1, c.max_rt), max(1, c.max_imp))
         self.graphs: dict[Bucket, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
         self.arenas: dict[Bucket, Arena] = {}
         self.outputs: dict[Bucket, dict[str, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._streams = [torch.cuda.Stream(self.device) for _ in range(2)] if self.device.type == "cuda" else []
         self.stats = {"graphs_captured": 0, "graph_failures": 0, "buckets_warmed": 0}
         if self.dense_on == "cpu":
             import onnxruntime as ort
@@ -260,106 +285,95 @@ class CudaBackend:
 
     def _compute(self, arena: Arena, b: Bucket) -> dict[str, torch.Tensor]:
         """v1 (Nb, d1), v2 (Nb, d2) (and probabilities with dense_on="gpu"), all on the device."""
+        with tf32_matmuls(self.options.tf32 and self.device.type == "cuda"):
+            return self._compute_outputs(arena, b)
+
+    def _compute_outputs(self, arena: Arena, b: Bucket) -> dict[str, torch.Tensor]:
         m = self.model
         d = arena.dev
-        cand = d["cand"]
-        cand_req = d["cand_req"].long()
-        counts = d["counts"].long()
+        cand, cand_req, counts = d["cand"], d["cand_req"], d["counts"]
         out: dict[str, torch.Tensor] = {}
         n = cand.shape[0]
         v1 = torch.zeros(n, 0, device=self.device)
         v2 = torch.zeros(n, 0, device=self.device)
+        # V1 is independent of V2 up to the dense part: its own stream (a parallel branch of the graph),
+        # so that the two transformer kernels, each one program per candidate, share the SMs.
+        if m.transact is not None:
+            with self._side_stream(0):
+                v1 = self._v1(arena, b, cand, cand_req, counts[1])
         if m.transact_v2 is not None:
             v2, sel = self._v2(arena, b, cand, cand_req, counts)
             out.update(sel)
-        if m.transact is not None:
-            v1 = self._v1(arena, b, cand, cand_req, counts[1])
+        self._join(0)
         out["v1"], out["v2"] = v1, v2
         if self.dense_on == "gpu":
-            probs = m.dense(d["user_dense"], d["item_dense"], d["context"][0], d["context"][1], cand_req, cand, v1, v2)
+            req = cand_req.long()
+            probs = m.dense(d["user_dense"], d["item_dense"], d["context"][0], d["context"][1], req, cand, v1, v2)
             out["probabilities"] = probs
         return out
 
+    @contextlib.contextmanager
+    def _side_stream(self, i: int) -> Iterator[None]:
+        """Run the block on side stream ``i``, after everything queued so far (no-op off the GPU)."""
+        if self.device.type != "cuda":
+            yield
+            return
+        side = self._streams[i]
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            yield
+
+    def _join(self, i: int) -> None:
+        """Make the current stream wait for side stream ``i``."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).wait_stream(self._streams[i])
+
+    def _token_arena(self, arena: Arena, b: Bucket):
+        """The staged sequences as the token kernels read them."""
+        d, r, (w_ll, w_rt, _) = arena.dev, b.rows, b.widths
+        base = (0, r * w_ll, r * (w_ll + w_rt))
+        return self.kernels.tokens.TokenArena(d["item"], d["action"], d["surface"], base, b.widths)
+
     def _v2(self, arena: Arena, b: Bucket, cand, cand_req, counts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         m2, cfg = self.model.transact_v2, self.config.transact_v2
-        dev, r = self.device, b.rows
-        d = arena.dev
-        w_ll, w_rt, w_imp = b.widths
-        ll_n = counts[0] * int(cfg.use_ll)
-        rt_n, imp_n = counts[1], counts[2]
-        rest_n = (rt_n - cfg.r_rt).clamp_min(0)
-        rows = torch.arange(r, device=dev)
-        tok = d["item"]
-        base_rt, base_imp = r * w_ll, r * (w_ll + w_rt)
+        tokens = self._token_arena(arena, b)
+        starts = [torch.arange(b.rows, device=self.device) * w for w in b.widths]
+        lengths = (counts[0] * int(cfg.use_ll), (counts[1] - cfg.r_rt).clamp_min(0), counts[2])
+        ks = (cfg.k_ll, cfg.k_rt, cfg.k_imp)
 
-        def select(lo: int, w: int, lengths: torch.Tensor, k: int) -> torch.Tensor:
-            seq = tok[lo : lo + r * w]
-            idx, _ = self.nn_select(seq, rows * w, lengths, cand, cand_req, k)
-            key = torch.where(idx >= 0, idx, torch.full_like(idx, 1 << 40))
-            key = key.sort(dim=1).values  # oldest -> newest, empty slots last
-            return torch.where(key >= (1 << 40), torch.full_like(key, -1), key)
+        def pick(g: int) -> torch.Tensor:
+            seq = tokens.rows(g, b.rows)
+            return self.nn_select(seq, starts[g], lengths[g], cand, cand_req, ks[g], idx_dtype=torch.int32)[0]
 
-        ll_pos = select(0, w_ll, ll_n, cfg.k_ll)
-        rt_pos = select(base_rt, w_rt, rest_n, cfg.k_rt)
-        imp_pos = select(base_imp, w_imp, imp_n, cfg.k_imp)
-        recent = (rt_n - cfg.r_rt)[cand_req].unsqueeze(1) + torch.arange(cfg.r_rt, device=dev)
-        recent = torch.where(recent >= 0, recent, torch.full_like(recent, -1))
-        pos = torch.cat([ll_pos, rt_pos, imp_pos, recent], dim=1)
-        consts = arena.consts
-        group = consts["group"].unsqueeze(0).expand_as(pos)
-        valid = pos >= 0
-        order = (~valid).to(torch.int8).sort(dim=1, stable=True).indices  # valid first, order kept
-        pos, group, valid = pos.gather(1, order), group.gather(1, order), valid.gather(1, order)
-        t = pos.shape[1]
-        flat = consts["base"][group] + cand_req.unsqueeze(1) * consts["width"][group] + pos.clamp_min(0)
-        item = tok[flat]  # (N, T, 32) int8
-        action = d["action"][flat]
-        surface = d["surface"][flat].long()
-        x = torch.cat([item.float() * (self.config.quant_scale / 127.0),
-                       cand.unsqueeze(1).expand(-1, t, -1)], dim=-1)  # fmt: skip
-        bit = torch.arange(m2.num_actions, device=dev, dtype=torch.int32)
-        bits = ((action.unsqueeze(-1) >> bit) & 1).float()
-        x = x + bits @ m2.action_emb + m2.surface_emb.weight[surface]
-        x = x * valid.unsqueeze(-1)
-        x = x + m2.pos_emb.weight[:t]
-        num_valid = valid.sum(1)
-        first = torch.arange(t, device=dev) == 0
-        null = (num_valid == 0).unsqueeze(1) & first.unsqueeze(0)
-        x = torch.where(null.unsqueeze(-1), m2.null_token.expand_as(x), x)
-        pad = ~(valid | null)
+        with self._side_stream(1):  # the two short sequences alongside the long one
+            picks_rt, picks_imp = pick(1), pick(2)
+        picks_ll = pick(0)
+        self._join(1)
+        scale = self.config.quant_scale / 127.0
+        x, pad, pos, group = self.kernels.tokens.v2_tokens(
+            tokens, (picks_ll, picks_rt, picks_imp), counts[1], cfg.r_rt, cand, cand_req, self.v2_emb, scale
+        )
         if cfg.latest_n > 0:
-            hidden = self.skut_forward(x.half(), self.v2_packed, key_padding_mask=pad, causal=True, pool=None).float()
+            hidden = self.skut_forward(x, self.v2_packed, key_padding_mask=pad, causal=True, pool=None).float()
             v2 = m2.pool(hidden, pad)
         else:
-            pooled = self.skut_forward(x.half(), self.v2_packed, key_padding_mask=pad, causal=True, pool="max_valid")
+            pooled = self.skut_forward(x, self.v2_packed, key_padding_mask=pad, causal=True, pool="max_valid")
             v2 = m2.out_linear(pooled.float())
-        return v2, {"selection_pos": torch.where(valid, pos, -1), "selection_group": torch.where(valid, group, -1)}
+        return v2, {"selection_pos": pos, "selection_group": group}
 
     def _v1(self, arena: Arena, b: Bucket, cand, cand_req, rt_n) -> torch.Tensor:
         m1, cfg = self.model.transact, self.config.transact
-        dev, r = self.device, b.rows
-        d = arena.dev
-        w_ll, w_rt, _ = b.widths
-        s = cfg.seq_len
-        # Newest first: slot j holds valid position rt_n - 1 - j (the module's `transact_inputs`).
-        p = rt_n.unsqueeze(1) - 1 - torch.arange(s, device=dev)
-        stored = p >= 0
-        flat = r * w_ll + torch.arange(r, device=dev).unsqueeze(1) * w_rt + p.clamp(0, w_rt - 1)
-        action = torch.where(stored, highest_bit(d["action"][flat]) + 1, torch.zeros_like(p))
-        ids = m1.action_type_lookup[action + 1]  # (R, S)
-        item = d["item"][flat].float() * (self.config.quant_scale / 127.0) * stored.unsqueeze(-1)
-        user_tokens = torch.cat([m1.action_emb_module(ids), item], dim=-1)  # (R, S, a + 32)
-        x = user_tokens[cand_req]
-        if cfg.concat_candidate_emb:
-            x = torch.cat([x, cand.unsqueeze(1).expand(-1, s, -1)], dim=-1)
-        mask = (ids <= 0)[cand_req]
-        mask[:, 0] = False  # slot 0 always attends (no fully masked row)
-        hidden = self.skut_forward(x.half(), self.v1_packed, key_padding_mask=mask, causal=False, pool=None).float()
+        x, mask = self.kernels.tokens.v1_tokens(
+            self._token_arena(arena, b), rt_n, cfg.seq_len, cand, cand_req, m1.action_type_lookup,
+            m1.action_emb_module.weight.detach(), self.config.quant_scale / 127.0,
+            concat_candidate=cfg.concat_candidate_emb,
+        )  # fmt: skip
+        hidden = self.skut_forward(x, self.v1_packed, key_padding_mask=mask, causal=False, pool=None)
         parts = []
-        if cfg.concat_max_pool:
-            parts.append(m1.out_linear(hidden.max(dim=1).values))
+        if cfg.concat_max_pool:  # max over every slot, padding included, as the module does
+            parts.append(m1.out_linear(hidden.amax(dim=1).float()))
         rows = hidden[:, : cfg.latest_n_emb] if cfg.latest_n_emb > 0 else hidden
-        parts.append(rows.flatten(1))
+        parts.append(rows.reshape(rows.shape[0], -1).float())
         return torch.cat(parts, dim=1)
 
     # -- running ---------------------------------------------------------------------------------

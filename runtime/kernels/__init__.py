@@ -2,6 +2,7 @@
 
 - ``nn_select``: fused int8 nearest-neighbour selection (dequant, normalise, score, top-k).
 - ``skut``: a whole ``nn.TransformerEncoder`` stack in one launch.
+- ``tokens``: the V2 and V1 transformer inputs (ordering, gathers, embeddings) in one launch each.
 """
 
 from __future__ import annotations

@@ -250,3 +250,41 @@ def test_nn_select_auto_configs_and_graph():
         torch.cuda.synchronize()
         ref_idx, _ = nn_select_reference(inputs[0], inputs[1], inputs[2], new_cand.cpu(), inputs[4], 64)
         assert (idx.cpu() == ref_idx).float().mean().item() > 0.999
+
+
+# ----------------------------------------------------------------------------------------------
+# token builders
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("counts", [[[15000], [90], [100]], [[0], [0], [0]], [[16000], [20], [3]]])
+def test_v2_tokens_production_shape(counts) -> None:
+    """The runtime's shape: one user, ll 16,000, rt 100, imp 100, 256 candidates, 96 + 32 + 32 + 32 tokens;
+    a user with no actions (null tokens) and short rt / imp rows."""
+    from test_kernel_tokens import tok_mod, v2_case
+
+    args = v2_case(4, widths=(16000, 100, 100), rows=1, n=256, ks=(96, 32, 32), r_rt=32, counts=counts)
+    x, pad, pos, group = tok_mod.v2_tokens(*args)
+    rx, rpad, rpos, rgroup = tok_mod.v2_tokens_torch(*args)
+    assert torch.equal(pos, rpos) and torch.equal(group, rgroup) and torch.equal(pad, rpad)
+    assert (err := ((x.double() - rx.double()).norm() / rx.double().norm()).item()) < 1e-3, err
+
+
+def test_v1_tokens_production_shape() -> None:
+    """256 candidates of 4 request rows, 100 rt slots of 96 features (action 32 ⊕ item ⊕ candidate)."""
+    from test_kernel_tokens import random_arena, tok_mod
+
+    g = torch.Generator().manual_seed(5)
+    arena = random_arena((64, 100, 100), 4, 3, 5, g)
+    rt_n = torch.tensor([100, 37, 0, 1], dtype=torch.int32, device=DEV)
+    cand = torch.randn(256, 32, generator=g).to(DEV)
+    cand_req = torch.randint(0, 4, (256,), generator=g, dtype=torch.int32).to(DEV)
+    lookup = torch.randint(0, 33, (100,), generator=g).to(DEV)
+    lookup[0] = 0
+    emb = torch.randn(33, 32, generator=g).to(DEV)
+    args = (arena, rt_n, 100, cand, cand_req, lookup, emb, 0.65 / 127)
+    x, mask = tok_mod.v1_tokens(*args)
+    rx, rmask = tok_mod.v1_tokens_torch(*args)
+    assert torch.equal(mask, rmask)
+    assert (err := ((x.double() - rx.double()).norm() / rx.double().norm()).item()) < 1e-3, err
+
