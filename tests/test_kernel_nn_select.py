@@ -103,12 +103,13 @@ def brute_force(seq, starts, lengths, cand, users, k):
     return idx
 
 
-def run_kernel(inputs, k, config=None, idx_dtype=torch.int64):
+def run_kernel(inputs, k, config=None, idx_dtype=torch.int64, max_len=None):
     seq, starts, lens, cand, users = (t.to(DEV) for t in inputs)
     n = cand.shape[0]
     idx = torch.full((n, k), -7, dtype=idx_dtype, device=DEV)  # poison
     scores = torch.full((n, k), float("nan"), dtype=torch.float32, device=DEV)
-    nn_mod.nn_select(seq, starts, lens, cand, users, k, idx_dtype=idx_dtype, config=config, out=(idx, scores))
+    nn_mod.nn_select(seq, starts, lens, cand, users, k, idx_dtype=idx_dtype, config=config, out=(idx, scores),
+                     max_len=max_len)  # fmt: skip
     assert not (idx == -7).any(), "unwritten index"
     return idx, scores
 
@@ -154,6 +155,37 @@ def test_every_path(block_n, k_pad, splits, gps, tile, cap):
     cfg = nn_mod.NNSelectConfig(block_n, k_pad, splits, 4, gps, tile=tile, capacity=cap)
     idx, scores = run_kernel(inputs, k, cfg)
     assert_matches_reference(idx, scores, inputs, k)
+
+
+@pytest.mark.parametrize("lengths,n_per_user,k,max_len", [
+    ([100], [20], 32, 100),  # the runtime's rt / imp shape, scaled down
+    ([5, 17, 0, 33], [3, 1, 2, 4], 8, 33),  # users sharing a block, an empty user
+    ([33], [3], 40, 33),  # k > length
+    ([70, 12], [9, 8], 6, 20),  # the hint is too small: later tiles are merged in, still exact
+])  # fmt: skip
+def test_short_path(lengths, n_per_user, k, max_len, monkeypatch):
+    """The one-pass kernel for sequences the caller bounds by ``max_len``."""
+
+    def four_passes(*args):
+        raise AssertionError("max_len <= SHORT_MAX must take the one-pass kernel")
+
+    monkeypatch.setattr(nn_mod, "_nn_select_triton", four_passes)
+    inputs = make_inputs(lengths, n_per_user, torch.float16, seed=k + max_len)
+    idx, scores = run_kernel(inputs, k, max_len=max_len)
+    assert_matches_reference(idx, scores, inputs, k)
+
+
+def test_short_path_ties_prefer_recent():
+    g = torch.Generator().manual_seed(12)
+    base = torch.randint(-127, 128, (4, 32), generator=g, dtype=torch.int8)
+    seq = base[torch.randint(0, 4, (90,), generator=g)]  # many exact ties
+    cand = torch.randn(6, 32, generator=g).half()
+    cand[5] = 0  # every score 0: pure recency order
+    inputs = (seq, torch.tensor([0]), torch.tensor([90]), cand, torch.zeros(6, dtype=torch.int64))
+    for max_len in (90, 40):  # one tile, and three merged tiles
+        idx, _ = run_kernel(inputs, 25, max_len=max_len)
+        assert torch.equal(idx.cpu().long(), brute_force(*inputs, 25))
+        assert idx[5].tolist() == list(range(89, 64, -1))
 
 
 def test_prefilter_large_k():

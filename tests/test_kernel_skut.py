@@ -164,6 +164,21 @@ def test_final_norm_and_sequence_first_encoder():
     check(out, sk.skut_reference(enc, x, mask, True), torch.float16)
 
 
+@pytest.mark.parametrize("n_layers,pool", [(2, "max_all"), (1, "max_valid")])
+def test_pool_and_hidden_rows_from_one_launch(n_layers, pool):
+    """``hidden=`` receives every output row while the pooled rows come back: V1's max pool ⊕ latest rows."""
+    enc = make_encoder(96, 2, 32, n_layers, seed=4)
+    x = torch.randn(3, 21, 96, generator=torch.Generator().manual_seed(4))
+    mask = make_mask(3, 21, False, seed=4)
+    packed = sk.pack_encoder_weights(enc, torch.float16, device=DEV)
+    hidden = torch.full((3, 21, 96), float("nan"), dtype=torch.float16, device=DEV)  # poison
+    pooled = sk.skut_forward(x.to(DEV, torch.float16), packed, mask.to(DEV), False, pool, hidden=hidden)
+    check(hidden, sk.skut_reference(enc, x, mask, False), torch.float16)
+    check(pooled, sk.skut_reference(enc, x, mask, False, pool), torch.float16)
+    with pytest.raises(ValueError, match="hidden needs a pool mode"):
+        sk.skut_forward(x.to(DEV, torch.float16), packed, mask.to(DEV), False, None, hidden=hidden)
+
+
 def test_torch_path_matches_reference():
     """The pure PyTorch path (used on CPU without the interpreter) computes the same function."""
     enc = make_encoder(96, 2, 32, 2, seed=2)

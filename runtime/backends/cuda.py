@@ -343,7 +343,8 @@ class CudaBackend:
 
         def pick(g: int) -> torch.Tensor:
             seq = tokens.rows(g, b.rows)
-            return self.nn_select(seq, starts[g], lengths[g], cand, cand_req, ks[g], idx_dtype=torch.int32)[0]
+            return self.nn_select(seq, starts[g], lengths[g], cand, cand_req, ks[g], idx_dtype=torch.int32,
+                                  max_len=b.widths[g])[0]  # fmt: skip
 
         with self._side_stream(1):  # the two short sequences alongside the long one
             picks_rt, picks_imp = pick(1), pick(2)
@@ -368,10 +369,13 @@ class CudaBackend:
             m1.action_emb_module.weight.detach(), self.config.quant_scale / 127.0,
             concat_candidate=cfg.concat_candidate_emb,
         )  # fmt: skip
-        hidden = self.skut_forward(x, self.v1_packed, key_padding_mask=mask, causal=False, pool=None)
         parts = []
-        if cfg.concat_max_pool:  # max over every slot, padding included, as the module does
-            parts.append(m1.out_linear(hidden.amax(dim=1).float()))
+        if cfg.concat_max_pool:  # max over every slot, padding included, as the module does; same launch
+            hidden = torch.empty_like(x)
+            pooled = self.skut_forward(x, self.v1_packed, mask, causal=False, pool="max_all", hidden=hidden)
+            parts.append(m1.out_linear(pooled.float()))
+        else:
+            hidden = self.skut_forward(x, self.v1_packed, key_padding_mask=mask, causal=False, pool=None)
         rows = hidden[:, : cfg.latest_n_emb] if cfg.latest_n_emb > 0 else hidden
         parts.append(rows.reshape(rows.shape[0], -1).float())
         return torch.cat(parts, dim=1)
@@ -428,18 +432,21 @@ class CudaBackend:
     def sequence_outputs(self, plan: BatchPlan) -> dict[str, np.ndarray]:
         """The GPU part for a plan, copied back: v1, v2, the selection (and probabilities if dense_on="gpu")."""
         with self._lock:
-            return {k: v.copy() for k, v in self._sequence_outputs(plan).items()}
+            return {k: v.copy() for k, v in self._sequence_outputs(plan, selection=True).items()}
 
-    def _sequence_outputs(self, plan: BatchPlan) -> dict[str, np.ndarray]:
-        """As ``sequence_outputs``, as views of the reused pinned buffers (valid until the next batch)."""
+    def _sequence_outputs(self, plan: BatchPlan, selection: bool = False) -> dict[str, np.ndarray]:
+        """As ``sequence_outputs``, as views of the reused pinned buffers (valid until the next batch); the
+        selection (two (N, T) int64 tensors, ~0.8 MB at 256 candidates) only when asked for."""
         b, arena = self.staging_for(plan)
         self._fill(arena, b, plan)
         arena.upload()
         outs = self._outputs_for(arena, b)
         n = plan.num_candidates
         wanted = ["probabilities"] if self.dense_on == "gpu" else ["v1", "v2"]
+        if selection:
+            wanted += [k for k in ("selection_pos", "selection_group") if k in outs]
         host = {}
-        for k in wanted + [k for k in ("selection_pos", "selection_group") if k in outs]:
+        for k in wanted:
             buf = self._host_out(b, k, outs[k])
             buf.copy_(outs[k], non_blocking=True)
             host[k] = buf

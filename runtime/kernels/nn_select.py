@@ -26,6 +26,8 @@ GPU design (no (N, S) score matrix ever reaches memory):
      an exact full scan.
   No program keeps a running top-k while it scans, which is what made the earlier single-pass
   design slow: its per-tile merges were serial within each program.
+* Short sequences (the caller's ``max_len`` hint up to ``SHORT_MAX`` rows, e.g. the 100-row rt and
+  impression sequences) take one launch instead: every key of the sequence in one tile, one sort.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ __all__ = ["nn_select", "nn_select_torch", "nn_select_reference", "NNSelectConfi
 # (INT32_MIN + 1) << 32, so all sentinels sort below all real keys.
 _BIG_USER = tl.constexpr(2**31 - 1)  # "no user": larger than any user index
 _MAX_K = 256  # register budget of the (block_n, K) key tiles; the models use k <= 96
+SHORT_MAX = 256  # sequences up to this many rows (by the caller's max_len) take the one-pass kernel
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,6 +250,53 @@ def _nn_scan_kernel(
         tl.store(
             gm_ptr + rows[:, None].to(tl.int64) * G_TOT + split * C + g[None, :], gmax, mask=row_ok[:, None]
         )
+
+
+@triton.jit
+def _nn_short_kernel(
+    seq_ptr,
+    starts_ptr,
+    lengths_ptr,
+    cand_ptr,
+    user_ptr,
+    idx_ptr,
+    score_ptr,
+    N,
+    D,
+    k,
+    BN: tl.constexpr,
+    W: tl.constexpr,
+    D_P: tl.constexpr,
+):
+    """One pass for short sequences: all keys of a W-row tile at once, one sort, done.
+
+    Rows beyond W (a sequence longer than the caller's hint) are merged tile by tile into the
+    running top-W set (the bitonic max of two sorted halves), so the result is exact at any length.
+    """
+    pid = tl.program_id(0)
+    rows = pid * BN + tl.arange(0, BN)
+    row_ok = rows < N
+    col = tl.arange(0, W)
+    users = tl.load(user_ptr + rows, mask=row_ok, other=_BIG_USER).to(tl.int32)
+    c_hi, c_lo = _load_cand_hi_lo(cand_ptr, rows, row_ok, D, D_P)
+    sent = tl.full((BN, W), -(2**63), tl.int64) + col[None, :]  # empty slots: below every real key
+    buf = sent
+    u = tl.min(users, axis=0)
+    while u < _BIG_USER:  # each distinct user of the block once
+        is_u = users == u
+        start, p_lo, p_hi = _user_chunk(starts_ptr, lengths_ptr, u, 0, 1, W)
+        for p0 in range(p_lo, p_hi, W):
+            pos = p0 + col
+            pos_ok = pos < p_hi
+            s = _tile_scores(seq_ptr, start, pos, pos_ok, c_hi, c_lo, D, D_P)
+            key = (_ordered_bits(s).to(tl.int64) << 32) | pos[None, :].to(tl.int64)
+            key = tl.where(is_u[:, None] & pos_ok[None, :], key, sent)
+            if p0 == p_lo:  # this user's rows of buf hold only sentinels so far
+                buf = tl.where(is_u[:, None], key, buf)
+            else:
+                buf = tl.maximum(tl.sort(buf, descending=True), tl.sort(key))
+        u = tl.min(tl.where(users > u, users, _BIG_USER), axis=0)
+    _store_keys(tl.sort(buf, descending=True), rows, row_ok, idx_ptr, score_ptr, k, W)
 
 
 @triton.jit
@@ -456,6 +506,7 @@ def nn_select(
     idx_dtype: torch.dtype = torch.int64,
     config: NNSelectConfig | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k cosine neighbours of every candidate within its own user's int8 sequence.
 
@@ -468,6 +519,9 @@ def nn_select(
         idx_dtype: torch.int64 (default) or torch.int32 for the positions.
         config: launch parameters; by default chosen from the shapes.
         out: optional preallocated (idx, scores) to write into (e.g. under CUDA-graph capture).
+        max_len: a bound on every length known to the caller (e.g. the row width of a padded layout),
+            a hint only: up to ``SHORT_MAX`` rows (and no ``config``) one single-pass launch replaces
+            the four passes. Results are exact either way.
     Returns:
         idx (N, k) positions relative to the user's start, best first (-1 when the user has fewer
         than k rows), scores (N, k) float32 cosine similarities (-inf in empty slots).
@@ -506,7 +560,33 @@ def nn_select(
     if out is None:
         idx = torch.empty((n, k), dtype=idx_dtype, device=seq.device)
         scores = torch.empty((n, k), dtype=torch.float32, device=seq.device)
+    if config is None and max_len is not None and max(max_len, k) <= SHORT_MAX:
+        return _nn_select_short(seq, starts, lengths, cand, cand_user, k, idx, scores, max_len)
     return _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, config)
+
+
+def _prepare(seq, starts, lengths, cand, cand_user):
+    """Contiguous inputs; bf16 candidates as fp32 (the kernels split them into fp16 hi + lo)."""
+    cand = cand.contiguous()
+    if cand.dtype == torch.bfloat16:
+        cand = cand.float()
+    return seq.contiguous(), starts.contiguous(), lengths.contiguous(), cand, cand_user.contiguous()
+
+
+def _nn_select_short(seq, starts, lengths, cand, cand_user, k, idx, scores, max_len):
+    """Sequences of at most SHORT_MAX rows: ``_nn_short_kernel``, 16 candidates per program."""
+    n, d = cand.shape
+    if n == 0:
+        return idx, scores
+    seq, starts, lengths, cand, cand_user = _prepare(seq, starts, lengths, cand, cand_user)
+    w = max(16, triton.next_power_of_2(max(max_len, k)))
+    bn = 16
+    with mma_sync_only():
+        _nn_short_kernel[(triton.cdiv(n, bn),)](
+            seq, starts, lengths, cand, cand_user, idx, scores, n, d, k,
+            BN=bn, W=w, D_P=max(16, triton.next_power_of_2(d)), num_warps=4 if w <= 128 else 8,
+        )  # fmt: skip
+    return idx, scores
 
 
 def _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, config):
@@ -514,13 +594,7 @@ def _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, con
     dev = seq.device
     if n == 0:
         return idx, scores
-    seq = seq.contiguous()
-    cand = cand.contiguous()
-    if cand.dtype == torch.bfloat16:
-        cand = cand.float()
-    starts = starts.contiguous()
-    lengths = lengths.contiguous()
-    cand_user = cand_user.contiguous()
+    seq, starts, lengths, cand, cand_user = _prepare(seq, starts, lengths, cand, cand_user)
     cfg = config or choose_config(n, starts.shape[0], seq.shape[0], k, dev)
     bn, kp, splits, gps, cap = cfg.block_n, cfg.k_pad, cfg.splits, cfg.groups_per_split, cfg.capacity
     d_p = max(16, triton.next_power_of_2(d))

@@ -316,6 +316,7 @@ def _skut_kernel(
     FINAL_NORM: tl.constexpr,
     KV_BUFS: tl.constexpr,
     PREC: tl.constexpr,
+    STORE_OUT: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     dt = out_ptr.dtype.element_ty
@@ -449,9 +450,9 @@ def _skut_kernel(
                 else:
                     dead = (rows * 0 + k_first) >= S
                 x = tl.where(dead[:, None], 0.0, x)
-                if POOL == 0:
+                if STORE_OUT:
                     tl.store(o_b + rows[:, None] * D + cd[None, :], x.to(dt), mask=xmask)
-                else:
+                if POOL != 0:
                     keep = row_ok
                     if POOL == 1:
                         if HAS_MASK:
@@ -556,6 +557,7 @@ def skut_forward(
     config: SkutConfig | None = None,
     workspace: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    hidden: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run every layer of the packed encoder on ``x`` (B, S, d_model) in one kernel launch.
 
@@ -570,6 +572,8 @@ def skut_forward(
         workspace: optional preallocated K/V scratch of at least ``workspace_numel(...)`` elements
             of the packed dtype (useful under CUDA-graph capture; otherwise allocated per call).
         out: optional preallocated result ((B, S, d) or, with ``pool``, (B, d)), contiguous.
+        hidden: with ``pool``, a contiguous (B, S, d) tensor that also receives every output row (the
+            pooled rows and the rows themselves from one launch).
     Returns:
         (B, S, d) or, with ``pool``, (B, d) in x's dtype. Fully masked rows are zeros.
 
@@ -584,8 +588,16 @@ def skut_forward(
         tuple(out.shape) != res_shape or out.dtype != x.dtype or out.device != dev or not out.is_contiguous()
     ):
         raise ValueError(f"out must be a contiguous {res_shape} {x.dtype} tensor on {dev}")
+    if hidden is not None and (
+        pool is None or tuple(hidden.shape) != (bsz, s, d) or hidden.dtype != x.dtype or hidden.device != dev
+        or not hidden.is_contiguous()
+    ):  # fmt: skip
+        raise ValueError(f"hidden needs a pool mode and must be a contiguous {(bsz, s, d)} {x.dtype} tensor on {dev}")
     if not (x.is_cuda or _interpreting()):
-        res = skut_torch(x, packed, key_padding_mask, causal, pool)
+        rows = skut_torch(x, packed, key_padding_mask, causal, None)
+        if hidden is not None:
+            hidden.copy_(rows)
+        res = _pool(rows, key_padding_mask, pool)
         return res if out is None else out.copy_(res)
     if pool is None:
         act = out if out is not None else torch.empty((bsz, s, d), dtype=x.dtype, device=dev)
@@ -593,7 +605,9 @@ def skut_forward(
     else:
         pooled = out if out is not None else torch.empty((bsz, d), dtype=x.dtype, device=dev)
         # Activations between layers need a (B, S, d) buffer; one layer needs none.
-        act = torch.empty((bsz, s, d), dtype=x.dtype, device=dev) if packed.n_layers > 1 else pooled
+        act = hidden
+        if act is None:
+            act = torch.empty((bsz, s, d), dtype=x.dtype, device=dev) if packed.n_layers > 1 else pooled
     if bsz == 0 or s == 0:
         if pool is not None:
             pooled.zero_()
@@ -637,6 +651,7 @@ def skut_forward(
             FINAL_NORM=packed.final_norm,
             KV_BUFS=kv_bufs,
             PREC="ieee" if x.dtype == torch.float32 else "tf32",
+            STORE_OUT=pool is None or hidden is not None,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )

@@ -147,12 +147,13 @@ def nn_inputs(lengths, n_per_user, dtype=torch.float16, seed=0):
     return seq, starts, lens, cand, users
 
 
-def nn_check(inputs, k, config=None, idx_dtype=torch.int64):
+def nn_check(inputs, k, config=None, idx_dtype=torch.int64, max_len=None):
     seq, starts, lens, cand, users = inputs
     n = cand.shape[0]
     idx = torch.full((n, k), -7, dtype=idx_dtype, device=DEV)
     scores = torch.full((n, k), float("nan"), device=DEV)
-    nn_mod.nn_select(*(t.to(DEV) for t in inputs), k, idx_dtype=idx_dtype, config=config, out=(idx, scores))
+    nn_mod.nn_select(*(t.to(DEV) for t in inputs), k, idx_dtype=idx_dtype, config=config, out=(idx, scores),
+                     max_len=max_len)  # fmt: skip
     torch.cuda.synchronize()
     idx, scores = idx.cpu().long(), scores.cpu()
     ref_idx, ref_scores = nn_select_reference(seq, starts, lens, cand, users, k)
@@ -195,6 +196,18 @@ NN_GRID = [
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_nn_select_grid(lengths, n_per_user, k, dtype):
     nn_check(nn_inputs(lengths, n_per_user, dtype, seed=k), k)
+
+
+@pytest.mark.parametrize("lengths,n_per_user,k,max_len", [
+    ([100], [256], 32, 100),  # the runtime's rt / imp selections
+    ([100] * 16, [16] * 16, 32, 100),  # 16 request rows
+    ([256, 3, 0], [100, 50, 20], 96, 256),  # the widest one-pass tile, k = 96
+    ([1000, 90], [40, 30], 64, 100),  # a hint below the real length: merged tiles
+    ([7], [5], 64, 7),  # k > length
+])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_nn_select_short_path(lengths, n_per_user, k, max_len, dtype):
+    nn_check(nn_inputs(lengths, n_per_user, dtype, seed=k + max_len), k, max_len=max_len)
 
 
 def test_nn_select_100k():
