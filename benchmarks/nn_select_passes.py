@@ -1,10 +1,12 @@
 """Where the time of ``nn_select`` goes: device time of each of its kernels, per selection shape.
 
-    PYTHONPATH=. python benchmarks/nn_select_passes.py
+    PYTHONPATH=. python benchmarks/nn_select_passes.py [--runtime]
 
 Runs the default configuration (and a few others) of every selection row of DESIGN §5 under the
 PyTorch profiler and prints the mean device time of each kernel per call. Each configuration is first
-checked against the float64 reference.
+checked against the float64 reference. ``--runtime`` does the same for the three selections of the
+runtime's request instead (ll 16,000 rows with k = 96, rt / imp 100 rows with k = 32, 256 candidates),
+including the one-pass kernel for short sequences at several block sizes.
 """
 
 from __future__ import annotations
@@ -39,7 +41,38 @@ def configs(n_users: int, total: int) -> list[nn_mod.NNSelectConfig]:
     return cfgs
 
 
+def show(name: str, label: str, fn) -> None:
+    times = kernel_times(fn)
+    parts = ", ".join(f"{k[:40]} {ms * 1e3:.1f}" for k, ms, _ in times)
+    print(f"{name}: {label}\n    total {sum(t[1] for t in times) * 1e3:.1f} us: {parts}", flush=True)
+
+
+def runtime_shapes() -> None:
+    dev = torch.device("cuda")
+    ll = nn_inputs(1, 16000, N_CAND, seed=0)
+    for cfg in [nn_mod.choose_config(N_CAND, 1, 16000, 96, dev)] + [
+        nn_mod.NNSelectConfig(bn, 128, sp, 8 if bn * 128 > 4096 else 4, gps, tile=128)
+        for bn, sp, gps in ((64, 32, 16), (32, 64, 8), (32, 32, 8))
+    ]:
+        if check_nn(ll, 96, cfg):
+            show("ll 16000 k=96", str(cfg), functools.partial(nn_mod.nn_select, *ll, 96, config=cfg))
+        else:
+            print(f"ll: {cfg} WRONG result, skipped", flush=True)
+    rt = nn_inputs(1, 100, N_CAND, seed=1)
+    show("rt 100 k=32", "four passes, default", functools.partial(nn_mod.nn_select, *rt, 32))
+    for warps in (1, 2, 4, 8):
+        idx = torch.empty((N_CAND, 32), dtype=torch.int64, device=dev)
+        sc = torch.empty((N_CAND, 32), device=dev)
+        fn = functools.partial(nn_mod._nn_select_short, *rt, 32, idx, sc, 100, num_warps=warps)
+        fn()
+        ok = torch.equal(idx, nn_mod.nn_select(*rt, 32)[0])
+        show("rt 100 k=32", f"one pass, {warps} warps{'' if ok else ' (differs from the four passes)'}", fn)
+
+
 def main() -> None:
+    if "--runtime" in sys.argv:
+        runtime_shapes()
+        return
     for name, n_users, length in ROWS:
         args = nn_inputs(n_users, length, N_CAND, seed=0)
         for cfg in configs(n_users, n_users * length):

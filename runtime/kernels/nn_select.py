@@ -21,13 +21,14 @@ GPU design (no (N, S) score matrix ever reaches memory):
      score (at least k distinct positions reach it);
   3. scan again: every key at or above the threshold is appended to the candidate's key list
      (slots from an atomic counter). On random data about 1-2 x k keys per candidate pass;
-  4. final: one sort of each key list (a running top-K merge when lists exceed 2 x K keys), then
-     decode. A list that overflowed its capacity (long runs of exactly equal scores) is rebuilt by
-     an exact full scan.
+  4. final, one program per candidate: each key's rank in its list (the number of larger keys,
+     counted chunk against chunk) is its output slot, so the top k land in order with no sort (wide
+     int64 sorts cost ~20 us per launch on an H200). A list that overflowed its capacity (long runs
+     of exactly equal scores) is rebuilt by an exact full scan.
   No program keeps a running top-k while it scans, which is what made the earlier single-pass
   design slow: its per-tile merges were serial within each program.
 * Short sequences (the caller's ``max_len`` hint up to ``SHORT_MAX`` rows, e.g. the 100-row rt and
-  impression sequences) take one launch instead: every key of the sequence in one tile, one sort.
+  impression sequences) take one launch instead: one program per candidate ranks all its keys.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ __all__ = ["nn_select", "nn_select_torch", "nn_select_reference", "NNSelectConfi
 # (INT32_MIN + 1) << 32, so all sentinels sort below all real keys.
 _BIG_USER = tl.constexpr(2**31 - 1)  # "no user": larger than any user index
 _MAX_K = 256  # register budget of the (block_n, K) key tiles; the models use k <= 96
-SHORT_MAX = 256  # sequences up to this many rows (by the caller's max_len) take the one-pass kernel
+SHORT_MAX = 128  # sequences up to this many rows (by the caller's max_len) take the one-pass kernel
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,6 +254,42 @@ def _nn_scan_kernel(
 
 
 @triton.jit
+def _row_keys(seq_ptr, start, p0, length, c, D, W: tl.constexpr, D_P: tl.constexpr):
+    """Keys (W,) of one candidate (c: normalised, fp32, (D_P,)) against rows [p0, p0 + W) of its
+    sequence; INT64_MIN where there is no row. Scores in fp32 from the int8 codes (exact products)."""
+    pos = p0 + tl.arange(0, W)
+    ok = pos < length
+    q = _load_tile(seq_ptr, start, pos, ok, D, D_P).to(tl.float32)
+    nrm2 = tl.sum(q * q, axis=1)
+    inv = tl.where(nrm2 > 0, 1.0 / tl.sqrt(tl.maximum(nrm2, 1.0)), 0.0)
+    s = tl.sum(q * c[None, :], axis=1) * inv
+    s = tl.where(s == 0.0, 0.0, s)  # -0.0 and +0.0 are the same score
+    key = (_ordered_bits(s).to(tl.int64) << 32) | pos.to(tl.int64)
+    return tl.where(ok, key, -(2**63))
+
+
+@triton.jit
+def _store_ranked(key, rank, row, idx_ptr, score_ptr, k):
+    """Write each real key whose rank (number of larger keys) is below k into slot ``rank``."""
+    hi = (key >> 32).to(tl.int32)
+    bits = tl.where(hi >= 0, hi, hi ^ 0x7FFFFFFF)
+    ok = (key > -(2**63)) & (rank < k)
+    offs = row.to(tl.int64) * k + rank
+    tl.store(idx_ptr + offs, (key & 0xFFFFFFFF).to(idx_ptr.dtype.element_ty), mask=ok)
+    tl.store(score_ptr + offs, bits.to(tl.float32, bitcast=True), mask=ok)
+
+
+@triton.jit
+def _store_empty(row, n_real, idx_ptr, score_ptr, k, K: tl.constexpr):
+    """-1 / -inf in the slots [n_real, k) that no key fills."""
+    slot = tl.arange(0, K)
+    m = (slot >= n_real) & (slot < k)
+    offs = row.to(tl.int64) * k + slot
+    tl.store(idx_ptr + offs, tl.full((K,), -1, tl.int32).to(idx_ptr.dtype.element_ty), mask=m)
+    tl.store(score_ptr + offs, tl.full((K,), float("-inf"), tl.float32), mask=m)
+
+
+@triton.jit
 def _nn_short_kernel(
     seq_ptr,
     starts_ptr,
@@ -261,42 +298,36 @@ def _nn_short_kernel(
     user_ptr,
     idx_ptr,
     score_ptr,
-    N,
     D,
     k,
-    BN: tl.constexpr,
     W: tl.constexpr,
+    K: tl.constexpr,
     D_P: tl.constexpr,
 ):
-    """One pass for short sequences: all keys of a W-row tile at once, one sort, done.
+    """One program per candidate, one pass for short sequences: the keys of the whole sequence (one
+    W-row tile when the caller's bound holds) and each key's rank among them; no sort.
 
-    Rows beyond W (a sequence longer than the caller's hint) are merged tile by tile into the
-    running top-W set (the bitonic max of two sorted halves), so the result is exact at any length.
-    """
-    pid = tl.program_id(0)
-    rows = pid * BN + tl.arange(0, BN)
-    row_ok = rows < N
-    col = tl.arange(0, W)
-    users = tl.load(user_ptr + rows, mask=row_ok, other=_BIG_USER).to(tl.int32)
-    c_hi, c_lo = _load_cand_hi_lo(cand_ptr, rows, row_ok, D, D_P)
-    sent = tl.full((BN, W), -(2**63), tl.int64) + col[None, :]  # empty slots: below every real key
-    buf = sent
-    u = tl.min(users, axis=0)
-    while u < _BIG_USER:  # each distinct user of the block once
-        is_u = users == u
-        start, p_lo, p_hi = _user_chunk(starts_ptr, lengths_ptr, u, 0, 1, W)
-        for p0 in range(p_lo, p_hi, W):
-            pos = p0 + col
-            pos_ok = pos < p_hi
-            s = _tile_scores(seq_ptr, start, pos, pos_ok, c_hi, c_lo, D, D_P)
-            key = (_ordered_bits(s).to(tl.int64) << 32) | pos[None, :].to(tl.int64)
-            key = tl.where(is_u[:, None] & pos_ok[None, :], key, sent)
-            if p0 == p_lo:  # this user's rows of buf hold only sentinels so far
-                buf = tl.where(is_u[:, None], key, buf)
+    A sequence longer than W (a wrong hint) is ranked tile against tile, recomputing the other
+    tile's keys: slow, exact."""
+    row = tl.program_id(0)
+    u = tl.load(user_ptr + row)
+    start = tl.load(starts_ptr + u).to(tl.int64)
+    length = tl.load(lengths_ptr + u).to(tl.int32)
+    d = tl.arange(0, D_P)
+    c = tl.load(cand_ptr + row.to(tl.int64) * D + d, mask=d < D, other=0).to(tl.float32)
+    nrm2 = tl.sum(c * c, axis=0)
+    c = c * tl.where(nrm2 > 0, 1.0 / tl.sqrt(tl.maximum(nrm2, 1e-30)), 0.0)
+    _store_empty(row, length, idx_ptr, score_ptr, k, K)
+    for p0 in range(0, length, W):
+        mine = _row_keys(seq_ptr, start, p0, length, c, D, W, D_P)
+        rank = tl.zeros((W,), tl.int32)
+        for p1 in range(0, length, W):
+            if p1 == p0:
+                other = mine
             else:
-                buf = tl.maximum(tl.sort(buf, descending=True), tl.sort(key))
-        u = tl.min(tl.where(users > u, users, _BIG_USER), axis=0)
-    _store_keys(tl.sort(buf, descending=True), rows, row_ok, idx_ptr, score_ptr, k, W)
+                other = _row_keys(seq_ptr, start, p1, length, c, D, W, D_P)
+            rank += tl.sum((other[None, :] > mine[:, None]).to(tl.int32), axis=1)
+        _store_ranked(mine, rank, row, idx_ptr, score_ptr, k)
 
 
 @triton.jit
@@ -335,57 +366,51 @@ def _nn_final_kernel(
     keys_ptr,
     idx_ptr,
     score_ptr,
-    N,
     D,
     k,
     CAP,
-    BN: tl.constexpr,
     K: tl.constexpr,
+    CH: tl.constexpr,
     D_P: tl.constexpr,
     M_BULK: tl.constexpr,
 ):
-    """Pass 4: the top-K of each candidate's key list, sorted and decoded.
+    """Pass 4, one program per candidate: the top k of its key list, best first.
 
-    A list that overflowed CAP (long runs of equal scores defeat the threshold) is rebuilt by a
-    full scan of the candidate's sequence with the running top-K merge: slow, rare and exact.
+    Each key's rank is the number of larger keys in the list (keys are distinct), counted chunk
+    against chunk; keys ranked below k go straight to their slot. No sort: the lists hold about
+    1-2 x k keys. A list that overflowed CAP (long runs of equal scores defeat the threshold) is
+    rebuilt by a full scan of the candidate's sequence with the running top-K merge: slow, rare, exact.
     """
-    pid = tl.program_id(0)
-    rows = pid * BN + tl.arange(0, BN)
-    row_ok = rows < N
-    col = tl.arange(0, K)
-    cnt = tl.load(cnt_ptr + rows, mask=row_ok, other=0)
-    ovf = cnt > CAP
-    n_take = tl.where(ovf, 0, cnt)  # an overflowing list is rebuilt below, not read
-    if tl.max(cnt, axis=0) <= tl.minimum(CAP, 2 * K):  # the common case: one sort of all lists
-        col2 = tl.arange(0, 2 * K)
-        m = row_ok[:, None] & (col2[None, :] < n_take[:, None])
-        key = tl.load(keys_ptr + rows[:, None].to(tl.int64) * CAP + col2[None, :], mask=m, other=0)
-        key = tl.where(m, key, -(2**63) + col2[None, :].to(tl.int64))
-        _store_keys(tl.sort(key, descending=True), rows, row_ok, idx_ptr, score_ptr, k, 2 * K)
+    row = tl.program_id(0)
+    cnt = tl.load(cnt_ptr + row)
+    if cnt <= CAP:
+        _store_empty(row, cnt, idx_ptr, score_ptr, k, K)
+        j = tl.arange(0, CH)
+        base = keys_ptr + row.to(tl.int64) * CAP
+        for c0 in range(0, cnt, CH):
+            mine = tl.load(base + c0 + j, mask=c0 + j < cnt, other=-(2**63))
+            rank = tl.zeros((CH,), tl.int32)
+            for c1 in range(0, cnt, CH):
+                other = tl.load(base + c1 + j, mask=c1 + j < cnt, other=-(2**63))
+                rank += tl.sum((other[None, :] > mine[:, None]).to(tl.int32), axis=1)
+            _store_ranked(mine, rank, row, idx_ptr, score_ptr, k)
     else:
-        buf = tl.full((BN, K), -(2**63), tl.int64) + col[None, :]  # distinct sentinels
-        tile_sent = tl.full((BN, K), -(2**63) + K, tl.int64) + col[None, :]
-        for c0 in range(0, tl.max(n_take, axis=0), K):
-            slot = c0 + col
-            m = row_ok[:, None] & (slot[None, :] < n_take[:, None])
-            key = tl.load(keys_ptr + rows[:, None].to(tl.int64) * CAP + slot[None, :], mask=m, other=0)
-            buf = _merge_keys(buf, tl.where(m, key, tile_sent), K, M_BULK)
-        if tl.max(ovf.to(tl.int32), axis=0) > 0:  # those rows' buf still holds only sentinels
-            users = tl.load(user_ptr + rows, mask=ovf, other=_BIG_USER).to(tl.int32)
-            c_hi, c_lo = _load_cand_hi_lo(cand_ptr, rows, ovf, D, D_P)
-            u = tl.min(users, axis=0)
-            while u < _BIG_USER:
-                is_u = users == u
-                start, p_lo, p_hi = _user_chunk(starts_ptr, lengths_ptr, u, 0, 1, K)
-                for p0 in range(p_lo, p_hi, K):
-                    pos = p0 + col
-                    pos_ok = pos < p_hi
-                    s = _tile_scores(seq_ptr, start, pos, pos_ok, c_hi, c_lo, D, D_P)
-                    key = (_ordered_bits(s).to(tl.int64) << 32) | pos[None, :].to(tl.int64)
-                    key = tl.where(is_u[:, None] & pos_ok[None, :], key, tile_sent)
-                    buf = _merge_keys(buf, key, K, M_BULK)
-                u = tl.min(tl.where(users > u, users, _BIG_USER), axis=0)
-        _store_sorted(buf, rows, row_ok, idx_ptr, score_ptr, k, K)
+        # A block of 16 rows with only this candidate live (the tile scores need 16-row dots).
+        rows = row + tl.arange(0, 16)
+        live = tl.arange(0, 16) == 0
+        col = tl.arange(0, K)
+        buf = tl.full((16, K), -(2**63), tl.int64) + col[None, :]  # distinct sentinels
+        tile_sent = tl.full((16, K), -(2**63) + K, tl.int64) + col[None, :]
+        c_hi, c_lo = _load_cand_hi_lo(cand_ptr, rows, live, D, D_P)
+        start, p_lo, p_hi = _user_chunk(starts_ptr, lengths_ptr, tl.load(user_ptr + row), 0, 1, K)
+        for p0 in range(p_lo, p_hi, K):
+            pos = p0 + col
+            pos_ok = pos < p_hi
+            s = _tile_scores(seq_ptr, start, pos, pos_ok, c_hi, c_lo, D, D_P)
+            key = (_ordered_bits(s).to(tl.int64) << 32) | pos[None, :].to(tl.int64)
+            key = tl.where(live[:, None] & pos_ok[None, :], key, tile_sent)
+            buf = _merge_keys(buf, key, K, M_BULK)
+        _store_sorted(buf, rows, live, idx_ptr, score_ptr, k, K)
 
 
 # --------------------------------------------------------------------------------------------
@@ -560,7 +585,7 @@ def nn_select(
     if out is None:
         idx = torch.empty((n, k), dtype=idx_dtype, device=seq.device)
         scores = torch.empty((n, k), dtype=torch.float32, device=seq.device)
-    if config is None and max_len is not None and max(max_len, k) <= SHORT_MAX:
+    if config is None and max_len is not None and max_len <= SHORT_MAX:
         return _nn_select_short(seq, starts, lengths, cand, cand_user, k, idx, scores, max_len)
     return _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, config)
 
@@ -573,18 +598,18 @@ def _prepare(seq, starts, lengths, cand, cand_user):
     return seq.contiguous(), starts.contiguous(), lengths.contiguous(), cand, cand_user.contiguous()
 
 
-def _nn_select_short(seq, starts, lengths, cand, cand_user, k, idx, scores, max_len):
-    """Sequences of at most SHORT_MAX rows: ``_nn_short_kernel``, 16 candidates per program."""
+def _nn_select_short(seq, starts, lengths, cand, cand_user, k, idx, scores, max_len, num_warps=None):
+    """Sequences of at most SHORT_MAX rows: ``_nn_short_kernel``, one program per candidate."""
     n, d = cand.shape
     if n == 0:
         return idx, scores
     seq, starts, lengths, cand, cand_user = _prepare(seq, starts, lengths, cand, cand_user)
-    w = max(16, triton.next_power_of_2(max(max_len, k)))
-    bn = 16
+    w = max(16, triton.next_power_of_2(max_len))
     with mma_sync_only():
-        _nn_short_kernel[(triton.cdiv(n, bn),)](
-            seq, starts, lengths, cand, cand_user, idx, scores, n, d, k,
-            BN=bn, W=w, D_P=max(16, triton.next_power_of_2(d)), num_warps=4 if w <= 128 else 8,
+        _nn_short_kernel[(n,)](
+            seq, starts, lengths, cand, cand_user, idx, scores, d, k,
+            W=w, K=max(16, triton.next_power_of_2(k)), D_P=max(16, triton.next_power_of_2(d)),
+            num_warps=num_warps or (2 if w <= 64 else 4),
         )  # fmt: skip
     return idx, scores
 
@@ -606,31 +631,14 @@ def _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, con
     keys = torch.empty((n, cap), dtype=torch.int64, device=dev)
     scan = dict(BN=bn, BS=cfg.tile, C=gps, D_P=d_p, num_warps=cfg.num_warps)
     args = (seq, starts, lengths, cand, cand_user, gm, tau, cnt, keys, n, d, g_tot, splits, cap)
-    bn_t = 16
     with mma_sync_only():
         _nn_scan_kernel[(n_blocks, splits)](*args, COLLECT=False, **scan)
         _nn_threshold_kernel[(n,)](gm, tau, cnt, k, g_tot, G_P=triton.next_power_of_2(g_tot), num_warps=1)
         _nn_scan_kernel[(n_blocks, splits)](*args, COLLECT=True, **scan)
-        _nn_final_kernel[(triton.cdiv(n, bn_t),)](
-            seq,
-            starts,
-            lengths,
-            cand,
-            cand_user,
-            cnt,
-            keys,
-            idx,
-            scores,
-            n,
-            d,
-            k,
-            cap,
-            BN=bn_t,
-            K=kp,
-            D_P=d_p,
-            M_BULK=8,
-            num_warps=4 if bn_t * kp <= 4096 else 8,
-        )
+        _nn_final_kernel[(n,)](
+            seq, starts, lengths, cand, cand_user, cnt, keys, idx, scores, d, k, cap,
+            K=kp, CH=64, D_P=d_p, M_BULK=8, num_warps=4,
+        )  # fmt: skip
     return idx, scores
 
 

@@ -201,7 +201,7 @@ def test_nn_select_grid(lengths, n_per_user, k, dtype):
 @pytest.mark.parametrize("lengths,n_per_user,k,max_len", [
     ([100], [256], 32, 100),  # the runtime's rt / imp selections
     ([100] * 16, [16] * 16, 32, 100),  # 16 request rows
-    ([256, 3, 0], [100, 50, 20], 96, 256),  # the widest one-pass tile, k = 96
+    ([128, 3, 0], [100, 50, 20], 96, 128),  # the widest one-pass tile, k = 96
     ([1000, 90], [40, 30], 64, 100),  # a hint below the real length: merged tiles
     ([7], [5], 64, 7),  # k > length
 ])  # fmt: skip
