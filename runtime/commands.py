@@ -28,9 +28,11 @@ from transact.errors import TransactError
               help="Persistent compiled-kernel cache (cuda; default ~/.cache/transact/triton).")
 @click.option("--dense-on", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
               help="cuda: run the dense part on the GPU, or dense.onnx in ONNX Runtime on the host.")
+@click.option("--tf32/--no-tf32", default=True, show_default=True,
+              help="cuda: fp32 matrix products on TF32 tensor cores (within the fp16 path's tolerance).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 def serve_cmd(bundle, host, port, device, max_batch, max_queue_delay_ms, max_candidates, max_body_mb, model_name,
-              threads, triton_cache_dir, dense_on, log_level) -> None:  # fmt: skip
+              threads, triton_cache_dir, dense_on, tf32, log_level) -> None:  # fmt: skip
     """Serve BUNDLE over HTTP (KServe / Triton Inference Server v2 protocol) until SIGINT/SIGTERM."""
     from .server import ServerSettings, create_app, run_server
     from .session import Session
@@ -43,7 +45,8 @@ def serve_cmd(bundle, host, port, device, max_batch, max_queue_delay_ms, max_can
 
     def load() -> Session:
         return Session(bundle, device=device, threads=threads, max_candidates=max_candidates,
-                       triton_cache_dir=triton_cache_dir, max_batch=max_batch, dense_on=dense_on)  # fmt: skip
+                       triton_cache_dir=triton_cache_dir, max_batch=max_batch, dense_on=dense_on,
+                       tf32=tf32)  # fmt: skip
 
     def stop(_: BaseException) -> None:
         if server_box:
