@@ -6,12 +6,15 @@ Per batch:
 1. The host writes the batch into one pinned staging arena (item codes, action masks and surfaces of
    the three sequences, valid-prefix lengths, candidates) sized for the batch's shape bucket, and one
    asynchronous copy moves it to the GPU.
-2. On the GPU: ``nn_select`` once per sequence group (ll, rt[:-r], imp) over the jagged int8 rows;
-   the V2 tokens (ordering, gathers, embeddings) in torch; ``skut_forward`` runs the whole V2
-   transformer with the causal + padding masks and the masked max pool fused; the V1 tokens (newest
-   rt actions ⊕ candidate) go through ``skut_forward`` as well, then max pool ⊕ the first ``latest_n``
-   rows and the ``out_linear`` layers in torch. Per shape bucket this whole GPU part is captured once
-   as a CUDA graph and replayed (``cuda_graphs=True``).
+2. On the GPU: ``nn_select`` once per sequence group (ll, rt[:-r], imp) over the jagged int8 rows
+   (the 100-row rt and imp sequences in one pass, on a second stream beside ll); ``v2_tokens``
+   orders the picks and builds the V2 tokens (gathers, embeddings, null token) in one launch;
+   ``skut_forward`` runs the whole V2 transformer with the causal + padding masks and the masked max
+   pool fused. V1 runs on a third stream: ``v1_tokens`` (newest rt actions ⊕ candidate), then
+   ``skut_forward`` writing the max pool and the output rows in one launch, then ``out_linear`` ⊕ the
+   first ``latest_n`` rows in torch. fp32 products use TF32 (``tf32=True``). Per shape bucket this
+   whole GPU part (about 45 launches) is captured once as a CUDA graph and replayed
+   (``cuda_graphs=True``); the streams become parallel branches of the graph.
 3. With ``dense_on="gpu"`` (the default) the dense part runs in torch on the GPU inside the same
    graph (one small copy back: the probabilities). With ``dense_on="cpu"`` ``v1`` / ``v2`` come back
    into pinned host buffers and ``dense.onnx`` runs in ONNX Runtime on the CPU on numpy views of them
@@ -151,7 +154,6 @@ class Arena:
             self.dev[name] = self.dev_bytes[off : off + nbytes].view(dtype).view(shape)
             self.np[name] = self.host[name].numpy()
         self.size = size
-        self.consts: dict[str, torch.Tensor] = {}
 
     def upload(self) -> None:
         self.dev_bytes.copy_(self.host_bytes, non_blocking=True)
@@ -234,19 +236,7 @@ class CudaBackend:
                 ("item_dense", torch.float32, (n, c.item_dense_dim)),
             ]  # fmt: skip
             arena = self.arenas[b] = Arena(fields, self.device)
-            arena.consts = self._constants(b)
         return arena
-
-    def _constants(self, b: Bucket) -> dict[str, torch.Tensor]:
-        """Small per-bucket device constants, made before any graph capture (no copies while capturing)."""
-        cfg, dev = self.config.transact_v2, self.device
-        r, (w_ll, w_rt, w_imp) = b.rows, b.widths
-        group = [0] * cfg.k_ll + [1] * cfg.k_rt + [2] * cfg.k_imp + [1] * cfg.r_rt
-        return {
-            "group": torch.tensor(group, dtype=torch.int64, device=dev),
-            "width": torch.tensor([w_ll, w_rt, w_imp], dtype=torch.int64, device=dev),
-            "base": torch.tensor([0, r * w_ll, r * (w_ll + w_rt)], dtype=torch.int64, device=dev),
-        }
 
     def _fill(self, arena: Arena, b: Bucket, plan: BatchPlan) -> None:
         """Write the batch into the pinned staging arena (padding rows: zero lengths, row-0 candidates)."""
@@ -430,7 +420,8 @@ class CudaBackend:
         return buf
 
     def sequence_outputs(self, plan: BatchPlan) -> dict[str, np.ndarray]:
-        """The GPU part for a plan, copied back: v1, v2, the selection (and probabilities if dense_on="gpu")."""
+        """The GPU part for a plan, copied back: the probabilities (dense_on="gpu") or v1 and v2
+        (dense_on="cpu"), and the V2 selection (selection_pos, selection_group)."""
         with self._lock:
             return {k: v.copy() for k, v in self._sequence_outputs(plan, selection=True).items()}
 
