@@ -14,7 +14,7 @@ from test_export_bundle import small_bundle_dir, small_config
 
 from export.bundle import ParityError, export_bundle, load_bundle
 from export.commands import parity_cmd
-from export.onnx_export import EXAMPLE_N, EXAMPLE_R, EXAMPLE_WIDTH, pad_batch
+from export.onnx_export import EXAMPLE_N, EXAMPLE_R, EXAMPLE_WIDTH, causal_block_ends, pad_batch
 from export.parity import (
     PROB_ATOL,
     BackendOutput,
@@ -122,6 +122,24 @@ def test_graph_dims_are_symbolic(bundle) -> None:  # noqa: ANN001
     assert list(dims) == list(INPUT_NAMES)
     assert dims["ll_ts"] == ["R", "L_ll"] and dims["rt_item"] == ["R", "L_rt", 32] and dims["imp_length"] == ["R"]
     assert dims["cand_request"] == ["N"] and dims["item_dense"] == ["N", small_config().item_dense_dim]
+
+
+def test_causal_attention_runs_in_query_blocks(bundle) -> None:  # noqa: ANN001
+    """V2's causal layers: four Attention nodes each, the later ones fed the earlier keys and values as
+    ``past`` (the parity tests above hold them to the eager model); V1's: one node per layer."""
+    proto = onnx.load_model_from_string(bundle.graph_bytes("full"))
+    nodes = [n for n in proto.graph.node if n.op_type == "Attention"]
+    causal = [n for n in nodes if any(a.name == "unidirectional" and a.i == 1 for a in n.attribute)]
+    layers = small_config().transact.num_layer, small_config().transact_v2.num_layer
+    assert len(nodes) - len(causal) == layers[0] and len(causal) == 4 * layers[1]
+    assert sum(len(n.input) == 5 and n.input[4] != "" for n in causal) == 3 * layers[1]
+
+
+def test_causal_block_ends() -> None:
+    assert causal_block_ends(192) == [48, 96, 144, 192]
+    assert causal_block_ends(20) == [5, 10, 15, 20]
+    assert causal_block_ends(10) == [3, 6, 9, 10]
+    assert causal_block_ends(7) == []  # too short to split
 
 
 def test_checker_fails_on_a_wrong_backend(bundle) -> None:  # noqa: ANN001
