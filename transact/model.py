@@ -147,6 +147,27 @@ def transact_inputs(
 # ---------------------------------------------------------------------------------------------
 
 
+def _exported_topk(
+    items: torch.Tensor, valid: torch.Tensor, cand_hat: torch.Tensor, cand_request: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exported graph's scores + top-k: (N, k) scores (-inf when empty) and positions.
+
+    Every request against every candidate, then each candidate's own row (R x N x L work, exactly right
+    for one request). The flip, the validity mask and the k empty columns TopK needs are applied to the
+    (R, L) items, not to the (N, L) scores, so the graph builds that matrix once (matmul + bias) and
+    reads it once (TopK). Items run newest first: ONNX TopK breaks ties by the lower index, so the more
+    recent action wins, as the float64 key does in eager (same set, float32 bytes only)."""
+    r, length, d = items.shape
+    n = cand_hat.shape[0]
+    rev = torch.cat([items.flip(1), items.new_zeros(r, k, d)], dim=1)  # (R, L + k, D)
+    bias = torch.where(valid.flip(1), 0.0, NEG_INF).to(items.dtype)
+    bias = torch.cat([bias, bias.new_full((r, k), NEG_INF)], dim=1)  # (R, L + k)
+    scores = torch.matmul(cand_hat, rev.transpose(1, 2)) + bias.unsqueeze(1)  # (R, N, L + k)
+    scores = scores.reshape(r * n, length + k)[cand_request * n + torch.arange(n, device=cand_request.device)]
+    top, j = scores.topk(k, dim=1)
+    return top, torch.where(j < length, length - 1 - j, j)
+
+
 def select_recent_nn(
     seq_item: torch.Tensor, count: torch.Tensor, cand_hat: torch.Tensor, cand_request: torch.Tensor, k: int
 ) -> torch.Tensor:
@@ -157,35 +178,29 @@ def select_recent_nn(
     r, length = seq_item.shape[0], seq_item.shape[1]
     n = cand_hat.shape[0]
     items = normalize_rows(seq_item.to(torch.float32))
-    if torch.compiler.is_compiling() or r == 1:
-        # Shape-generic form for export: every request against every candidate, then each
-        # candidate's own row. R x N x L work, which is exactly right for one request.
-        scores = torch.matmul(items, cand_hat.t()).transpose(1, 2).reshape(r * n, length)
-        scores = scores[cand_request * n + torch.arange(n, device=cand_request.device)]
-    else:
-        # Eager with many requests (training): candidates padded per request, one batched matmul,
-        # R x C x L work with C the most candidates of any request.
-        order = torch.argsort(cand_request, stable=True)
-        req_sorted = cand_request[order]
-        counts = torch.bincount(cand_request, minlength=r)
-        slot = torch.arange(n, device=order.device) - (counts.cumsum(0) - counts)[req_sorted]
-        padded = cand_hat.new_zeros(r, int(counts.max()), cand_hat.shape[1])
-        padded[req_sorted, slot] = cand_hat[order]
-        per_request = torch.bmm(padded, items.transpose(1, 2))  # (R, C, L)
-        scores = torch.empty(n, length, dtype=items.dtype, device=items.device)
-        scores[order] = per_request[req_sorted, slot]
-    pos = torch.arange(length, device=scores.device)
-    valid = pos.unsqueeze(0) < count[cand_request].unsqueeze(1)
-    masked = torch.where(valid, scores, NEG_INF)
-    pad = torch.full((n, k), NEG_INF, dtype=masked.dtype, device=masked.device)  # TopK needs >= k columns
+    pos = torch.arange(length, device=seq_item.device)
+    valid = pos.unsqueeze(0) < count.unsqueeze(1)  # (R, L)
     if torch.compiler.is_compiling():
-        # Exported graph: ONNX TopK breaks ties by the lower index, so newest-first order makes the
-        # more recent action win, as the float64 key does in eager (same set, float32 bytes only).
-        top, j = torch.cat([masked.flip(1), pad], dim=1).topk(k, dim=1)
-        idx = torch.where(j < length, length - 1 - j, j)
+        top, idx = _exported_topk(items, valid, cand_hat, cand_request, k)
     else:
+        if r == 1:  # the exported graph's product: the same float32 scores
+            scores = torch.matmul(cand_hat, items.transpose(1, 2)).reshape(n, length)
+        else:
+            # Eager with many requests (training): candidates padded per request, one batched matmul,
+            # R x C x L work with C the most candidates of any request.
+            order = torch.argsort(cand_request, stable=True)
+            req_sorted = cand_request[order]
+            counts = torch.bincount(cand_request, minlength=r)
+            slot = torch.arange(n, device=order.device) - (counts.cumsum(0) - counts)[req_sorted]
+            padded = cand_hat.new_zeros(r, int(counts.max()), cand_hat.shape[1])
+            padded[req_sorted, slot] = cand_hat[order]
+            per_request = torch.bmm(padded, items.transpose(1, 2))  # (R, C, L)
+            scores = torch.empty(n, length, dtype=items.dtype, device=items.device)
+            scores[order] = per_request[req_sorted, slot]
+        masked = torch.where(valid[cand_request], scores, NEG_INF)
         key = masked.to(torch.float64) + pos.to(torch.float64) * TIE_STEP  # -inf stays -inf
-        top, idx = torch.cat([key, pad.to(torch.float64)], dim=1).topk(k, dim=1)
+        pad = torch.full((n, k), NEG_INF, dtype=torch.float64, device=key.device)  # TopK needs >= k columns
+        top, idx = torch.cat([key, pad], dim=1).topk(k, dim=1)
     chosen = top > NEG_INF
     # Oldest -> newest: sort the chosen positions ascending, empty slots last.
     order_key = torch.where(chosen, idx, idx + 2 * (length + k))
