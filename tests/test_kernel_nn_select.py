@@ -311,6 +311,8 @@ def test_zero_candidates():
         (dict(cand_user=torch.zeros(2, dtype=torch.int64)), "cand_user"),
         (dict(cand_user=torch.zeros(3)), "cand_user"),
         (dict(k=0), "k must"),
+        (dict(max_len=-1), "max_len"),
+        (dict(max_len=2.5), "max_len"),
     ],
 )
 def test_argument_checks(bad, match):

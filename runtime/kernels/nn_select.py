@@ -559,6 +559,8 @@ def nn_select(
     _check_inputs(seq, starts, lengths, cand, cand_user, k)
     if idx_dtype not in (torch.int32, torch.int64):
         raise ValueError(f"idx_dtype must be torch.int32 or torch.int64, got {idx_dtype}")
+    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0):
+        raise ValueError(f"max_len must be None or an int >= 0, got {max_len!r}")
     n = cand.shape[0]
     if out is not None:
         idx, scores = out
