@@ -92,6 +92,28 @@ def test_cpu_session_matches_eager_per_request_and_batched(session: Session, eag
             np.testing.assert_allclose(session.score(req), want, atol=1e-5, rtol=0)
 
 
+def test_cpu_backend_runs_one_row_per_call(session: Session, eager: RankingModel, monkeypatch) -> None:
+    """Batches of several users run full.onnx once per user (its selection is R x N x L work), and the
+    answers land in the requests' order, shared rows included."""
+    reqs = random_requests(session.config, 7, n_requests=3)
+    reqs = [reqs[1], reqs[0], reqs[2], reqs[0]]  # request 0's user twice: one row, two requests
+    calls = []
+    run = session.backend.session.run
+
+    def counted(names, feed):  # noqa: ANN001, ANN202
+        calls.append(feed["request_ts"].shape)
+        return run(names, feed)
+
+    monkeypatch.setattr(session.backend.session, "run", counted)
+    plan = plan_batch(reqs)
+    probs, scores = session.backend.run(plan)
+    assert calls == [(1,)] * 3
+    want = eager_probs(eager, reqs)
+    for got, exp in zip(plan.split(probs), want, strict=True):
+        np.testing.assert_allclose(got, exp, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(scores, probs @ np.asarray(session.config.score_weights, np.float32), atol=1e-6)
+
+
 def test_edge_cases_match_eager(session: Session, eager: RankingModel) -> None:
     c = session.config
     cases = [

@@ -24,7 +24,7 @@ def ort_options(threads: int | None) -> ort.SessionOptions:
 
 
 class CpuBackend:
-    """ONNX Runtime on ``full.onnx``; sequences padded to the longest of each batch."""
+    """ONNX Runtime on ``full.onnx``, one request row (distinct user) per call."""
 
     name = "cpu"
 
@@ -39,8 +39,30 @@ class CpuBackend:
             raise ValueError(f"full.onnx: unexpected inputs {names}")
 
     def run(self, plan: BatchPlan) -> tuple[np.ndarray, np.ndarray]:
-        feed = plan.padded_inputs()
-        probs, scores = self.session.run(["probabilities", "scores"], feed)
+        """Probabilities (N, H) and scores (N,) in the plan's candidate order, one request row at a time.
+
+        ``full.onnx`` scores every request row's sequences against every candidate of the batch (R x N x L
+        selection work, exactly right for one row), so a batch of R rows would cost R times the work of
+        its parts: each row runs on its own, with all the requests that share it."""
+        if plan.num_rows <= 1:
+            return self._run(plan)
+        ends = np.cumsum([r.num_candidates for r in plan.requests])
+        spans = [(int(e) - r.num_candidates, int(e)) for r, e in zip(plan.requests, ends, strict=True)]
+        probs = np.empty((plan.num_candidates, len(self.config.heads)), np.float32)
+        scores = np.empty(plan.num_candidates, np.float32)
+        for row, user in enumerate(plan.users):
+            mine = [i for i, r in enumerate(plan.rows) if r == row]
+            sub = BatchPlan([plan.requests[i] for i in mine], [user], [0] * len(mine))
+            p, s = self._run(sub)
+            at = 0
+            for i in mine:
+                lo, hi = spans[i]
+                probs[lo:hi], scores[lo:hi] = p[at : at + hi - lo], s[at : at + hi - lo]
+                at += hi - lo
+        return probs, scores
+
+    def _run(self, plan: BatchPlan) -> tuple[np.ndarray, np.ndarray]:
+        probs, scores = self.session.run(["probabilities", "scores"], plan.padded_inputs())
         return probs, scores
 
     def warmup(self, limits: Limits) -> None:
