@@ -46,20 +46,14 @@ class CpuBackend:
         its parts: each row runs on its own, with all the requests that share it."""
         if plan.num_rows <= 1:
             return self._run(plan)
-        ends = np.cumsum([r.num_candidates for r in plan.requests])
-        spans = [(int(e) - r.num_candidates, int(e)) for r, e in zip(plan.requests, ends, strict=True)]
-        probs = np.empty((plan.num_candidates, len(self.config.heads)), np.float32)
-        scores = np.empty(plan.num_candidates, np.float32)
+        parts: list[tuple[np.ndarray, np.ndarray]] = [None] * len(plan.requests)  # type: ignore[list-item]
         for row, user in enumerate(plan.users):
             mine = [i for i, r in enumerate(plan.rows) if r == row]
             sub = BatchPlan([plan.requests[i] for i in mine], [user], [0] * len(mine))
-            p, s = self._run(sub)
-            at = 0
-            for i in mine:
-                lo, hi = spans[i]
-                probs[lo:hi], scores[lo:hi] = p[at : at + hi - lo], s[at : at + hi - lo]
-                at += hi - lo
-        return probs, scores
+            probs, scores = self._run(sub)
+            for i, p, s in zip(mine, sub.split(probs), sub.split(scores), strict=True):
+                parts[i] = (p, s)
+        return np.concatenate([p for p, _ in parts]), np.concatenate([s for _, s in parts])
 
     def _run(self, plan: BatchPlan) -> tuple[np.ndarray, np.ndarray]:
         probs, scores = self.session.run(["probabilities", "scores"], plan.padded_inputs())

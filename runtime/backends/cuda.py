@@ -327,8 +327,9 @@ class CudaBackend:
     def _v2(self, arena: Arena, b: Bucket, cand, cand_req, counts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         m2, cfg = self.model.transact_v2, self.config.transact_v2
         tokens = self._token_arena(arena, b)
-        starts = [torch.arange(b.rows, device=self.device) * w for w in b.widths]
-        lengths = (counts[0] * int(cfg.use_ll), (counts[1] - cfg.r_rt).clamp_min(0), counts[2])
+        starts = [torch.arange(0, b.rows * w, w, device=self.device) for w in b.widths]
+        ll_n = counts[0] if cfg.use_ll else torch.zeros_like(counts[0])
+        lengths = (ll_n, (counts[1] - cfg.r_rt).clamp_min(0), counts[2])
         ks = (cfg.k_ll, cfg.k_rt, cfg.k_imp)
 
         def pick(g: int) -> torch.Tensor:
