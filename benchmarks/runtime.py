@@ -92,12 +92,38 @@ def stage_breakdown(session: Session, req: Request, runs: int) -> dict[str, floa
     for _ in range(runs):
         plan = stage("plan the batch (host)", plan_batch, [req])
         b, arena = be.staging_for(plan)
-        stage("fill the pinned arena (host)", be._fill, arena, b, plan)
-        stage("copy to the GPU", arena.upload)
-        outs = stage("GPU part (graph replay)", be._outputs_for, arena, b)
+        stage("fill the pinned arena but the ll codes (host)", be._fill_small, arena, b, plan)
+        outs = stage("the rest, overlapped (uploads, graphs, ll fill)", be._outputs_for, arena, b, plan)
         buf = be._host_out(b, "probabilities", outs["probabilities"])
         stage("copy back", buf.copy_, outs["probabilities"])
+    # The parts of the overlapped stage, each on its own (synchronised).
+    graph_a, graph_ll, graph_b, _, _ = be.graphs[b]
+    split = be._ll_split(arena, b)
+    for _ in range(runs):
+        stage("  upload but the ll codes", arena.upload, 0, split)
+        stage("  graph A (V1, rt / imp selection)", graph_a.replay)
+        stage("  fill the ll codes (host)", be._fill_ll, arena, b, plan)
+        stage("  upload the ll codes", arena.upload, split)
+        stage("  graph ll (ll selection)", graph_ll.replay)
+        stage("  graph B (V2, dense)", graph_b.replay)
     return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def host_profile(session: Session, req: Request, runs: int, top: int = 22) -> str:
+    """Where the host's time of ``Session.run`` goes (cProfile, own time per function; the profiler
+    inflates Python calls, so read it for proportions)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(runs):
+        session.run([req], validate=False)
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
 
 
 def gpu_kernel_profile(session: Session, req: Request, top: int = 15) -> list[tuple[str, float, int]]:
@@ -140,6 +166,7 @@ def main() -> None:
     p.add_argument("--cpu-runs", type=int, default=20)
     p.add_argument("--skip-startup", action="store_true")
     p.add_argument("--skip-cpu", action="store_true")
+    p.add_argument("--host-profile", action="store_true", help="print a cProfile of the host side of run()")
     p.add_argument("--startup-child", help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -170,6 +197,8 @@ def main() -> None:
     got = dense_gpu.score(req)
     results["stages_dense_gpu_ms"] = stage_breakdown(dense_gpu, req, args.runs)
     results["gpu_kernels_ms"] = gpu_kernel_profile(no_graph, req)
+    if args.host_profile:
+        print(host_profile(dense_gpu, req, args.runs))
 
     model = hybrid.bundle.verified.build_model().cuda()
     named = {k: torch.from_numpy(v) for k, v in plan.padded_inputs().items()}

@@ -1,6 +1,6 @@
 """Tile sweep of the fused transformer kernel at the runtime's two shapes (and any you add).
 
-    PYTHONPATH=. python benchmarks/skut_sweep.py
+    PYTHONPATH=. python benchmarks/skut_sweep.py [V1 | V2 ...]   (substrings of the shape names; default all)
 
 For each shape (the V2 module: B=256 sequences of 192 tokens, d=64, 1 head, causal; the V1 module:
 B=256 of 100 tokens, d=96, 2 heads, not causal; both 2 layers, FFN 32, 25% random key padding), every
@@ -40,14 +40,24 @@ CONFIGS = sorted(
         sk.SkutConfig(64, 32, 4),
         sk.SkutConfig(32, 32, 8),
         sk.SkutConfig(64, 16, 16),
+        sk.SkutConfig(128, 64, 8),
+        sk.SkutConfig(128, 16, 8),
+        sk.SkutConfig(128, 32, 4),
+        sk.SkutConfig(64, 64, 4),
+        sk.SkutConfig(128, 32, 8, num_stages=1),
+        sk.SkutConfig(64, 32, 4, num_stages=1),
+        sk.SkutConfig(128, 32, 8, num_stages=3),
     },
-    key=lambda c: (c.block_m, c.block_n, c.num_warps),
+    key=lambda c: (c.block_m, c.block_n, c.num_warps, c.num_stages),
 )
 
 
 def main() -> None:
+    only = sys.argv[1:]  # optional: substrings of the shape names to run, e.g. "V1"
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     for name, bsz, s, d, h, f, causal in SHAPES:
+        if only and not any(o in name for o in only):
+            continue
         enc = make_encoder(d, h, f, 2)
         packed = sk.pack_encoder_weights(enc, torch.float16)
         x, kpm = transformer_inputs(bsz, s, d, seed=0)
@@ -69,7 +79,9 @@ def main() -> None:
         print("|---|---:|---:|---|")
         for cfg, err, ms, info in rows:
             mark = " **best**" if cfg == best else (" (default)" if cfg == default else "")
-            print(f"| {cfg.block_m}/{cfg.block_n}/{cfg.num_warps}{mark} | {err:.1e} | {ms:.4f} | {info} |", flush=True)
+            tiles = f"{cfg.block_m}/{cfg.block_n}/{cfg.num_warps}"
+            tiles += f" stages {cfg.num_stages}" if cfg.num_stages != 2 else ""
+            print(f"| {tiles}{mark} | {err:.1e} | {ms:.4f} | {info} |", flush=True)
 
 
 if __name__ == "__main__":

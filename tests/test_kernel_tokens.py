@@ -27,8 +27,11 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def random_arena(widths, rows, n_actions, n_surfaces, g):
-    base = (0, rows * widths[0], rows * (widths[0] + widths[1]))
-    total = rows * sum(widths)
+    # The runtime's layout: rt, imp, then ll (last, so that it can be uploaded on its own), after a few
+    # unused rows so that no group starts at 0.
+    lead = 3
+    base = (lead + rows * (widths[1] + widths[2]), lead, lead + rows * widths[1])
+    total = lead + rows * sum(widths)
     item = torch.randint(-127, 128, (total, 32), generator=g, dtype=torch.int8)
     action = torch.randint(0, 1 << n_actions, (total,), generator=g, dtype=torch.int32)
     surface = torch.randint(0, n_surfaces, (total,), generator=g, dtype=torch.int32)

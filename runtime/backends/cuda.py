@@ -4,18 +4,20 @@
 Per batch:
 
 1. The host writes the batch into one pinned staging arena (item codes, action masks and surfaces of
-   the three sequences, valid-prefix lengths, candidates) sized for the batch's shape bucket, and one
-   asynchronous copy moves it to the GPU.
-2. On the GPU: ``nn_select`` once per sequence group (ll, rt[:-r], imp) over the jagged int8 rows
-   (the 100-row rt and imp sequences in one pass, on a second stream beside ll); ``v2_tokens``
-   orders the picks and builds the V2 tokens (gathers, embeddings, null token) in one launch;
-   ``skut_forward`` runs the whole V2 transformer with the causal + padding masks and the masked max
-   pool fused. V1 runs on a third stream: ``v1_tokens`` (newest rt actions ⊕ candidate), then
-   ``skut_forward`` writing the max pool and the output rows in one launch, then ``out_linear`` ⊕ the
-   first ``latest_n`` rows in torch. fp32 products use TF32 (``tf32=True``). Per shape bucket this
-   whole GPU part (about 45 launches) is captured once as a CUDA graph and replayed
-   (``cuda_graphs=True``); the streams become parallel branches of the graph.
-3. With ``dense_on="gpu"`` (the default) the dense part runs in torch on the GPU inside the same
+   the three sequences, valid-prefix lengths, candidates) sized for the batch's shape bucket. The ll
+   item codes (0.5 MB at 16,000 rows) are its last bytes.
+2. Stage A, on everything but the ll codes: one asynchronous copy moves those bytes to the GPU, then
+   V1 runs on one stream: ``v1_tokens`` (newest rt actions ⊕ candidate), ``skut_forward`` writing the
+   max pool and the output rows in one launch, ``out_linear`` ⊕ the first ``latest_n`` rows in torch;
+   on another, ``nn_select`` over the 100-row rt[:-r] and imp sequences (one pass each). Meanwhile the
+   host fills the ll codes, and a third stream uploads them and runs ``nn_select`` over the jagged
+   int8 ll rows beside stage A.
+3. Stage B, after both: ``v2_tokens`` orders the picks and builds the V2 tokens (gathers, embeddings,
+   null token) in one launch; ``skut_forward`` runs the whole V2 transformer with the causal + padding
+   masks and the masked max pool fused. fp32 products use TF32 (``tf32=True``). Per shape bucket the
+   three parts (about 45 launches in all) are captured once as CUDA graphs (``cuda_graphs=True``), the
+   streams of stage A as parallel branches, and replayed.
+4. With ``dense_on="gpu"`` (the default) the dense part runs in torch on the GPU inside stage B's
    graph (one small copy back: the probabilities). With ``dense_on="cpu"`` ``v1`` / ``v2`` come back
    into pinned host buffers and ``dense.onnx`` runs in ONNX Runtime on the CPU on numpy views of them
    (no extra copies); at 256 candidates that costs about 2 ms of host CPU per request.
@@ -155,8 +157,14 @@ class Arena:
             self.np[name] = self.host[name].numpy()
         self.size = size
 
-    def upload(self) -> None:
-        self.dev_bytes.copy_(self.host_bytes, non_blocking=True)
+    def offset(self, name: str) -> int:
+        """Byte offset of field ``name`` in both buffers."""
+        return self.host[name].data_ptr() - self.host_bytes.data_ptr()
+
+    def upload(self, lo: int = 0, hi: int | None = None) -> None:
+        """Copy bytes [lo, hi) of the host buffer to the device buffer, asynchronously on the current stream."""
+        hi = self.size if hi is None else hi
+        self.dev_bytes[lo:hi].copy_(self.host_bytes[lo:hi], non_blocking=True)
 
 
 class CudaBackend:
@@ -194,11 +202,14 @@ class CudaBackend:
             tables = (m2.action_emb, m2.surface_emb.weight, m2.pos_emb.weight, m2.null_token)
             self.v2_emb = self.kernels.tokens.V2Embeddings(*(t.detach() for t in tables))
         self.widths_rt_imp = (max(1, c.max_rt), max(1, c.max_imp))
-        self.graphs: dict[Bucket, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
+        self.graphs: dict[Bucket, tuple] = {}  # (graph A, graph ll, graph B, A's + ll's outputs, B's outputs)
         self.arenas: dict[Bucket, Arena] = {}
         self.outputs: dict[Bucket, dict[str, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._pool_ll = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._streams = [torch.cuda.Stream(self.device) for _ in range(2)] if self.device.type == "cuda" else []
+        self._copy = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # ll upload + selection
+        self._events = [torch.cuda.Event() for _ in range(2)] if self.device.type == "cuda" else []
         self.stats = {"graphs_captured": 0, "graph_failures": 0, "buckets_warmed": 0}
         if self.dense_on == "cpu":
             import onnxruntime as ort
@@ -228,33 +239,57 @@ class CudaBackend:
         if arena is None:
             c, r, n = self.config, b.rows, b.cands
             tokens = r * sum(b.widths)
+            # The ll item codes (0.5 MB at 16,000 rows) are the last bytes of the arena, so that they can be
+            # filled and uploaded while the GPU already runs stage A on the rest (see _outputs_for).
             fields = [
-                ("item", torch.int8, (tokens, ITEM_DIM)), ("action", torch.int32, (tokens,)),
-                ("surface", torch.int32, (tokens,)), ("counts", torch.int32, (3, r)),
-                ("cand", torch.float32, (n, ITEM_DIM)), ("cand_req", torch.int32, (n,)),
-                ("user_dense", torch.float32, (r, c.user_dense_dim)), ("context", torch.int64, (2, r)),
-                ("item_dense", torch.float32, (n, c.item_dense_dim)),
+                ("counts", torch.int32, (3, r)), ("cand", torch.float32, (n, ITEM_DIM)),
+                ("cand_req", torch.int32, (n,)), ("user_dense", torch.float32, (r, c.user_dense_dim)),
+                ("context", torch.int64, (2, r)), ("item_dense", torch.float32, (n, c.item_dense_dim)),
+                ("action", torch.int32, (tokens,)), ("surface", torch.int32, (tokens,)),
+                ("item", torch.int8, (tokens, ITEM_DIM)),
             ]  # fmt: skip
             arena = self.arenas[b] = Arena(fields, self.device)
         return arena
 
+    @staticmethod
+    def _bases(b: Bucket) -> tuple[int, int, int]:
+        """First token row of each group (ll, rt, imp) in the arena: rt, imp, then ll."""
+        r, (_, w_rt, w_imp) = b.rows, b.widths
+        return r * (w_rt + w_imp), 0, r * w_rt
+
+    def _ll_split(self, arena: Arena, b: Bucket) -> int:
+        """Byte offset where the ll item codes start: stage A needs only the bytes before it."""
+        return arena.offset("item") + self._bases(b)[0] * ITEM_DIM
+
     def _fill(self, arena: Arena, b: Bucket, plan: BatchPlan) -> None:
         """Write the batch into the pinned staging arena (padding rows: zero lengths, row-0 candidates)."""
+        self._fill_small(arena, b, plan)
+        self._fill_ll(arena, b, plan)
+
+    def _fill_ll(self, arena: Arena, b: Bucket, plan: BatchPlan) -> None:
+        """The ll item codes (the arena's tail)."""
+        item, w, lo = arena.np["item"], b.widths[0], self._bases(b)[0]
+        for i, u in enumerate(plan.users):
+            n = len(u.ll)
+            if n:
+                item[lo + i * w : lo + i * w + n] = u.ll.item
+
+    def _fill_small(self, arena: Arena, b: Bucket, plan: BatchPlan) -> None:
+        """Everything but the ll item codes."""
         a = arena.np
-        base = 0
         counts = a["counts"]
         counts[:] = 0
-        for g, (s, w) in enumerate(zip(SEQS, b.widths, strict=True)):
+        for g, (s, w, base) in enumerate(zip(SEQS, b.widths, self._bases(b), strict=True)):
             for i, u in enumerate(plan.users):
                 seq = getattr(u, s)
                 n = len(seq)
                 lo = base + i * w
                 if n:
-                    a["item"][lo : lo + n] = seq.item
+                    if g:
+                        a["item"][lo : lo + n] = seq.item
                     a["action"][lo : lo + n] = seq.action
                     a["surface"][lo : lo + n] = seq.surface
                 counts[g, i] = u.valid_length(s)
-            base += b.rows * w
         n0 = 0
         for req, row in zip(plan.requests, plan.rows, strict=True):
             n = req.num_candidates
@@ -275,31 +310,51 @@ class CudaBackend:
 
     def _compute(self, arena: Arena, b: Bucket) -> dict[str, torch.Tensor]:
         """v1 (Nb, d1), v2 (Nb, d2) (and probabilities with dense_on="gpu"), all on the device."""
-        with tf32_matmuls(self.options.tf32 and self.device.type == "cuda"):
-            return self._compute_outputs(arena, b)
+        return self._stage_b(arena, b, self._stage_a(arena, b), self._stage_ll(arena, b))
 
-    def _compute_outputs(self, arena: Arena, b: Bucket) -> dict[str, torch.Tensor]:
-        m = self.model
-        d = arena.dev
+    def _stage_a(self, arena: Arena, b: Bucket) -> dict[str, torch.Tensor]:
+        """Everything that does not read the ll item codes: the V1 module (v1) and the selections over the
+        short rt and imp sequences, on two streams (parallel branches of the graph)."""
+        m, d = self.model, arena.dev
         cand, cand_req, counts = d["cand"], d["cand_req"], d["counts"]
-        out: dict[str, torch.Tensor] = {}
-        n = cand.shape[0]
-        v1 = torch.zeros(n, 0, device=self.device)
-        v2 = torch.zeros(n, 0, device=self.device)
-        # V1 is independent of V2 up to the dense part: its own stream (a parallel branch of the graph),
-        # so that the two transformer kernels, each one program per candidate, share the SMs.
-        if m.transact is not None:
-            with self._side_stream(0):
-                v1 = self._v1(arena, b, cand, cand_req, counts[1])
-        if m.transact_v2 is not None:
-            v2, sel = self._v2(arena, b, cand, cand_req, counts)
-            out.update(sel)
-        self._join(0)
-        out["v1"], out["v2"] = v1, v2
-        if self.dense_on == "gpu":
-            req = cand_req.long()
-            probs = m.dense(d["user_dense"], d["item_dense"], d["context"][0], d["context"][1], req, cand, v1, v2)
-            out["probabilities"] = probs
+        out = {"v1": torch.zeros(cand.shape[0], 0, device=self.device)}
+        with tf32_matmuls(self.options.tf32 and self.device.type == "cuda"):
+            used = []  # join only the streams that got work (a capture may not wait on an idle stream)
+            if m.transact is not None:
+                with self._side_stream(0):
+                    out["v1"] = self._v1(arena, b, cand, cand_req, counts[1])
+                used.append(0)
+            if m.transact_v2 is not None:
+                with self._side_stream(1):
+                    out["picks_rt"], out["picks_imp"] = self._pick(arena, b, cand, cand_req, counts, (1, 2))
+                used.append(1)
+            for i in used:
+                self._join(i)
+        return out
+
+    def _stage_ll(self, arena: Arena, b: Bucket) -> torch.Tensor | None:
+        """The selection over the ll item codes (the V2 module's picks_ll), or None without V2."""
+        if self.model.transact_v2 is None:
+            return None
+        d = arena.dev
+        return self._pick(arena, b, d["cand"], d["cand_req"], d["counts"], (0,))[0]
+
+    def _stage_b(self, arena: Arena, b: Bucket, a: dict[str, torch.Tensor], picks_ll: torch.Tensor | None
+                 ) -> dict[str, torch.Tensor]:  # fmt: skip
+        """The V2 module and (dense_on="gpu") the dense part, after stage A and the ll selection."""
+        m, d = self.model, arena.dev
+        cand, cand_req, counts = d["cand"], d["cand_req"], d["counts"]
+        out: dict[str, torch.Tensor] = {"v1": a["v1"]}
+        with tf32_matmuls(self.options.tf32 and self.device.type == "cuda"):
+            v2 = torch.zeros(cand.shape[0], 0, device=self.device)
+            if m.transact_v2 is not None:
+                v2, sel = self._v2(arena, b, cand, cand_req, counts, (picks_ll, a["picks_rt"], a["picks_imp"]))
+                out.update(sel)
+            out["v2"] = v2
+            if self.dense_on == "gpu":
+                req = cand_req.long()
+                out["probabilities"] = m.dense(d["user_dense"], d["item_dense"], d["context"][0], d["context"][1],
+                                               req, cand, a["v1"], v2)  # fmt: skip
         return out
 
     @contextlib.contextmanager
@@ -320,30 +375,30 @@ class CudaBackend:
 
     def _token_arena(self, arena: Arena, b: Bucket):
         """The staged sequences as the token kernels read them."""
-        d, r, (w_ll, w_rt, _) = arena.dev, b.rows, b.widths
-        base = (0, r * w_ll, r * (w_ll + w_rt))
-        return self.kernels.tokens.TokenArena(d["item"], d["action"], d["surface"], base, b.widths)
+        d = arena.dev
+        return self.kernels.tokens.TokenArena(d["item"], d["action"], d["surface"], self._bases(b), b.widths)
 
-    def _v2(self, arena: Arena, b: Bucket, cand, cand_req, counts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        m2, cfg = self.model.transact_v2, self.config.transact_v2
+    def _pick(self, arena: Arena, b: Bucket, cand, cand_req, counts, groups: tuple[int, ...]) -> list[torch.Tensor]:
+        """V2's top-k positions (N, k) int32 for each of ``groups`` (0 ll, 1 rt without its newest r_rt, 2 imp)."""
+        cfg = self.config.transact_v2
         tokens = self._token_arena(arena, b)
-        starts = [torch.arange(0, b.rows * w, w, device=self.device) for w in b.widths]
-        ll_n = counts[0] if cfg.use_ll else torch.zeros_like(counts[0])
-        lengths = (ll_n, (counts[1] - cfg.r_rt).clamp_min(0), counts[2])
-        ks = (cfg.k_ll, cfg.k_rt, cfg.k_imp)
+        out = []
+        for g in groups:
+            if g == 0:
+                n = counts[0] if cfg.use_ll else torch.zeros_like(counts[0])
+            else:
+                n = (counts[1] - cfg.r_rt).clamp_min(0) if g == 1 else counts[2]
+            starts = torch.arange(0, b.rows * b.widths[g], b.widths[g], device=self.device)
+            k = (cfg.k_ll, cfg.k_rt, cfg.k_imp)[g]
+            out.append(self.nn_select(tokens.rows(g, b.rows), starts, n, cand, cand_req, k, idx_dtype=torch.int32,
+                                      max_len=b.widths[g])[0])  # fmt: skip
+        return out
 
-        def pick(g: int) -> torch.Tensor:
-            seq = tokens.rows(g, b.rows)
-            return self.nn_select(seq, starts[g], lengths[g], cand, cand_req, ks[g], idx_dtype=torch.int32,
-                                  max_len=b.widths[g])[0]  # fmt: skip
-
-        with self._side_stream(1):  # the two short sequences alongside the long one
-            picks_rt, picks_imp = pick(1), pick(2)
-        picks_ll = pick(0)
-        self._join(1)
+    def _v2(self, arena: Arena, b: Bucket, cand, cand_req, counts, picks) -> tuple[torch.Tensor, dict]:
+        m2, cfg = self.model.transact_v2, self.config.transact_v2
         scale = self.config.quant_scale / 127.0
         x, pad, pos, group = self.kernels.tokens.v2_tokens(
-            tokens, (picks_ll, picks_rt, picks_imp), counts[1], cfg.r_rt, cand, cand_req, self.v2_emb, scale
+            self._token_arena(arena, b), picks, counts[1], cfg.r_rt, cand, cand_req, self.v2_emb, scale
         )
         if cfg.latest_n > 0:
             hidden = self.skut_forward(x, self.v2_packed, key_padding_mask=pad, causal=True, pool=None).float()
@@ -373,19 +428,46 @@ class CudaBackend:
 
     # -- running ---------------------------------------------------------------------------------
 
-    def _outputs_for(self, arena: Arena, b: Bucket) -> dict[str, torch.Tensor]:
-        """Run the GPU part for a bucket: a graph replay when captured, else eagerly (capturing once)."""
-        if not self.use_graphs:
-            with torch.no_grad():
-                return self._compute(arena, b)
-        graph = self.graphs.get(b)
-        if graph is None:
+    def _outputs_for(self, arena: Arena, b: Bucket, plan: BatchPlan) -> dict[str, torch.Tensor]:
+        """Fill the ll codes, upload and run the GPU part for a bucket whose arena holds the rest of ``plan``.
+
+        With captured graphs the work overlaps: the bytes stage A needs go up first and its graph starts;
+        the host then fills the ll item codes (0.5 MB at 16,000 rows) and a second stream uploads them and
+        runs the ll selection's graph beside stage A; stage B's graph follows both. Without graphs (or
+        before the first capture) it runs in order."""
+        graphs = self.graphs.get(b) if self.use_graphs else None
+        if graphs is None:
+            self._fill_ll(arena, b, plan)
+            arena.upload()
+            if not self.use_graphs:
+                with torch.no_grad():
+                    return self._compute(arena, b)
             return self._capture(arena, b)
-        graph[0].replay()
-        return graph[1]
+        graph_a, graph_ll, graph_b, _, static = graphs
+        split = self._ll_split(arena, b)
+        main, ev_small, ev_ll = torch.cuda.current_stream(self.device), self._events[0], self._events[1]
+        arena.upload(0, split)
+        # The second stream starts after everything queued so far: the small upload, and the previous
+        # batch's stage B, which read the device's ll bytes. (The pinned host bytes are free to refill:
+        # every batch ends in a host sync.)
+        ev_small.record(main)
+        graph_a.replay()
+        self._fill_ll(arena, b, plan)
+        with torch.cuda.stream(self._copy):
+            self._copy.wait_event(ev_small)
+            arena.upload(split)
+            graph_ll.replay()
+            ev_ll.record(self._copy)
+        main.wait_event(ev_ll)
+        graph_b.replay()
+        return static
 
     def _capture(self, arena: Arena, b: Bucket) -> dict[str, torch.Tensor]:
-        """Compile (eager runs on a side stream), capture a CUDA graph, check it against the eager result."""
+        """Compile (eager runs on a side stream), capture stage A, the ll selection and stage B as three
+        CUDA graphs, check their replay against the eager result.
+
+        A and B share one memory pool (B always runs after A); the ll selection, which runs beside A, has
+        its own pool, so that neither can reuse memory the other is still using."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.no_grad(), torch.cuda.stream(stream):
@@ -393,10 +475,15 @@ class CudaBackend:
                 eager = self._compute(arena, b)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.no_grad(), torch.cuda.graph(graph, pool=self._pool):
-                static = self._compute(arena, b)
-            graph.replay()
+            graph_a, graph_ll, graph_b = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            with torch.no_grad(), torch.cuda.graph(graph_a, pool=self._pool):
+                mid = self._stage_a(arena, b)  # kept alive with the graphs: stage B reads these buffers
+            with torch.no_grad(), torch.cuda.graph(graph_ll, pool=self._pool_ll):
+                mid["picks_ll"] = self._stage_ll(arena, b)
+            with torch.no_grad(), torch.cuda.graph(graph_b, pool=self._pool):
+                static = self._stage_b(arena, b, mid, mid["picks_ll"])
+            for g in (graph_a, graph_ll, graph_b):
+                g.replay()
             torch.cuda.synchronize(self.device)
             for k, v in eager.items():
                 if v.is_floating_point() and v.numel() and not torch.allclose(v, static[k], atol=1e-4, rtol=1e-4):
@@ -409,7 +496,7 @@ class CudaBackend:
             self.use_graphs = False
             torch.cuda.synchronize(self.device)
             return eager
-        self.graphs[b] = (graph, static)
+        self.graphs[b] = (graph_a, graph_ll, graph_b, mid, static)
         self.stats["graphs_captured"] += 1
         return static
 
@@ -430,9 +517,8 @@ class CudaBackend:
         """As ``sequence_outputs``, as views of the reused pinned buffers (valid until the next batch); the
         selection (two (N, T) int64 tensors, ~0.8 MB at 256 candidates) only when asked for."""
         b, arena = self.staging_for(plan)
-        self._fill(arena, b, plan)
-        arena.upload()
-        outs = self._outputs_for(arena, b)
+        self._fill_small(arena, b, plan)
+        outs = self._outputs_for(arena, b, plan)
         n = plan.num_candidates
         wanted = ["probabilities"] if self.dense_on == "gpu" else ["v1", "v2"]
         if selection:

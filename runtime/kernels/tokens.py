@@ -8,8 +8,8 @@ row and concatenates item and candidate. Written in torch that is some eighty sm
 request (about 0.3 ms on an H200, each a few microseconds); here it is one program per candidate.
 
 Both work on one token arena: the int8 items (T, 32), int32 action masks (T,) and int32 surfaces
-(T,) of the three sequences of all request rows, laid out group by group (ll, rt, imp), each row of a
-group at ``base[group] + row * width[group]``.
+(T,) of the three sequences of all request rows, laid out group by group (in any order: the runtime
+puts ll last so that it can upload it on its own), each row of a group at ``base[group] + row * width[group]``.
 
 ``v2_tokens`` / ``v1_tokens`` run the Triton kernels on CUDA tensors (and on CPU tensors under
 ``TRITON_INTERPRET=1``), otherwise their PyTorch versions ``v2_tokens_torch`` / ``v1_tokens_torch``,
@@ -76,7 +76,7 @@ def _v2_tokens_kernel(
     ll_ptr, rt_ptr, imp_ptr,  # (N, K_*) int32 selected positions, any order, -1 = empty slot
     rt_count_ptr, cand_req_ptr, cand_ptr,  # (R,) valid rt rows, (N,) request row, (N, 32) fp32
     item_ptr, action_ptr, surface_ptr,  # the token arena
-    base_rt, base_imp, w_ll, w_rt, w_imp,
+    base_ll, base_rt, base_imp, w_ll, w_rt, w_imp,
     act_emb_ptr, surf_emb_ptr, pos_emb_ptr, null_ptr,  # fp32 tables, rows of D
     x_ptr, pad_ptr, pos_out_ptr, group_out_ptr,  # (N, T, D) out dtype, (N, T) uint8, (N, T) int64 x2
     scale,
@@ -103,7 +103,7 @@ def _v2_tokens_kernel(
     seg = key >> 26
     pos = key & ((1 << 26) - 1)
     group = tl.where(seg == 3, 1, seg)
-    base = tl.where(group == 0, 0, tl.where(group == 1, base_rt, base_imp)).to(tl.int64)
+    base = tl.where(group == 0, base_ll, tl.where(group == 1, base_rt, base_imp)).to(tl.int64)
     width = tl.where(group == 0, w_ll, tl.where(group == 1, w_rt, w_imp)).to(tl.int64)
     flat = tl.where(valid, base + req * width + pos, 0)
     in_t = t < T
@@ -172,7 +172,7 @@ def v2_tokens(
     ll, rt, imp = (p.to(torch.int32).contiguous() for p in picks)
     _v2_tokens_kernel[(n,)](
         ll, rt, imp, rt_count.contiguous(), cand_req.contiguous(), cand.contiguous(),
-        arena.item, arena.action, arena.surface, arena.base[1], arena.base[2], *arena.width,
+        arena.item, arena.action, arena.surface, *arena.base, *arena.width,
         emb.action.contiguous(), emb.surface.contiguous(), emb.position.contiguous(), emb.null.contiguous(),
         x, pad.view(torch.uint8), pos, group, float(scale),
         K_LL=k_ll, K_RT=k_rt, K_IMP=k_imp, R_RT=r_rt, T=t, T_P=triton.next_power_of_2(t),
