@@ -98,7 +98,7 @@ def stage_breakdown(session: Session, req: Request, runs: int) -> dict[str, floa
         stage("copy back", buf.copy_, outs["probabilities"])
     # The parts of the overlapped stage, each on its own (synchronised).
     graph_a, graph_ll, graph_b, _, _ = be.graphs[b]
-    split = be._ll_split(arena, b)
+    split = arena.ll_split
     for _ in range(runs):
         stage("  upload but the ll codes", arena.upload, 0, split)
         stage("  graph A (V1, rt / imp selection)", graph_a.replay)

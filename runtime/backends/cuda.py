@@ -156,6 +156,8 @@ class Arena:
             self.dev[name] = self.dev_bytes[off : off + nbytes].view(dtype).view(shape)
             self.np[name] = self.host[name].numpy()
         self.size = size
+        self._views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.ll_split = size  # byte offset of the ll item codes, which are uploaded on their own (set by the owner)
 
     def offset(self, name: str) -> int:
         """Byte offset of field ``name`` in both buffers."""
@@ -164,7 +166,10 @@ class Arena:
     def upload(self, lo: int = 0, hi: int | None = None) -> None:
         """Copy bytes [lo, hi) of the host buffer to the device buffer, asynchronously on the current stream."""
         hi = self.size if hi is None else hi
-        self.dev_bytes[lo:hi].copy_(self.host_bytes[lo:hi], non_blocking=True)
+        views = self._views.get((lo, hi))
+        if views is None:  # slicing costs microseconds of host time per call: keep the views
+            views = self._views[(lo, hi)] = (self.dev_bytes[lo:hi], self.host_bytes[lo:hi])
+        views[0].copy_(views[1], non_blocking=True)
 
 
 class CudaBackend:
@@ -249,6 +254,7 @@ class CudaBackend:
                 ("item", torch.int8, (tokens, ITEM_DIM)),
             ]  # fmt: skip
             arena = self.arenas[b] = Arena(fields, self.device)
+            arena.ll_split = arena.offset("item") + self._bases(b)[0] * ITEM_DIM
         return arena
 
     @staticmethod
@@ -256,10 +262,6 @@ class CudaBackend:
         """First token row of each group (ll, rt, imp) in the arena: rt, imp, then ll."""
         r, (_, w_rt, w_imp) = b.rows, b.widths
         return r * (w_rt + w_imp), 0, r * w_rt
-
-    def _ll_split(self, arena: Arena, b: Bucket) -> int:
-        """Byte offset where the ll item codes start: stage A needs only the bytes before it."""
-        return arena.offset("item") + self._bases(b)[0] * ITEM_DIM
 
     def _fill(self, arena: Arena, b: Bucket, plan: BatchPlan) -> None:
         """Write the batch into the pinned staging arena (padding rows: zero lengths, row-0 candidates)."""
@@ -444,7 +446,7 @@ class CudaBackend:
                     return self._compute(arena, b)
             return self._capture(arena, b)
         graph_a, graph_ll, graph_b, _, static = graphs
-        split = self._ll_split(arena, b)
+        split = arena.ll_split  # where the ll item codes start: stage A needs only the bytes before it
         main, ev_small, ev_ll = torch.cuda.current_stream(self.device), self._events[0], self._events[1]
         arena.upload(0, split)
         # The second stream starts after everything queued so far: the small upload, and the previous
