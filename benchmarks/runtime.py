@@ -92,18 +92,18 @@ def stage_breakdown(session: Session, req: Request, runs: int) -> dict[str, floa
     for _ in range(runs):
         plan = stage("plan the batch (host)", plan_batch, [req])
         b, arena = be.staging_for(plan)
-        stage("fill the pinned arena but the ll codes (host)", be._fill_small, arena, b, plan)
-        outs = stage("the rest, overlapped (uploads, graphs, ll fill)", be._outputs_for, arena, b, plan)
+        stage("fill the arena's first part (host)", be._fill_first, arena, b, plan)
+        outs = stage("the rest, overlapped (uploads, graphs, second fill)", be._outputs_for, arena, b, plan)
         buf = be._host_out(b, "probabilities", outs["probabilities"])
         stage("copy back", buf.copy_, outs["probabilities"])
     # The parts of the overlapped stage, each on its own (synchronised).
     graph_a, graph_ll, graph_b, _, _ = be.graphs[b]
     split = arena.ll_split
     for _ in range(runs):
-        stage("  upload but the ll codes", arena.upload, 0, split)
+        stage("  upload the first part", arena.upload, 0, split)
         stage("  graph A (V1, rt / imp selection)", graph_a.replay)
-        stage("  fill the ll codes (host)", be._fill_ll, arena, b, plan)
-        stage("  upload the ll codes", arena.upload, split)
+        stage("  fill the rest: ll codes, actions, surfaces, dense features (host)", be._fill_rest, arena, b, plan)
+        stage("  upload the rest", arena.upload, split)
         stage("  graph ll (ll selection)", graph_ll.replay)
         stage("  graph B (V2, dense)", graph_b.replay)
     return {k: float(np.median(v)) for k, v in times.items()}

@@ -4,13 +4,14 @@
 Per batch:
 
 1. The host writes the batch into one pinned staging arena (item codes, action masks and surfaces of
-   the three sequences, valid-prefix lengths, candidates) sized for the batch's shape bucket. The ll
-   item codes (0.5 MB at 16,000 rows) are its last bytes.
-2. Stage A, on everything but the ll codes: one asynchronous copy moves those bytes to the GPU, then
+   the three sequences, valid-prefix lengths, candidates, dense features) sized for the batch's shape
+   bucket, in two parts: first what stage A and the ll selection read, then the rest, which starts
+   with the ll item codes (0.5 MB at 16,000 rows).
+2. Stage A: one asynchronous copy moves the first part to the GPU, then
    V1 runs on one stream: ``v1_tokens`` (newest rt actions ⊕ candidate), ``skut_forward`` writing the
    max pool and the output rows in one launch, ``out_linear`` ⊕ the first ``latest_n`` rows in torch;
    on another, ``nn_select`` over the 100-row rt[:-r] and imp sequences (one pass each). Meanwhile the
-   host fills the ll codes, and a third stream uploads them and runs ``nn_select`` over the jagged
+   host fills the second part, and a third stream uploads it and runs ``nn_select`` over the jagged
    int8 ll rows beside stage A.
 3. Stage B, after both: ``v2_tokens`` orders the picks and builds the V2 tokens (gathers, embeddings,
    null token) in one launch; ``skut_forward`` runs the whole V2 transformer with the causal + padding
@@ -244,14 +245,17 @@ class CudaBackend:
         if arena is None:
             c, r, n = self.config, b.rows, b.cands
             tokens = r * sum(b.widths)
-            # The ll item codes (0.5 MB at 16,000 rows) are the last bytes of the arena, so that they can be
-            # filled and uploaded while the GPU already runs stage A on the rest (see _outputs_for).
+            # Two uploads: first what stage A (V1, the rt / imp selections) and the ll selection read, then
+            # from the ll item codes (0.5 MB at 16,000 rows) on, what only the ll selection and stage B
+            # read, filled and uploaded while the GPU already runs stage A (see _outputs_for). V1 reads
+            # the rt action masks from their own copy in the first part.
             fields = [
                 ("counts", torch.int32, (3, r)), ("cand", torch.float32, (n, ITEM_DIM)),
-                ("cand_req", torch.int32, (n,)), ("user_dense", torch.float32, (r, c.user_dense_dim)),
-                ("context", torch.int64, (2, r)), ("item_dense", torch.float32, (n, c.item_dense_dim)),
+                ("cand_req", torch.int32, (n,)), ("rt_action", torch.int32, (r * b.widths[1],)),
+                ("item", torch.int8, (tokens, ITEM_DIM)),  # rt, imp, then ll: the split falls inside
                 ("action", torch.int32, (tokens,)), ("surface", torch.int32, (tokens,)),
-                ("item", torch.int8, (tokens, ITEM_DIM)),
+                ("user_dense", torch.float32, (r, c.user_dense_dim)), ("context", torch.int64, (2, r)),
+                ("item_dense", torch.float32, (n, c.item_dense_dim)),
             ]  # fmt: skip
             arena = self.arenas[b] = Arena(fields, self.device)
             arena.ll_split = arena.offset("item") + self._bases(b)[0] * ITEM_DIM
@@ -259,25 +263,18 @@ class CudaBackend:
 
     @staticmethod
     def _bases(b: Bucket) -> tuple[int, int, int]:
-        """First token row of each group (ll, rt, imp) in the arena: rt, imp, then ll."""
+        """First token row of each group (ll, rt, imp) in the arena: rt (first, as ``rt_action`` assumes),
+        imp, then ll."""
         r, (_, w_rt, w_imp) = b.rows, b.widths
         return r * (w_rt + w_imp), 0, r * w_rt
 
     def _fill(self, arena: Arena, b: Bucket, plan: BatchPlan) -> None:
         """Write the batch into the pinned staging arena (padding rows: zero lengths, row-0 candidates)."""
-        self._fill_small(arena, b, plan)
-        self._fill_ll(arena, b, plan)
+        self._fill_first(arena, b, plan)
+        self._fill_rest(arena, b, plan)
 
-    def _fill_ll(self, arena: Arena, b: Bucket, plan: BatchPlan) -> None:
-        """The ll item codes (the arena's tail)."""
-        item, w, lo = arena.np["item"], b.widths[0], self._bases(b)[0]
-        for i, u in enumerate(plan.users):
-            n = len(u.ll)
-            if n:
-                item[lo + i * w : lo + i * w + n] = u.ll.item
-
-    def _fill_small(self, arena: Arena, b: Bucket, plan: BatchPlan) -> None:
-        """Everything but the ll item codes."""
+    def _fill_first(self, arena: Arena, b: Bucket, plan: BatchPlan) -> None:
+        """The bytes before ``ll_split``: valid lengths, candidates, rt and imp item codes, rt actions."""
         a = arena.np
         counts = a["counts"]
         counts[:] = 0
@@ -285,23 +282,40 @@ class CudaBackend:
             for i, u in enumerate(plan.users):
                 seq = getattr(u, s)
                 n = len(seq)
-                lo = base + i * w
-                if n:
-                    if g:
-                        a["item"][lo : lo + n] = seq.item
-                    a["action"][lo : lo + n] = seq.action
-                    a["surface"][lo : lo + n] = seq.surface
+                if n and g:
+                    a["item"][base + i * w : base + i * w + n] = seq.item
+                    if g == 1:
+                        a["rt_action"][i * w : i * w + n] = seq.action
                 counts[g, i] = u.valid_length(s)
         n0 = 0
         for req, row in zip(plan.requests, plan.rows, strict=True):
             n = req.num_candidates
             a["cand"][n0 : n0 + n] = req.cand_item
-            a["item_dense"][n0 : n0 + n] = req.item_dense
             a["cand_req"][n0 : n0 + n] = row
             n0 += n
         a["cand_req"][n0:] = 0
         if n0 < b.cands:
             a["cand"][n0:] = 0
+
+    def _fill_rest(self, arena: Arena, b: Bucket, plan: BatchPlan) -> None:
+        """The bytes from ``ll_split`` on: ll item codes, every action mask and surface, dense features."""
+        a = arena.np
+        for g, (s, w, base) in enumerate(zip(SEQS, b.widths, self._bases(b), strict=True)):
+            for i, u in enumerate(plan.users):
+                seq = getattr(u, s)
+                n = len(seq)
+                lo = base + i * w
+                if n:
+                    if g == 0:
+                        a["item"][lo : lo + n] = seq.item
+                    a["action"][lo : lo + n] = seq.action
+                    a["surface"][lo : lo + n] = seq.surface
+        n0 = 0
+        for req in plan.requests:
+            n = req.num_candidates
+            a["item_dense"][n0 : n0 + n] = req.item_dense
+            n0 += n
+        if n0 < b.cands:
             a["item_dense"][n0:] = 0
         for i, u in enumerate(plan.users):
             a["user_dense"][i] = u.user_dense
@@ -375,10 +389,12 @@ class CudaBackend:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).wait_stream(self._streams[i])
 
-    def _token_arena(self, arena: Arena, b: Bucket):
-        """The staged sequences as the token kernels read them."""
+    def _token_arena(self, arena: Arena, b: Bucket, v1: bool = False):
+        """The staged sequences as the token kernels read them; for V1 (which reads only the rt group,
+        based at row 0) with the action masks of the arena's first part."""
         d = arena.dev
-        return self.kernels.tokens.TokenArena(d["item"], d["action"], d["surface"], self._bases(b), b.widths)
+        action = d["rt_action"] if v1 else d["action"]
+        return self.kernels.tokens.TokenArena(d["item"], action, d["surface"], self._bases(b), b.widths)
 
     def _pick(self, arena: Arena, b: Bucket, cand, cand_req, counts, groups: tuple[int, ...]) -> list[torch.Tensor]:
         """V2's top-k positions (N, k) int32 for each of ``groups`` (0 ll, 1 rt without its newest r_rt, 2 imp)."""
@@ -413,7 +429,7 @@ class CudaBackend:
     def _v1(self, arena: Arena, b: Bucket, cand, cand_req, rt_n) -> torch.Tensor:
         m1, cfg = self.model.transact, self.config.transact
         x, mask = self.kernels.tokens.v1_tokens(
-            self._token_arena(arena, b), rt_n, cfg.seq_len, cand, cand_req, m1.action_type_lookup,
+            self._token_arena(arena, b, v1=True), rt_n, cfg.seq_len, cand, cand_req, m1.action_type_lookup,
             m1.action_emb_module.weight.detach(), self.config.quant_scale / 127.0,
             concat_candidate=cfg.concat_candidate_emb,
         )  # fmt: skip
@@ -431,30 +447,31 @@ class CudaBackend:
     # -- running ---------------------------------------------------------------------------------
 
     def _outputs_for(self, arena: Arena, b: Bucket, plan: BatchPlan) -> dict[str, torch.Tensor]:
-        """Fill the ll codes, upload and run the GPU part for a bucket whose arena holds the rest of ``plan``.
+        """Upload, fill the arena's second part and run the GPU part, for a bucket whose arena holds the
+        first part of ``plan`` (``_fill_first``).
 
-        With captured graphs the work overlaps: the bytes stage A needs go up first and its graph starts;
-        the host then fills the ll item codes (0.5 MB at 16,000 rows) and a second stream uploads them and
-        runs the ll selection's graph beside stage A; stage B's graph follows both. Without graphs (or
-        before the first capture) it runs in order."""
+        With captured graphs the work overlaps: the first part goes up and stage A's graph starts; the
+        host then fills the rest (the ll item codes, 0.5 MB at 16,000 rows, action masks, surfaces, dense
+        features), and a second stream uploads it and runs the ll selection's graph beside stage A; stage
+        B's graph follows both. Without graphs (or before the first capture) it runs in order."""
         graphs = self.graphs.get(b) if self.use_graphs else None
         if graphs is None:
-            self._fill_ll(arena, b, plan)
+            self._fill_rest(arena, b, plan)
             arena.upload()
             if not self.use_graphs:
                 with torch.no_grad():
                     return self._compute(arena, b)
             return self._capture(arena, b)
         graph_a, graph_ll, graph_b, _, static = graphs
-        split = arena.ll_split  # where the ll item codes start: stage A needs only the bytes before it
+        split = arena.ll_split  # stage A and the ll selection read the bytes before it, B all
         main, ev_small, ev_ll = torch.cuda.current_stream(self.device), self._events[0], self._events[1]
         arena.upload(0, split)
-        # The second stream starts after everything queued so far: the small upload, and the previous
-        # batch's stage B, which read the device's ll bytes. (The pinned host bytes are free to refill:
-        # every batch ends in a host sync.)
+        # The second stream starts after everything queued so far: the first upload, and the previous
+        # batch's stage B, which read the device's second part. (The pinned host bytes are free to
+        # refill: every batch ends in a host sync.)
         ev_small.record(main)
         graph_a.replay()
-        self._fill_ll(arena, b, plan)
+        self._fill_rest(arena, b, plan)
         with torch.cuda.stream(self._copy):
             self._copy.wait_event(ev_small)
             arena.upload(split)
@@ -519,7 +536,7 @@ class CudaBackend:
         """As ``sequence_outputs``, as views of the reused pinned buffers (valid until the next batch); the
         selection (two (N, T) int64 tensors, ~0.8 MB at 256 candidates) only when asked for."""
         b, arena = self.staging_for(plan)
-        self._fill_small(arena, b, plan)
+        self._fill_first(arena, b, plan)
         outs = self._outputs_for(arena, b, plan)
         n = plan.num_candidates
         wanted = ["probabilities"] if self.dense_on == "gpu" else ["v1", "v2"]
