@@ -497,9 +497,10 @@ def choose_config(seq_len: int, packed: PackedEncoder, batch: int | None = None)
     tiles stay narrow (32) and a program's register budget decides how many fit on an SM. Measured
     (benchmarks/RESULTS.md, ``benchmarks/skut_sweep.py``): for d_model <= 64 and S up to a few hundred,
     64-row query tiles with 4 warps (253 registers, two programs per SM) beat 128 rows with 8 warps by
-    1.5x at B=256, S=192 on H200; for the V1 shape (d_model 96, two heads, FFN 32, S=100) 128-row tiles
-    with 8 warps beat 32-row ones by 2.5x; long sequences keep 128-row tiles (measured on H100), and
-    thousands of sequences use small programs (32 rows, 4 warps) so that more stay resident per SM.
+    1.5x at B=256, S=192 on H200, and also win at B=2048 (0.49 vs 0.72 ms for 32 rows / 4 warps) and at
+    S=2048 (3.05 vs 3.68 ms for 128 rows / 8 warps); for the V1 shape (d_model 96, two heads, FFN 32,
+    S=100) 128-row tiles with 8 warps beat 32-row ones by 2.5x. ``batch`` is accepted for callers that
+    know it; no current choice depends on it.
     """
     f_chunk = 64  # clamped to the padded FFN width at launch
     if seq_len <= 16:
@@ -510,11 +511,7 @@ def choose_config(seq_len: int, packed: PackedEncoder, batch: int | None = None)
         return SkutConfig(32, 32, 8, f_chunk)
     if seq_len <= 32:
         return SkutConfig(32, 16, 4, f_chunk)
-    if batch is not None and batch >= 1024:
-        return SkutConfig(32, 32, 4, f_chunk)
-    if seq_len <= 512:
-        return SkutConfig(64, 32, 4, f_chunk)
-    return SkutConfig(128, 32, 8, f_chunk)
+    return SkutConfig(64, 32, 4, f_chunk)
 
 
 def _interpreting() -> bool:
