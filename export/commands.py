@@ -13,8 +13,7 @@ import click
 import torch
 
 from .bundle import ParityError, export_bundle, load_bundle
-from .manifest import BUNDLE_FILES, MANIFEST
-from .onnx_export import DEFAULT_OPSET
+from .manifest import BUNDLE_FILES, DEFAULT_OPSET, MANIFEST
 from .parity import run_parity
 from .summary import format_summary, inspect_bundle
 

@@ -25,6 +25,7 @@ WEIGHTS = "weights.safetensors"
 DENSE = "dense.onnx"
 FULL = "full.onnx"
 BUNDLE_FILES = (WEIGHTS, DENSE, FULL)
+DEFAULT_OPSET = 18  # the ONNX opset graphs are exported with unless told otherwise
 
 ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
                11: "float64", 16: "bfloat16"}  # fmt: skip

@@ -49,7 +49,8 @@ from transact.config import ModelConfig
 from transact.data.random_batch import random_batch
 from transact.model import RankingModel, transformer_fastpath
 
-DEFAULT_OPSET = 18
+from .manifest import DEFAULT_OPSET
+
 FULL_OUTPUTS = ("probabilities", "scores")
 SELECTION_OUTPUTS = ("selection_group", "selection_pos")
 DENSE_INPUTS = ("user_dense", "surface", "hour", "cand_request", "cand_item", "item_dense", "v1", "v2")

@@ -319,7 +319,7 @@ def _graphs_from(bundle: Path):  # noqa: ANN202
 def test_export_refused_when_parity_fails(bundle_dir: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     # Graphs of one model, weights of another: a real numerical mismatch the parity check must catch.
     ckpt = small_checkpoint(tmp_path, seed=1)
-    monkeypatch.setattr("export.bundle.export_graphs", _graphs_from(bundle_dir))
+    monkeypatch.setattr("export.onnx_export.export_graphs", _graphs_from(bundle_dir))
     out = tmp_path / "bundle"
     with pytest.raises(ParityError) as info:
         export_bundle(ckpt, out, parity_cases=0)
@@ -328,7 +328,7 @@ def test_export_refused_when_parity_fails(bundle_dir: Path, tmp_path: Path, monk
 
 
 def test_export_existing_output_needs_force(bundle_dir: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    monkeypatch.setattr("export.bundle.export_graphs", _graphs_from(bundle_dir))
+    monkeypatch.setattr("export.onnx_export.export_graphs", _graphs_from(bundle_dir))
     out = tmp_path / "bundle"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
