@@ -92,19 +92,22 @@ def stage_breakdown(session: Session, req: Request, runs: int) -> dict[str, floa
     for _ in range(runs):
         plan = stage("plan the batch (host)", plan_batch, [req])
         b, arena = be.staging_for(plan)
-        stage("fill the arena's first part (host)", be._fill_first, arena, b, plan)
-        outs = stage("the rest, overlapped (uploads, graphs, second fill)", be._outputs_for, arena, b, plan)
+        stage("fill part one of the arena (host)", be._fill_first, arena, b, plan)
+        outs = stage("the rest, overlapped (uploads, graphs, fills of parts two and three)", be._outputs_for,
+                     arena, b, plan)  # fmt: skip
         buf = be._host_out(b, "probabilities", outs["probabilities"])
         stage("copy back", buf.copy_, outs["probabilities"])
     # The parts of the overlapped stage, each on its own (synchronised).
     graph_a, graph_ll, graph_b, _, _ = be.graphs[b]
-    split = arena.ll_split
+    s1, s2 = arena.splits
     for _ in range(runs):
-        stage("  upload the first part", arena.upload, 0, split)
+        stage("  upload part one", arena.upload, 0, s1)
         stage("  graph A (V1, rt / imp selection)", graph_a.replay)
-        stage("  fill the rest: ll codes, actions, surfaces, dense features (host)", be._fill_rest, arena, b, plan)
-        stage("  upload the rest", arena.upload, split)
+        stage("  fill part two: the ll codes (host)", be._fill_ll, arena, b, plan)
+        stage("  upload part two", arena.upload, s1, s2)
         stage("  graph ll (ll selection)", graph_ll.replay)
+        stage("  fill part three: actions, surfaces, dense features (host)", be._fill_rest, arena, b, plan)
+        stage("  upload part three", arena.upload, s2)
         stage("  graph B (V2, dense)", graph_b.replay)
     return {k: float(np.median(v)) for k, v in times.items()}
 

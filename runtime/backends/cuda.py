@@ -5,14 +5,13 @@ Per batch:
 
 1. The host writes the batch into one pinned staging arena (item codes, action masks and surfaces of
    the three sequences, valid-prefix lengths, candidates, dense features) sized for the batch's shape
-   bucket, in two parts: first what stage A and the ll selection read, then the rest, which starts
-   with the ll item codes (0.5 MB at 16,000 rows).
-2. Stage A: one asynchronous copy moves the first part to the GPU, then
+   bucket, in three parts: what stage A reads, the ll item codes (0.5 MB at 16,000 rows), the rest.
+2. Stage A: one asynchronous copy moves part one to the GPU, then
    V1 runs on one stream: ``v1_tokens`` (newest rt actions ⊕ candidate), ``skut_forward`` writing the
    max pool and the output rows in one launch, ``out_linear`` ⊕ the first ``latest_n`` rows in torch;
    on another, ``nn_select`` over the 100-row rt[:-r] and imp sequences (one pass each). Meanwhile the
-   host fills the second part, and a third stream uploads it and runs ``nn_select`` over the jagged
-   int8 ll rows beside stage A.
+   host fills part two, which a third stream uploads and scans (``nn_select`` over the jagged int8 ll
+   rows) beside stage A, then part three, uploaded behind it.
 3. Stage B, after both: ``v2_tokens`` orders the picks and builds the V2 tokens (gathers, embeddings,
    null token) in one launch; ``skut_forward`` runs the whole V2 transformer with the causal + padding
    masks and the masked max pool fused. fp32 products use TF32 (``tf32=True``). Per shape bucket the
@@ -158,7 +157,7 @@ class Arena:
             self.np[name] = self.host[name].numpy()
         self.size = size
         self._views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.ll_split = size  # byte offset of the ll item codes, which are uploaded on their own (set by the owner)
+        self.splits = (size, size)  # byte offsets where the second and third upload start (set by the owner)
 
     def offset(self, name: str) -> int:
         """Byte offset of field ``name`` in both buffers."""
@@ -208,6 +207,7 @@ class CudaBackend:
             tables = (m2.action_emb, m2.surface_emb.weight, m2.pos_emb.weight, m2.null_token)
             self.v2_emb = self.kernels.tokens.V2Embeddings(*(t.detach() for t in tables))
         self.widths_rt_imp = (max(1, c.max_rt), max(1, c.max_imp))
+        self._score_weights = np.asarray(c.score_weights, np.float32)
         self.graphs: dict[Bucket, tuple] = {}  # (graph A, graph ll, graph B, A's + ll's outputs, B's outputs)
         self.arenas: dict[Bucket, Arena] = {}
         self.outputs: dict[Bucket, dict[str, torch.Tensor]] = {}
@@ -245,10 +245,9 @@ class CudaBackend:
         if arena is None:
             c, r, n = self.config, b.rows, b.cands
             tokens = r * sum(b.widths)
-            # Two uploads: first what stage A (V1, the rt / imp selections) and the ll selection read, then
-            # from the ll item codes (0.5 MB at 16,000 rows) on, what only the ll selection and stage B
-            # read, filled and uploaded while the GPU already runs stage A (see _outputs_for). V1 reads
-            # the rt action masks from their own copy in the first part.
+            # Three parts, each filled and uploaded in turn (see _outputs_for): what stage A (V1, the rt /
+            # imp selections) reads; the ll item codes (0.5 MB at 16,000 rows), which the ll selection
+            # reads; what only stage B reads. V1 reads the rt action masks from their own copy in part one.
             fields = [
                 ("counts", torch.int32, (3, r)), ("cand", torch.float32, (n, ITEM_DIM)),
                 ("cand_req", torch.int32, (n,)), ("rt_action", torch.int32, (r * b.widths[1],)),
@@ -258,7 +257,7 @@ class CudaBackend:
                 ("item_dense", torch.float32, (n, c.item_dense_dim)),
             ]  # fmt: skip
             arena = self.arenas[b] = Arena(fields, self.device)
-            arena.ll_split = arena.offset("item") + self._bases(b)[0] * ITEM_DIM
+            arena.splits = (arena.offset("item") + self._bases(b)[0] * ITEM_DIM, arena.offset("action"))
         return arena
 
     @staticmethod
@@ -271,10 +270,11 @@ class CudaBackend:
     def _fill(self, arena: Arena, b: Bucket, plan: BatchPlan) -> None:
         """Write the batch into the pinned staging arena (padding rows: zero lengths, row-0 candidates)."""
         self._fill_first(arena, b, plan)
+        self._fill_ll(arena, b, plan)
         self._fill_rest(arena, b, plan)
 
     def _fill_first(self, arena: Arena, b: Bucket, plan: BatchPlan) -> None:
-        """The bytes before ``ll_split``: valid lengths, candidates, rt and imp item codes, rt actions."""
+        """Part one: valid lengths, candidates, rt and imp item codes, rt actions."""
         a = arena.np
         counts = a["counts"]
         counts[:] = 0
@@ -297,17 +297,23 @@ class CudaBackend:
         if n0 < b.cands:
             a["cand"][n0:] = 0
 
+    def _fill_ll(self, arena: Arena, b: Bucket, plan: BatchPlan) -> None:
+        """Part two: the ll item codes."""
+        item, w, lo = arena.np["item"], b.widths[0], self._bases(b)[0]
+        for i, u in enumerate(plan.users):
+            n = len(u.ll)
+            if n:
+                item[lo + i * w : lo + i * w + n] = u.ll.item
+
     def _fill_rest(self, arena: Arena, b: Bucket, plan: BatchPlan) -> None:
-        """The bytes from ``ll_split`` on: ll item codes, every action mask and surface, dense features."""
+        """Part three: every action mask and surface, the dense features."""
         a = arena.np
-        for g, (s, w, base) in enumerate(zip(SEQS, b.widths, self._bases(b), strict=True)):
+        for s, w, base in zip(SEQS, b.widths, self._bases(b), strict=True):
             for i, u in enumerate(plan.users):
                 seq = getattr(u, s)
                 n = len(seq)
                 lo = base + i * w
                 if n:
-                    if g == 0:
-                        a["item"][lo : lo + n] = seq.item
                     a["action"][lo : lo + n] = seq.action
                     a["surface"][lo : lo + n] = seq.surface
         n0 = 0
@@ -451,11 +457,13 @@ class CudaBackend:
         first part of ``plan`` (``_fill_first``).
 
         With captured graphs the work overlaps: the first part goes up and stage A's graph starts; the
-        host then fills the rest (the ll item codes, 0.5 MB at 16,000 rows, action masks, surfaces, dense
-        features), and a second stream uploads it and runs the ll selection's graph beside stage A; stage
-        B's graph follows both. Without graphs (or before the first capture) it runs in order."""
+        host then fills the ll item codes (0.5 MB at 16,000 rows), which a second stream uploads and
+        scans (the ll selection's graph) beside stage A, while the host fills part three (action masks,
+        surfaces, dense features), uploaded behind them; stage B's graph follows both streams. Without
+        graphs (or before the first capture) it runs in order."""
         graphs = self.graphs.get(b) if self.use_graphs else None
         if graphs is None:
+            self._fill_ll(arena, b, plan)
             self._fill_rest(arena, b, plan)
             arena.upload()
             if not self.use_graphs:
@@ -463,19 +471,22 @@ class CudaBackend:
                     return self._compute(arena, b)
             return self._capture(arena, b)
         graph_a, graph_ll, graph_b, _, static = graphs
-        split = arena.ll_split  # stage A and the ll selection read the bytes before it, B all
+        s1, s2 = arena.splits
         main, ev_small, ev_ll = torch.cuda.current_stream(self.device), self._events[0], self._events[1]
-        arena.upload(0, split)
+        arena.upload(0, s1)
         # The second stream starts after everything queued so far: the first upload, and the previous
-        # batch's stage B, which read the device's second part. (The pinned host bytes are free to
-        # refill: every batch ends in a host sync.)
+        # batch's stage B, which read the device's parts two and three. (The pinned host bytes are free
+        # to refill: every batch ends in a host sync.)
         ev_small.record(main)
         graph_a.replay()
-        self._fill_rest(arena, b, plan)
+        self._fill_ll(arena, b, plan)
         with torch.cuda.stream(self._copy):
             self._copy.wait_event(ev_small)
-            arena.upload(split)
+            arena.upload(s1, s2)
             graph_ll.replay()
+        self._fill_rest(arena, b, plan)  # while the ll codes go up and are scanned
+        with torch.cuda.stream(self._copy):
+            arena.upload(s2)  # behind the ll selection on its stream: stage B needs both anyway
             ev_ll.record(self._copy)
         main.wait_event(ev_ll)
         graph_b.replay()
@@ -559,7 +570,7 @@ class CudaBackend:
         outs = self._sequence_outputs(plan)
         if self.dense_on == "gpu":
             probs = outs["probabilities"].astype(np.float32, copy=True)
-            return probs, probs @ np.asarray(self.config.score_weights, np.float32)
+            return probs, probs @ self._score_weights
         users = plan.users
         feed = {
             "user_dense": np.stack([u.user_dense for u in users]), "surface": np.array([u.surface for u in users]),
