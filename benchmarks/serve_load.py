@@ -149,6 +149,7 @@ def main() -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per concurrency level")
+    p.add_argument("--warmup", type=float, default=2.0, help="untimed seconds before each level")
     p.add_argument("--candidates", type=int, default=256)
     p.add_argument("--ll", type=int, default=1000)
     p.add_argument("--rt", type=int, default=100)
@@ -178,7 +179,7 @@ def main() -> None:
                   for i in range(args.users)]  # fmt: skip
         rows = []
         for c in [int(x) for x in args.concurrency.split(",")]:
-            run_level(url, args.model, bodies, args.candidates, c, min(2.0, args.duration))  # warm the level up
+            run_level(url, args.model, bodies, args.candidates, c, args.warmup)  # untimed: new batch shapes compile
             rows.append(run_level(url, args.model, bodies, args.candidates, c, args.duration))
     finally:
         if proc is not None:
