@@ -62,6 +62,8 @@ def start_server(bundle: Path, device: str, args: argparse.Namespace) -> tuple[s
            "--log-level", "warning"]  # fmt: skip
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.switch_interval_ms:
+        cmd += ["--switch-interval-ms", str(args.switch_interval_ms)]
     proc = subprocess.Popen(cmd, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + args.start_timeout
@@ -150,6 +152,7 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per concurrency level")
     p.add_argument("--warmup", type=float, default=2.0, help="untimed seconds before each level")
+    p.add_argument("--switch-interval-ms", type=float, default=None, help="server: Python's thread switch interval")
     p.add_argument("--candidates", type=int, default=256)
     p.add_argument("--ll", type=int, default=1000)
     p.add_argument("--rt", type=int, default=100)

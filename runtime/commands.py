@@ -30,13 +30,19 @@ from transact.errors import TransactError
               help="cuda: run the dense part on the GPU, or dense.onnx in ONNX Runtime on the host.")
 @click.option("--tf32/--no-tf32", default=True, show_default=True,
               help="cuda: fp32 matrix products on TF32 tensor cores (within the fp16 path's tolerance).")
+@click.option("--switch-interval-ms", default=0.5, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Python's thread switch interval: how long the HTTP thread may keep the interpreter while "
+                   "the batch worker waits for it.")  # fmt: skip
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 def serve_cmd(bundle, host, port, device, max_batch, max_queue_delay_ms, max_candidates, max_body_mb, model_name,
-              threads, triton_cache_dir, dense_on, tf32, log_level) -> None:  # fmt: skip
+              threads, triton_cache_dir, dense_on, tf32, switch_interval_ms, log_level) -> None:  # fmt: skip
     """Serve BUNDLE over HTTP (KServe / Triton Inference Server v2 protocol) until SIGINT/SIGTERM."""
+    import sys
+
     from .server import ServerSettings, create_app, run_server
     from .session import Session
 
+    sys.setswitchinterval(switch_interval_ms / 1000.0)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ServerSettings(model_name=model_name, device=device, max_batch=max_batch,
                               max_queue_delay_ms=max_queue_delay_ms, max_candidates=max_candidates,
