@@ -459,8 +459,8 @@ class CudaBackend:
         With captured graphs the work overlaps: the first part goes up and stage A's graph starts; the
         host then fills the ll item codes (0.5 MB at 16,000 rows), which a second stream uploads and
         scans (the ll selection's graph) beside stage A, while the host fills part three (action masks,
-        surfaces, dense features), uploaded behind them; stage B's graph follows both streams. Batches of
-        several users, and runs without graphs (or before the first capture), go in order."""
+        surfaces, dense features), uploaded behind them; stage B's graph follows both streams. Without
+        graphs (or before the first capture) it runs in order."""
         graphs = self.graphs.get(b) if self.use_graphs else None
         if graphs is None:
             self._fill_ll(arena, b, plan)
@@ -471,16 +471,6 @@ class CudaBackend:
                     return self._compute(arena, b)
             return self._capture(arena, b)
         graph_a, graph_ll, graph_b, _, static = graphs
-        if plan.num_rows > 1:
-            # Several users: the overlap saves a smaller share of the batch's time, while every upload,
-            # event and stream switch is one more release of the interpreter lock, which under load the
-            # HTTP thread holds for up to the switch interval each time. Fill, upload once, run in order.
-            self._fill_ll(arena, b, plan)
-            self._fill_rest(arena, b, plan)
-            arena.upload()
-            for graph in (graph_a, graph_ll, graph_b):
-                graph.replay()
-            return static
         s1, s2 = arena.splits
         main, ev_small, ev_ll = torch.cuda.current_stream(self.device), self._events[0], self._events[1]
         arena.upload(0, s1)
