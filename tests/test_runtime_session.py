@@ -256,3 +256,42 @@ def test_hybrid_glue_on_cpu_matches_eager(
     ref_group = torch.where(out.v2_selection.valid, out.v2_selection.group, -1).numpy()
     np.testing.assert_array_equal(sel["selection_pos"], ref_pos)
     np.testing.assert_array_equal(sel["selection_group"], ref_group)
+
+
+def test_staging_parts_hold_what_each_stage_reads(session: Session, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The cuda backend uploads its arena in three parts and starts stage A after the first, the ll
+    selection after the second: each fill writes only its own part, stage A reads nothing past part one
+    and the ll selection nothing past part two (device bytes there are poisoned: same outputs)."""
+    from runtime.backends.cuda import CudaBackend
+    from runtime.session import SessionOptions
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    backend = CudaBackend(session.bundle, SessionOptions(triton_cache_dir=str(tmp_path / "triton")), device="cpu",
+                          cpu_reference=True)  # fmt: skip
+    plan = plan_batch(random_requests(session.config, 12, n_requests=3, n_cands=9))
+    assert plan.num_rows == 3
+    b, arena = backend.staging_for(plan)
+    s1, s2 = arena.splits
+    assert 0 < s1 < s2 < arena.size
+    host = arena.host_bytes
+    parts = ((backend._fill_first, 0, s1), (backend._fill_ll, s1, s2), (backend._fill_rest, s2, arena.size))
+    for fill, lo, hi in parts:
+        host.fill_(0xA5)
+        fill(arena, b, plan)
+        changed = torch.nonzero(host != 0xA5).flatten()
+        assert changed.numel() > 0, fill.__name__
+        assert lo <= int(changed.min()) and int(changed.max()) < hi, fill.__name__
+
+    backend._fill(arena, b, plan)
+    arena.upload()
+    with torch.no_grad():
+        want_a, want_ll = backend._stage_a(arena, b), backend._stage_ll(arena, b)
+        arena.dev_bytes[s1:].fill_(0x5A)
+        got_a = backend._stage_a(arena, b)
+        arena.upload(s1, s2)
+        got_ll = backend._stage_ll(arena, b)
+    assert want_a.keys() == got_a.keys() == {"v1", "picks_rt", "picks_imp"}
+    for k in want_a:
+        assert torch.equal(want_a[k], got_a[k]), k
+    assert torch.equal(want_ll, got_ll)
