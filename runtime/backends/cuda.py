@@ -453,8 +453,8 @@ class CudaBackend:
     # -- running ---------------------------------------------------------------------------------
 
     def _outputs_for(self, arena: Arena, b: Bucket, plan: BatchPlan) -> dict[str, torch.Tensor]:
-        """Upload, fill the arena's second part and run the GPU part, for a bucket whose arena holds the
-        first part of ``plan`` (``_fill_first``).
+        """Upload, fill parts two and three of the arena and run the GPU part, for a bucket whose arena
+        holds part one of ``plan`` (``_fill_first``).
 
         With captured graphs the work overlaps: the first part goes up and stage A's graph starts; the
         host then fills the ll item codes (0.5 MB at 16,000 rows), which a second stream uploads and
