@@ -2,8 +2,10 @@
 
 Starts the server as a subprocess (or uses ``--url``), then for each concurrency level keeps that many
 clients sending binary-tensor infer requests (distinct users, random among a pre-built pool) for
-``--duration`` seconds. Reports throughput in candidates scored per second, request latency p50 / p99
-and the error count; prints a Markdown table and writes JSON to $OUT/serve_load.json when $OUT is set.
+``--duration`` seconds. Reports throughput in candidates scored per second, request latency p50 / p99,
+the error count, and from the server's /metrics the mean requests per batch and model time per batch (what
+is not model time is queueing, decoding and HTTP); prints a Markdown table and writes JSON to
+$OUT/serve_load.json when $OUT is set.
 
     python benchmarks/serve_load.py BUNDLE --device cpu --concurrency 1,4,16 --duration 10
     python benchmarks/serve_load.py --build-bundle /tmp/b   # export a random-weights bundle first
@@ -95,6 +97,31 @@ def model_config(url: str, model: str):
     )  # fmt: skip
 
 
+def server_totals(url: str) -> dict[str, float]:
+    """Sums and counts of the server's batch histograms (from /metrics), to split a level's latency into
+    model time per batch and the rest (queueing, decoding, HTTP)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name in ("transact_batch_compute_seconds", "transact_batch_size"):
+            for sample in family.samples:
+                if sample.name.endswith(("_sum", "_count")):
+                    out[sample.name] = out.get(sample.name, 0.0) + sample.value
+    return out
+
+
+def batch_stats(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Mean requests per batch and mean model ms per batch between two ``server_totals``."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    batches = d.get("transact_batch_compute_seconds_count", 0.0)
+    if batches <= 0:
+        return {"batches": 0, "mean_batch": None, "model_ms_per_batch": None}
+    return {"batches": int(batches), "mean_batch": round(d["transact_batch_size_sum"] / batches, 2),
+            "model_ms_per_batch": round(1000 * d["transact_batch_compute_seconds_sum"] / batches, 2)}  # fmt: skip
+
+
 def run_level(url: str, model: str, bodies: list[tuple[bytes, dict]], candidates: int, concurrency: int,
               duration: float) -> dict:  # fmt: skip
     """``concurrency`` clients in a closed loop for ``duration`` seconds."""
@@ -183,7 +210,9 @@ def main() -> None:
         rows = []
         for c in [int(x) for x in args.concurrency.split(",")]:
             run_level(url, args.model, bodies, args.candidates, c, args.warmup)  # untimed: new batch shapes compile
-            rows.append(run_level(url, args.model, bodies, args.candidates, c, args.duration))
+            before = server_totals(url)
+            row = run_level(url, args.model, bodies, args.candidates, c, args.duration)
+            rows.append({**row, **batch_stats(before, server_totals(url))})
     finally:
         if proc is not None:
             proc.terminate()
@@ -193,11 +222,13 @@ def main() -> None:
           f"rt={lengths['rt']} imp={lengths['imp']}, max_batch={args.max_batch}, "
           f"max_queue_delay={args.max_queue_delay_ms} ms, "
           f"{os.cpu_count()} CPU cores\n")  # fmt: skip
-    print("| concurrency | requests | req/s | candidates/s | p50 ms | p99 ms | errors |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| concurrency | requests | req/s | candidates/s | p50 ms | p99 ms | errors | requests per batch | "
+          "model ms per batch |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['concurrency']} | {r['requests']} | {r['requests_per_s']} | {r['candidates_per_s']:,} | "
-              f"{r['p50_ms']} | {r['p99_ms']} | {r['errors']} |")  # fmt: skip
+              f"{r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {r['mean_batch']} | "
+              f"{r['model_ms_per_batch']} |")  # fmt: skip
     out = os.environ.get("OUT")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
