@@ -6,6 +6,7 @@ hybrid backend's glue code run on the CPU; device selection and refusals.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
@@ -295,3 +296,28 @@ def test_staging_parts_hold_what_each_stage_reads(session: Session, tmp_path: Pa
     for k in want_a:
         assert torch.equal(want_a[k], got_a[k]), k
     assert torch.equal(want_ll, got_ll)
+
+
+@pytest.mark.parametrize("v1, v2", [(True, False), (False, True), (False, False)], ids=["v1-only", "v2-only", "none"])
+def test_hybrid_glue_with_one_or_no_sequence_module(v1: bool, v2: bool, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The ablation's variants without V1, without V2 or without either, through the cuda backend's
+    stages (on the CPU), against the eager model."""
+    from export.bundle import export_bundle
+    from runtime.backends.cuda import CudaBackend
+    from runtime.session import SessionOptions
+    from transact.checkpoint import save_checkpoint
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    base = small_config()
+    cfg = dataclasses.replace(base, transact=dataclasses.replace(base.transact, enabled=v1),
+                              transact_v2=dataclasses.replace(base.transact_v2, enabled=v2))  # fmt: skip
+    torch.manual_seed(3)
+    model = RankingModel(cfg).eval()
+    save_checkpoint(tmp_path / "ckpt", model)
+    bundle = Session(export_bundle(tmp_path / "ckpt", tmp_path / "bundle", check=False), device="cpu").bundle
+    backend = CudaBackend(bundle, SessionOptions(triton_cache_dir=str(tmp_path / "triton")), device="cpu",
+                          cpu_reference=True)  # fmt: skip
+    reqs = random_requests(cfg, 13, n_cands=10)
+    probs, _ = backend.run(plan_batch(reqs))
+    np.testing.assert_allclose(probs, np.concatenate(eager_probs(model, reqs)), atol=2e-3, rtol=0)
