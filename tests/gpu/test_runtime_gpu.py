@@ -144,3 +144,26 @@ def test_repeated_requests_reuse_buffers_without_leaking_state(hybrid: Session) 
     first = hybrid.score(short)
     hybrid.score(long)
     np.testing.assert_array_equal(hybrid.score(short), first)
+
+
+@pytest.mark.parametrize("v1, v2", [(True, False), (False, True), (False, False)], ids=["v1-only", "v2-only", "none"])
+def test_one_or_no_sequence_module_with_graphs(v1: bool, v2: bool, tmp_path: Path) -> None:
+    """The ablation's variants through the captured graphs (a stage with nothing to do captures no work)."""
+    from export.bundle import export_bundle
+    from transact.checkpoint import save_checkpoint
+    from transact.config import TransActConfig, TransActV2Config
+
+    cfg = ModelConfig(max_ll=2048, transact=TransActConfig(enabled=v1), transact_v2=TransActV2Config(enabled=v2))
+    torch.manual_seed(5)
+    model = RankingModel(cfg).eval()
+    save_checkpoint(tmp_path / "ckpt", model)
+    bundle = export_bundle(tmp_path / "ckpt", tmp_path / "bundle", check=False)
+    session = Session(bundle, device="cuda", warmup_shapes=[(1, 64, 2048)])
+    b = random_batch(cfg, 1, 64, ll=2000, rt=100, imp=100, seed=9, future=2)
+    plan = plan_batch([Request.from_batch(b, 0)])
+    probs, _ = session.backend.run(plan)
+    batch = Batch.from_named({k: torch.from_numpy(v) for k, v in plan.padded_inputs().items()}).to("cuda")
+    with torch.no_grad(), transformer_fastpath(False):
+        want = model.cuda()(batch).cpu().numpy()
+    assert np.abs(probs - want).max() <= TOL
+    assert session.backend.stats["graph_failures"] == 0 and session.backend.stats["graphs_captured"] >= 1
