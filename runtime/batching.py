@@ -99,6 +99,8 @@ class BatchPlan:
 
     def split(self, arr: np.ndarray) -> list[np.ndarray]:
         """Per-request slices of a per-candidate output (in request order)."""
+        if len(self.requests) == 1:  # the common serving case: no cumsum, no split
+            return [arr]
         ends = np.cumsum([r.num_candidates for r in self.requests])
         return np.split(arr, ends[:-1])
 

@@ -413,10 +413,7 @@ class Session:
         t0 = time.perf_counter()
         plan = plan_batch(requests, dedup=dedup)
         probs, scores = self.backend.run(plan)
-        if len(requests) == 1:
-            outputs = [Output(probs, scores)]
-        else:
-            outputs = [Output(p, s) for p, s in zip(plan.split(probs), plan.split(scores), strict=True)]
+        outputs = [Output(p, s) for p, s in zip(plan.split(probs), plan.split(scores), strict=True)]
         return BatchResult(outputs, plan.num_rows, plan.num_candidates, time.perf_counter() - t0)
 
     def rank_scores(self, probabilities: np.ndarray) -> np.ndarray:
