@@ -77,6 +77,40 @@ def timeit(fn, runs: int, warmup: int, sync: bool) -> dict:
             "mean_ms": float(ms.mean()), "runs": runs}  # fmt: skip
 
 
+def _spin(stop) -> None:
+    x = 0
+    while not stop.is_set():
+        x += 1
+
+
+def batch_times(session: Session, users: list[int], runs: int) -> dict[str, dict]:
+    """p50 / p99 of one batch of ``u`` distinct users (256 candidates each) for each ``u``: alone, and
+    beside a Python thread that keeps the interpreter busy (what a server's event loop does under load:
+    each time the batch's thread releases the GIL, it waits up to the switch interval to get it back)."""
+    import threading
+
+    out = {}
+    for u in users:
+        b = random_batch(session.config, u, SHAPE["candidates"] * u, ll=SHAPE["ll"], rt=SHAPE["rt"],
+                         imp=SHAPE["imp"], seed=u)  # fmt: skip
+        reqs = [Request.from_batch(b, i) for i in range(u)]
+        r = timeit(lambda reqs=reqs: session.run(reqs, validate=False), runs, 5, False)
+        stop = threading.Event()
+
+        t = threading.Thread(target=_spin, args=(stop,), daemon=True)
+        old = sys.getswitchinterval()
+        sys.setswitchinterval(0.0005)  # `transact serve`'s default
+        t.start()
+        try:
+            r["busy_p50_ms"] = timeit(lambda reqs=reqs: session.run(reqs, validate=False), runs, 3, False)["p50_ms"]
+        finally:
+            stop.set()
+            t.join()
+            sys.setswitchinterval(old)
+        out[str(u)] = r
+    return out
+
+
 def stage_breakdown(session: Session, req: Request, runs: int) -> dict[str, float]:
     """Median ms of each stage of one request through the cuda backend (each stage synchronised)."""
     be = session.backend
@@ -170,6 +204,8 @@ def main() -> None:
     p.add_argument("--skip-startup", action="store_true")
     p.add_argument("--skip-cpu", action="store_true")
     p.add_argument("--host-profile", action="store_true", help="print a cProfile of the host side of run()")
+    p.add_argument("--batch-users", default="",
+                   help="also time batches of these many distinct users (256 candidates each), e.g. 1,4,8,16")
     p.add_argument("--startup-child", help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -202,6 +238,9 @@ def main() -> None:
     results["gpu_kernels_ms"] = gpu_kernel_profile(no_graph, req)
     if args.host_profile:
         print(host_profile(dense_gpu, req, args.runs))
+    if args.batch_users:
+        users = [int(u) for u in args.batch_users.split(",")]
+        results["batches"] = batch_times(dense_gpu, users, max(20, args.runs // 4))
 
     model = hybrid.bundle.verified.build_model().cuda()
     named = {k: torch.from_numpy(v) for k, v in plan.padded_inputs().items()}
@@ -244,6 +283,13 @@ def main() -> None:
     if "CPU: ONNX Runtime full.onnx" in rows:
         ratio = rows["CPU: eager fp32"]["p50_ms"] / rows["CPU: ONNX Runtime full.onnx"]["p50_ms"]
         print(f"CPU: ONNX Runtime is {ratio:.1f}x eager (target >= 2x)")
+    if "batches" in results:
+        print("\n| batch of distinct users (256 candidates each), dense on GPU | p50 ms | p99 ms | p50 ms per user "
+              "| p50 ms beside a busy Python thread |\n|---:|---:|---:|---:|---:|")  # fmt: skip
+        for u, r in results["batches"].items():
+            per_user = r["p50_ms"] / int(u)
+            print(f"| {u} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {per_user:.3f} | {r['busy_p50_ms']:.3f} |")
+        print(f"backend stats: {dense_gpu.backend.stats}")
     startup = None if args.skip_startup else measure_startup(bundle)
     if startup:
         results["startup"] = startup

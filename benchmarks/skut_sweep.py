@@ -47,13 +47,24 @@ CONFIGS = sorted(
         sk.SkutConfig(128, 32, 8, num_stages=1),
         sk.SkutConfig(64, 32, 4, num_stages=1),
         sk.SkutConfig(128, 32, 8, num_stages=3),
-    },
-    key=lambda c: (c.block_m, c.block_n, c.num_warps, c.num_stages),
+    }
+    | {sk.SkutConfig(m, n, w, prefetch=True) for m, n, w in ((64, 32, 4), (128, 32, 8), (64, 16, 4), (32, 32, 4))},
+    key=lambda c: (c.block_m, c.block_n, c.num_warps, c.num_stages, c.prefetch),
 )
 
 
+def _label(cfg: sk.SkutConfig) -> str:
+    tiles = f"{cfg.block_m}/{cfg.block_n}/{cfg.num_warps}"
+    tiles += f" stages {cfg.num_stages}" if cfg.num_stages != 2 else ""
+    return tiles + (" prefetch" if cfg.prefetch else "")
+
+
 def main() -> None:
-    only = sys.argv[1:]  # optional: substrings of the shape names to run, e.g. "V1"
+    # Optional arguments: substrings of the shape names (e.g. "V1") and of the configuration labels
+    # (an argument with a "/", e.g. "64/32/4" also matches "64/32/4 prefetch").
+    only = [a for a in sys.argv[1:] if "/" not in a]
+    cfgs = [c for c in CONFIGS if not any("/" in a for a in sys.argv[1:])
+            or any(a in _label(c) for a in sys.argv[1:] if "/" in a)]  # fmt: skip
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     for name, bsz, s, d, h, f, causal in SHAPES:
         if only and not any(o in name for o in only):
@@ -63,7 +74,7 @@ def main() -> None:
         x, kpm = transformer_inputs(bsz, s, d, seed=0)
         default = sk.choose_config(s, packed, bsz)
         rows = []
-        for cfg in CONFIGS:
+        for cfg in cfgs:
             try:
                 err = check_skut(enc, packed, cfg, 8, s, causal)
                 o = torch.empty(bsz, s, d, dtype=torch.float16, device="cuda")
@@ -79,9 +90,7 @@ def main() -> None:
         print("|---|---:|---:|---|")
         for cfg, err, ms, info in rows:
             mark = " **best**" if cfg == best else (" (default)" if cfg == default else "")
-            tiles = f"{cfg.block_m}/{cfg.block_n}/{cfg.num_warps}"
-            tiles += f" stages {cfg.num_stages}" if cfg.num_stages != 2 else ""
-            print(f"| {tiles}{mark} | {err:.1e} | {ms:.4f} | {info} |", flush=True)
+            print(f"| {_label(cfg)}{mark} | {err:.1e} | {ms:.4f} | {info} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -478,12 +478,14 @@ class CudaBackend:
         # batch's stage B, which read the device's parts two and three. (The pinned host bytes are free
         # to refill: every batch ends in a host sync.)
         ev_small.record(main)
-        graph_a.replay()
+        if graph_a is not None:
+            graph_a.replay()
         self._fill_ll(arena, b, plan)
         with torch.cuda.stream(self._copy):
             self._copy.wait_event(ev_small)
             arena.upload(s1, s2)
-            graph_ll.replay()
+            if graph_ll is not None:
+                graph_ll.replay()
         self._fill_rest(arena, b, plan)  # while the ll codes go up and are scanned
         with torch.cuda.stream(self._copy):
             arena.upload(s2)  # behind the ll selection on its stream: stage B needs both anyway
@@ -505,15 +507,21 @@ class CudaBackend:
                 eager = self._compute(arena, b)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         try:
-            graph_a, graph_ll, graph_b = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-            with torch.no_grad(), torch.cuda.graph(graph_a, pool=self._pool):
+            m = self.model
+            # A stage with no work (no V1 and no V2 module; no V2 for the ll selection) is not captured:
+            # an empty graph is no use, and torch warns about one.
+            graph_a = torch.cuda.CUDAGraph() if m.transact is not None or m.transact_v2 is not None else None
+            graph_ll = torch.cuda.CUDAGraph() if m.transact_v2 is not None else None
+            graph_b = torch.cuda.CUDAGraph()
+            with torch.no_grad(), _maybe_graph(graph_a, self._pool):
                 mid = self._stage_a(arena, b)  # kept alive with the graphs: stage B reads these buffers
-            with torch.no_grad(), torch.cuda.graph(graph_ll, pool=self._pool_ll):
+            with torch.no_grad(), _maybe_graph(graph_ll, self._pool_ll):
                 mid["picks_ll"] = self._stage_ll(arena, b)
             with torch.no_grad(), torch.cuda.graph(graph_b, pool=self._pool):
                 static = self._stage_b(arena, b, mid, mid["picks_ll"])
             for g in (graph_a, graph_ll, graph_b):
-                g.replay()
+                if g is not None:
+                    g.replay()
             torch.cuda.synchronize(self.device)
             for k, v in eager.items():
                 if v.is_floating_point() and v.numel() and not torch.allclose(v, static[k], atol=1e-4, rtol=1e-4):
@@ -607,6 +615,12 @@ class CudaBackend:
             self.run(plan_batch(reqs, dedup=False))
             self.stats["buckets_warmed"] += 1
         self.stats["warmup_s"] = time.perf_counter() - t0
+
+
+def _maybe_graph(graph: torch.cuda.CUDAGraph | None, pool) -> contextlib.AbstractContextManager:
+    """Capture into ``graph`` (sharing ``pool``), or run the block uncaptured when it is None (a stage
+    that launches nothing)."""
+    return contextlib.nullcontext() if graph is None else torch.cuda.graph(graph, pool=pool)
 
 
 def _load_model(bundle: LoadedBundle, device: torch.device) -> RankingModel:
