@@ -1,6 +1,7 @@
 """Tile sweep of the fused transformer kernel at the runtime's two shapes (and any you add).
 
-    PYTHONPATH=. python benchmarks/skut_sweep.py [V1 | V2 ...]   (substrings of the shape names; default all)
+    PYTHONPATH=. python benchmarks/skut_sweep.py [V1 | V2 ...] [64/32/4 ...]
+        (substrings of the shape names and of the configurations' labels; default all)
 
 For each shape (the V2 module: B=256 sequences of 192 tokens, d=64, 1 head, causal; the V1 module:
 B=256 of 100 tokens, d=96, 2 heads, not causal; both 2 layers, FFN 32, 25% random key padding), every
@@ -47,21 +48,20 @@ CONFIGS = sorted(
         sk.SkutConfig(128, 32, 8, num_stages=1),
         sk.SkutConfig(64, 32, 4, num_stages=1),
         sk.SkutConfig(128, 32, 8, num_stages=3),
-    }
-    | {sk.SkutConfig(m, n, w, prefetch=True) for m, n, w in ((64, 32, 4), (128, 32, 8), (64, 16, 4), (32, 32, 4))},
-    key=lambda c: (c.block_m, c.block_n, c.num_warps, c.num_stages, c.prefetch),
+    },
+    key=lambda c: (c.block_m, c.block_n, c.num_warps, c.num_stages),
 )
 
 
 def _label(cfg: sk.SkutConfig) -> str:
     tiles = f"{cfg.block_m}/{cfg.block_n}/{cfg.num_warps}"
     tiles += f" stages {cfg.num_stages}" if cfg.num_stages != 2 else ""
-    return tiles + (" prefetch" if cfg.prefetch else "")
+    return tiles
 
 
 def main() -> None:
     # Optional arguments: substrings of the shape names (e.g. "V1") and of the configuration labels
-    # (an argument with a "/", e.g. "64/32/4" also matches "64/32/4 prefetch").
+    # (an argument with a "/", e.g. "128/32/8" also matches "128/32/8 stages 3").
     only = [a for a in sys.argv[1:] if "/" not in a]
     cfgs = [c for c in CONFIGS if not any("/" in a for a in sys.argv[1:])
             or any(a in _label(c) for a in sys.argv[1:] if "/" in a)]  # fmt: skip

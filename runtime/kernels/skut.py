@@ -274,21 +274,14 @@ def _store_kv(
     D_P: tl.constexpr,
     DH_P: tl.constexpr,
     PREC: tl.constexpr,
-    wk0=None,
-    wv0=None,
 ):
-    """K and V of these rows for every head, into the K/V scratch of one layer (``wk0`` / ``wv0``: the
-    weights of a single head, already loaded)."""
+    """K and V of these rows for every head, into the K/V scratch of one layer."""
     cd = tl.arange(0, D_P)
     ch = tl.arange(0, DH_P)
     HW: tl.constexpr = H * D_P * DH_P
     for h in tl.static_range(H):
-        if wk0 is not None:
-            wk = wk0
-            wv = wv0
-        else:
-            wk = tl.load(w_layer + HW + h * D_P * DH_P + cd[:, None] * DH_P + ch[None, :])
-            wv = tl.load(w_layer + 2 * HW + h * D_P * DH_P + cd[:, None] * DH_P + ch[None, :])
+        wk = tl.load(w_layer + HW + h * D_P * DH_P + cd[:, None] * DH_P + ch[None, :])
+        wv = tl.load(w_layer + 2 * HW + h * D_P * DH_P + cd[:, None] * DH_P + ch[None, :])
         bk = tl.load(v_layer + H * DH_P + h * DH_P + ch)
         bv = tl.load(v_layer + 2 * H * DH_P + h * DH_P + ch)
         k = tl.dot(x16, wk, input_precision=PREC) + bk[None, :]
@@ -324,7 +317,6 @@ def _skut_kernel(
     KV_BUFS: tl.constexpr,
     PREC: tl.constexpr,
     STORE_OUT: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     dt = out_ptr.dtype.element_ty
@@ -396,8 +388,6 @@ def _skut_kernel(
             for h in tl.static_range(H):
                 wq = tl.load(w_l + h * D_P * DH_P + cd[:, None] * DH_P + ch[None, :])
                 bq = tl.load(v_l + h * DH_P + ch)
-                if PREFETCH:  # issued now, in flight during the key loop
-                    wo = tl.load(w_l + 3 * HW + h * DH_P * D_P + ch[:, None] * D_P + cd[None, :])
                 q = (tl.dot(x16, wq, input_precision=PREC) + bq[None, :]).to(dt)
                 m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
                 l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -426,8 +416,7 @@ def _skut_kernel(
                     m_i = m_new
                 # A row that saw no valid key gets a zero attention output (never 0/0).
                 o_h = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
-                if not PREFETCH:
-                    wo = tl.load(w_l + 3 * HW + h * DH_P * D_P + ch[:, None] * D_P + cd[None, :])
+                wo = tl.load(w_l + 3 * HW + h * DH_P * D_P + ch[:, None] * D_P + cd[None, :])
                 attn += tl.dot(o_h.to(dt), wo, input_precision=PREC)
             bo = tl.load(v_l + OFF_BO + cd)
             x = _layernorm(x + attn + bo[None, :], v_l, OFF_BO + D_P, OFF_BO + 2 * D_P, eps1, dmask, D, D_P)
@@ -435,21 +424,11 @@ def _skut_kernel(
             # ---- feed-forward, in chunks of the hidden width
             x16 = x.to(dt)
             ff = tl.zeros((BLOCK_M, D_P), tl.float32)
-            wk_n = None
-            wv_n = None
-            if PREFETCH:
-                if H == 1:  # the next layer's K/V weights (if any), in flight during the FFN
-                    more = (cd[:, None] * 0 + layer + 1) < n_layers
-                    wk_n = tl.load(w_l + LW + HW + cd[:, None] * DH_P + ch[None, :], mask=more, other=0.0)
-                    wv_n = tl.load(w_l + LW + 2 * HW + cd[:, None] * DH_P + ch[None, :], mask=more, other=0.0)
             for f0 in tl.static_range(0, F_P, F_CHUNK):
                 w1 = tl.load(w_l + 4 * HW + cd[:, None] * F_P + (f0 + cf)[None, :])
                 b1 = tl.load(v_l + OFF_B1 + f0 + cf)
-                if PREFETCH:
-                    w2 = tl.load(w_l + 4 * HW + D_P * F_P + (f0 + cf)[:, None] * D_P + cd[None, :])
                 hid = tl.maximum(tl.dot(x16, w1, input_precision=PREC) + b1[None, :], 0.0)
-                if not PREFETCH:
-                    w2 = tl.load(w_l + 4 * HW + D_P * F_P + (f0 + cf)[:, None] * D_P + cd[None, :])
+                w2 = tl.load(w_l + 4 * HW + D_P * F_P + (f0 + cf)[:, None] * D_P + cd[None, :])
                 ff += tl.dot(hid.to(dt), w2, input_precision=PREC)
             b2 = tl.load(v_l + OFF_B2 + cd)
             x = _layernorm(x + ff + b2[None, :], v_l, OFF_B2 + D_P, OFF_B2 + 2 * D_P, eps2, dmask, D, D_P)
@@ -457,8 +436,7 @@ def _skut_kernel(
             if layer + 1 < n_layers:
                 x16 = x.to(dt)
                 _store_kv(
-                    x16, rows, row_ok, w_l + LW, v_l + LV, kv_nxt, kv_nxt + KV_STRIDE, S, H, D_P, DH_P, PREC,
-                    wk_n, wv_n,
+                    x16, rows, row_ok, w_l + LW, v_l + LV, kv_nxt, kv_nxt + KV_STRIDE, S, H, D_P, DH_P, PREC
                 )
                 tl.store(o_b + rows[:, None] * D + cd[None, :], x16, mask=xmask)
             else:
@@ -499,7 +477,6 @@ class SkutConfig:
     num_warps: int
     f_chunk: int = 64
     num_stages: int = 2
-    prefetch: bool = False  # issue weight loads one step before their use (more registers live)
 
 
 # Configurations the benchmark sweeps (each one is also checked by tests/gpu/test_kernels_gpu.py).
@@ -672,7 +649,6 @@ def skut_forward(
             KV_BUFS=kv_bufs,
             PREC="ieee" if x.dtype == torch.float32 else "tf32",
             STORE_OUT=pool is None or hidden is not None,
-            PREFETCH=cfg.prefetch,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
