@@ -33,9 +33,9 @@ from transact.errors import TransactError
 @click.option("--switch-interval-ms", default=0.5, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Python's thread switch interval: how long the HTTP thread may keep the interpreter while "
                    "the batch worker waits for it.")  # fmt: skip
-@click.option("--model-process/--in-process", default=True, show_default=True,
+@click.option("--model-process/--in-process", default=False, show_default=True,
               help="Run the model in a child process, where batches never wait for the HTTP threads to hand "
-                   "back Python's interpreter lock (several times the throughput under concurrent load).")
+                   "back Python's interpreter lock; costs a copy of every request through a pipe.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 def serve_cmd(bundle, host, port, device, max_batch, max_queue_delay_ms, max_candidates, max_body_mb, model_name,
               threads, triton_cache_dir, dense_on, tf32, switch_interval_ms, model_process,

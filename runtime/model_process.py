@@ -1,12 +1,12 @@
-"""A ``Session`` in its own process, for the server.
+"""A ``Session`` in its own process (``transact serve --model-process``).
 
-Why: in one process, the thread that runs a batch gives up Python's interpreter lock at every call into
-torch or numpy (uploads, graph replays, copies: a few dozen per batch) and must win it back each time.
-Under load the HTTP side (the event loop and the decoding threads) always wants it, so every hand-back
-costs up to a switch interval or one long C call of theirs: a batch of 8 users that takes 2.5 ms alone
-took 35-44 ms in the server at 16 clients (benchmarks/RESULTS.md). In a child process the batch has the
-interpreter to itself; Triton Inference Server's Python backend runs its models out of process for the
-same reason.
+Why: the thread that runs a batch releases Python's interpreter lock at every call into torch or numpy
+(uploads, graph replays, copies: a few dozen per batch) and must win it back from the HTTP threads each
+time. Beside a Python thread that never yields, a batch of 8 users took 35 ms instead of 2.5
+(``benchmarks/runtime.py --batch-users``). In a child process the batch has the interpreter to itself;
+Triton Inference Server's Python backend runs its models out of process for the same reason. The price
+is the pipe: every request's arrays cross it (about 0.8 MB at ll 16,000), which measured about 1 ms per
+request on the GPU host, so it is opt-in and pays only when the HTTP side starves the batch thread.
 
 The wire between the two is a pipe carrying raw bytes (no pickle): a JSON header that describes every
 array (dtype, shape, offset) followed by the arrays' bytes; ``np.frombuffer`` reads them back.

@@ -295,7 +295,10 @@ class CudaBackend:
             n0 += n
         a["cand_req"][n0:] = 0
         if n0 < b.cands:
-            a["cand"][n0:] = 0
+            # Padding candidates repeat candidate 0 (whose row is 0). An all-zero vector would score
+            # exactly 0 against every token, and such ties send the selection down its exact full scan:
+            # 20-60 ms for a batch whose bucket had 512-1536 padding candidates. Outputs are discarded.
+            a["cand"][n0:] = a["cand"][0]
 
     def _fill_ll(self, arena: Arena, b: Bucket, plan: BatchPlan) -> None:
         """Part two: the ll item codes."""
