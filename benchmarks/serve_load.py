@@ -66,8 +66,6 @@ def start_server(bundle: Path, device: str, args: argparse.Namespace) -> tuple[s
         cmd += ["--threads", str(args.threads)]
     if args.switch_interval_ms:
         cmd += ["--switch-interval-ms", str(args.switch_interval_ms)]
-    if args.model_process:
-        cmd += ["--model-process"]
     proc = subprocess.Popen(cmd, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + args.start_timeout
@@ -182,7 +180,6 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=10.0, help="seconds per concurrency level")
     p.add_argument("--warmup", type=float, default=2.0, help="untimed seconds before each level")
     p.add_argument("--switch-interval-ms", type=float, default=None, help="server: Python's thread switch interval")
-    p.add_argument("--model-process", action="store_true", help="server: the model in a child process")
     p.add_argument("--candidates", type=int, default=256)
     p.add_argument("--ll", type=int, default=1000)
     p.add_argument("--rt", type=int, default=100)
@@ -224,7 +221,6 @@ def main() -> None:
     print(f"\nserve load: backend={backend}, {args.candidates} candidates/request, ll={lengths['ll']} "
           f"rt={lengths['rt']} imp={lengths['imp']}, max_batch={args.max_batch}, "
           f"max_queue_delay={args.max_queue_delay_ms} ms, "
-          f"model {'in its own process' if args.model_process else 'in the server process'}, "
           f"{os.cpu_count()} CPU cores\n")  # fmt: skip
     print("| concurrency | requests | req/s | candidates/s | p50 ms | p99 ms | errors | requests per batch | "
           "model ms per batch |")  # fmt: skip

@@ -33,17 +33,12 @@ from transact.errors import TransactError
 @click.option("--switch-interval-ms", default=0.5, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Python's thread switch interval: how long the HTTP thread may keep the interpreter while "
                    "the batch worker waits for it.")  # fmt: skip
-@click.option("--model-process/--in-process", default=False, show_default=True,
-              help="Run the model in a child process, where batches never wait for the HTTP threads to hand "
-                   "back Python's interpreter lock; costs a copy of every request through a pipe.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 def serve_cmd(bundle, host, port, device, max_batch, max_queue_delay_ms, max_candidates, max_body_mb, model_name,
-              threads, triton_cache_dir, dense_on, tf32, switch_interval_ms, model_process,
-              log_level) -> None:  # fmt: skip
+              threads, triton_cache_dir, dense_on, tf32, switch_interval_ms, log_level) -> None:  # fmt: skip
     """Serve BUNDLE over HTTP (KServe / Triton Inference Server v2 protocol) until SIGINT/SIGTERM."""
     import sys
 
-    from .model_process import ProcessSession
     from .server import ServerSettings, create_app, run_server
     from .session import Session
 
@@ -54,10 +49,10 @@ def serve_cmd(bundle, host, port, device, max_batch, max_queue_delay_ms, max_can
                               max_body_mb=max_body_mb, threads=threads)  # fmt: skip
     server_box: list = []
 
-    def load() -> Session | ProcessSession:
-        kind = ProcessSession if model_process else Session
-        return kind(bundle, device=device, threads=threads, max_candidates=max_candidates,
-                    triton_cache_dir=triton_cache_dir, max_batch=max_batch, dense_on=dense_on, tf32=tf32)
+    def load() -> Session:
+        return Session(bundle, device=device, threads=threads, max_candidates=max_candidates,
+                       triton_cache_dir=triton_cache_dir, max_batch=max_batch, dense_on=dense_on,
+                       tf32=tf32)  # fmt: skip
 
     def stop(_: BaseException) -> None:
         if server_box:

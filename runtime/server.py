@@ -69,7 +69,6 @@ class ServerState:
         self.batcher: DynamicBatcher | None = None
         self.load_error: BaseException | None = None
         self.ready = False
-        self.owns_session = False  # a session the app loaded itself is closed at shutdown
 
     def attach(self, session: Session) -> None:
         self.session = session
@@ -89,9 +88,6 @@ class ServerState:
         self.metrics.ready.set(0)
         if self.batcher is not None:
             self.batcher.close()
-        close = getattr(self.session, "close", None)
-        if close is not None and self.owns_session:
-            close()
 
 
 def _error(message: str, status: int) -> JSONResponse:
@@ -166,7 +162,6 @@ def create_app(
         try:
             t0 = time.perf_counter()
             s = load()
-            state.owns_session = True
             state.attach(s)
             log.info("model '%s' ready on %s in %.1f s", settings.model_name, s.backend_name, time.perf_counter() - t0)
         except BaseException as e:  # noqa: BLE001 - reported, and the caller decides to stop

@@ -335,10 +335,9 @@ def serve_process(bundle: Path, port: int, *args: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ})
 
 
-@pytest.mark.parametrize("where", ["--in-process", "--model-process"])
-def test_graceful_shutdown_finishes_the_request_in_flight(session: Session, eager, where: str) -> None:
+def test_graceful_shutdown_finishes_the_request_in_flight(session: Session, eager) -> None:
     port = free_port()
-    proc = serve_process(small_bundle(), port, "--max-queue-delay-ms", "1500", where)
+    proc = serve_process(small_bundle(), port, "--max-queue-delay-ms", "1500")
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 120
