@@ -262,6 +262,29 @@ def test_ties_prefer_recent(splits, cap):
     assert (scores[4] == 0).all()
 
 
+def test_zero_candidates_of_several_users_take_their_newest_positions():
+    """A zero candidate ties at 0 with every row; its key list overflows and the final pass answers
+    with the newest k positions of its own user's sequence (exactly the reference's tie rule)."""
+    g = torch.Generator().manual_seed(12)
+    lens = torch.tensor([40, 0, 75, 33])
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)[:-1]])
+    seq = torch.randint(-127, 128, (int(lens.sum()), 32), generator=g, dtype=torch.int8)
+    users = torch.tensor([2, 0, 1, 3, 2, 0, 3, 1])
+    cand = torch.randn(8, 32, generator=g).half()
+    zero = torch.tensor([0, 1, 2, 6])
+    cand[zero] = 0
+    k = 12
+    inputs = (seq, starts, lens, cand, users)
+    idx, scores = run_kernel(inputs, k, nn_mod.NNSelectConfig(16, 32, 2, 4, 16, tile=32, capacity=16))
+    assert_matches_reference(idx, scores, inputs, k)
+    assert torch.equal(idx.cpu().long(), brute_force(*inputs, k))
+    for i in zero.tolist():
+        n = int(lens[users[i]])
+        want = list(range(n - 1, max(n - 1 - k, -1), -1))
+        assert idx[i].tolist() == want + [-1] * (k - len(want))
+        assert (scores[i][: len(want)] == 0).all() and torch.isinf(scores[i][len(want) :]).all()
+
+
 def test_int32_indices_and_unordered_users():
     """Candidates of different users interleaved, int32 output."""
     inputs = make_inputs([30, 18, 7], [4, 4, 4], torch.float32, seed=5)

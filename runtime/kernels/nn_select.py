@@ -395,22 +395,34 @@ def _nn_final_kernel(
                 rank += tl.sum((other[None, :] > mine[:, None]).to(tl.int32), axis=1)
             _store_ranked(mine, rank, row, idx_ptr, score_ptr, k)
     else:
-        # A block of 16 rows with only this candidate live (the tile scores need 16-row dots).
-        rows = row + tl.arange(0, 16)
-        live = tl.arange(0, 16) == 0
         col = tl.arange(0, K)
-        buf = tl.full((16, K), -(2**63), tl.int64) + col[None, :]  # distinct sentinels
-        tile_sent = tl.full((16, K), -(2**63) + K, tl.int64) + col[None, :]
-        c_hi, c_lo = _load_cand_hi_lo(cand_ptr, rows, live, D, D_P)
         start, p_lo, p_hi = _user_chunk(starts_ptr, lengths_ptr, tl.load(user_ptr + row), 0, 1, K)
-        for p0 in range(p_lo, p_hi, K):
-            pos = p0 + col
-            pos_ok = pos < p_hi
-            s = _tile_scores(seq_ptr, start, pos, pos_ok, c_hi, c_lo, D, D_P)
-            key = (_ordered_bits(s).to(tl.int64) << 32) | pos[None, :].to(tl.int64)
-            key = tl.where(live[:, None] & pos_ok[None, :], key, tile_sent)
-            buf = _merge_keys(buf, key, K, M_BULK)
-        _store_sorted(buf, rows, live, idx_ptr, score_ptr, k, K)
+        d = tl.arange(0, D_P)
+        c = tl.load(cand_ptr + row.to(tl.int64) * D + d, mask=d < D, other=0).to(tl.float32)
+        if tl.sum(c * c, axis=0) == 0.0:
+            # A zero candidate scores exactly 0 against every row (see _load_cand_hi_lo), so the tie
+            # rule alone decides: the newest k positions. Padding and items without an embedding
+            # look like this, and the full scan below would cost ~0.1 ms for each.
+            pos = p_hi - 1 - col
+            ok = pos >= p_lo
+            offs = row.to(tl.int64) * k + col
+            tl.store(idx_ptr + offs, tl.where(ok, pos, -1).to(idx_ptr.dtype.element_ty), mask=col < k)
+            tl.store(score_ptr + offs, tl.where(ok, 0.0, float("-inf")), mask=col < k)
+        else:
+            # A block of 16 rows with only this candidate live (the tile scores need 16-row dots).
+            rows = row + tl.arange(0, 16)
+            live = tl.arange(0, 16) == 0
+            buf = tl.full((16, K), -(2**63), tl.int64) + col[None, :]  # distinct sentinels
+            tile_sent = tl.full((16, K), -(2**63) + K, tl.int64) + col[None, :]
+            c_hi, c_lo = _load_cand_hi_lo(cand_ptr, rows, live, D, D_P)
+            for p0 in range(p_lo, p_hi, K):
+                pos = p0 + col
+                pos_ok = pos < p_hi
+                s = _tile_scores(seq_ptr, start, pos, pos_ok, c_hi, c_lo, D, D_P)
+                key = (_ordered_bits(s).to(tl.int64) << 32) | pos[None, :].to(tl.int64)
+                key = tl.where(live[:, None] & pos_ok[None, :], key, tile_sent)
+                buf = _merge_keys(buf, key, K, M_BULK)
+            _store_sorted(buf, rows, live, idx_ptr, score_ptr, k, K)
 
 
 # --------------------------------------------------------------------------------------------
