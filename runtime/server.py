@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -76,7 +77,10 @@ class ServerState:
             session.limits, max_candidates=min(self.settings.max_candidates, session.limits.max_candidates)
         )
         self.batcher = DynamicBatcher(
-            session.run, self.settings.max_batch, self.settings.max_queue_delay_ms / 1000.0,
+            # Requests reach the batcher only through decode(), which validated them (request_from_tensors):
+            # no second pass over every array in the batch thread.
+            functools.partial(session.run, validate=False), self.settings.max_batch,
+            self.settings.max_queue_delay_ms / 1000.0,
             on_batch=lambda reqs, res: self.metrics.batch(len(reqs), res.rows, res.candidates, res.seconds),
             on_depth=self.metrics.queue_depth.set,
         )  # fmt: skip

@@ -240,6 +240,19 @@ def test_bad_input_gets_4xx_naming_the_tensor_and_server_keeps_serving(server, s
     assert metric(server.client, 'transact_infer_errors_total{kind="unknown_model",model="transact"}') >= 1
 
 
+def test_each_request_is_validated_once(server, session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding validates a request; the batch thread does not go over its arrays again."""
+    import runtime.session as rs
+
+    calls = []
+    real = rs.validate_request
+    monkeypatch.setattr(rs, "validate_request", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    reqs = random_requests(session.config, 31)
+    for r in reqs:
+        assert post(server.client, r).status_code == 200
+    assert len(calls) == len(reqs)
+
+
 def test_concurrent_burst_every_response_matches_its_request(server, session: Session, eager) -> None:
     reqs = []
     for seed in range(22):
