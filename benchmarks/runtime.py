@@ -85,8 +85,8 @@ def _spin(stop) -> None:
 
 def batch_times(session: Session, users: list[int], runs: int) -> dict[str, dict]:
     """p50 / p99 of one batch of ``u`` distinct users (256 candidates each) for each ``u``: alone, and
-    beside a Python thread that keeps the interpreter busy (what a server's event loop does under load:
-    each time the batch's thread releases the GIL, it waits up to the switch interval to get it back)."""
+    beside a Python thread that never yields the interpreter (the most a server's HTTP threads can cost a
+    batch: each time the batch's thread releases the GIL, it waits up to the switch interval for it)."""
     import threading
 
     out = {}
@@ -96,7 +96,6 @@ def batch_times(session: Session, users: list[int], runs: int) -> dict[str, dict
         reqs = [Request.from_batch(b, i) for i in range(u)]
         r = timeit(lambda reqs=reqs: session.run(reqs, validate=False), runs, 5, False)
         stop = threading.Event()
-
         t = threading.Thread(target=_spin, args=(stop,), daemon=True)
         old = sys.getswitchinterval()
         sys.setswitchinterval(0.0005)  # `transact serve`'s default
