@@ -122,18 +122,18 @@ def batch_stats(before: dict[str, float], after: dict[str, float]) -> dict:
             "model_ms_per_batch": round(1000 * d["transact_batch_compute_seconds_sum"] / batches, 2)}  # fmt: skip
 
 
-def run_level(url: str, model: str, bodies: list[tuple[bytes, dict]], candidates: int, concurrency: int,
-              duration: float) -> dict:  # fmt: skip
-    """``concurrency`` clients in a closed loop for ``duration`` seconds."""
+def _closed_loop(url: str, model: str, bodies: list[tuple[bytes, dict]], clients: int, stop_at: float,
+                 seed: int = 0) -> tuple[list[float], int]:  # fmt: skip
+    """``clients`` threads, each posting a random body and waiting for the answer, until ``stop_at``
+    (``time.perf_counter()``); returns the successful requests' latencies (s) and the failure count."""
     lat: list[float] = []
-    errors = {"count": 0}
+    errors = [0]
     lock = threading.Lock()
-    stop_at = time.perf_counter() + duration
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     client = httpx.Client(base_url=url, timeout=60, limits=limits)
 
-    def worker(seed: int) -> None:
-        rng = np.random.default_rng(seed)
+    def worker(i: int) -> None:
+        rng = np.random.default_rng(seed * 1000 + i)
         mine, bad = [], 0
         while time.perf_counter() < stop_at:
             body, headers = bodies[int(rng.integers(len(bodies)))]
@@ -149,22 +149,72 @@ def run_level(url: str, model: str, bodies: list[tuple[bytes, dict]], candidates
                 bad += 1
         with lock:
             lat.extend(mine)
-            errors["count"] += bad
+            errors[0] += bad
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(duration + 120)
-    wall = time.perf_counter() - t0
+        t.join(stop_at - time.perf_counter() + 120)
     client.close()
+    return lat, errors[0]
+
+
+def make_bodies(url: str, model: str, args: argparse.Namespace) -> list[tuple[bytes, dict]]:
+    """The pool of request bodies (the same in every process: fixed seeds)."""
+    config = model_config(url, model)
+    lengths = {s: min(getattr(args, s), getattr(config, f"max_{s}")) for s in ("ll", "rt", "imp")}
+    return [encode_infer_request(synthetic_request(config, args.candidates, lengths, seed=i).tensors())
+            for i in range(args.users)]  # fmt: skip
+
+
+def _client_process(url: str, model: str, args: argparse.Namespace, clients: int, start_at: float,
+                    duration: float, seed: int, conn) -> None:  # fmt: skip
+    """One load-generator process: its share of the clients, from wall-clock ``start_at``; the result goes
+    back as JSON."""
+    bodies = make_bodies(url, model, args)
+    time.sleep(max(0.0, start_at - time.time()))
+    lat, bad = _closed_loop(url, model, bodies, clients, time.perf_counter() + duration, seed)
+    conn.send_bytes(json.dumps({"lat": lat, "errors": bad}).encode())
+    conn.close()
+
+
+def run_level(url: str, model: str, bodies: list[tuple[bytes, dict]], args: argparse.Namespace, concurrency: int,
+              duration: float) -> dict:  # fmt: skip
+    """``concurrency`` clients in a closed loop for ``duration`` seconds, their threads spread over
+    ``--client-procs`` processes (one Python process caps how many requests it can send)."""
+    procs = max(1, min(args.client_procs, concurrency))
+    t0 = time.perf_counter()
+    if procs == 1:
+        lat, errors = _closed_loop(url, model, bodies, concurrency, t0 + duration)
+    else:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        start_at = time.time() + 5.0 + 0.05 * args.users  # after every process has built its bodies
+        share = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
+        pipes, workers = [], []
+        for i, n in enumerate(share):
+            mine, theirs = ctx.Pipe(duplex=False)
+            w = ctx.Process(target=_client_process, args=(url, model, args, n, start_at, duration, i + 1, theirs))
+            w.start()
+            theirs.close()
+            pipes.append(mine)
+            workers.append(w)
+        lat, errors = [], 0
+        for mine, w in zip(pipes, workers, strict=True):
+            res = json.loads(mine.recv_bytes())
+            lat += res["lat"]
+            errors += res["errors"]
+            w.join(60)
+        t0 = time.perf_counter() - duration  # the processes ran ``duration`` from their common start
+    wall = time.perf_counter() - t0
     ms = np.asarray(lat) * 1000 if lat else np.zeros(1)
     return {
         "concurrency": concurrency, "requests": len(lat), "seconds": round(wall, 2),
-        "requests_per_s": round(len(lat) / wall, 1), "candidates_per_s": round(len(lat) * candidates / wall),
+        "requests_per_s": round(len(lat) / wall, 1), "candidates_per_s": round(len(lat) * args.candidates / wall),
         "p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
-        "errors": errors["count"],
+        "errors": errors, "client_procs": procs,
     }  # fmt: skip
 
 
@@ -189,6 +239,9 @@ def main() -> None:
     p.add_argument("--max-queue-delay-ms", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=None, help="server: ONNX Runtime intra-op threads")
     p.add_argument("--start-timeout", type=float, default=600.0)
+    p.add_argument("--client-procs", type=int, default=1,
+                   help="spread each level's clients over this many processes (so the load generator's own "
+                        "interpreter lock is not the limit)")
     args = p.parse_args()
 
     bundle = args.bundle
@@ -205,13 +258,12 @@ def main() -> None:
         config = model_config(url, args.model)
         meta = httpx.get(f"{url}/v2/models/{args.model}", timeout=10).json()
         lengths = {s: min(getattr(args, s), getattr(config, f"max_{s}")) for s in ("ll", "rt", "imp")}
-        bodies = [encode_infer_request(synthetic_request(config, args.candidates, lengths, seed=i).tensors())
-                  for i in range(args.users)]  # fmt: skip
+        bodies = make_bodies(url, args.model, args)
         rows = []
         for c in [int(x) for x in args.concurrency.split(",")]:
-            run_level(url, args.model, bodies, args.candidates, c, args.warmup)  # untimed: new batch shapes compile
+            _closed_loop(url, args.model, bodies, c, time.perf_counter() + args.warmup)  # untimed: new shapes compile
             before = server_totals(url)
-            row = run_level(url, args.model, bodies, args.candidates, c, args.duration)
+            row = run_level(url, args.model, bodies, args, c, args.duration)
             rows.append({**row, **batch_stats(before, server_totals(url))})
     finally:
         if proc is not None:
@@ -220,7 +272,7 @@ def main() -> None:
     backend = meta.get("parameters", {}).get("backend", "?")
     print(f"\nserve load: backend={backend}, {args.candidates} candidates/request, ll={lengths['ll']} "
           f"rt={lengths['rt']} imp={lengths['imp']}, max_batch={args.max_batch}, "
-          f"max_queue_delay={args.max_queue_delay_ms} ms, "
+          f"max_queue_delay={args.max_queue_delay_ms} ms, client processes {args.client_procs}, "
           f"{os.cpu_count()} CPU cores\n")  # fmt: skip
     print("| concurrency | requests | req/s | candidates/s | p50 ms | p99 ms | errors | requests per batch | "
           "model ms per batch |")  # fmt: skip
