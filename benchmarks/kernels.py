@@ -177,13 +177,14 @@ def transformer_flops_bytes(bsz, s, d, f, n_layers):
     return n_layers * per_layer, 2 * bsz * s * d * 2 + bsz * s
 
 
-def check_skut(enc, packed, cfg, bsz_check=8, s=192, causal=True):
+def check_skut(enc, packed, cfg, bsz_check=8, s=192, causal=True, pool=None):
     """Relative error of ``skut_forward`` against the float64 reference on fresh inputs (inf if NaN)."""
     d = packed.d_model
     x, kpm = transformer_inputs(bsz_check, s, d, seed=123)
-    out = torch.full((bsz_check, s, d), float("nan"), dtype=torch.float16, device=DEV)
-    sk.skut_forward(x, packed, kpm, causal, None, config=cfg, out=out)
-    ref = sk.skut_reference(enc, x.float(), kpm, causal)
+    shape = (bsz_check, s, d) if pool is None else (bsz_check, d)
+    out = torch.full(shape, float("nan"), dtype=torch.float16, device=DEV)
+    sk.skut_forward(x, packed, kpm, causal, pool, config=cfg, out=out)
+    ref = sk.skut_reference(enc, x.float(), kpm, causal, pool)
     err = ((out.double() - ref).norm() / ref.norm()).item()
     return err if not math.isnan(err) else float("inf")
 

@@ -236,7 +236,7 @@ def main() -> None:
     p.add_argument("--imp", type=int, default=100)
     p.add_argument("--users", type=int, default=32, help="distinct requests in the pool")
     p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--max-queue-delay-ms", type=float, default=2.0)
+    p.add_argument("--max-queue-delay-ms", type=float, default=0.0)
     p.add_argument("--threads", type=int, default=None, help="server: ONNX Runtime intra-op threads")
     p.add_argument("--start-timeout", type=float, default=600.0)
     p.add_argument("--client-procs", type=int, default=1,

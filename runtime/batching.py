@@ -2,8 +2,9 @@
 
 ``plan_batch`` turns requests into one batch plan: requests whose user tensors are identical share one
 request row (their candidates are concatenated, each pointing at the shared row), the way training
-batches store a user's sequences once (DESIGN §2.1). ``DynamicBatcher`` collects concurrent requests
-for up to ``max_queue_delay`` seconds or ``max_batch`` requests and runs them together on a worker thread.
+batches store a user's sequences once (DESIGN §2.1). ``DynamicBatcher`` runs up to ``max_batch`` queued requests
+together on a worker thread, after waiting up to ``max_queue_delay`` seconds for more to arrive (0, the
+default: none; requests that arrive while a batch runs queue up and form the next batch anyway).
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ class DynamicBatcher:
         self,
         run_batch: Callable[[list[Request]], BatchResult],
         max_batch: int = 16,
-        max_queue_delay_s: float = 0.002,
+        max_queue_delay_s: float = 0.0,
         on_batch: Callable[[list[Request], BatchResult], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
     ) -> None:

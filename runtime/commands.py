@@ -16,8 +16,9 @@ from transact.errors import TransactError
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--max-batch", default=16, show_default=True, type=click.IntRange(min=1),
               help="Most requests per model batch.")
-@click.option("--max-queue-delay-ms", default=2.0, show_default=True, type=click.FloatRange(min=0),
-              help="How long a request may wait for others to batch with.")
+@click.option("--max-queue-delay-ms", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="How long a request may wait for others to batch with (0: batch what is queued; under "
+                   "load requests queue while a batch runs).")
 @click.option("--max-candidates", default=4096, show_default=True, type=click.IntRange(min=1),
               help="Most candidates per request.")
 @click.option("--max-body-mb", default=64.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
@@ -39,7 +40,7 @@ def serve_cmd(bundle, host, port, device, max_batch, max_queue_delay_ms, max_can
     """Serve BUNDLE over HTTP (KServe / Triton Inference Server v2 protocol) until SIGINT/SIGTERM."""
     import sys
 
-    from .server import ServerSettings, create_app, run_server
+    from .server import ServerSettings, create_app, http_stack, run_server
     from .session import Session
 
     sys.setswitchinterval(switch_interval_ms / 1000.0)
@@ -62,7 +63,7 @@ def serve_cmd(bundle, host, port, device, max_batch, max_queue_delay_ms, max_can
     server = run_server(app, host=host, port=port, log_level=log_level)
     server_box.append(server)
     click.echo(f"serving '{model_name}' from {bundle} on http://{host}:{port}/v2 (ready after verification "
-               "and warm-up)", err=True)  # fmt: skip
+               f"and warm-up; HTTP on {http_stack()})", err=True)  # fmt: skip
     server.run()
     error = app.state.transact.load_error
     if isinstance(error, TransactError):

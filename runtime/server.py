@@ -50,7 +50,7 @@ class ServerSettings:
     model_name: str = "transact"
     device: str = "auto"
     max_batch: int = 16
-    max_queue_delay_ms: float = 2.0
+    max_queue_delay_ms: float = 0.0  # as Triton Inference Server: batch what is queued, wait for nothing
     max_candidates: int = 4096
     max_body_mb: float = 64.0
     threads: int | None = None
@@ -280,6 +280,15 @@ def create_app(
         return Response(payload, media_type=media, headers=headers)
 
     return app
+
+
+def http_stack() -> str:
+    """What uvicorn will run on: its C parser and loop (httptools, uvloop) when installed, else h11, asyncio."""
+    import importlib.util
+
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    return f"{http} + {loop}"
 
 
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",

@@ -76,3 +76,21 @@ def test_a_failing_request_does_not_fail_its_batch_mates() -> None:
                 f.result()
         else:
             assert int(f.result().scores[0]) == i
+
+
+def test_without_a_delay_requests_that_arrive_during_a_batch_form_the_next_one() -> None:
+    """max_queue_delay 0 (the server's default): a lone request runs at once, and requests that queue
+    while a batch runs go together into the next batch, not one by one."""
+    rec = Recorder(delay=0.2)
+    b = DynamicBatcher(rec, max_batch=8, max_queue_delay_s=0.0)
+    t0 = time.perf_counter()
+    first = b.submit(fake_request(0))
+    while not rec.batches:  # the worker has taken request 0 and is running it
+        time.sleep(0.001)
+    started = time.perf_counter() - t0
+    rest = [b.submit(fake_request(i)) for i in range(1, 6)]
+    assert int(first.result(timeout=5).scores[0]) == 0
+    assert [int(f.result(timeout=5).scores[0]) for f in rest] == [1, 2, 3, 4, 5]
+    b.close()
+    assert started < 0.1
+    assert rec.batches == [[0], [1, 2, 3, 4, 5]]
