@@ -379,7 +379,8 @@ def _nn_final_kernel(
     Each key's rank is the number of larger keys in the list (keys are distinct), counted chunk
     against chunk; keys ranked below k go straight to their slot. No sort: the lists hold about
     1-2 x k keys. A list that overflowed CAP (long runs of equal scores defeat the threshold) is
-    rebuilt by a full scan of the candidate's sequence with the running top-K merge: slow, rare, exact.
+    rebuilt by a full scan of the candidate's sequence, newest tile first, with the running top-K merge:
+    rare, exact (the whole selection ~0.66 ms when all 256 candidates of a 16,000-row user overflow).
     """
     row = tl.program_id(0)
     cnt = tl.load(cnt_ptr + row)
@@ -402,7 +403,7 @@ def _nn_final_kernel(
         if tl.sum(c * c, axis=0) == 0.0:
             # A zero candidate scores exactly 0 against every row (see _load_cand_hi_lo), so the tie
             # rule alone decides: the newest k positions. Items without an embedding look like this,
-            # and the full scan below, one program's serial pass, takes ~5 ms at 16,000 positions.
+            # and the full scan below, one program's serial pass, took ~5 ms at 16,000 positions.
             pos = p_hi - 1 - col
             ok = pos >= p_lo
             offs = row.to(tl.int64) * k + col
@@ -415,7 +416,12 @@ def _nn_final_kernel(
             buf = tl.full((16, K), -(2**63), tl.int64) + col[None, :]  # distinct sentinels
             tile_sent = tl.full((16, K), -(2**63) + K, tl.int64) + col[None, :]
             c_hi, c_lo = _load_cand_hi_lo(cand_ptr, rows, live, D, D_P)
-            for p0 in range(p_lo, p_hi, K):
+            # Newest tile first: a run of equal scores (what overflows a list) then fills the set with
+            # its newest positions, which win the tie, and every older copy falls below the set's
+            # minimum, a cheap rejection, instead of displacing the set tile after tile by a sort.
+            n_tiles = tl.cdiv(p_hi - p_lo, K)
+            for t in range(0, n_tiles):
+                p0 = p_lo + (n_tiles - 1 - t) * K
                 pos = p0 + col
                 pos_ok = pos < p_hi
                 s = _tile_scores(seq_ptr, start, pos, pos_ok, c_hi, c_lo, D, D_P)
