@@ -2,9 +2,9 @@
 
 ``plan_batch`` turns requests into one batch plan: requests whose user tensors are identical share one
 request row (their candidates are concatenated, each pointing at the shared row), the way training
-batches store a user's sequences once (DESIGN §2.1). ``DynamicBatcher`` runs up to ``max_batch`` queued requests
-together on a worker thread, after waiting up to ``max_queue_delay`` seconds for more to arrive (0, the
-default: none; requests that arrive while a batch runs queue up and form the next batch anyway).
+batches store a user's sequences once (DESIGN §2.1). ``DynamicBatcher`` runs up to ``max_batch``
+queued requests together on a worker thread, after waiting up to ``max_queue_delay`` seconds for more to
+arrive (0, the default: none; requests that arrive while a batch runs queue up and form the next batch).
 """
 
 from __future__ import annotations

@@ -403,7 +403,8 @@ def _nn_final_kernel(
         if tl.sum(c * c, axis=0) == 0.0:
             # A zero candidate scores exactly 0 against every row (see _load_cand_hi_lo), so the tie
             # rule alone decides: the newest k positions. Items without an embedding look like this,
-            # and the full scan below, one program's serial pass, took ~5 ms at 16,000 positions.
+            # and the full scan below, one program's serial pass, costs far more (~5 ms at 16,000
+            # positions when it still went oldest tile first).
             pos = p_hi - 1 - col
             ok = pos >= p_lo
             offs = row.to(tl.int64) * k + col
