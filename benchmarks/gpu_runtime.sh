@@ -12,6 +12,8 @@ BUNDLE=${BUNDLE:-/tmp/transact-default-bundle}
 status=0
 $PY -c "import torch, triton, onnxruntime, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, \
 'triton', triton.__version__, 'onnxruntime', onnxruntime.__version__, torch.cuda.get_device_name())" | tee "$OUT/env.txt"
+# The host: CPU model and NUMA layout (host-side stages differ by machine; see runtime.py's stage table).
+{ lscpu 2>/dev/null | grep -E "^(Model name|NUMA node)"; nvidia-smi topo -m 2>/dev/null | head -3; } | tee -a "$OUT/env.txt"
 # One default-config bundle (random weights) for the tests and the benchmark.
 $PY - "$BUNDLE" <<'PYEOF'
 import sys, tempfile, torch

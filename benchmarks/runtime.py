@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -142,6 +143,12 @@ def stage_breakdown(session: Session, req: Request, runs: int) -> dict[str, floa
         stage("  fill part three: actions, surfaces, dense features (host)", be._fill_rest, arena, b, plan)
         stage("  upload part three", arena.upload, s2)
         stage("  graph B (V2, dense)", graph_b.replay)
+    # The same host fills into pageable numpy arrays: what writing into pinned memory costs on this host
+    # (e.g. pinned pages on another NUMA node) apart from the Python around the copies.
+    pageable = SimpleNamespace(np={k: np.zeros_like(v) for k, v in arena.np.items()})
+    for _ in range(runs):
+        stage("  fill part one into pageable memory (host, for comparison)", be._fill_first, pageable, b, plan)
+        stage("  fill part two into pageable memory (host, for comparison)", be._fill_ll, pageable, b, plan)
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
