@@ -43,6 +43,7 @@ from .session import Request as ModelRequest
 
 log = logging.getLogger("transact.serve")
 MODEL_VERSION = "1"
+INLINE_HEADER_BYTES = 1 << 16  # binary-extension requests with a JSON header up to this decode in the loop
 
 
 @dataclass
@@ -262,7 +263,13 @@ def create_app(
                 await _drain(request, settings.max_body_bytes)
                 raise err
             body = await _read_body(request, settings.max_body_bytes)
-            parsed, req = await run_in_threadpool(decode, body, request.headers.get(HEADER_LENGTH))
+            header_length = request.headers.get(HEADER_LENGTH)
+            if header_length is not None and header_length.isdigit() and int(header_length) <= INLINE_HEADER_BYTES:
+                # Binary tensors with a small JSON header decode in ~0.15 ms (views over the body, then
+                # validation): cheaper here than the hop to a worker thread and back (~0.2 ms a request).
+                parsed, req = decode(body, header_length)
+            else:  # JSON tensors can take long to parse; the event loop keeps serving meanwhile
+                parsed, req = await run_in_threadpool(decode, body, header_length)
             try:
                 future = state.batcher.submit(req)
             except BatcherClosed as e:
