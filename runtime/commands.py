@@ -34,26 +34,37 @@ from transact.errors import TransactError
 @click.option("--switch-interval-ms", default=0.5, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Python's thread switch interval: how long the HTTP thread may keep the interpreter while "
                    "the batch worker waits for it.")  # fmt: skip
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Server processes on one port, each with its own model and batcher (one Python process "
+                   "parses ~500 large requests/s); workers accept connections once their model is warm.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 def serve_cmd(bundle, host, port, device, max_batch, max_queue_delay_ms, max_candidates, max_body_mb, model_name,
-              threads, triton_cache_dir, dense_on, tf32, switch_interval_ms, log_level) -> None:  # fmt: skip
+              threads, triton_cache_dir, dense_on, tf32, switch_interval_ms, workers, log_level) -> None:  # fmt: skip
     """Serve BUNDLE over HTTP (KServe / Triton Inference Server v2 protocol) until SIGINT/SIGTERM."""
     import sys
 
-    from .server import ServerSettings, create_app, http_stack, run_server
+    from .server import LOG_FORMAT, ServerSettings, create_app, http_stack, run_server, serve_workers
     from .session import Session
 
     sys.setswitchinterval(switch_interval_ms / 1000.0)
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
     settings = ServerSettings(model_name=model_name, device=device, max_batch=max_batch,
                               max_queue_delay_ms=max_queue_delay_ms, max_candidates=max_candidates,
                               max_body_mb=max_body_mb, threads=threads)  # fmt: skip
+    options = dict(device=device, threads=threads, max_candidates=max_candidates, triton_cache_dir=triton_cache_dir,
+                   max_batch=max_batch, dense_on=dense_on, tf32=tf32)  # fmt: skip
+    if workers > 1:
+        _check_before_workers(bundle, device)
+        click.echo(f"serving '{model_name}' from {bundle} on http://{host}:{port}/v2 with {workers} worker "
+                   f"processes (each accepts connections once its model is verified and warm; HTTP on "
+                   f"{http_stack()})", err=True)  # fmt: skip
+        serve_workers(bundle, settings, options, workers, host=host, port=port, log_level=log_level,
+                      switch_interval_s=switch_interval_ms / 1000.0)  # fmt: skip
+        return
     server_box: list = []
 
     def load() -> Session:
-        return Session(bundle, device=device, threads=threads, max_candidates=max_candidates,
-                       triton_cache_dir=triton_cache_dir, max_batch=max_batch, dense_on=dense_on,
-                       tf32=tf32)  # fmt: skip
+        return Session(bundle, **options)
 
     def stop(_: BaseException) -> None:
         if server_box:
@@ -70,6 +81,22 @@ def serve_cmd(bundle, host, port, device, max_batch, max_queue_delay_ms, max_can
         raise error
     if error is not None:
         raise TransactError(f"cannot serve the bundle: {error}", bundle)
+
+
+def _check_before_workers(bundle: str, device: str) -> None:
+    """Refuse here, once, what would make every worker fail at start-up: a bundle that does not verify, or
+    a device that is not there."""
+    from .backends import BackendUnavailable
+    from .session import open_bundle, resolve_device
+
+    open_bundle(bundle)
+    if resolve_device(device) == "cuda":
+        from .backends.cuda import check_cuda_available
+
+        try:
+            check_cuda_available()
+        except BackendUnavailable as e:
+            raise TransactError(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -1,8 +1,16 @@
-"""Prometheus metrics of the serving process (one registry per app, exposed at ``/metrics``)."""
+"""Prometheus metrics of the serving process (one registry per app, exposed at ``/metrics``).
+
+With several server processes (``transact serve --workers N``) ``PROMETHEUS_MULTIPROC_DIR`` is set and
+every worker writes its values there; any worker's ``/metrics`` then reports the sums over all of them
+(queue depth summed, readiness the minimum over live workers).
+"""
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess as prometheus_multiprocess
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -14,6 +22,7 @@ class ServerMetrics:
     """Requests, errors by kind, latency, batch sizes, de-duplication and queue depth."""
 
     def __init__(self, model_name: str) -> None:
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.registry = CollectorRegistry()
         r, m = self.registry, model_name
         self.requests = Counter("transact_infer_requests", "Inference requests received.", ["model"], registry=r)
@@ -38,9 +47,9 @@ class ServerMetrics:
                                     ["model"], registry=r).labels(m)  # fmt: skip
         self.candidates = Counter("transact_candidates_scored", "Candidates scored.", ["model"], registry=r).labels(m)
         self.queue_depth = Gauge("transact_queue_depth", "Requests waiting for or in a model batch.", ["model"],
-                                 registry=r).labels(m)  # fmt: skip
+                                 registry=r, multiprocess_mode="livesum").labels(m)  # fmt: skip
         self.ready = Gauge("transact_model_ready", "1 once the bundle is verified and warmed up.", ["model"],
-                           registry=r).labels(m)  # fmt: skip
+                           registry=r, multiprocess_mode="livemin").labels(m)  # fmt: skip
         self.model = m
         self.requests.labels(m)
         for kind in ERROR_KINDS:
@@ -60,4 +69,8 @@ class ServerMetrics:
         self.candidates.inc(candidates)
 
     def render(self) -> tuple[bytes, str]:
+        if self.multiprocess:  # every worker's values, read from the shared folder
+            registry = CollectorRegistry()
+            prometheus_multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

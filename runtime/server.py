@@ -19,7 +19,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import json
 import logging
+import os
+import shutil
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -296,6 +301,54 @@ def http_stack() -> str:
     http = "httptools" if importlib.util.find_spec("httptools") else "h11"
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     return f"{http} + {loop}"
+
+
+WORKER_SPEC_ENV = "TRANSACT_SERVE_WORKER"  # how `serve_workers` hands its settings to the worker processes
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def worker_app() -> FastAPI:
+    """The app of one worker process of ``serve_workers`` (a uvicorn app factory). It loads, verifies and
+    warms its own Session before uvicorn lets it accept connections, so every worker that answers is ready."""
+    spec = json.loads(os.environ[WORKER_SPEC_ENV])
+    sys.setswitchinterval(spec["switch_interval_s"])
+    logging.basicConfig(level=spec["log_level"].upper(), format=LOG_FORMAT)
+    t0 = time.perf_counter()
+    session = Session(spec["bundle"], **spec["session"])
+    log.info("worker %d: model '%s' ready on %s in %.1f s", os.getpid(), spec["settings"]["model_name"],
+             session.backend_name, time.perf_counter() - t0)  # fmt: skip
+    return create_app(ServerSettings(**spec["settings"]), session=session)
+
+
+def serve_workers(bundle: str, settings: ServerSettings, session_options: dict[str, Any], workers: int,
+                  host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+                  switch_interval_s: float = 0.0005, graceful_timeout_s: float = 30.0) -> None:  # fmt: skip
+    """Serve from ``workers`` processes sharing one socket (uvicorn's supervisor), until SIGINT/SIGTERM.
+
+    Each worker has its own model, batcher and HTTP parser: Python's HTTP handling is what limits one
+    process (benchmarks/RESULTS.md). Batches form within a worker; Prometheus metrics are summed over
+    the workers through a private folder. A worker that dies is replaced by the supervisor."""
+    import uvicorn
+
+    spec = {"bundle": str(bundle), "settings": dataclasses.asdict(settings), "session": session_options,
+            "switch_interval_s": switch_interval_s, "log_level": log_level}  # fmt: skip
+    names = (WORKER_SPEC_ENV, "PROMETHEUS_MULTIPROC_DIR")
+    before = {k: os.environ.get(k) for k in names}
+    metrics_dir = tempfile.mkdtemp(prefix="transact-metrics-")
+    os.environ[WORKER_SPEC_ENV] = json.dumps(spec)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by prometheus_client when a worker imports it
+    try:
+        # A cold start compiles every kernel bucket; the supervisor must not take that for a hung worker.
+        uvicorn.run("runtime.server:worker_app", factory=True, host=host, port=port, workers=workers,
+                    log_level=log_level, access_log=False, lifespan="on",
+                    timeout_graceful_shutdown=graceful_timeout_s, timeout_worker_healthcheck=120)  # fmt: skip
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",

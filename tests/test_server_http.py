@@ -391,7 +391,8 @@ def test_graceful_shutdown_finishes_the_request_in_flight(session: Session, eage
             proc.wait()
 
 
-def test_serve_refuses_a_tampered_bundle(tmp_path: Path) -> None:
+@pytest.mark.parametrize("args", [(), ("--workers", "2")], ids=["one-process", "workers"])
+def test_serve_refuses_a_tampered_bundle(tmp_path: Path, args: tuple[str, ...]) -> None:
     import shutil
 
     bad = tmp_path / "bundle"
@@ -399,7 +400,7 @@ def test_serve_refuses_a_tampered_bundle(tmp_path: Path) -> None:
     data = bytearray((bad / "weights.safetensors").read_bytes())
     data[-5] ^= 0xFF
     (bad / "weights.safetensors").write_bytes(bytes(data))
-    proc = serve_process(bad, free_port())
+    proc = serve_process(bad, free_port(), *args)
     try:
         _, err = proc.communicate(timeout=120)
     finally:
@@ -407,3 +408,72 @@ def test_serve_refuses_a_tampered_bundle(tmp_path: Path) -> None:
             proc.kill()
     assert proc.returncode != 0
     assert "weights.safetensors" in err.decode() and "sha256" in err.decode()
+
+
+def _children(pid: int) -> list[int]:
+    """Child process ids of ``pid`` (Linux /proc)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(kv.decode().split("=", 1) for kv in raw if b"=" in kv)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
+def test_serve_with_worker_processes(session: Session, eager) -> None:
+    """`transact serve --workers 2`: two worker processes on one port answer a concurrent burst, every
+    response for its own request; /metrics reports the same sums over the workers on any connection;
+    SIGTERM stops the supervisor and its workers and removes their metrics folder."""
+    port = free_port()
+    proc = serve_process(small_bundle(), port, "--workers", "2")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            try:
+                if httpx.get(url + "/v2/health/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "server never became ready"
+            time.sleep(0.2)
+        workers = [c for c in _children(proc.pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(workers) == 2
+        metrics_dir = Path(_environ(workers[0])["PROMETHEUS_MULTIPROC_DIR"])
+        assert metrics_dir.is_dir()
+
+        reqs = [r for seed in (60, 61, 62) for r in random_requests(session.config, seed, n_cands=5)]
+        want = eager_probs(eager, reqs)
+
+        def call(i: int) -> np.ndarray:
+            with httpx.Client(base_url=url, timeout=120) as c:  # a connection each, accepted by either worker
+                r = post(c, reqs[i % len(reqs)])
+                assert r.status_code == 200, r.text
+                return decode_infer_response(r.content, r.headers)["probabilities"]
+
+        n = 16
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(call, range(n)))
+        for i, p in enumerate(got):
+            np.testing.assert_allclose(p, want[i % len(reqs)], atol=1e-5)
+        totals = set()
+        for _ in range(4):  # fresh connections land on either worker: the same sums each time
+            with httpx.Client(base_url=url, timeout=30) as c:
+                totals.add((metric(c, "transact_infer_success_total"), metric(c, "transact_infer_requests_total"),
+                            metric(c, "transact_model_ready")))  # fmt: skip
+        assert totals == {(float(n), float(n), 1.0)}
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert b"Traceback" not in proc.stderr.read()
+        assert not any(Path(f"/proc/{w}").exists() for w in workers)
+        assert not metrics_dir.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
