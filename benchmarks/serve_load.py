@@ -66,6 +66,8 @@ def start_server(bundle: Path, device: str, args: argparse.Namespace) -> tuple[s
         cmd += ["--threads", str(args.threads)]
     if args.switch_interval_ms:
         cmd += ["--switch-interval-ms", str(args.switch_interval_ms)]
+    if args.workers > 1:
+        cmd += ["--workers", str(args.workers)]
     proc = subprocess.Popen(cmd, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + args.start_timeout
@@ -238,6 +240,7 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-queue-delay-ms", type=float, default=0.0)
     p.add_argument("--threads", type=int, default=None, help="server: ONNX Runtime intra-op threads")
+    p.add_argument("--workers", type=int, default=1, help="server: worker processes (transact serve --workers)")
     p.add_argument("--start-timeout", type=float, default=600.0)
     p.add_argument("--client-procs", type=int, default=1,
                    help="spread each level's clients over this many processes (so the load generator's own "
@@ -272,7 +275,8 @@ def main() -> None:
     backend = meta.get("parameters", {}).get("backend", "?")
     print(f"\nserve load: backend={backend}, {args.candidates} candidates/request, ll={lengths['ll']} "
           f"rt={lengths['rt']} imp={lengths['imp']}, max_batch={args.max_batch}, "
-          f"max_queue_delay={args.max_queue_delay_ms} ms, client processes {args.client_procs}, "
+          f"max_queue_delay={args.max_queue_delay_ms} ms, server workers {args.workers}, "
+          f"client processes {args.client_procs}, "
           f"{os.cpu_count()} CPU cores\n")  # fmt: skip
     print("| concurrency | requests | req/s | candidates/s | p50 ms | p99 ms | errors | requests per batch | "
           "model ms per batch |")  # fmt: skip
