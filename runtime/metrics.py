@@ -8,6 +8,7 @@ every worker writes its values there; any worker's ``/metrics`` then reports the
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as prometheus_multiprocess
@@ -16,6 +17,23 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 CANDIDATE_BUCKETS = (1, 16, 64, 256, 1024, 4096, 16384, 65536)
 ERROR_KINDS = ("malformed", "invalid_input", "body_too_large", "unknown_model", "not_ready", "internal")
+
+
+def forget_dead_workers(metrics_dir: str | os.PathLike) -> list[int]:
+    """Drop the live gauges (queue depth, readiness) of worker processes that no longer run, e.g. one the
+    supervisor replaced after it died; their counters and histograms stay in the sums. Returns their pids."""
+    dead = set()
+    for f in Path(metrics_dir).glob("gauge_live*_*.db"):
+        pid = int(f.stem.rsplit("_", 1)[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            dead.add(pid)
+        except PermissionError:  # alive, someone else's
+            pass
+    for pid in dead:
+        prometheus_multiprocess.mark_process_dead(pid, str(metrics_dir))
+    return sorted(dead)
 
 
 class ServerMetrics:

@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from transact.batch import BatchError
 
 from .batching import BatcherClosed, DynamicBatcher
-from .metrics import ServerMetrics
+from .metrics import ServerMetrics, forget_dead_workers
 from .protocol import HEADER_LENGTH, InferRequest, ProtocolError, decode_infer_request, encode_infer_response
 from .session import Output, Session, request_from_tensors
 from .session import Request as ModelRequest
@@ -313,6 +313,7 @@ def worker_app() -> FastAPI:
     spec = json.loads(os.environ[WORKER_SPEC_ENV])
     sys.setswitchinterval(spec["switch_interval_s"])
     logging.basicConfig(level=spec["log_level"].upper(), format=LOG_FORMAT)
+    forget_dead_workers(os.environ["PROMETHEUS_MULTIPROC_DIR"])  # a worker this one replaces, if any
     t0 = time.perf_counter()
     session = Session(spec["bundle"], **spec["session"])
     log.info("worker %d: model '%s' ready on %s in %.1f s", os.getpid(), spec["settings"]["model_name"],

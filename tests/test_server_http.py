@@ -85,6 +85,13 @@ def post(client: httpx.Client, req: Request, binary: bool = True, binary_output:
     return client.post(infer_url(), content=body, headers=headers)
 
 
+def metric_sum(text: str, name: str) -> float:
+    """The sum of every sample of ``name`` (all label sets) in a /metrics text."""
+    found = re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)
+    assert found, f"{name} not in /metrics"
+    return sum(float(v) for v in found)
+
+
 def metric(client: httpx.Client, name: str) -> float:
     text = client.get("/metrics").text
     m = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)
@@ -418,6 +425,18 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _workers(pid: int) -> list[int]:
+    """The worker processes (multiprocessing spawn children) of the server process ``pid``."""
+    out = []
+    for c in _children(pid):
+        try:
+            if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes():
+                out.append(c)
+        except OSError:  # gone meanwhile
+            pass
+    return out
+
+
 def _environ(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return dict(kv.decode().split("=", 1) for kv in raw if b"=" in kv)
@@ -442,7 +461,7 @@ def test_serve_with_worker_processes(session: Session, eager) -> None:
                 pass
             assert time.time() < deadline, "server never became ready"
             time.sleep(0.2)
-        workers = [c for c in _children(proc.pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        workers = _workers(proc.pid)
         assert len(workers) == 2
         metrics_dir = Path(_environ(workers[0])["PROMETHEUS_MULTIPROC_DIR"])
         assert metrics_dir.is_dir()
@@ -468,6 +487,23 @@ def test_serve_with_worker_processes(session: Session, eager) -> None:
                             metric(c, "transact_model_ready")))  # fmt: skip
         assert totals == {(float(n), float(n), 1.0)}
 
+        # A worker that dies is replaced; the other answers meanwhile, and nothing it counted is lost.
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.time() + 180
+        while not (len(now := _workers(proc.pid)) == 2 and workers[0] not in now):
+            assert time.time() < deadline, "the dead worker was not replaced"
+            time.sleep(0.2)
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(call, range(n)))
+        for i, p in enumerate(got):
+            np.testing.assert_allclose(p, want[i % len(reqs)], atol=1e-5)
+        with httpx.Client(base_url=url, timeout=30) as c:
+            text = c.get("/metrics").text
+        assert metric_sum(text, "transact_infer_success_total") == 2 * n  # the dead worker's count included
+        assert metric_sum(text, "transact_infer_requests_total") == 2 * n
+        assert metric_sum(text, "transact_infer_errors_total") == 0.0
+        workers = _workers(proc.pid)
+
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         assert b"Traceback" not in proc.stderr.read()
@@ -477,3 +513,17 @@ def test_serve_with_worker_processes(session: Session, eager) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_forget_dead_workers_drops_only_their_live_gauges(tmp_path: Path) -> None:
+    from runtime.metrics import forget_dead_workers
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    me = os.getpid()
+    names = [f"gauge_livesum_{gone.pid}.db", f"gauge_livemin_{gone.pid}.db", f"counter_{gone.pid}.db",
+             f"histogram_{gone.pid}.db", f"gauge_livesum_{me}.db", f"gauge_livemin_{me}.db"]  # fmt: skip
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert forget_dead_workers(tmp_path) == [gone.pid]
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted(names[2:])
