@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 import uvicorn
 from test_runtime_session import eager_probs, random_requests, small_bundle
 
@@ -527,3 +528,16 @@ def test_forget_dead_workers_drops_only_their_live_gauges(tmp_path: Path) -> Non
         (tmp_path / name).write_bytes(b"")
     assert forget_dead_workers(tmp_path) == [gone.pid]
     assert sorted(f.name for f in tmp_path.iterdir()) == sorted(names[2:])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_serve_workers_refuse_a_missing_gpu_before_starting_them() -> None:
+    proc = serve_process(small_bundle(), free_port(), "--workers", "2", "--device", "cuda")
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    text = err.decode()
+    assert "needs a CUDA GPU" in text and "Traceback" not in text and "spawn_main" not in text
