@@ -12,6 +12,10 @@ Routes (KServe / Triton Inference Server REST):
 
 Errors are ``{"error": "..."}`` with a 4xx status naming the tensor and the problem (404 for an unknown
 model, 413 for an oversized body, 503 while the model is loading or the server is stopping).
+
+One process (``create_app`` + ``run_server``) answers ``live`` at once and ``ready`` after its background
+load; ``serve_workers`` runs several such processes on one port (``transact serve --workers N``), each
+accepting connections only once its own model is loaded and warm.
 """
 
 from __future__ import annotations
