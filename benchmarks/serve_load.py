@@ -9,6 +9,7 @@ $OUT/serve_load.json when $OUT is set.
 
     python benchmarks/serve_load.py BUNDLE --device cpu --concurrency 1,4,16 --duration 10
     python benchmarks/serve_load.py --build-bundle /tmp/b   # export a random-weights bundle first
+    python benchmarks/serve_load.py BUNDLE --workers 1,2,4 --client-procs 4   # servers of 1, 2, 4 processes
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(bundle: Path, device: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def start_server(bundle: Path, device: str, args: argparse.Namespace, workers: int = 1) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "runtime.commands", str(bundle), "--port", str(port), "--device", device,
            "--max-batch", str(args.max_batch), "--max-queue-delay-ms", str(args.max_queue_delay_ms),
@@ -66,8 +67,8 @@ def start_server(bundle: Path, device: str, args: argparse.Namespace) -> tuple[s
         cmd += ["--threads", str(args.threads)]
     if args.switch_interval_ms:
         cmd += ["--switch-interval-ms", str(args.switch_interval_ms)]
-    if args.workers > 1:
-        cmd += ["--workers", str(args.workers)]
+    if workers > 1:
+        cmd += ["--workers", str(workers)]
     proc = subprocess.Popen(cmd, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + args.start_timeout
@@ -240,7 +241,9 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-queue-delay-ms", type=float, default=0.0)
     p.add_argument("--threads", type=int, default=None, help="server: ONNX Runtime intra-op threads")
-    p.add_argument("--workers", type=int, default=1, help="server: worker processes (transact serve --workers)")
+    p.add_argument("--workers", default="1",
+                   help="server worker processes (transact serve --workers); a list such as 1,2,4 runs one server "
+                        "after the other and prints one table")
     p.add_argument("--start-timeout", type=float, default=600.0)
     p.add_argument("--client-procs", type=int, default=1,
                    help="spread each level's clients over this many processes (so the load generator's own "
@@ -250,40 +253,43 @@ def main() -> None:
     bundle = args.bundle
     if args.build_bundle:
         bundle = build_bundle(args.build_bundle, small=args.small)
-    proc = None
-    if args.url:
-        url = args.url
-    else:
-        if bundle is None:
-            p.error("give BUNDLE, --build-bundle DIR or --url")
-        proc, url = start_server(bundle, args.device, args)
-    try:
-        config = model_config(url, args.model)
-        meta = httpx.get(f"{url}/v2/models/{args.model}", timeout=10).json()
-        lengths = {s: min(getattr(args, s), getattr(config, f"max_{s}")) for s in ("ll", "rt", "imp")}
-        bodies = make_bodies(url, args.model, args)
-        rows = []
-        for c in [int(x) for x in args.concurrency.split(",")]:
-            _closed_loop(url, args.model, bodies, c, time.perf_counter() + args.warmup)  # untimed: new shapes compile
-            before = server_totals(url)
-            row = run_level(url, args.model, bodies, args, c, args.duration)
-            rows.append({**row, **batch_stats(before, server_totals(url))})
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(60)
+    if not args.url and bundle is None:
+        p.error("give BUNDLE, --build-bundle DIR or --url")
+    worker_counts = [int(x) for x in args.workers.split(",")]
+    if args.url and worker_counts != [1]:
+        p.error("--workers starts servers; with --url the running server's own setting applies")
+    rows = []
+    for workers in worker_counts:
+        proc = None
+        if args.url:
+            url = args.url
+        else:
+            proc, url = start_server(bundle, args.device, args, workers)
+        try:
+            config = model_config(url, args.model)
+            meta = httpx.get(f"{url}/v2/models/{args.model}", timeout=10).json()
+            lengths = {s: min(getattr(args, s), getattr(config, f"max_{s}")) for s in ("ll", "rt", "imp")}
+            bodies = make_bodies(url, args.model, args)
+            for c in [int(x) for x in args.concurrency.split(",")]:
+                _closed_loop(url, args.model, bodies, c, time.perf_counter() + args.warmup)  # untimed: shapes compile
+                before = server_totals(url)
+                row = run_level(url, args.model, bodies, args, c, args.duration)
+                rows.append({"workers": workers, **row, **batch_stats(before, server_totals(url))})
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(60)
     backend = meta.get("parameters", {}).get("backend", "?")
     print(f"\nserve load: backend={backend}, {args.candidates} candidates/request, ll={lengths['ll']} "
           f"rt={lengths['rt']} imp={lengths['imp']}, max_batch={args.max_batch}, "
-          f"max_queue_delay={args.max_queue_delay_ms} ms, server workers {args.workers}, "
-          f"client processes {args.client_procs}, "
+          f"max_queue_delay={args.max_queue_delay_ms} ms, client processes {args.client_procs}, "
           f"{os.cpu_count()} CPU cores\n")  # fmt: skip
-    print("| concurrency | requests | req/s | candidates/s | p50 ms | p99 ms | errors | requests per batch | "
-          "model ms per batch |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| server workers | concurrency | requests | req/s | candidates/s | p50 ms | p99 ms | errors | "
+          "requests per batch | model ms per batch |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['concurrency']} | {r['requests']} | {r['requests_per_s']} | {r['candidates_per_s']:,} | "
-              f"{r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {r['mean_batch']} | "
+        print(f"| {r['workers']} | {r['concurrency']} | {r['requests']} | {r['requests_per_s']} | "
+              f"{r['candidates_per_s']:,} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {r['mean_batch']} | "
               f"{r['model_ms_per_batch']} |")  # fmt: skip
     out = os.environ.get("OUT")
     if out:
