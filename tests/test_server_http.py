@@ -466,6 +466,15 @@ def test_serve_with_worker_processes(session: Session, eager) -> None:
         assert len(workers) == 2
         metrics_dir = Path(_environ(workers[0])["PROMETHEUS_MULTIPROC_DIR"])
         assert metrics_dir.is_dir()
+        # The first worker to be ready answers; wait for the second too (its readiness gauge exists and the
+        # minimum over both is 1), so that the sums below cover a steady pair.
+        while True:
+            if len(list(metrics_dir.glob("gauge_livemin_*.db"))) == 2:
+                with httpx.Client(base_url=url, timeout=30) as c:
+                    if metric(c, "transact_model_ready") == 1.0:
+                        break
+            assert time.time() < deadline, "the second worker never became ready"
+            time.sleep(0.2)
 
         reqs = [r for seed in (60, 61, 62) for r in random_requests(session.config, seed, n_cands=5)]
         want = eager_probs(eager, reqs)
