@@ -242,7 +242,7 @@ def bench_transformer(rows, peaks, log):
                     )
                 except Exception as exc:
                     log(f"  torch.compile failed: {type(exc).__name__}: {exc}")
-        default = sk.choose_config(s, packed, bsz)
+        default = sk.choose_config(s, packed)
         timings = {}
         for cfg in [default] + [c for c in valid_cfgs if c != default]:
             fns = [

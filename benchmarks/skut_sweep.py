@@ -74,7 +74,7 @@ def main() -> None:
         enc = make_encoder(d, h, f, 2)
         packed = sk.pack_encoder_weights(enc, torch.float16)
         x, kpm = transformer_inputs(bsz, s, d, seed=0)
-        default = sk.choose_config(s, packed, bsz)
+        default = sk.choose_config(s, packed)
         rows = []
         for cfg in cfgs:
             try:

@@ -490,7 +490,7 @@ SWEEP_CONFIGS = (
 )
 
 
-def choose_config(seq_len: int, packed: PackedEncoder, batch: int | None = None) -> SkutConfig:
+def choose_config(seq_len: int, packed: PackedEncoder) -> SkutConfig:
     """Shape-based choice; no device sync.
 
     With mma.sync every warp holds whole K/V and weight tiles as matrix operands in registers, so key
@@ -499,8 +499,7 @@ def choose_config(seq_len: int, packed: PackedEncoder, batch: int | None = None)
     64-row query tiles with 4 warps (253 registers, two programs per SM) beat 128 rows with 8 warps by
     1.5x at B=256, S=192 on H200, and also win at B=2048 (0.49 vs 0.72 ms for 32 rows / 4 warps) and at
     S=2048 (3.05 vs 3.68 ms for 128 rows / 8 warps); for the V1 shape (d_model 96, two heads, FFN 32,
-    S=100) 128-row tiles with 8 warps beat 32-row ones by 2.5x. ``batch`` is accepted for callers that
-    know it; no current choice depends on it.
+    S=100) 128-row tiles with 8 warps beat 32-row ones by 2.5x. No choice depends on the batch size.
     """
     f_chunk = 64  # clamped to the padded FFN width at launch
     if seq_len <= 16:
@@ -609,7 +608,7 @@ def skut_forward(
         if pool is not None:
             pooled.zero_()
         return pooled
-    cfg = config or choose_config(s, packed, bsz)
+    cfg = config or choose_config(s, packed)
     for name in ("block_m", "block_n", "f_chunk"):
         v = getattr(cfg, name)
         if v < 16 or v & (v - 1):
