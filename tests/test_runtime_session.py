@@ -230,19 +230,23 @@ def test_tampered_bundle_is_refused(bundle_dir: Path, tmp_path: Path) -> None:
         Session(bad, device="cpu")
 
 
+def cpu_cuda_backend(bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN001, ANN201
+    """The cuda backend's own code on the CPU, with the kernels' PyTorch paths (not the interpreter)."""
+    from runtime.backends.cuda import CudaBackend
+    from runtime.session import SessionOptions
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # set by the kernel tests' modules
+    options = SessionOptions(triton_cache_dir=str(tmp_path / "triton"))
+    return CudaBackend(bundle, options, device="cpu", cpu_reference=True)
+
+
 def test_hybrid_glue_on_cpu_matches_eager(
     session: Session, eager: RankingModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The cuda backend's own code (staging arena, selection, token building, V1/V2 assembly, dense
     part) run on the CPU with the kernels' PyTorch paths; the interpreter runs the Triton kernels in
     test_runtime_hybrid_interpreter.py and the GPU in tests/gpu."""
-    from runtime.backends.cuda import CudaBackend
-    from runtime.session import SessionOptions
-
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # set by the kernel tests' modules
-
-    options = SessionOptions(triton_cache_dir=str(tmp_path / "triton"))
-    backend = CudaBackend(session.bundle, options, device="cpu", cpu_reference=True)
+    backend = cpu_cuda_backend(session.bundle, tmp_path, monkeypatch)
     reqs = random_requests(session.config, 9, n_cands=20)
     probs, _ = backend.run(plan_batch(reqs))
     want = np.concatenate(eager_probs(eager, reqs))
@@ -264,12 +268,7 @@ def test_staging_parts_hold_what_each_stage_reads(session: Session, tmp_path: Pa
     """The cuda backend uploads its arena in three parts and starts stage A after the first, the ll
     selection after the second: each fill writes only its own part, stage A reads nothing past part one
     and the ll selection nothing past part two (device bytes there are poisoned: same outputs)."""
-    from runtime.backends.cuda import CudaBackend
-    from runtime.session import SessionOptions
-
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    backend = CudaBackend(session.bundle, SessionOptions(triton_cache_dir=str(tmp_path / "triton")), device="cpu",
-                          cpu_reference=True)  # fmt: skip
+    backend = cpu_cuda_backend(session.bundle, tmp_path, monkeypatch)
     plan = plan_batch(random_requests(session.config, 12, n_requests=3, n_cands=9))
     assert plan.num_rows == 3
     b, arena = backend.staging_for(plan)
@@ -309,20 +308,17 @@ def test_hybrid_glue_with_one_or_no_sequence_module(v1: bool, v2: bool, tmp_path
     """The ablation's variants without V1, without V2 or without either, through the cuda backend's
     stages (on the CPU), against the eager model."""
     from export.bundle import export_bundle
-    from runtime.backends.cuda import CudaBackend
-    from runtime.session import SessionOptions
+    from runtime.session import open_bundle
     from transact.checkpoint import save_checkpoint
 
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     base = small_config()
     cfg = dataclasses.replace(base, transact=dataclasses.replace(base.transact, enabled=v1),
                               transact_v2=dataclasses.replace(base.transact_v2, enabled=v2))  # fmt: skip
     torch.manual_seed(3)
     model = RankingModel(cfg).eval()
     save_checkpoint(tmp_path / "ckpt", model)
-    bundle = Session(export_bundle(tmp_path / "ckpt", tmp_path / "bundle", check=False), device="cpu").bundle
-    backend = CudaBackend(bundle, SessionOptions(triton_cache_dir=str(tmp_path / "triton")), device="cpu",
-                          cpu_reference=True)  # fmt: skip
+    bundle = open_bundle(export_bundle(tmp_path / "ckpt", tmp_path / "bundle", check=False))
+    backend = cpu_cuda_backend(bundle, tmp_path, monkeypatch)
     reqs = random_requests(cfg, 13, n_cands=10)
     probs, _ = backend.run(plan_batch(reqs))
     np.testing.assert_allclose(probs, np.concatenate(eager_probs(model, reqs)), atol=2e-3, rtol=0)
