@@ -163,10 +163,14 @@ def _closed_loop(url: str, model: str, bodies: list[tuple[bytes, dict]], clients
     return lat, errors[0]
 
 
-def make_bodies(url: str, model: str, args: argparse.Namespace) -> list[tuple[bytes, dict]]:
-    """The pool of request bodies (the same in every process: fixed seeds)."""
-    config = model_config(url, model)
-    lengths = {s: min(getattr(args, s), getattr(config, f"max_{s}")) for s in ("ll", "rt", "imp")}
+def request_lengths(config, args: argparse.Namespace) -> dict[str, int]:  # noqa: ANN001
+    """Sequence lengths of the test requests: the asked ones, capped at the model's maxima."""
+    return {s: min(getattr(args, s), getattr(config, f"max_{s}")) for s in ("ll", "rt", "imp")}
+
+
+def make_bodies(config, args: argparse.Namespace) -> list[tuple[bytes, dict]]:  # noqa: ANN001
+    """The pool of request bodies for the served model's ``config`` (the same in every process: fixed seeds)."""
+    lengths = request_lengths(config, args)
     return [encode_infer_request(synthetic_request(config, args.candidates, lengths, seed=i).tensors())
             for i in range(args.users)]  # fmt: skip
 
@@ -175,7 +179,7 @@ def _client_process(url: str, model: str, args: argparse.Namespace, clients: int
                     duration: float, seed: int, conn) -> None:  # fmt: skip
     """One load-generator process: its share of the clients, from wall-clock ``start_at``; the result goes
     back as JSON."""
-    bodies = make_bodies(url, model, args)
+    bodies = make_bodies(model_config(url, model), args)
     time.sleep(max(0.0, start_at - time.time()))
     lat, bad = _closed_loop(url, model, bodies, clients, time.perf_counter() + duration, seed)
     conn.send_bytes(json.dumps({"lat": lat, "errors": bad}).encode())
@@ -266,10 +270,9 @@ def main() -> None:
         else:
             proc, url = start_server(bundle, args.device, args, workers)
         try:
-            config = model_config(url, args.model)
             meta = httpx.get(f"{url}/v2/models/{args.model}", timeout=10).json()
-            lengths = {s: min(getattr(args, s), getattr(config, f"max_{s}")) for s in ("ll", "rt", "imp")}
-            bodies = make_bodies(url, args.model, args)
+            config = model_config(url, args.model)
+            bodies, lengths = make_bodies(config, args), request_lengths(config, args)
             for c in [int(x) for x in args.concurrency.split(",")]:
                 _closed_loop(url, args.model, bodies, c, time.perf_counter() + args.warmup)  # untimed: shapes compile
                 before = server_totals(url)
