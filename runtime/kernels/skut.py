@@ -16,10 +16,13 @@ and log2(e) folded into Wq) over key tiles of the layer's K/V, out projection, r
 FFN (in chunks of the hidden width), residual + LayerNorm, then directly the next layer's K/V
 for these rows. K/V live in a small per-sequence global scratch (double-buffered across layers,
 L2-resident for typical sizes), activations between layers in the output buffer; a CTA barrier
-separates layers. Key tiles past the causal diagonal, after the last valid key and before the
-first valid key are never visited. Weights are packed once (``pack_encoder_weights``): transposed,
-zero-padded to powers of two, per head, matrices in the compute dtype and vectors in fp32, all in
-one contiguous byte buffer. Matrix products use mma.sync (see ``runtime.kernels.mma_sync_only``).
+separates layers. K/V hold the valid (non-padded) keys only, compacted in position order, so
+padded keys cost nothing: a causal query row attends to the first ``nvis`` slots (the valid keys at or
+before it), any other row to all of them, and key tiles wholly below every row's limit of a query
+tile run without masks (only the diagonal tiles and the last one test slots). Weights are packed
+once (``pack_encoder_weights``): transposed, zero-padded to powers of two, per head, matrices in the
+compute dtype and vectors in fp32, all in one contiguous byte buffer. Matrix products use
+mma.sync (see ``runtime.kernels.mma_sync_only``).
 """
 
 from __future__ import annotations
@@ -261,10 +264,53 @@ def _layernorm(x, v_ptr, off_w, off_b, eps, dmask, D: tl.constexpr, D_P: tl.cons
 
 
 @triton.jit
+def _key_slots(mask_ptr, b, rows, row_ok, run, S, HAS_MASK: tl.constexpr):
+    """Which of these rows are keys, and where: (valid, slot, nvis) for one tile of query rows.
+
+    Keys are stored compacted, valid keys only, in position order: a valid row's slot is the number of
+    valid keys before it (``run`` counts those before the tile), and ``nvis`` (valid keys at or before
+    each row) is how many slots a causal query row may attend to.
+    """
+    valid = row_ok
+    if HAS_MASK:
+        pad = tl.load(mask_ptr + b * S + rows, mask=row_ok, other=1)
+        valid = row_ok & (pad == 0)
+    nvis = run + tl.cumsum(valid.to(tl.int32), axis=0)
+    return valid, nvis - 1, nvis
+
+
+@triton.jit
+def _attend(
+    q, acc, m_i, l_i, k_base, v_base, k0, n_kv, lim, rn, ch,
+    DH_P: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """One key tile of flash attention (online softmax in base 2). Slots >= ``lim`` (per query row)
+    are masked when MASKED; unmasked tiles lie wholly below every row's limit and need no test."""
+    kidx = k0 + rn
+    offs = kidx[:, None] * DH_P + ch[None, :]
+    if MASKED:
+        kv_ok = kidx < n_kv  # never read slots this layer did not write
+        kt = tl.load(k_base + offs, mask=kv_ok[:, None], other=0.0)
+        vt = tl.load(v_base + offs, mask=kv_ok[:, None], other=0.0)
+    else:
+        kt = tl.load(k_base + offs)
+        vt = tl.load(v_base + offs)
+    s = tl.dot(q, tl.trans(kt), input_precision=PREC)
+    if MASKED:
+        s = tl.where(kidx[None, :] < lim[:, None], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), vt, input_precision=PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _store_kv(
     x16,
-    rows,
-    row_ok,
+    slot,
+    valid,
     w_layer,
     v_layer,
     kv_k,
@@ -275,7 +321,7 @@ def _store_kv(
     DH_P: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """K and V of these rows for every head, into the K/V scratch of one layer."""
+    """K and V of the valid rows for every head, into their slots of one layer's K/V scratch."""
     cd = tl.arange(0, D_P)
     ch = tl.arange(0, DH_P)
     HW: tl.constexpr = H * D_P * DH_P
@@ -286,9 +332,9 @@ def _store_kv(
         bv = tl.load(v_layer + 2 * H * DH_P + h * DH_P + ch)
         k = tl.dot(x16, wk, input_precision=PREC) + bk[None, :]
         v = tl.dot(x16, wv, input_precision=PREC) + bv[None, :]
-        offs = (h * S + rows[:, None]).to(tl.int64) * DH_P + ch[None, :]
-        tl.store(kv_k + offs, k.to(kv_k.dtype.element_ty), mask=row_ok[:, None])
-        tl.store(kv_v + offs, v.to(kv_v.dtype.element_ty), mask=row_ok[:, None])
+        offs = (h * S + slot[:, None]).to(tl.int64) * DH_P + ch[None, :]
+        tl.store(kv_k + offs, k.to(kv_k.dtype.element_ty), mask=valid[:, None])
+        tl.store(kv_v + offs, v.to(kv_v.dtype.element_ty), mask=valid[:, None])
 
 
 @triton.jit
@@ -339,26 +385,17 @@ def _skut_kernel(
     kv_b = kv_ptr + b * (KV_BUFS * 2 * H) * S * DH_P
     KV_STRIDE = H * S * DH_P  # K of one buffer, then its V
 
-    # Valid keys span [k_first, k_end); every key outside is padding, so those tiles are skipped.
-    k_first = 0
-    k_end = S
-    if HAS_MASK:
-        k_first = S
-        k_end = 0
-        for s0 in range(0, S, BLOCK_N):
-            kidx = s0 + rn
-            pad = tl.load(mask_ptr + b * S + kidx, mask=kidx < S, other=1)
-            ok = (pad == 0) & (kidx < S)
-            k_first = tl.minimum(k_first, tl.min(tl.where(ok, kidx, S), axis=0))
-            k_end = tl.maximum(k_end, tl.max(tl.where(ok, kidx + 1, 0), axis=0))
     n_qt = tl.cdiv(S, BLOCK_M)
 
-    # K/V of layer 0.
+    # K/V of layer 0, and the number of valid keys.
+    n_valid = 0
     for qt in range(0, n_qt):
         rows = qt * BLOCK_M + rm
         row_ok = rows < S
+        valid, slot, nvis = _key_slots(mask_ptr, b, rows, row_ok, n_valid, S, HAS_MASK)
+        n_valid = tl.max(nvis, axis=0)
         x = tl.load(x_b + rows[:, None] * D + cd[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0)
-        _store_kv(x.to(dt), rows, row_ok, w_ptr, v_ptr, kv_b, kv_b + KV_STRIDE, S, H, D_P, DH_P, PREC)
+        _store_kv(x.to(dt), slot, valid, w_ptr, v_ptr, kv_b, kv_b + KV_STRIDE, S, H, D_P, DH_P, PREC)
     tl.debug_barrier()
 
     pooled = tl.full((D_P,), float("-inf"), tl.float32)
@@ -369,19 +406,28 @@ def _skut_kernel(
         kv_nxt = kv_b + ((layer + 1) % KV_BUFS) * 2 * KV_STRIDE
         eps1 = tl.load(v_l + OFF_EPS)
         eps2 = tl.load(v_l + OFF_EPS + 1)
+        run = 0  # valid keys before this query tile
         for qt in range(0, n_qt):
             rows = qt * BLOCK_M + rm
             row_ok = rows < S
             xmask = row_ok[:, None] & dmask[None, :]
+            valid, slot, nvis = _key_slots(mask_ptr, b, rows, row_ok, run, S, HAS_MASK)
+            run = tl.max(nvis, axis=0)
             if layer == 0:
                 x = tl.load(x_b + rows[:, None] * D + cd[None, :], mask=xmask, other=0.0).to(tl.float32)
             else:
                 x = tl.load(o_b + rows[:, None] * D + cd[None, :], mask=xmask, other=0.0).to(tl.float32)
             x16 = x.to(dt)
-            k_hi = k_end
+            # Key slots each row may see: causal, the valid keys up to the row; else all valid keys.
+            # Key tiles wholly below every row's limit need no mask.
             if CAUSAL:
-                k_hi = tl.minimum(k_hi, (qt + 1) * BLOCK_M)
-            k_lo = (k_first // BLOCK_N) * BLOCK_N
+                lim = nvis
+                n_kv = run
+                n_full = (tl.min(nvis, axis=0) // BLOCK_N) * BLOCK_N
+            else:
+                lim = rm * 0 + n_valid
+                n_kv = n_valid
+                n_full = (n_valid // BLOCK_N) * BLOCK_N
 
             # ---- self-attention, one head at a time, summed through the out projection
             attn = tl.zeros((BLOCK_M, D_P), tl.float32)
@@ -394,26 +440,14 @@ def _skut_kernel(
                 acc = tl.zeros((BLOCK_M, DH_P), tl.float32)
                 k_base = kv_cur + h * S * DH_P
                 v_base = kv_cur + KV_STRIDE + h * S * DH_P
-                for k0 in range(k_lo, k_hi, BLOCK_N):
-                    kidx = k0 + rn
-                    kv_ok = kidx < k_hi
-                    offs = kidx[:, None].to(tl.int64) * DH_P + ch[None, :]
-                    kt = tl.load(k_base + offs, mask=kv_ok[:, None], other=0.0)
-                    vt = tl.load(v_base + offs, mask=kv_ok[:, None], other=0.0)
-                    s = tl.dot(q, tl.trans(kt), input_precision=PREC)
-                    ok = kv_ok[None, :]
-                    if HAS_MASK:
-                        pad = tl.load(mask_ptr + b * S + kidx, mask=kv_ok, other=1)
-                        ok = ok & (pad == 0)[None, :]
-                    if CAUSAL:
-                        ok = ok & (kidx[None, :] <= rows[:, None])
-                    s = tl.where(ok, s, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                    alpha = tl.exp2(m_i - m_new)
-                    p = tl.exp2(s - m_new[:, None])
-                    l_i = l_i * alpha + tl.sum(p, axis=1)
-                    acc = acc * alpha[:, None] + tl.dot(p.to(dt), vt, input_precision=PREC)
-                    m_i = m_new
+                for k0 in range(0, n_full, BLOCK_N):
+                    acc, m_i, l_i = _attend(
+                        q, acc, m_i, l_i, k_base, v_base, k0, n_kv, lim, rn, ch, DH_P, False, PREC
+                    )
+                for k0 in range(n_full, n_kv, BLOCK_N):
+                    acc, m_i, l_i = _attend(
+                        q, acc, m_i, l_i, k_base, v_base, k0, n_kv, lim, rn, ch, DH_P, True, PREC
+                    )
                 # A row that saw no valid key gets a zero attention output (never 0/0).
                 o_h = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
                 wo = tl.load(w_l + 3 * HW + h * DH_P * D_P + ch[:, None] * D_P + cd[None, :])
@@ -436,7 +470,7 @@ def _skut_kernel(
             if layer + 1 < n_layers:
                 x16 = x.to(dt)
                 _store_kv(
-                    x16, rows, row_ok, w_l + LW, v_l + LV, kv_nxt, kv_nxt + KV_STRIDE, S, H, D_P, DH_P, PREC
+                    x16, slot, valid, w_l + LW, v_l + LV, kv_nxt, kv_nxt + KV_STRIDE, S, H, D_P, DH_P, PREC
                 )
                 tl.store(o_b + rows[:, None] * D + cd[None, :], x16, mask=xmask)
             else:
@@ -444,20 +478,15 @@ def _skut_kernel(
                     f_off = n_layers * LV
                     eps_f = tl.load(v_ptr + f_off + 2 * D_P)
                     x = _layernorm(x, v_ptr, f_off, f_off + D_P, eps_f, dmask, D, D_P)
-                # Fully masked rows: causal -> before the first valid key; else -> no valid key at all.
-                if CAUSAL:
-                    dead = rows < k_first
-                else:
-                    dead = (rows * 0 + k_first) >= S
+                # Fully masked rows: those that may see no key (causal: before the first valid key).
+                dead = lim == 0
                 x = tl.where(dead[:, None], 0.0, x)
                 if STORE_OUT:
                     tl.store(o_b + rows[:, None] * D + cd[None, :], x.to(dt), mask=xmask)
                 if POOL != 0:
                     keep = row_ok
                     if POOL == 1:
-                        if HAS_MASK:
-                            pad = tl.load(mask_ptr + b * S + rows, mask=row_ok, other=1)
-                            keep = keep & (pad == 0)
+                        keep = valid
                     pooled = tl.maximum(pooled, tl.max(tl.where(keep[:, None], x, float("-inf")), axis=0))
         tl.debug_barrier()
     if POOL != 0:
