@@ -218,28 +218,28 @@ def test_threshold_filters():
             want = max(s[i][p].item() for p in pos)
             got = nn_mod_decode(gm[i, j].item())
             assert abs(got - want) <= TOL
-    tau = torch.full((n,), float("nan"), dtype=torch.float32, device=DEV)
+    tau = torch.empty(n, dtype=torch.int64, device=DEV)
     cnt = torch.full((n,), 99, dtype=torch.int32, device=DEV)
     nn_mod._nn_threshold_kernel[(n,)](gm, tau, cnt, k, gm.shape[1], G_P=gm.shape[1], num_warps=1)
     assert (cnt == 0).all()
     for i in range(n):
         kth_group_max = torch.sort(gm[i].cpu(), descending=True).values[k - 1].item()
-        assert tau[i].item() == nn_mod_decode(kth_group_max)  # exactly that score, as fp32
+        assert tau[i].item() == kth_group_max << 32
         passing = (torch.tensor([float(v) for v in s[i]]) >= nn_mod_decode(kth_group_max) - TOL).sum().item()
         assert k <= passing < 8 * k  # the lists stay short on random data
 
 
 def test_threshold_kth_group_max_or_open():
-    """Hand-worked: the 3rd largest of a row's group maxima, as fp32; a row with fewer than k
-    non-empty groups lets every key through (-inf)."""
+    """Hand-worked: the 3rd largest of a row's group maxima, as a key threshold (its code << 32); a
+    row with fewer than k non-empty groups lets every key through (the lowest code)."""
     empty = -(2**31)
     rows = [[0.5, -0.25, 0.75, 0.1, None, -0.5, None, 0.0], [0.3, None, None, -0.9, None, None, None, None]]
     gm = torch.tensor([[empty if v is None else nn_mod_encode(v) for v in r] for r in rows], dtype=torch.int32)
-    tau = torch.full((2,), float("nan"), dtype=torch.float32)
+    tau = torch.full((2,), 7, dtype=torch.int64)
     cnt = torch.full((2,), 5, dtype=torch.int32)
     gm, tau, cnt = gm.to(DEV), tau.to(DEV), cnt.to(DEV)
     nn_mod._nn_threshold_kernel[(2,)](gm, tau, cnt, 3, 8, G_P=8, num_warps=1)
-    assert tau.tolist() == [torch.tensor(0.1).item(), float("-inf")]
+    assert tau.tolist() == [nn_mod_encode(0.1) << 32, empty << 32]
     assert cnt.tolist() == [0, 0]
 
 

@@ -217,9 +217,9 @@ def _nn_scan_kernel(
     users = tl.load(user_ptr + rows, mask=row_ok, other=_BIG_USER).to(tl.int32)
     c_hi, c_lo = _load_cand_hi_lo(cand_ptr, rows, row_ok, D, D_P)
     if COLLECT:
-        tau = tl.load(tau_ptr + rows, mask=row_ok, other=float("inf"))
+        tau = tl.load(tau_ptr + rows, mask=row_ok, other=2**62)
     else:
-        gmax = tl.full((BN, C), float("-inf"), tl.float32)
+        gmax = tl.full((BN, C), -(2**31), tl.int32)
     u = tl.min(users, axis=0)
     while u < _BIG_USER:  # each distinct user of the block once (fast when candidates are grouped)
         is_u = users == u
@@ -232,28 +232,24 @@ def _nn_scan_kernel(
             q_next = _load_tile(seq_ptr, start, pos + BS, pos + BS < p_hi, D, D_P)  # in flight meanwhile
             s = _scores(q, c_hi, c_lo)
             q = q_next
-            # Comparisons stay in fp32: scores are never NaN and never -0.0, so the float order is
-            # the key order, and the 64-bit keys are built only for tiles that store some.
             if COLLECT:
-                ok = is_u[:, None] & pos_ok[None, :] & (s >= tau[:, None])
+                key = (_ordered_bits(s).to(tl.int64) << 32) | pos[None, :].to(tl.int64)
+                ok = is_u[:, None] & pos_ok[None, :] & (key >= tau[:, None])
                 n_ok = tl.sum(ok.to(tl.int32), axis=1)
                 if tl.max(n_ok, axis=0) > 0:
-                    key = (_ordered_bits(s).to(tl.int64) << 32) | pos[None, :].to(tl.int64)
-                    # Only unique slots are needed (pass 4 reads the lists after this launch ends).
-                    base = tl.atomic_add(cnt_ptr + rows, n_ok, mask=n_ok > 0, sem="relaxed")
+                    base = tl.atomic_add(cnt_ptr + rows, n_ok, mask=n_ok > 0)
                     slot = base[:, None] + tl.cumsum(ok.to(tl.int32), axis=1) - 1
                     tl.store(
                         keys_ptr + rows[:, None].to(tl.int64) * CAP + slot, key, mask=ok & (slot < CAP)
                     )
             else:
-                o = tl.where(is_u[:, None] & pos_ok[None, :], s, float("-inf"))
+                o = tl.where(is_u[:, None] & pos_ok[None, :], _ordered_bits(s), -(2**31))
                 gmax = tl.maximum(gmax, tl.max(tl.reshape(o, (BN, BS // C, C)), axis=1))
         u = tl.min(tl.where(users > u, users, _BIG_USER), axis=0)
     if not COLLECT:
         g = tl.arange(0, C)
-        gbits = tl.where(gmax == float("-inf"), -(2**31), _ordered_bits(gmax))  # -2**31: an empty group
         tl.store(
-            gm_ptr + rows[:, None].to(tl.int64) * G_TOT + split * C + g[None, :], gbits, mask=row_ok[:, None]
+            gm_ptr + rows[:, None].to(tl.int64) * G_TOT + split * C + g[None, :], gmax, mask=row_ok[:, None]
         )
 
 
@@ -337,7 +333,7 @@ def _nn_short_kernel(
 @triton.jit
 def _nn_threshold_kernel(gm_ptr, tau_ptr, cnt_ptr, k, G_TOT, G_P: tl.constexpr):
     """Pass 2, one candidate per program: the k-th largest group maximum (exact, by bisection over
-    the 32-bit ordered scores) as an fp32 score threshold, and a zeroed key counter for pass 3.
+    the 32-bit ordered scores) as a key threshold, and a zeroed key counter for pass 3.
 
     At least k distinct positions score >= that maximum, so every top-k key is >= the threshold.
     With fewer than k non-empty groups the threshold lets everything through. (One warp per
@@ -355,10 +351,7 @@ def _nn_threshold_kernel(gm_ptr, tau_ptr, cnt_ptr, k, G_TOT, G_P: tl.constexpr):
         enough = cnt >= k
         lo = tl.where(enough, mid, lo)
         hi = tl.where(enough, hi, mid)
-    lo32 = lo.to(tl.int32)
-    bits = tl.where(lo32 >= 0, lo32, lo32 ^ 0x7FFFFFFF)  # back from the ordered code to fp32 bits
-    tau = tl.where(lo32 == -(2**31), float("-inf"), bits.to(tl.float32, bitcast=True))
-    tl.store(tau_ptr + row, tau)
+    tl.store(tau_ptr + row, lo << 32)
     tl.store(cnt_ptr + row, 0)
 
 
@@ -656,7 +649,7 @@ def _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, con
     n_blocks = triton.cdiv(n, bn)
     g_tot = splits * gps
     gm = torch.empty((n, g_tot), dtype=torch.int32, device=dev)
-    tau = torch.empty((n,), dtype=torch.float32, device=dev)
+    tau = torch.empty((n,), dtype=torch.int64, device=dev)
     cnt = torch.empty((n,), dtype=torch.int32, device=dev)
     keys = torch.empty((n, cap), dtype=torch.int64, device=dev)
     scan = dict(BN=bn, BS=cfg.tile, C=gps, D_P=d_p, num_warps=cfg.num_warps)
