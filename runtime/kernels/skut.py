@@ -282,13 +282,12 @@ def _key_slots(mask_ptr, b, rows, row_ok, run, S, HAS_MASK: tl.constexpr):
 @triton.jit
 def _attend(
     q, acc, m_i, l_i, k_base, v_base, k0, n_kv, lim, rn, ch,
-    DH_P: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+    DH_P: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """One key tile of flash attention (online softmax in base 2). When MASKED, slots >= ``lim`` (a
-    causal query row's limit) or >= ``n_kv`` (every row's, without CAUSAL) are masked; unmasked
-    tiles lie wholly below every row's limit and need no test."""
+    """One key tile of flash attention (online softmax in base 2). Slots >= ``lim`` (per query row)
+    are masked when MASKED; unmasked tiles lie wholly below every row's limit and need no test."""
     kidx = k0 + rn
-    offs = kidx[:, None].to(tl.int64) * DH_P + ch[None, :]  # (int32 offsets spill registers here)
+    offs = kidx[:, None] * DH_P + ch[None, :]
     if MASKED:
         kv_ok = kidx < n_kv  # never read slots this layer did not write
         kt = tl.load(k_base + offs, mask=kv_ok[:, None], other=0.0)
@@ -298,10 +297,7 @@ def _attend(
         vt = tl.load(v_base + offs)
     s = tl.dot(q, tl.trans(kt), input_precision=PREC)
     if MASKED:
-        if CAUSAL:
-            s = tl.where(kidx[None, :] < lim[:, None], s, float("-inf"))
-        else:
-            s = tl.where(kidx[None, :] < n_kv, s, float("-inf"))
+        s = tl.where(kidx[None, :] < lim[:, None], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -415,8 +411,7 @@ def _skut_kernel(
             rows = qt * BLOCK_M + rm
             row_ok = rows < S
             xmask = row_ok[:, None] & dmask[None, :]
-            run0 = run
-            nvis = _key_slots(mask_ptr, b, rows, row_ok, run0, S, HAS_MASK)[2]
+            valid, slot, nvis = _key_slots(mask_ptr, b, rows, row_ok, run, S, HAS_MASK)
             run = tl.max(nvis, axis=0)
             if layer == 0:
                 x = tl.load(x_b + rows[:, None] * D + cd[None, :], mask=xmask, other=0.0).to(tl.float32)
@@ -430,7 +425,7 @@ def _skut_kernel(
                 n_kv = run
                 n_full = (tl.min(nvis, axis=0) // BLOCK_N) * BLOCK_N
             else:
-                lim = nvis  # unused: every row's limit is n_kv
+                lim = rm * 0 + n_valid
                 n_kv = n_valid
                 n_full = (n_valid // BLOCK_N) * BLOCK_N
 
@@ -447,11 +442,11 @@ def _skut_kernel(
                 v_base = kv_cur + KV_STRIDE + h * S * DH_P
                 for k0 in range(0, n_full, BLOCK_N):
                     acc, m_i, l_i = _attend(
-                        q, acc, m_i, l_i, k_base, v_base, k0, n_kv, lim, rn, ch, DH_P, False, CAUSAL, PREC
+                        q, acc, m_i, l_i, k_base, v_base, k0, n_kv, lim, rn, ch, DH_P, False, PREC
                     )
                 for k0 in range(n_full, n_kv, BLOCK_N):
                     acc, m_i, l_i = _attend(
-                        q, acc, m_i, l_i, k_base, v_base, k0, n_kv, lim, rn, ch, DH_P, True, CAUSAL, PREC
+                        q, acc, m_i, l_i, k_base, v_base, k0, n_kv, lim, rn, ch, DH_P, True, PREC
                     )
                 # A row that saw no valid key gets a zero attention output (never 0/0).
                 o_h = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
@@ -472,8 +467,6 @@ def _skut_kernel(
             b2 = tl.load(v_l + OFF_B2 + cd)
             x = _layernorm(x + ff + b2[None, :], v_l, OFF_B2 + D_P, OFF_B2 + 2 * D_P, eps2, dmask, D, D_P)
 
-            # The rows' key slots again, rather than kept live through the attention (registers).
-            valid, slot, nvis = _key_slots(mask_ptr, b, rows, row_ok, run0, S, HAS_MASK)
             if layer + 1 < n_layers:
                 x16 = x.to(dt)
                 _store_kv(
@@ -486,10 +479,7 @@ def _skut_kernel(
                     eps_f = tl.load(v_ptr + f_off + 2 * D_P)
                     x = _layernorm(x, v_ptr, f_off, f_off + D_P, eps_f, dmask, D, D_P)
                 # Fully masked rows: those that may see no key (causal: before the first valid key).
-                if CAUSAL:
-                    dead = nvis == 0
-                else:
-                    dead = (rm * 0 + n_valid) == 0
+                dead = lim == 0
                 x = tl.where(dead[:, None], 0.0, x)
                 if STORE_OUT:
                     tl.store(o_b + rows[:, None] * D + cd[None, :], x.to(dt), mask=xmask)
