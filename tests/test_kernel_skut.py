@@ -156,6 +156,25 @@ def test_fully_masked_rows_are_zero(causal, pool):
         assert (out[-1] == 0).all()
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_heavy_padding_compacts_keys(causal):
+    """Keys are kept compacted (valid ones only): with 60% padding scattered over many 16-row tiles,
+    a sequence of padded runs, a single valid key and no valid key at all, every key tile below a
+    query tile's limit (no mask) and above it (masked) must give the reference's rows and pools."""
+    s, d = 100, 32
+    enc = make_encoder(d, 2, 32, 2, seed=21)
+    x = torch.randn(4, s, d, generator=torch.Generator().manual_seed(22))
+    mask = torch.rand(4, s, generator=torch.Generator().manual_seed(23)) < 0.6
+    mask[1, :] = True
+    mask[1, 57] = False  # one valid key, in the middle
+    mask[2, :40] = True  # a long padded run first
+    mask[3, :] = True  # nothing valid
+    cfg = sk.SkutConfig(16, 16, 4, 16)
+    for pool in (None, "max_valid"):
+        out = run_kernel(enc, x, mask, causal, pool, torch.float32, cfg)
+        check(out, sk.skut_reference(enc, x, mask, causal, pool), torch.float32)
+
+
 def test_final_norm_and_sequence_first_encoder():
     enc = make_encoder(64, 2, 48, 2, seed=11, batch_first=False, final_norm=True)
     x = torch.randn(2, 21, 64, generator=torch.Generator().manual_seed(12))
