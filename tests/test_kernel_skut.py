@@ -159,8 +159,9 @@ def test_fully_masked_rows_are_zero(causal, pool):
 @pytest.mark.parametrize("causal", [True, False])
 def test_heavy_padding_compacts_keys(causal):
     """Keys are kept compacted (valid ones only): with 60% padding scattered over many 16-row tiles,
-    a sequence of padded runs, a single valid key and no valid key at all, every key tile below a
-    query tile's limit (no mask) and above it (masked) must give the reference's rows and pools."""
+    one sequence with a single valid key, one whose first 40 keys are padded and one with no valid key,
+    the key tiles below a query tile's limit (no mask) and above it (masked) give the reference's rows
+    and pools."""
     s, d = 100, 32
     enc = make_encoder(d, 2, 32, 2, seed=21)
     x = torch.randn(4, s, d, generator=torch.Generator().manual_seed(22))
