@@ -6,8 +6,9 @@ Compiles ``_skut_kernel`` for the target (sm_90 by default; no GPU needed) at th
 with the specialisations a launch gets (16-byte aligned pointers, S divisible by 16 where it is,
 mma.sync only), and reads each cubin's resource usage with the ``cuobjdump`` that ships with Triton.
 Registers decide how many programs share an SM (65,536 per SM), which bounds the kernel at small
-batches; spills go to local memory. The numbers depend on the Triton version (3.6 and 3.9 differ by
-hundreds of bytes of spills at the same tile): build with the version the GPU runs, e.g.
+batches; spills go to local memory. The numbers depend on the Triton version (3.6 and 3.9 differ by up
+to ~60 registers or ~200 bytes of spills at the same tile) and on the alignment a launch gets (without it
+the same tile spills hundreds of bytes more): build with the version the GPU runs, e.g.
 ``pip install --target DIR triton==3.6.0`` and DIR first on PYTHONPATH. They matched the H200's own
 report for every configuration checked (benchmarks/RESULTS.md), but fewer registers is not always
 faster: time the candidates on the GPU.
