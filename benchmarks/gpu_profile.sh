@@ -4,7 +4,8 @@
 # For each workload: one plain run to compile, then `ncu --set full` on one call's kernels (clocks left
 # alone), written as WORKLOAD.ncu-rep plus two text exports: WORKLOAD_details.txt (every section:
 # occupancy, registers, stall reasons, memory) and WORKLOAD_source.csv (per SASS instruction: samples
-# by stall reason, with the Python line each came from where the line table allows).
+# by stall reason, with the Python line each came from where the line table allows; summed per line
+# by `python benchmarks/profile_lines.py OUT/WORKLOAD_source.csv`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(pwd)/bench_out}

@@ -1,0 +1,82 @@
+"""The kernel lines that cost the most, from an Nsight Compute source export (see gpu_profile.sh).
+
+    python benchmarks/profile_lines.py OUT/skut_v2_source.csv [--top 30]
+
+Sums each Python line's executed instructions and warp stall samples over its SASS instructions, per
+kernel, and prints the heaviest lines with their shares and top stall reasons next to the source text
+(read from this checkout, so profile the same revision; lines of Triton's own library files, e.g. its
+reductions, are shown by file and number only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+from collections import defaultdict
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SAMPLES = "Warp Stall Sampling (All Samples)"
+_INSTR = "Instructions Executed"
+
+
+def _int(v: str) -> int:
+    return int(v) if v.isdigit() else 0
+
+
+def read_lines(path: str) -> dict[str, dict[tuple[str, int], dict[str, int]]]:
+    """kernel -> (file, line) -> {"samples", "instructions", "stall_<reason>", ...} from the CSV."""
+    out: dict[str, dict[tuple[str, int], dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
+    file = kernel = ""
+    header: list[str] | None = None
+    with open(path, newline="") as fh:
+        for row in csv.reader(fh):
+            if not row:
+                continue
+            if row[0] == "File Path":
+                file, header = row[1], None
+            elif row[0] == "Function Name":
+                kernel = row[1]
+            elif row[0] == "Line No":
+                header = row
+            elif header and row[0]:  # a source line's totals (its SASS rows have an empty first field)
+                rec = dict(zip(header, row, strict=False))
+                acc = out[kernel][(file, int(row[0]))]
+                acc["samples"] += _int(rec.get(_SAMPLES, ""))
+                acc["instructions"] += _int(rec.get(_INSTR, ""))
+                for name, value in rec.items():
+                    if name.startswith("stall_") and "Not Issued" not in name:
+                        acc[name] += _int(value)
+    return out
+
+
+def _source(file: str, line: int) -> str:
+    local = os.path.join(_ROOT, *file.split("/")[-3:])  # e.g. .../runtime/kernels/skut.py in this checkout
+    if not os.path.exists(local):
+        return f"({os.path.basename(file)})"
+    with open(local) as fh:
+        lines = fh.read().splitlines()
+    return lines[line - 1].strip() if line <= len(lines) else ""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("csv")
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args()
+    for kernel, lines in read_lines(args.csv).items():
+        samples = sum(v["samples"] for v in lines.values()) or 1
+        instr = sum(v["instructions"] for v in lines.values()) or 1
+        print(f"\n{kernel}: {instr:,} instructions, {samples:,} stall samples")
+        print("| samples | instructions | line | top stalls | source |\n|---:|---:|---|---|---|")
+        for (file, line), v in sorted(lines.items(), key=lambda kv: -kv[1]["samples"])[: args.top]:
+            stalls = sorted(((c, n[6:]) for n, c in v.items() if n.startswith("stall_") and c), reverse=True)[:3]
+            print(
+                f"| {100 * v['samples'] / samples:.1f}% | {100 * v['instructions'] / instr:.1f}% "
+                f"| {os.path.basename(file)}:{line} | {', '.join(f'{n} {c}' for c, n in stalls)} "
+                f"| `{_source(file, line)[:70]}` |"
+            )
+
+
+if __name__ == "__main__":
+    main()
