@@ -157,11 +157,14 @@ def test_fully_masked_rows_are_zero(causal, pool):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_heavy_padding_compacts_keys(causal):
-    """Keys are kept compacted (valid ones only): with 60% padding scattered over many 16-row tiles,
-    one sequence with a single valid key, one whose first 40 keys are padded and one with no valid key,
-    the key tiles below a query tile's limit (no mask) and above it (masked) give the reference's rows
-    and pools."""
+@pytest.mark.parametrize(
+    "config", [sk.SkutConfig(16, 16, 4, 16), sk.SkutConfig(64, 32, 4, 32), sk.SkutConfig(128, 32, 8, 32)], ids=str
+)
+def test_heavy_padding_compacts_keys(causal, config):
+    """Keys are kept compacted (valid ones only): with 60% padding scattered over many tiles (also the
+    runtime's V2 and V1 tiles), one sequence with a single valid key, one whose first 40 keys are padded
+    and one with no valid key, the key tiles below a query tile's limit (no mask) and above it (masked)
+    give the reference's rows and pools."""
     s, d = 100, 32
     enc = make_encoder(d, 2, 32, 2, seed=21)
     x = torch.randn(4, s, d, generator=torch.Generator().manual_seed(22))
@@ -170,9 +173,8 @@ def test_heavy_padding_compacts_keys(causal):
     mask[1, 57] = False  # one valid key, in the middle
     mask[2, :40] = True  # a long padded run first
     mask[3, :] = True  # nothing valid
-    cfg = sk.SkutConfig(16, 16, 4, 16)
     for pool in (None, "max_valid"):
-        out = run_kernel(enc, x, mask, causal, pool, torch.float32, cfg)
+        out = run_kernel(enc, x, mask, causal, pool, torch.float32, config)
         check(out, sk.skut_reference(enc, x, mask, causal, pool), torch.float32)
 
 
