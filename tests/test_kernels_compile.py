@@ -1,0 +1,147 @@
+"""Every Triton kernel launch of the runtime also compiles for the GPU (sm_90) with the installed Triton.
+
+The interpreter tests check the kernels' results on the CPU, but the interpreter never lowers a kernel: a
+construct the GPU compiler rejects, or lowers differently in another Triton release (DESIGN §4 asks for
+3.6 through 3.9), would pass them. Here one subprocess runs the hybrid backend and the kernels' public
+functions at the runtime's tile configurations under the interpreter and records each launch (argument
+types, 16-byte alignment, constexprs, warps, stages); a second one, without the interpreter, compiles
+every recorded launch for sm_90 as the runtime would (mma.sync only). No GPU is needed: Triton ships
+its own ptxas.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from test_runtime_session import small_bundle
+
+RECORD = r"""
+import inspect, json, sys
+import torch
+import triton.runtime.interpreter as interp
+
+launches = []
+_run = interp.InterpretedFunction.run
+
+
+def _type(v):
+    if isinstance(v, torch.Tensor):
+        return "*" + {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int8: "i8",
+                      torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}[v.dtype]
+    if isinstance(v, bool):
+        return "i1"
+    if isinstance(v, int):
+        return "i32" if -2**31 <= v < 2**31 else "i64"
+    return "fp32"
+
+
+def record(self, *args, grid, warmup, **kwargs):
+    named = dict(zip(self.arg_names, args)) | {k: v for k, v in kwargs.items() if k in self.arg_names}
+    params = inspect.signature(self.fn).parameters
+    rec = {"module": self.fn.__module__, "kernel": self.fn.__name__, "args": {},
+           "num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3)}
+    for name, v in named.items():
+        if isinstance(v, torch.Tensor):
+            rec["args"][name] = {"type": _type(v), "aligned": v.data_ptr() % 16 == 0}
+        elif "constexpr" in str(params[name].annotation):
+            rec["args"][name] = {"const": v}
+        else:
+            rec["args"][name] = {"type": _type(v), "aligned": isinstance(v, int) and v % 16 == 0 and v != 1}
+    launches.append(rec)
+    return _run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+
+interp.InterpretedFunction.run = record
+
+from runtime.backends.cuda import CudaBackend
+from runtime.batching import plan_batch
+from runtime.kernels import nn_select as nn_mod, skut as sk
+from runtime.session import Request, SessionOptions, open_bundle
+from transact.data.random_batch import random_batch
+
+# The hybrid backend's own launches (token builders, selections, transformers, at the bundle's shapes).
+bundle = open_bundle(sys.argv[1])
+backend = CudaBackend(bundle, SessionOptions(triton_cache_dir=sys.argv[2]), device="cpu")
+b = random_batch(bundle.config, 2, 4, ll=[30, 0], rt=[12, 3], imp=[6, 0], seed=0, future=1)
+backend.run(plan_batch([Request.from_batch(b, 0), Request.from_batch(b, 1)]))
+
+# The four-pass selection at the configurations the production shapes choose on a 132-SM GPU (k = 64
+# and 96; 63 chunks per sequence), on small inputs.
+g = torch.Generator().manual_seed(0)
+seq = torch.randint(-127, 128, (300, 32), generator=g, dtype=torch.int8)
+starts, lens = torch.tensor([0, 150]), torch.tensor([150, 150])
+cand = torch.randn(6, 32, generator=g)
+users = torch.tensor([0, 0, 0, 1, 1, 1])
+for k in (64, 96):
+    for n_cand, n_users in ((256, 1), (256, 64)):
+        cfg = nn_mod.choose_config(n_cand, n_users, 16_000 * n_users, k, torch.device("cpu"), splits=63)
+        nn_mod.nn_select(seq, starts, lens, cand, users, k, idx_dtype=torch.int32, config=cfg)
+
+# The transformer at the runtime's tiles: V2 (d 64, causal) and V1 (d 96, 2 heads, pooled + rows).
+for d, h, causal, pool, seq_len in ((64, 1, True, None, 192), (96, 2, False, "max_valid", 100)):
+    enc = sk.random_encoder(d, h, 32, 2)
+    packed = sk.pack_encoder_weights(enc, torch.float16)
+    cfg = sk.choose_config(seq_len, packed)
+    x = torch.randn(1, 9, d).half()
+    mask = torch.zeros(1, 9, dtype=torch.bool)
+    hidden = torch.empty(1, 9, d, dtype=torch.float16) if pool else None
+    sk.skut_forward(x, packed, mask, causal, pool, config=cfg, hidden=hidden)
+print(json.dumps(launches))
+"""
+
+COMPILE = r"""
+import importlib, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from runtime.kernels import mma_sync_only
+
+launches = json.loads(sys.stdin.read())
+seen, failed = set(), []
+for rec in launches:
+    key = json.dumps(rec, sort_keys=True)
+    if key in seen:
+        continue
+    seen.add(key)
+    fn = getattr(importlib.import_module(rec["module"]), rec["kernel"])
+    names = fn.arg_names
+    sig, consts, attrs = {}, {}, {}
+    for name in names:
+        a = rec["args"][name]
+        if "const" in a:
+            sig[name] = "constexpr"
+            consts[(names.index(name),)] = a["const"]
+        else:
+            sig[name] = a["type"]
+            if a["aligned"]:
+                attrs[(names.index(name),)] = [["tt.divisibility", 16]]
+    try:
+        with mma_sync_only():
+            triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": rec["num_warps"], "num_stages": rec["num_stages"]})
+    except Exception as exc:
+        failed.append(f"{rec['kernel']} {rec['num_warps']} warps: {type(exc).__name__}: {str(exc)[:400]}")
+print(json.dumps({"compiled": len(seen), "kernels": sorted({r["kernel"] for r in launches}), "failed": failed}))
+"""
+
+
+@pytest.mark.slow
+def test_every_runtime_kernel_launch_compiles_for_sm90(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    rec = subprocess.run([sys.executable, "-c", RECORD, str(small_bundle()), str(tmp_path / "cache")],
+                         capture_output=True, text=True, env={**env, "TRITON_INTERPRET": "1"}, timeout=900)  # fmt: skip
+    assert rec.returncode == 0, rec.stderr[-3000:]
+    launches = rec.stdout.strip().splitlines()[-1]
+    res = subprocess.run([sys.executable, "-c", COMPILE], input=launches, capture_output=True, text=True,
+                         env={**env, "TRITON_CACHE_DIR": str(tmp_path / "gpu_cache")}, timeout=900)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert not got["failed"], "\n".join(got["failed"])
+    expected = {"_nn_scan_kernel", "_nn_threshold_kernel", "_nn_final_kernel", "_nn_short_kernel",
+                "_skut_kernel", "_v1_tokens_kernel", "_v2_tokens_kernel"}  # fmt: skip
+    assert expected <= set(got["kernels"])
+    assert got["compiled"] >= len(expected)
