@@ -5,13 +5,7 @@
 # kernels_table.md and kernels_results.json under $OUT (default ./bench_out).
 # Exit status: non-zero if a GPU test failed (the benchmark runs either way).
 # SKIP_TESTS=1 / SKIP_BENCH=1 skip a phase; BENCH_ONLY=transformer|nn runs half the benchmark.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-$(pwd)/bench_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
-export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
-PY=${PYTHON:-python3}
+source "$(dirname "$0")/gpu_env.sh"
 status=0
 
 {

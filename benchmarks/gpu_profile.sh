@@ -6,13 +6,7 @@
 # occupancy, registers, stall reasons, memory) and WORKLOAD_source.csv (per SASS instruction: samples
 # by stall reason, with the Python line each came from where the line table allows; summed per line
 # by `python benchmarks/profile_lines.py OUT/WORKLOAD_source.csv`).
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-$(pwd)/bench_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
-export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
-PY=${PYTHON:-python3}
+source "$(dirname "$0")/gpu_env.sh"
 NCU=${NCU:-ncu}
 workloads=("$@")
 [ ${#workloads[@]} -eq 0 ] && workloads=(skut_v2 skut_v2_b16 skut_v1 nn_1user nn_64users)

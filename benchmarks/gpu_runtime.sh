@@ -1,13 +1,7 @@
 #!/usr/bin/env bash
 # The hybrid runtime on a CUDA machine: GPU tests, then the end-to-end benchmark (DESIGN §5).
 #   OUT=results_dir bash benchmarks/gpu_runtime.sh
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-$(pwd)/bench_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
-export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
-PY=${PYTHON:-python3}
+source "$(dirname "$0")/gpu_env.sh"
 BUNDLE=${BUNDLE:-/tmp/transact-default-bundle}
 status=0
 $PY -c "import torch, triton, onnxruntime, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, \
