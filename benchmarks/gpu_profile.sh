@@ -5,7 +5,8 @@
 # alone), written as WORKLOAD.ncu-rep plus two text exports: WORKLOAD_details.txt (every section:
 # occupancy, registers, stall reasons, memory) and WORKLOAD_source.csv (per SASS instruction: samples
 # by stall reason, with the Python line each came from where the line table allows; summed per line
-# by `python benchmarks/profile_lines.py OUT/WORKLOAD_source.csv`).
+# by `python benchmarks/profile_lines.py OUT/WORKLOAD_source.csv`). All text exports also go into
+# OUT/profiles.tgz.
 source "$(dirname "$0")/gpu_env.sh"
 NCU=${NCU:-ncu}
 workloads=("$@")
@@ -30,3 +31,5 @@ for w in "${workloads[@]}"; do
     || "$NCU" --import "$OUT/$w.ncu-rep" --page source --csv --print-source sass \
       > "$OUT/${w}_source.csv" 2>&1
 done
+# One archive of the text exports (the reports themselves are large), for copying back from a GPU machine.
+tar czf "$OUT/profiles.tgz" -C "$OUT" --exclude='*.ncu-rep' --exclude='profiles.tgz' .
