@@ -26,11 +26,9 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
-from runtime.kernels import mma_sync_only  # noqa: E402
 from runtime.kernels import skut as sk  # noqa: E402
+from runtime.kernels.build import build_for_gpu  # noqa: E402
 
 SHAPES = {  # name: seq, d_model, heads, ffn, causal (both 2 layers with key padding, as in the runtime)
     "V2": (192, 64, 1, 32, True),
@@ -52,16 +50,9 @@ def resources(shape: str, cfg: sk.SkutConfig, arch: int) -> dict[str, int]:
         BLOCK_N=cfg.block_n, CAUSAL=causal, HAS_MASK=True, POOL=0, FINAL_NORM=False, KV_BUFS=2,
         PREC="tf32", STORE_OUT=True,
     )  # fmt: skip
-    names = sk._skut_kernel.arg_names
-    sig = {n: _RUNTIME_ARGS.get(n, "constexpr") for n in names}
     aligned = [n for n, t in _RUNTIME_ARGS.items() if t.startswith("*")] + (["S"] if s % 16 == 0 else [])
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = ASTSource(sk._skut_kernel, sig, {(names.index(k),): v for k, v in const.items()}, attrs)
-    with mma_sync_only():
-        kernel = triton.compile(
-            src, target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
-        )  # fmt: skip
+    kernel = build_for_gpu(sk._skut_kernel, _RUNTIME_ARGS, const, aligned, arch=arch,
+                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as fh:

@@ -95,10 +95,7 @@ print(json.dumps(launches))
 
 COMPILE = r"""
 import importlib, json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from runtime.kernels import mma_sync_only
+from runtime.kernels.build import build_for_gpu
 
 launches = json.loads(sys.stdin.read())
 seen, failed = set(), []
@@ -108,21 +105,12 @@ for rec in launches:
         continue
     seen.add(key)
     fn = getattr(importlib.import_module(rec["module"]), rec["kernel"])
-    names = fn.arg_names
-    sig, consts, attrs = {}, {}, {}
-    for name in names:
-        a = rec["args"][name]
-        if "const" in a:
-            sig[name] = "constexpr"
-            consts[(names.index(name),)] = a["const"]
-        else:
-            sig[name] = a["type"]
-            if a["aligned"]:
-                attrs[(names.index(name),)] = [["tt.divisibility", 16]]
+    args = rec["args"]
+    types = {n: a["type"] for n, a in args.items() if "type" in a}
+    consts = {n: a["const"] for n, a in args.items() if "const" in a}
+    aligned = [n for n, a in args.items() if a.get("aligned")]
     try:
-        with mma_sync_only():
-            triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": rec["num_warps"], "num_stages": rec["num_stages"]})
+        build_for_gpu(fn, types, consts, aligned, num_warps=rec["num_warps"], num_stages=rec["num_stages"])
     except Exception as exc:
         failed.append(f"{rec['kernel']} {rec['num_warps']} warps: {type(exc).__name__}: {str(exc)[:400]}")
 print(json.dumps({"compiled": len(seen), "kernels": sorted({r["kernel"] for r in launches}), "failed": failed}))
