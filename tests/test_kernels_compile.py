@@ -90,6 +90,14 @@ for d, h, causal, pool, seq_len in ((64, 1, True, None, 192), (96, 2, False, "ma
     mask = torch.zeros(1, 9, dtype=torch.bool)
     hidden = torch.empty(1, 9, d, dtype=torch.float16) if pool else None
     sk.skut_forward(x, packed, mask, causal, pool, config=cfg, hidden=hidden)
+
+# The dense part's products at the larger tiles the production shapes choose (dense.linear_tiles: the
+# cross layers of 256 candidates take 32 x 64, of 4,096 64 x 64); sizes divisible by 16, as 1,184 is.
+from runtime.kernels import dense as dk
+x, w = torch.randn(16, 48, generator=g), torch.randn(48, 48, generator=g)
+for bm, bn, epi in ((32, 64, "cross"), (64, 64, "cross"), (64, 64, "relu")):
+    dk._linear_kernel[(1, 1)](x, w, w[0], x, torch.empty(16, 48), 16, 48, 48, EPI=dk.EPILOGUES.index(epi),
+                              BM=bm, BN=bn, BK=32, PREC="tf32", num_warps=4, num_stages=3)
 print(json.dumps(launches))
 """
 
@@ -130,6 +138,7 @@ def test_every_runtime_kernel_launch_compiles_for_sm90(tmp_path) -> None:
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert not got["failed"], "\n".join(got["failed"])
     expected = {"_nn_scan_kernel", "_nn_threshold_kernel", "_nn_final_kernel", "_nn_short_kernel",
-                "_skut_kernel", "_v1_tokens_kernel", "_v2_tokens_kernel"}  # fmt: skip
+                "_skut_kernel", "_v1_tokens_kernel", "_v2_tokens_kernel", "_dense_input_kernel",
+                "_linear_kernel"}  # fmt: skip
     assert expected <= set(got["kernels"])
     assert got["compiled"] >= len(expected)

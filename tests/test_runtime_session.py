@@ -296,7 +296,7 @@ def test_staging_parts_hold_what_each_stage_reads(session: Session, tmp_path: Pa
         got_a = backend._stage_a(arena, b)
         arena.upload(s1, s2)
         got_ll = backend._stage_ll(arena, b)
-    assert want_a.keys() == got_a.keys() == {"v1", "picks_rt", "picks_imp"}
+    assert want_a.keys() == got_a.keys() == {"v1_0", "v1_1", "picks_rt", "picks_imp"}  # V1: pool, rows
     for k in want_a:
         assert torch.equal(want_a[k], got_a[k]), k
     assert torch.equal(want_ll, got_ll)

@@ -17,8 +17,10 @@ Per batch:
    masks and the masked max pool fused. fp32 products use TF32 (``tf32=True``). Per shape bucket the
    three parts (about 45 launches in all) are captured once as CUDA graphs (``cuda_graphs=True``), the
    streams of stage A as parallel branches, and replayed.
-4. With ``dense_on="gpu"`` (the default) the dense part runs in torch on the GPU inside stage B's
-   graph (one small copy back: the probabilities). With ``dense_on="cpu"`` ``v1`` / ``v2`` come back
+4. With ``dense_on="gpu"`` (the default) the dense part runs on the GPU inside stage B's graph, in
+   ``runtime.kernels.dense``'s fused launches (gathers + concatenation + LayerNorm in one, then one per
+   linear layer with its epilogue), reading V1's output blocks where V1 left them; one small copy
+   back: the probabilities. With ``dense_on="cpu"`` ``v1`` / ``v2`` come back
    into pinned host buffers and ``dense.onnx`` runs in ONNX Runtime on the CPU on numpy views of them
    (no extra copies); at 256 candidates that costs about 2 ms of host CPU per request.
 
@@ -102,10 +104,10 @@ def check_cuda_available() -> None:
 def load_kernels() -> SimpleNamespace:
     """The Triton kernel modules (import errors become BackendUnavailable)."""
     try:
-        from runtime.kernels import nn_select, skut, tokens
+        from runtime.kernels import dense, nn_select, skut, tokens
     except ImportError as e:
         raise BackendUnavailable(f"device='cuda': the Triton kernels are not available ({e})") from None
-    return SimpleNamespace(nn_select=nn_select, skut=skut, tokens=tokens)
+    return SimpleNamespace(dense=dense, nn_select=nn_select, skut=skut, tokens=tokens)
 
 
 @contextlib.contextmanager
@@ -206,6 +208,7 @@ class CudaBackend:
             m2 = m.transact_v2
             tables = (m2.action_emb, m2.surface_emb.weight, m2.pos_emb.weight, m2.null_token)
             self.v2_emb = self.kernels.tokens.V2Embeddings(*(t.detach() for t in tables))
+        self.dense_w = self.kernels.dense.pack_dense(m, self.device) if self.dense_on == "gpu" else None
         self.widths_rt_imp = (max(1, c.max_rt), max(1, c.max_imp))
         self._score_weights = np.asarray(c.score_weights, np.float32)
         self.graphs: dict[Bucket, tuple] = {}  # (graph A, graph ll, graph B, A's + ll's outputs, B's outputs)
@@ -342,12 +345,16 @@ class CudaBackend:
         short rt and imp sequences, on two streams (parallel branches of the graph)."""
         m, d = self.model, arena.dev
         cand, cand_req, counts = d["cand"], d["cand_req"], d["counts"]
-        out = {"v1": torch.zeros(cand.shape[0], 0, device=self.device)}
+        out = {} if self.dense_on == "gpu" else {"v1": torch.zeros(cand.shape[0], 0, device=self.device)}
         with tf32_matmuls(self.options.tf32 and self.device.type == "cuda"):
             used = []  # join only the streams that got work (a capture may not wait on an idle stream)
             if m.transact is not None:
                 with self._side_stream(0):
-                    out["v1"] = self._v1(arena, b, cand, cand_req, counts[1])
+                    parts = self._v1(arena, b, cand, cand_req, counts[1])
+                    if self.dense_on == "gpu":  # the dense kernel reads the parts where they are
+                        out.update({f"v1_{i}": p for i, p in enumerate(parts)})
+                    else:
+                        out["v1"] = torch.cat([p.float() for p in parts], dim=1)
                 used.append(0)
             if m.transact_v2 is not None:
                 with self._side_stream(1):
@@ -369,7 +376,7 @@ class CudaBackend:
         """The V2 module and (dense_on="gpu") the dense part, after stage A and the ll selection."""
         m, d = self.model, arena.dev
         cand, cand_req, counts = d["cand"], d["cand_req"], d["counts"]
-        out: dict[str, torch.Tensor] = {"v1": a["v1"]}
+        out: dict[str, torch.Tensor] = {"v1": a["v1"]} if "v1" in a else {}
         with tf32_matmuls(self.options.tf32 and self.device.type == "cuda"):
             v2 = torch.zeros(cand.shape[0], 0, device=self.device)
             if m.transact_v2 is not None:
@@ -377,9 +384,11 @@ class CudaBackend:
                 out.update(sel)
             out["v2"] = v2
             if self.dense_on == "gpu":
-                req = cand_req.long()
-                out["probabilities"] = m.dense(d["user_dense"], d["item_dense"], d["context"][0], d["context"][1],
-                                               req, cand, a["v1"], v2)  # fmt: skip
+                parts = [a[k] for k in sorted(a) if k.startswith("v1_")] + [v2]
+                out["probabilities"] = self.kernels.dense.dense_forward(
+                    self.dense_w, d["user_dense"], d["item_dense"], d["context"][0], d["context"][1], cand_req,
+                    cand, parts, tf32=self.options.tf32,
+                )  # fmt: skip
         return out
 
     @contextlib.contextmanager
@@ -435,7 +444,9 @@ class CudaBackend:
             v2 = m2.out_linear(pooled.float())
         return v2, {"selection_pos": pos, "selection_group": group}
 
-    def _v1(self, arena: Arena, b: Bucket, cand, cand_req, rt_n) -> torch.Tensor:
+    def _v1(self, arena: Arena, b: Bucket, cand, cand_req, rt_n) -> list[torch.Tensor]:
+        """V1's output as its column blocks: ``out_linear`` of the max pool (fp32, with
+        ``concat_max_pool``) and the output rows kept, (N, rows * d), a view of the fp16 hidden buffer."""
         m1, cfg = self.model.transact, self.config.transact
         x, mask = self.kernels.tokens.v1_tokens(
             self._token_arena(arena, b, v1=True), rt_n, cfg.seq_len, cand, cand_req, m1.action_type_lookup,
@@ -450,8 +461,8 @@ class CudaBackend:
         else:
             hidden = self.skut_forward(x, self.v1_packed, key_padding_mask=mask, causal=False, pool=None)
         rows = hidden[:, : cfg.latest_n_emb] if cfg.latest_n_emb > 0 else hidden
-        parts.append(rows.reshape(rows.shape[0], -1).float())
-        return torch.cat(parts, dim=1)
+        parts.append(rows.reshape(rows.shape[0], -1))
+        return parts
 
     # -- running ---------------------------------------------------------------------------------
 

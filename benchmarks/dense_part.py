@@ -1,0 +1,88 @@
+"""The ranking model's dense part on the GPU: the fused kernels (``runtime.kernels.dense``) against the
+same computation in torch (``RankingModel.dense`` after concatenating V1's output, the runtime's
+path before the kernels), side by side in one run, each replayed from a CUDA graph as the runtime
+replays it, with TF32 products in both.
+
+    PYTHONPATH=. python benchmarks/dense_part.py [--cands 256,1024,4096]
+
+Default ModelConfig (input row of 1,184 columns, 2 cross layers, MLP 256-128, 3 heads); one request
+row per 256 candidates. Each result is first checked against a float64 evaluation of the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]  # this folder's runtime.py
+sys.path.insert(0, os.path.dirname(_HERE))
+sys.path.append(_HERE)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from kernels import bench_graph, kernel_times  # noqa: E402  (benchmarks/kernels.py)
+
+from runtime.backends.cuda import tf32_matmuls  # noqa: E402
+from runtime.kernels import dense as dk  # noqa: E402
+from transact.config import ModelConfig  # noqa: E402
+from transact.model import RankingModel  # noqa: E402
+
+
+def inputs(cfg: ModelConfig, n: int, g: torch.Generator) -> tuple[tuple, list[torch.Tensor]]:
+    rows = max(1, n // 256)
+    dev = "cuda"
+    user_dense = torch.randn(rows, cfg.user_dense_dim, generator=g).to(dev)
+    item_dense = torch.randn(n, cfg.item_dense_dim, generator=g).to(dev)
+    context = torch.stack([torch.randint(0, cfg.num_surfaces, (rows,), generator=g),
+                           torch.randint(0, 24, (rows,), generator=g)]).to(dev)  # fmt: skip
+    req = (torch.arange(n) * rows // n).to(torch.int32).to(dev)
+    cand = (torch.randint(-127, 128, (n, 32), generator=g).float() * cfg.quant_scale / 127).to(dev)
+    t1 = cfg.transact
+    pool = torch.randn(n, t1.d_model, generator=g).to(dev)
+    hidden = torch.randn(n, t1.seq_len, t1.d_model, generator=g).half().to(dev)
+    v2 = torch.randn(n, cfg.transact_v2.out_dim, generator=g).to(dev)
+    parts = [pool, hidden[:, : t1.latest_n_emb].reshape(n, -1), v2]
+    return (user_dense, item_dense, context[0], context[1], req, cand), parts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cands", default="256,1024,4096")
+    args = ap.parse_args()
+    cfg = ModelConfig()
+    torch.manual_seed(0)
+    model = RankingModel(cfg).cuda().eval()
+    ref_model = RankingModel(cfg).double().cuda().eval()
+    ref_model.load_state_dict(model.state_dict())
+    w = dk.pack_dense(model)
+    g = torch.Generator().manual_seed(0)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}\n")
+    print("| candidates | torch: ms (launches) | fused kernels: ms (launches) | speed-up "
+          "| max abs err torch / fused vs fp64 |")
+    print("|---:|---:|---:|---:|---:|")
+    for n in (int(c) for c in args.cands.split(",")):
+        (ud, idn, sur, hr, req, cand), parts = inputs(cfg, n, g)
+
+        def torch_path(ud=ud, idn=idn, sur=sur, hr=hr, req=req, cand=cand, parts=parts):
+            with tf32_matmuls(True):
+                v1 = torch.cat([parts[0], parts[1].float()], dim=1)
+                return model.dense(ud, idn, sur, hr, req.long(), cand, v1, parts[2])
+
+        def fused(ud=ud, idn=idn, sur=sur, hr=hr, req=req, cand=cand, parts=parts):
+            return dk.dense_forward(w, ud, idn, sur, hr, req, cand, parts)
+
+        with torch.no_grad():
+            v1 = torch.cat([parts[0], parts[1].float()], dim=1).double()
+            want = ref_model.dense(ud.double(), idn.double(), sur, hr, req.long(), cand.double(), v1,
+                                   parts[2].double())  # fmt: skip
+            errs = [(f().double() - want).abs().max().item() for f in (torch_path, fused)]
+            times = [bench_graph([f], replays=50) for f in (torch_path, fused)]
+            launches = [sum(r[2] for r in kernel_times(f, calls=5)) for f in (torch_path, fused)]
+        print(f"| {n} | {times[0]:.4f} ({launches[0]}) | {times[1]:.4f} ({launches[1]}) | "
+              f"{times[0] / times[1]:.2f}x | {errs[0]:.1e} / {errs[1]:.1e} |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The dense-part kernels under TRITON_INTERPRET=1 on the CPU, against the model's own
+``RankingModel.dense`` in float64, over model shapes (cross layers, MLP widths, heads, which sequence
+modules exist) and batch sizes, with the V1 output read in two blocks as the runtime passes it."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402,F401
+
+import runtime.kernels.dense as dense_mod  # noqa: E402
+from transact.config import ModelConfig, TransActConfig, TransActV2Config  # noqa: E402
+from transact.model import RankingModel  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1" and type(dense_mod._linear_kernel).__name__ != "InterpretedFunction":
+    dense_mod = importlib.reload(dense_mod)  # imported earlier without the interpreter: decorate again
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def small_config(**kw) -> ModelConfig:
+    v1 = TransActConfig(seq_len=6, latest_n_emb=kw.pop("latest_n_emb", 2), action_emb_dim=16,
+                        enabled=kw.pop("v1", True), concat_max_pool=kw.pop("max_pool", True))  # fmt: skip
+    v2 = TransActV2Config(k_ll=4, r_rt=2, k_rt=2, k_imp=2, enabled=kw.pop("v2", True))
+    return ModelConfig(max_ll=20, max_rt=8, max_imp=8, transact=v1, transact_v2=v2, **kw)
+
+
+def case(cfg: ModelConfig, n: int, rows: int, seed: int):
+    """A model with non-trivial weights and random inputs; V1's output as the runtime holds it."""
+    torch.manual_seed(seed)
+    model = RankingModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(("cross", "input_norm")):  # the cross layers start near the identity
+                p.add_(0.3 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(seed + 1)
+    user_dense = torch.randn(rows, cfg.user_dense_dim, generator=g)
+    item_dense = torch.randn(n, cfg.item_dense_dim, generator=g)
+    surface = torch.randint(0, cfg.num_surfaces, (rows,), generator=g)
+    hour = torch.randint(0, 24, (rows,), generator=g)
+    req = torch.randint(0, rows, (n,), generator=g, dtype=torch.int32)
+    cand = torch.randint(-127, 128, (n, 32), generator=g).float() * 0.01
+    parts = []
+    t1 = cfg.transact
+    if t1.enabled:
+        d1, keep = t1.d_model, (t1.latest_n_emb or t1.seq_len)
+        if t1.concat_max_pool:
+            parts.append(torch.randn(n, d1, generator=g))  # out_linear of the max pool (fp32)
+        hidden = torch.randn(n, t1.seq_len, d1, generator=g).half()  # the transformer's rows (fp16)
+        parts.append(hidden[:, :keep].reshape(n, keep * d1))  # a strided view, as the runtime passes it
+    if cfg.transact_v2.enabled:
+        parts.append(torch.randn(n, cfg.transact_v2.out_dim, generator=g))
+    return model, (user_dense, item_dense, surface, hour, req, cand), parts
+
+
+def reference(model, inputs, parts):
+    user_dense, item_dense, surface, hour, req, cand = inputs
+    m = RankingModel(model.config).double().eval()
+    m.load_state_dict(model.state_dict())
+    m = m.double()
+    v1 = [p.double() for p in parts[:-1]] if model.config.transact_v2.enabled else [p.double() for p in parts]
+    v2 = parts[-1].double() if model.config.transact_v2.enabled else torch.zeros(cand.shape[0], 0).double()
+    v1 = torch.cat(v1, dim=1) if v1 else torch.zeros(cand.shape[0], 0).double()
+    with torch.no_grad():
+        return m.dense(user_dense.double(), item_dense.double(), surface, hour, req.long(), cand.double(), v1, v2)
+
+
+def run_kernel(model, inputs, parts):
+    w = dense_mod.pack_dense(model, DEV)
+    user_dense, item_dense, surface, hour, req, cand = (t.to(DEV) for t in inputs)
+    probs = dense_mod.dense_forward(w, user_dense, item_dense, surface, hour, req, cand,
+                                    [p.to(DEV) if p.is_contiguous() else p for p in parts])  # fmt: skip
+    return probs.cpu().double()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize(
+    "cfg_kw, n, rows",
+    [
+        ({}, 7, 3),  # both modules, 2 cross layers, MLP [256, 128], 3 heads
+        ({}, 1, 1),
+        ({}, 33, 5),
+        ({"cross_layers": 0, "mlp_dims": []}, 9, 2),  # LayerNorm straight into the heads
+        ({"cross_layers": 3, "mlp_dims": [40], "heads": ["click"], "score_weights": [1.0],
+          "loss_weights": [1.0]}, 17, 4),
+        ({"v1": False}, 8, 2),
+        ({"v2": False, "max_pool": False}, 8, 3),
+        ({"latest_n_emb": 0}, 5, 2),  # every V1 row
+    ],
+)  # fmt: skip
+def test_dense_kernels_match_the_model(cfg_kw, n, rows):
+    cfg = small_config(**cfg_kw)
+    model, inputs, parts = case(cfg, n, rows, seed=n + rows)
+    want = reference(model, inputs, parts)
+    got = run_kernel(model, inputs, parts)
+    assert got.shape == want.shape == (n, len(cfg.heads))
+    # fp32 kernels (TF32 on a GPU) against float64; probabilities in (0, 1)
+    tol = 2e-3 if DEV == "cuda" else 1e-5
+    assert rel_err(got, want) < tol, rel_err(got, want)
+    assert (got - want).abs().max().item() < 5 * tol
+
+
+def test_torch_path_matches_the_model():
+    cfg = small_config()
+    model, inputs, parts = case(cfg, 11, 3, seed=5)
+    want = reference(model, inputs, parts)
+    w = dense_mod.pack_dense(model, "cpu")
+    got = dense_mod.dense_torch(w, *inputs, parts).double()
+    assert rel_err(got, want) < 1e-5
+
+
+def test_default_model_width():
+    """The runtime's shape: the default model (input row of 1,184 columns), 24 candidates."""
+    cfg = ModelConfig()
+    model, inputs, parts = case(cfg, 24, 2, seed=3)
+    assert sum(p.shape[1] for p in parts) + 64 == 1184
+    want = reference(model, inputs, parts)
+    got = run_kernel(model, inputs, parts)
+    assert rel_err(got, want) < (2e-3 if DEV == "cuda" else 1e-5)
+
+
+def test_width_mismatch_is_refused():
+    cfg = small_config()
+    model, inputs, parts = case(cfg, 4, 2, seed=1)
+    w = dense_mod.pack_dense(model, DEV)
+    with pytest.raises(ValueError, match="columns"):
+        dense_mod.dense_forward(w, *(t.to(DEV) for t in inputs), [p.to(DEV) for p in parts[:-1]])
+
+
+@pytest.mark.parametrize(
+    "m, n, tiles",
+    [(256, 1184, (32, 64)), (256, 256, (16, 16)), (256, 128, (16, 16)), (256, 3, (16, 16)),
+     (4096, 1184, (64, 64)), (1, 3, (16, 16))],
+)  # fmt: skip
+def test_linear_tiles(m, n, tiles):
+    """Worked by hand: halve 64 x 64 tiles, the larger side first, until 132 programs or 16 x 16."""
+    assert dense_mod.linear_tiles(m, n, 132) == tiles
