@@ -53,7 +53,7 @@ def case(cfg: ModelConfig, n: int, rows: int, seed: int):
         d1, keep = t1.d_model, (t1.latest_n_emb or t1.seq_len)
         if t1.concat_max_pool:
             parts.append(torch.randn(n, d1, generator=g))  # out_linear of the max pool (fp32)
-        hidden = torch.randn(n, t1.seq_len, d1, generator=g).half()  # the transformer's rows (fp16)
+        hidden = torch.randn(n, t1.seq_len, d1, generator=g).half().to(DEV)  # the transformer's rows (fp16)
         parts.append(hidden[:, :keep].reshape(n, keep * d1))  # a strided view, as the runtime passes it
     if cfg.transact_v2.enabled:
         parts.append(torch.randn(n, cfg.transact_v2.out_dim, generator=g))
@@ -62,6 +62,7 @@ def case(cfg: ModelConfig, n: int, rows: int, seed: int):
 
 def reference(model, inputs, parts):
     user_dense, item_dense, surface, hour, req, cand = inputs
+    parts = [p.cpu() for p in parts]
     m = RankingModel(model.config).double().eval()
     m.load_state_dict(model.state_dict())
     m = m.double()
@@ -76,7 +77,7 @@ def run_kernel(model, inputs, parts):
     w = dense_mod.pack_dense(model, DEV)
     user_dense, item_dense, surface, hour, req, cand = (t.to(DEV) for t in inputs)
     probs = dense_mod.dense_forward(w, user_dense, item_dense, surface, hour, req, cand,
-                                    [p.to(DEV) if p.is_contiguous() else p for p in parts])  # fmt: skip
+                                    [p.to(DEV) for p in parts])  # fmt: skip
     return probs.cpu().double()
 
 
@@ -115,7 +116,7 @@ def test_torch_path_matches_the_model():
     model, inputs, parts = case(cfg, 11, 3, seed=5)
     want = reference(model, inputs, parts)
     w = dense_mod.pack_dense(model, "cpu")
-    got = dense_mod.dense_torch(w, *inputs, parts).double()
+    got = dense_mod.dense_torch(w, *inputs, [p.cpu() for p in parts]).double()
     assert rel_err(got, want) < 1e-5
 
 

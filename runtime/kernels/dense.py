@@ -155,14 +155,14 @@ def _linear_kernel(
     m_ok = rm < M
     n_ok = rn < N
     x_rows = x_ptr + rm[:, None].to(tl.int64) * K
-    w_cols = w_ptr + rn[None, :].to(tl.int64) * K
+    w_rows = w_ptr + rn[:, None].to(tl.int64) * K
     acc = tl.zeros((BM, BN), tl.float32)
     for k0 in range(0, K, BK):
         k = k0 + rk
         k_ok = k < K
         a = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        wt = tl.load(w_cols + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # (BK, BN) of Wᵀ
-        acc = tl.dot(a, wt, acc, input_precision=PREC)
+        wt = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # (BN, BK), rows of W
+        acc = tl.dot(a, tl.trans(wt), acc, input_precision=PREC)
     acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0)[None, :]
     offs = rm[:, None].to(tl.int64) * N + rn[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
