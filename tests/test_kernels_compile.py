@@ -91,13 +91,13 @@ for d, h, causal, pool, seq_len in ((64, 1, True, None, 192), (96, 2, False, "ma
     hidden = torch.empty(1, 9, d, dtype=torch.float16) if pool else None
     sk.skut_forward(x, packed, mask, causal, pool, config=cfg, hidden=hidden)
 
-# The dense part's products at the larger tiles the production shapes choose (dense.linear_tiles: the
-# cross layers of 256 candidates take 32 x 64, of 4,096 64 x 64); sizes divisible by 16, as 1,184 is.
+# The dense part's products at the tiles the production shapes choose (dense.linear_tiles: the cross
+# layers of 256 candidates take 32 x 32, of 4,096 64 x 64); sizes divisible by 16, as 1,184 is.
 from runtime.kernels import dense as dk
 x, w = torch.randn(16, 48, generator=g), torch.randn(48, 48, generator=g)
-for bm, bn, epi in ((32, 64, "cross"), (64, 64, "cross"), (64, 64, "relu")):
+for bm, bn, epi in ((32, 32, "cross"), (64, 64, "cross"), (16, 16, "relu"), (16, 16, "sigmoid")):
     dk._linear_kernel[(1, 1)](x, w, w[0], x, torch.empty(16, 48), 16, 48, 48, EPI=dk.EPILOGUES.index(epi),
-                              BM=bm, BN=bn, BK=32, PREC="tf32", num_warps=4, num_stages=3)
+                              BM=bm, BN=bn, BK=64, PREC="tf32", num_warps=4, num_stages=3)
 print(json.dumps(launches))
 """
 

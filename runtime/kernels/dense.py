@@ -192,11 +192,12 @@ def _sm_count(device: torch.device) -> int:
 
 def linear_tiles(m: int, n: int, sms: int) -> tuple[int, int]:
     """(BM, BN) for an (m, ·) x (·, n) product: 64 x 64 tiles, halved (the larger side first) until
-    the grid has about one program per SM or the tiles are 16 x 16. The products here are short
-    (m of a few hundred rows), so a grid of a few dozen large tiles would leave most SMs idle."""
+    the grid has two programs per SM or the tiles are 16 x 16. The products here are short (m of a few
+    hundred rows) and each program a chain of K / 64 dependent steps, so more, smaller programs hide
+    more latency (benchmarks/RESULTS.md: 32 x 32 beat 32 x 64 and 64 x 64 at 256 x 1,184 x 1,184)."""
     bm = 64
     bn = min(64, max(16, triton.next_power_of_2(n)))
-    while triton.cdiv(m, bm) * triton.cdiv(n, bn) < sms and (bm > 16 or bn > 16):
+    while triton.cdiv(m, bm) * triton.cdiv(n, bn) < 2 * sms and (bm > 16 or bn > 16):
         if bm >= bn and bm > 16:
             bm //= 2
         else:
@@ -280,7 +281,7 @@ def dense_forward(
             bm_l, bn_l = linear_tiles(n, wt.shape[0], sms)
             _linear_kernel[(triton.cdiv(n, bm_l), triton.cdiv(wt.shape[0], bn_l))](
                 x, wt, b, x0, out, n, wt.shape[0], wt.shape[1],
-                EPI=EPILOGUES.index(epi), BM=bm_l, BN=bn_l, BK=32, PREC="tf32" if tf32 else "ieee",
+                EPI=EPILOGUES.index(epi), BM=bm_l, BN=bn_l, BK=64, PREC="tf32" if tf32 else "ieee",
                 num_warps=4, num_stages=3,
             )  # fmt: skip
             x = out
