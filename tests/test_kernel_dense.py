@@ -141,11 +141,13 @@ def test_width_mismatch_is_refused():
 
 
 @pytest.mark.parametrize(
-    "m, n, tiles",
-    [(256, 1184, (32, 32)), (256, 256, (16, 16)), (256, 128, (16, 16)), (256, 3, (16, 16)),
-     (4096, 1184, (64, 64)), (1, 3, (16, 16))],
+    "m, n, k, want",
+    [(256, 1184, 1184, (64, 32, 64, True)), (256, 256, 1184, (64, 32, 64, True)),
+     (256, 128, 256, (16, 16, 64, False)), (256, 3, 128, (16, 16, 64, False)),
+     (32, 1184, 1184, (16, 16, 64, False)), (4096, 1184, 256, (64, 64, 64, False)),
+     (4096, 128, 256, (32, 32, 64, False)), (1, 3, 128, (16, 16, 64, False))],
 )  # fmt: skip
-def test_linear_tiles(m, n, tiles):
-    """Worked by hand: halve 64 x 64 tiles, the larger side first, until 264 programs (two per SM of
-    132) or 16 x 16."""
-    assert dense_mod.linear_tiles(m, n, 132) == tiles
+def test_linear_config(m, n, k, want):
+    """Worked by hand: wgmma 64 x 32 for long products of at least 64 rows; otherwise halve 64 x 64
+    mma.sync tiles, the larger side first, until 264 programs (two per SM of 132) or 16 x 16."""
+    assert dense_mod.linear_config(m, n, k, 132) == want

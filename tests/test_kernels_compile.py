@@ -5,8 +5,8 @@ construct the GPU compiler rejects, or lowers differently in another Triton rele
 3.6 through 3.9), would pass them. Here one subprocess runs the hybrid backend and the kernels' public
 functions at the runtime's tile configurations under the interpreter and records each launch (argument
 types, 16-byte alignment, constexprs, warps, stages); a second one, without the interpreter, compiles
-every recorded launch for sm_90 as the runtime would (mma.sync only). No GPU is needed: Triton ships
-its own ptxas.
+every recorded launch for sm_90 as the runtime would (mma.sync only, except where a launch allows
+wgmma). No GPU is needed: Triton ships its own ptxas.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 from test_runtime_session import small_bundle
 
 RECORD = r"""
-import inspect, json, sys
+import inspect, json, os, sys
 import torch
 import triton.runtime.interpreter as interp
 
@@ -43,7 +43,8 @@ def record(self, *args, grid, warmup, **kwargs):
     named = dict(zip(self.arg_names, args)) | {k: v for k, v in kwargs.items() if k in self.arg_names}
     params = inspect.signature(self.fn).parameters
     rec = {"module": self.fn.__module__, "kernel": self.fn.__name__, "args": {},
-           "num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3)}
+           "num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3),
+           "mma_sync": os.environ.get("DISABLE_MMA_V3") == "1"}
     for name, v in named.items():
         if isinstance(v, torch.Tensor):
             rec["args"][name] = {"type": _type(v), "aligned": v.data_ptr() % 16 == 0}
@@ -91,13 +92,17 @@ for d, h, causal, pool, seq_len in ((64, 1, True, None, 192), (96, 2, False, "ma
     hidden = torch.empty(1, 9, d, dtype=torch.float16) if pool else None
     sk.skut_forward(x, packed, mask, causal, pool, config=cfg, hidden=hidden)
 
-# The dense part's products at the tiles the production shapes choose (dense.linear_tiles: the cross
-# layers of 256 candidates take 32 x 32, of 4,096 64 x 64); sizes divisible by 16, as 1,184 is.
-from runtime.kernels import dense as dk
-x, w = torch.randn(16, 48, generator=g), torch.randn(48, 48, generator=g)
-for bm, bn, epi in ((32, 32, "cross"), (64, 64, "cross"), (16, 16, "relu"), (16, 16, "sigmoid")):
-    dk._linear_kernel[(1, 1)](x, w, w[0], x, torch.empty(16, 48), 16, 48, 48, EPI=dk.EPILOGUES.index(epi),
-                              BM=bm, BN=bn, BK=64, PREC="tf32", num_warps=4, num_stages=3)
+# The dense part's products at the configurations the production shapes choose (dense.linear_config:
+# wgmma 64 x 32 for the cross layers and the first MLP layer, mma.sync 16 x 16 for the rest, and 64 x 64
+# at 4,096 candidates); sizes divisible by 16, as 1,184 is.
+import contextlib
+from runtime.kernels import dense as dk, mma_sync_only
+x, w = torch.randn(64, 64, generator=g), torch.randn(64, 64, generator=g)
+for bm, bn, epi, wgmma in ((64, 32, "cross", True), (64, 32, "relu", True), (64, 64, "relu", False),
+                           (16, 16, "relu", False), (16, 16, "sigmoid", False)):
+    with contextlib.nullcontext() if wgmma else mma_sync_only():
+        dk._linear_kernel[(1, 1)](x, w, w[0], x, torch.empty(64, 64), 64, 64, 64, EPI=dk.EPILOGUES.index(epi),
+                                  BM=bm, BN=bn, BK=64, PREC="tf32", num_warps=4, num_stages=3)
 print(json.dumps(launches))
 """
 
@@ -118,7 +123,8 @@ for rec in launches:
     consts = {n: a["const"] for n, a in args.items() if "const" in a}
     aligned = [n for n, a in args.items() if a.get("aligned")]
     try:
-        build_for_gpu(fn, types, consts, aligned, num_warps=rec["num_warps"], num_stages=rec["num_stages"])
+        build_for_gpu(fn, types, consts, aligned, num_warps=rec["num_warps"], num_stages=rec["num_stages"],
+                      mma_sync=rec["mma_sync"])
     except Exception as exc:
         failed.append(f"{rec['kernel']} {rec['num_warps']} warps: {type(exc).__name__}: {str(exc)[:400]}")
 print(json.dumps({"compiled": len(seen), "kernels": sorted({r["kernel"] for r in launches}), "failed": failed}))

@@ -6,6 +6,7 @@ lowers a kernel) and to read registers and spills (benchmarks/kernel_registers.p
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,8 +26,10 @@ def build_for_gpu(
     arch: int = 90,
     num_warps: int = 4,
     num_stages: int = 3,
+    mma_sync: bool = True,
 ) -> Any:
-    """Compile the @triton.jit ``fn`` for sm_<arch> as a launch would, with mma.sync only.
+    """Compile the @triton.jit ``fn`` for sm_<arch> as a launch would, with mma.sync only (or, with
+    ``mma_sync=False``, Hopper's wgmma allowed, as for the dense part's large products).
 
     Args:
         fn: the kernel (a JITFunction: not under TRITON_INTERPRET=1).
@@ -41,7 +44,7 @@ def build_for_gpu(
     sig = {n: types.get(n, "constexpr") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn, sig, {(names.index(k),): v for k, v in consts.items()}, attrs)
-    with mma_sync_only():
+    with mma_sync_only() if mma_sync else contextlib.nullcontext():
         return triton.compile(
             src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
         )

@@ -25,6 +25,7 @@ otherwise ``dense_torch``, the same computation in torch from the packed weights
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ import triton.language as tl
 
 from . import mma_sync_only
 
-__all__ = ["DenseWeights", "pack_dense", "dense_forward", "dense_torch", "linear_tiles"]
+__all__ = ["DenseWeights", "pack_dense", "dense_forward", "dense_torch", "linear_config"]
 
 EPILOGUES = ("none", "relu", "cross", "sigmoid")
 MAX_SEQ_PARTS = 3
@@ -190,11 +191,16 @@ def _sm_count(device: torch.device) -> int:
     return 4
 
 
-def linear_tiles(m: int, n: int, sms: int) -> tuple[int, int]:
-    """(BM, BN) for an (m, ·) x (·, n) product: 64 x 64 tiles, halved (the larger side first) until
-    the grid has two programs per SM or the tiles are 16 x 16. The products here are short (m of a few
-    hundred rows) and each program a chain of K / 64 dependent steps, so more, smaller programs hide
-    more latency (benchmarks/RESULTS.md: 32 x 32 beat 32 x 64 and 64 x 64 at 256 x 1,184 x 1,184)."""
+def linear_config(m: int, n: int, k: int, sms: int) -> tuple[int, int, int, bool]:
+    """(BM, BN, BK, wgmma) for an (m, k) x (k, n) product.
+
+    Long products (k >= 512, m >= 64: the cross layers and the first MLP layer) take 64 x 32 tiles on
+    Hopper's wgmma, which measured 1.3x faster than any mma.sync tile at 256 x 1,184 x 1,184
+    (benchmarks/RESULTS.md). The rest take mma.sync tiles from 64 x 64, halved (the larger side first)
+    until the grid has two programs per SM or the tiles are 16 x 16: these products are short, and more,
+    smaller programs hide more of each program's chain of dependent steps."""
+    if m >= 64 and k >= 512:
+        return 64, 32, 64, True
     bm = 64
     bn = min(64, max(16, triton.next_power_of_2(n)))
     while triton.cdiv(m, bm) * triton.cdiv(n, bn) < 2 * sms and (bm > 16 or bn > 16):
@@ -202,7 +208,7 @@ def linear_tiles(m: int, n: int, sms: int) -> tuple[int, int]:
             bm //= 2
         else:
             bn //= 2
-    return bm, bn
+    return bm, bn, 64, False
 
 
 def _check(w, user_dense, item_dense, surface, hour, cand_req, cand, seq_parts) -> int:
@@ -266,25 +272,25 @@ def dense_forward(
     bd = triton.next_power_of_2(max(d, 16))
     bm = max(1, min(16, 4096 // bd))
     e = w.surface_emb.shape[1]
-    with mma_sync_only():
-        _dense_input_kernel[(triton.cdiv(n, bm),)](
-            user_dense, item_dense, surface, hour, w.surface_emb, w.hour_emb, cand, cand_req,
-            parts[0][0], parts[1][0], parts[2][0], w.norm_weight, w.norm_bias, x0,
-            n, user_dense.shape[1], item_dense.shape[1], e, cand.shape[1],
-            parts[0][2], parts[1][2], parts[2][2], parts[0][1], parts[1][1], parts[2][1], d, w.norm_eps,
-            BM=bm, BD=bd, num_warps=4,
-        )  # fmt: skip
-        x = x0
-        sms = _sm_count(dev)
-        for epi, wt, b in w.layers:
-            out = torch.empty((n, wt.shape[0]), dtype=torch.float32, device=dev)
-            bm_l, bn_l = linear_tiles(n, wt.shape[0], sms)
+    _dense_input_kernel[(triton.cdiv(n, bm),)](
+        user_dense, item_dense, surface, hour, w.surface_emb, w.hour_emb, cand, cand_req,
+        parts[0][0], parts[1][0], parts[2][0], w.norm_weight, w.norm_bias, x0,
+        n, user_dense.shape[1], item_dense.shape[1], e, cand.shape[1],
+        parts[0][2], parts[1][2], parts[2][2], parts[0][1], parts[1][1], parts[2][1], d, w.norm_eps,
+        BM=bm, BD=bd, num_warps=4,
+    )  # fmt: skip
+    x = x0
+    sms = _sm_count(dev)
+    for epi, wt, b in w.layers:
+        out = torch.empty((n, wt.shape[0]), dtype=torch.float32, device=dev)
+        bm_l, bn_l, bk_l, wgmma = linear_config(n, wt.shape[0], wt.shape[1], sms)
+        with contextlib.nullcontext() if wgmma else mma_sync_only():
             _linear_kernel[(triton.cdiv(n, bm_l), triton.cdiv(wt.shape[0], bn_l))](
                 x, wt, b, x0, out, n, wt.shape[0], wt.shape[1],
-                EPI=EPILOGUES.index(epi), BM=bm_l, BN=bn_l, BK=64, PREC="tf32" if tf32 else "ieee",
+                EPI=EPILOGUES.index(epi), BM=bm_l, BN=bn_l, BK=bk_l, PREC="tf32" if tf32 else "ieee",
                 num_warps=4, num_stages=3,
             )  # fmt: skip
-            x = out
+        x = out
     return x
 
 
