@@ -33,6 +33,8 @@ SHAPES = [
     ("V2 B=256 S=192 d=64", 256, 192, 64, 1, 32, True),
     ("V1 B=256 S=100 d=96 h=2", 256, 100, 96, 2, 32, False),
     ("V2 B=16 S=192 d=64", 16, 192, 64, 1, 32, True),
+    ("V2 B=2048 S=192 d=64", 2048, 192, 64, 1, 32, True),  # DESIGN §5's other two transformer rows
+    ("V2 B=256 S=2048 d=64", 256, 2048, 64, 1, 32, True),
 ]
 CONFIGS = sorted(
     set(sk.SWEEP_CONFIGS)
