@@ -7,8 +7,9 @@ replays it (ten calls per graph, time per call), with TF32 products in both.
 
 Default ModelConfig (input row of 1,184 columns, 2 cross layers, MLP 256-128, 3 heads); one request
 row per 256 candidates. Each result is first checked against a float64 evaluation of the model.
-``--sweep`` also times ``_linear_kernel`` alone at the model's four product shapes (256 candidates)
-over tile sizes, pipeline depths and with Hopper's wgmma allowed, against cuBLAS (``F.linear``, TF32).
+``--sweep`` also times ``_linear_kernel`` alone at the model's four product shapes (256 candidates;
+the long ones also at 1,024 and 4,096) over tile sizes, pipeline depths and with Hopper's wgmma
+allowed, against cuBLAS (``F.linear``, TF32).
 """
 
 from __future__ import annotations
@@ -53,12 +54,13 @@ def inputs(cfg: ModelConfig, n: int, g: torch.Generator) -> tuple[tuple, list[to
 
 
 # (BM, BN, BK, stages, wgmma allowed); wgmma needs 64-row tiles with 4 warps
-SWEEP = [(32, 32, 64, 3, False), (32, 64, 32, 3, False), (16, 32, 64, 3, False), (32, 32, 128, 2, False),
-         (16, 16, 64, 3, False), (16, 16, 128, 2, False), (64, 64, 64, 3, False), (64, 64, 32, 3, True),
-         (64, 32, 64, 3, True), (64, 16, 128, 3, True)]  # fmt: skip
+SWEEP = [(32, 32, 64, 3, False), (32, 64, 32, 3, False), (16, 32, 64, 3, False), (16, 16, 64, 3, False),
+         (64, 64, 64, 3, False), (64, 64, 32, 3, True), (64, 32, 64, 3, True), (64, 16, 128, 3, True),
+         (64, 64, 64, 3, True), (128, 64, 32, 3, True), (128, 128, 32, 3, True)]  # fmt: skip
 REPEAT = 10  # calls per graph: a graph of one call took ~0.015 ms for any small product (the replay itself)
 PRODUCTS = [(256, 1184, 1184, "cross layer"), (256, 256, 1184, "MLP 1"), (256, 128, 256, "MLP 2"),
-            (256, 3, 128, "heads")]  # fmt: skip
+            (256, 3, 128, "heads"), (1024, 1184, 1184, "cross layer"), (4096, 1184, 1184, "cross layer"),
+            (4096, 256, 1184, "MLP 1")]  # fmt: skip
 
 
 def sweep() -> None:

@@ -113,6 +113,7 @@ CONFIGS = [
     sk.SkutConfig(32, 32, 8, 64),
     sk.SkutConfig(64, 16, 8, 64),
     sk.SkutConfig(64, 32, 8, 64),
+    sk.SkutConfig(64, 64, 4, 32),
     sk.SkutConfig(128, 32, 8, 64),
 ]
 
@@ -158,7 +159,7 @@ def test_fully_masked_rows_are_zero(causal, pool):
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize(
-    "config", [sk.SkutConfig(16, 16, 4, 16), sk.SkutConfig(64, 32, 4, 32), sk.SkutConfig(128, 32, 8, 32)], ids=str
+    "config", [sk.SkutConfig(16, 16, 4, 16), sk.SkutConfig(64, 64, 4, 32), sk.SkutConfig(128, 32, 8, 32)], ids=str
 )
 def test_heavy_padding_compacts_keys(causal, config):
     """Keys are kept compacted (valid ones only): with 60% padding scattered over many tiles (also the

@@ -510,6 +510,7 @@ class SkutConfig:
 
 # Configurations the benchmark sweeps (each one is also checked by tests/gpu/test_kernels_gpu.py).
 SWEEP_CONFIGS = (
+    SkutConfig(64, 64, 4),
     SkutConfig(64, 32, 4),
     SkutConfig(64, 32, 8),
     SkutConfig(64, 16, 8),
@@ -527,8 +528,10 @@ def choose_config(seq_len: int, packed: PackedEncoder) -> SkutConfig:
     (benchmarks/RESULTS.md, ``benchmarks/skut_sweep.py``): for d_model <= 64 and S up to a few hundred,
     64-row query tiles with 4 warps (253 registers, two programs per SM) beat 128 rows with 8 warps by
     1.5x at B=256, S=192 on H200, and also win at B=2048 (0.49 vs 0.72 ms for 32 rows / 4 warps) and at
-    S=2048 (3.05 vs 3.68 ms for 128 rows / 8 warps); for the V1 shape (d_model 96, two heads, FFN 32,
-    S=100) 128-row tiles with 8 warps beat 32-row ones by 2.5x. No choice depends on the batch size.
+    S=2048 (3.05 vs 3.68 ms for 128 rows / 8 warps); 64-wide key tiles then beat 32-wide ones at every
+    V2 row of DESIGN §5 once padded keys were compacted (S=2048 1.61 vs 1.90 ms, B=2048 0.463 vs 0.470,
+    B=256 and B=16 by 2-6%); for the V1 shape (d_model 96, two heads, FFN 32, S=100) 128-row tiles with
+    8 warps beat 32-row ones by 2.5x. No choice depends on the batch size.
     """
     f_chunk = 64  # clamped to the padded FFN width at launch
     if seq_len <= 16:
@@ -539,7 +542,7 @@ def choose_config(seq_len: int, packed: PackedEncoder) -> SkutConfig:
         return SkutConfig(32, 32, 8, f_chunk)
     if seq_len <= 32:
         return SkutConfig(32, 16, 4, f_chunk)
-    return SkutConfig(64, 32, 4, f_chunk)
+    return SkutConfig(64, 64, 4, f_chunk)
 
 
 def _interpreting() -> bool:
