@@ -29,9 +29,8 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 from kernels import bench_graph, kernel_times  # noqa: E402  (benchmarks/kernels.py)
 
-from runtime.backends.cuda import tf32_matmuls  # noqa: E402
 from runtime.kernels import dense as dk  # noqa: E402
-from runtime.kernels import mma_sync_only  # noqa: E402
+from runtime.kernels import mma_sync_only, tf32_matmuls  # noqa: E402
 from transact.config import ModelConfig  # noqa: E402
 from transact.model import RankingModel  # noqa: E402
 
@@ -122,7 +121,7 @@ def main() -> None:
     w = dk.pack_dense(model)
     g = torch.Generator().manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}\n")
-    print("| candidates | torch: ms (launches) | fused kernels: ms (launches) | speed-up "
+    print("| candidates | torch: ms (launches) | dense_forward: ms (launches) | speed-up "
           "| max abs err torch / fused vs fp64 |")
     print("|---:|---:|---:|---:|---:|")
     for n in (int(c) for c in args.cands.split(",")):

@@ -151,3 +151,21 @@ def test_linear_config(m, n, k, want):
     """Worked by hand: wgmma 64 x 32 for long products of at least 64 rows; otherwise halve 64 x 64
     mma.sync tiles, the larger side first, until 264 programs (two per SM of 132) or 16 x 16."""
     assert dense_mod.linear_config(m, n, k, 132) == want
+
+
+def test_large_batches_take_the_torch_path(monkeypatch):
+    """Above FUSED_MAX_ROWS candidates cuBLAS's products are faster: dense_forward runs dense_torch
+    (no kernel launch) and still matches the model."""
+    cfg = small_config()
+    n = dense_mod.FUSED_MAX_ROWS + 1
+    model, inputs, parts = case(cfg, n, 3, seed=2)
+    want = reference(model, inputs, parts)
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("a kernel was launched")
+
+    monkeypatch.setattr(dense_mod, "_dense_input_kernel", NoLaunch())
+    monkeypatch.setattr(dense_mod, "_linear_kernel", NoLaunch())
+    got = run_kernel(model, inputs, parts)
+    assert rel_err(got, want) < 1e-5

@@ -50,6 +50,7 @@ from transact.config import ITEM_DIM, ModelConfig
 from transact.model import RankingModel
 
 from ..batching import BatchPlan, plan_batch
+from ..kernels import tf32_matmuls
 from ..session import Limits, LoadedBundle, SessionOptions
 from . import BackendUnavailable
 from .warmup import warmup_requests
@@ -108,22 +109,6 @@ def load_kernels() -> SimpleNamespace:
     except ImportError as e:
         raise BackendUnavailable(f"device='cuda': the Triton kernels are not available ({e})") from None
     return SimpleNamespace(dense=dense, nn_select=nn_select, skut=skut, tokens=tokens)
-
-
-@contextlib.contextmanager
-def tf32_matmuls(enabled: bool) -> Iterator[None]:
-    """fp32 matrix products on TF32 tensor cores inside the block (recorded as such by a graph capture),
-    the process-wide setting restored afterwards. Other threads' products in the meantime see it too."""
-    if not enabled:
-        yield
-        return
-    matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "tf32"
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = before
 
 
 def pow2_bucket(n: int, minimum: int, cap: int | None = None) -> int:

@@ -3,6 +3,7 @@
 - ``nn_select``: fused int8 nearest-neighbour selection (dequant, normalise, score, top-k).
 - ``skut``: a whole ``nn.TransformerEncoder`` stack in one launch.
 - ``tokens``: the V2 and V1 transformer inputs (ordering, gathers, embeddings) in one launch each.
+- ``dense``: the ranking model's dense part (gathers + LayerNorm, cross layers, MLP, heads), fused.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+
+import torch
 
 # Triton 3.6 on H100 computes wrong results (and sometimes faults) for these kernels when their
 # 64-row tiles are lowered to Hopper's asynchronous warp-group MMA (wgmma, "MMA v3"): seen on the
@@ -38,3 +41,19 @@ def mma_sync_only() -> Iterator[None]:
             del os.environ["DISABLE_MMA_V3"]
         else:
             os.environ["DISABLE_MMA_V3"] = old
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """fp32 matrix products on TF32 tensor cores inside the block (recorded as such by a graph capture),
+    the process-wide setting restored afterwards. Other threads' products in the meantime see it too."""
+    if not enabled:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before

@@ -19,8 +19,9 @@ The sequence-module outputs come as up to three column blocks (``seq_parts``), e
 its own row stride and float dtype: V1's ``out_linear`` output, V1's output rows read straight from
 the transformer's (N, S, d) fp16 buffer, and V2's output, so that no concatenation is written first.
 
-``dense_forward`` runs the kernels on CUDA tensors (and on CPU tensors under ``TRITON_INTERPRET=1``),
-otherwise ``dense_torch``, the same computation in torch from the packed weights.
+``dense_forward`` runs the kernels on CUDA tensors (and on CPU tensors under ``TRITON_INTERPRET=1``)
+for up to ``FUSED_MAX_ROWS`` candidates, otherwise ``dense_torch``, the same computation in torch from
+the packed weights (above that size cuBLAS's products are faster than these).
 """
 
 from __future__ import annotations
@@ -34,12 +35,16 @@ import torch
 import triton
 import triton.language as tl
 
-from . import mma_sync_only
+from . import mma_sync_only, tf32_matmuls
 
 __all__ = ["DenseWeights", "pack_dense", "dense_forward", "dense_torch", "linear_config"]
 
 EPILOGUES = ("none", "relu", "cross", "sigmoid")
 MAX_SEQ_PARTS = 3
+# Above this many rows cuBLAS's products win (a 4,096 x 1,184 x 1,184 cross layer: 0.043 ms against the
+# best of these tiles, 0.063; at 1,024 rows the fused path is still 1.26x the torch one as a whole), so
+# larger batches take ``dense_torch``: benchmarks/RESULTS.md.
+FUSED_MAX_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -257,10 +262,13 @@ def dense_forward(
             dtype, rows contiguous, any row stride; their widths must add up with the rest to the
             model's input width.
         tf32: products on TF32 tensor cores (default) or in full fp32.
+
+    Runs the kernels for up to ``FUSED_MAX_ROWS`` candidates (more: ``dense_torch`` on cuBLAS, faster there).
     """
     n = _check(w, user_dense, item_dense, surface, hour, cand_req, cand, seq_parts)
-    if not (cand.is_cuda or _interpreting()):
-        return dense_torch(w, user_dense, item_dense, surface, hour, cand_req, cand, seq_parts)
+    if not (cand.is_cuda or _interpreting()) or n > FUSED_MAX_ROWS:
+        with tf32_matmuls(tf32 and cand.is_cuda):
+            return dense_torch(w, user_dense, item_dense, surface, hour, cand_req, cand, seq_parts)
     dev = cand.device
     d = w.width
     x0 = torch.empty((n, d), dtype=torch.float32, device=dev)
