@@ -132,12 +132,18 @@ def test_default_model_width(tf32):
     assert rel_err(got, want) < (2e-3 if tf32 and DEV == "cuda" else 1e-5)
 
 
-def test_width_mismatch_is_refused():
+def test_bad_inputs_are_refused():
     cfg = small_config()
     model, inputs, parts = case(cfg, 4, 2, seed=1)
     w = dense_mod.pack_dense(model, DEV)
     with pytest.raises(ValueError, match="columns"):
         dense_mod.dense_forward(w, *(t.to(DEV) for t in inputs), [p.to(DEV) for p in parts[:-1]])
+    user_dense, item_dense, surface, hour, req, cand = (t.to(DEV) for t in inputs)
+    with pytest.raises(ValueError, match="item_dense has 3 rows"):
+        dense_mod.dense_forward(w, user_dense, item_dense[:3], surface, hour, req, cand, [p.to(DEV) for p in parts])
+    with pytest.raises(ValueError, match=r"seq_parts\[0\] must be a 2-D tensor with contiguous rows"):
+        dense_mod.dense_forward(w, user_dense, item_dense, surface, hour, req, cand,
+                                [parts[0].to(DEV).t().contiguous().t(), *parts[1:]])  # fmt: skip
 
 
 @pytest.mark.parametrize(

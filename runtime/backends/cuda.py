@@ -50,7 +50,7 @@ from transact.config import ITEM_DIM, ModelConfig
 from transact.model import RankingModel
 
 from ..batching import BatchPlan, plan_batch
-from ..kernels import tf32_matmuls
+from ..kernels import interpreting, tf32_matmuls
 from ..session import Limits, LoadedBundle, SessionOptions
 from . import BackendUnavailable
 from .warmup import warmup_requests
@@ -83,10 +83,6 @@ def set_triton_cache_dir(path: str | os.PathLike | None) -> Path:
     except Exception:  # noqa: BLE001 - older Triton: the environment variable is enough
         pass
     return path
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def check_cuda_available() -> None:
@@ -171,7 +167,7 @@ class CudaBackend:
         self.device = torch.device(device or "cuda")
         if self.device.type == "cuda":
             check_cuda_available()
-        elif not (cpu_reference or _interpreting()):
+        elif not (cpu_reference or interpreting()):
             raise BackendUnavailable("the cuda backend runs on a CUDA GPU (or on the CPU under TRITON_INTERPRET=1)")
         self.options = options
         self.triton_cache_dir = set_triton_cache_dir(options.triton_cache_dir)

@@ -23,6 +23,18 @@ import torch
 ALLOW_WGMMA = os.environ.get("TRANSACT_KERNELS_WGMMA", "0") == "1"
 
 
+def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1``: the kernels then run on CPU tensors (how CI checks them)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 4 elsewhere (the interpreter: small grids)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
 @contextlib.contextmanager
 def mma_sync_only() -> Iterator[None]:
     """Compile (and launch) Triton kernels inside with DISABLE_MMA_V3=1, restoring it afterwards.

@@ -27,7 +27,6 @@ the packed weights (above that size cuBLAS's products are faster than these).
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import mma_sync_only, tf32_matmuls
+from . import interpreting, mma_sync_only, sm_count, tf32_matmuls
 
 __all__ = ["DenseWeights", "pack_dense", "dense_forward", "dense_torch", "linear_config"]
 
@@ -98,13 +97,15 @@ def pack_dense(model: torch.nn.Module, device: torch.device | str | None = None)
 # Kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _segment(ptr, idx, stride, c0, width, cols, row_ok):
-    """Columns [c0, c0 + width) of the row tile: row ``idx`` of a (·, stride) table, as fp32; 0 elsewhere."""
+def _append(x, c0, ptr, idx, stride, width, cols, row_ok):
+    """Place columns [c0, c0 + width) of the row tile x: row ``idx`` of a (·, stride) table, as fp32.
+    Returns the tile and the next free column."""
     j = cols - c0
     inside = (j >= 0) & (j < width)
     j = tl.where(inside, j, 0)
     m = row_ok[:, None] & inside[None, :]
-    return tl.load(ptr + idx[:, None].to(tl.int64) * stride + j[None, :], mask=m, other=0.0).to(tl.float32)
+    x += tl.load(ptr + idx[:, None].to(tl.int64) * stride + j[None, :], mask=m, other=0.0).to(tl.float32)
+    return x, c0 + width
 
 
 @triton.jit
@@ -121,22 +122,15 @@ def _dense_input_kernel(
     req = tl.load(req_ptr + rows, mask=row_ok, other=0)
     sur = tl.load(sur_ptr + req, mask=row_ok, other=0)
     hr = tl.load(hour_ptr + req, mask=row_ok, other=0)
-    c = 0
-    x = _segment(ud_ptr, req, WU, c, WU, cols, row_ok)
-    c += WU
-    x += _segment(id_ptr, rows, WI, c, WI, cols, row_ok)
-    c += WI
-    x += _segment(se_ptr, sur, E, c, E, cols, row_ok)
-    c += E
-    x += _segment(he_ptr, hr, E, c, E, cols, row_ok)
-    c += E
-    x += _segment(cand_ptr, rows, WC, c, WC, cols, row_ok)
-    c += WC
-    x += _segment(p0_ptr, rows, ST0, c, W0, cols, row_ok)
-    c += W0
-    x += _segment(p1_ptr, rows, ST1, c, W1, cols, row_ok)
-    c += W1
-    x += _segment(p2_ptr, rows, ST2, c, W2, cols, row_ok)
+    x = tl.zeros((BM, BD), tl.float32)
+    x, c = _append(x, 0, ud_ptr, req, WU, WU, cols, row_ok)  # the model's order (RankingModel.dense)
+    x, c = _append(x, c, id_ptr, rows, WI, WI, cols, row_ok)
+    x, c = _append(x, c, se_ptr, sur, E, E, cols, row_ok)
+    x, c = _append(x, c, he_ptr, hr, E, E, cols, row_ok)
+    x, c = _append(x, c, cand_ptr, rows, WC, WC, cols, row_ok)
+    x, c = _append(x, c, p0_ptr, rows, ST0, W0, cols, row_ok)
+    x, c = _append(x, c, p1_ptr, rows, ST1, W1, cols, row_ok)
+    x, c = _append(x, c, p2_ptr, rows, ST2, W2, cols, row_ok)
     dmask = cols < D
     mean = tl.sum(x, axis=1) / D
     xc = tl.where(dmask[None, :], x - mean[:, None], 0.0)
@@ -186,14 +180,6 @@ def _linear_kernel(
 # --------------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
 
 
 def linear_config(m: int, n: int, k: int, sms: int) -> tuple[int, int, int, bool]:
@@ -217,24 +203,23 @@ def linear_config(m: int, n: int, k: int, sms: int) -> tuple[int, int, int, bool
 
 
 def _check(w, user_dense, item_dense, surface, hour, cand_req, cand, seq_parts) -> int:
+    """What the kernels rely on (a ValueError names the tensor otherwise); returns N."""
     if not isinstance(w, DenseWeights):
         raise ValueError(f"w must be DenseWeights (see pack_dense), got {type(w).__name__}")
-    n = cand.shape[0] if isinstance(cand, torch.Tensor) and cand.dim() == 2 else -1
-    if n < 0:
-        raise ValueError("cand must be a 2-D (N, d) tensor")
     if len(seq_parts) > MAX_SEQ_PARTS:
         raise ValueError(f"at most {MAX_SEQ_PARTS} sequence parts, got {len(seq_parts)}")
-    for name, t in (("item_dense", item_dense), ("cand_req", cand_req), *((f"seq_parts[{i}]", p) for i, p in
-                                                                          enumerate(seq_parts))):  # fmt: skip
-        if t.shape[0] != n:
+    tables = {"user_dense": user_dense, "item_dense": item_dense, "cand": cand}
+    tables |= {f"seq_parts[{i}]": p for i, p in enumerate(seq_parts)}
+    for name, t in tables.items():
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
+            raise ValueError(f"{name} must be a 2-D tensor with contiguous rows, got {getattr(t, 'shape', t)}")
+    n = cand.shape[0]
+    for name, t in (*tables.items(), ("cand_req", cand_req)):
+        if name != "user_dense" and t.shape[0] != n:
             raise ValueError(f"{name} has {t.shape[0]} rows, cand has {n}")
-    for name, t in (("user_dense", user_dense), ("item_dense", item_dense), ("cand", cand), *(
-            (f"seq_parts[{i}]", p) for i, p in enumerate(seq_parts))):  # fmt: skip
-        if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
-            raise ValueError(f"{name} must be 2-D with contiguous rows, got shape {tuple(t.shape)}")
     if surface.shape != hour.shape or surface.shape[0] != user_dense.shape[0]:
         raise ValueError("surface and hour must have one entry per request row (user_dense's rows)")
-    width = sum(t.shape[1] for t in (user_dense, item_dense, cand, *seq_parts)) + 2 * w.surface_emb.shape[1]
+    width = sum(t.shape[1] for t in tables.values()) + 2 * w.surface_emb.shape[1]
     if width != w.width:
         raise ValueError(f"the input row has {width} columns, the model's dense part expects {w.width}")
     return n
@@ -266,14 +251,14 @@ def dense_forward(
     Runs the kernels for up to ``FUSED_MAX_ROWS`` candidates (more: ``dense_torch`` on cuBLAS, faster there).
     """
     n = _check(w, user_dense, item_dense, surface, hour, cand_req, cand, seq_parts)
-    if not (cand.is_cuda or _interpreting()) or n > FUSED_MAX_ROWS:
+    if not (cand.is_cuda or interpreting()) or n > FUSED_MAX_ROWS:
         with tf32_matmuls(tf32 and cand.is_cuda):
             return dense_torch(w, user_dense, item_dense, surface, hour, cand_req, cand, seq_parts)
     dev = cand.device
     d = w.width
-    x0 = torch.empty((n, d), dtype=torch.float32, device=dev)
     if n == 0:
         return torch.empty((0, w.heads), dtype=torch.float32, device=dev)
+    x0 = torch.empty((n, d), dtype=torch.float32, device=dev)
     parts = [(p, p.stride(0), p.shape[1]) if p.shape[1] else (cand, 0, 0) for p in seq_parts]
     parts += [(cand, 0, 0)] * (MAX_SEQ_PARTS - len(parts))  # absent: no column, never read
     user_dense, item_dense, cand = (t.float().contiguous() for t in (user_dense, item_dense, cand))
@@ -288,7 +273,7 @@ def dense_forward(
         BM=bm, BD=bd, num_warps=4,
     )  # fmt: skip
     x = x0
-    sms = _sm_count(dev)
+    sms = sm_count(dev)
     for epi, wt, b in w.layers:
         out = torch.empty((n, wt.shape[0]), dtype=torch.float32, device=dev)
         bm_l, bn_l, bk_l, wgmma = linear_config(n, wt.shape[0], wt.shape[1], sms)

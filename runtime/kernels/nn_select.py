@@ -33,7 +33,6 @@ GPU design (no (N, S) score matrix ever reaches memory):
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +41,7 @@ import triton.language as tl
 
 from transact.selection import nn_select_reference
 
-from . import mma_sync_only
+from . import interpreting, mma_sync_only, sm_count
 
 __all__ = ["nn_select", "nn_select_torch", "nn_select_reference", "NNSelectConfig"]
 
@@ -460,14 +459,6 @@ class NNSelectConfig:
             raise ValueError(f"groups_per_split must be a power of two dividing tile={self.tile}")
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
 
 
 def choose_config(
@@ -490,7 +481,7 @@ def choose_config(
     """
     k_pad = max(16, triton.next_power_of_2(k))
     tile = max(64, k_pad)
-    sms = _sm_count(device)
+    sms = sm_count(device)
     if block_n is None:  # as many candidates per block as a user has (a block scans each of its users)
         per_user = n_cand // max(n_users, 1)
         block_n = 64 if per_user >= 64 else 32 if per_user >= 32 else 16
@@ -596,7 +587,7 @@ def nn_select(
             raise ValueError(
                 f"out must be contiguous ({n}, {k}) {idx_dtype} and float32 tensors on {seq.device}"
             )
-    if not (seq.is_cuda or _interpreting()):
+    if not (seq.is_cuda or interpreting()):
         ref_idx, ref_scores = nn_select_torch(seq, starts, lengths, cand, cand_user, k)
         if out is None:
             return ref_idx.to(idx_dtype), ref_scores

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from . import mma_sync_only
+from . import interpreting, mma_sync_only
 
 __all__ = [
     "PackedEncoder",
@@ -545,9 +544,6 @@ def choose_config(seq_len: int, packed: PackedEncoder) -> SkutConfig:
     return SkutConfig(64, 64, 4, f_chunk)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
 
 def _check_forward_args(x, packed, key_padding_mask, pool):
     if not isinstance(packed, PackedEncoder):
@@ -621,7 +617,7 @@ def skut_forward(
         or not hidden.is_contiguous()
     ):  # fmt: skip
         raise ValueError(f"hidden needs a pool mode and must be a contiguous {(bsz, s, d)} {x.dtype} tensor on {dev}")
-    if not (x.is_cuda or _interpreting()):
+    if not (x.is_cuda or interpreting()):
         rows = skut_torch(x, packed, key_padding_mask, causal, None)
         if hidden is not None:
             hidden.copy_(rows)

@@ -18,7 +18,6 @@ which are also the references the tests compare the kernels with.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +25,8 @@ import triton
 import triton.language as tl
 
 from transact.config import ITEM_DIM as ITEM  # int8 item codes per row (DESIGN §2.1)
+
+from . import interpreting
 
 _ITEM: tl.constexpr = tl.constexpr(ITEM)  # the same, inside the kernels
 POS_BITS = 26  # a V2 sort key is (segment << 26) | position: positions below 2**26
@@ -61,9 +62,6 @@ class V2Embeddings:
     position: torch.Tensor
     null: torch.Tensor
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,7 +155,7 @@ def v2_tokens(
         pos, group (N, T) int64 position and group (0 ll, 1 rt, 2 imp) of each token, -1 when padding.
     """
     _check_v2(arena, picks, rt_count, r_rt, cand, cand_req, emb)
-    if not (cand.is_cuda or _interpreting()):
+    if not (cand.is_cuda or interpreting()):
         x, pad, pos, group = v2_tokens_torch(arena, picks, rt_count, r_rt, cand, cand_req, emb, scale)
         return x.to(dtype), pad, pos, group
     n, dev = cand.shape[0], cand.device
@@ -313,7 +311,7 @@ def v1_tokens(
     if cand.dim() != 2 or cand.shape[1] != ITEM or cand_req.shape != (n,):
         got = f"{tuple(cand.shape)} and {tuple(cand_req.shape)}"
         raise ValueError(f"cand must be (N, {ITEM}) and cand_req (N,), got {got}")
-    if not (cand.is_cuda or _interpreting()):
+    if not (cand.is_cuda or interpreting()):
         x, mask = v1_tokens_torch(arena, rt_count, seq_len, cand, cand_req, lookup, action_emb, scale, concat_candidate)
         return x.to(dtype), mask
     x = torch.empty((n, seq_len, d), dtype=dtype, device=dev)
