@@ -253,7 +253,7 @@ def dense_forward(
     n = _check(w, user_dense, item_dense, surface, hour, cand_req, cand, seq_parts)
     if not (cand.is_cuda or interpreting()) or n > FUSED_MAX_ROWS:
         with tf32_matmuls(tf32 and cand.is_cuda):
-            return dense_torch(w, user_dense, item_dense, surface, hour, cand_req, cand, seq_parts)
+            return _dense_torch(w, user_dense, item_dense, surface, hour, cand_req, cand, seq_parts)
     dev = cand.device
     d = w.width
     if n == 0:
@@ -299,6 +299,11 @@ def dense_torch(
 ) -> torch.Tensor:
     """The same computation in torch from the packed weights (the CPU path), fp32."""
     _check(w, user_dense, item_dense, surface, hour, cand_req, cand, seq_parts)
+    return _dense_torch(w, user_dense, item_dense, surface, hour, cand_req, cand, seq_parts)
+
+
+def _dense_torch(w, user_dense, item_dense, surface, hour, cand_req, cand, seq_parts) -> torch.Tensor:
+    """``dense_torch`` on inputs already checked (``dense_forward``'s fallback checks them once)."""
     req = cand_req.long()
     x = torch.cat(
         [user_dense[req].float(), item_dense.float(), w.surface_emb[surface.long()[req]],

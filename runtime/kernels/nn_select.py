@@ -459,8 +459,6 @@ class NNSelectConfig:
             raise ValueError(f"groups_per_split must be a power of two dividing tile={self.tile}")
 
 
-
-
 def choose_config(
     n_cand: int,
     n_users: int,

@@ -544,7 +544,6 @@ def choose_config(seq_len: int, packed: PackedEncoder) -> SkutConfig:
     return SkutConfig(64, 64, 4, f_chunk)
 
 
-
 def _check_forward_args(x, packed, key_padding_mask, pool):
     if not isinstance(packed, PackedEncoder):
         raise ValueError(
