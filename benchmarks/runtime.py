@@ -128,22 +128,17 @@ def stage_breakdown(session: Session, req: Request, runs: int) -> dict[str, floa
         plan = stage("plan the batch (host)", plan_batch, [req])
         b, arena = be.staging_for(plan)
         stage("fill part one of the arena (host)", be._fill_first, arena, b, plan)
-        outs = stage("the rest, overlapped (uploads, graphs, fills of parts two and three)", be._outputs_for,
-                     arena, b, plan)  # fmt: skip
-        buf = be._host_out(b, "probabilities", outs["probabilities"])
-        stage("copy back", buf.copy_, outs["probabilities"])
+        stage("the rest, overlapped (uploads, graphs, fills of parts two and three, copy back)", be._outputs_for,
+              arena, b, plan)  # fmt: skip
     # The parts of the overlapped stage, each on its own (synchronised).
     graph_a, graph_ll, graph_b, _, _ = be.graphs[b]
-    s1, s2 = arena.splits
     for _ in range(runs):
-        stage("  upload part one", arena.upload, 0, s1)
+        stage("  upload part one", arena.upload, 0, arena.splits[0])
         stage("  graph A (V1, rt / imp selection)", graph_a.replay)
         stage("  fill part two: the ll codes (host)", be._fill_ll, arena, b, plan)
-        stage("  upload part two", arena.upload, s1, s2)
-        stage("  graph ll (ll selection)", graph_ll.replay)
+        stage("  graph ll (upload of part two, ll selection)", graph_ll.replay)
         stage("  fill part three: actions, surfaces, dense features (host)", be._fill_rest, arena, b, plan)
-        stage("  upload part three", arena.upload, s2)
-        stage("  graph B (V2, dense)", graph_b.replay)
+        stage("  graph B (upload of part three, V2, dense, copy back)", graph_b.replay)
     # The same host fills into pageable numpy arrays: what writing into pinned memory costs on this host
     # (e.g. pinned pages on another NUMA node) apart from the Python around the copies.
     pageable = SimpleNamespace(np={k: np.zeros_like(v) for k, v in arena.np.items()})
@@ -151,6 +146,71 @@ def stage_breakdown(session: Session, req: Request, runs: int) -> dict[str, floa
         stage("  fill part one into pageable memory (host, for comparison)", be._fill_first, pageable, b, plan)
         stage("  fill part two into pageable memory (host, for comparison)", be._fill_ll, pageable, b, plan)
     return {k: float(np.median(v)) for k, v in times.items()}
+
+
+class _Marked:
+    """A graph whose replay() records a CUDA event (and the host's clock) before and/or after it runs."""
+
+    def __init__(self, graph, mark, name: str, before: bool = False) -> None:
+        self.graph, self.mark, self.name, self.before = graph, mark, name, before
+
+    def replay(self) -> None:
+        if self.before:
+            self.mark(self.name + " starts")
+        self.graph.replay()
+        self.mark(self.name)
+
+
+def timeline(session: Session, req: Request, runs: int) -> list[tuple[str, float, float]]:
+    """One request through the cuda backend, unsynchronised, with a CUDA event behind each step: when the
+    host had issued the step and when the GPU had done it (ms from the start, medians over ``runs``).
+    If graph B starts on the GPU well after graph A and the ll selection are done, the host is the
+    critical path; if it starts as soon as they are, the GPU is. Each mark costs the host an event
+    record, so the host's times run later than without them."""
+    be = session.backend
+    plan = plan_batch([req])
+    b, arena = be.staging_for(plan)
+    saved = be.graphs[b]
+    graph_a, graph_ll, graph_b = saved[:3]
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(16)]
+    marks: list[tuple[str, float, torch.cuda.Event]] = []
+
+    def mark(name: str) -> None:
+        ev = events[len(marks)]
+        ev.record()
+        marks.append((name, time.perf_counter(), ev))
+
+    def marked(name, fn):
+        def call(*args):
+            out = fn(*args)
+            mark(name)
+            return out
+        return call
+
+    arena.upload = marked("upload part one", arena.upload)  # parts two and three go up inside the graphs
+    be._fill_ll = marked("fill part two (host)", be._fill_ll)
+    be._fill_rest = marked("fill part three (host)", be._fill_rest)
+    be.graphs[b] = (_Marked(graph_a, mark, "graph A"), _Marked(graph_ll, mark, "graph ll"),
+                    _Marked(graph_b, mark, "graph B", before=True), *saved[3:])  # fmt: skip
+    rows: dict[str, list[tuple[float, float]]] = {}
+    try:
+        for _ in range(runs):
+            marks.clear()
+            torch.cuda.synchronize()
+            mark("start")
+            be._fill_first(arena, b, plan)
+            mark("fill part one (host)")
+            be._outputs_for(arena, b, plan)  # graph B ends with the copy back
+            torch.cuda.synchronize()
+            t_end = time.perf_counter()
+            t0, e0 = marks[0][1], marks[0][2]
+            for name, t, ev in marks[1:]:
+                rows.setdefault(name, []).append(((t - t0) * 1000, e0.elapsed_time(ev)))
+            rows.setdefault("host has the result", []).append(((t_end - t0) * 1000, float("nan")))
+    finally:
+        del arena.upload, be._fill_ll, be._fill_rest
+        be.graphs[b] = saved
+    return [(n, float(np.median([h for h, _ in v])), float(np.median([g for _, g in v]))) for n, v in rows.items()]
 
 
 def host_profile(session: Session, req: Request, runs: int, top: int = 22) -> str:
@@ -211,6 +271,8 @@ def main() -> None:
     p.add_argument("--skip-startup", action="store_true")
     p.add_argument("--skip-cpu", action="store_true")
     p.add_argument("--host-profile", action="store_true", help="print a cProfile of the host side of run()")
+    p.add_argument("--timeline", action="store_true",
+                   help="when the host issues each step of a request and when the GPU finishes it")
     p.add_argument("--batch-users", default="",
                    help="also time batches of these many distinct users (256 candidates each), e.g. 1,4,8,16")
     p.add_argument("--startup-child", help=argparse.SUPPRESS)
@@ -245,6 +307,8 @@ def main() -> None:
     results["gpu_kernels_ms"] = gpu_kernel_profile(no_graph, req)
     if args.host_profile:
         print(host_profile(dense_gpu, req, args.runs))
+    if args.timeline:
+        results["timeline_ms"] = timeline(dense_gpu, req, args.runs)
     if args.batch_users:
         users = [int(u) for u in args.batch_users.split(",")]
         results["batches"] = batch_times(dense_gpu, users, max(20, args.runs // 4))
@@ -281,6 +345,12 @@ def main() -> None:
     print("\n| stage of one request, hybrid with dense on GPU (each synchronised) | median ms |\n|---|---:|")
     for name, ms in results["stages_dense_gpu_ms"].items():
         print(f"| {name} | {ms:.3f} |")
+    if "timeline_ms" in results:
+        print("\n| step of one request (no syncs; medians) | host has issued it, ms | GPU has done it, ms |")
+        print("|---|---:|---:|")
+        for name, host_ms, gpu_ms in results["timeline_ms"]:
+            gpu = f"{gpu_ms:.3f}" if gpu_ms == gpu_ms else "—"  # NaN: a host-only step
+            print(f"| {name} | {host_ms:.3f} | {gpu} |")
     print("\n| kernel of the GPU part (no graph), per request | device ms | launches |\n|---|---:|---:|")
     for name, ms, n in results["gpu_kernels_ms"]:
         print(f"| {name} | {ms:.3f} | {n} |")

@@ -11,7 +11,7 @@ Per batch:
    max pool and the output rows in one launch, ``out_linear`` ⊕ the first ``latest_n`` rows in torch;
    on another, ``nn_select`` over the 100-row rt[:-r] and imp sequences (one pass each). Meanwhile the
    host fills part two, which a third stream uploads and scans (``nn_select`` over the jagged int8 ll
-   rows) beside stage A, then part three, uploaded behind it.
+   rows) beside stage A, then part three, which stage B uploads first.
 3. Stage B, after both: ``v2_tokens`` orders the picks and builds the V2 tokens (gathers, embeddings,
    null token) in one launch; ``skut_forward`` runs the whole V2 transformer with the causal + padding
    masks and the masked max pool fused. fp32 products use TF32 (``tf32=True``). Per shape bucket the
@@ -20,7 +20,7 @@ Per batch:
 4. With ``dense_on="gpu"`` (the default) the dense part runs on the GPU inside stage B's graph, in
    ``runtime.kernels.dense``'s fused launches (gathers + concatenation + LayerNorm in one, then one per
    linear layer with its epilogue), reading V1's output blocks where V1 left them; one small copy
-   back: the probabilities. With ``dense_on="cpu"`` ``v1`` / ``v2`` come back
+   back, the graph's last node: the probabilities. With ``dense_on="cpu"`` ``v1`` / ``v2`` come back
    into pinned host buffers and ``dense.onnx`` runs in ONNX Runtime on the CPU on numpy views of them
    (no extra copies); at 256 candidates that costs about 2 ms of host CPU per request.
 
@@ -452,10 +452,11 @@ class CudaBackend:
         holds part one of ``plan`` (``_fill_first``).
 
         With captured graphs the work overlaps: the first part goes up and stage A's graph starts; the
-        host then fills the ll item codes (0.5 MB at 16,000 rows), which a second stream uploads and
-        scans (the ll selection's graph) beside stage A, while the host fills part three (action masks,
-        surfaces, dense features), uploaded behind them; stage B's graph follows both streams. Without
-        graphs (or before the first capture) it runs in order."""
+        host then fills the ll item codes (0.5 MB at 16,000 rows), which the ll selection's graph uploads
+        and scans on a second stream beside stage A, while the host fills part three (action masks,
+        surfaces, dense features); stage B's graph follows both streams, uploads part three first and
+        ends by copying the returned outputs to their pinned host buffers. Without graphs (or before the
+        first capture) it runs in order."""
         graphs = self.graphs.get(b) if self.use_graphs else None
         if graphs is None:
             self._fill_ll(arena, b, plan)
@@ -466,9 +467,8 @@ class CudaBackend:
                     return self._compute(arena, b)
             return self._capture(arena, b)
         graph_a, graph_ll, graph_b, _, static = graphs
-        s1, s2 = arena.splits
         main, ev_small, ev_ll = torch.cuda.current_stream(self.device), self._events[0], self._events[1]
-        arena.upload(0, s1)
+        arena.upload(0, arena.splits[0])
         # The second stream starts after everything queued so far: the first upload, and the previous
         # batch's stage B, which read the device's parts two and three. (The pinned host bytes are free
         # to refill: every batch ends in a host sync.)
@@ -478,15 +478,11 @@ class CudaBackend:
         self._fill_ll(arena, b, plan)
         with torch.cuda.stream(self._copy):
             self._copy.wait_event(ev_small)
-            arena.upload(s1, s2)
-            if graph_ll is not None:
-                graph_ll.replay()
-        self._fill_rest(arena, b, plan)  # while the ll codes go up and are scanned
-        with torch.cuda.stream(self._copy):
-            arena.upload(s2)  # behind the ll selection on its stream: stage B needs both anyway
+            graph_ll.replay()  # uploads part two, then the ll selection
             ev_ll.record(self._copy)
+        self._fill_rest(arena, b, plan)  # while the ll codes go up and are scanned
         main.wait_event(ev_ll)
-        graph_b.replay()
+        graph_b.replay()  # uploads part three, runs stage B, copies the returned outputs to the host
         return static
 
     def _capture(self, arena: Arena, b: Bucket) -> dict[str, torch.Tensor]:
@@ -506,14 +502,21 @@ class CudaBackend:
             # A stage with no work (no V1 and no V2 module; no V2 for the ll selection) is not captured:
             # an empty graph is no use, and torch warns about one.
             graph_a = torch.cuda.CUDAGraph() if m.transact is not None or m.transact_v2 is not None else None
-            graph_ll = torch.cuda.CUDAGraph() if m.transact_v2 is not None else None
-            graph_b = torch.cuda.CUDAGraph()
+            graph_ll, graph_b = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            s1, s2 = arena.splits
+            host = {k: self._host_out(b, k, eager[k]) for k in self._returned()}  # pinned: allocated before
             with torch.no_grad(), _maybe_graph(graph_a, self._pool):
                 mid = self._stage_a(arena, b)  # kept alive with the graphs: stage B reads these buffers
-            with torch.no_grad(), _maybe_graph(graph_ll, self._pool_ll):
+            # The uploads of parts two and three and the copy back are nodes of the graphs: three fewer
+            # calls on the host's critical path, which on slower hosts decides when stage B can start.
+            with torch.no_grad(), torch.cuda.graph(graph_ll, pool=self._pool_ll):
+                arena.upload(s1, s2)
                 mid["picks_ll"] = self._stage_ll(arena, b)
             with torch.no_grad(), torch.cuda.graph(graph_b, pool=self._pool):
+                arena.upload(s2)
                 static = self._stage_b(arena, b, mid, mid["picks_ll"])
+                for k, buf in host.items():
+                    buf.copy_(static[k], non_blocking=True)
             for g in (graph_a, graph_ll, graph_b):
                 if g is not None:
                     g.replay()
@@ -523,6 +526,9 @@ class CudaBackend:
                     raise RuntimeError(f"graph replay differs from the eager run on '{k}'")
                 if not v.is_floating_point() and not torch.equal(v, static[k]):
                     raise RuntimeError(f"graph replay differs from the eager run on '{k}'")
+            for k, buf in host.items():
+                if not torch.equal(buf, static[k].cpu()):
+                    raise RuntimeError(f"the graph's copy of '{k}' to the host differs from the device's")
         except Exception as e:  # noqa: BLE001 - fall back to eager launches, never to wrong results
             self.stats["graph_failures"] += 1
             log.warning("CUDA graph capture failed for %s (%s); running that path eagerly from now on", b, e)
@@ -532,6 +538,10 @@ class CudaBackend:
         self.graphs[b] = (graph_a, graph_ll, graph_b, mid, static)
         self.stats["graphs_captured"] += 1
         return static
+
+    def _returned(self) -> list[str]:
+        """The outputs every batch copies back: the probabilities, or v1 and v2 for ``dense.onnx``."""
+        return ["probabilities"] if self.dense_on == "gpu" else ["v1", "v2"]
 
     def _host_out(self, b: Bucket, name: str, src: torch.Tensor) -> torch.Tensor:
         store = self.outputs.setdefault(b, {})
@@ -553,14 +563,15 @@ class CudaBackend:
         self._fill_first(arena, b, plan)
         outs = self._outputs_for(arena, b, plan)
         n = plan.num_candidates
-        wanted = ["probabilities"] if self.dense_on == "gpu" else ["v1", "v2"]
+        wanted = self._returned()
+        copied = set(wanted) if b in self.graphs else set()  # stage B's graph copied these to the host itself
         if selection:
             wanted += [k for k in ("selection_pos", "selection_group") if k in outs]
         host = {}
         for k in wanted:
-            buf = self._host_out(b, k, outs[k])
-            buf.copy_(outs[k], non_blocking=True)
-            host[k] = buf
+            buf = host[k] = self._host_out(b, k, outs[k])
+            if k not in copied:
+                buf.copy_(outs[k], non_blocking=True)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         return {k: v.numpy()[:n] for k, v in host.items()}
