@@ -133,10 +133,9 @@ def stage_breakdown(session: Session, req: Request, runs: int) -> dict[str, floa
     # The parts of the overlapped stage, each on its own (synchronised).
     graph_a, graph_ll, graph_b, _, _ = be.graphs[b]
     for _ in range(runs):
-        stage("  upload part one", arena.upload, 0, arena.splits[0])
-        stage("  graph A (V1, rt / imp selection)", graph_a.replay)
+        stage("  graph A (upload of part one, V1, rt / imp selection)", graph_a.replay)
         stage("  fill part two: the ll codes (host)", be._fill_ll, arena, b, plan)
-        stage("  graph ll (upload of part two, ll selection)", graph_ll.replay)
+        stage("  graph ll (uploads of part two and of the candidates' copy, ll selection)", graph_ll.replay)
         stage("  fill part three: actions, surfaces, dense features (host)", be._fill_rest, arena, b, plan)
         stage("  graph B (upload of part three, V2, dense, copy back)", graph_b.replay)
     # The same host fills into pageable numpy arrays: what writing into pinned memory costs on this host
@@ -187,7 +186,6 @@ def timeline(session: Session, req: Request, runs: int) -> list[tuple[str, float
             return out
         return call
 
-    arena.upload = marked("upload part one", arena.upload)  # parts two and three go up inside the graphs
     be._fill_ll = marked("fill part two (host)", be._fill_ll)
     be._fill_rest = marked("fill part three (host)", be._fill_rest)
     be.graphs[b] = (_Marked(graph_a, mark, "graph A"), _Marked(graph_ll, mark, "graph ll"),
@@ -208,7 +206,7 @@ def timeline(session: Session, req: Request, runs: int) -> list[tuple[str, float
                 rows.setdefault(name, []).append(((t - t0) * 1000, e0.elapsed_time(ev)))
             rows.setdefault("host has the result", []).append(((t_end - t0) * 1000, float("nan")))
     finally:
-        del arena.upload, be._fill_ll, be._fill_rest
+        del be._fill_ll, be._fill_rest
         be.graphs[b] = saved
     return [(n, float(np.median([h for h, _ in v])), float(np.median([g for _, g in v]))) for n, v in rows.items()]
 

@@ -141,18 +141,37 @@ class Arena:
         self.size = size
         self._views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.splits = (size, size)  # byte offsets where the second and third upload start (set by the owner)
+        self.mirror_bytes = self.dev_bytes[:0]
+        self.mirror: dict[str, torch.Tensor] = {}
 
     def offset(self, name: str) -> int:
         """Byte offset of field ``name`` in both buffers."""
         return self.host[name].data_ptr() - self.host_bytes.data_ptr()
 
+    def add_mirror(self, names: list[str]) -> None:
+        """A second device copy of the bytes up to the end of fields ``names``, with views of them
+        (``mirror``), filled by ``upload_mirror``: work on another stream reads that copy, so it need not
+        wait for the upload into the main device buffer."""
+        hi = max(self.offset(n) + self.host[n].numel() * self.host[n].element_size() for n in names)
+        self.mirror_bytes = torch.zeros(hi, dtype=torch.uint8, device=self.dev_bytes.device)
+        for n in names:
+            off, t = self.offset(n), self.host[n]
+            self.mirror[n] = self.mirror_bytes[off : off + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+
     def upload(self, lo: int = 0, hi: int | None = None) -> None:
-        """Copy bytes [lo, hi) of the host buffer to the device buffer, asynchronously on the current stream."""
+        """Copy bytes [lo, hi) of the host buffer to the device buffer, asynchronously on the current stream;
+        with no arguments, all of it and the mirror."""
+        if lo == 0 and hi is None:
+            self.upload_mirror()
         hi = self.size if hi is None else hi
         views = self._views.get((lo, hi))
         if views is None:  # slicing costs microseconds of host time per call: keep the views
             views = self._views[(lo, hi)] = (self.dev_bytes[lo:hi], self.host_bytes[lo:hi])
         views[0].copy_(views[1], non_blocking=True)
+
+    def upload_mirror(self) -> None:
+        """Copy the mirrored host bytes to the mirror, asynchronously on the current stream."""
+        self.mirror_bytes.copy_(self.host_bytes[: self.mirror_bytes.numel()], non_blocking=True)
 
 
 class CudaBackend:
@@ -199,7 +218,7 @@ class CudaBackend:
         self._pool_ll = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._streams = [torch.cuda.Stream(self.device) for _ in range(2)] if self.device.type == "cuda" else []
         self._copy = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # ll upload + selection
-        self._events = [torch.cuda.Event() for _ in range(2)] if self.device.type == "cuda" else []
+        self._ll_done = torch.cuda.Event() if self.device.type == "cuda" else None
         self.stats = {"graphs_captured": 0, "graph_failures": 0, "buckets_warmed": 0}
         if self.dense_on == "cpu":
             import onnxruntime as ort
@@ -242,6 +261,7 @@ class CudaBackend:
             ]  # fmt: skip
             arena = self.arenas[b] = Arena(fields, self.device)
             arena.splits = (arena.offset("item") + self._bases(b)[0] * ITEM_DIM, arena.offset("action"))
+            arena.add_mirror(["counts", "cand", "cand_req"])  # the ll selection's own copy of them
         return arena
 
     @staticmethod
@@ -349,7 +369,7 @@ class CudaBackend:
         """The selection over the ll item codes (the V2 module's picks_ll), or None without V2."""
         if self.model.transact_v2 is None:
             return None
-        d = arena.dev
+        d = arena.mirror  # uploaded by this stage itself (see _outputs_for): no wait for stage A's upload
         return self._pick(arena, b, d["cand"], d["cand_req"], d["counts"], (0,))[0]
 
     def _stage_b(self, arena: Arena, b: Bucket, a: dict[str, torch.Tensor], picks_ll: torch.Tensor | None
@@ -451,9 +471,9 @@ class CudaBackend:
         """Upload, fill parts two and three of the arena and run the GPU part, for a bucket whose arena
         holds part one of ``plan`` (``_fill_first``).
 
-        With captured graphs the work overlaps: the first part goes up and stage A's graph starts; the
-        host then fills the ll item codes (0.5 MB at 16,000 rows), which the ll selection's graph uploads
-        and scans on a second stream beside stage A, while the host fills part three (action masks,
+        With captured graphs the work overlaps: stage A's graph uploads part one and starts; the host
+        then fills the ll item codes (0.5 MB at 16,000 rows), which the ll selection's graph uploads and
+        scans on a second stream beside stage A, while the host fills part three (action masks,
         surfaces, dense features); stage B's graph follows both streams, uploads part three first and
         ends by copying the returned outputs to their pinned host buffers. Without graphs (or before the
         first capture) it runs in order."""
@@ -467,21 +487,19 @@ class CudaBackend:
                     return self._compute(arena, b)
             return self._capture(arena, b)
         graph_a, graph_ll, graph_b, _, static = graphs
-        main, ev_small, ev_ll = torch.cuda.current_stream(self.device), self._events[0], self._events[1]
-        arena.upload(0, arena.splits[0])
-        # The second stream starts after everything queued so far: the first upload, and the previous
-        # batch's stage B, which read the device's parts two and three. (The pinned host bytes are free
-        # to refill: every batch ends in a host sync.)
-        ev_small.record(main)
+        # Each graph uploads what it reads first, so the host makes one call per stage. The ll stream
+        # waits for nothing: the previous batch, whose stage B read the device's part two, ended in a
+        # host sync, and the ll selection reads its own copy of part one's candidates and counts.
         if graph_a is not None:
-            graph_a.replay()
+            graph_a.replay()  # uploads part one, then stage A
+        else:
+            arena.upload(0, arena.splits[0])
         self._fill_ll(arena, b, plan)
         with torch.cuda.stream(self._copy):
-            self._copy.wait_event(ev_small)
-            graph_ll.replay()  # uploads part two, then the ll selection
-            ev_ll.record(self._copy)
+            graph_ll.replay()  # uploads part two and the ll selection's copy of part one, then the selection
+            self._ll_done.record(self._copy)
         self._fill_rest(arena, b, plan)  # while the ll codes go up and are scanned
-        main.wait_event(ev_ll)
+        torch.cuda.current_stream(self.device).wait_event(self._ll_done)
         graph_b.replay()  # uploads part three, runs stage B, copies the returned outputs to the host
         return static
 
@@ -505,11 +523,14 @@ class CudaBackend:
             graph_ll, graph_b = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
             s1, s2 = arena.splits
             host = {k: self._host_out(b, k, eager[k]) for k in self._returned()}  # pinned: allocated before
+            # The uploads and the copy back are nodes of the graphs: fewer calls on the host's critical
+            # path, which on slower hosts decides when stage B can start.
             with torch.no_grad(), _maybe_graph(graph_a, self._pool):
+                if graph_a is not None:
+                    arena.upload(0, s1)
                 mid = self._stage_a(arena, b)  # kept alive with the graphs: stage B reads these buffers
-            # The uploads of parts two and three and the copy back are nodes of the graphs: three fewer
-            # calls on the host's critical path, which on slower hosts decides when stage B can start.
             with torch.no_grad(), torch.cuda.graph(graph_ll, pool=self._pool_ll):
+                arena.upload_mirror()
                 arena.upload(s1, s2)
                 mid["picks_ll"] = self._stage_ll(arena, b)
             with torch.no_grad(), torch.cuda.graph(graph_b, pool=self._pool):
