@@ -34,22 +34,30 @@ SHAPES = {  # name: seq, d_model, heads, ffn, causal (both 2 layers with key pad
     "V2": (192, 64, 1, 32, True),
     "V1": (100, 96, 2, 32, False),
 }
+RUNTIME_POOL = {  # how the runtime launches each (--pool): pool mode, rows stored, out_linear fused
+    "V2": dict(POOL=1, STORE_OUT=False, POOL_PROJ=True),
+    "V1": dict(POOL=2, STORE_OUT=True, POOL_PROJ=True),
+}
 CONFIGS = ("64/32/4", "64/64/4", "128/32/8", "32/32/4")
 _RUNTIME_ARGS = {  # the kernel's non-constexpr arguments, typed as a fp16 launch passes them
     "x_ptr": "*fp16", "out_ptr": "*fp16", "kv_ptr": "*fp16", "mask_ptr": "*u8", "w_ptr": "*fp16",
-    "v_ptr": "*fp32", "pool_ptr": "*fp16", "S": "i32", "n_layers": "i32",
+    "v_ptr": "*fp32", "pool_ptr": "*fp16", "pw_ptr": "*fp32", "pb_ptr": "*fp32", "S": "i32", "n_layers": "i32",
+    "D_OUT": "i32",
 }  # fmt: skip
 
 
-def resources(shape: str, cfg: sk.SkutConfig, arch: int) -> dict[str, int]:
-    """Compile one (shape, config) for sm_<arch> and return cuobjdump's REG / STACK / SHARED counts."""
+def resources(shape: str, cfg: sk.SkutConfig, arch: int, pool: bool = False) -> dict[str, int]:
+    """Compile one (shape, config) for sm_<arch> and return cuobjdump's REG / STACK / SHARED counts;
+    all rows stored and no pool, or (``pool``) as the runtime launches it."""
     s, d, h, f, causal = SHAPES[shape]
     d_p, dh_p, f_p = (max(16, triton.next_power_of_2(n)) for n in (d, d // h, f))
     const = dict(
         D=d, D_P=d_p, H=h, DH_P=dh_p, F_P=f_p, F_CHUNK=min(cfg.f_chunk, f_p), BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, CAUSAL=causal, HAS_MASK=True, POOL=0, FINAL_NORM=False, KV_BUFS=2,
-        PREC="tf32", STORE_OUT=True,
+        PREC="tf32", STORE_OUT=True, POOL_PROJ=False, O_P=d_p,
     )  # fmt: skip
+    if pool:
+        const.update(RUNTIME_POOL[shape])
     aligned = [n for n, t in _RUNTIME_ARGS.items() if t.startswith("*")] + (["S"] if s % 16 == 0 else [])
     kernel = build_for_gpu(sk._skut_kernel, _RUNTIME_ARGS, const, aligned, arch=arch,
                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
@@ -65,6 +73,8 @@ def resources(shape: str, cfg: sk.SkutConfig, arch: int) -> dict[str, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100 / H200)")
+    ap.add_argument("--pool", action="store_true",
+                    help="build each shape as the runtime launches it (its pool, out_linear fused)")
     ap.add_argument("only", nargs="*", help="shape names (V1, V2) and configurations (block_m/block_n/warps)")
     args = ap.parse_args()
     shapes = [a for a in args.only if a in SHAPES] or list(SHAPES)
@@ -75,7 +85,7 @@ def main() -> None:
     for shape in shapes:
         for label in cfgs:
             bm, bn, warps = (int(v) for v in label.split("/"))
-            r = resources(shape, sk.SkutConfig(bm, bn, warps), args.arch)
+            r = resources(shape, sk.SkutConfig(bm, bn, warps), args.arch, args.pool)
             per_sm = 65536 // (-(-max(r["REG"], 1) // 8) * 8 * 32 * warps)  # allocated in steps of 8
             print(f"| {shape} | {label} | {r['REG']} | {r.get('STACK', 0)} | {per_sm} |", flush=True)
 

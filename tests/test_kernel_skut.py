@@ -202,6 +202,53 @@ def test_pool_and_hidden_rows_from_one_launch(n_layers, pool):
         sk.skut_forward(x.to(DEV, torch.float16), packed, mask.to(DEV), False, None, hidden=hidden)
 
 
+@pytest.mark.parametrize(
+    "d,h,n_layers,pool,causal,d_out",
+    [(96, 2, 2, "max_all", False, 96), (64, 1, 2, "max_valid", True, 64), (32, 2, 1, "max_valid", True, 24)],
+)  # fmt: skip
+def test_pool_projection_in_the_launch(d, h, n_layers, pool, causal, d_out):
+    """``pool_proj`` returns Linear(pool) in fp32 (V1's and V2's ``out_linear``), against the float64
+    reference's pool through the same Linear; fully masked sequences pool to 0, so they give the bias."""
+    enc = make_encoder(d, h, 32, n_layers, seed=d)
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(4, 23, d, generator=g)
+    mask = make_mask(4, 23, causal, seed=d, dead=True)
+    lin = torch.nn.Linear(d, d_out)
+    wt, b = lin.weight.detach().to(DEV), lin.bias.detach().to(DEV)
+    packed = sk.pack_encoder_weights(enc, torch.float16, device=DEV)
+    out = torch.full((4, d_out), float("nan"), device=DEV)  # poison
+    hidden = torch.empty(4, 23, d, dtype=torch.float16, device=DEV)
+    got = sk.skut_forward(x.to(DEV, torch.float16), packed, mask.to(DEV), causal, pool, out=out, hidden=hidden,
+                          pool_proj=(wt, b))  # fmt: skip
+    assert got.data_ptr() == out.data_ptr() and got.dtype == torch.float32
+    ref = torch.nn.functional.linear(sk.skut_reference(enc, x, mask, causal, pool), lin.weight.double(),
+                                     lin.bias.double())  # fmt: skip
+    check(got, ref, torch.float16)
+    torch.testing.assert_close(got[-1].cpu().double(), lin.bias.double(), rtol=0, atol=1e-6)  # all padded
+    check(hidden, sk.skut_reference(enc, x, mask, causal), torch.float16)
+    # the torch path (CPU without the interpreter) computes the same
+    packed32 = sk.pack_encoder_weights(enc, torch.float32)
+    rows = sk.skut_torch(x, packed32, mask, causal, None)
+    check(torch.nn.functional.linear(sk._pool(rows, mask, pool), lin.weight, lin.bias), ref, torch.float32)
+
+
+def test_pool_projection_argument_checks():
+    enc = make_encoder(32, 2, 16, 1)
+    packed = sk.pack_encoder_weights(enc, torch.float16, device=DEV)
+    x = torch.randn(2, 5, 32, device=DEV).half()
+    wt, b = torch.randn(8, 32, device=DEV), torch.randn(8, device=DEV)
+    with pytest.raises(ValueError, match="needs a pool mode"):
+        sk.skut_forward(x, packed, pool_proj=(wt, b))
+    with pytest.raises(ValueError, match=r"pool_proj must be \(weight \(d_out, 32\)"):
+        sk.skut_forward(x, packed, pool="max_all", pool_proj=(wt[:, :16], b))
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        sk.skut_forward(x, packed, pool="max_all", pool_proj=(wt.half(), b))
+    with pytest.raises(ValueError, match=r"out must be a contiguous \(2, 8\) torch.float32"):
+        sk.skut_forward(x, packed, pool="max_all", pool_proj=(wt, b), out=torch.empty(2, 8, device=DEV).half())
+    empty = sk.skut_forward(x[:, :0], packed, pool="max_all", pool_proj=(wt, b))  # the pool of nothing is 0
+    torch.testing.assert_close(empty, b.expand(2, 8))
+
+
 def test_torch_path_matches_reference():
     """The pure PyTorch path (used on CPU without the interpreter) computes the same function."""
     enc = make_encoder(96, 2, 32, 2, seed=2)

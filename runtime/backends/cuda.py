@@ -7,16 +7,18 @@ Per batch:
    the three sequences, valid-prefix lengths, candidates, dense features) sized for the batch's shape
    bucket, in three parts: what stage A reads, the ll item codes (0.5 MB at 16,000 rows), the rest.
 2. Stage A: one asynchronous copy moves part one to the GPU, then
-   V1 runs on one stream: ``v1_tokens`` (newest rt actions ⊕ candidate), ``skut_forward`` writing the
-   max pool and the output rows in one launch, ``out_linear`` ⊕ the first ``latest_n`` rows in torch;
+   V1 runs on one stream: ``v1_tokens`` (newest rt actions ⊕ candidate), ``skut_forward`` writing
+   ``out_linear`` of the max pool and the output rows in one launch (the first ``latest_n`` rows are
+   read where they lie);
    on another, ``nn_select`` over the 100-row rt[:-r] and imp sequences (one pass each). Meanwhile the
    host fills part two, which a third stream uploads and scans (``nn_select`` over the jagged int8 ll
    rows) beside stage A, then part three, which stage B uploads first.
 3. Stage B, after both: ``v2_tokens`` orders the picks and builds the V2 tokens (gathers, embeddings,
    null token) in one launch; ``skut_forward`` runs the whole V2 transformer with the causal + padding
-   masks and the masked max pool fused. fp32 products use TF32 (``tf32=True``). Per shape bucket the
-   three parts (about 45 launches in all) are captured once as CUDA graphs (``cuda_graphs=True``), the
-   streams of stage A as parallel branches, and replayed.
+   masks, the masked max pool and its ``out_linear`` fused. fp32 products use TF32 (``tf32=True``).
+   Per shape bucket the three parts (about 20 launches in all, each graph beginning with its upload)
+   are captured once as CUDA graphs (``cuda_graphs=True``), the streams of stage A as parallel
+   branches, and replayed.
 4. With ``dense_on="gpu"`` (the default) the dense part runs on the GPU inside stage B's graph, in
    ``runtime.kernels.dense``'s fused launches (gathers + concatenation + LayerNorm in one, then one per
    linear layer with its epilogue), reading V1's output blocks where V1 left them; one small copy
@@ -441,13 +443,14 @@ class CudaBackend:
             hidden = self.skut_forward(x, self.v2_packed, key_padding_mask=pad, causal=True, pool=None).float()
             v2 = m2.pool(hidden, pad)
         else:
-            pooled = self.skut_forward(x, self.v2_packed, key_padding_mask=pad, causal=True, pool="max_valid")
-            v2 = m2.out_linear(pooled.float())
+            v2 = self.skut_forward(x, self.v2_packed, key_padding_mask=pad, causal=True, pool="max_valid",
+                                   pool_proj=_params(m2.out_linear))  # out_linear in the same launch
         return v2, {"selection_pos": pos, "selection_group": group}
 
     def _v1(self, arena: Arena, b: Bucket, cand, cand_req, rt_n) -> list[torch.Tensor]:
         """V1's output as its column blocks: ``out_linear`` of the max pool (fp32, with
-        ``concat_max_pool``) and the output rows kept, (N, rows * d), a view of the fp16 hidden buffer."""
+        ``concat_max_pool``; from the transformer's launch) and the output rows kept, (N, rows * d), a view
+        of the fp16 hidden buffer."""
         m1, cfg = self.model.transact, self.config.transact
         x, mask = self.kernels.tokens.v1_tokens(
             self._token_arena(arena, b, v1=True), rt_n, cfg.seq_len, cand, cand_req, m1.action_type_lookup,
@@ -457,8 +460,8 @@ class CudaBackend:
         parts = []
         if cfg.concat_max_pool:  # max over every slot, padding included, as the module does; same launch
             hidden = torch.empty_like(x)
-            pooled = self.skut_forward(x, self.v1_packed, mask, causal=False, pool="max_all", hidden=hidden)
-            parts.append(m1.out_linear(pooled.float()))
+            parts.append(self.skut_forward(x, self.v1_packed, mask, causal=False, pool="max_all", hidden=hidden,
+                                           pool_proj=_params(m1.out_linear)))  # fmt: skip
         else:
             hidden = self.skut_forward(x, self.v1_packed, key_padding_mask=mask, causal=False, pool=None)
         rows = hidden[:, : cfg.latest_n_emb] if cfg.latest_n_emb > 0 else hidden
@@ -642,6 +645,12 @@ class CudaBackend:
             self.run(plan_batch(reqs, dedup=False))
             self.stats["buckets_warmed"] += 1
         self.stats["warmup_s"] = time.perf_counter() - t0
+
+
+def _params(linear: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of a Linear as ``skut_forward``'s ``pool_proj`` takes them (fp32, contiguous)."""
+    bias = linear.bias if linear.bias is not None else torch.zeros_like(linear.weight[:, 0])
+    return linear.weight.detach().contiguous(), bias.detach().contiguous()
 
 
 def _maybe_graph(graph: torch.cuda.CUDAGraph | None, pool) -> contextlib.AbstractContextManager:

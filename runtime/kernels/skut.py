@@ -345,8 +345,11 @@ def _skut_kernel(
     w_ptr,
     v_ptr,
     pool_ptr,
+    pw_ptr,
+    pb_ptr,
     S,
     n_layers,
+    D_OUT,
     D: tl.constexpr,
     D_P: tl.constexpr,
     H: tl.constexpr,
@@ -362,6 +365,8 @@ def _skut_kernel(
     KV_BUFS: tl.constexpr,
     PREC: tl.constexpr,
     STORE_OUT: tl.constexpr,
+    POOL_PROJ: tl.constexpr,
+    O_P: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     dt = out_ptr.dtype.element_ty
@@ -490,7 +495,16 @@ def _skut_kernel(
         tl.debug_barrier()
     if POOL != 0:
         pooled = tl.where(pooled == float("-inf"), 0.0, pooled)  # no valid row at all -> 0
-        tl.store(pool_ptr + b * D + cd, pooled.to(pool_ptr.dtype.element_ty), mask=dmask)
+        if POOL_PROJ:
+            # Linear(pool) (a module's out_linear), from the fp32 pool: one product per sequence,
+            # on the CUDA cores, instead of two more launches (a cast and a GEMM) after this one.
+            co = tl.arange(0, O_P)
+            o_ok = co < D_OUT
+            wt = tl.load(pw_ptr + co[None, :] * D + cd[:, None], mask=dmask[:, None] & o_ok[None, :], other=0.0)
+            y = tl.sum(pooled[:, None] * wt, axis=0) + tl.load(pb_ptr + co, mask=o_ok, other=0.0)
+            tl.store(pool_ptr + b * D_OUT + co, y.to(pool_ptr.dtype.element_ty), mask=o_ok)
+        else:
+            tl.store(pool_ptr + b * D + cd, pooled.to(pool_ptr.dtype.element_ty), mask=dmask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -581,6 +595,7 @@ def skut_forward(
     workspace: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     hidden: torch.Tensor | None = None,
+    pool_proj: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run every layer of the packed encoder on ``x`` (B, S, d_model) in one kernel launch.
 
@@ -597,8 +612,11 @@ def skut_forward(
         out: optional preallocated result ((B, S, d) or, with ``pool``, (B, d)), contiguous.
         hidden: with ``pool``, a contiguous (B, S, d) tensor that also receives every output row (the
             pooled rows and the rows themselves from one launch).
+        pool_proj: with ``pool``, (weight (d_out, d), bias (d_out,)) fp32 contiguous: the launch returns
+            Linear(pool) in fp32 instead (a module's ``out_linear``, from the pool before rounding).
     Returns:
-        (B, S, d) or, with ``pool``, (B, d) in x's dtype. Fully masked rows are zeros.
+        (B, S, d) or, with ``pool``, (B, d) in x's dtype, or (B, d_out) fp32 with ``pool_proj``. Fully
+        masked rows are zeros.
 
     Runs the Triton kernel on CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``);
     otherwise ``skut_torch``.
@@ -606,11 +624,13 @@ def skut_forward(
     _check_forward_args(x, packed, key_padding_mask, pool)
     bsz, s, d = x.shape
     dev = x.device
-    res_shape = (bsz, s, d) if pool is None else (bsz, d)
+    d_out = _check_pool_proj(pool_proj, pool, d, dev)
+    res_shape = (bsz, s, d) if pool is None else (bsz, d_out)
+    res_dtype = torch.float32 if pool_proj is not None else x.dtype
     if out is not None and (
-        tuple(out.shape) != res_shape or out.dtype != x.dtype or out.device != dev or not out.is_contiguous()
+        tuple(out.shape) != res_shape or out.dtype != res_dtype or out.device != dev or not out.is_contiguous()
     ):
-        raise ValueError(f"out must be a contiguous {res_shape} {x.dtype} tensor on {dev}")
+        raise ValueError(f"out must be a contiguous {res_shape} {res_dtype} tensor on {dev}")
     if hidden is not None and (
         pool is None or tuple(hidden.shape) != (bsz, s, d) or hidden.dtype != x.dtype or hidden.device != dev
         or not hidden.is_contiguous()
@@ -621,19 +641,25 @@ def skut_forward(
         if hidden is not None:
             hidden.copy_(rows)
         res = _pool(rows, key_padding_mask, pool)
+        if pool_proj is not None:
+            res = torch.nn.functional.linear(res.float(), *pool_proj)
         return res if out is None else out.copy_(res)
     if pool is None:
         act = out if out is not None else torch.empty((bsz, s, d), dtype=x.dtype, device=dev)
         pooled = act
     else:
-        pooled = out if out is not None else torch.empty((bsz, d), dtype=x.dtype, device=dev)
-        # Activations between layers need a (B, S, d) buffer; one layer needs none.
+        pooled = out if out is not None else torch.empty(res_shape, dtype=res_dtype, device=dev)
+        # Activations between layers need a (B, S, d) buffer; one layer needs none (x stands in: its dtype
+        # is the compute dtype, and nothing is written there).
         act = hidden
         if act is None:
-            act = torch.empty((bsz, s, d), dtype=x.dtype, device=dev) if packed.n_layers > 1 else pooled
+            act = torch.empty((bsz, s, d), dtype=x.dtype, device=dev) if packed.n_layers > 1 else x
     if bsz == 0 or s == 0:
         if pool is not None:
-            pooled.zero_()
+            if pool_proj is not None:  # the pool of nothing is 0, and Linear(0) is the bias
+                pooled.copy_(pool_proj[1].expand(bsz, d_out))
+            else:
+                pooled.zero_()
         return pooled
     cfg = config or choose_config(s, packed)
     for name in ("block_m", "block_n", "f_chunk"):
@@ -658,8 +684,10 @@ def skut_forward(
             packed.mats,
             packed.vecs,
             pooled,
+            *(pool_proj if pool_proj is not None else (pooled, pooled)),
             s,
             packed.n_layers,
+            d_out,
             D=d,
             D_P=packed.d_pad,
             H=packed.n_heads,
@@ -675,6 +703,8 @@ def skut_forward(
             KV_BUFS=kv_bufs,
             PREC="ieee" if x.dtype == torch.float32 else "tf32",
             STORE_OUT=pool is None or hidden is not None,
+            POOL_PROJ=pool_proj is not None,
+            O_P=max(16, triton.next_power_of_2(d_out)),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
@@ -713,6 +743,23 @@ def _dead_rows(
     if causal:
         return valid.cumsum(dim=1) == 0
     return (~valid.any(dim=1, keepdim=True)).expand(bsz, s)
+
+
+def _check_pool_proj(pool_proj, pool, d: int, dev: torch.device) -> int:
+    """The projected width (d without a projection); a ValueError names what does not fit."""
+    if pool_proj is None:
+        return d
+    if pool is None:
+        raise ValueError("pool_proj projects the pool: it needs a pool mode")
+    wt, b = pool_proj
+    if wt.dim() != 2 or wt.shape[1] != d or tuple(b.shape) != (wt.shape[0],):
+        raise ValueError(f"pool_proj must be (weight (d_out, {d}), bias (d_out,)), got "
+                         f"{tuple(wt.shape)} and {tuple(b.shape)}")  # fmt: skip
+    if not (wt.dtype == b.dtype == torch.float32 and wt.is_contiguous() and b.is_contiguous()):
+        raise ValueError("pool_proj's weight and bias must be contiguous fp32")
+    if wt.device != dev or b.device != dev:
+        raise ValueError(f"pool_proj is on {wt.device} / {b.device}, x on {dev}")
+    return wt.shape[0]
 
 
 def _pool(out: torch.Tensor, key_padding_mask: torch.Tensor | None, pool: str | None) -> torch.Tensor:
