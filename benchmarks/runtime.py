@@ -13,7 +13,10 @@ Rows (p50 / p99 over ``--runs`` runs after ``--warmup`` runs):
 Start-up: a fresh process builds ``Session(device="cuda")`` twice with one TRITON_CACHE_DIR: first with the
 folder empty (cold: every kernel compiles), then again (warm: compiled kernels come from the cache).
 
-    python benchmarks/runtime.py [--bundle DIR] [--runs 300] [--skip-startup]
+    python benchmarks/runtime.py [--bundle DIR] [--runs 300] [--skip-startup] [--timeline]
+
+``--timeline`` also runs the request without syncs, a CUDA event behind each step, and prints when the
+host had issued each step and when the GPU had done it: whether stage B waits for the host or the GPU.
 
 Prints a table; writes $OUT/runtime.json when $OUT is set.
 """
