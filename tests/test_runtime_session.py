@@ -263,6 +263,22 @@ def test_hybrid_glue_on_cpu_matches_eager(
     np.testing.assert_array_equal(sel["selection_group"], ref_group)
 
 
+def test_outputs_are_copied_back_once_graphs_are_given_up(
+    session: Session, eager: RankingModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Captured graphs copy their outputs to the host themselves; after a failed capture (graphs off, the
+    earlier buckets' graphs still held) every batch must copy its own outputs back, not return the pinned
+    buffers of an earlier batch."""
+    backend = cpu_cuda_backend(session.bundle, tmp_path, monkeypatch)
+    first, second = (random_requests(session.config, seed, n_cands=20) for seed in (21, 22))
+    backend.run(plan_batch(first))
+    b, _ = backend.staging_for(plan_batch(second))
+    backend.graphs[b] = ("a bucket captured before the capture failure",)
+    backend.use_graphs = False
+    probs, _ = backend.run(plan_batch(second))
+    np.testing.assert_allclose(probs, np.concatenate(eager_probs(eager, second)), atol=2e-3, rtol=0)
+
+
 def test_staging_parts_hold_what_each_stage_reads(session: Session, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """The cuda backend uploads its arena in three parts and starts stage A after the first, the ll

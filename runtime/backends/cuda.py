@@ -520,8 +520,8 @@ class CudaBackend:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         try:
             m = self.model
-            # A stage with no work (no V1 and no V2 module; no V2 for the ll selection) is not captured:
-            # an empty graph is no use, and torch warns about one.
+            # Stage A with no work (no V1 and no V2 module) is not captured: an empty graph is no use, and
+            # torch warns about one. The ll graph always has work: the upload of part two.
             graph_a = torch.cuda.CUDAGraph() if m.transact is not None or m.transact_v2 is not None else None
             graph_ll, graph_b = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
             s1, s2 = arena.splits
@@ -588,7 +588,8 @@ class CudaBackend:
         outs = self._outputs_for(arena, b, plan)
         n = plan.num_candidates
         wanted = self._returned()
-        copied = set(wanted) if b in self.graphs else set()  # stage B's graph copied these to the host itself
+        # Stage B's graph copied these to the host itself (not so if the graphs were given up since).
+        copied = set(wanted) if self.use_graphs and b in self.graphs else set()
         if selection:
             wanted += [k for k in ("selection_pos", "selection_group") if k in outs]
         host = {}
