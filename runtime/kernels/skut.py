@@ -609,7 +609,8 @@ def skut_forward(
         config: tile sizes (default from ``choose_config``).
         workspace: optional preallocated K/V scratch of at least ``workspace_numel(...)`` elements
             of the packed dtype (useful under CUDA-graph capture; otherwise allocated per call).
-        out: optional preallocated result ((B, S, d) or, with ``pool``, (B, d)), contiguous.
+        out: optional preallocated result ((B, S, d); with ``pool``, (B, d); with ``pool_proj``, (B, d_out)
+            fp32), contiguous.
         hidden: with ``pool``, a contiguous (B, S, d) tensor that also receives every output row (the
             pooled rows and the rows themselves from one launch).
         pool_proj: with ``pool``, (weight (d_out, d), bias (d_out,)) fp32 contiguous: the launch returns
