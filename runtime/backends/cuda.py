@@ -206,6 +206,9 @@ class CudaBackend:
         half = torch.float16
         self.v1_packed = pack(m.transact.transformer_encoder, half) if m.transact is not None else None
         self.v2_packed = pack(m.transact_v2.transformer_encoder, half) if m.transact_v2 is not None else None
+        # The modules' out_linear, as the transformer launch applies it to the pool (once, not per batch).
+        self.v1_proj = _params(m.transact.out_linear) if m.transact is not None else None
+        self.v2_proj = _params(m.transact_v2.out_linear) if m.transact_v2 is not None else None
         if m.transact_v2 is not None:
             m2 = m.transact_v2
             tables = (m2.action_emb, m2.surface_emb.weight, m2.pos_emb.weight, m2.null_token)
@@ -444,7 +447,7 @@ class CudaBackend:
             v2 = m2.pool(hidden, pad)
         else:
             v2 = self.skut_forward(x, self.v2_packed, key_padding_mask=pad, causal=True, pool="max_valid",
-                                   pool_proj=_params(m2.out_linear))  # out_linear in the same launch
+                                   pool_proj=self.v2_proj)  # out_linear in the same launch
         return v2, {"selection_pos": pos, "selection_group": group}
 
     def _v1(self, arena: Arena, b: Bucket, cand, cand_req, rt_n) -> list[torch.Tensor]:
@@ -461,7 +464,7 @@ class CudaBackend:
         if cfg.concat_max_pool:  # max over every slot, padding included, as the module does; same launch
             hidden = torch.empty_like(x)
             parts.append(self.skut_forward(x, self.v1_packed, mask, causal=False, pool="max_all", hidden=hidden,
-                                           pool_proj=_params(m1.out_linear)))  # fmt: skip
+                                           pool_proj=self.v1_proj))  # fmt: skip
         else:
             hidden = self.skut_forward(x, self.v1_packed, key_padding_mask=mask, causal=False, pool=None)
         rows = hidden[:, : cfg.latest_n_emb] if cfg.latest_n_emb > 0 else hidden
