@@ -144,7 +144,6 @@ def stage_breakdown(session: Session, req: Request, runs: int) -> dict[str, floa
     # The same host fills into pageable numpy arrays: what writing into pinned memory costs on this host
     # (e.g. pinned pages on another NUMA node) apart from the Python around the copies.
     pageable = SimpleNamespace(np={k: np.zeros_like(v) for k, v in arena.np.items()})
-    pageable.host = {k: torch.from_numpy(v) for k, v in pageable.np.items()}
     for _ in range(runs):
         stage("  fill part one into pageable memory (host, for comparison)", be._fill_first, pageable, b, plan)
         stage("  fill part two into pageable memory (host, for comparison)", be._fill_ll, pageable, b, plan)

@@ -88,7 +88,7 @@ def _header_length(value: str | None, body_size: int) -> int | None:
     return n
 
 
-def _parse_json(data: bytes | bytearray) -> Any:
+def _parse_json(data: bytes) -> Any:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -142,7 +142,7 @@ def _json_array(name: str, datatype: str, data: Any, shape: tuple[int, ...]) -> 
     return arr.astype(dtype).reshape(shape)
 
 
-def decode_infer_request(body: bytes | bytearray, header_length: str | None = None) -> InferRequest:
+def decode_infer_request(body: bytes, header_length: str | None = None) -> InferRequest:
     """Parse an infer request body (JSON, or JSON + binary tensors when ``header_length`` is given)."""
     n = _header_length(header_length, len(body))
     header, binary = (body, b"") if n is None else (body[:n], memoryview(body)[n:])

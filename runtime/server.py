@@ -108,9 +108,8 @@ def _error(message: str, status: int) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-async def _read_body(request: Request, limit: int) -> bytearray:
-    """The body, refusing (413) anything over ``limit`` bytes; an oversized body is drained, not stored.
-    A bytearray: the binary tensors decode as writable views of it, which torch can take without a copy."""
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing (413) anything over ``limit`` bytes; an oversized body is drained, not stored."""
     declared = request.headers.get("content-length")
     too_big = ProtocolError(f"request body is larger than the limit of {limit} bytes (--max-body-mb)", 413,
                             kind="body_too_large")  # fmt: skip
@@ -124,7 +123,7 @@ async def _read_body(request: Request, limit: int) -> bytearray:
             await _drain(request, 2 * limit + (16 << 20) - size)
             raise too_big
         chunks.append(chunk)
-    return bytearray().join(chunks)
+    return b"".join(chunks)
 
 
 async def _drain(request: Request, budget: int) -> None:
@@ -249,7 +248,7 @@ def create_app(
         body, content_type = state.metrics.render()
         return Response(body, media_type=content_type)
 
-    def decode(body: bytes | bytearray, header_length: str | None) -> tuple[InferRequest, ModelRequest]:
+    def decode(body: bytes, header_length: str | None) -> tuple[InferRequest, ModelRequest]:
         parsed = decode_infer_request(body, header_length)
         names = {s.name for s in state.session.output_specs()}
         for o in parsed.outputs or ():

@@ -318,30 +318,6 @@ def test_staging_parts_hold_what_each_stage_reads(session: Session, tmp_path: Pa
     assert torch.equal(want_ll, got_ll)
 
 
-def test_ll_fill_copies_read_only_arrays_too(session: Session, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    """Part two's fill copies writable ll codes with torch (threaded) and read-only ones (binary tensors
-    decoded over an immutable body) with numpy: the same bytes, each user's codes at its row."""
-    backend = cpu_cuda_backend(session.bundle, tmp_path, monkeypatch)
-    plan = plan_batch(random_requests(session.config, 13, n_cands=5))  # ll of 200, 0 and 37 rows
-    b, arena = backend.staging_for(plan)
-    w, base = b.widths[0], backend._bases(b)[0]
-    got = []
-    for writable in (True, False):
-        for u in plan.users:
-            codes = np.frombuffer(u.ll.item.tobytes(), np.int8).reshape(u.ll.item.shape)
-            u.ll.item = codes.copy() if writable else codes
-            assert u.ll.item.flags.writeable == writable
-        arena.host_bytes.fill_(0xA5)
-        backend._fill_ll(arena, b, plan)
-        item = arena.np["item"]
-        for i, u in enumerate(plan.users):
-            np.testing.assert_array_equal(item[base + i * w : base + i * w + len(u.ll)], u.ll.item)
-        assert sorted(len(u.ll) for u in plan.users) == [0, 37, 200]
-        got.append(arena.host_bytes.clone())
-    assert torch.equal(got[0], got[1])
-
-
 @pytest.mark.parametrize("v1, v2", [(True, False), (False, True), (False, False)], ids=["v1-only", "v2-only", "none"])
 def test_hybrid_glue_with_one_or_no_sequence_module(v1: bool, v2: bool, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip

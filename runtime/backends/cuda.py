@@ -222,9 +222,7 @@ class CudaBackend:
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._pool_ll = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._streams = [torch.cuda.Stream(self.device) for _ in range(2)] if self.device.type == "cuda" else []
-        # The ll upload and selection, at the highest priority: its programs then take the SMs that V1's
-        # transformer (one program per SM, two waves) frees first, as stage B waits for both.
-        self._copy = torch.cuda.Stream(self.device, priority=-1) if self.device.type == "cuda" else None
+        self._copy = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # ll upload + selection
         self._ll_done = torch.cuda.Event() if self.device.type == "cuda" else None
         self.stats = {"graphs_captured": 0, "graph_failures": 0, "buckets_warmed": 0}
         if self.dense_on == "cpu":
@@ -312,18 +310,12 @@ class CudaBackend:
             a["cand"][n0:] = a["cand"][0]
 
     def _fill_ll(self, arena: Arena, b: Bucket, plan: BatchPlan) -> None:
-        """Part two: the ll item codes (0.5 MB at 16,000 rows). torch's copy splits a copy this large over
-        its intra-op threads, numpy's runs on one: 2x faster on two cores, more on a GPU host's many."""
-        item, w, lo = arena.host["item"], b.widths[0], self._bases(b)[0]
+        """Part two: the ll item codes."""
+        item, w, lo = arena.np["item"], b.widths[0], self._bases(b)[0]
         for i, u in enumerate(plan.users):
             n = len(u.ll)
             if n:
-                dst = item[lo + i * w : lo + i * w + n]
-                src = u.ll.item
-                if src.flags.writeable:
-                    dst.copy_(torch.from_numpy(src))
-                else:  # torch warns about tensors over read-only memory: numpy's copy, on one thread
-                    dst.numpy()[:] = src
+                item[lo + i * w : lo + i * w + n] = u.ll.item
 
     def _fill_rest(self, arena: Arena, b: Bucket, plan: BatchPlan) -> None:
         """Part three: every action mask and surface, the dense features."""
