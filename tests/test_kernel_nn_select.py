@@ -197,50 +197,101 @@ def test_prefilter_large_k():
     assert_matches_reference(idx, scores, inputs, k)
 
 
+def launch_refine(inputs, gm, k, cfg, rb=16):
+    """Pass 2 on given group maxima: (idx, scores, threshold keys, list lengths)."""
+    seq, starts, lens, cand, users = inputs
+    n = cand.shape[0]
+    g_tot = gm.shape[1]
+    idx = torch.full((n, k), -7, dtype=torch.int64, device=DEV)
+    scores = torch.full((n, k), float("nan"), device=DEV)
+    gid = torch.full((n, g_tot), -5, dtype=torch.int32, device=DEV)
+    tau = torch.full((n,), 7, dtype=torch.int64, device=DEV)
+    cnt = torch.full((n,), 99, dtype=torch.int32, device=DEV)
+    keys = torch.empty((n, cfg.capacity), dtype=torch.int64, device=DEV)
+    nn_mod._nn_refine_kernel[(n,)](
+        seq, starts, lens, cand, users, gm, gid, tau, cnt, keys, idx, scores, seq.shape[1], k, g_tot, cfg.splits,
+        cfg.capacity, BS=cfg.tile, C=cfg.groups_per_split, G_P=triton.next_power_of_2(g_tot), BG=max(1, 64 // rb),
+        RB=rb, K=cfg.k_pad, CH=64, D_P=32, M_BULK=8, num_warps=4,
+    )  # fmt: skip
+    return idx, scores, tau, cnt
+
+
 def test_threshold_filters():
-    """The threshold is the k-th largest group maximum: few keys beyond k reach the key lists."""
+    """Pass 1 keeps each group's maximum; pass 2's threshold is the k-th largest of them, and few keys
+    beyond k reach the lists: about k groups of the sequence are read again, not all of it."""
     k = 16
-    seq, starts, lens, cand, users = (t.to(DEV) for t in make_inputs([2000], [4], torch.float16, seed=8))
+    inputs = tuple(t.to(DEV) for t in make_inputs([2000], [4], torch.float16, seed=8))
+    seq, starts, lens, cand, users = inputs
     cfg = nn_mod.choose_config(4, 1, 2000, k, torch.device(DEV))
     n = cand.shape[0]
     gm = torch.full((n, cfg.splits * cfg.groups_per_split), 7, dtype=torch.int32, device=DEV)
     nn_mod._nn_scan_kernel[(1, cfg.splits)](
-        seq, starts, lens, cand, users, gm, gm, gm, gm, n, 32, gm.shape[1], cfg.splits, 1,
-        BN=cfg.block_n, BS=cfg.tile, C=cfg.groups_per_split, D_P=32, COLLECT=False, num_warps=4,
+        seq, starts, lens, cand, users, gm, n, 32, gm.shape[1], cfg.splits,
+        BN=cfg.block_n, BS=cfg.tile, C=cfg.groups_per_split, D_P=32, num_warps=4,
     )  # fmt: skip
-    s = full_scores(*(t.cpu() for t in (seq, starts, lens, cand, users)))
+    s = full_scores(*(t.cpu() for t in inputs))
+    chunk = -(-2000 // cfg.splits)
+    chunk = -(-chunk // cfg.tile) * cfg.tile
     for i in range(n):  # each group maximum is the max of its own positions (float32 rounding)
-        chunk = -(-2000 // cfg.splits)
-        chunk = -(-chunk // cfg.tile) * cfg.tile
         for j in range(gm.shape[1]):
             sp, c = divmod(j, cfg.groups_per_split)
             pos = [p for p in range(sp * chunk, min(2000, (sp + 1) * chunk)) if p % cfg.groups_per_split == c]
             want = max(s[i][p].item() for p in pos)
             got = nn_mod_decode(gm[i, j].item())
             assert abs(got - want) <= TOL
-    tau = torch.empty(n, dtype=torch.int64, device=DEV)
-    cnt = torch.full((n,), 99, dtype=torch.int32, device=DEV)
-    nn_mod._nn_threshold_kernel[(n,)](gm, tau, cnt, k, gm.shape[1], G_P=gm.shape[1], num_warps=1)
-    assert (cnt == 0).all()
+    idx, scores, tau, cnt = launch_refine(inputs, gm, k, cfg)
+    assert_matches_reference(idx, scores, inputs, k)
     for i in range(n):
         kth_group_max = torch.sort(gm[i].cpu(), descending=True).values[k - 1].item()
         assert tau[i].item() == kth_group_max << 32
         passing = (torch.tensor([float(v) for v in s[i]]) >= nn_mod_decode(kth_group_max) - TOL).sum().item()
-        assert k <= passing < 8 * k  # the lists stay short on random data
+        assert k <= passing <= cnt[i].item() < 4 * k  # every key at the threshold, and few more
 
 
 def test_threshold_kth_group_max_or_open():
     """Hand-worked: the 3rd largest of a row's group maxima, as a key threshold (its code << 32); a
-    row with fewer than k non-empty groups lets every key through (the lowest code)."""
+    row with fewer than k non-empty groups lets every key through (the lowest code). The user has no
+    rows, so the lists stay empty and every slot is padding."""
     empty = -(2**31)
     rows = [[0.5, -0.25, 0.75, 0.1, None, -0.5, None, 0.0], [0.3, None, None, -0.9, None, None, None, None]]
     gm = torch.tensor([[empty if v is None else nn_mod_encode(v) for v in r] for r in rows], dtype=torch.int32)
-    tau = torch.full((2,), 7, dtype=torch.int64)
-    cnt = torch.full((2,), 5, dtype=torch.int32)
-    gm, tau, cnt = gm.to(DEV), tau.to(DEV), cnt.to(DEV)
-    nn_mod._nn_threshold_kernel[(2,)](gm, tau, cnt, 3, 8, G_P=8, num_warps=1)
+    seq = torch.ones((1, 32), dtype=torch.int8)
+    inputs = (seq, torch.tensor([0]), torch.tensor([0]), torch.ones((2, 32)), torch.tensor([0, 0]))
+    cfg = nn_mod.NNSelectConfig(16, 16, 2, 4, 4, tile=64)
+    idx, scores, tau, cnt = launch_refine(tuple(t.to(DEV) for t in inputs), gm.to(DEV), 3, cfg)
     assert tau.tolist() == [nn_mod_encode(0.1) << 32, empty << 32]
     assert cnt.tolist() == [0, 0]
+    assert (idx == -1).all() and torch.isinf(scores).all()
+
+
+def test_refine_visits_only_groups_near_the_threshold():
+    """Hand-made maxima steer pass 2: with the threshold at the 2nd largest maximum (0.5), only the
+    two groups at or above it (less the margin) are read; a row that scores 0.9 in a group whose
+    recorded maximum is low is never looked at (the kernel trusts pass 1), one just under the
+    threshold in a visited group is not kept, and the top 2 come from the visited groups' rows."""
+    d = 32
+    unit = torch.zeros(d)
+    unit[0] = 1.0
+    c = 4  # groups per chunk, one chunk of 64 rows: group j holds rows j, j + 4, ..., j + 60
+    seq = torch.zeros((64, d), dtype=torch.int8)
+    seq[:, 1] = 40  # every row orthogonal to the candidate: score 0 ...
+    def put(row, score):  # ... except these, at a chosen cosine with the candidate (e_0)
+        a = round(40 * score / math.sqrt(1 - score * score))
+        seq[row, 0] = a
+    put(5, 0.6)   # group 1
+    put(9, 0.49)  # group 1: under the threshold (0.5 - 1e-4 or so)
+    put(2, 0.5)   # group 2
+    put(3, 0.9)   # group 3, whose recorded maximum says 0.1: not visited
+    scores = (seq.double() @ unit.double()) / seq.double().norm(dim=1)
+    gm = torch.tensor([[nn_mod_encode(v) for v in (0.0, float(scores[5]), float(scores[2]), 0.1)]],
+                      dtype=torch.int32)  # fmt: skip
+    inputs = (seq, torch.tensor([0]), torch.tensor([64]), unit[None].half(), torch.tensor([0]))
+    cfg = nn_mod.NNSelectConfig(16, 16, 1, 4, c, tile=64)
+    idx, got, tau, cnt = launch_refine(tuple(t.to(DEV) for t in inputs), gm.to(DEV), 2, cfg)
+    assert tau.item() == int(gm[0, 2]) << 32
+    assert cnt.item() == 2  # rows 5 and 2; row 9 scored but under the threshold, row 3 never read
+    assert idx.tolist() == [[5, 2]]
+    torch.testing.assert_close(got.cpu()[0].double(), scores[[5, 2]], atol=1e-6, rtol=0)
 
 
 def nn_mod_encode(x: float) -> int:

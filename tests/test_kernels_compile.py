@@ -70,7 +70,7 @@ backend = CudaBackend(bundle, SessionOptions(triton_cache_dir=sys.argv[2]), devi
 b = random_batch(bundle.config, 2, 4, ll=[30, 0], rt=[12, 3], imp=[6, 0], seed=0, future=1)
 backend.run(plan_batch([Request.from_batch(b, 0), Request.from_batch(b, 1)]))
 
-# The four-pass selection at the configurations the production shapes choose on a 132-SM GPU (k = 64
+# The two-pass selection at the configurations the production shapes choose on a 132-SM GPU (k = 64
 # and 96; 63 chunks per sequence), on small inputs.
 g = torch.Generator().manual_seed(0)
 seq = torch.randint(-127, 128, (300, 32), generator=g, dtype=torch.int8)
@@ -143,7 +143,7 @@ def test_every_runtime_kernel_launch_compiles_for_sm90(tmp_path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert not got["failed"], "\n".join(got["failed"])
-    expected = {"_nn_scan_kernel", "_nn_threshold_kernel", "_nn_final_kernel", "_nn_short_kernel",
+    expected = {"_nn_scan_kernel", "_nn_refine_kernel", "_nn_short_kernel",
                 "_skut_kernel", "_v1_tokens_kernel", "_v2_tokens_kernel", "_dense_input_kernel",
                 "_linear_kernel"}  # fmt: skip
     assert expected <= set(got["kernels"])

@@ -13,20 +13,21 @@ GPU design (no (N, S) score matrix ever reaches memory):
 * Dequantisation cancels in the cosine. The candidate is normalised in fp32 and split into an
   fp16 ``hi + lo`` pair; int8 codes are exact in fp16, so two tensor-core dots give the dot product
   with fp32 accuracy. Row norms come from the int8 codes in fp32 (exact).
-* Four launches, all graph-capturable, none waiting on the host:
+* Two launches, both graph-capturable, neither waiting on the host:
   1. scan: each program owns a block of candidates and one chunk of every sequence they use
      (split over the sequence fills the GPU when there are few candidates) and keeps the maximum
-     score of each of a few disjoint column groups;
-  2. threshold: the k-th largest group maximum of a candidate is a lower bound of its k-th best
-     score (at least k distinct positions reach it);
-  3. scan again: every key at or above the threshold is appended to the candidate's key list
-     (slots from an atomic counter). On random data about 1-2 x k keys per candidate pass;
-  4. final, one program per candidate: each key's rank in its list (the number of larger keys,
-     counted chunk against chunk) is its output slot, so the top k land in order with no sort (wide
-     int64 sorts cost ~20 us per launch on an H200). A list that overflowed its capacity (long runs
-     of exactly equal scores) is rebuilt by an exact full scan.
+     score of each of C disjoint groups of the chunk's rows (group j: rows j, j + C, j + 2C, ...);
+     about 16 x k groups per candidate in all;
+  2. refine, one program per candidate: the k-th largest group maximum is a lower bound of its k-th
+     best score (at least k distinct positions reach it), so only the ~k groups whose maximum reaches
+     it can hold a top-k row. Their rows (~1/16 of the sequence) are scored again on the CUDA cores,
+     keys at or above the bound go to the candidate's list, and each key's rank in the list (the
+     number of larger keys, counted chunk against chunk) is its output slot: the top k land in
+     order with no sort (wide int64 sorts cost ~20 us per launch on an H200). A list that
+     overflowed its capacity (long runs of exactly equal scores) is rebuilt by an exact full scan.
   No program keeps a running top-k while it scans, which is what made the earlier single-pass
-  design slow: its per-tile merges were serial within each program.
+  design slow: its per-tile merges were serial within each program. (The design before this one
+  scanned the whole sequence twice, the second time to collect the keys above the bound.)
 * Short sequences (the caller's ``max_len`` hint up to ``SHORT_MAX`` rows, e.g. the 100-row rt and
   impression sequences) take one launch instead: one program per candidate ranks all its keys.
 """
@@ -49,6 +50,11 @@ __all__ = ["nn_select", "nn_select_torch", "nn_select_reference", "NNSelectConfi
 # (INT32_MIN + 1) << 32, so all sentinels sort below all real keys.
 _BIG_USER = tl.constexpr(2**31 - 1)  # "no user": larger than any user index
 _MAX_K = 256  # register budget of the (block_n, K) key tiles; the models use k <= 96
+# Pass 2 scores rows in fp32 on the CUDA cores, pass 1 with fp16 hi + lo tensor-core dots: both
+# within a few 1e-6 of the exact cosine (32 products of int8 codes and a unit vector). The threshold
+# keeps this margin (about 10x that) so that neither's rounding can lose a top-k row.
+_MARGIN = tl.constexpr(2.0**-15)
+GROUPS_PER_K = 16  # group maxima per candidate, per top-k slot (choose_config)
 SHORT_MAX = 128  # sequences up to this many rows (by the caller's max_len) take the one-pass kernel
 
 
@@ -188,37 +194,24 @@ def _nn_scan_kernel(
     cand_ptr,
     user_ptr,
     gm_ptr,
-    tau_ptr,
-    cnt_ptr,
-    keys_ptr,
     N,
     D,
     G_TOT,
     SPLITS,
-    CAP,
     BN: tl.constexpr,
     BS: tl.constexpr,
     C: tl.constexpr,
     D_P: tl.constexpr,
-    COLLECT: tl.constexpr,
 ):
-    """One chunk of every sequence a block of candidates uses, in tiles of BS positions.
-
-    COLLECT=False (pass 1): the max score of each of C column groups of this chunk.
-    COLLECT=True (pass 3): append every key >= the candidate's threshold to its key list (an atomic
-    counter per candidate hands out slots; at most CAP are stored, the count goes on).
-    Both passes tile the chunk identically, so a position gets bit-identical scores in each.
-    """
+    """Pass 1: one chunk of every sequence a block of candidates uses, in tiles of BS positions; the
+    max score of each of C column groups of the chunk (group j: the positions p_lo + j + C * r)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid * BN + tl.arange(0, BN)
     row_ok = rows < N
     users = tl.load(user_ptr + rows, mask=row_ok, other=_BIG_USER).to(tl.int32)
     c_hi, c_lo = _load_cand_hi_lo(cand_ptr, rows, row_ok, D, D_P)
-    if COLLECT:
-        tau = tl.load(tau_ptr + rows, mask=row_ok, other=2**62)
-    else:
-        gmax = tl.full((BN, C), -(2**31), tl.int32)
+    gmax = tl.full((BN, C), -(2**31), tl.int32)
     u = tl.min(users, axis=0)
     while u < _BIG_USER:  # each distinct user of the block once (fast when candidates are grouped)
         is_u = users == u
@@ -231,40 +224,40 @@ def _nn_scan_kernel(
             q_next = _load_tile(seq_ptr, start, pos + BS, pos + BS < p_hi, D, D_P)  # in flight meanwhile
             s = _scores(q, c_hi, c_lo)
             q = q_next
-            if COLLECT:
-                key = (_ordered_bits(s).to(tl.int64) << 32) | pos[None, :].to(tl.int64)
-                ok = is_u[:, None] & pos_ok[None, :] & (key >= tau[:, None])
-                n_ok = tl.sum(ok.to(tl.int32), axis=1)
-                if tl.max(n_ok, axis=0) > 0:
-                    base = tl.atomic_add(cnt_ptr + rows, n_ok, mask=n_ok > 0)
-                    slot = base[:, None] + tl.cumsum(ok.to(tl.int32), axis=1) - 1
-                    tl.store(
-                        keys_ptr + rows[:, None].to(tl.int64) * CAP + slot, key, mask=ok & (slot < CAP)
-                    )
-            else:
-                o = tl.where(is_u[:, None] & pos_ok[None, :], _ordered_bits(s), -(2**31))
-                gmax = tl.maximum(gmax, tl.max(tl.reshape(o, (BN, BS // C, C)), axis=1))
+            o = tl.where(is_u[:, None] & pos_ok[None, :], _ordered_bits(s), -(2**31))
+            gmax = tl.maximum(gmax, tl.max(tl.reshape(o, (BN, BS // C, C)), axis=1))
         u = tl.min(tl.where(users > u, users, _BIG_USER), axis=0)
-    if not COLLECT:
-        g = tl.arange(0, C)
-        tl.store(
-            gm_ptr + rows[:, None].to(tl.int64) * G_TOT + split * C + g[None, :], gmax, mask=row_ok[:, None]
-        )
+    g = tl.arange(0, C)
+    tl.store(gm_ptr + rows[:, None].to(tl.int64) * G_TOT + split * C + g[None, :], gmax, mask=row_ok[:, None])
 
 
 @triton.jit
-def _row_keys(seq_ptr, start, p0, length, c, D, W: tl.constexpr, D_P: tl.constexpr):
-    """Keys (W,) of one candidate (c: normalised, fp32, (D_P,)) against rows [p0, p0 + W) of its
-    sequence; INT64_MIN where there is no row. Scores in fp32 from the int8 codes (exact products)."""
-    pos = p0 + tl.arange(0, W)
-    ok = pos < length
+def _keys_at(seq_ptr, start, pos, ok, c, D, D_P: tl.constexpr):
+    """Keys of one candidate (c: normalised, fp32, (D_P,)) against rows ``pos`` of its sequence;
+    INT64_MIN where not ``ok``. Scores in fp32 on the CUDA cores from the int8 codes."""
     q = _load_tile(seq_ptr, start, pos, ok, D, D_P).to(tl.float32)
-    nrm2 = tl.sum(q * q, axis=1)
+    nrm2 = tl.sum(q * q, axis=1)  # exact: int8 codes
     inv = tl.where(nrm2 > 0, 1.0 / tl.sqrt(tl.maximum(nrm2, 1.0)), 0.0)
     s = tl.sum(q * c[None, :], axis=1) * inv
     s = tl.where(s == 0.0, 0.0, s)  # -0.0 and +0.0 are the same score
     key = (_ordered_bits(s).to(tl.int64) << 32) | pos.to(tl.int64)
     return tl.where(ok, key, -(2**63))
+
+
+@triton.jit
+def _row_keys(seq_ptr, start, p0, length, c, D, W: tl.constexpr, D_P: tl.constexpr):
+    """Keys (W,) of one candidate against rows [p0, p0 + W) of its sequence."""
+    pos = p0 + tl.arange(0, W)
+    return _keys_at(seq_ptr, start, pos, pos < length, c, D, D_P)
+
+
+@triton.jit
+def _load_cand_row(cand_ptr, row, D, D_P: tl.constexpr):
+    """Candidate ``row`` normalised in fp32, (D_P,); a zero candidate stays zero (it scores 0)."""
+    d = tl.arange(0, D_P)
+    c = tl.load(cand_ptr + row.to(tl.int64) * D + d, mask=d < D, other=0).to(tl.float32)
+    nrm2 = tl.sum(c * c, axis=0)
+    return c * tl.where(nrm2 > 0, 1.0 / tl.sqrt(tl.maximum(nrm2, 1e-30)), 0.0)
 
 
 @triton.jit
@@ -312,10 +305,7 @@ def _nn_short_kernel(
     u = tl.load(user_ptr + row)
     start = tl.load(starts_ptr + u).to(tl.int64)
     length = tl.load(lengths_ptr + u).to(tl.int32)
-    d = tl.arange(0, D_P)
-    c = tl.load(cand_ptr + row.to(tl.int64) * D + d, mask=d < D, other=0).to(tl.float32)
-    nrm2 = tl.sum(c * c, axis=0)
-    c = c * tl.where(nrm2 > 0, 1.0 / tl.sqrt(tl.maximum(nrm2, 1e-30)), 0.0)
+    c = _load_cand_row(cand_ptr, row, D, D_P)
     _store_empty(row, length, idx_ptr, score_ptr, k, K)
     for p0 in range(0, length, W):
         mine = _row_keys(seq_ptr, start, p0, length, c, D, W, D_P)
@@ -330,15 +320,9 @@ def _nn_short_kernel(
 
 
 @triton.jit
-def _nn_threshold_kernel(gm_ptr, tau_ptr, cnt_ptr, k, G_TOT, G_P: tl.constexpr):
-    """Pass 2, one candidate per program: the k-th largest group maximum (exact, by bisection over
-    the 32-bit ordered scores) as a key threshold, and a zeroed key counter for pass 3.
-
-    At least k distinct positions score >= that maximum, so every top-k key is >= the threshold.
-    With fewer than k non-empty groups the threshold lets everything through. (One warp per
-    candidate: the 33 steps are a chain of warp-level reductions, cheapest without shared memory.)
-    """
-    row = tl.program_id(0)
+def _kth_group_max(gm_ptr, row, k, G_TOT, G_P: tl.constexpr):
+    """The k-th largest of a candidate's group maxima (ordered int32, exact, by bisection over the
+    32 bits), as an int64; INT32_MIN when fewer than k groups are non-empty (no threshold)."""
     g = tl.arange(0, G_P)
     gm = tl.load(gm_ptr + row.to(tl.int64) * G_TOT + g, mask=g < G_TOT, other=-(2**31))
     real = gm > -(2**31)
@@ -350,85 +334,155 @@ def _nn_threshold_kernel(gm_ptr, tau_ptr, cnt_ptr, k, G_TOT, G_P: tl.constexpr):
         enough = cnt >= k
         lo = tl.where(enough, mid, lo)
         hi = tl.where(enough, hi, mid)
-    tl.store(tau_ptr + row, lo << 32)
-    tl.store(cnt_ptr + row, 0)
+    return gm, real, lo
 
 
 @triton.jit
-def _nn_final_kernel(
+def _below(bits, margin):
+    """Ordered int32 of (the score whose ordered int32 is ``bits``) - margin."""
+    b = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return _ordered_bits(b.to(tl.float32, bitcast=True) - margin)
+
+
+@triton.jit
+def _rank_list(keys_base, cnt, row, idx_ptr, score_ptr, k, K: tl.constexpr, CH: tl.constexpr):
+    """The top k of a list of ``cnt`` distinct keys, best first: each key's rank is the number of
+    larger keys (counted chunk against chunk), keys ranked below k go straight to their slot."""
+    _store_empty(row, cnt, idx_ptr, score_ptr, k, K)
+    j = tl.arange(0, CH)
+    for c0 in range(0, cnt, CH):
+        mine = tl.load(keys_base + c0 + j, mask=c0 + j < cnt, other=-(2**63))
+        rank = tl.zeros((CH,), tl.int32)
+        for c1 in range(0, cnt, CH):
+            other = tl.load(keys_base + c1 + j, mask=c1 + j < cnt, other=-(2**63))
+            rank += tl.sum((other[None, :] > mine[:, None]).to(tl.int32), axis=1)
+        _store_ranked(mine, rank, row, idx_ptr, score_ptr, k)
+
+
+@triton.jit
+def _exact_scan(seq_ptr, start, length, cand_ptr, row, zero, idx_ptr, score_ptr, D, k,
+                K: tl.constexpr, D_P: tl.constexpr, M_BULK: tl.constexpr):  # fmt: skip
+    """The top k of a candidate over its whole sequence with a running top-K set: the rare exact
+    path for key lists that overflowed (long runs of equal scores defeat the threshold)."""
+    col = tl.arange(0, K)
+    if zero:
+        # A zero candidate scores exactly 0 against every row (see _load_cand_hi_lo), so the tie
+        # rule alone decides: the newest k positions. Items without an embedding look like this,
+        # and the full scan below, one program's serial pass, costs far more (~5 ms at 16,000
+        # positions when it still went oldest tile first).
+        pos = length - 1 - col
+        ok = pos >= 0
+        offs = row.to(tl.int64) * k + col
+        tl.store(idx_ptr + offs, tl.where(ok, pos, -1).to(idx_ptr.dtype.element_ty), mask=col < k)
+        tl.store(score_ptr + offs, tl.where(ok, 0.0, float("-inf")), mask=col < k)
+    else:
+        # A block of 16 rows with only this candidate live (the tile scores need 16-row dots).
+        rows = row + tl.arange(0, 16)
+        live = tl.arange(0, 16) == 0
+        buf = tl.full((16, K), -(2**63), tl.int64) + col[None, :]  # distinct sentinels
+        tile_sent = tl.full((16, K), -(2**63) + K, tl.int64) + col[None, :]
+        c_hi, c_lo = _load_cand_hi_lo(cand_ptr, rows, live, D, D_P)
+        # Newest tile first: a run of equal scores (what overflows a list) then fills the set with
+        # its newest positions, which win the tie, and every older copy falls below the set's
+        # minimum, a cheap rejection, instead of displacing the set tile after tile by a sort.
+        n_tiles = tl.cdiv(length, K)
+        for t in range(0, n_tiles):
+            pos = (n_tiles - 1 - t) * K + col
+            pos_ok = pos < length
+            s = _tile_scores(seq_ptr, start, pos, pos_ok, c_hi, c_lo, D, D_P)
+            key = (_ordered_bits(s).to(tl.int64) << 32) | pos[None, :].to(tl.int64)
+            key = tl.where(live[:, None] & pos_ok[None, :], key, tile_sent)
+            buf = _merge_keys(buf, key, K, M_BULK)
+        _store_sorted(buf, rows, live, idx_ptr, score_ptr, k, K)
+
+
+@triton.jit
+def _nn_refine_kernel(
     seq_ptr,
     starts_ptr,
     lengths_ptr,
     cand_ptr,
     user_ptr,
+    gm_ptr,
+    gid_ptr,
+    tau_ptr,
     cnt_ptr,
     keys_ptr,
     idx_ptr,
     score_ptr,
     D,
     k,
+    G_TOT,
+    SPLITS,
     CAP,
+    BS: tl.constexpr,
+    C: tl.constexpr,
+    G_P: tl.constexpr,
+    BG: tl.constexpr,
+    RB: tl.constexpr,
     K: tl.constexpr,
     CH: tl.constexpr,
     D_P: tl.constexpr,
     M_BULK: tl.constexpr,
 ):
-    """Pass 4, one program per candidate: the top k of its key list, best first.
+    """Pass 2, one program per candidate: its threshold, the rows of the groups that reach it scored
+    again, the top k of those, best first.
 
-    Each key's rank is the number of larger keys in the list (keys are distinct), counted chunk
-    against chunk; keys ranked below k go straight to their slot. No sort: the lists hold about
-    1-2 x k keys. A list that overflowed CAP (long runs of equal scores defeat the threshold) is
-    rebuilt by a full scan of the candidate's sequence, newest tile first, with the running top-K merge:
-    rare, exact (the whole selection ~0.66 ms when all 256 candidates of a 16,000-row user overflow).
+    The threshold T is the k-th largest group maximum (pass 1), so at least k distinct positions
+    score >= T. This pass scores rows on the CUDA cores, which may differ from pass 1's tensor-core
+    scores by up to a few 1e-6; with the margin E (``_MARGIN``) above that, every group whose
+    maximum is >= T - 2E is visited and every key >= T - E kept: at least k keys, and every one that
+    can be in the top k. Only those ~k groups are read again (~1,000 of 16,000 rows at k = 64), not
+    the whole sequence. ``tau`` and ``cnt`` receive the threshold key and the list's length.
     """
     row = tl.program_id(0)
-    cnt = tl.load(cnt_ptr + row)
-    if cnt <= CAP:
-        _store_empty(row, cnt, idx_ptr, score_ptr, k, K)
-        j = tl.arange(0, CH)
-        base = keys_ptr + row.to(tl.int64) * CAP
-        for c0 in range(0, cnt, CH):
-            mine = tl.load(base + c0 + j, mask=c0 + j < cnt, other=-(2**63))
-            rank = tl.zeros((CH,), tl.int32)
-            for c1 in range(0, cnt, CH):
-                other = tl.load(base + c1 + j, mask=c1 + j < cnt, other=-(2**63))
-                rank += tl.sum((other[None, :] > mine[:, None]).to(tl.int32), axis=1)
-            _store_ranked(mine, rank, row, idx_ptr, score_ptr, k)
+    gm, real, lo = _kth_group_max(gm_ptr, row, k, G_TOT, G_P)
+    tl.store(tau_ptr + row, lo << 32)
+    no_thr = lo <= -(2**31)  # fewer than k non-empty groups: every row counts
+    t32 = lo.to(tl.int32)
+    key_floor = tl.where(no_thr, -(2**31), _below(t32, _MARGIN)).to(tl.int64) << 32
+    visit = tl.where(no_thr, real, real & (gm >= _below(t32, 2 * _MARGIN)))
+    # The visited groups' ids, packed to the front of this candidate's row of ``gid``.
+    gid_base = gid_ptr + row.to(tl.int64) * G_TOT
+    g = tl.arange(0, G_P)
+    tl.store(gid_base + tl.cumsum(visit.to(tl.int32), axis=0) - 1, g, mask=visit)
+    n_visit = tl.sum(visit.to(tl.int32), axis=0)
+    tl.debug_barrier()
+
+    u = tl.load(user_ptr + row)
+    start = tl.load(starts_ptr + u).to(tl.int64)
+    length = tl.load(lengths_ptr + u).to(tl.int32)
+    chunk = tl.cdiv(tl.cdiv(length, SPLITS), BS) * BS  # as _user_chunk
+    rows_per_group = chunk // C
+    c = _load_cand_row(cand_ptr, row, D, D_P)
+    j = tl.arange(0, BG * RB)
+    gi = j // RB
+    ri = j % RB
+    keys_base = keys_ptr + row.to(tl.int64) * CAP
+    n_keys = tl.zeros((), tl.int32)
+    g0 = tl.zeros((), tl.int32)
+    while (g0 < n_visit) & (n_keys <= CAP):  # a list past CAP goes to the exact scan: stop early
+        g_ok = g0 + gi < n_visit
+        grp = tl.load(gid_base + g0 + gi, mask=g_ok, other=0)
+        split = grp // C
+        p_first = split * chunk + grp % C  # group j of a chunk: rows p_lo + j + C * r
+        p_end = tl.minimum(length, split * chunk + chunk)
+        for r0 in range(0, rows_per_group, RB):
+            pos = p_first + (r0 + ri) * C
+            ok = g_ok & (pos < p_end)
+            key = _keys_at(seq_ptr, start, pos, ok, c, D, D_P)
+            take = ok & (key >= key_floor)
+            slot = n_keys + tl.cumsum(take.to(tl.int32), axis=0) - 1
+            tl.store(keys_base + slot, key, mask=take & (slot < CAP))
+            n_keys += tl.sum(take.to(tl.int32), axis=0)
+        g0 += BG
+    tl.store(cnt_ptr + row, n_keys)
+    tl.debug_barrier()
+    if n_keys <= CAP:
+        _rank_list(keys_base, n_keys, row, idx_ptr, score_ptr, k, K, CH)
     else:
-        col = tl.arange(0, K)
-        start, p_lo, p_hi = _user_chunk(starts_ptr, lengths_ptr, tl.load(user_ptr + row), 0, 1, K)
-        d = tl.arange(0, D_P)
-        c = tl.load(cand_ptr + row.to(tl.int64) * D + d, mask=d < D, other=0).to(tl.float32)
-        if tl.sum(c * c, axis=0) == 0.0:
-            # A zero candidate scores exactly 0 against every row (see _load_cand_hi_lo), so the tie
-            # rule alone decides: the newest k positions. Items without an embedding look like this,
-            # and the full scan below, one program's serial pass, costs far more (~5 ms at 16,000
-            # positions when it still went oldest tile first).
-            pos = p_hi - 1 - col
-            ok = pos >= p_lo
-            offs = row.to(tl.int64) * k + col
-            tl.store(idx_ptr + offs, tl.where(ok, pos, -1).to(idx_ptr.dtype.element_ty), mask=col < k)
-            tl.store(score_ptr + offs, tl.where(ok, 0.0, float("-inf")), mask=col < k)
-        else:
-            # A block of 16 rows with only this candidate live (the tile scores need 16-row dots).
-            rows = row + tl.arange(0, 16)
-            live = tl.arange(0, 16) == 0
-            buf = tl.full((16, K), -(2**63), tl.int64) + col[None, :]  # distinct sentinels
-            tile_sent = tl.full((16, K), -(2**63) + K, tl.int64) + col[None, :]
-            c_hi, c_lo = _load_cand_hi_lo(cand_ptr, rows, live, D, D_P)
-            # Newest tile first: a run of equal scores (what overflows a list) then fills the set with
-            # its newest positions, which win the tie, and every older copy falls below the set's
-            # minimum, a cheap rejection, instead of displacing the set tile after tile by a sort.
-            n_tiles = tl.cdiv(p_hi - p_lo, K)
-            for t in range(0, n_tiles):
-                p0 = p_lo + (n_tiles - 1 - t) * K
-                pos = p0 + col
-                pos_ok = pos < p_hi
-                s = _tile_scores(seq_ptr, start, pos, pos_ok, c_hi, c_lo, D, D_P)
-                key = (_ordered_bits(s).to(tl.int64) << 32) | pos[None, :].to(tl.int64)
-                key = tl.where(live[:, None] & pos_ok[None, :], key, tile_sent)
-                buf = _merge_keys(buf, key, K, M_BULK)
-            _store_sorted(buf, rows, live, idx_ptr, score_ptr, k, K)
+        _exact_scan(seq_ptr, start, length, cand_ptr, row, tl.max(tl.abs(c), axis=0) == 0.0, idx_ptr,
+                    score_ptr, D, k, K, D_P, M_BULK)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -474,8 +528,8 @@ def choose_config(
     Chunks of about four tiles per program, as many as keep ~8 programs per SM busy: the scans are
     latency-bound chains of small loads and dots, so more and shorter programs win (measured on
     H200: 1 user, 256 candidates, S=16,000: 64-candidate blocks, 64 chunks, 38 us of kernel time;
-    16-candidate blocks 49 us). About 2 x k group maxima per candidate make the threshold pass only
-    about 1-2 x k keys per candidate on random data.
+    16-candidate blocks 49 us). About 16 x k group maxima per candidate: the second pass then reads
+    about k groups of 1/16 k of the sequence each again (more groups: a longer threshold search).
     """
     k_pad = max(16, triton.next_power_of_2(k))
     tile = max(64, k_pad)
@@ -489,7 +543,7 @@ def choose_config(
     avg_len = total_rows // max(n_users, 1)
     if splits is None:
         splits = max(1, min(triton.cdiv(avg_len, 4 * tile), max(1, 8 * sms // n_blocks), 128))
-    gps = min(tile, max(2, triton.next_power_of_2(triton.cdiv(2 * k_pad, splits))))
+    gps = min(tile, max(2, triton.next_power_of_2(triton.cdiv(GROUPS_PER_K * k_pad, splits))))
     num_warps = 4 if block_n * tile <= 4096 else 8
     return NNSelectConfig(block_n, k_pad, splits, num_warps, gps, tile)
 
@@ -556,7 +610,7 @@ def nn_select(
         out: optional preallocated (idx, scores) to write into (e.g. under CUDA-graph capture).
         max_len: a bound on every length known to the caller (e.g. the row width of a padded layout),
             a hint only: up to ``SHORT_MAX`` rows (and no ``config``) one single-pass launch replaces
-            the four passes. Results are exact either way.
+            the two passes. Results are exact either way.
     Returns:
         idx (N, k) positions relative to the user's start, best first (-1 when the user has fewer
         than k rows), scores (N, k) float32 cosine similarities (-inf in empty slots).
@@ -635,21 +689,24 @@ def _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, con
     cfg = config or choose_config(n, starts.shape[0], seq.shape[0], k, dev)
     bn, kp, splits, gps, cap = cfg.block_n, cfg.k_pad, cfg.splits, cfg.groups_per_split, cfg.capacity
     d_p = max(16, triton.next_power_of_2(d))
-    n_blocks = triton.cdiv(n, bn)
     g_tot = splits * gps
     gm = torch.empty((n, g_tot), dtype=torch.int32, device=dev)
+    gid = torch.empty((n, g_tot), dtype=torch.int32, device=dev)
     tau = torch.empty((n,), dtype=torch.int64, device=dev)
     cnt = torch.empty((n,), dtype=torch.int32, device=dev)
     keys = torch.empty((n, cap), dtype=torch.int64, device=dev)
-    scan = dict(BN=bn, BS=cfg.tile, C=gps, D_P=d_p, num_warps=cfg.num_warps)
-    args = (seq, starts, lengths, cand, cand_user, gm, tau, cnt, keys, n, d, g_tot, splits, cap)
+    # Rows of a group: the chunk's rows / gps, on average; the second pass reads BG x RB rows per step.
+    avg_chunk = triton.cdiv(triton.cdiv(max(seq.shape[0] // max(starts.shape[0], 1), 1), splits), cfg.tile)
+    rb = min(64, triton.next_power_of_2(max(1, avg_chunk * cfg.tile // gps)))
     with mma_sync_only():
-        _nn_scan_kernel[(n_blocks, splits)](*args, COLLECT=False, **scan)
-        _nn_threshold_kernel[(n,)](gm, tau, cnt, k, g_tot, G_P=triton.next_power_of_2(g_tot), num_warps=1)
-        _nn_scan_kernel[(n_blocks, splits)](*args, COLLECT=True, **scan)
-        _nn_final_kernel[(n,)](
-            seq, starts, lengths, cand, cand_user, cnt, keys, idx, scores, d, k, cap,
-            K=kp, CH=64, D_P=d_p, M_BULK=8, num_warps=4,
+        _nn_scan_kernel[(triton.cdiv(n, bn), splits)](
+            seq, starts, lengths, cand, cand_user, gm, n, d, g_tot, splits,
+            BN=bn, BS=cfg.tile, C=gps, D_P=d_p, num_warps=cfg.num_warps,
+        )  # fmt: skip
+        _nn_refine_kernel[(n,)](
+            seq, starts, lengths, cand, cand_user, gm, gid, tau, cnt, keys, idx, scores, d, k, g_tot, splits, cap,
+            BS=cfg.tile, C=gps, G_P=triton.next_power_of_2(g_tot), BG=max(1, 256 // rb), RB=rb, K=kp, CH=64,
+            D_P=d_p, M_BULK=8, num_warps=4,
         )  # fmt: skip
     return idx, scores
 
