@@ -54,7 +54,10 @@ _MAX_K = 256  # register budget of the (block_n, K) key tiles; the models use k 
 # within a few 1e-6 of the exact cosine (32 products of int8 codes and a unit vector). The threshold
 # keeps this margin (about 10x that) so that neither's rounding can lose a top-k row.
 _MARGIN = tl.constexpr(2.0**-15)
-GROUPS_PER_K = 16  # group maxima per candidate, per top-k slot (choose_config)
+GROUPS_PER_K = 16  # group maxima per candidate, per top-k slot, at least (choose_config)
+ROWS_PER_GROUP = 8  # rows per group, at most, where the tile allows (choose_config)
+REFINE_ROWS = 256  # rows the refine pass scores per step
+THRESHOLD_STEPS = 20  # bisection steps between the smallest and largest group maximum (33: exact)
 SHORT_MAX = 128  # sequences up to this many rows (by the caller's max_len) take the one-pass kernel
 
 
@@ -232,13 +235,13 @@ def _nn_scan_kernel(
 
 
 @triton.jit
-def _keys_at(seq_ptr, start, pos, ok, c, D, D_P: tl.constexpr):
-    """Keys of one candidate (c: normalised, fp32, (D_P,)) against rows ``pos`` of its sequence;
-    INT64_MIN where not ``ok``. Scores in fp32 on the CUDA cores from the int8 codes."""
-    q = _load_tile(seq_ptr, start, pos, ok, D, D_P).to(tl.float32)
-    nrm2 = tl.sum(q * q, axis=1)  # exact: int8 codes
+def _keys_of(q, pos, ok, c):
+    """Keys of one candidate (c: normalised, fp32, (D_P,)) against int8 rows q (R, D_P) at positions
+    ``pos``; INT64_MIN where not ``ok``. Scores in fp32 on the CUDA cores."""
+    qf = q.to(tl.float32)
+    nrm2 = tl.sum(qf * qf, axis=1)  # exact: int8 codes
     inv = tl.where(nrm2 > 0, 1.0 / tl.sqrt(tl.maximum(nrm2, 1.0)), 0.0)
-    s = tl.sum(q * c[None, :], axis=1) * inv
+    s = tl.sum(qf * c[None, :], axis=1) * inv
     s = tl.where(s == 0.0, 0.0, s)  # -0.0 and +0.0 are the same score
     key = (_ordered_bits(s).to(tl.int64) << 32) | pos.to(tl.int64)
     return tl.where(ok, key, -(2**63))
@@ -248,7 +251,8 @@ def _keys_at(seq_ptr, start, pos, ok, c, D, D_P: tl.constexpr):
 def _row_keys(seq_ptr, start, p0, length, c, D, W: tl.constexpr, D_P: tl.constexpr):
     """Keys (W,) of one candidate against rows [p0, p0 + W) of its sequence."""
     pos = p0 + tl.arange(0, W)
-    return _keys_at(seq_ptr, start, pos, pos < length, c, D, D_P)
+    ok = pos < length
+    return _keys_of(_load_tile(seq_ptr, start, pos, ok, D, D_P), pos, ok, c)
 
 
 @triton.jit
@@ -320,20 +324,24 @@ def _nn_short_kernel(
 
 
 @triton.jit
-def _kth_group_max(gm_ptr, row, k, G_TOT, G_P: tl.constexpr):
-    """The k-th largest of a candidate's group maxima (ordered int32, exact, by bisection over the
-    32 bits), as an int64; INT32_MIN when fewer than k groups are non-empty (no threshold)."""
+def _kth_group_max(gm_ptr, row, k, G_TOT, G_P: tl.constexpr, STEPS: tl.constexpr):
+    """A lower bound T of the k-th largest of a candidate's group maxima (ordered int32, as an int64)
+    with at least k maxima >= T, by bisection between the smallest and largest maximum: exact with
+    STEPS = 33, otherwise within (max - min) / 2**STEPS below it (a few more groups pass, nothing is
+    lost). INT32_MIN when fewer than k groups are non-empty (no threshold)."""
     g = tl.arange(0, G_P)
     gm = tl.load(gm_ptr + row.to(tl.int64) * G_TOT + g, mask=g < G_TOT, other=-(2**31))
     real = gm > -(2**31)
-    lo = tl.full((), -(2**31), tl.int64)  # count(gm >= lo) >= k, or lo is the floor
-    hi = tl.full((), 2**31, tl.int64)  # count(gm >= hi) < k
-    for _ in tl.static_range(33):
-        mid = (lo + hi) >> 1  # in [-2**31, 2**31 - 1]: an exact int32
+    n_real = tl.sum(real.to(tl.int32), axis=0)
+    lo = tl.min(tl.where(real, gm, 2**31 - 1), axis=0).to(tl.int64)  # count(gm >= lo) >= k ...
+    hi = tl.max(gm, axis=0).to(tl.int64) + 1  # ... and count(gm >= hi) < k
+    for _ in tl.static_range(STEPS):
+        mid = (lo + hi) >> 1  # an exact int32 between the two
         cnt = tl.sum((real & (gm >= mid.to(tl.int32))).to(tl.int32), axis=0)
         enough = cnt >= k
         lo = tl.where(enough, mid, lo)
         hi = tl.where(enough, hi, mid)
+    lo = tl.where(n_real >= k, lo, -(2**31))
     return gm, real, lo
 
 
@@ -397,6 +405,18 @@ def _exact_scan(seq_ptr, start, length, cand_ptr, row, zero, idx_ptr, score_ptr,
 
 
 @triton.jit
+def _visited_rows(gid_base, f, n_rows, rows_per_group, chunk, length, C: tl.constexpr):
+    """Positions of the visited groups' rows ``f`` (flat: group slot f // rows_per_group, its row
+    f % rows_per_group) and whether each exists; group j of a chunk holds rows p_lo + j + C * r."""
+    in_range = f < n_rows
+    slot = f // rows_per_group
+    grp = tl.load(gid_base + slot, mask=in_range, other=0)
+    split = grp // C
+    pos = split * chunk + grp % C + (f - slot * rows_per_group) * C
+    return pos, in_range & (pos < tl.minimum(length, split * chunk + chunk))
+
+
+@triton.jit
 def _nn_refine_kernel(
     seq_ptr,
     starts_ptr,
@@ -418,8 +438,8 @@ def _nn_refine_kernel(
     BS: tl.constexpr,
     C: tl.constexpr,
     G_P: tl.constexpr,
-    BG: tl.constexpr,
-    RB: tl.constexpr,
+    R: tl.constexpr,
+    STEPS: tl.constexpr,
     K: tl.constexpr,
     CH: tl.constexpr,
     D_P: tl.constexpr,
@@ -428,15 +448,16 @@ def _nn_refine_kernel(
     """Pass 2, one program per candidate: its threshold, the rows of the groups that reach it scored
     again, the top k of those, best first.
 
-    The threshold T is the k-th largest group maximum (pass 1), so at least k distinct positions
-    score >= T. This pass scores rows on the CUDA cores, which may differ from pass 1's tensor-core
-    scores by up to a few 1e-6; with the margin E (``_MARGIN``) above that, every group whose
-    maximum is >= T - 2E is visited and every key >= T - E kept: at least k keys, and every one that
-    can be in the top k. Only those ~k groups are read again (~1,000 of 16,000 rows at k = 64), not
-    the whole sequence. ``tau`` and ``cnt`` receive the threshold key and the list's length.
+    The threshold T is (a lower bound within a few ulps of) the k-th largest group maximum of pass 1,
+    so at least k distinct positions score >= T. This pass scores rows on the CUDA cores, which may
+    differ from pass 1's tensor-core scores by up to a few 1e-6; with the margin E (``_MARGIN``) above
+    that, every group whose maximum is >= T - 2E is visited and every key >= T - E kept: at least k
+    keys, and every one that can be in the top k. Only those ~k groups are read again (~1,000 of
+    16,000 rows at k = 64), R rows per step, the next step's rows in flight while a step is scored.
+    ``tau`` and ``cnt`` receive the threshold key and the list's length.
     """
     row = tl.program_id(0)
-    gm, real, lo = _kth_group_max(gm_ptr, row, k, G_TOT, G_P)
+    gm, real, lo = _kth_group_max(gm_ptr, row, k, G_TOT, G_P, STEPS)
     tl.store(tau_ptr + row, lo << 32)
     no_thr = lo <= -(2**31)  # fewer than k non-empty groups: every row counts
     t32 = lo.to(tl.int32)
@@ -453,29 +474,25 @@ def _nn_refine_kernel(
     start = tl.load(starts_ptr + u).to(tl.int64)
     length = tl.load(lengths_ptr + u).to(tl.int32)
     chunk = tl.cdiv(tl.cdiv(length, SPLITS), BS) * BS  # as _user_chunk
-    rows_per_group = chunk // C
+    rows_per_group = tl.maximum(chunk // C, 1)
+    n_rows = n_visit * rows_per_group
     c = _load_cand_row(cand_ptr, row, D, D_P)
-    j = tl.arange(0, BG * RB)
-    gi = j // RB
-    ri = j % RB
     keys_base = keys_ptr + row.to(tl.int64) * CAP
     n_keys = tl.zeros((), tl.int32)
-    g0 = tl.zeros((), tl.int32)
-    while (g0 < n_visit) & (n_keys <= CAP):  # a list past CAP goes to the exact scan: stop early
-        g_ok = g0 + gi < n_visit
-        grp = tl.load(gid_base + g0 + gi, mask=g_ok, other=0)
-        split = grp // C
-        p_first = split * chunk + grp % C  # group j of a chunk: rows p_lo + j + C * r
-        p_end = tl.minimum(length, split * chunk + chunk)
-        for r0 in range(0, rows_per_group, RB):
-            pos = p_first + (r0 + ri) * C
-            ok = g_ok & (pos < p_end)
-            key = _keys_at(seq_ptr, start, pos, ok, c, D, D_P)
-            take = ok & (key >= key_floor)
-            slot = n_keys + tl.cumsum(take.to(tl.int32), axis=0) - 1
-            tl.store(keys_base + slot, key, mask=take & (slot < CAP))
-            n_keys += tl.sum(take.to(tl.int32), axis=0)
-        g0 += BG
+    r = tl.arange(0, R)
+    f0 = tl.zeros((), tl.int32)
+    pos, ok = _visited_rows(gid_base, r, n_rows, rows_per_group, chunk, length, C)
+    q = _load_tile(seq_ptr, start, pos, ok, D, D_P)
+    while f0 < n_rows:
+        pos_n, ok_n = _visited_rows(gid_base, f0 + R + r, n_rows, rows_per_group, chunk, length, C)
+        q_n = _load_tile(seq_ptr, start, pos_n, ok_n, D, D_P)  # in flight while this step is scored
+        key = _keys_of(q, pos, ok, c)
+        take = ok & (key >= key_floor)
+        slot = n_keys + tl.cumsum(take.to(tl.int32), axis=0) - 1
+        tl.store(keys_base + slot, key, mask=take & (slot < CAP))
+        n_keys += tl.sum(take.to(tl.int32), axis=0)
+        f0 = tl.where(n_keys > CAP, n_rows, f0 + R)  # a list past CAP goes to the exact scan: stop early
+        pos, ok, q = pos_n, ok_n, q_n
     tl.store(cnt_ptr + row, n_keys)
     tl.debug_barrier()
     if n_keys <= CAP:
@@ -528,8 +545,9 @@ def choose_config(
     Chunks of about four tiles per program, as many as keep ~8 programs per SM busy: the scans are
     latency-bound chains of small loads and dots, so more and shorter programs win (measured on
     H200: 1 user, 256 candidates, S=16,000: 64-candidate blocks, 64 chunks, 38 us of kernel time;
-    16-candidate blocks 49 us). About 16 x k group maxima per candidate: the second pass then reads
-    about k groups of 1/16 k of the sequence each again (more groups: a longer threshold search).
+    16-candidate blocks 49 us). At least 16 x k group maxima per candidate and groups of at most ~8
+    rows where the tile allows: the second pass then reads about k groups again, a small part of the
+    sequence (more groups: a longer threshold search).
     """
     k_pad = max(16, triton.next_power_of_2(k))
     tile = max(64, k_pad)
@@ -543,7 +561,9 @@ def choose_config(
     avg_len = total_rows // max(n_users, 1)
     if splits is None:
         splits = max(1, min(triton.cdiv(avg_len, 4 * tile), max(1, 8 * sms // n_blocks), 128))
-    gps = min(tile, max(2, triton.next_power_of_2(triton.cdiv(GROUPS_PER_K * k_pad, splits))))
+    chunk = triton.cdiv(triton.cdiv(max(avg_len, 1), splits), tile) * tile
+    gps = max(triton.cdiv(GROUPS_PER_K * k_pad, splits), triton.cdiv(chunk, ROWS_PER_GROUP))
+    gps = min(tile, max(2, triton.next_power_of_2(gps)))
     num_warps = 4 if block_n * tile <= 4096 else 8
     return NNSelectConfig(block_n, k_pad, splits, num_warps, gps, tile)
 
@@ -695,9 +715,6 @@ def _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, con
     tau = torch.empty((n,), dtype=torch.int64, device=dev)
     cnt = torch.empty((n,), dtype=torch.int32, device=dev)
     keys = torch.empty((n, cap), dtype=torch.int64, device=dev)
-    # Rows of a group: the chunk's rows / gps, on average; the second pass reads BG x RB rows per step.
-    avg_chunk = triton.cdiv(triton.cdiv(max(seq.shape[0] // max(starts.shape[0], 1), 1), splits), cfg.tile)
-    rb = min(64, triton.next_power_of_2(max(1, avg_chunk * cfg.tile // gps)))
     with mma_sync_only():
         _nn_scan_kernel[(triton.cdiv(n, bn), splits)](
             seq, starts, lengths, cand, cand_user, gm, n, d, g_tot, splits,
@@ -705,8 +722,8 @@ def _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, con
         )  # fmt: skip
         _nn_refine_kernel[(n,)](
             seq, starts, lengths, cand, cand_user, gm, gid, tau, cnt, keys, idx, scores, d, k, g_tot, splits, cap,
-            BS=cfg.tile, C=gps, G_P=triton.next_power_of_2(g_tot), BG=max(1, 256 // rb), RB=rb, K=kp, CH=64,
-            D_P=d_p, M_BULK=8, num_warps=4,
+            BS=cfg.tile, C=gps, G_P=triton.next_power_of_2(g_tot), R=REFINE_ROWS, STEPS=THRESHOLD_STEPS, K=kp,
+            CH=64, D_P=d_p, M_BULK=8, num_warps=4,
         )  # fmt: skip
     return idx, scores
 
