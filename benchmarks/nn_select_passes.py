@@ -59,14 +59,14 @@ def runtime_shapes() -> None:
         else:
             print(f"ll: {cfg} WRONG result, skipped", flush=True)
     rt = nn_inputs(1, 100, N_CAND, seed=1)
-    show("rt 100 k=32", "four passes, default", functools.partial(nn_mod.nn_select, *rt, 32))
+    show("rt 100 k=32", "two passes, default", functools.partial(nn_mod.nn_select, *rt, 32))
     for warps in (1, 2, 4, 8):
         idx = torch.empty((N_CAND, 32), dtype=torch.int64, device=dev)
         sc = torch.empty((N_CAND, 32), device=dev)
         fn = functools.partial(nn_mod._nn_select_short, *rt, 32, idx, sc, 100, num_warps=warps)
         fn()
         ok = torch.equal(idx, nn_mod.nn_select(*rt, 32)[0])
-        show("rt 100 k=32", f"one pass, {warps} warps{'' if ok else ' (differs from the four passes)'}", fn)
+        show("rt 100 k=32", f"one pass, {warps} warps{'' if ok else ' (differs from the two passes)'}", fn)
 
 
 def main() -> None:
