@@ -278,6 +278,9 @@ def main() -> None:
                 before = server_totals(url)
                 row = run_level(url, args.model, bodies, args, c, args.duration)
                 rows.append({"workers": workers, **row, **batch_stats(before, server_totals(url))})
+                # Each level as it ends, so that a run cut short by a time limit still reports what it measured.
+                print(f"workers {workers}, {c} clients: {row['candidates_per_s']:,} candidates/s, p50 {row['p50_ms']} "
+                      f"ms, p99 {row['p99_ms']} ms, {row['errors']} errors", flush=True)  # fmt: skip
         finally:
             if proc is not None:
                 proc.terminate()

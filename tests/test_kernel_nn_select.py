@@ -447,3 +447,17 @@ def test_config_is_shape_only():
         assert cfg.k_pad >= k and cfg.k_pad & (cfg.k_pad - 1) == 0
         assert cfg.block_n >= 16 and cfg.splits >= 1 and cfg.tile >= cfg.k_pad
         assert cfg.tile % cfg.groups_per_split == 0 and cfg.capacity >= cfg.k_pad
+
+
+def test_group_rule_worked_by_hand(monkeypatch):
+    """choose_config's groups on a 132-SM GPU, worked by hand: at least 16 x k_pad maxima per candidate,
+    groups of at most 8 rows where the tile allows, at most MAX_GROUPS maxima."""
+    monkeypatch.setattr(nn_mod, "sm_count", lambda device: 132)
+    # 1 user x 16,000, k 64: 63 chunks of 256 rows (4 tiles of 64); max(ceil(1024 / 63), 256 / 8) = 32.
+    cfg = nn_mod.choose_config(256, 1, 16000, 64, torch.device("cpu"))
+    assert (cfg.splits, cfg.tile, cfg.groups_per_split) == (63, 64, 32)
+    # 1 user x 100,000, k 200 (k_pad 256): 98 chunks of 1,024 rows; max(ceil(4096 / 98), 1024 / 8) = 128,
+    # but 98 x 128 > 8,192 maxima: halved to 64.
+    cfg = nn_mod.choose_config(256, 1, 100_000, 200, torch.device("cpu"))
+    assert (cfg.splits, cfg.tile, cfg.groups_per_split) == (98, 256, 64)
+    assert cfg.splits * cfg.groups_per_split <= nn_mod.MAX_GROUPS

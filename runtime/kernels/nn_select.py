@@ -56,6 +56,7 @@ _MAX_K = 256  # register budget of the (block_n, K) key tiles; the models use k 
 _MARGIN = tl.constexpr(2.0**-15)
 GROUPS_PER_K = 16  # group maxima per candidate, per top-k slot, at least (choose_config)
 ROWS_PER_GROUP = 8  # rows per group, at most, where the tile allows (choose_config)
+MAX_GROUPS = 8192  # group maxima per candidate, at most (choose_config)
 REFINE_ROWS = 256  # rows the refine pass scores per step
 THRESHOLD_STEPS = 20  # bisection steps between the smallest and largest group maximum (33: exact)
 SHORT_MAX = 128  # sequences up to this many rows (by the caller's max_len) take the one-pass kernel
@@ -448,7 +449,7 @@ def _nn_refine_kernel(
     """Pass 2, one program per candidate: its threshold, the rows of the groups that reach it scored
     again, the top k of those, best first.
 
-    The threshold T is (a lower bound within a few ulps of) the k-th largest group maximum of pass 1,
+    The threshold T is the k-th largest group maximum of pass 1 or just below it (``_kth_group_max``),
     so at least k distinct positions score >= T. This pass scores rows on the CUDA cores, which may
     differ from pass 1's tensor-core scores by up to a few 1e-6; with the margin E (``_MARGIN``) above
     that, every group whose maximum is >= T - 2E is visited and every key >= T - E kept: at least k
@@ -564,6 +565,8 @@ def choose_config(
     chunk = triton.cdiv(triton.cdiv(max(avg_len, 1), splits), tile) * tile
     gps = max(triton.cdiv(GROUPS_PER_K * k_pad, splits), triton.cdiv(chunk, ROWS_PER_GROUP))
     gps = min(tile, max(2, triton.next_power_of_2(gps)))
+    while gps > 2 and splits * gps > MAX_GROUPS:  # the refine pass holds a candidate's maxima in registers
+        gps //= 2
     num_warps = 4 if block_n * tile <= 4096 else 8
     return NNSelectConfig(block_n, k_pad, splits, num_warps, gps, tile)
 
