@@ -276,7 +276,7 @@ def test_threshold_kth_group_max_or_open():
 
 
 def test_refine_visits_only_groups_near_the_threshold():
-    """Hand-made maxima steer pass 2: with the threshold at the 2nd largest maximum (0.5), only the
+    """Hand-made maxima steer pass 2: with the threshold at the 2nd largest maximum (~0.4985), only the
     two groups at or above it (less the margin) are read; a row that scores 0.9 in a group whose
     recorded maximum is low is never looked at (the kernel trusts pass 1), one just under the
     threshold in a visited group is not kept, and the top 2 come from the visited groups' rows."""
@@ -290,8 +290,8 @@ def test_refine_visits_only_groups_near_the_threshold():
         a = round(40 * score / math.sqrt(1 - score * score))
         seq[row, 0] = a
     put(5, 0.6)   # group 1
-    put(9, 0.49)  # group 1: under the threshold (0.5 - 1e-4 or so)
-    put(2, 0.5)   # group 2
+    put(9, 0.49)  # group 1: 0.4819 (codes 22, 40), under the threshold
+    put(2, 0.5)   # group 2: 0.4985 (codes 23, 40), the threshold
     put(3, 0.9)   # group 3, whose recorded maximum says 0.1: not visited
     scores = (seq.double() @ unit.double()) / seq.double().norm(dim=1)
     gm = torch.tensor([[nn_mod_encode(v) for v in (0.0, float(scores[5]), float(scores[2]), 0.1)]],
