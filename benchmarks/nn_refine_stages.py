@@ -93,14 +93,14 @@ def load_instrumented() -> ModuleType:
     """Import the instrumented copy (set its ``STAGES_OUT`` to an (N, 7) int64 CUDA tensor before a call)."""
     with open(KERNEL_FILE) as fh:
         src = instrumented_source(fh.read())
-    folder = tempfile.mkdtemp(prefix="nn_stages_")
-    path = os.path.join(folder, "nn_select_stages.py")
-    with open(path, "w") as fh:
-        fh.write(src)
-    spec = importlib.util.spec_from_file_location("nn_select_stages", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(mod)
+    with tempfile.TemporaryDirectory(prefix="nn_stages_") as folder:  # Triton reads a kernel's source at import
+        path = os.path.join(folder, "nn_select_stages.py")
+        with open(path, "w") as fh:
+            fh.write(src)
+        spec = importlib.util.spec_from_file_location("nn_select_stages", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(mod)
     return mod
 
 

@@ -150,19 +150,6 @@ def stage_breakdown(session: Session, req: Request, runs: int) -> dict[str, floa
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
-class _Marked:
-    """A graph whose replay() records a CUDA event (and the host's clock) before and/or after it runs."""
-
-    def __init__(self, graph, mark, name: str, before: bool = False) -> None:
-        self.graph, self.mark, self.name, self.before = graph, mark, name, before
-
-    def replay(self) -> None:
-        if self.before:
-            self.mark(self.name + " starts")
-        self.graph.replay()
-        self.mark(self.name)
-
-
 def timeline(session: Session, req: Request, runs: int) -> list[tuple[str, float, float]]:
     """One request through the cuda backend, unsynchronised, with a CUDA event behind each step: when the
     host had issued the step and when the GPU had done it (ms from the start, medians over ``runs``).
@@ -182,8 +169,11 @@ def timeline(session: Session, req: Request, runs: int) -> list[tuple[str, float
         ev.record()
         marks.append((name, time.perf_counter(), ev))
 
-    def marked(name, fn):
+    def marked(name, fn, before=False):
+        """``fn`` with a mark after it (and, with ``before``, one named "<name> starts" before it)."""
         def call(*args):
+            if before:
+                mark(name + " starts")
             out = fn(*args)
             mark(name)
             return out
@@ -191,8 +181,9 @@ def timeline(session: Session, req: Request, runs: int) -> list[tuple[str, float
 
     be._fill_ll = marked("fill part two (host)", be._fill_ll)
     be._fill_rest = marked("fill part three (host)", be._fill_rest)
-    be.graphs[b] = (_Marked(graph_a, mark, "graph A"), _Marked(graph_ll, mark, "graph ll"),
-                    _Marked(graph_b, mark, "graph B", before=True), *saved[3:])  # fmt: skip
+    be.graphs[b] = (SimpleNamespace(replay=marked("graph A", graph_a.replay)),
+                    SimpleNamespace(replay=marked("graph ll", graph_ll.replay)),
+                    SimpleNamespace(replay=marked("graph B", graph_b.replay, before=True)), *saved[3:])  # fmt: skip
     rows: dict[str, list[tuple[float, float]]] = {}
     try:
         for _ in range(runs):
