@@ -179,6 +179,63 @@ def test_heavy_padding_compacts_keys(causal, config):
         check(out, sk.skut_reference(enc, x, mask, causal, pool), torch.float32)
 
 
+SPLIT_GRID = [
+    # S, d, heads, ffn, layers, mask, pool, d_out of pool_proj, dtype, (block_m, block_n)
+    (45, 64, 2, 64, 2, True, None, None, torch.float32, (16, 16)),  # 3 tiles, the last one partial
+    (48, 64, 1, 32, 3, True, None, None, torch.float16, (16, 32)),  # 3 layers: every layer's keys kept
+    (70, 32, 2, 32, 2, True, "max_valid", None, torch.float32, (32, 16)),
+    (33, 64, 1, 32, 2, True, "max_valid", 24, torch.float16, (16, 16)),  # V2's pool and out_linear
+    (23, 32, 2, 16, 2, False, "max_all", None, torch.float32, (16, 16)),  # no mask at all
+    (1, 32, 1, 16, 2, True, "max_all", 8, torch.float32, (16, 16)),  # one token
+    (1100, 32, 1, 16, 2, True, "max_valid", None, torch.float32, (64, 64)),  # padding counted over chunks
+]
+
+
+@pytest.mark.parametrize("s,d,h,f,n_layers,masked,pool,d_out,dtype,tile", SPLIT_GRID, ids=str)
+def test_split_launch_matches_pytorch(s, d, h, f, n_layers, masked, pool, d_out, dtype, tile):
+    """One program per (sequence, query tile), each waiting for the earlier tiles' keys of every layer:
+    the float64 reference's rows, pools and projected pools, with fully masked sequences and rows (the
+    last sequence has no valid key, the first none in its first positions), so tiles whose rows see
+    nothing and sequences that pool nothing both occur."""
+    bsz = 3
+    enc = make_encoder(d, h, f, n_layers, seed=s + d)
+    x = torch.randn(bsz, s, d, generator=torch.Generator().manual_seed(s))
+    mask = make_mask(bsz, s, True, seed=s, dead=True) if masked else None
+    config = sk.SkutConfig(*tile, 4, 32, split=True)
+    packed = sk.pack_encoder_weights(enc, dtype, device=DEV)
+    ref = sk.skut_reference(enc, x, mask, True, pool)
+    proj = None
+    if d_out is not None:
+        lin = torch.nn.Linear(d, d_out)
+        proj = (lin.weight.detach().to(DEV), lin.bias.detach().to(DEV))
+        ref = torch.nn.functional.linear(ref, lin.weight.double(), lin.bias.double())
+    shape = (bsz, s, d) if pool is None else (bsz, d_out or d)
+    out = torch.full(shape, float("nan"), dtype=torch.float32 if proj else dtype, device=DEV)  # poison
+    hidden = torch.full((bsz, s, d), float("nan"), dtype=dtype, device=DEV) if pool else None
+    got = sk.skut_forward(x.to(DEV, dtype), packed, None if mask is None else mask.to(DEV), True, pool,
+                          config=config, out=out, hidden=hidden, pool_proj=proj)  # fmt: skip
+    assert got.data_ptr() == out.data_ptr()
+    check(got, ref, dtype)
+    if hidden is not None:
+        check(hidden, sk.skut_reference(enc, x, mask, True), dtype)
+
+
+def test_split_launch_needs_causal_and_its_workspace():
+    enc = make_encoder(32, 1, 16, 3)
+    packed = sk.pack_encoder_weights(enc, torch.float32, device=DEV)
+    x = torch.randn(2, 20, 32, device=DEV)
+    split = sk.SkutConfig(16, 16, 4, split=True)
+    with pytest.raises(ValueError, match="split needs causal"):
+        sk.skut_forward(x, packed, causal=False, config=split)
+    # every layer's K/V (3 buffers) instead of two alternating ones
+    assert sk.workspace_numel(2, 20, packed, split) == 3 * sk.workspace_numel(2, 20, packed) // 2
+    ws = torch.empty(sk.workspace_numel(2, 20, packed, split), dtype=torch.float32, device=DEV)
+    check(sk.skut_forward(x, packed, causal=True, config=split, workspace=ws),
+          sk.skut_reference(enc, x.cpu(), None, True), torch.float32)  # fmt: skip
+    with pytest.raises(ValueError, match="workspace"):
+        sk.skut_forward(x, packed, causal=True, config=split, workspace=ws[: sk.workspace_numel(2, 20, packed)])
+
+
 def test_final_norm_and_sequence_first_encoder():
     enc = make_encoder(64, 2, 48, 2, seed=11, batch_first=False, final_norm=True)
     x = torch.randn(2, 21, 64, generator=torch.Generator().manual_seed(12))

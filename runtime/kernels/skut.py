@@ -281,7 +281,7 @@ def _key_slots(mask_ptr, b, rows, row_ok, run, S, HAS_MASK: tl.constexpr):
 @triton.jit
 def _attend(
     q, acc, m_i, l_i, k_base, v_base, k0, n_kv, lim, rn, ch,
-    DH_P: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
+    DH_P: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr, KV_CACHE: tl.constexpr,
 ):  # fmt: skip
     """One key tile of flash attention (online softmax in base 2). Slots >= ``lim`` (per query row)
     are masked when MASKED; unmasked tiles lie wholly below every row's limit and need no test."""
@@ -289,11 +289,11 @@ def _attend(
     offs = kidx[:, None] * DH_P + ch[None, :]
     if MASKED:
         kv_ok = kidx < n_kv  # never read slots this layer did not write
-        kt = tl.load(k_base + offs, mask=kv_ok[:, None], other=0.0)
-        vt = tl.load(v_base + offs, mask=kv_ok[:, None], other=0.0)
+        kt = tl.load(k_base + offs, mask=kv_ok[:, None], other=0.0, cache_modifier=KV_CACHE)
+        vt = tl.load(v_base + offs, mask=kv_ok[:, None], other=0.0, cache_modifier=KV_CACHE)
     else:
-        kt = tl.load(k_base + offs)
-        vt = tl.load(v_base + offs)
+        kt = tl.load(k_base + offs, cache_modifier=KV_CACHE)
+        vt = tl.load(v_base + offs, cache_modifier=KV_CACHE)
     s = tl.dot(q, tl.trans(kt), input_precision=PREC)
     if MASKED:
         s = tl.where(kidx[None, :] < lim[:, None], s, float("-inf"))
@@ -337,6 +337,115 @@ def _store_kv(
 
 
 @triton.jit
+def _encoder_layer(
+    x, w_l, v_l, kv_cur, lim, n_kv, n_full, S,
+    D: tl.constexpr, D_P: tl.constexpr, H: tl.constexpr, DH_P: tl.constexpr, F_P: tl.constexpr,
+    F_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    KV_CACHE: tl.constexpr,
+):  # fmt: skip
+    """One encoder layer on a tile of rows x (BLOCK_M, D_P) fp32 whose keys are the first ``n_kv``
+    slots of ``kv_cur`` (row i may see slots < lim[i]; key tiles below ``n_full`` need no mask):
+    self-attention summed over heads through the out projection, residual + LayerNorm, FFN in
+    chunks of the hidden width, residual + LayerNorm. Returns the new rows, fp32."""
+    dt = kv_cur.dtype.element_ty
+    rn = tl.arange(0, BLOCK_N)
+    cd = tl.arange(0, D_P)
+    ch = tl.arange(0, DH_P)
+    cf = tl.arange(0, F_CHUNK)
+    dmask = cd < D
+    HW: tl.constexpr = H * D_P * DH_P
+    OFF_BO: tl.constexpr = 3 * H * DH_P
+    OFF_B1: tl.constexpr = OFF_BO + 3 * D_P
+    OFF_B2: tl.constexpr = OFF_B1 + F_P
+    OFF_EPS: tl.constexpr = OFF_B2 + 3 * D_P
+    KV_STRIDE = H * S * DH_P  # K of one buffer, then its V
+    x16 = x.to(dt)
+
+    # ---- self-attention, one head at a time, summed through the out projection
+    attn = tl.zeros((BLOCK_M, D_P), tl.float32)
+    for h in tl.static_range(H):
+        wq = tl.load(w_l + h * D_P * DH_P + cd[:, None] * DH_P + ch[None, :])
+        bq = tl.load(v_l + h * DH_P + ch)
+        q = (tl.dot(x16, wq, input_precision=PREC) + bq[None, :]).to(dt)
+        m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, DH_P), tl.float32)
+        k_base = kv_cur + h * S * DH_P
+        v_base = kv_cur + KV_STRIDE + h * S * DH_P
+        for k0 in range(0, n_full, BLOCK_N):
+            acc, m_i, l_i = _attend(
+                q, acc, m_i, l_i, k_base, v_base, k0, n_kv, lim, rn, ch, DH_P, False, PREC, KV_CACHE
+            )
+        for k0 in range(n_full, n_kv, BLOCK_N):
+            acc, m_i, l_i = _attend(
+                q, acc, m_i, l_i, k_base, v_base, k0, n_kv, lim, rn, ch, DH_P, True, PREC, KV_CACHE
+            )
+        # A row that saw no valid key gets a zero attention output (never 0/0).
+        o_h = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
+        wo = tl.load(w_l + 3 * HW + h * DH_P * D_P + ch[:, None] * D_P + cd[None, :])
+        attn += tl.dot(o_h.to(dt), wo, input_precision=PREC)
+    bo = tl.load(v_l + OFF_BO + cd)
+    eps1 = tl.load(v_l + OFF_EPS)
+    x = _layernorm(x + attn + bo[None, :], v_l, OFF_BO + D_P, OFF_BO + 2 * D_P, eps1, dmask, D, D_P)
+
+    # ---- feed-forward, in chunks of the hidden width
+    x16 = x.to(dt)
+    ff = tl.zeros((BLOCK_M, D_P), tl.float32)
+    for f0 in tl.static_range(0, F_P, F_CHUNK):
+        w1 = tl.load(w_l + 4 * HW + cd[:, None] * F_P + (f0 + cf)[None, :])
+        b1 = tl.load(v_l + OFF_B1 + f0 + cf)
+        hid = tl.maximum(tl.dot(x16, w1, input_precision=PREC) + b1[None, :], 0.0)
+        w2 = tl.load(w_l + 4 * HW + D_P * F_P + (f0 + cf)[:, None] * D_P + cd[None, :])
+        ff += tl.dot(hid.to(dt), w2, input_precision=PREC)
+    b2 = tl.load(v_l + OFF_B2 + cd)
+    eps2 = tl.load(v_l + OFF_EPS + 1)
+    return _layernorm(x + ff + b2[None, :], v_l, OFF_B2 + D_P, OFF_B2 + 2 * D_P, eps2, dmask, D, D_P)
+
+
+@triton.jit
+def _last_rows(
+    x, rows, row_ok, valid, lim, o_b, v_ptr, n_layers,
+    D: tl.constexpr, D_P: tl.constexpr, H: tl.constexpr, DH_P: tl.constexpr, F_P: tl.constexpr,
+    FINAL_NORM: tl.constexpr, STORE_OUT: tl.constexpr, POOL: tl.constexpr,
+):  # fmt: skip
+    """The last layer's rows: the final norm, zeros for fully masked rows (those that may see no
+    key), stored if STORE_OUT; returns their max over the rows the pool keeps, (D_P,) fp32."""
+    cd = tl.arange(0, D_P)
+    dmask = cd < D
+    if FINAL_NORM:
+        f_off = n_layers * (3 * H * DH_P + 6 * D_P + F_P + 2)
+        eps_f = tl.load(v_ptr + f_off + 2 * D_P)
+        x = _layernorm(x, v_ptr, f_off, f_off + D_P, eps_f, dmask, D, D_P)
+    x = tl.where((lim == 0)[:, None], 0.0, x)
+    if STORE_OUT:
+        tl.store(o_b + rows[:, None] * D + cd[None, :], x.to(o_b.dtype.element_ty),
+                 mask=row_ok[:, None] & dmask[None, :])  # fmt: skip
+    keep = row_ok
+    if POOL == 1:
+        keep = valid
+    return tl.max(tl.where(keep[:, None], x, float("-inf")), axis=0)
+
+
+@triton.jit
+def _store_pool(pooled, b, pool_ptr, pw_ptr, pb_ptr, D_OUT, D: tl.constexpr, D_P: tl.constexpr,
+                POOL_PROJ: tl.constexpr, O_P: tl.constexpr):  # fmt: skip
+    """A sequence's pooled row (max; 0 where no row was kept), or Linear of it with POOL_PROJ."""
+    cd = tl.arange(0, D_P)
+    dmask = cd < D
+    pooled = tl.where(pooled == float("-inf"), 0.0, pooled)  # no valid row at all -> 0
+    if POOL_PROJ:
+        # Linear(pool) (a module's out_linear), from the fp32 pool: one product per sequence,
+        # on the CUDA cores, instead of two more launches (a cast and a GEMM) after this one.
+        co = tl.arange(0, O_P)
+        o_ok = co < D_OUT
+        wt = tl.load(pw_ptr + co[None, :] * D + cd[:, None], mask=dmask[:, None] & o_ok[None, :], other=0.0)
+        y = tl.sum(pooled[:, None] * wt, axis=0) + tl.load(pb_ptr + co, mask=o_ok, other=0.0)
+        tl.store(pool_ptr + b * D_OUT + co, y.to(pool_ptr.dtype.element_ty), mask=o_ok)
+    else:
+        tl.store(pool_ptr + b * D + cd, pooled.to(pool_ptr.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
 def _skut_kernel(
     x_ptr,
     out_ptr,
@@ -368,21 +477,14 @@ def _skut_kernel(
     POOL_PROJ: tl.constexpr,
     O_P: tl.constexpr,
 ):
+    """One program per sequence: every layer, query tile after query tile."""
     b = tl.program_id(0).to(tl.int64)
     dt = out_ptr.dtype.element_ty
     rm = tl.arange(0, BLOCK_M)
-    rn = tl.arange(0, BLOCK_N)
     cd = tl.arange(0, D_P)
-    ch = tl.arange(0, DH_P)
-    cf = tl.arange(0, F_CHUNK)
     dmask = cd < D
-    HW: tl.constexpr = H * D_P * DH_P
-    LW: tl.constexpr = 4 * HW + 2 * D_P * F_P
+    LW: tl.constexpr = 4 * H * D_P * DH_P + 2 * D_P * F_P
     LV: tl.constexpr = 3 * H * DH_P + 6 * D_P + F_P + 2
-    OFF_BO: tl.constexpr = 3 * H * DH_P
-    OFF_B1: tl.constexpr = OFF_BO + 3 * D_P
-    OFF_B2: tl.constexpr = OFF_B1 + F_P
-    OFF_EPS: tl.constexpr = OFF_B2 + 3 * D_P
 
     x_b = x_ptr + b * S * D
     o_b = out_ptr + b * S * D
@@ -408,8 +510,6 @@ def _skut_kernel(
         v_l = v_ptr + layer * LV
         kv_cur = kv_b + (layer % KV_BUFS) * 2 * KV_STRIDE
         kv_nxt = kv_b + ((layer + 1) % KV_BUFS) * 2 * KV_STRIDE
-        eps1 = tl.load(v_l + OFF_EPS)
-        eps2 = tl.load(v_l + OFF_EPS + 1)
         run = 0  # valid keys before this query tile
         for qt in range(0, n_qt):
             rows = qt * BLOCK_M + rm
@@ -421,9 +521,8 @@ def _skut_kernel(
                 x = tl.load(x_b + rows[:, None] * D + cd[None, :], mask=xmask, other=0.0).to(tl.float32)
             else:
                 x = tl.load(o_b + rows[:, None] * D + cd[None, :], mask=xmask, other=0.0).to(tl.float32)
-            x16 = x.to(dt)
             # Key slots each row may see: causal, the valid keys up to the row; else all valid keys.
-            # Key tiles wholly below every row's limit need no mask.
+            # Key tiles wholly below every row's limit of the tile need no mask.
             if CAUSAL:
                 lim = nvis
                 n_kv = run
@@ -432,45 +531,8 @@ def _skut_kernel(
                 lim = rm * 0 + n_valid
                 n_kv = n_valid
                 n_full = (n_valid // BLOCK_N) * BLOCK_N
-
-            # ---- self-attention, one head at a time, summed through the out projection
-            attn = tl.zeros((BLOCK_M, D_P), tl.float32)
-            for h in tl.static_range(H):
-                wq = tl.load(w_l + h * D_P * DH_P + cd[:, None] * DH_P + ch[None, :])
-                bq = tl.load(v_l + h * DH_P + ch)
-                q = (tl.dot(x16, wq, input_precision=PREC) + bq[None, :]).to(dt)
-                m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
-                l_i = tl.zeros((BLOCK_M,), tl.float32)
-                acc = tl.zeros((BLOCK_M, DH_P), tl.float32)
-                k_base = kv_cur + h * S * DH_P
-                v_base = kv_cur + KV_STRIDE + h * S * DH_P
-                for k0 in range(0, n_full, BLOCK_N):
-                    acc, m_i, l_i = _attend(
-                        q, acc, m_i, l_i, k_base, v_base, k0, n_kv, lim, rn, ch, DH_P, False, PREC
-                    )
-                for k0 in range(n_full, n_kv, BLOCK_N):
-                    acc, m_i, l_i = _attend(
-                        q, acc, m_i, l_i, k_base, v_base, k0, n_kv, lim, rn, ch, DH_P, True, PREC
-                    )
-                # A row that saw no valid key gets a zero attention output (never 0/0).
-                o_h = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
-                wo = tl.load(w_l + 3 * HW + h * DH_P * D_P + ch[:, None] * D_P + cd[None, :])
-                attn += tl.dot(o_h.to(dt), wo, input_precision=PREC)
-            bo = tl.load(v_l + OFF_BO + cd)
-            x = _layernorm(x + attn + bo[None, :], v_l, OFF_BO + D_P, OFF_BO + 2 * D_P, eps1, dmask, D, D_P)
-
-            # ---- feed-forward, in chunks of the hidden width
-            x16 = x.to(dt)
-            ff = tl.zeros((BLOCK_M, D_P), tl.float32)
-            for f0 in tl.static_range(0, F_P, F_CHUNK):
-                w1 = tl.load(w_l + 4 * HW + cd[:, None] * F_P + (f0 + cf)[None, :])
-                b1 = tl.load(v_l + OFF_B1 + f0 + cf)
-                hid = tl.maximum(tl.dot(x16, w1, input_precision=PREC) + b1[None, :], 0.0)
-                w2 = tl.load(w_l + 4 * HW + D_P * F_P + (f0 + cf)[:, None] * D_P + cd[None, :])
-                ff += tl.dot(hid.to(dt), w2, input_precision=PREC)
-            b2 = tl.load(v_l + OFF_B2 + cd)
-            x = _layernorm(x + ff + b2[None, :], v_l, OFF_B2 + D_P, OFF_B2 + 2 * D_P, eps2, dmask, D, D_P)
-
+            x = _encoder_layer(x, w_l, v_l, kv_cur, lim, n_kv, n_full, S, D, D_P, H, DH_P, F_P, F_CHUNK,
+                               BLOCK_M, BLOCK_N, PREC, "")  # fmt: skip
             if layer + 1 < n_layers:
                 x16 = x.to(dt)
                 _store_kv(
@@ -478,33 +540,129 @@ def _skut_kernel(
                 )
                 tl.store(o_b + rows[:, None] * D + cd[None, :], x16, mask=xmask)
             else:
-                if FINAL_NORM:
-                    f_off = n_layers * LV
-                    eps_f = tl.load(v_ptr + f_off + 2 * D_P)
-                    x = _layernorm(x, v_ptr, f_off, f_off + D_P, eps_f, dmask, D, D_P)
-                # Fully masked rows: those that may see no key (causal: before the first valid key).
-                dead = lim == 0
-                x = tl.where(dead[:, None], 0.0, x)
-                if STORE_OUT:
-                    tl.store(o_b + rows[:, None] * D + cd[None, :], x.to(dt), mask=xmask)
-                if POOL != 0:
-                    keep = row_ok
-                    if POOL == 1:
-                        keep = valid
-                    pooled = tl.maximum(pooled, tl.max(tl.where(keep[:, None], x, float("-inf")), axis=0))
+                tile_max = _last_rows(x, rows, row_ok, valid, lim, o_b, v_ptr, n_layers, D, D_P, H, DH_P, F_P,
+                                      FINAL_NORM, STORE_OUT, POOL)  # fmt: skip
+                pooled = tl.maximum(pooled, tile_max)
         tl.debug_barrier()
     if POOL != 0:
-        pooled = tl.where(pooled == float("-inf"), 0.0, pooled)  # no valid row at all -> 0
-        if POOL_PROJ:
-            # Linear(pool) (a module's out_linear), from the fp32 pool: one product per sequence,
-            # on the CUDA cores, instead of two more launches (a cast and a GEMM) after this one.
-            co = tl.arange(0, O_P)
-            o_ok = co < D_OUT
-            wt = tl.load(pw_ptr + co[None, :] * D + cd[:, None], mask=dmask[:, None] & o_ok[None, :], other=0.0)
-            y = tl.sum(pooled[:, None] * wt, axis=0) + tl.load(pb_ptr + co, mask=o_ok, other=0.0)
-            tl.store(pool_ptr + b * D_OUT + co, y.to(pool_ptr.dtype.element_ty), mask=o_ok)
+        _store_pool(pooled, b, pool_ptr, pw_ptr, pb_ptr, D_OUT, D, D_P, POOL_PROJ, O_P)
+
+
+@triton.jit
+def _wait_and_count(cnt_ptr, n_before):
+    """Wait until ``n_before`` programs have counted (``*cnt_ptr == n_before``), then count this one.
+
+    Every thread's stores before the call are visible to any program that reads the count after it
+    (a CTA barrier, then a release by the thread that counts); after the call this program sees the
+    stores of the ``n_before`` programs counted before it (an acquire, then a CTA barrier)."""
+    c = tl.atomic_add(cnt_ptr, 0, sem="acquire")
+    while c < n_before:
+        c = tl.atomic_add(cnt_ptr, 0, sem="acquire")
+    tl.debug_barrier()
+    tl.atomic_add(cnt_ptr, 1, sem="release")
+
+
+@triton.jit
+def _skut_split_kernel(
+    x_ptr,
+    out_ptr,
+    kv_ptr,
+    mask_ptr,
+    w_ptr,
+    v_ptr,
+    pool_ptr,
+    pw_ptr,
+    pb_ptr,
+    sync_ptr,
+    part_ptr,
+    S,
+    n_layers,
+    D_OUT,
+    D: tl.constexpr,
+    D_P: tl.constexpr,
+    H: tl.constexpr,
+    DH_P: tl.constexpr,
+    F_P: tl.constexpr,
+    F_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    POOL: tl.constexpr,
+    FINAL_NORM: tl.constexpr,
+    PREC: tl.constexpr,
+    STORE_OUT: tl.constexpr,
+    POOL_PROJ: tl.constexpr,
+    O_P: tl.constexpr,
+    RUN_CHUNK: tl.constexpr,
+):
+    """Causal only: one program per (sequence, query tile), each running every layer on its own rows
+    (kept in registers between layers). A causal row needs the keys of its own and earlier tiles
+    only, so a tile waits for the tiles before it to have stored each layer's K/V (one counter per
+    sequence and layer, counted in tile order) and for nothing else: the tiles of a sequence run
+    side by side, each on a chain of one tile per layer instead of the whole sequence's.
+
+    Programs take their (sequence, tile) from a ticket counter, not from the program id: a program
+    then only ever waits on programs that took a ticket before it, so are running or done, whatever
+    order the GPU starts programs in. ``sync_ptr`` holds the ticket counter, then per sequence one
+    counter per layer and a count of finished tiles; all must be zero at launch. With a pool, each
+    tile leaves its max in ``part_ptr`` and the last tile of a sequence to finish pools them."""
+    n_qt = tl.cdiv(S, BLOCK_M)
+    ticket = tl.atomic_add(sync_ptr, 1)
+    qt = ticket % n_qt
+    b = (ticket // n_qt).to(tl.int64)
+    seq_sync = sync_ptr + 1 + b * (n_layers + 1)
+    rm = tl.arange(0, BLOCK_M)
+    cd = tl.arange(0, D_P)
+    dmask = cd < D
+    LW: tl.constexpr = 4 * H * D_P * DH_P + 2 * D_P * F_P
+    LV: tl.constexpr = 3 * H * DH_P + 6 * D_P + F_P + 2
+    KV_STRIDE = H * S * DH_P
+    kv_b = kv_ptr + b * (n_layers * 2 * H) * S * DH_P  # one K/V buffer per layer: no tile waits to reuse one
+
+    # Valid keys before this tile (its rows' first slot).
+    first = qt * BLOCK_M
+    run = first
+    if HAS_MASK:
+        run = first * 0
+        rr = tl.arange(0, RUN_CHUNK)
+        for r0 in range(0, first, RUN_CHUNK):
+            pad = tl.load(mask_ptr + b * S + r0 + rr, mask=r0 + rr < first, other=1)
+            run += tl.sum((pad == 0).to(tl.int32), axis=0)
+    rows = first + rm
+    row_ok = rows < S
+    valid, slot, nvis = _key_slots(mask_ptr, b, rows, row_ok, run, S, HAS_MASK)
+    n_kv = tl.max(nvis, axis=0)
+    n_full = (tl.min(nvis, axis=0) // BLOCK_N) * BLOCK_N
+    xmask = row_ok[:, None] & dmask[None, :]
+    x = tl.load(x_ptr + b * S * D + rows[:, None] * D + cd[None, :], mask=xmask, other=0.0).to(tl.float32)
+    _store_kv(x.to(kv_ptr.dtype.element_ty), slot, valid, w_ptr, v_ptr, kv_b, kv_b + KV_STRIDE, S, H, D_P,
+              DH_P, PREC)  # fmt: skip
+    tile_max = tl.full((D_P,), float("-inf"), tl.float32)
+    for layer in range(0, n_layers):
+        w_l = w_ptr + layer * LW
+        v_l = v_ptr + layer * LV
+        kv_cur = kv_b + layer * 2 * KV_STRIDE
+        _wait_and_count(seq_sync + layer, qt)  # this tile's keys out, the earlier tiles' in
+        # Other programs wrote these keys: read them from L2 (".cg"), never from a stale L1 line.
+        x = _encoder_layer(x, w_l, v_l, kv_cur, nvis, n_kv, n_full, S, D, D_P, H, DH_P, F_P, F_CHUNK, BLOCK_M,
+                           BLOCK_N, PREC, ".cg")  # fmt: skip
+        if layer + 1 < n_layers:
+            kv_nxt = kv_cur + 2 * KV_STRIDE
+            _store_kv(x.to(kv_ptr.dtype.element_ty), slot, valid, w_l + LW, v_l + LV, kv_nxt, kv_nxt + KV_STRIDE,
+                      S, H, D_P, DH_P, PREC)  # fmt: skip
         else:
-            tl.store(pool_ptr + b * D + cd, pooled.to(pool_ptr.dtype.element_ty), mask=dmask)
+            tile_max = _last_rows(x, rows, row_ok, valid, nvis, out_ptr + b * S * D, v_ptr, n_layers, D, D_P, H,
+                                  DH_P, F_P, FINAL_NORM, STORE_OUT, POOL)  # fmt: skip
+    if POOL != 0:
+        tl.store(part_ptr + (b * n_qt + qt) * D_P + cd, tile_max)
+        tl.debug_barrier()
+        done = tl.atomic_add(seq_sync + n_layers, 1, sem="acq_rel")
+        if done == n_qt - 1:  # the sequence's last tile: every other tile's max is in
+            tl.debug_barrier()
+            pooled = tl.full((D_P,), float("-inf"), tl.float32)
+            for t in range(0, n_qt):
+                pooled = tl.maximum(pooled, tl.load(part_ptr + (b * n_qt + t) * D_P + cd, cache_modifier=".cg"))
+            _store_pool(pooled, b, pool_ptr, pw_ptr, pb_ptr, D_OUT, D, D_P, POOL_PROJ, O_P)
 
 
 # --------------------------------------------------------------------------------------------
@@ -512,13 +670,17 @@ def _skut_kernel(
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SkutConfig:
-    """Tile sizes of the kernel (all tested: see tests/test_kernel_skut.py and tests/gpu)."""
+    """Tile sizes of the kernel (all tested: see tests/test_kernel_skut.py and tests/gpu).
+
+    ``split`` (causal only): one program per (sequence, query tile) instead of one per sequence
+    (``_skut_split_kernel``)."""
 
     block_m: int
     block_n: int
     num_warps: int
     f_chunk: int = 64
     num_stages: int = 2
+    split: bool = False
 
 
 # Configurations the benchmark sweeps (each one is also checked by tests/gpu/test_kernels_gpu.py).
@@ -645,16 +807,23 @@ def skut_forward(
         if pool_proj is not None:
             res = torch.nn.functional.linear(res.float(), *pool_proj)
         return res if out is None else out.copy_(res)
+    cfg = config or choose_config(s, packed)
+    for name in ("block_m", "block_n", "f_chunk"):
+        v = getattr(cfg, name)
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"config.{name} must be a power of two >= 16, got {v}")
+    if cfg.split and not causal:
+        raise ValueError("config.split needs causal=True (a tile then needs no later tile's keys)")
     if pool is None:
         act = out if out is not None else torch.empty((bsz, s, d), dtype=x.dtype, device=dev)
         pooled = act
     else:
         pooled = out if out is not None else torch.empty(res_shape, dtype=res_dtype, device=dev)
-        # Activations between layers need a (B, S, d) buffer; one layer needs none (x stands in: its dtype
-        # is the compute dtype, and nothing is written there).
+        # Activations between layers need a (B, S, d) buffer; one layer needs none, nor a split launch
+        # (its rows stay in registers): x stands in (its dtype is the compute dtype; nothing is written).
         act = hidden
         if act is None:
-            act = torch.empty((bsz, s, d), dtype=x.dtype, device=dev) if packed.n_layers > 1 else x
+            act = torch.empty((bsz, s, d), dtype=x.dtype, device=dev) if packed.n_layers > 1 and not cfg.split else x
     if bsz == 0 or s == 0:
         if pool is not None:
             if pool_proj is not None:  # the pool of nothing is 0, and Linear(0) is the bias
@@ -662,20 +831,19 @@ def skut_forward(
             else:
                 pooled.zero_()
         return pooled
-    cfg = config or choose_config(s, packed)
-    for name in ("block_m", "block_n", "f_chunk"):
-        v = getattr(cfg, name)
-        if v < 16 or v & (v - 1):
-            raise ValueError(f"config.{name} must be a power of two >= 16, got {v}")
     f_chunk = min(cfg.f_chunk, packed.ff_pad)  # both powers of two, so it divides the padded width
-    kv_bufs = 2 if packed.n_layers > 1 else 1
-    need = workspace_numel(bsz, s, packed)
+    need = workspace_numel(bsz, s, packed, cfg)
     if workspace is None:
         workspace = torch.empty(need, dtype=x.dtype, device=dev)
     elif workspace.dtype != x.dtype or workspace.numel() < need or workspace.device != dev:
         raise ValueError(f"workspace must hold >= {need} elements of {x.dtype} on {dev}")
     x = x.contiguous()
     mask = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else x
+    if cfg.split:
+        _launch_split(x, act, workspace, mask, packed, pooled, pool_proj, s, d_out, cfg, f_chunk, key_padding_mask,
+                      pool, hidden)  # fmt: skip
+        return pooled
+    kv_bufs = 2 if packed.n_layers > 1 else 1
     with mma_sync_only():
         compiled = _skut_kernel[(bsz,)](
             x,
@@ -713,6 +881,28 @@ def skut_forward(
     return pooled
 
 
+def _launch_split(x, act, workspace, mask, packed, pooled, pool_proj, s, d_out, cfg, f_chunk, key_padding_mask,
+                  pool, hidden) -> None:  # fmt: skip
+    """``_skut_split_kernel`` over (B x query tiles) programs, with zeroed counters of its own."""
+    bsz = x.shape[0]
+    n_qt = triton.cdiv(s, cfg.block_m)
+    sync = torch.zeros(1 + bsz * (packed.n_layers + 1), dtype=torch.int32, device=x.device)
+    part = torch.empty(bsz * n_qt * packed.d_pad if pool else 1, dtype=torch.float32, device=x.device)
+    with mma_sync_only():
+        compiled = _skut_split_kernel[(bsz * n_qt,)](
+            x, act, workspace, mask, packed.mats, packed.vecs, pooled,
+            *(pool_proj if pool_proj is not None else (pooled, pooled)), sync, part,
+            s, packed.n_layers, d_out,
+            D=packed.d_model, D_P=packed.d_pad, H=packed.n_heads, DH_P=packed.dh_pad, F_P=packed.ff_pad,
+            F_CHUNK=f_chunk, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_MASK=key_padding_mask is not None,
+            POOL=POOL_MODES.index(pool), FINAL_NORM=packed.final_norm,
+            PREC="ieee" if x.dtype == torch.float32 else "tf32", STORE_OUT=pool is None or hidden is not None,
+            POOL_PROJ=pool_proj is not None, O_P=max(16, triton.next_power_of_2(d_out)), RUN_CHUNK=1024,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+    _note_launch(compiled, cfg)
+
+
 # Registers / spills / shared memory of the last compiled launch (for the benchmark's report).
 last_launch_info: dict = {}
 
@@ -725,9 +915,10 @@ def _note_launch(compiled, cfg) -> None:
     last_launch_info.update(info)
 
 
-def workspace_numel(batch: int, seq_len: int, packed: PackedEncoder) -> int:
-    """Elements of K/V scratch that ``skut_forward`` needs for a (batch, seq_len) input."""
-    kv_bufs = 2 if packed.n_layers > 1 else 1
+def workspace_numel(batch: int, seq_len: int, packed: PackedEncoder, config: SkutConfig | None = None) -> int:
+    """Elements of K/V scratch that ``skut_forward`` needs for a (batch, seq_len) input (with
+    ``config``, as launched with it: a split launch keeps every layer's K/V)."""
+    kv_bufs = packed.n_layers if config is not None and config.split else 2 if packed.n_layers > 1 else 1
     return batch * kv_bufs * 2 * packed.n_heads * seq_len * packed.dh_pad
 
 

@@ -112,6 +112,43 @@ def test_skut_fully_masked_rows(causal):
             assert (out[-1] == 0).all()
 
 
+SPLIT_CONFIGS = [sk.SkutConfig(bm, bn, w, 32, split=True) for bm, bn, w in
+                 ((16, 16, 4), (32, 16, 4), (32, 32, 4), (64, 32, 4), (64, 64, 4), (128, 32, 8))]  # fmt: skip
+
+
+@pytest.mark.parametrize("config", SPLIT_CONFIGS, ids=str)
+@pytest.mark.parametrize(
+    "bsz,s,pool", [(16, 192, None), (1024, 192, "max_valid"), (64, 2048, None), (5, 37, "max_all")], ids=str
+)
+def test_skut_split_launch(config, bsz, s, pool):
+    """One program per (sequence, query tile), the V2 shape: few sequences (every tile at once), many
+    (several waves of programs waiting on tickets taken earlier), long sequences (32+ tiles each)."""
+    skut_case(s, 64, 1, 32, 2, True, True, pool, torch.float16, bsz=bsz, config=config, dead=True)
+
+
+def test_skut_split_cuda_graph_replays():
+    """The split launch's counters are zeroed in the graph itself: every replay is a fresh launch."""
+    enc = make_encoder(64, 1, 32, 2).to(DEV)
+    packed = sk.pack_encoder_weights(enc, torch.float16)
+    bsz, s = 16, 192
+    cfg = sk.SkutConfig(64, 64, 4, split=True)
+    x = torch.randn(bsz, s, 64, device=DEV).half()
+    mask = make_mask(bsz, s).to(DEV)
+    out = torch.empty(bsz, 64, dtype=torch.float16, device=DEV)
+    sk.skut_forward(x, packed, mask, True, "max_valid", config=cfg, out=out)  # compile outside capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        sk.skut_forward(x, packed, mask, True, "max_valid", config=cfg, out=out)
+    for seed in (5, 6, 7):
+        x.copy_(torch.randn_like(x))
+        mask.copy_(make_mask(bsz, s, seed=seed).to(DEV))
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        ref = sk.skut_reference(enc, x.float(), mask, True, "max_valid")
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 5e-3
+
+
 def test_skut_cuda_graph():
     enc = make_encoder(64, 1, 32, 2).to(DEV)
     packed = sk.pack_encoder_weights(enc, torch.float16)
