@@ -34,6 +34,8 @@ TRANSFORMER = [  # name, batch, seq, d_model, heads, causal, fraction of keys pa
     ("V1 B=256 S=100 d=96 2 heads", 256, 100, 96, 2, False, 0.25),
     ("V1 B=256 S=100, no padding", 256, 100, 96, 2, False, 0.0),
     ("V2 B=16 S=192", 16, 192, 64, 1, True, 0.25),
+    ("V2 B=64 S=192", 64, 192, 64, 1, True, 0.25),
+    ("V2 B=128 S=192", 128, 192, 64, 1, True, 0.25),
     ("V2 B=2048 S=192", 2048, 192, 64, 1, True, 0.25),
     ("V2 B=256 S=2048", 256, 2048, 64, 1, True, 0.25),
 ]
@@ -52,7 +54,7 @@ def prepare(rev: str) -> str:
     for name in MODULES:
         src = subprocess.run(["git", "show", f"{rev}:runtime/kernels/{name}.py"], cwd=_ROOT, check=True,
                              capture_output=True, text=True).stdout  # fmt: skip
-        src = src.replace("from . import mma_sync_only", "from runtime.kernels import mma_sync_only")
+        src = src.replace("from . import ", "from runtime.kernels import ")
         with open(os.path.join(out, f"{name}.py"), "w") as fh:
             fh.write(src)
     return out
@@ -90,7 +92,7 @@ def run_transformer(old_sk, rounds: int) -> None:
         x, kpm = transformer_inputs(bsz, s, d, seed=0)
         if pad == 0.0:
             kpm = torch.zeros_like(kpm)
-        cfg = new_sk.choose_config(s, p_new)
+        cfg = new_sk.choose_config(s, p_new, bsz, causal, x.device)  # what the timed call picks
         err = max(check_skut(enc, p_new, cfg, 8, s, causal), check_skut(enc, p_new, cfg, 8, s, causal, "max_valid"))
         o_new = torch.empty(bsz, s, d, dtype=torch.float16, device="cuda")
         o_old = torch.empty_like(o_new)

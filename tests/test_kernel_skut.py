@@ -131,11 +131,28 @@ def test_every_tile_config(config):
 
 
 def test_auto_configs_are_in_the_tested_set():
+    tested = {(c.block_m, c.block_n, False) for c in CONFIGS} | {(*t, True) for *_, t in SPLIT_GRID}
     for d in (32, 64, 96, 128):
         packed = sk.pack_encoder_weights(make_encoder(d, 2, 32, 1), torch.float16)
         for s in (1, 5, 16, 17, 32, 33, 100, 192, 2048):
-            cfg = sk.choose_config(s, packed)
-            assert (cfg.block_m, cfg.block_n) in {(c.block_m, c.block_n) for c in CONFIGS}
+            for bsz, causal in ((None, False), (1, True), (1, False), (100_000, True)):
+                cfg = sk.choose_config(s, packed, bsz, causal, torch.device("cpu"))
+                assert (cfg.block_m, cfg.block_n, cfg.split) in tested
+
+
+def test_split_launch_is_chosen_for_few_causal_sequences():
+    """A causal stack of fewer sequences than the GPU has SMs (4 under the interpreter) takes the split
+    launch with 64-row tiles, at sequences of more than one such tile; anything else one program per
+    sequence."""
+    packed = sk.pack_encoder_weights(make_encoder(64, 1, 32, 2), torch.float16)
+    cpu = torch.device("cpu")
+    assert sk.choose_config(192, packed, 3, True, cpu) == sk.SkutConfig(64, 32, 4, split=True)
+    assert not sk.choose_config(192, packed, 4, True, cpu).split  # as many sequences as SMs
+    assert not sk.choose_config(192, packed, 3, False, cpu).split  # not causal
+    assert not sk.choose_config(64, packed, 3, True, cpu).split  # one tile per sequence
+    assert not sk.choose_config(192, packed).split  # batch unknown
+    v1 = sk.pack_encoder_weights(make_encoder(96, 2, 32, 2), torch.float16)
+    assert not sk.choose_config(192, v1, 3, True, cpu).split  # d_model > 64: not measured
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -188,6 +205,7 @@ SPLIT_GRID = [
     (23, 32, 2, 16, 2, False, "max_all", None, torch.float32, (16, 16)),  # no mask at all
     (1, 32, 1, 16, 2, True, "max_all", 8, torch.float32, (16, 16)),  # one token
     (1100, 32, 1, 16, 2, True, "max_valid", None, torch.float32, (64, 64)),  # padding counted over chunks
+    (150, 64, 1, 32, 2, True, "max_valid", 64, torch.float16, (64, 32)),  # what choose_config picks for V2
 ]
 
 

@@ -85,11 +85,13 @@ def test_skut_grid(s, d, h, f, n_layers, causal, masked, pool, dtype):
 # Every configuration choose_config can return (the benchmark checks each config it sweeps itself).
 SKUT_CONFIGS = sorted(
     {
-        sk.choose_config(s, sk.pack_encoder_weights(make_encoder(d, 2, 32, 1), torch.float16))
+        sk.choose_config(s, sk.pack_encoder_weights(make_encoder(d, 2, 32, 1), torch.float16), bsz, True,
+                         torch.device(DEV))  # fmt: skip
         for s in (1, 16, 17, 33, 192, 2048)
         for d in (32, 64, 96, 128)
+        for bsz in (1, 256)
     },
-    key=lambda c: (c.block_m, c.block_n, c.num_warps, c.num_stages, c.f_chunk),
+    key=lambda c: (c.split, c.block_m, c.block_n, c.num_warps, c.num_stages, c.f_chunk),
 )
 
 
@@ -98,7 +100,7 @@ SKUT_CONFIGS = sorted(
 def test_skut_every_config(config, d, h, f):
     if config.f_chunk > sk._pad_dim(f):
         config = sk.SkutConfig(
-            config.block_m, config.block_n, config.num_warps, sk._pad_dim(f), config.num_stages
+            config.block_m, config.block_n, config.num_warps, sk._pad_dim(f), config.num_stages, config.split
         )
     for s in (37, 200):
         skut_case(s, d, h, f, 2, True, True, None, torch.float16, bsz=4, config=config, seed=1)
