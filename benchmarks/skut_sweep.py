@@ -37,6 +37,8 @@ SHAPES = [
     ("V2 B=16 S=192 d=64", 16, 192, 64, 1, 32, True),
     ("V2 B=2048 S=192 d=64", 2048, 192, 64, 1, 32, True),  # DESIGN §5's other two transformer rows
     ("V2 B=256 S=2048 d=64", 256, 2048, 64, 1, 32, True),
+    ("V2 B=256 S=512 d=64", 256, 512, 64, 1, 32, True),  # where a deeper K/V pipeline starts to pay
+    ("V2 B=256 S=1024 d=64", 256, 1024, 64, 1, 32, True),
 ]
 CONFIGS = sorted(
     set(sk.SWEEP_CONFIGS)
@@ -61,6 +63,11 @@ CONFIGS = sorted(
         sk.SkutConfig(32, 16, 4, split=True),
         sk.SkutConfig(16, 16, 4, split=True),
         sk.SkutConfig(128, 32, 8, split=True),
+        sk.SkutConfig(64, 64, 4, num_stages=1),
+        sk.SkutConfig(64, 64, 4, num_stages=3),
+        sk.SkutConfig(64, 64, 4, num_stages=4),
+        sk.SkutConfig(64, 32, 4, num_stages=1, split=True),
+        sk.SkutConfig(64, 32, 4, num_stages=3, split=True),
     },
     key=lambda c: (c.split, c.block_m, c.block_n, c.num_warps, c.num_stages),
 )

@@ -153,6 +153,9 @@ def test_split_launch_is_chosen_for_few_causal_sequences():
     assert not sk.choose_config(192, packed).split  # batch unknown
     v1 = sk.pack_encoder_weights(make_encoder(96, 2, 32, 2), torch.float16)
     assert not sk.choose_config(192, v1, 3, True, cpu).split  # d_model > 64: not measured
+    # long sequences (one program each) keep three K/V tiles in flight
+    assert sk.choose_config(sk.LONG_SEQ, packed, 256, True, cpu) == sk.SkutConfig(64, 64, 4, num_stages=3)
+    assert sk.choose_config(sk.LONG_SEQ - 1, packed, 256, True, cpu).num_stages == 2
 
 
 @pytest.mark.parametrize("causal", [True, False])

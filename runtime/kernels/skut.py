@@ -683,6 +683,8 @@ class SkutConfig:
     split: bool = False
 
 
+LONG_SEQ = 2048  # sequences from this length on pipeline three K/V tiles deep (choose_config)
+
 # Configurations the benchmark sweeps (each one is also checked by tests/gpu/test_kernels_gpu.py).
 SWEEP_CONFIGS = (
     SkutConfig(64, 64, 4),
@@ -693,6 +695,7 @@ SWEEP_CONFIGS = (
     SkutConfig(32, 16, 4),
     SkutConfig(128, 32, 8),
     SkutConfig(64, 32, 4, split=True),  # causal stacks only
+    SkutConfig(64, 64, 4, num_stages=3),
 )
 
 
@@ -716,7 +719,9 @@ def choose_config(
     8 warps beat 32-row ones by 2.5x. A causal stack of fewer sequences than the GPU has SMs (``batch``
     and ``device`` given) leaves SMs idle with one program per sequence: the split launch, one program
     per 64-row query tile, runs the tiles side by side (B=16 S=192: 0.024 against 0.046 ms on H200;
-    at B=256 and more the per-sequence launch stays faster, 0.065 against 0.073 ms).
+    at B=256 and more the per-sequence launch stays faster, 0.065 against 0.073 ms). From ``LONG_SEQ``
+    tokens on, three K/V stages instead of two (B=256 S=2048: 1.51 against 1.60 ms; they cost 2-10 %
+    at S=1024, 512 and 192).
     """
     f_chunk = 64  # clamped to the padded FFN width at launch
     if seq_len <= 16:
@@ -729,6 +734,8 @@ def choose_config(
         return SkutConfig(32, 16, 4, f_chunk)
     if causal and seq_len > 64 and batch is not None and device is not None and batch < sm_count(device):
         return SkutConfig(64, 32, 4, f_chunk, split=True)
+    if seq_len >= LONG_SEQ:  # long key loops: a third stage of K/V in flight pays for its shared memory
+        return SkutConfig(64, 64, 4, f_chunk, num_stages=3)
     return SkutConfig(64, 64, 4, f_chunk)
 
 
