@@ -19,8 +19,13 @@ L2-resident for typical sizes), activations between layers in the output buffer;
 separates layers. K/V hold the valid (non-padded) keys only, compacted in position order, so
 padded keys cost nothing: a causal query row attends to the first ``nvis`` slots (the valid keys at or
 before it), any other row to all of them, and key tiles wholly below every row's limit of a query
-tile run without masks (only the diagonal tiles and the last one test slots). Weights are packed
-once (``pack_encoder_weights``): transposed, zero-padded to powers of two, per head, matrices in the
+tile run without masks (only the diagonal tiles and the last one test slots).
+
+A causal stack of few sequences (fewer than the GPU has SMs) takes the split launch instead: one program
+per (sequence, query tile), each running every layer on its own rows and waiting, per layer, only for the
+earlier tiles' K/V (``_skut_split_kernel``), so a sequence's tiles run side by side.
+
+Weights are packed once (``pack_encoder_weights``): transposed, zero-padded to powers of two, per head, matrices in the
 compute dtype and vectors in fp32, all in one contiguous byte buffer. Matrix products use
 mma.sync (see ``runtime.kernels.mma_sync_only``).
 """
