@@ -217,8 +217,7 @@ def bench_transformer(rows, peaks, log):
         ]
         causal = torch.ones(s, s, dtype=torch.bool, device=DEV).triu(1)
         outs = [torch.empty(bsz, s, 64, dtype=torch.float16, device=DEV) for _ in sets]
-        ws_n = sk.workspace_numel(bsz, s, packed, sk.SkutConfig(64, 64, 4, split=True))  # the larger kind
-        wss = [torch.empty(ws_n, dtype=torch.float16, device=DEV) for _ in sets]
+        wss = [torch.empty(sk.workspace_numel(bsz, s, packed), dtype=torch.float16, device=DEV) for _ in sets]
         r = {"work": name, "B": bsz, "S": s, "target_ms": target}
         with torch.no_grad():
             try:

@@ -92,7 +92,7 @@ def main() -> None:
         enc = make_encoder(d, h, f, 2)
         packed = sk.pack_encoder_weights(enc, torch.float16)
         x, kpm = transformer_inputs(bsz, s, d, seed=0)
-        default = sk.choose_config(s, packed)
+        default = sk.choose_config(s, packed, bsz, causal, x.device)
         ref = sk.skut_reference(enc, x.float(), kpm, causal)  # of the timed batch itself, float64
         rows = []
         for cfg in cfgs:

@@ -248,13 +248,14 @@ def test_split_launch_needs_causal_and_its_workspace():
     split = sk.SkutConfig(16, 16, 4, split=True)
     with pytest.raises(ValueError, match="split needs causal"):
         sk.skut_forward(x, packed, causal=False, config=split)
-    # every layer's K/V (3 buffers) instead of two alternating ones
-    assert sk.workspace_numel(2, 20, packed, split) == 3 * sk.workspace_numel(2, 20, packed) // 2
-    ws = torch.empty(sk.workspace_numel(2, 20, packed, split), dtype=torch.float32, device=DEV)
+    # every layer's K/V (3 buffers) instead of two alternating ones; without a config, enough for either
+    per_seq = sk.workspace_numel(2, 20, packed, sk.SkutConfig(16, 16, 4))
+    assert sk.workspace_numel(2, 20, packed, split) == 3 * per_seq // 2 == sk.workspace_numel(2, 20, packed)
+    ws = torch.empty(sk.workspace_numel(2, 20, packed), dtype=torch.float32, device=DEV)
     check(sk.skut_forward(x, packed, causal=True, config=split, workspace=ws),
           sk.skut_reference(enc, x.cpu(), None, True), torch.float32)  # fmt: skip
     with pytest.raises(ValueError, match="workspace"):
-        sk.skut_forward(x, packed, causal=True, config=split, workspace=ws[: sk.workspace_numel(2, 20, packed)])
+        sk.skut_forward(x, packed, causal=True, config=split, workspace=ws[:per_seq])
 
 
 def test_final_norm_and_sequence_first_encoder():

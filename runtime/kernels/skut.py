@@ -793,8 +793,8 @@ def skut_forward(
         pool: None -> (B, S, d) outputs; "max_valid" -> (B, d) max over non-padded positions;
             "max_all" -> (B, d) max over all S positions.
         config: tile sizes (default from ``choose_config``).
-        workspace: optional preallocated K/V scratch of at least ``workspace_numel(...)`` elements
-            of the packed dtype (useful under CUDA-graph capture; otherwise allocated per call).
+        workspace: optional preallocated K/V scratch of at least ``workspace_numel(B, S, packed)``
+            elements of the packed dtype (useful under CUDA-graph capture; otherwise allocated per call).
         out: optional preallocated result ((B, S, d); with ``pool``, (B, d); with ``pool_proj``, (B, d_out)
             fp32), contiguous.
         hidden: with ``pool``, a contiguous (B, S, d) tensor that also receives every output row (the
@@ -940,9 +940,13 @@ def _note_launch(compiled, cfg) -> None:
 
 
 def workspace_numel(batch: int, seq_len: int, packed: PackedEncoder, config: SkutConfig | None = None) -> int:
-    """Elements of K/V scratch that ``skut_forward`` needs for a (batch, seq_len) input (with
-    ``config``, as launched with it: a split launch keeps every layer's K/V)."""
-    kv_bufs = packed.n_layers if config is not None and config.split else 2 if packed.n_layers > 1 else 1
+    """Elements of K/V scratch that ``skut_forward`` needs for a (batch, seq_len) input: with ``config``,
+    as launched with it (one program per sequence alternates two layers' K/V, a split launch keeps every
+    layer's); without, enough for either, whichever the call picks."""
+    if config is not None and not config.split:
+        kv_bufs = min(2, packed.n_layers)
+    else:
+        kv_bufs = packed.n_layers
     return batch * kv_bufs * 2 * packed.n_heads * seq_len * packed.dh_pad
 
 
