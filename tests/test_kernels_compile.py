@@ -91,6 +91,17 @@ for d, h, causal, pool, seq_len in ((64, 1, True, None, 192), (96, 2, False, "ma
     mask = torch.zeros(1, 9, dtype=torch.bool)
     hidden = torch.empty(1, 9, d, dtype=torch.float16) if pool else None
     sk.skut_forward(x, packed, mask, causal, pool, config=cfg, hidden=hidden)
+# V2 as the runtime launches it below the SM count (the split launch, pooled through out_linear, and rows),
+# and at 2,048 tokens and more (three K/V stages).
+enc = sk.random_encoder(64, 1, 32, 2)
+packed = sk.pack_encoder_weights(enc, torch.float16)
+x, mask = torch.randn(2, 9, 64).half(), torch.zeros(2, 9, dtype=torch.bool)
+split = sk.choose_config(192, packed, 2, True, torch.device("cpu"))
+assert split.split
+proj = (torch.randn(64, 64), torch.randn(64))
+sk.skut_forward(x, packed, mask, True, "max_valid", config=split, pool_proj=proj)
+sk.skut_forward(x, packed, mask, True, None, config=split)
+sk.skut_forward(x, packed, mask, True, None, config=sk.choose_config(sk.LONG_SEQ, packed))
 
 # The dense part's products at the configurations the production shapes choose (dense.linear_config:
 # wgmma 64 x 32 for the cross layers and the first MLP layer, mma.sync 16 x 16 for the rest, and 64 x 64
@@ -144,7 +155,7 @@ def test_every_runtime_kernel_launch_compiles_for_sm90(tmp_path) -> None:
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert not got["failed"], "\n".join(got["failed"])
     expected = {"_nn_scan_kernel", "_nn_refine_kernel", "_nn_short_kernel",
-                "_skut_kernel", "_v1_tokens_kernel", "_v2_tokens_kernel", "_dense_input_kernel",
+                "_skut_kernel", "_skut_split_kernel", "_v1_tokens_kernel", "_v2_tokens_kernel", "_dense_input_kernel",
                 "_linear_kernel"}  # fmt: skip
     assert expected <= set(got["kernels"])
     assert got["compiled"] >= len(expected)
