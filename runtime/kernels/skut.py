@@ -863,68 +863,30 @@ def skut_forward(
         raise ValueError(f"workspace must hold >= {need} elements of {x.dtype} on {dev}")
     x = x.contiguous()
     mask = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else x
-    if cfg.split:
-        _launch_split(x, act, workspace, mask, packed, pooled, pool_proj, s, d_out, cfg, f_chunk, key_padding_mask,
-                      pool, hidden)  # fmt: skip
-        return pooled
-    kv_bufs = 2 if packed.n_layers > 1 else 1
+    # What both kernels take: the tensors, the sizes, and the constexprs of shapes, masks and pool.
+    head = (x, act, workspace, mask, packed.mats, packed.vecs, pooled,
+            *(pool_proj if pool_proj is not None else (pooled, pooled)))  # fmt: skip
+    sizes = (s, packed.n_layers, d_out)
+    meta = dict(
+        D=d, D_P=packed.d_pad, H=packed.n_heads, DH_P=packed.dh_pad, F_P=packed.ff_pad, F_CHUNK=f_chunk,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_MASK=key_padding_mask is not None,
+        POOL=POOL_MODES.index(pool), FINAL_NORM=packed.final_norm,
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", STORE_OUT=pool is None or hidden is not None,
+        POOL_PROJ=pool_proj is not None, O_P=max(16, triton.next_power_of_2(d_out)),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
     with mma_sync_only():
-        compiled = _skut_kernel[(bsz,)](
-            x,
-            act,
-            workspace,
-            mask,
-            packed.mats,
-            packed.vecs,
-            pooled,
-            *(pool_proj if pool_proj is not None else (pooled, pooled)),
-            s,
-            packed.n_layers,
-            d_out,
-            D=d,
-            D_P=packed.d_pad,
-            H=packed.n_heads,
-            DH_P=packed.dh_pad,
-            F_P=packed.ff_pad,
-            F_CHUNK=f_chunk,
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
-            CAUSAL=bool(causal),
-            HAS_MASK=key_padding_mask is not None,
-            POOL=POOL_MODES.index(pool),
-            FINAL_NORM=packed.final_norm,
-            KV_BUFS=kv_bufs,
-            PREC="ieee" if x.dtype == torch.float32 else "tf32",
-            STORE_OUT=pool is None or hidden is not None,
-            POOL_PROJ=pool_proj is not None,
-            O_P=max(16, triton.next_power_of_2(d_out)),
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
+        if cfg.split:
+            n_qt = triton.cdiv(s, cfg.block_m)
+            # Counters zeroed by every call (so every graph replay is a fresh launch); each tile's pool max.
+            sync = torch.zeros(1 + bsz * (packed.n_layers + 1), dtype=torch.int32, device=dev)
+            part = torch.empty(bsz * n_qt * packed.d_pad if pool else 1, dtype=torch.float32, device=dev)
+            compiled = _skut_split_kernel[(bsz * n_qt,)](*head, sync, part, *sizes, **meta, RUN_CHUNK=1024)
+        else:
+            compiled = _skut_kernel[(bsz,)](*head, *sizes, **meta, CAUSAL=bool(causal),
+                                            KV_BUFS=min(2, packed.n_layers))  # fmt: skip
     _note_launch(compiled, cfg)
     return pooled
-
-
-def _launch_split(x, act, workspace, mask, packed, pooled, pool_proj, s, d_out, cfg, f_chunk, key_padding_mask,
-                  pool, hidden) -> None:  # fmt: skip
-    """``_skut_split_kernel`` over (B x query tiles) programs, with zeroed counters of its own."""
-    bsz = x.shape[0]
-    n_qt = triton.cdiv(s, cfg.block_m)
-    sync = torch.zeros(1 + bsz * (packed.n_layers + 1), dtype=torch.int32, device=x.device)
-    part = torch.empty(bsz * n_qt * packed.d_pad if pool else 1, dtype=torch.float32, device=x.device)
-    with mma_sync_only():
-        compiled = _skut_split_kernel[(bsz * n_qt,)](
-            x, act, workspace, mask, packed.mats, packed.vecs, pooled,
-            *(pool_proj if pool_proj is not None else (pooled, pooled)), sync, part,
-            s, packed.n_layers, d_out,
-            D=packed.d_model, D_P=packed.d_pad, H=packed.n_heads, DH_P=packed.dh_pad, F_P=packed.ff_pad,
-            F_CHUNK=f_chunk, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_MASK=key_padding_mask is not None,
-            POOL=POOL_MODES.index(pool), FINAL_NORM=packed.final_norm,
-            PREC="ieee" if x.dtype == torch.float32 else "tf32", STORE_OUT=pool is None or hidden is not None,
-            POOL_PROJ=pool_proj is not None, O_P=max(16, triton.next_power_of_2(d_out)), RUN_CHUNK=1024,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )  # fmt: skip
-    _note_launch(compiled, cfg)
 
 
 # Registers / spills / shared memory of the last compiled launch (for the benchmark's report).
