@@ -15,8 +15,8 @@ workloads=("$@")
 "$NCU" --version 2>&1 | tee "$OUT/ncu_version.txt"
 for w in "${workloads[@]}"; do
   case "$w" in
-    skut*) filter="regex:_skut_kernel"; skip=2; count=1 ;;
-    nn*) filter="regex:_nn_"; skip=8; count=4 ;;  # the four kernels of the third call
+    skut*) filter="regex:_skut_"; skip=2; count=1 ;;
+    nn*) filter="regex:_nn_"; skip=4; count=2 ;;  # the two kernels (scan, refine) of the third call
     *) echo "unknown workload $w"; continue ;;
   esac
   $PY benchmarks/profile_kernels.py "$w" --launches 1 > "$OUT/${w}_config.txt" 2>&1

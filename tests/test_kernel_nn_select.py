@@ -210,8 +210,8 @@ def launch_refine(inputs, gm, k, cfg, rows=64, steps=33):
     keys = torch.empty((n, cfg.capacity), dtype=torch.int64, device=DEV)
     nn_mod._nn_refine_kernel[(n,)](
         seq, starts, lens, cand, users, gm, gid, tau, cnt, keys, idx, scores, seq.shape[1], k, g_tot, cfg.splits,
-        cfg.capacity, BS=cfg.tile, C=cfg.groups_per_split, G_P=triton.next_power_of_2(g_tot), R=rows, STEPS=steps,
-        K=cfg.k_pad, CH=64, D_P=32, M_BULK=8, num_warps=4,
+        cfg.capacity, nn_mod.margin(seq.shape[1]), BS=cfg.tile, C=cfg.groups_per_split,
+        G_P=triton.next_power_of_2(g_tot), R=rows, STEPS=steps, K=cfg.k_pad, CH=64, D_P=32, M_BULK=8, num_warps=4,
     )  # fmt: skip
     return idx, scores, tau, cnt
 
@@ -232,13 +232,14 @@ def test_threshold_filters():
     s = full_scores(*(t.cpu() for t in inputs))
     chunk = -(-2000 // cfg.splits)
     chunk = -(-chunk // cfg.tile) * cfg.tile
-    for i in range(n):  # each group maximum is the max of its own positions (float32 rounding)
+    err = nn_mod.scan_error(32)
+    for i in range(n):  # each group maximum is the max of its own positions, within pass 1's bound
         for j in range(gm.shape[1]):
             sp, c = divmod(j, cfg.groups_per_split)
             pos = [p for p in range(sp * chunk, min(2000, (sp + 1) * chunk)) if p % cfg.groups_per_split == c]
             want = max(s[i][p].item() for p in pos)
             got = nn_mod_decode(gm[i, j].item())
-            assert abs(got - want) <= TOL
+            assert abs(got - want) <= err
     idx, scores, tau, cnt = launch_refine(inputs, gm, k, cfg)
     assert_matches_reference(idx, scores, inputs, k)
     for i in range(n):

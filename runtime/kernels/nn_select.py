@@ -10,9 +10,12 @@ GPU design (no (N, S) score matrix ever reaches memory):
 * Scores and the tie rule are folded into one unique 64-bit key per (candidate, position):
   ``(order-preserving int32 of the fp32 score) << 32 | position``. Descending key order is exactly
   "score desc, then position desc", so every selection below is a plain top-k over distinct keys.
-* Dequantisation cancels in the cosine. The candidate is normalised in fp32 and split into an
-  fp16 ``hi + lo`` pair; int8 codes are exact in fp16, so two tensor-core dots give the dot product
-  with fp32 accuracy. Row norms come from the int8 codes in fp32 (exact).
+* Dequantisation cancels in the cosine. Row norms come from the int8 codes (exact). Pass 1 only
+  bounds the selection, so it scores with integer tensor-core dots straight on the int8 codes: the
+  normalised candidate as two int8 pieces, ``c ~= (254 a + b) / (127 * 254)`` (each element within
+  ``0.5 / (127 * 254)``), two exact int32 dots, no conversion of the rows; the refine pass and the
+  exact fallback score in fp32 (CUDA cores, or fp16 ``hi + lo`` tensor-core dots: int8 codes are
+  exact in fp16).
 * Two launches, both graph-capturable, neither waiting on the host:
   1. scan: each program owns a block of candidates and one chunk of every sequence they use
      (split over the sequence fills the GPU when there are few candidates) and keeps the maximum
@@ -34,6 +37,7 @@ GPU design (no (N, S) score matrix ever reaches memory):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -50,10 +54,9 @@ __all__ = ["nn_select", "nn_select_torch", "nn_select_reference", "NNSelectConfi
 # (INT32_MIN + 1) << 32, so all sentinels sort below all real keys.
 _BIG_USER = tl.constexpr(2**31 - 1)  # "no user": larger than any user index
 _MAX_K = 256  # register budget of the (block_n, K) key tiles; the models use k <= 96
-# Pass 2 scores rows in fp32 on the CUDA cores, pass 1 with fp16 hi + lo tensor-core dots: both
-# within a few 1e-6 of the exact cosine (32 products of int8 codes and a unit vector). The threshold
-# keeps this margin (about 10x that) so that neither's rounding can lose a top-k row.
-_MARGIN = tl.constexpr(2.0**-15)
+_MAX_D = 512  # pass 1's int32 dots stay exact up to here; the models' codes have D = 32
+I8_SCALE = 127 * 254  # pass 1's candidate pieces: c ~= (254 a + b) / I8_SCALE, a and b int8
+_I8_SCALE = tl.constexpr(I8_SCALE)
 GROUPS_PER_K = 16  # group maxima per candidate, per top-k slot, at least (choose_config)
 ROWS_PER_GROUP = 8  # rows per group, at most, where the tile allows (choose_config)
 MAX_GROUPS = 8192  # group maxima per candidate, at most (choose_config)
@@ -73,8 +76,8 @@ def _ordered_bits(s):
 
 
 @triton.jit
-def _load_cand_hi_lo(cand_ptr, rows, row_ok, D, D_P: tl.constexpr):
-    """Normalised candidates as an fp16 (hi, lo) pair: hi + lo carries ~22 mantissa bits."""
+def _load_cand_unit(cand_ptr, rows, row_ok, D, D_P: tl.constexpr):
+    """Normalised candidates (BN, D_P) in fp32; a zero candidate stays zero (it scores 0)."""
     d = tl.arange(0, D_P)
     c = tl.load(
         cand_ptr + rows[:, None].to(tl.int64) * D + d[None, :],
@@ -82,8 +85,22 @@ def _load_cand_hi_lo(cand_ptr, rows, row_ok, D, D_P: tl.constexpr):
         other=0,
     ).to(tl.float32)
     nrm2 = tl.sum(c * c, axis=1)
-    inv = tl.where(nrm2 > 0, 1.0 / tl.sqrt(tl.maximum(nrm2, 1e-30)), 0.0)  # a zero candidate scores 0
-    c = c * inv[:, None]
+    return c * tl.where(nrm2 > 0, 1.0 / tl.sqrt(tl.maximum(nrm2, 1e-30)), 0.0)[:, None]
+
+
+@triton.jit
+def _load_cand_i8(cand_ptr, rows, row_ok, D, D_P: tl.constexpr):
+    """Normalised candidates as two int8 pieces (a, b): 254 a + b is within 0.5 of 127 * 254 * c."""
+    x = _load_cand_unit(cand_ptr, rows, row_ok, D, D_P) * 127.0  # |x| <= 127
+    a = tl.floor(x + 0.5)
+    b = tl.floor((x - a) * 254.0 + 0.5)  # x - a is exact and within [-0.5, 0.5]: |b| <= 127
+    return a.to(tl.int8), b.to(tl.int8)
+
+
+@triton.jit
+def _load_cand_hi_lo(cand_ptr, rows, row_ok, D, D_P: tl.constexpr):
+    """Normalised candidates as an fp16 (hi, lo) pair: hi + lo carries ~22 mantissa bits."""
+    c = _load_cand_unit(cand_ptr, rows, row_ok, D, D_P)
     hi = c.to(tl.float16)
     lo = (c - hi.to(tl.float32)).to(tl.float16)
     return hi, lo
@@ -110,6 +127,20 @@ def _scores(q, c_hi, c_lo):
     dot = tl.dot(c_hi, qt) + tl.dot(c_lo, qt)
     s = dot * inv[None, :]
     return tl.where(s == 0.0, 0.0, s)  # -0.0 and +0.0 must be the same score (ties by position)
+
+
+@triton.jit
+def _scores_i8(q, c_a, c_b):
+    """Pass 1's scores (BN, BS) fp32 of the candidates' int8 pieces against int8 rows q (BS, D_P):
+    within ``scan_error(D)`` of the exact cosine. Integer dots on the codes as loaded, exact in int32."""
+    qi = q.to(tl.int32)
+    nrm2 = tl.sum(qi * qi, axis=1)  # exact
+    inv = tl.where(nrm2 > 0, (1.0 / _I8_SCALE) / tl.sqrt(tl.maximum(nrm2, 1).to(tl.float32)), 0.0)  # zero row: 0
+    qt = tl.trans(q)
+    # 254 a.q + b.q, exact: |dot| <= 255 * 127 * 127 * D < 2**31 for D <= _MAX_D
+    dot = tl.dot(c_b, qt, acc=tl.dot(c_a, qt, out_dtype=tl.int32) * 254, out_dtype=tl.int32)
+    s = dot.to(tl.float32) * inv[None, :]
+    return tl.where(s == 0.0, 0.0, s)  # -0.0 and +0.0 are the same score
 
 
 @triton.jit
@@ -214,7 +245,7 @@ def _nn_scan_kernel(
     rows = pid * BN + tl.arange(0, BN)
     row_ok = rows < N
     users = tl.load(user_ptr + rows, mask=row_ok, other=_BIG_USER).to(tl.int32)
-    c_hi, c_lo = _load_cand_hi_lo(cand_ptr, rows, row_ok, D, D_P)
+    c_a, c_b = _load_cand_i8(cand_ptr, rows, row_ok, D, D_P)
     gmax = tl.full((BN, C), -(2**31), tl.int32)
     u = tl.min(users, axis=0)
     while u < _BIG_USER:  # each distinct user of the block once (fast when candidates are grouped)
@@ -226,7 +257,7 @@ def _nn_scan_kernel(
             pos = p0 + tl.arange(0, BS)
             pos_ok = pos < p_hi
             q_next = _load_tile(seq_ptr, start, pos + BS, pos + BS < p_hi, D, D_P)  # in flight meanwhile
-            s = _scores(q, c_hi, c_lo)
+            s = _scores_i8(q, c_a, c_b)
             q = q_next
             o = tl.where(is_u[:, None] & pos_ok[None, :], _ordered_bits(s), -(2**31))
             gmax = tl.maximum(gmax, tl.max(tl.reshape(o, (BN, BS // C, C)), axis=1))
@@ -436,6 +467,7 @@ def _nn_refine_kernel(
     G_TOT,
     SPLITS,
     CAP,
+    margin,
     BS: tl.constexpr,
     C: tl.constexpr,
     G_P: tl.constexpr,
@@ -450,10 +482,10 @@ def _nn_refine_kernel(
     again, the top k of those, best first.
 
     The threshold T is the k-th largest group maximum of pass 1 or just below it (``_kth_group_max``),
-    so at least k distinct positions score >= T. This pass scores rows on the CUDA cores, which may
-    differ from pass 1's tensor-core scores by up to a few 1e-6; with the margin E (``_MARGIN``) above
-    that, every group whose maximum is >= T - 2E is visited and every key >= T - E kept: at least k
-    keys, and every one that can be in the top k. Only those ~k groups are read again (~1,000 of
+    so at least k distinct positions score >= T. This pass scores rows in fp32 on the CUDA cores;
+    with ``margin`` E at least the largest difference between its scores and pass 1's (``margin()``),
+    every group whose maximum is >= T - 2E is visited and every key >= T - E kept: at least k keys,
+    and every one that can be in the top k. Only those ~k groups are read again (~1,000 of
     16,000 rows at k = 64), R rows per step, the next step's rows in flight while a step is scored.
     ``tau`` and ``cnt`` receive the threshold key and the list's length.
     """
@@ -462,8 +494,8 @@ def _nn_refine_kernel(
     tl.store(tau_ptr + row, lo << 32)
     no_thr = lo <= -(2**31)  # fewer than k non-empty groups: every row counts
     t32 = lo.to(tl.int32)
-    key_floor = tl.where(no_thr, -(2**31), _below(t32, _MARGIN)).to(tl.int64) << 32
-    visit = tl.where(no_thr, real, real & (gm >= _below(t32, 2 * _MARGIN)))
+    key_floor = tl.where(no_thr, -(2**31), _below(t32, margin)).to(tl.int64) << 32
+    visit = tl.where(no_thr, real, real & (gm >= _below(t32, 2 * margin)))
     # The visited groups' ids, packed to the front of this candidate's row of ``gid``.
     gid_base = gid_ptr + row.to(tl.int64) * G_TOT
     g = tl.arange(0, G_P)
@@ -571,6 +603,19 @@ def choose_config(
     return NNSelectConfig(block_n, k_pad, splits, num_warps, gps, tile)
 
 
+def scan_error(d: int) -> float:
+    """A bound of |pass 1's score - the exact cosine| for d-dimensional codes: each element of the
+    candidate's int8 pieces is within 0.5 / (127 * 254) of it, so (Cauchy-Schwarz over the unit row)
+    the dot is within that times sqrt(d); fp32 rounding of the sum and the scaling adds < 2**-20."""
+    return 0.5 / I8_SCALE * math.sqrt(d) + 2.0**-20
+
+
+def margin(d: int) -> float:
+    """The refine pass's margin E: twice the largest possible difference between its fp32 scores
+    (d products of magnitude <= 1, each sum step within 2**-24) and pass 1's."""
+    return 2.0 * (scan_error(d) + d * 2.0**-24)
+
+
 def _check_inputs(seq, starts, lengths, cand, cand_user, k):
     if not isinstance(seq, torch.Tensor) or seq.dim() != 2 or seq.dtype != torch.int8:
         raise ValueError(f"seq must be a (T, D) int8 tensor, got {_describe(seq)}")
@@ -671,6 +716,8 @@ def nn_select(
         return idx, scores
     if k > _MAX_K:
         raise ValueError(f"k must be <= {_MAX_K} for the GPU kernel, got {k}")
+    if seq.shape[1] > _MAX_D:
+        raise ValueError(f"D must be <= {_MAX_D} for the GPU kernel, got {seq.shape[1]}")
     if out is None:
         idx = torch.empty((n, k), dtype=idx_dtype, device=seq.device)
         scores = torch.empty((n, k), dtype=torch.float32, device=seq.device)
@@ -711,7 +758,7 @@ def _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, con
     seq, starts, lengths, cand, cand_user = _prepare(seq, starts, lengths, cand, cand_user)
     cfg = config or choose_config(n, starts.shape[0], seq.shape[0], k, dev)
     bn, kp, splits, gps, cap = cfg.block_n, cfg.k_pad, cfg.splits, cfg.groups_per_split, cfg.capacity
-    d_p = max(16, triton.next_power_of_2(d))
+    d_p = max(32, triton.next_power_of_2(d))  # integer dots (pass 1) take K in steps of 32
     g_tot = splits * gps
     gm = torch.empty((n, g_tot), dtype=torch.int32, device=dev)
     gid = torch.empty((n, g_tot), dtype=torch.int32, device=dev)
@@ -725,8 +772,8 @@ def _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, con
         )  # fmt: skip
         _nn_refine_kernel[(n,)](
             seq, starts, lengths, cand, cand_user, gm, gid, tau, cnt, keys, idx, scores, d, k, g_tot, splits, cap,
-            BS=cfg.tile, C=gps, G_P=triton.next_power_of_2(g_tot), R=REFINE_ROWS, STEPS=THRESHOLD_STEPS, K=kp,
-            CH=64, D_P=d_p, M_BULK=8, num_warps=4,
+            margin(d), BS=cfg.tile, C=gps, G_P=triton.next_power_of_2(g_tot), R=REFINE_ROWS, STEPS=THRESHOLD_STEPS,
+            K=kp, CH=64, D_P=d_p, M_BULK=8, num_warps=4,
         )  # fmt: skip
     return idx, scores
 
