@@ -136,6 +136,15 @@ def test_grid_matches_reference(lengths, n_per_user, k, dtype):
     assert_matches_reference(idx, scores, inputs, k)
 
 
+@pytest.mark.parametrize("d", [8, 48, 100])
+def test_code_widths(d):
+    """Codes narrower than pass 1's 32-wide integer dots (padded) and wider ones, not powers of two:
+    the scan's error bound (and so the refine margin) grows with D; the selection stays exact."""
+    inputs = make_inputs([300, 41], [6, 3], torch.float32, seed=d, d=d)
+    idx, scores = run_kernel(inputs, 10)
+    assert_matches_reference(idx, scores, inputs, 10)
+
+
 # Every code path: one chunk or several, several block and tile sizes, a few or many groups, and a
 # key capacity small enough that lists overflow into the exact fallback scan.
 CONFIGS = [
@@ -439,6 +448,13 @@ def test_kernel_k_limit():
     seq, starts, lens, cand, users = make_inputs([300], [2])
     with pytest.raises(ValueError, match="k must be <= 256"):
         nn_mod.nn_select(seq, starts, lens, cand, users, 257)
+
+
+def test_kernel_d_limit():
+    """Codes far wider than any model's are refused (pass 1's int32 dots are exact up to ~16,000)."""
+    seq, starts, lens, cand, users = make_inputs([40], [2], d=4097)
+    with pytest.raises(ValueError, match="D must be <= 4096"):
+        nn_mod.nn_select(seq, starts, lens, cand, users, 4)
 
 
 def test_config_is_shape_only():

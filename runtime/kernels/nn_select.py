@@ -54,7 +54,7 @@ __all__ = ["nn_select", "nn_select_torch", "nn_select_reference", "NNSelectConfi
 # (INT32_MIN + 1) << 32, so all sentinels sort below all real keys.
 _BIG_USER = tl.constexpr(2**31 - 1)  # "no user": larger than any user index
 _MAX_K = 256  # register budget of the (block_n, K) key tiles; the models use k <= 96
-_MAX_D = 512  # pass 1's int32 dots stay exact up to here; the models' codes have D = 32
+_MAX_D = 4096  # pass 1's int32 dots stay exact well beyond this (_scores_i8); the models' codes have D = 32
 I8_SCALE = 127 * 254  # pass 1's candidate pieces: c ~= (254 a + b) / I8_SCALE, a and b int8
 _I8_SCALE = tl.constexpr(I8_SCALE)
 GROUPS_PER_K = 16  # group maxima per candidate, per top-k slot, at least (choose_config)
@@ -137,7 +137,8 @@ def _scores_i8(q, c_a, c_b):
     nrm2 = tl.sum(qi * qi, axis=1)  # exact
     inv = tl.where(nrm2 > 0, (1.0 / _I8_SCALE) / tl.sqrt(tl.maximum(nrm2, 1).to(tl.float32)), 0.0)  # zero row: 0
     qt = tl.trans(q)
-    # 254 a.q + b.q, exact: |dot| <= 255 * 127 * 127 * D < 2**31 for D <= _MAX_D
+    # 254 a.q + b.q, exact in int32: |a_i| <= 127 |c_i| + 0.5 and sum |c_i| <= sqrt(D) for a unit c, so
+    # |254 a.q| <= 254 * 127 * (127 sqrt(D) + D / 2) < 2**31 for D up to ~16,000 (_MAX_D is 4,096).
     dot = tl.dot(c_b, qt, acc=tl.dot(c_a, qt, out_dtype=tl.int32) * 254, out_dtype=tl.int32)
     s = dot.to(tl.float32) * inv[None, :]
     return tl.where(s == 0.0, 0.0, s)  # -0.0 and +0.0 are the same score
