@@ -478,3 +478,7 @@ def test_group_rule_worked_by_hand(monkeypatch):
     cfg = nn_mod.choose_config(256, 1, 100_000, 200, torch.device("cpu"))
     assert (cfg.splits, cfg.tile, cfg.groups_per_split) == (98, 256, 64)
     assert cfg.splits * cfg.groups_per_split <= nn_mod.MAX_GROUPS
+    # 64 users x 100,000, k 64: 66 chunks (8 x 132 programs / 16 blocks) of 1,536 rows, 64 groups each
+    # (the tile's width): 4,224 maxima, just past 4,096, so 64 chunks (a 4,096-wide tile, not 8,192).
+    cfg = nn_mod.choose_config(256, 64, 6_400_000, 64, torch.device("cpu"))
+    assert (cfg.block_n, cfg.splits, cfg.groups_per_split) == (16, 64, 64)
