@@ -733,7 +733,7 @@ def nn_select(
 
 
 def _prepare(seq, starts, lengths, cand, cand_user):
-    """Contiguous inputs; bf16 candidates as fp32 (the kernels split them into fp16 hi + lo)."""
+    """Contiguous inputs; bf16 candidates as fp32 (the kernels split them into int8 or fp16 pieces)."""
     cand = cand.contiguous()
     if cand.dtype == torch.bfloat16:
         cand = cand.float()
