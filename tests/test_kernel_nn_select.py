@@ -470,9 +470,11 @@ def test_group_rule_worked_by_hand(monkeypatch):
     """choose_config's groups on a 132-SM GPU, worked by hand: at least 16 x k_pad maxima per candidate,
     groups of at most 8 rows where the tile allows, at most MAX_GROUPS maxima."""
     monkeypatch.setattr(nn_mod, "sm_count", lambda device: 132)
-    # 1 user x 16,000, k 64: 63 chunks of 256 rows (4 tiles of 64); max(ceil(1024 / 63), 256 / 8) = 32.
+    # 1 user x 16,000, k 64: 8 blocks of 32 candidates; 63 chunks of 256 rows (4 tiles of 64);
+    # max(ceil(1024 / 63), 256 / 8) = 32. More than 256 candidates per user: blocks of 64.
     cfg = nn_mod.choose_config(256, 1, 16000, 64, torch.device("cpu"))
-    assert (cfg.splits, cfg.tile, cfg.groups_per_split) == (63, 64, 32)
+    assert (cfg.block_n, cfg.splits, cfg.tile, cfg.groups_per_split) == (32, 63, 64, 32)
+    assert nn_mod.choose_config(1024, 1, 16000, 64, torch.device("cpu")).block_n == 64
     # 1 user x 100,000, k 200 (k_pad 256): 98 chunks of 1,024 rows; max(ceil(4096 / 98), 1024 / 8) = 128,
     # but 98 x 128 > 8,192 maxima: halved to 64.
     cfg = nn_mod.choose_config(256, 1, 100_000, 200, torch.device("cpu"))

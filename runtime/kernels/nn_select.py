@@ -578,8 +578,9 @@ def choose_config(
 
     Chunks of about four tiles per program, as many as keep ~8 programs per SM busy: the scans are
     latency-bound chains of small loads and dots, so more and shorter programs win (measured on
-    H200: 1 user, 256 candidates, S=16,000: 64-candidate blocks, 64 chunks, 38 us of kernel time;
-    16-candidate blocks 49 us). At least 16 x k group maxima per candidate and groups of at most ~8
+    H200: 1 user, 256 candidates, S=16,000, with the fp16 scan: 64-candidate blocks, 64 chunks, 38 us
+    of kernel time; 16-candidate blocks 49 us; with the integer scan, 32-candidate blocks 25.5-26.3 us
+    against 26.8-27.6 for 64, in two runs). At least 16 x k group maxima per candidate and groups of at most ~8
     rows where the tile allows: the second pass then reads about k groups again, a small part of the
     sequence (more groups: a longer threshold search).
     """
@@ -588,7 +589,7 @@ def choose_config(
     sms = sm_count(device)
     if block_n is None:  # as many candidates per block as a user has (a block scans each of its users)
         per_user = n_cand // max(n_users, 1)
-        block_n = 64 if per_user >= 64 else 32 if per_user >= 32 else 16
+        block_n = 64 if per_user > 256 else 32 if per_user >= 32 else 16
         if k_pad >= 128:  # 128-row tiles: 32-candidate blocks (4 warps) beat 64 (8 warps), 47 vs 56 us at k=96
             block_n = min(block_n, 32)
     n_blocks = triton.cdiv(max(n_cand, 1), block_n)
