@@ -594,7 +594,8 @@ def choose_config(
             block_n = min(block_n, 32)
     n_blocks = triton.cdiv(max(n_cand, 1), block_n)
     avg_len = total_rows // max(n_users, 1)
-    if splits is None:
+    chosen = splits is None  # a caller's split count is kept as given
+    if chosen:
         splits = max(1, min(triton.cdiv(avg_len, 4 * tile), max(1, 8 * sms // n_blocks), 128))
     chunk = triton.cdiv(triton.cdiv(max(avg_len, 1), splits), tile) * tile
     gps = max(triton.cdiv(GROUPS_PER_K * k_pad, splits), triton.cdiv(chunk, ROWS_PER_GROUP))
@@ -604,7 +605,7 @@ def choose_config(
     # ... in a power-of-two tile: a total just past a power of two doubles its threshold search for a
     # few more chunks (64 users x 100,000 rows on an H200: 66 x 64 maxima 0.247 ms, 64 x 64 0.200 ms).
     fewer = (triton.next_power_of_2(splits * gps) // 2) // gps
-    if 8 * fewer >= 7 * splits:
+    if chosen and 8 * fewer >= 7 * splits:
         splits = fewer
     num_warps = 4 if block_n * tile <= 4096 else 8
     return NNSelectConfig(block_n, k_pad, splits, num_warps, gps, tile)
