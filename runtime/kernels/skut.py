@@ -410,7 +410,7 @@ def _encoder_layer(
 @triton.jit
 def _last_rows(
     x, rows, row_ok, valid, lim, o_b, v_ptr, n_layers,
-    D: tl.constexpr, D_P: tl.constexpr, H: tl.constexpr, DH_P: tl.constexpr, F_P: tl.constexpr,
+    D: tl.constexpr, D_P: tl.constexpr, LV: tl.constexpr,
     FINAL_NORM: tl.constexpr, STORE_OUT: tl.constexpr, POOL: tl.constexpr,
 ):  # fmt: skip
     """The last layer's rows: the final norm, zeros for fully masked rows (those that may see no
@@ -418,7 +418,7 @@ def _last_rows(
     cd = tl.arange(0, D_P)
     dmask = cd < D
     if FINAL_NORM:
-        f_off = n_layers * (3 * H * DH_P + 6 * D_P + F_P + 2)
+        f_off = n_layers * LV  # the final norm's vectors follow every layer's
         eps_f = tl.load(v_ptr + f_off + 2 * D_P)
         x = _layernorm(x, v_ptr, f_off, f_off + D_P, eps_f, dmask, D, D_P)
     x = tl.where((lim == 0)[:, None], 0.0, x)
@@ -545,8 +545,8 @@ def _skut_kernel(
                 )
                 tl.store(o_b + rows[:, None] * D + cd[None, :], x16, mask=xmask)
             else:
-                tile_max = _last_rows(x, rows, row_ok, valid, lim, o_b, v_ptr, n_layers, D, D_P, H, DH_P, F_P,
-                                      FINAL_NORM, STORE_OUT, POOL)  # fmt: skip
+                tile_max = _last_rows(x, rows, row_ok, valid, lim, o_b, v_ptr, n_layers, D, D_P, LV, FINAL_NORM,
+                                      STORE_OUT, POOL)  # fmt: skip
                 pooled = tl.maximum(pooled, tile_max)
         tl.debug_barrier()
     if POOL != 0:
@@ -656,8 +656,8 @@ def _skut_split_kernel(
             _store_kv(x.to(kv_ptr.dtype.element_ty), slot, valid, w_l + LW, v_l + LV, kv_nxt, kv_nxt + KV_STRIDE,
                       S, H, D_P, DH_P, PREC)  # fmt: skip
         else:
-            tile_max = _last_rows(x, rows, row_ok, valid, nvis, out_ptr + b * S * D, v_ptr, n_layers, D, D_P, H,
-                                  DH_P, F_P, FINAL_NORM, STORE_OUT, POOL)  # fmt: skip
+            tile_max = _last_rows(x, rows, row_ok, valid, nvis, out_ptr + b * S * D, v_ptr, n_layers, D, D_P, LV,
+                                  FINAL_NORM, STORE_OUT, POOL)  # fmt: skip
     if POOL != 0:
         tl.store(part_ptr + (b * n_qt + qt) * D_P + cd, tile_max)
         tl.debug_barrier()
