@@ -253,20 +253,48 @@ def test_threshold_filters():
     assert_matches_reference(idx, scores, inputs, k)
     for i in range(n):
         kth_group_max = torch.sort(gm[i].cpu(), descending=True).values[k - 1].item()
-        assert tau[i].item() == kth_group_max << 32  # exact with 33 bisection steps
+        assert tau[i].item() == kth_group_max << 32  # exact with 33 bisection steps (and the snap)
         passing = (torch.tensor([float(v) for v in s[i]]) >= nn_mod_decode(kth_group_max) - TOL).sum().item()
         assert k <= passing <= cnt[i].item() < 4 * k  # every key at the threshold, and few more
-    # Fewer steps: a bound just below the k-th largest maximum (at least k maxima reach it), and the
-    # same selection; 16 rows per step (several steps).
-    for steps in (4, 12):
+    # Fewer steps: a bound at or below the k-th largest maximum, one of the maxima (at least k reach
+    # it), and the same selection; 16 rows per step (several steps).
+    for steps in (1, 4, 12):
         idx2, scores2, tau2, cnt2 = launch_refine(inputs, gm, k, cfg, rows=16, steps=steps)
         assert torch.equal(idx2, idx)
         torch.testing.assert_close(scores2, scores, atol=1e-6, rtol=0)  # sums over other layouts
         for i in range(n):
             kth = torch.sort(gm[i].cpu(), descending=True).values[k - 1].item()
             assert (tau2[i] >> 32).item() <= kth and int((gm[i] >= (tau2[i] >> 32)).sum()) >= k
+            assert (tau2[i] >> 32).item() in gm[i].tolist()
             assert cnt2[i] >= cnt[i]
-        assert (tau2 < tau).any()  # 4 steps from the range of maxima stop short of the exact value
+        if steps == 1:
+            assert (tau2 < tau).any()  # one halving of the range of maxima stops short of the exact value
+
+
+def test_key_lists_sorted_or_ranked():
+    """A list of up to 2 K keys is ordered by one sort, a longer one (up to the capacity) by rank
+    counts: a candidate equal to a vector planted 100 times in its user's 150 rows ties at the top
+    with all 100 copies (a 100-key list, ranked), a random one of a user with random rows keeps a
+    short list (sorted). Both exactly as the brute force."""
+    g = torch.Generator().manual_seed(21)
+    seq = torch.randint(-127, 128, (300, 32), generator=g, dtype=torch.int8)
+    planted = torch.randperm(150, generator=g)[:100]
+    seq[planted] = seq[planted[0]].clone()
+    cand = torch.stack([seq[planted[0]].float() * 0.37, torch.randn(32, generator=g)]).half()
+    inputs = (seq, torch.tensor([0, 150]), torch.tensor([150, 150]), cand, torch.tensor([0, 1]))
+    k = 20
+    cfg = nn_mod.NNSelectConfig(16, 32, 1, 4, 32, tile=64)  # K = 32, capacity 256, 32 groups
+    s = full_scores(*inputs)
+    gm = torch.full((2, 32), -(2**31), dtype=torch.int32)
+    for i in range(2):
+        for j in range(32):
+            gm[i, j] = nn_mod_encode(float(s[i][j::32].max()))
+    idx, scores, _, cnt = launch_refine(tuple(t.to(DEV) for t in inputs), gm.to(DEV), k, cfg)
+    assert cnt[0].item() == 100  # 2 K < 100 <= capacity: the rank counts
+    assert k <= cnt[1].item() <= 2 * cfg.k_pad  # the sort
+    assert torch.equal(idx.cpu().long(), brute_force(*inputs, k))
+    assert idx[0].tolist() == sorted(planted.tolist(), reverse=True)[:k]
+    assert_matches_reference(idx, scores, inputs, k)
 
 
 def test_threshold_kth_group_max_or_open():

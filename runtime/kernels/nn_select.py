@@ -61,7 +61,7 @@ GROUPS_PER_K = 16  # group maxima per candidate, per top-k slot, at least (choos
 ROWS_PER_GROUP = 8  # rows per group, at most, where the tile allows (choose_config)
 MAX_GROUPS = 8192  # group maxima per candidate, at most (choose_config)
 REFINE_ROWS = 256  # rows the refine pass scores per step
-THRESHOLD_STEPS = 20  # bisection steps between the smallest and largest group maximum (33: exact)
+THRESHOLD_STEPS = 13  # bisection steps in float space between the smallest and largest group maximum
 SHORT_MAX = 128  # sequences up to this many rows (by the caller's max_len) take the one-pass kernel
 
 
@@ -152,9 +152,12 @@ def _tile_scores(seq_ptr, start, pos, pos_ok, c_hi, c_lo, D, D_P: tl.constexpr):
 
 @triton.jit
 def _user_chunk(starts_ptr, lengths_ptr, u, split, SPLITS, BS: tl.constexpr):
-    """Rows [p_lo, p_hi) of user u handled by this split; chunk sizes are whole tiles."""
-    start = tl.load(starts_ptr + u).to(tl.int64)
-    length = tl.load(lengths_ptr + u).to(tl.int32)
+    """Rows [p_lo, p_hi) of user u handled by this split; chunk sizes are whole tiles. No rows for
+    u = _BIG_USER (no user)."""
+    some = u < _BIG_USER
+    i = tl.where(some, u, 0)  # a block has a candidate, so user 0 exists
+    start = tl.load(starts_ptr + i).to(tl.int64)
+    length = tl.where(some, tl.load(lengths_ptr + i).to(tl.int32), 0)
     chunk = tl.cdiv(tl.cdiv(length, SPLITS), BS) * BS
     p_lo = split * chunk
     p_hi = tl.minimum(length, p_lo + chunk)
@@ -248,21 +251,30 @@ def _nn_scan_kernel(
     users = tl.load(user_ptr + rows, mask=row_ok, other=_BIG_USER).to(tl.int32)
     c_a, c_b = _load_cand_i8(cand_ptr, rows, row_ok, D, D_P)
     gmax = tl.full((BN, C), -(2**31), tl.int32)
+    # Each distinct user of the block once (fast when candidates are grouped), its chunk tile by tile,
+    # as one stream of steps: the next step's tile is in flight while one is scored, also where the
+    # next step is the next user's first tile (a block of 16 candidates over 4 users would otherwise
+    # wait for four first tiles). ``_a`` names the user after this one.
+    ar = tl.arange(0, BS)
     u = tl.min(users, axis=0)
-    while u < _BIG_USER:  # each distinct user of the block once (fast when candidates are grouped)
-        is_u = users == u
-        start, p_lo, p_hi = _user_chunk(starts_ptr, lengths_ptr, u, split, SPLITS, BS)
-        pos = p_lo + tl.arange(0, BS)
-        q = _load_tile(seq_ptr, start, pos, pos < p_hi, D, D_P)
-        for p0 in range(p_lo, p_hi, BS):
-            pos = p0 + tl.arange(0, BS)
-            pos_ok = pos < p_hi
-            q_next = _load_tile(seq_ptr, start, pos + BS, pos + BS < p_hi, D, D_P)  # in flight meanwhile
-            s = _scores_i8(q, c_a, c_b)
-            q = q_next
-            o = tl.where(is_u[:, None] & pos_ok[None, :], _ordered_bits(s), -(2**31))
-            gmax = tl.maximum(gmax, tl.max(tl.reshape(o, (BN, BS // C, C)), axis=1))
-        u = tl.min(tl.where(users > u, users, _BIG_USER), axis=0)
+    start, p0, p_hi = _user_chunk(starts_ptr, lengths_ptr, u, split, SPLITS, BS)
+    u_a = tl.min(tl.where(users > u, users, _BIG_USER), axis=0)
+    start_a, p0_a, p_hi_a = _user_chunk(starts_ptr, lengths_ptr, u_a, split, SPLITS, BS)
+    q = _load_tile(seq_ptr, start, p0 + ar, p0 + ar < p_hi, D, D_P)
+    while u < _BIG_USER:
+        last = p0 + BS >= p_hi  # this user's last tile (or an empty chunk: one step, all masked)
+        u_n = tl.where(last, u_a, u)
+        start_n = tl.where(last, start_a, start)
+        p0_n = tl.where(last, p0_a, p0 + BS)
+        p_hi_n = tl.where(last, p_hi_a, p_hi)
+        q_n = _load_tile(seq_ptr, start_n, p0_n + ar, p0_n + ar < p_hi_n, D, D_P)  # in flight meanwhile
+        s = _scores_i8(q, c_a, c_b)
+        o = tl.where((users == u)[:, None] & (p0 + ar < p_hi)[None, :], _ordered_bits(s), -(2**31))
+        gmax = tl.maximum(gmax, tl.max(tl.reshape(o, (BN, BS // C, C)), axis=1))
+        if last:
+            u_a = tl.min(tl.where(users > u_n, users, _BIG_USER), axis=0)
+            start_a, p0_a, p_hi_a = _user_chunk(starts_ptr, lengths_ptr, u_a, split, SPLITS, BS)
+        u, start, p0, p_hi, q = u_n, start_n, p0_n, p_hi_n, q_n
     g = tl.arange(0, C)
     tl.store(gm_ptr + rows[:, None].to(tl.int64) * G_TOT + split * C + g[None, :], gmax, mask=row_ok[:, None])
 
@@ -359,22 +371,30 @@ def _nn_short_kernel(
 @triton.jit
 def _kth_group_max(gm_ptr, row, k, G_TOT, G_P: tl.constexpr, STEPS: tl.constexpr):
     """A lower bound T of the k-th largest of a candidate's group maxima (ordered int32, as an int64)
-    with at least k maxima >= T, by bisection between the smallest and largest maximum: exact with
-    STEPS = 33, otherwise within (max - min) / 2**STEPS below it (a few more groups pass, nothing is
-    lost). INT32_MIN when fewer than k groups are non-empty (no threshold)."""
+    with at least k maxima >= T: bisection in float space between the smallest and largest maximum,
+    then up to the smallest maximum at or above the bound. So T is one of the maxima, below the k-th
+    largest by less than (max - min) / 2**STEPS, the exact k-th once that is below their spacing (a
+    few more groups pass, nothing is lost). INT32_MIN when fewer than k groups are non-empty (no
+    threshold).
+
+    Float space, not the ordered int32 bits: the maxima are cosines spread over a range of about 1,
+    which 13 halvings resolve as finely as 20 over the bits' range (each step is a block-wide count,
+    the refine pass's longest dependent chain)."""
     g = tl.arange(0, G_P)
     gm = tl.load(gm_ptr + row.to(tl.int64) * G_TOT + g, mask=g < G_TOT, other=-(2**31))
     real = gm > -(2**31)
     n_real = tl.sum(real.to(tl.int32), axis=0)
-    lo = tl.min(tl.where(real, gm, 2**31 - 1), axis=0).to(tl.int64)  # count(gm >= lo) >= k ...
-    hi = tl.max(gm, axis=0).to(tl.int64) + 1  # ... and count(gm >= hi) < k
+    bits = tl.where(gm >= 0, gm, gm ^ 0x7FFFFFFF)
+    gf = tl.where(real, bits.to(tl.float32, bitcast=True), float("-inf"))
+    lo = tl.min(tl.where(real, gf, float("inf")), axis=0)  # lo <= the k-th largest <= hi throughout
+    hi = tl.max(gf, axis=0)
     for _ in tl.static_range(STEPS):
-        mid = (lo + hi) >> 1  # an exact int32 between the two
-        cnt = tl.sum((real & (gm >= mid.to(tl.int32))).to(tl.int32), axis=0)
-        enough = cnt >= k
+        mid = lo + (hi - lo) * 0.5
+        enough = tl.sum((gf >= mid).to(tl.int32), axis=0) >= k
         lo = tl.where(enough, mid, lo)
         hi = tl.where(enough, hi, mid)
-    lo = tl.where(n_real >= k, lo, -(2**31))
+    lo = tl.min(tl.where(gf >= lo, gf, float("inf")), axis=0)  # as many maxima reach it
+    lo = tl.where(n_real >= k, _ordered_bits(lo), -(2**31)).to(tl.int64)
     return gm, real, lo
 
 
@@ -383,6 +403,16 @@ def _below(bits, margin):
     """Ordered int32 of (the score whose ordered int32 is ``bits``) - margin."""
     b = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
     return _ordered_bits(b.to(tl.float32, bitcast=True) - margin)
+
+
+@triton.jit
+def _sort_list(keys_base, cnt, row, idx_ptr, score_ptr, k, W: tl.constexpr):
+    """The top k of a list of at most W distinct keys, best first, by one sort (padding sorts last
+    and decodes to -1 / -inf)."""
+    j = tl.arange(0, W)
+    lst = tl.load(keys_base + j, mask=j < cnt, other=-(2**63))
+    one = tl.zeros((1,), tl.int32)
+    _store_keys(tl.sort(lst, descending=True)[None, :], row + one, one == 0, idx_ptr, score_ptr, k, W)
 
 
 @triton.jit
@@ -530,7 +560,10 @@ def _nn_refine_kernel(
     tl.store(cnt_ptr + row, n_keys)
     tl.debug_barrier()
     if n_keys <= CAP:
-        _rank_list(keys_base, n_keys, row, idx_ptr, score_ptr, k, K, CH)
+        if n_keys <= 2 * K:  # the usual list, k keys and a few more: one sort
+            _sort_list(keys_base, n_keys, row, idx_ptr, score_ptr, k, 2 * K)
+        else:
+            _rank_list(keys_base, n_keys, row, idx_ptr, score_ptr, k, K, CH)
     else:
         _exact_scan(seq_ptr, start, length, cand_ptr, row, tl.max(tl.abs(c), axis=0) == 0.0, idx_ptr,
                     score_ptr, D, k, K, D_P, M_BULK)  # fmt: skip
