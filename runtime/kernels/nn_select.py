@@ -23,11 +23,12 @@ GPU design (no (N, S) score matrix ever reaches memory):
      about 16 x k groups per candidate in all;
   2. refine, one program per candidate: the k-th largest group maximum is a lower bound of its k-th
      best score (at least k distinct positions reach it), so only the ~k groups whose maximum reaches
-     it can hold a top-k row. Their rows (~1/16 of the sequence) are scored again on the CUDA cores,
-     keys at or above the bound go to the candidate's list, and each key's rank in the list (the
-     number of larger keys, counted chunk against chunk) is its output slot: the top k land in
-     order with no sort (wide int64 sorts cost ~20 us per launch on an H200). A list that
-     overflowed its capacity (long runs of exactly equal scores) is rebuilt by an exact full scan.
+     it can hold a top-k row. Their rows (~1/16 of the sequence) are scored again on the CUDA cores
+     and keys at or above the bound go to the candidate's list. The usual list, k keys and a few
+     more, is ordered by one sort of 2K keys (K: k padded to a power of two); in a longer one each
+     key's rank (the number of larger keys, counted chunk against chunk) is its output slot, so the
+     top k land in order with no wide sort. A list that overflowed its capacity (long runs of
+     exactly equal scores) is rebuilt by an exact full scan.
   No program keeps a running top-k while it scans, which is what made the earlier single-pass
   design slow: its per-tile merges were serial within each program. (The design before this one
   scanned the whole sequence twice, the second time to collect the keys above the bound.)
