@@ -4,11 +4,11 @@
 
 Loads a copy of ``runtime/kernels/nn_select.py`` whose ``_nn_refine_kernel`` reads ``%clock64`` at the
 start and at the end of each of its four stages (threshold, packing the visited groups' ids, scoring
-their rows, ranking the kept keys) and stores the readings, the visited groups and the list length per
-candidate. Each reading takes the value its stage produced as an operand, so the compiler cannot move
-it ahead of the stage. Prints the mean cycles per stage over the candidates, next to the kernel's time
-under the profiler. ``%clock64`` counts one SM's cycles: differences within a program are exact,
-absolute values are not comparable across SMs.
+their rows, ordering the kept keys and writing the top k) and stores the readings, the visited groups
+and the list length per candidate. Each reading takes the value its stage produced as an operand, so the
+compiler cannot move it ahead of the stage. Prints the mean cycles per stage over the candidates, next
+to the kernel's time under the profiler. ``%clock64`` counts one SM's cycles: differences within a
+program are exact, absolute values are not comparable across SMs.
 
 The copy is made by inserting lines at fixed places of the kernel's source; ``instrumented_source``
 fails with the line it could not find when the kernel changes (tests/test_bench_nn_stages.py builds the
@@ -32,7 +32,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.path.insert(0, _ROOT)
 sys.path.append(_HERE)
 KERNEL_FILE = os.path.join(_ROOT, "runtime", "kernels", "nn_select.py")
-STAGES = ("threshold", "pack", "rows", "rank")
+STAGES = ("threshold", "pack", "rows", "order")
 
 _CLOCK = '''@triton.jit
 def _clock_after(dep):
