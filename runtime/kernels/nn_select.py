@@ -379,8 +379,8 @@ def _kth_group_max(gm_ptr, row, k, G_TOT, G_P: tl.constexpr, STEPS: tl.constexpr
     threshold).
 
     Float space, not the ordered int32 bits: the maxima are cosines spread over a range of about 1,
-    which 13 halvings resolve as finely as 20 over the bits' range (each step is a block-wide count,
-    the refine pass's longest dependent chain)."""
+    which 13 halvings resolve to ~1e-4, about what 20 halvings of the bits' range gave at the scores'
+    usual magnitude (each step is a block-wide count, the refine pass's longest dependent chain)."""
     g = tl.arange(0, G_P)
     gm = tl.load(gm_ptr + row.to(tl.int64) * G_TOT + g, mask=g < G_TOT, other=-(2**31))
     real = gm > -(2**31)
