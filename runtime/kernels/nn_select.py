@@ -77,6 +77,12 @@ def _ordered_bits(s):
 
 
 @triton.jit
+def _score_of(bits):
+    """The inverse of ``_ordered_bits``: int32 -> the fp32 score."""
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _load_cand_unit(cand_ptr, rows, row_ok, D, D_P: tl.constexpr):
     """Normalised candidates (BN, D_P) in fp32; a zero candidate stays zero (it scores 0)."""
     d = tl.arange(0, D_P)
@@ -166,6 +172,14 @@ def _user_chunk(starts_ptr, lengths_ptr, u, split, SPLITS, BS: tl.constexpr):
 
 
 @triton.jit
+def _user_after(users, u, starts_ptr, lengths_ptr, split, SPLITS, BS: tl.constexpr):
+    """The smallest user of the block above u (_BIG_USER: none) and its chunk, as ``_user_chunk``."""
+    u_a = tl.min(tl.where(users > u, users, _BIG_USER), axis=0)
+    start, p_lo, p_hi = _user_chunk(starts_ptr, lengths_ptr, u_a, split, SPLITS, BS)
+    return u_a, start, p_lo, p_hi
+
+
+@triton.jit
 def _merge_keys(buf, key, K: tl.constexpr, M_BULK: tl.constexpr):
     """Running top-K set ``buf`` (BN, K) of distinct keys, merged with a tile of distinct keys.
 
@@ -208,8 +222,7 @@ def _store_keys(buf, rows, row_ok, idx_ptr, score_ptr, k, W: tl.constexpr):
     col = tl.arange(0, W)
     hi = (buf >> 32).to(tl.int32)
     valid = hi > -(2**31)
-    bits = tl.where(hi >= 0, hi, hi ^ 0x7FFFFFFF)
-    score = tl.where(valid, bits.to(tl.float32, bitcast=True), float("-inf"))
+    score = tl.where(valid, _score_of(hi), float("-inf"))
     pos = tl.where(valid, (buf & 0xFFFFFFFF).to(tl.int32), -1)
     offs = rows[:, None].to(tl.int64) * k + col[None, :]
     m = row_ok[:, None] & (col[None, :] < k)
@@ -259,8 +272,7 @@ def _nn_scan_kernel(
     ar = tl.arange(0, BS)
     u = tl.min(users, axis=0)
     start, p0, p_hi = _user_chunk(starts_ptr, lengths_ptr, u, split, SPLITS, BS)
-    u_a = tl.min(tl.where(users > u, users, _BIG_USER), axis=0)
-    start_a, p0_a, p_hi_a = _user_chunk(starts_ptr, lengths_ptr, u_a, split, SPLITS, BS)
+    u_a, start_a, p0_a, p_hi_a = _user_after(users, u, starts_ptr, lengths_ptr, split, SPLITS, BS)
     q = _load_tile(seq_ptr, start, p0 + ar, p0 + ar < p_hi, D, D_P)
     while u < _BIG_USER:
         last = p0 + BS >= p_hi  # this user's last tile (or an empty chunk: one step, all masked)
@@ -273,8 +285,7 @@ def _nn_scan_kernel(
         o = tl.where((users == u)[:, None] & (p0 + ar < p_hi)[None, :], _ordered_bits(s), -(2**31))
         gmax = tl.maximum(gmax, tl.max(tl.reshape(o, (BN, BS // C, C)), axis=1))
         if last:
-            u_a = tl.min(tl.where(users > u_n, users, _BIG_USER), axis=0)
-            start_a, p0_a, p_hi_a = _user_chunk(starts_ptr, lengths_ptr, u_a, split, SPLITS, BS)
+            u_a, start_a, p0_a, p_hi_a = _user_after(users, u_n, starts_ptr, lengths_ptr, split, SPLITS, BS)
         u, start, p0, p_hi, q = u_n, start_n, p0_n, p_hi_n, q_n
     g = tl.arange(0, C)
     tl.store(gm_ptr + rows[:, None].to(tl.int64) * G_TOT + split * C + g[None, :], gmax, mask=row_ok[:, None])
@@ -313,12 +324,10 @@ def _load_cand_row(cand_ptr, row, D, D_P: tl.constexpr):
 @triton.jit
 def _store_ranked(key, rank, row, idx_ptr, score_ptr, k):
     """Write each real key whose rank (number of larger keys) is below k into slot ``rank``."""
-    hi = (key >> 32).to(tl.int32)
-    bits = tl.where(hi >= 0, hi, hi ^ 0x7FFFFFFF)
     ok = (key > -(2**63)) & (rank < k)
     offs = row.to(tl.int64) * k + rank
     tl.store(idx_ptr + offs, (key & 0xFFFFFFFF).to(idx_ptr.dtype.element_ty), mask=ok)
-    tl.store(score_ptr + offs, bits.to(tl.float32, bitcast=True), mask=ok)
+    tl.store(score_ptr + offs, _score_of((key >> 32).to(tl.int32)), mask=ok)
 
 
 @triton.jit
@@ -385,8 +394,7 @@ def _kth_group_max(gm_ptr, row, k, G_TOT, G_P: tl.constexpr, STEPS: tl.constexpr
     gm = tl.load(gm_ptr + row.to(tl.int64) * G_TOT + g, mask=g < G_TOT, other=-(2**31))
     real = gm > -(2**31)
     n_real = tl.sum(real.to(tl.int32), axis=0)
-    bits = tl.where(gm >= 0, gm, gm ^ 0x7FFFFFFF)
-    gf = tl.where(real, bits.to(tl.float32, bitcast=True), float("-inf"))
+    gf = tl.where(real, _score_of(gm), float("-inf"))
     lo = tl.min(tl.where(real, gf, float("inf")), axis=0)  # lo <= the k-th largest <= hi throughout
     hi = tl.max(gf, axis=0)
     for _ in tl.static_range(STEPS):
@@ -402,8 +410,7 @@ def _kth_group_max(gm_ptr, row, k, G_TOT, G_P: tl.constexpr, STEPS: tl.constexpr
 @triton.jit
 def _below(bits, margin):
     """Ordered int32 of (the score whose ordered int32 is ``bits``) - margin."""
-    b = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    return _ordered_bits(b.to(tl.float32, bitcast=True) - margin)
+    return _ordered_bits(_score_of(bits) - margin)
 
 
 @triton.jit
