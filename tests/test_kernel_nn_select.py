@@ -253,10 +253,10 @@ def test_threshold_filters():
     assert_matches_reference(idx, scores, inputs, k)
     for i in range(n):
         kth_group_max = torch.sort(gm[i].cpu(), descending=True).values[k - 1].item()
-        assert tau[i].item() == kth_group_max << 32  # exact with 33 bisection steps (and the snap)
+        assert tau[i].item() == kth_group_max << 32  # exact with 33 rounds (and the snap)
         passing = (torch.tensor([float(v) for v in s[i]]) >= nn_mod_decode(kth_group_max) - TOL).sum().item()
         assert k <= passing <= cnt[i].item() < 4 * k  # every key at the threshold, and few more
-    # Fewer steps: a bound at or below the k-th largest maximum, one of the maxima (at least k reach
+    # Fewer rounds: a bound at or below the k-th largest maximum, one of the maxima (at least k reach
     # it), and the same selection; 16 rows per step (several steps).
     for steps in (1, 4, 12):
         idx2, scores2, tau2, cnt2 = launch_refine(inputs, gm, k, cfg, rows=16, steps=steps)
@@ -268,7 +268,7 @@ def test_threshold_filters():
             assert (tau2[i] >> 32).item() in gm[i].tolist()
             assert cnt2[i] >= cnt[i]
         if steps == 1:
-            assert (tau2 < tau).any()  # one halving of the range of maxima stops short of the exact value
+            assert (tau2 < tau).any()  # one three-way split of the range of maxima stops short of the exact value
 
 
 def test_key_lists_sorted_or_ranked():
@@ -295,6 +295,38 @@ def test_key_lists_sorted_or_ranked():
     assert torch.equal(idx.cpu().long(), brute_force(*inputs, k))
     assert idx[0].tolist() == sorted(planted.tolist(), reverse=True)[:k]
     assert_matches_reference(idx, scores, inputs, k)
+
+
+def test_refine_steps_and_short_last_step():
+    """The refine pass reads the visited groups' rows R at a time and a rest of at most R / 4 in one
+    short step: for every R, whether the rest takes full steps, the short step after them, or the
+    short step alone, the kept list (its length) and the selection are the same, and the brute
+    force's."""
+    g = torch.Generator().manual_seed(5)
+    seq = torch.randint(-127, 128, (600, 32), generator=g, dtype=torch.int8)
+    cand = torch.randn(3, 32, generator=g).half()
+    inputs = (seq, torch.tensor([0]), torch.tensor([600]), cand, torch.zeros(3, dtype=torch.int64))
+    k = 10
+    cfg = nn_mod.NNSelectConfig(16, 16, 1, 4, 64, tile=64)  # one 640-row chunk, 64 groups of 10 rows
+    s = full_scores(*inputs)
+    gm = torch.tensor([[nn_mod_encode(float(s[i][j::64].max())) for j in range(64)] for i in range(3)],
+                      dtype=torch.int32)  # fmt: skip
+    on_dev = tuple(t.to(DEV) for t in inputs)
+    want = brute_force(*inputs, k)
+    paths, lengths = set(), set()
+    for rows in (4, 8, 16, 32, 64, 128, 512):
+        idx, scores, tau, cnt = launch_refine(on_dev, gm.to(DEV), k, cfg, rows=rows)
+        assert torch.equal(idx.cpu().long(), want), rows
+        assert_matches_reference(idx, scores, inputs, k)
+        lengths.add(tuple(cnt.tolist()))
+        for i in range(3):  # which path this R takes, from the groups the kernel visits
+            t = torch.tensor([nn_mod_decode((tau[i] >> 32).item())], dtype=torch.float32)
+            floor = nn_mod_encode((t - torch.tensor(2 * nn_mod.margin(32), dtype=torch.float32)).item())
+            n_rows = int((gm[i] >= floor).sum()) * 10
+            rest = n_rows % rows
+            paths.add("short only" if n_rows <= rows // 4 else "full + short" if 0 < rest <= rows // 4 else "full")
+    assert len(lengths) == 1  # the same keys kept whatever the steps
+    assert paths == {"full", "full + short", "short only"}
 
 
 def test_threshold_kth_group_max_or_open():

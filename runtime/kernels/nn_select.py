@@ -62,7 +62,7 @@ GROUPS_PER_K = 16  # group maxima per candidate, per top-k slot, at least (choos
 ROWS_PER_GROUP = 8  # rows per group, at most, where the tile allows (choose_config)
 MAX_GROUPS = 8192  # group maxima per candidate, at most (choose_config)
 REFINE_ROWS = 256  # rows the refine pass scores per step
-THRESHOLD_STEPS = 13  # bisection steps in float space between the smallest and largest group maximum
+THRESHOLD_STEPS = 8  # three-way rounds in float space between the smallest and largest group maximum
 SHORT_MAX = 128  # sequences up to this many rows (by the caller's max_len) take the one-pass kernel
 
 
@@ -381,15 +381,17 @@ def _nn_short_kernel(
 @triton.jit
 def _kth_group_max(gm_ptr, row, k, G_TOT, G_P: tl.constexpr, STEPS: tl.constexpr):
     """A lower bound T of the k-th largest of a candidate's group maxima (ordered int32, as an int64)
-    with at least k maxima >= T: bisection in float space between the smallest and largest maximum,
+    with at least k maxima >= T: a search in float space between the smallest and largest maximum,
     then up to the smallest maximum at or above the bound. So T is one of the maxima, below the k-th
-    largest by less than (max - min) / 2**STEPS, the exact k-th once that is below their spacing (a
+    largest by less than (max - min) / 3**STEPS, the exact k-th once that is below their spacing (a
     few more groups pass, nothing is lost). INT32_MIN when fewer than k groups are non-empty (no
     threshold).
 
-    Float space, not the ordered int32 bits: the maxima are cosines spread over a range of about 1,
-    which 13 halvings resolve to ~1e-4, about what 20 halvings of the bits' range gave at the scores'
-    usual magnitude (each step is a block-wide count, the refine pass's longest dependent chain)."""
+    Each round splits the bracket in three and counts the maxima at both inner points in one
+    block-wide sum (two 16-bit counts packed in an int32; G_P <= MAX_GROUPS < 2**16): those counts
+    are the refine pass's longest dependent chain. The maxima are cosines spread over a range of about
+    1, which 8 rounds resolve to ~1.5e-4, about what 20 halvings of the ordered bits' range gave at
+    the scores' usual magnitude."""
     g = tl.arange(0, G_P)
     gm = tl.load(gm_ptr + row.to(tl.int64) * G_TOT + g, mask=g < G_TOT, other=-(2**31))
     real = gm > -(2**31)
@@ -398,10 +400,13 @@ def _kth_group_max(gm_ptr, row, k, G_TOT, G_P: tl.constexpr, STEPS: tl.constexpr
     lo = tl.min(tl.where(real, gf, float("inf")), axis=0)  # lo <= the k-th largest <= hi throughout
     hi = tl.max(gf, axis=0)
     for _ in tl.static_range(STEPS):
-        mid = lo + (hi - lo) * 0.5
-        enough = tl.sum((gf >= mid).to(tl.int32), axis=0) >= k
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid)
+        t1 = lo + (hi - lo) * (1.0 / 3.0)
+        t2 = lo + (hi - lo) * (2.0 / 3.0)
+        both = tl.sum((gf >= t1).to(tl.int32) + ((gf >= t2).to(tl.int32) << 16), axis=0)
+        above_t2 = (both >> 16) >= k
+        above_t1 = (both & 0xFFFF) >= k
+        lo = tl.where(above_t2, t2, tl.where(above_t1, t1, lo))
+        hi = tl.where(above_t2, hi, tl.where(above_t1, t2, t1))
     lo = tl.min(tl.where(gf >= lo, gf, float("inf")), axis=0)  # as many maxima reach it
     lo = tl.where(n_real >= k, _ordered_bits(lo), -(2**31)).to(tl.int64)
     return gm, real, lo
@@ -488,6 +493,17 @@ def _visited_rows(gid_base, f, n_rows, rows_per_group, chunk, length, C: tl.cons
 
 
 @triton.jit
+def _keep_keys(q, pos, ok, c, key_floor, keys_base, n_keys, CAP):
+    """Append the keys >= key_floor of rows q (positions ``pos``) to the list at ``keys_base`` that holds
+    ``n_keys``; its new length (past CAP: what does not fit is dropped, the exact scan takes over)."""
+    key = _keys_of(q, pos, ok, c)
+    take = ok & (key >= key_floor)
+    slot = n_keys + tl.cumsum(take.to(tl.int32), axis=0) - 1
+    tl.store(keys_base + slot, key, mask=take & (slot < CAP))
+    return n_keys + tl.sum(take.to(tl.int32), axis=0)
+
+
+@triton.jit
 def _nn_refine_kernel(
     seq_ptr,
     starts_ptr,
@@ -524,8 +540,10 @@ def _nn_refine_kernel(
     so at least k distinct positions score >= T. This pass scores rows in fp32 on the CUDA cores;
     with ``margin`` E at least the largest difference between its scores and pass 1's (``margin()``),
     every group whose maximum is >= T - 2E is visited and every key >= T - E kept: at least k keys,
-    and every one that can be in the top k. Only those ~k groups are read again (~1,000 of
-    16,000 rows at k = 64), R rows per step, the next step's rows in flight while a step is scored.
+    and every one that can be in the top k. Only those ~k groups are read again (~500 of 16,000
+    rows at k = 64), R rows per step, the next step's rows in flight while a step is scored. A last
+    step of at most R / 4 rows (as for k groups and one more: 520 rows at k = 64) takes an R / 4
+    tile, loaded with the first step's.
     ``tau`` and ``cnt`` receive the threshold key and the list's length.
     """
     row = tl.program_id(0)
@@ -551,20 +569,24 @@ def _nn_refine_kernel(
     c = _load_cand_row(cand_ptr, row, D, D_P)
     keys_base = keys_ptr + row.to(tl.int64) * CAP
     n_keys = tl.zeros((), tl.int32)
+    # Rows [0, n_full) in steps of R; rows [n_full, n_rows), when at most R / 4, in one short step.
+    rest = n_rows % R
+    short = (rest > 0) & (rest <= R // 4)
+    n_full = tl.where(short, n_rows - rest, n_rows)
+    pos_s, ok_s = _visited_rows(gid_base, n_full + tl.arange(0, R // 4), n_rows, rows_per_group, chunk, length, C)
+    q_s = _load_tile(seq_ptr, start, pos_s, ok_s, D, D_P)
     r = tl.arange(0, R)
     f0 = tl.zeros((), tl.int32)
-    pos, ok = _visited_rows(gid_base, r, n_rows, rows_per_group, chunk, length, C)
+    pos, ok = _visited_rows(gid_base, r, n_full, rows_per_group, chunk, length, C)
     q = _load_tile(seq_ptr, start, pos, ok, D, D_P)
-    while f0 < n_rows:
-        pos_n, ok_n = _visited_rows(gid_base, f0 + R + r, n_rows, rows_per_group, chunk, length, C)
+    while f0 < n_full:
+        pos_n, ok_n = _visited_rows(gid_base, f0 + R + r, n_full, rows_per_group, chunk, length, C)
         q_n = _load_tile(seq_ptr, start, pos_n, ok_n, D, D_P)  # in flight while this step is scored
-        key = _keys_of(q, pos, ok, c)
-        take = ok & (key >= key_floor)
-        slot = n_keys + tl.cumsum(take.to(tl.int32), axis=0) - 1
-        tl.store(keys_base + slot, key, mask=take & (slot < CAP))
-        n_keys += tl.sum(take.to(tl.int32), axis=0)
-        f0 = tl.where(n_keys > CAP, n_rows, f0 + R)  # a list past CAP goes to the exact scan: stop early
+        n_keys = _keep_keys(q, pos, ok, c, key_floor, keys_base, n_keys, CAP)
+        f0 = tl.where(n_keys > CAP, n_full, f0 + R)  # a list past CAP goes to the exact scan: stop early
         pos, ok, q = pos_n, ok_n, q_n
+    if short and n_keys <= CAP:
+        n_keys = _keep_keys(q_s, pos_s, ok_s, c, key_floor, keys_base, n_keys, CAP)
     tl.store(cnt_ptr + row, n_keys)
     tl.debug_barrier()
     if n_keys <= CAP:
@@ -809,6 +831,9 @@ def _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, con
     bn, kp, splits, gps, cap = cfg.block_n, cfg.k_pad, cfg.splits, cfg.groups_per_split, cfg.capacity
     d_p = max(32, triton.next_power_of_2(d))  # integer dots (pass 1) take K in steps of 32
     g_tot = splits * gps
+    if g_tot > MAX_GROUPS:  # the refine pass holds them in registers and counts them in 16 bits
+        raise ValueError(f"config gives {g_tot} group maxima per candidate (splits x groups_per_split), "
+                         f"more than {MAX_GROUPS}")  # fmt: skip
     gm = torch.empty((n, g_tot), dtype=torch.int32, device=dev)
     gid = torch.empty((n, g_tot), dtype=torch.int32, device=dev)
     tau = torch.empty((n,), dtype=torch.int64, device=dev)
