@@ -517,12 +517,22 @@ def test_kernel_d_limit():
         nn_mod.nn_select(seq, starts, lens, cand, users, 4)
 
 
+def test_kernel_group_limit():
+    """A caller's configuration with more group maxima per candidate than the refine pass holds in
+    registers and counts in 16 bits is refused before any launch."""
+    seq, starts, lens, cand, users = make_inputs([300], [2])
+    cfg = nn_mod.NNSelectConfig(16, 16, nn_mod.MAX_GROUPS // 64 + 1, 4, 64)
+    with pytest.raises(ValueError, match=f"more than {nn_mod.MAX_GROUPS}"):
+        nn_mod.nn_select(seq, starts, lens, cand, users, 4, config=cfg)
+
+
 def test_config_is_shape_only():
     """The automatic choice depends on shapes alone and always yields valid block sizes."""
     for n, u, t, k in [(1, 1, 1, 1), (256, 1, 16000, 64), (256, 64, 64 * 100000, 64), (5000, 100, 10**6, 96)]:
         cfg = nn_mod.choose_config(n, u, t, k, torch.device("cpu"))
         assert cfg.k_pad >= k and cfg.k_pad & (cfg.k_pad - 1) == 0
         assert cfg.block_n >= 16 and cfg.splits >= 1 and cfg.tile >= cfg.k_pad
+        assert cfg.splits * cfg.groups_per_split <= nn_mod.MAX_GROUPS
         assert cfg.tile % cfg.groups_per_split == 0 and cfg.capacity >= cfg.k_pad
 
 
