@@ -15,6 +15,7 @@ max(bytes / measured copy bandwidth, FLOPs / measured fp16 matmul rate).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -315,6 +316,11 @@ def nn_configs(n_cand, n_users, total, k):
         c = nn_mod.choose_config(n_cand, n_users, total, k, torch.device(DEV), **v)
         if c not in cfgs:
             cfgs.append(c)
+    # Twice the scan's tile (half its steps, twice the bytes per load) at the automatic split count.
+    for c in [c for c in cfgs if c.splits == auto.splits and c.block_n <= 32]:
+        wide = dataclasses.replace(c, tile=2 * c.tile, num_warps=4 if c.block_n * 2 * c.tile <= 4096 else 8)
+        if wide not in cfgs:
+            cfgs.append(wide)
     return cfgs
 
 
