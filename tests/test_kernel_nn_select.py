@@ -271,6 +271,13 @@ def test_threshold_filters():
             assert (tau2 < tau).any()  # one three-way split of the range of maxima stops short of the exact value
 
 
+def exact_group_maxima(scores, groups):
+    """Each candidate's group maxima of a one-chunk sequence (group j: positions j, j + groups, ...)
+    from its exact scores, as pass 1 stores them (ordered int32)."""
+    return torch.tensor([[nn_mod_encode(float(row[j::groups].max())) for j in range(groups)] for row in scores],
+                        dtype=torch.int32)  # fmt: skip
+
+
 def test_key_lists_sorted_or_ranked():
     """A list of up to 2 K keys is ordered by one sort, a longer one (up to the capacity) by rank
     counts: a candidate equal to a vector planted 100 times in its user's 150 rows ties at the top
@@ -284,11 +291,7 @@ def test_key_lists_sorted_or_ranked():
     inputs = (seq, torch.tensor([0, 150]), torch.tensor([150, 150]), cand, torch.tensor([0, 1]))
     k = 20
     cfg = nn_mod.NNSelectConfig(16, 32, 1, 4, 32, tile=64)  # K = 32, capacity 256, 32 groups
-    s = full_scores(*inputs)
-    gm = torch.full((2, 32), -(2**31), dtype=torch.int32)
-    for i in range(2):
-        for j in range(32):
-            gm[i, j] = nn_mod_encode(float(s[i][j::32].max()))
+    gm = exact_group_maxima(full_scores(*inputs), 32)
     idx, scores, _, cnt = launch_refine(tuple(t.to(DEV) for t in inputs), gm.to(DEV), k, cfg)
     assert cnt[0].item() == 100  # 2 K < 100 <= capacity: the rank counts
     assert k <= cnt[1].item() <= 2 * cfg.k_pad  # the sort
@@ -308,9 +311,7 @@ def test_refine_steps_and_short_last_step():
     inputs = (seq, torch.tensor([0]), torch.tensor([600]), cand, torch.zeros(3, dtype=torch.int64))
     k = 10
     cfg = nn_mod.NNSelectConfig(16, 16, 1, 4, 64, tile=64)  # one 640-row chunk, 64 groups of 10 rows
-    s = full_scores(*inputs)
-    gm = torch.tensor([[nn_mod_encode(float(s[i][j::64].max())) for j in range(64)] for i in range(3)],
-                      dtype=torch.int32)  # fmt: skip
+    gm = exact_group_maxima(full_scores(*inputs), 64)
     on_dev = tuple(t.to(DEV) for t in inputs)
     want = brute_force(*inputs, k)
     paths, lengths = set(), set()

@@ -83,6 +83,12 @@ def _score_of(bits):
 
 
 @triton.jit
+def _inv_norm(nrm2):
+    """1 / sqrt(nrm2) of a candidate's squared norm; 0 for a zero candidate (it then scores 0)."""
+    return tl.where(nrm2 > 0, 1.0 / tl.sqrt(tl.maximum(nrm2, 1e-30)), 0.0)
+
+
+@triton.jit
 def _load_cand_unit(cand_ptr, rows, row_ok, D, D_P: tl.constexpr):
     """Normalised candidates (BN, D_P) in fp32; a zero candidate stays zero (it scores 0)."""
     d = tl.arange(0, D_P)
@@ -91,8 +97,7 @@ def _load_cand_unit(cand_ptr, rows, row_ok, D, D_P: tl.constexpr):
         mask=row_ok[:, None] & (d[None, :] < D),
         other=0,
     ).to(tl.float32)
-    nrm2 = tl.sum(c * c, axis=1)
-    return c * tl.where(nrm2 > 0, 1.0 / tl.sqrt(tl.maximum(nrm2, 1e-30)), 0.0)[:, None]
+    return c * _inv_norm(tl.sum(c * c, axis=1))[:, None]
 
 
 @triton.jit
@@ -317,8 +322,7 @@ def _load_cand_row(cand_ptr, row, D, D_P: tl.constexpr):
     """Candidate ``row`` normalised in fp32, (D_P,); a zero candidate stays zero (it scores 0)."""
     d = tl.arange(0, D_P)
     c = tl.load(cand_ptr + row.to(tl.int64) * D + d, mask=d < D, other=0).to(tl.float32)
-    nrm2 = tl.sum(c * c, axis=0)
-    return c * tl.where(nrm2 > 0, 1.0 / tl.sqrt(tl.maximum(nrm2, 1e-30)), 0.0)
+    return c * _inv_norm(tl.sum(c * c, axis=0))
 
 
 @triton.jit
