@@ -271,6 +271,38 @@ def test_threshold_filters():
             assert (tau2 < tau).any()  # one three-way split of the range of maxima stops short of the exact value
 
 
+def test_scan_group_maxima_of_users_sharing_a_block():
+    """Pass 1 alone, one block of candidates over four users (one empty, one shorter than a tile):
+    every group maximum is its own user's positions' maximum within pass 1's bound, never another
+    user's, and a group with no position at all is -2**31 (below every score)."""
+    lengths, per_user = [0, 37, 300, 5], [3, 2, 4, 3]
+    inputs = tuple(t.to(DEV) for t in make_inputs(lengths, per_user, torch.float16, seed=21))
+    seq, starts, lens, cand, users = inputs
+    splits, groups, tile = 4, 8, 16
+    n = cand.shape[0]
+    gm = torch.full((n, splits * groups), 7, dtype=torch.int32, device=DEV)  # poison
+    nn_mod._nn_scan_kernel[(1, splits)](
+        seq, starts, lens, cand, users, gm, n, 32, gm.shape[1], splits, BN=16, BS=tile, C=groups, D_P=32,
+        num_warps=4,
+    )  # fmt: skip
+    s = full_scores(*(t.cpu() for t in inputs))
+    err = nn_mod.scan_error(32)
+    empty = 0
+    for i in range(n):
+        length = lengths[int(users[i])]
+        chunk = math.ceil(math.ceil(length / splits) / tile) * tile
+        for j in range(gm.shape[1]):
+            sp, c = divmod(j, groups)
+            pos = range(sp * chunk + c, min(length, (sp + 1) * chunk), groups)
+            got = gm[i, j].item()
+            if len(pos) == 0:
+                empty += 1
+                assert got == -(2**31), (i, j)
+            else:
+                assert abs(nn_mod_decode(got) - max(s[i][p].item() for p in pos)) <= err, (i, j)
+    assert 0 < empty < gm.numel()
+
+
 def exact_group_maxima(scores, groups):
     """Each candidate's group maxima of a one-chunk sequence (group j: positions j, j + groups, ...)
     from its exact scores, as pass 1 stores them (ordered int32)."""

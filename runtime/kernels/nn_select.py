@@ -142,9 +142,10 @@ def _scores(q, c_hi, c_lo):
 
 
 @triton.jit
-def _scores_i8(q, c_a, c_b):
-    """Pass 1's scores (BN, BS) fp32 of the candidates' int8 pieces against int8 rows q (BS, D_P):
-    within ``scan_error(D)`` of the exact cosine. Integer dots on the codes as loaded, exact in int32."""
+def _scores_i8(q, pos_ok, c_a, c_b):
+    """Pass 1's scores (BN, BS) fp32 of the candidates' int8 pieces against int8 rows q (BS, D_P),
+    -inf at positions not ``pos_ok``: within ``scan_error(D)`` of the exact cosine. Integer dots on the
+    codes as loaded, exact in int32. A zero score may come out as -0.0 (``_group_max_bits`` evens that)."""
     qi = q.to(tl.int32)
     nrm2 = tl.sum(qi * qi, axis=1)  # exact
     inv = tl.where(nrm2 > 0, (1.0 / _I8_SCALE) / tl.sqrt(tl.maximum(nrm2, 1).to(tl.float32)), 0.0)  # zero row: 0
@@ -152,8 +153,16 @@ def _scores_i8(q, c_a, c_b):
     # 254 a.q + b.q, exact in int32: |a_i| <= 127 |c_i| + 0.5 and sum |c_i| <= sqrt(D) for a unit c, so
     # |254 a.q| <= 254 * 127 * (127 sqrt(D) + D / 2) < 2**31 for D up to ~16,000 (_MAX_D is 4,096).
     dot = tl.dot(c_b, qt, acc=tl.dot(c_a, qt, out_dtype=tl.int32) * 254, out_dtype=tl.int32)
-    s = dot.to(tl.float32) * inv[None, :]
-    return tl.where(s == 0.0, 0.0, s)  # -0.0 and +0.0 are the same score
+    # Adding 0 leaves dot * inv as it is (one rounding, fused or not); adding -inf masks the position.
+    return dot.to(tl.float32) * inv[None, :] + tl.where(pos_ok, 0.0, float("-inf"))[None, :]
+
+
+@triton.jit
+def _group_max_bits(gmax):
+    """Group maxima kept in fp32 (-inf: no row) as the ordered int32 bits the refine pass reads, with
+    -0.0 and +0.0 the same score and no row at all as -2**31."""
+    bits = _ordered_bits(tl.where(gmax == 0.0, 0.0, gmax))
+    return tl.where(gmax == float("-inf"), -(2**31), bits)
 
 
 @triton.jit
@@ -269,7 +278,9 @@ def _nn_scan_kernel(
     row_ok = rows < N
     users = tl.load(user_ptr + rows, mask=row_ok, other=_BIG_USER).to(tl.int32)
     c_a, c_b = _load_cand_i8(cand_ptr, rows, row_ok, D, D_P)
-    gmax = tl.full((BN, C), -(2**31), tl.int32)
+    # Group maxima in fp32 (the scores' own order; max and masks cost one instruction each), turned
+    # into ordered bits once at the end.
+    gmax = tl.full((BN, C), float("-inf"), tl.float32)
     # Each distinct user of the block once (fast when candidates are grouped), its chunk tile by tile,
     # as one stream of steps: the next step's tile is in flight while one is scored, also where the
     # next step is the next user's first tile (a block of 16 candidates over 4 users would otherwise
@@ -286,14 +297,16 @@ def _nn_scan_kernel(
         p0_n = tl.where(last, p0_a, p0 + BS)
         p_hi_n = tl.where(last, p_hi_a, p_hi)
         q_n = _load_tile(seq_ptr, start_n, p0_n + ar, p0_n + ar < p_hi_n, D, D_P)  # in flight meanwhile
-        s = _scores_i8(q, c_a, c_b)
-        o = tl.where((users == u)[:, None] & (p0 + ar < p_hi)[None, :], _ordered_bits(s), -(2**31))
-        gmax = tl.maximum(gmax, tl.max(tl.reshape(o, (BN, BS // C, C)), axis=1))
+        s = _scores_i8(q, p0 + ar < p_hi, c_a, c_b)
+        # Other users' candidates of the block are masked after the group max, on C columns, not BS.
+        tile_max = tl.max(tl.reshape(s, (BN, BS // C, C)), axis=1)
+        gmax = tl.maximum(gmax, tl.where((users == u)[:, None], tile_max, float("-inf")))
         if last:
             u_a, start_a, p0_a, p_hi_a = _user_after(users, u_n, starts_ptr, lengths_ptr, split, SPLITS, BS)
         u, start, p0, p_hi, q = u_n, start_n, p0_n, p_hi_n, q_n
     g = tl.arange(0, C)
-    tl.store(gm_ptr + rows[:, None].to(tl.int64) * G_TOT + split * C + g[None, :], gmax, mask=row_ok[:, None])
+    tl.store(gm_ptr + rows[:, None].to(tl.int64) * G_TOT + split * C + g[None, :], _group_max_bits(gmax),
+             mask=row_ok[:, None])  # fmt: skip
 
 
 @triton.jit
