@@ -145,7 +145,8 @@ def _scores(q, c_hi, c_lo):
 def _scores_i8(q, pos_ok, c_a, c_b):
     """Pass 1's scores (BN, BS) fp32 of the candidates' int8 pieces against int8 rows q (BS, D_P),
     -inf at positions not ``pos_ok``: within ``scan_error(D)`` of the exact cosine. Integer dots on the
-    codes as loaded, exact in int32. A zero score may come out as -0.0 (``_group_max_bits`` evens that)."""
+    codes as loaded, exact in int32. A zero score is +0.0, never -0.0: the int32 zero converts to +0.0 and
+    the row's inverse norm is >= 0, so scores order as their ordered bits do."""
     qi = q.to(tl.int32)
     nrm2 = tl.sum(qi * qi, axis=1)  # exact
     inv = tl.where(nrm2 > 0, (1.0 / _I8_SCALE) / tl.sqrt(tl.maximum(nrm2, 1).to(tl.float32)), 0.0)  # zero row: 0
@@ -159,10 +160,9 @@ def _scores_i8(q, pos_ok, c_a, c_b):
 
 @triton.jit
 def _group_max_bits(gmax):
-    """Group maxima kept in fp32 (-inf: no row) as the ordered int32 bits the refine pass reads, with
-    -0.0 and +0.0 the same score and no row at all as -2**31."""
-    bits = _ordered_bits(tl.where(gmax == 0.0, 0.0, gmax))
-    return tl.where(gmax == float("-inf"), -(2**31), bits)
+    """Group maxima kept in fp32 (-inf: no row) as the ordered int32 bits the refine pass reads; no row
+    at all is -2**31, below every score's bits."""
+    return tl.where(gmax == float("-inf"), -(2**31), _ordered_bits(gmax))
 
 
 @triton.jit
