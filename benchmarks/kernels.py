@@ -318,7 +318,7 @@ def nn_configs(n_cand, n_users, total, k):
             cfgs.append(c)
     # Twice the scan's tile (half its steps, twice the bytes per load) at the automatic split count.
     for c in [c for c in cfgs if c.splits == auto.splits and c.block_n <= 32]:
-        wide = dataclasses.replace(c, tile=2 * c.tile, num_warps=4 if c.block_n * 2 * c.tile <= 4096 else 8)
+        wide = dataclasses.replace(c, tile=2 * c.tile, num_warps=nn_mod.scan_warps(c.block_n, 2 * c.tile))
         if wide not in cfgs:
             cfgs.append(wide)
     return cfgs

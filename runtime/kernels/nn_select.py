@@ -70,16 +70,21 @@ SHORT_MAX = 128  # sequences up to this many rows (by the caller's max_len) take
 # Triton helpers
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _ordered_bits(s):
-    """fp32 -> int32 with the same order (the sign-magnitude to two's-complement flip)."""
-    bits = s.to(tl.int32, bitcast=True)
+def _flip(bits):
+    """The sign-magnitude to two's-complement flip of int32 float bits; its own inverse."""
     return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _ordered_bits(s):
+    """fp32 -> int32 with the same order."""
+    return _flip(s.to(tl.int32, bitcast=True))
 
 
 @triton.jit
 def _score_of(bits):
     """The inverse of ``_ordered_bits``: int32 -> the fp32 score."""
-    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+    return _flip(bits).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -687,8 +692,12 @@ def choose_config(
     fewer = (triton.next_power_of_2(splits * gps) // 2) // gps
     if chosen and 8 * fewer >= 7 * splits:
         splits = fewer
-    num_warps = 4 if block_n * tile <= 4096 else 8
-    return NNSelectConfig(block_n, k_pad, splits, num_warps, gps, tile)
+    return NNSelectConfig(block_n, k_pad, splits, scan_warps(block_n, tile), gps, tile)
+
+
+def scan_warps(block_n: int, tile: int) -> int:
+    """Warps of a launch whose score tile is (block_n, tile): 4, or 8 past 4,096 scores."""
+    return 4 if block_n * tile <= 4096 else 8
 
 
 def scan_error(d: int) -> float:
