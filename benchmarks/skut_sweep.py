@@ -68,14 +68,21 @@ CONFIGS = sorted(
         sk.SkutConfig(64, 64, 4, num_stages=4),
         sk.SkutConfig(64, 32, 4, num_stages=1, split=True),
         sk.SkutConfig(64, 32, 4, num_stages=3, split=True),
+        # registers capped so that more programs share an SM (ptxas spills the rest)
+        *(sk.SkutConfig(bm, bn, w, max_regs=r) for bm, bn, w in ((64, 64, 4), (64, 32, 4), (32, 32, 4))
+          for r in (168, 128)),
+        sk.SkutConfig(32, 32, 2, max_regs=128),
+        sk.SkutConfig(16, 32, 1, max_regs=128),
+        sk.SkutConfig(64, 32, 4, split=True, max_regs=128),
     },
-    key=lambda c: (c.split, c.block_m, c.block_n, c.num_warps, c.num_stages),
+    key=lambda c: (c.split, c.block_m, c.block_n, c.num_warps, c.num_stages, c.max_regs or 256),
 )
 
 
 def _label(cfg: sk.SkutConfig) -> str:
     tiles = f"{cfg.block_m}/{cfg.block_n}/{cfg.num_warps}"
     tiles += f" stages {cfg.num_stages}" if cfg.num_stages != 2 else ""
+    tiles += f" regs {cfg.max_regs}" if cfg.max_regs else ""
     return tiles + (" split" if cfg.split else "")
 
 

@@ -342,6 +342,25 @@ def test_torch_path_matches_reference():
         )
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_large_key_and_value_biases(causal):
+    """The packing leaves K's bias out (it shifts every score of a query row alike) and folds V's into
+    the out projection's bias (a row's attention weights sum to 1): exact up to rounding, checked here
+    with biases far larger than the weights' scale (wrong folding is off by O(1)), several heads, and
+    fully masked rows (the one place the two forms differ: their output must still be zeros)."""
+    enc = make_encoder(32, 2, 16, 2, seed=11)
+    with torch.no_grad():
+        for layer in enc.layers:
+            layer.self_attn.in_proj_bias[32:].normal_(0.0, 2.0, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(3, 21, 32, generator=torch.Generator().manual_seed(4))
+    mask = make_mask(3, 21, causal, seed=5, dead=True)
+    packed = sk.pack_encoder_weights(enc, torch.float32)
+    for pool in (None, "max_valid"):
+        ref = sk.skut_reference(enc, x, mask, causal, pool)
+        check(run_kernel(enc, x, mask, causal, pool, torch.float32), ref, torch.float32)
+        check(sk.skut_torch(x, packed, mask, causal, pool), ref, torch.float32)
+
+
 def test_reference_is_pytorch_where_nothing_is_fully_masked():
     enc = make_encoder(32, 2, 16, 2, seed=6)
     x = torch.randn(2, 9, 32)

@@ -71,7 +71,8 @@ class PackedEncoder:
     views into it. Layout per layer, matrices: WqT, WkT, WvT as (H, D_P, DH_P); WoT (H, DH_P, D_P);
     W1T (D_P, F_P); W2T (F_P, D_P). Vectors: bq, bk, bv (H, DH_P); bo, ln1 weight, ln1 bias (D_P);
     b1 (F_P); b2, ln2 weight, ln2 bias (D_P); ln1 eps, ln2 eps. Then the optional final norm:
-    weight, bias (D_P), eps. Wq and bq carry the factor log2(e) / sqrt(head_dim).
+    weight, bias (D_P), eps. Wq and bq carry the factor log2(e) / sqrt(head_dim). bk and bv are
+    zero: K's bias cancels in the softmax and V's is folded into bo (``pack_encoder_weights``).
     """
 
     buffer: torch.Tensor
@@ -219,9 +220,12 @@ def pack_encoder_weights(
                 wv[hh, :d, :dh] = w_in[2 * d : 3 * d][sl].T
                 wo[hh, :dh, :d] = w_out[:, sl].T
                 bq[hh, :dh] = b_in[0 * d : 1 * d][sl] * qscale
-                bk[hh, :dh] = b_in[1 * d : 2 * d][sl]
-                bv[hh, :dh] = b_in[2 * d : 3 * d][sl]
-            bo[:d] = vec(att.out_proj.bias, d)
+            # K's bias adds q . bk to every score of a query row: a constant per row, which the
+            # softmax cancels, so it is left out. V's bias passes through the attention unchanged
+            # (a row's weights sum to 1) and then through the out projection: it joins that bias.
+            # Only a row that can see no key (weights summing to 0) tells them apart, and its
+            # output is defined as zero anyway. bk and bv stay zero in the buffer.
+            bo[:d] = vec(att.out_proj.bias, d) + w_out @ b_in[2 * d : 3 * d]
             w1[:d, :f] = layer.linear1.weight.detach().to("cpu", torch.float64).T
             b1[:f] = vec(layer.linear1.bias, f)
             w2[:f, :d] = layer.linear2.weight.detach().to("cpu", torch.float64).T
@@ -262,7 +266,9 @@ def _layernorm(x, v_ptr, off_w, off_b, eps, dmask, D: tl.constexpr, D_P: tl.cons
     w = tl.load(v_ptr + off_w + cd)
     b = tl.load(v_ptr + off_b + cd)
     mean = tl.sum(x, axis=1) / D
-    xc = tl.where(dmask[None, :], x - mean[:, None], 0.0)
+    xc = x - mean[:, None]
+    if D < D_P:
+        xc = tl.where(dmask[None, :], xc, 0.0)
     var = tl.sum(xc * xc, axis=1) / D
     return xc * (1.0 / tl.sqrt(var + eps))[:, None] * w[None, :] + b[None, :]
 
@@ -325,17 +331,16 @@ def _store_kv(
     DH_P: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """K and V of the valid rows for every head, into their slots of one layer's K/V scratch."""
+    """K and V of the valid rows for every head, into their slots of one layer's K/V scratch (no
+    biases: see ``pack_encoder_weights``)."""
     cd = tl.arange(0, D_P)
     ch = tl.arange(0, DH_P)
     HW: tl.constexpr = H * D_P * DH_P
     for h in tl.static_range(H):
         wk = tl.load(w_layer + HW + h * D_P * DH_P + cd[:, None] * DH_P + ch[None, :])
         wv = tl.load(w_layer + 2 * HW + h * D_P * DH_P + cd[:, None] * DH_P + ch[None, :])
-        bk = tl.load(v_layer + H * DH_P + h * DH_P + ch)
-        bv = tl.load(v_layer + 2 * H * DH_P + h * DH_P + ch)
-        k = tl.dot(x16, wk, input_precision=PREC) + bk[None, :]
-        v = tl.dot(x16, wv, input_precision=PREC) + bv[None, :]
+        k = tl.dot(x16, wk, input_precision=PREC)
+        v = tl.dot(x16, wv, input_precision=PREC)
         offs = (h * S + slot[:, None]).to(tl.int64) * DH_P + ch[None, :]
         tl.store(kv_k + offs, k.to(kv_k.dtype.element_ty), mask=valid[:, None])
         tl.store(kv_v + offs, v.to(kv_v.dtype.element_ty), mask=valid[:, None])
@@ -343,15 +348,19 @@ def _store_kv(
 
 @triton.jit
 def _encoder_layer(
-    x, w_l, v_l, kv_cur, lim, n_kv, n_full, S,
+    x, x_src, x_ok, w_l, v_l, kv_cur, lim, n_kv, n_full, S,
     D: tl.constexpr, D_P: tl.constexpr, H: tl.constexpr, DH_P: tl.constexpr, F_P: tl.constexpr,
     F_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-    KV_CACHE: tl.constexpr,
+    KV_CACHE: tl.constexpr, RELOAD: tl.constexpr,
 ):  # fmt: skip
     """One encoder layer on a tile of rows x (BLOCK_M, D_P) fp32 whose keys are the first ``n_kv``
     slots of ``kv_cur`` (row i may see slots < lim[i]; key tiles below ``n_full`` need no mask):
     self-attention summed over heads through the out projection, residual + LayerNorm, FFN in
-    chunks of the hidden width, residual + LayerNorm. Returns the new rows, fp32."""
+    chunks of the hidden width, residual + LayerNorm. Returns the new rows, fp32.
+
+    With RELOAD, x's rows are also in memory at ``x_src`` (masked by ``x_ok``), as loaded: the
+    residual reads them again after the key loop instead of keeping x in registers through it (the
+    key loop is where the registers run out; fewer spills)."""
     dt = kv_cur.dtype.element_ty
     rn = tl.arange(0, BLOCK_N)
     cd = tl.arange(0, D_P)
@@ -366,8 +375,7 @@ def _encoder_layer(
     KV_STRIDE = H * S * DH_P  # K of one buffer, then its V
     x16 = x.to(dt)
 
-    # ---- self-attention, one head at a time, summed through the out projection
-    attn = tl.zeros((BLOCK_M, D_P), tl.float32)
+    # ---- self-attention, one head at a time, summed through the out projection onto the residual
     for h in tl.static_range(H):
         wq = tl.load(w_l + h * D_P * DH_P + cd[:, None] * DH_P + ch[None, :])
         bq = tl.load(v_l + h * DH_P + ch)
@@ -386,25 +394,30 @@ def _encoder_layer(
                 q, acc, m_i, l_i, k_base, v_base, k0, n_kv, lim, rn, ch, DH_P, True, PREC, KV_CACHE
             )
         # A row that saw no valid key gets a zero attention output (never 0/0).
-        o_h = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
+        inv_l = tl.where(l_i > 0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)
+        o_h = acc * inv_l[:, None]
         wo = tl.load(w_l + 3 * HW + h * DH_P * D_P + ch[:, None] * D_P + cd[None, :])
-        attn += tl.dot(o_h.to(dt), wo, input_precision=PREC)
-    bo = tl.load(v_l + OFF_BO + cd)
+        if h == 0:
+            if RELOAD:
+                x = tl.load(x_src, mask=x_ok, other=0.0).to(tl.float32)
+            bo = tl.load(v_l + OFF_BO + cd)
+            attn = x + bo[None, :]
+        attn = tl.dot(o_h.to(dt), wo, attn, input_precision=PREC)
     eps1 = tl.load(v_l + OFF_EPS)
-    x = _layernorm(x + attn + bo[None, :], v_l, OFF_BO + D_P, OFF_BO + 2 * D_P, eps1, dmask, D, D_P)
+    x = _layernorm(attn, v_l, OFF_BO + D_P, OFF_BO + 2 * D_P, eps1, dmask, D, D_P)
 
     # ---- feed-forward, in chunks of the hidden width
     x16 = x.to(dt)
-    ff = tl.zeros((BLOCK_M, D_P), tl.float32)
+    b2 = tl.load(v_l + OFF_B2 + cd)
+    ff = x + b2[None, :]
     for f0 in tl.static_range(0, F_P, F_CHUNK):
         w1 = tl.load(w_l + 4 * HW + cd[:, None] * F_P + (f0 + cf)[None, :])
         b1 = tl.load(v_l + OFF_B1 + f0 + cf)
         hid = tl.maximum(tl.dot(x16, w1, input_precision=PREC) + b1[None, :], 0.0)
         w2 = tl.load(w_l + 4 * HW + D_P * F_P + (f0 + cf)[:, None] * D_P + cd[None, :])
-        ff += tl.dot(hid.to(dt), w2, input_precision=PREC)
-    b2 = tl.load(v_l + OFF_B2 + cd)
+        ff = tl.dot(hid.to(dt), w2, ff, input_precision=PREC)
     eps2 = tl.load(v_l + OFF_EPS + 1)
-    return _layernorm(x + ff + b2[None, :], v_l, OFF_B2 + D_P, OFF_B2 + 2 * D_P, eps2, dmask, D, D_P)
+    return _layernorm(ff, v_l, OFF_B2 + D_P, OFF_B2 + 2 * D_P, eps2, dmask, D, D_P)
 
 
 @triton.jit
@@ -522,10 +535,11 @@ def _skut_kernel(
             xmask = row_ok[:, None] & dmask[None, :]
             valid, slot, nvis = _key_slots(mask_ptr, b, rows, row_ok, run, S, HAS_MASK)
             run = tl.max(nvis, axis=0)
+            src_b = o_b
             if layer == 0:
-                x = tl.load(x_b + rows[:, None] * D + cd[None, :], mask=xmask, other=0.0).to(tl.float32)
-            else:
-                x = tl.load(o_b + rows[:, None] * D + cd[None, :], mask=xmask, other=0.0).to(tl.float32)
+                src_b = x_b
+            x_src = src_b + rows[:, None] * D + cd[None, :]
+            x = tl.load(x_src, mask=xmask, other=0.0).to(tl.float32)
             # Key slots each row may see: causal, the valid keys up to the row; else all valid keys.
             # Key tiles wholly below every row's limit of the tile need no mask.
             if CAUSAL:
@@ -536,8 +550,8 @@ def _skut_kernel(
                 lim = rm * 0 + n_valid
                 n_kv = n_valid
                 n_full = (n_valid // BLOCK_N) * BLOCK_N
-            x = _encoder_layer(x, w_l, v_l, kv_cur, lim, n_kv, n_full, S, D, D_P, H, DH_P, F_P, F_CHUNK,
-                               BLOCK_M, BLOCK_N, PREC, "")  # fmt: skip
+            x = _encoder_layer(x, x_src, xmask, w_l, v_l, kv_cur, lim, n_kv, n_full, S, D, D_P, H, DH_P, F_P,
+                               F_CHUNK, BLOCK_M, BLOCK_N, PREC, "", True)  # fmt: skip
             if layer + 1 < n_layers:
                 x16 = x.to(dt)
                 _store_kv(
@@ -649,8 +663,8 @@ def _skut_split_kernel(
         kv_cur = kv_b + layer * 2 * KV_STRIDE
         _wait_and_count(seq_sync + layer, qt)  # this tile's keys out, the earlier tiles' in
         # Other programs wrote these keys: read them from L2 (".cg"), never from a stale L1 line.
-        x = _encoder_layer(x, w_l, v_l, kv_cur, nvis, n_kv, n_full, S, D, D_P, H, DH_P, F_P, F_CHUNK, BLOCK_M,
-                           BLOCK_N, PREC, ".cg")  # fmt: skip
+        x = _encoder_layer(x, x_ptr, xmask, w_l, v_l, kv_cur, nvis, n_kv, n_full, S, D, D_P, H, DH_P, F_P,
+                           F_CHUNK, BLOCK_M, BLOCK_N, PREC, ".cg", False)  # fmt: skip
         if layer + 1 < n_layers:
             kv_nxt = kv_cur + 2 * KV_STRIDE
             _store_kv(x.to(kv_ptr.dtype.element_ty), slot, valid, w_l + LW, v_l + LV, kv_nxt, kv_nxt + KV_STRIDE,
@@ -678,7 +692,8 @@ class SkutConfig:
     """Tile sizes of the kernel (all tested: see tests/test_kernel_skut.py and tests/gpu).
 
     ``split`` (causal only): one program per (sequence, query tile) instead of one per sequence
-    (``_skut_split_kernel``)."""
+    (``_skut_split_kernel``). ``max_regs``: a cap on registers per thread (ptxas spills the rest to
+    local memory), so that more programs share an SM; None lets ptxas take up to 255."""
 
     block_m: int
     block_n: int
@@ -686,6 +701,7 @@ class SkutConfig:
     f_chunk: int = 64
     num_stages: int = 2
     split: bool = False
+    max_regs: int | None = None
 
 
 LONG_SEQ = 2048  # sequences from this length on pipeline three K/V tiles deep (choose_config)
@@ -838,6 +854,8 @@ def skut_forward(
             raise ValueError(f"config.{name} must be a power of two >= 16, got {v}")
     if cfg.split and not causal:
         raise ValueError("config.split needs causal=True (a tile then needs no later tile's keys)")
+    if cfg.max_regs is not None and not 32 <= cfg.max_regs <= 255:
+        raise ValueError(f"config.max_regs must be in [32, 255] (registers per thread), got {cfg.max_regs}")
     if pool is None:
         act = out if out is not None else torch.empty((bsz, s, d), dtype=x.dtype, device=dev)
         pooled = act
@@ -875,6 +893,8 @@ def skut_forward(
         POOL_PROJ=pool_proj is not None, O_P=max(16, triton.next_power_of_2(d_out)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+    if cfg.max_regs is not None and not interpreting():
+        meta["maxnreg"] = cfg.max_regs
     with mma_sync_only():
         if cfg.split:
             n_qt = triton.cdiv(s, cfg.block_m)
