@@ -40,7 +40,7 @@ RUNTIME_POOL = {  # how the runtime launches each (--pool): pool mode, rows stor
 }
 CONFIGS = ("64/32/4", "64/64/4", "128/32/8", "32/32/4")
 _RUNTIME_ARGS = {  # the kernel's non-constexpr arguments, typed as a fp16 launch passes them
-    "x_ptr": "*fp16", "out_ptr": "*fp16", "kv_ptr": "*fp16", "mask_ptr": "*u8", "w_ptr": "*fp16",
+    "x_ptr": "*fp16", "out_ptr": "*fp16", "kv_ptr": "*fp16", "slot_ptr": "*i32", "mask_ptr": "*u8", "w_ptr": "*fp16",
     "v_ptr": "*fp32", "pool_ptr": "*fp16", "pw_ptr": "*fp32", "pb_ptr": "*fp32", "S": "i32", "n_layers": "i32",
     "D_OUT": "i32",
 }  # fmt: skip

@@ -248,9 +248,14 @@ def test_split_launch_needs_causal_and_its_workspace():
     split = sk.SkutConfig(16, 16, 4, split=True)
     with pytest.raises(ValueError, match="split needs causal"):
         sk.skut_forward(x, packed, causal=False, config=split)
-    # every layer's K/V (3 buffers) instead of two alternating ones; without a config, enough for either
+    # every layer's K/V (3 buffers) instead of two alternating ones plus an int32 per row (the rows' key
+    # slots: one fp32 element each); without a config, enough for either
+    kv_buf = 2 * 2 * 20 * 32  # sequences x (K, V) x rows x head dim
     per_seq = sk.workspace_numel(2, 20, packed, sk.SkutConfig(16, 16, 4))
-    assert sk.workspace_numel(2, 20, packed, split) == 3 * per_seq // 2 == sk.workspace_numel(2, 20, packed)
+    assert per_seq == 2 * kv_buf + 2 * 20
+    assert sk.workspace_numel(2, 20, packed, split) == 3 * kv_buf == sk.workspace_numel(2, 20, packed)
+    half = sk.pack_encoder_weights(enc, torch.float16)
+    assert sk.workspace_numel(2, 20, half, sk.SkutConfig(16, 16, 4)) == per_seq + 40  # two fp16 per row
     ws = torch.empty(sk.workspace_numel(2, 20, packed), dtype=torch.float32, device=DEV)
     check(sk.skut_forward(x, packed, causal=True, config=split, workspace=ws),
           sk.skut_reference(enc, x.cpu(), None, True), torch.float32)  # fmt: skip

@@ -468,6 +468,7 @@ def _skut_kernel(
     x_ptr,
     out_ptr,
     kv_ptr,
+    slot_ptr,
     mask_ptr,
     w_ptr,
     v_ptr,
@@ -495,7 +496,12 @@ def _skut_kernel(
     POOL_PROJ: tl.constexpr,
     O_P: tl.constexpr,
 ):
-    """One program per sequence: every layer, query tile after query tile."""
+    """One program per sequence: every layer, query tile after query tile.
+
+    Which rows are keys and their slots are the same in every layer: the first pass (layer 0's K/V)
+    works them out once and leaves them per row in ``slot_ptr`` as ``2 * nvis + valid``; each layer's
+    tile then reads them with its rows, and the tile's key bounds from its first and last row (``nvis``
+    grows with the row), with no prefix sum, reduction or barrier."""
     b = tl.program_id(0).to(tl.int64)
     dt = out_ptr.dtype.element_ty
     rm = tl.arange(0, BLOCK_M)
@@ -507,17 +513,19 @@ def _skut_kernel(
     x_b = x_ptr + b * S * D
     o_b = out_ptr + b * S * D
     kv_b = kv_ptr + b * (KV_BUFS * 2 * H) * S * DH_P
+    slot_b = slot_ptr + b * S
     KV_STRIDE = H * S * DH_P  # K of one buffer, then its V
 
     n_qt = tl.cdiv(S, BLOCK_M)
 
-    # K/V of layer 0, and the number of valid keys.
+    # K/V of layer 0, the rows' slots, and the number of valid keys.
     n_valid = 0
     for qt in range(0, n_qt):
         rows = qt * BLOCK_M + rm
         row_ok = rows < S
         valid, slot, nvis = _key_slots(mask_ptr, b, rows, row_ok, n_valid, S, HAS_MASK)
         n_valid = tl.max(nvis, axis=0)
+        tl.store(slot_b + rows, nvis * 2 + valid.to(tl.int32), mask=row_ok)
         x = tl.load(x_b + rows[:, None] * D + cd[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0)
         _store_kv(x.to(dt), slot, valid, w_ptr, v_ptr, kv_b, kv_b + KV_STRIDE, S, H, D_P, DH_P, PREC)
     tl.debug_barrier()
@@ -528,24 +536,25 @@ def _skut_kernel(
         v_l = v_ptr + layer * LV
         kv_cur = kv_b + (layer % KV_BUFS) * 2 * KV_STRIDE
         kv_nxt = kv_b + ((layer + 1) % KV_BUFS) * 2 * KV_STRIDE
-        run = 0  # valid keys before this query tile
         for qt in range(0, n_qt):
             rows = qt * BLOCK_M + rm
             row_ok = rows < S
             xmask = row_ok[:, None] & dmask[None, :]
-            valid, slot, nvis = _key_slots(mask_ptr, b, rows, row_ok, run, S, HAS_MASK)
-            run = tl.max(nvis, axis=0)
             src_b = o_b
             if layer == 0:
                 src_b = x_b
             x_src = src_b + rows[:, None] * D + cd[None, :]
             x = tl.load(x_src, mask=xmask, other=0.0).to(tl.float32)
+            code = tl.load(slot_b + rows, mask=row_ok, other=0)
+            valid = (code & 1) != 0
+            nvis = code >> 1
+            slot = nvis - 1
             # Key slots each row may see: causal, the valid keys up to the row; else all valid keys.
             # Key tiles wholly below every row's limit of the tile need no mask.
             if CAUSAL:
                 lim = nvis
-                n_kv = run
-                n_full = (tl.min(nvis, axis=0) // BLOCK_N) * BLOCK_N
+                n_kv = tl.load(slot_b + tl.minimum(qt * BLOCK_M + BLOCK_M, S) - 1) >> 1  # the tile's last row
+                n_full = ((tl.load(slot_b + qt * BLOCK_M) >> 1) // BLOCK_N) * BLOCK_N  # its first row
             else:
                 lim = rm * 0 + n_valid
                 n_kv = n_valid
@@ -903,7 +912,8 @@ def skut_forward(
             part = torch.empty(bsz * n_qt * packed.d_pad if pool else 1, dtype=torch.float32, device=dev)
             compiled = _skut_split_kernel[(bsz * n_qt,)](*head, sync, part, *sizes, **meta, RUN_CHUNK=1024)
         else:
-            compiled = _skut_kernel[(bsz,)](*head, *sizes, **meta, CAUSAL=bool(causal),
+            slots = workspace[need - _slot_numel(bsz, s, x.dtype) : need].view(torch.int32)  # each row's key slot
+            compiled = _skut_kernel[(bsz,)](*head[:3], slots, *head[3:], *sizes, **meta, CAUSAL=bool(causal),
                                             KV_BUFS=min(2, packed.n_layers))  # fmt: skip
     _note_launch(compiled, cfg)
     return pooled
@@ -922,14 +932,20 @@ def _note_launch(compiled, cfg) -> None:
 
 
 def workspace_numel(batch: int, seq_len: int, packed: PackedEncoder, config: SkutConfig | None = None) -> int:
-    """Elements of K/V scratch that ``skut_forward`` needs for a (batch, seq_len) input: with ``config``,
-    as launched with it (one program per sequence alternates two layers' K/V, a split launch keeps every
-    layer's); without, enough for either, whichever the call picks."""
-    if config is not None and not config.split:
-        kv_bufs = min(2, packed.n_layers)
-    else:
-        kv_bufs = packed.n_layers
-    return batch * kv_bufs * 2 * packed.n_heads * seq_len * packed.dh_pad
+    """Elements of scratch that ``skut_forward`` needs for a (batch, seq_len) input: with ``config``,
+    as launched with it (one program per sequence alternates two layers' K/V and keeps each row's key
+    slot, a split launch keeps every layer's K/V); without, enough for either, whichever the call picks."""
+    kv_buf = batch * 2 * packed.n_heads * seq_len * packed.dh_pad  # one layer's K and V
+    split = packed.n_layers * kv_buf
+    per_seq = min(2, packed.n_layers) * kv_buf + _slot_numel(batch, seq_len, packed.dtype)
+    if config is None:
+        return max(split, per_seq)
+    return split if config.split else per_seq
+
+
+def _slot_numel(batch: int, seq_len: int, dtype: torch.dtype) -> int:
+    """Elements of ``dtype`` that hold one int32 per row (the K/V part before them has an even count)."""
+    return -(-batch * seq_len * 4 // torch.empty((), dtype=dtype).element_size())
 
 
 # --------------------------------------------------------------------------------------------
