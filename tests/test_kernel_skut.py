@@ -156,6 +156,8 @@ def test_split_launch_is_chosen_for_few_causal_sequences():
     # long sequences (one program each) keep three K/V tiles in flight
     assert sk.choose_config(sk.LONG_SEQ, packed, 256, True, cpu) == sk.SkutConfig(64, 64, 4, num_stages=3)
     assert sk.choose_config(sk.LONG_SEQ - 1, packed, 256, True, cpu).num_stages == 2
+    assert sk.choose_config(192, packed, 256, True, cpu) == sk.SkutConfig(64, 32, 4)  # the V2 module
+    assert sk.choose_config(sk.SHORT_SEQ + 1, packed, 256, True, cpu).block_n == 64
 
 
 @pytest.mark.parametrize("causal", [True, False])
