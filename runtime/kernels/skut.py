@@ -274,23 +274,17 @@ def _layernorm(x, v_ptr, off_w, off_b, eps, dmask, D: tl.constexpr, D_P: tl.cons
 
 
 @triton.jit
-def _pad_of(mask_ptr, b, rows, row_ok, S, HAS_MASK: tl.constexpr):
-    """The key-padding mask of these rows (nonzero = padded; rows past the end count as padded)."""
-    if HAS_MASK:
-        return tl.load(mask_ptr + b * S + rows, mask=row_ok, other=1)
-    return (~row_ok).to(tl.uint8)
-
-
-@triton.jit
-def _key_slots(pad, row_ok, run):
-    """Which of these rows are keys, and where: (valid, slot, nvis) for one tile of query rows, from
-    their padding (``_pad_of``).
+def _key_slots(mask_ptr, b, rows, row_ok, run, S, HAS_MASK: tl.constexpr):
+    """Which of these rows are keys, and where: (valid, slot, nvis) for one tile of query rows.
 
     Keys are stored compacted, valid keys only, in position order: a valid row's slot is the number of
     valid keys before it (``run`` counts those before the tile), and ``nvis`` (valid keys at or before
     each row) is how many slots a causal query row may attend to.
     """
-    valid = row_ok & (pad == 0)
+    valid = row_ok
+    if HAS_MASK:
+        pad = tl.load(mask_ptr + b * S + rows, mask=row_ok, other=1)
+        valid = row_ok & (pad == 0)
     nvis = run + tl.cumsum(valid.to(tl.int32), axis=0)
     return valid, nvis - 1, nvis
 
@@ -526,14 +520,10 @@ def _skut_kernel(
 
     # K/V of layer 0, the rows' slots, and the number of valid keys.
     n_valid = 0
-    pad = _pad_of(mask_ptr, b, rm, rm < S, S, HAS_MASK)
     for qt in range(0, n_qt):
         rows = qt * BLOCK_M + rm
         row_ok = rows < S
-        # the next tile's padding is loaded a tile ahead: nothing else would hide its latency
-        pad_next = _pad_of(mask_ptr, b, rows + BLOCK_M, rows + BLOCK_M < S, S, HAS_MASK)
-        valid, slot, nvis = _key_slots(pad, row_ok, n_valid)
-        pad = pad_next
+        valid, slot, nvis = _key_slots(mask_ptr, b, rows, row_ok, n_valid, S, HAS_MASK)
         n_valid = tl.max(nvis, axis=0)
         tl.store(slot_b + rows, nvis * 2 + valid.to(tl.int32), mask=row_ok)
         x = tl.load(x_b + rows[:, None] * D + cd[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0)
@@ -668,7 +658,7 @@ def _skut_split_kernel(
             run += tl.sum((pad == 0).to(tl.int32), axis=0)
     rows = first + rm
     row_ok = rows < S
-    valid, slot, nvis = _key_slots(_pad_of(mask_ptr, b, rows, row_ok, S, HAS_MASK), row_ok, run)
+    valid, slot, nvis = _key_slots(mask_ptr, b, rows, row_ok, run, S, HAS_MASK)
     n_kv = tl.max(nvis, axis=0)
     n_full = (tl.min(nvis, axis=0) // BLOCK_N) * BLOCK_N
     xmask = row_ok[:, None] & dmask[None, :]
