@@ -746,14 +746,15 @@ def choose_config(
     1.5x at B=256, S=192 on H200, and also win at B=2048 (0.49 vs 0.72 ms for 32 rows / 4 warps) and at
     S=2048 (3.05 vs 3.68 ms for 128 rows / 8 warps); 64-wide key tiles then beat 32-wide ones at every
     V2 row of DESIGN §5 once padded keys were compacted (S=2048 1.61 vs 1.90 ms, B=2048 0.463 vs 0.470,
-    B=256 and B=16 by 2-6%), until the key slots were kept per row: since then 32-wide key tiles are ahead again up
-    to ``SHORT_SEQ`` tokens (S=192: B=2048 0.391 vs 0.410 ms, B=256 0.0548 vs 0.0555; but S=512: 0.200 vs 0.192,
-    S=1024: 0.590 vs 0.526, both B=256); for the V1 shape (d_model 96, two heads, FFN 32, S=100) 128-row tiles with
-    8 warps beat 32-row ones by 2.5x. A causal stack of fewer sequences than the GPU has SMs (``batch`` and
-    ``device`` given) leaves SMs idle with one program per sequence: the split launch, one program per 64-row query
-    tile, runs the tiles side by side (B=16 S=192: 0.024 against 0.046 ms on H200; at B=256 and more the
-    per-sequence launch stays faster, 0.065 against 0.073 ms). From ``LONG_SEQ`` tokens on, three K/V stages instead
-    of two (B=256 S=2048: 1.51 against 1.60 ms; they cost 2-10 % at S=1024, 512 and 192).
+    B=256 and B=16 by 2-6%), until the key slots were kept per row: since then 32-wide key tiles are
+    ahead again up to ``SHORT_SEQ`` tokens (S=192: B=2048 0.391 vs 0.410 ms, B=256 0.0548 vs 0.0555; but
+    S=512: 0.200 vs 0.192, S=1024: 0.590 vs 0.526, both B=256); for the V1 shape (d_model 96, two heads,
+    FFN 32, S=100) 128-row tiles with 8 warps beat 32-row ones by 2.5x. A causal stack of fewer
+    sequences than the GPU has SMs (``batch`` and ``device`` given) leaves SMs idle with one program per
+    sequence: the split launch, one program per 64-row query tile, runs the tiles side by side (B=16
+    S=192: 0.024 against 0.046 ms on H200; at B=256 and more the per-sequence launch stays faster, 0.065
+    against 0.073 ms). From ``LONG_SEQ`` tokens on, three K/V stages instead of two (B=256 S=2048: 1.51
+    against 1.60 ms; they cost 2-10 % at S=1024, 512 and 192).
     """
     f_chunk = 64  # clamped to the padded FFN width at launch
     if seq_len <= 16:
