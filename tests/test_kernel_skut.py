@@ -115,6 +115,7 @@ CONFIGS = [
     sk.SkutConfig(64, 32, 8, 64),
     sk.SkutConfig(64, 64, 4, 32),
     sk.SkutConfig(128, 32, 8, 64),
+    sk.SkutConfig(64, 32, 4, 64, max_regs=168),  # a register cap (ptxas' concern; the launch accepts it)
 ]
 
 
@@ -409,6 +410,8 @@ def test_argument_checks():
         sk.skut_forward(x, packed, pool="mean")
     with pytest.raises(ValueError, match="packed"):
         sk.skut_forward(x, enc)
+    with pytest.raises(ValueError, match="max_regs"):
+        sk.skut_forward(x, packed, config=sk.SkutConfig(16, 16, 4, max_regs=16))
     with pytest.raises(ValueError, match="norm_first"):
         sk.pack_encoder_weights(
             nn.TransformerEncoder(

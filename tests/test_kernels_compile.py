@@ -44,6 +44,7 @@ def record(self, *args, grid, warmup, **kwargs):
     params = inspect.signature(self.fn).parameters
     rec = {"module": self.fn.__module__, "kernel": self.fn.__name__, "args": {},
            "num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3),
+           "maxnreg": kwargs.get("maxnreg"),
            "mma_sync": os.environ.get("DISABLE_MMA_V3") == "1"}
     for name, v in named.items():
         if isinstance(v, torch.Tensor):
@@ -102,6 +103,8 @@ proj = (torch.randn(64, 64), torch.randn(64))
 sk.skut_forward(x, packed, mask, True, "max_valid", config=split, pool_proj=proj)
 sk.skut_forward(x, packed, mask, True, None, config=split)
 sk.skut_forward(x, packed, mask, True, None, config=sk.choose_config(sk.LONG_SEQ, packed))
+# A configuration with a register cap (benchmarks/skut_sweep.py measures them; choose_config sets none).
+sk.skut_forward(x, packed, mask, True, None, config=sk.SkutConfig(64, 32, 4, max_regs=168))
 
 # The dense part's products at the configurations the production shapes choose (dense.linear_config:
 # wgmma 64 x 32 for the cross layers and the first MLP layer, mma.sync 16 x 16 for the rest, and 64 x 64
@@ -134,8 +137,10 @@ for rec in launches:
     consts = {n: a["const"] for n, a in args.items() if "const" in a}
     aligned = [n for n, a in args.items() if a.get("aligned")]
     try:
-        build_for_gpu(fn, types, consts, aligned, num_warps=rec["num_warps"], num_stages=rec["num_stages"],
-                      mma_sync=rec["mma_sync"])
+        k = build_for_gpu(fn, types, consts, aligned, num_warps=rec["num_warps"], num_stages=rec["num_stages"],
+                          mma_sync=rec["mma_sync"], max_regs=rec["maxnreg"])
+        if rec["maxnreg"] is not None and f".maxnreg {rec['maxnreg']}" not in k.asm["ptx"]:
+            failed.append(f"{rec['kernel']}: maxnreg={rec['maxnreg']} did not reach the PTX")
     except Exception as exc:
         failed.append(f"{rec['kernel']} {rec['num_warps']} warps: {type(exc).__name__}: {str(exc)[:400]}")
 print(json.dumps({"compiled": len(seen), "kernels": sorted({r["kernel"] for r in launches}), "failed": failed}))

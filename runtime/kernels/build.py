@@ -27,6 +27,7 @@ def build_for_gpu(
     num_warps: int = 4,
     num_stages: int = 3,
     mma_sync: bool = True,
+    max_regs: int | None = None,
 ) -> Any:
     """Compile the @triton.jit ``fn`` for sm_<arch> as a launch would, with mma.sync only (or, with
     ``mma_sync=False``, Hopper's wgmma allowed, as for the dense part's large products).
@@ -37,6 +38,7 @@ def build_for_gpu(
         consts: the value of each constexpr argument by name.
         aligned: arguments a launch would specialise as divisible by 16 (16-byte aligned pointers,
             integers that are multiples of 16): this changes the code, registers included.
+        max_regs: a register cap per thread (a launch's ``maxnreg``), or None.
     Returns:
         Triton's compiled kernel (``.asm["cubin"]``, ``.asm["ptx"]``, ...).
     """
@@ -44,7 +46,8 @@ def build_for_gpu(
     sig = {n: types.get(n, "constexpr") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn, sig, {(names.index(k),): v for k, v in consts.items()}, attrs)
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if max_regs is not None:
+        options["maxnreg"] = max_regs
     with mma_sync_only() if mma_sync else contextlib.nullcontext():
-        return triton.compile(
-            src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
-        )
+        return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)

@@ -907,7 +907,7 @@ def skut_forward(
         POOL_PROJ=pool_proj is not None, O_P=max(16, triton.next_power_of_2(d_out)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    if cfg.max_regs is not None and not interpreting():
+    if cfg.max_regs is not None:  # (the interpreter ignores it)
         meta["maxnreg"] = cfg.max_regs
     with mma_sync_only():
         if cfg.split:
