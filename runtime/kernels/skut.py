@@ -16,10 +16,12 @@ and log2(e) folded into Wq) over key tiles of the layer's K/V, out projection, r
 FFN (in chunks of the hidden width), residual + LayerNorm, then directly the next layer's K/V
 for these rows. K/V live in a small per-sequence global scratch (double-buffered across layers,
 L2-resident for typical sizes), activations between layers in the output buffer; a CTA barrier
-separates layers. K/V hold the valid (non-padded) keys only, compacted in position order, so
-padded keys cost nothing: a causal query row attends to the first ``nvis`` slots (the valid keys at or
-before it), any other row to all of them, and key tiles wholly below every row's limit of a query
-tile run without masks (only the diagonal tiles and the last one test slots).
+separates layers. K/V hold the valid (non-padded) keys only, compacted in position order (each row's
+slot is worked out once per sequence and kept in the workspace), so padded keys cost nothing: a
+causal query row attends to the first ``nvis`` slots (the valid keys at or before it), any other
+row to all of them, and key tiles wholly below every row's limit of a query tile run without masks
+(only the diagonal tiles and the last one test slots). K's bias is left out and V's folded into the
+out projection's at packing (``pack_encoder_weights`` says why).
 
 A causal stack of few sequences (fewer than the GPU has SMs) takes the split launch instead: one program
 per (sequence, query tile), each running every layer on its own rows and waiting, per layer, only for the
