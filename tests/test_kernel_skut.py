@@ -115,7 +115,7 @@ CONFIGS = [
     sk.SkutConfig(64, 32, 8, 64),
     sk.SkutConfig(64, 64, 4, 32),
     sk.SkutConfig(128, 32, 8, 64),
-    sk.SkutConfig(64, 32, 4, 64, max_regs=168),  # a register cap (ptxas' concern; the launch accepts it)
+    sk.SkutConfig(64, 32, 4, 64, max_regs=168),  # V2's tile, with a register cap (ptxas' concern; launches take it)
 ]
 
 

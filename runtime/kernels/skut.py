@@ -207,7 +207,7 @@ def pack_encoder_weights(
             wo = wo.view(h, dh_p, d_p)
             w1 = mo[4 * h * d_p * dh_p : 4 * h * d_p * dh_p + d_p * f_p].view(d_p, f_p)
             w2 = mo[4 * h * d_p * dh_p + d_p * f_p :].view(f_p, d_p)
-            bq, bk, bv = (vo[j * h * dh_p : (j + 1) * h * dh_p].view(h, dh_p) for j in range(3))
+            bq = vo[: h * dh_p].view(h, dh_p)  # bk and bv (the next two) stay zero: see below
             o = 3 * h * dh_p
             bo, l1w, l1b = vo[o : o + d_p], vo[o + d_p : o + 2 * d_p], vo[o + 2 * d_p : o + 3 * d_p]
             o += 3 * d_p
@@ -952,7 +952,7 @@ def workspace_numel(batch: int, seq_len: int, packed: PackedEncoder, config: Sku
 
 def _slot_numel(batch: int, seq_len: int, dtype: torch.dtype) -> int:
     """Elements of ``dtype`` that hold one int32 per row (the K/V part before them has an even count)."""
-    return -(-batch * seq_len * 4 // torch.empty((), dtype=dtype).element_size())
+    return -(-batch * seq_len * 4 // dtype.itemsize)
 
 
 # --------------------------------------------------------------------------------------------
