@@ -1,0 +1,90 @@
+"""Every Triton kernel of the runtime, launched once or twice per code path on small inputs and checked
+against its reference: the driver that ``benchmarks/gpu_sanitize.sh`` runs under compute-sanitizer.
+
+    PYTHONPATH=. python benchmarks/sanitize_kernels.py [substring ...]   # needs a CUDA GPU
+
+The cases are the GPU tests' own functions (tests/gpu, tests/test_kernel_*.py) with one parameter set
+per path: the transformer's per-sequence tiles that ``choose_config`` can return and its split launch,
+fully masked rows and both pools; the selection's scan and refine pass, its overflow fallback, the
+rank-ordered list and the one-pass short kernel; the token builders; the dense part's kernels. One
+process, so each kernel compiles once and the sanitizer's start-up is paid once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "tests", "gpu")]
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    sys.exit("needs a CUDA GPU")
+
+import test_kernel_dense as dense_t  # noqa: E402
+import test_kernels_gpu as gpu_t  # noqa: E402
+
+import runtime.kernels.skut as sk  # noqa: E402
+
+f16, f32 = torch.float16, torch.float32
+SPLIT = sk.SkutConfig(64, 32, 4, 32, split=True)
+CASES = [
+    # transformer: the grid's small shapes (every head count, FFN width, pool, dtype) ...
+    ("skut 5x64 causal", lambda: gpu_t.test_skut_grid(5, 64, 1, 32, 2, True, True, None, f16)),
+    ("skut 17x96 h2 max_all", lambda: gpu_t.test_skut_grid(17, 96, 2, 32, 2, False, True, "max_all", f16)),
+    ("skut 33x64 max_valid", lambda: gpu_t.test_skut_grid(33, 64, 1, 32, 2, True, True, "max_valid", f16)),
+    ("skut 70x32 fp32 3 layers", lambda: gpu_t.test_skut_grid(70, 32, 2, 64, 3, True, True, None, f32)),
+    ("skut 17x128 h4 ffn256", lambda: gpu_t.test_skut_grid(17, 128, 4, 256, 1, True, False, None, f16)),
+    ("skut 9x64 bf16", lambda: gpu_t.test_skut_grid(9, 64, 2, 16, 2, True, True, "max_all", torch.bfloat16)),
+    ("skut fully masked rows", lambda: (gpu_t.test_skut_fully_masked_rows(True),
+                                        gpu_t.test_skut_fully_masked_rows(False))),
+    # ... every per-sequence configuration choose_config returns, and the split launch
+    *((f"skut config {c}", lambda c=c: gpu_t.test_skut_every_config(c, 64, 1, 32)) for c in gpu_t.SKUT_CONFIGS),
+    ("skut split 5x37 max_all", lambda: gpu_t.test_skut_split_launch(SPLIT, 5, 37, "max_all")),
+    ("skut split 16x192", lambda: gpu_t.test_skut_split_launch(SPLIT, 16, 192, None)),
+    ("skut pool projection", lambda: __import__("test_kernel_skut").test_pool_projection_in_the_launch(
+        64, 1, 2, "max_valid", True, 64)),
+    # selection: the two passes at several block sizes and splits, the overflow fallback, k > 128
+    ("nn grid 4 users", lambda: gpu_t.test_nn_select_grid([5, 17, 0, 33], [3, 1, 2, 4], 8, f16)),
+    ("nn config k64 b16 s7", lambda: gpu_t.test_nn_select_every_config(64, 16, 7, False)),
+    ("nn config k96 b32 s1", lambda: gpu_t.test_nn_select_every_config(96, 32, 1, False)),
+    ("nn config k16 b64 s33", lambda: gpu_t.test_nn_select_every_config(16, 64, 33, False)),
+    ("nn config k200 b16 s7", lambda: gpu_t.test_nn_select_every_config(200, 16, 7, False)),
+    ("nn config small capacity", lambda: gpu_t.test_nn_select_every_config(64, 16, 5, True)),
+    ("nn repeated items (exact scan)", lambda: gpu_t.test_nn_select_repeated_items(20)),
+    ("nn short path", lambda: gpu_t.test_nn_select_short_path([128, 3, 0], [100, 50, 20], 96, 128, f16)),
+    ("nn short path merged", lambda: gpu_t.test_nn_select_short_path([1000, 90], [40, 30], 64, 100, f32)),
+    # token builders and the dense part
+    ("v2 tokens", lambda: gpu_t.test_v2_tokens_production_shape([[16000], [20], [3]])),
+    ("v2 tokens, no actions", lambda: gpu_t.test_v2_tokens_production_shape([[0], [0], [0]])),
+    ("v1 tokens", lambda: gpu_t.test_v1_tokens_production_shape()),
+    ("dense both modules", lambda: dense_t.test_dense_kernels_match_the_model({}, 7, 3)),
+    ("dense no MLP", lambda: dense_t.test_dense_kernels_match_the_model({"cross_layers": 0, "mlp_dims": []}, 9, 2)),
+    ("dense default width tf32", lambda: dense_t.test_default_model_width(True)),
+]
+
+
+def main() -> None:
+    only = sys.argv[1:]
+    failed = 0
+    for name, run in CASES:
+        if only and not any(o in name for o in only):
+            continue
+        t0 = time.perf_counter()
+        try:
+            run()
+            torch.cuda.synchronize()
+            status = "ok"
+        except Exception as exc:  # reported and counted; the other cases still run
+            failed += 1
+            status = f"FAILED {type(exc).__name__}: {str(exc)[:200]}"
+        print(f"{name}: {status} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    print(f"{failed} case(s) failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
