@@ -25,6 +25,7 @@ if not torch.cuda.is_available():
     sys.exit("needs a CUDA GPU")
 
 import test_kernel_dense as dense_t  # noqa: E402
+import test_kernel_skut as skut_t  # noqa: E402
 import test_kernels_gpu as gpu_t  # noqa: E402
 
 import runtime.kernels.skut as sk  # noqa: E402
@@ -45,8 +46,7 @@ CASES = [
     *((f"skut config {c}", lambda c=c: gpu_t.test_skut_every_config(c, 64, 1, 32)) for c in gpu_t.SKUT_CONFIGS),
     ("skut split 5x37 max_all", lambda: gpu_t.test_skut_split_launch(SPLIT, 5, 37, "max_all")),
     ("skut split 16x192", lambda: gpu_t.test_skut_split_launch(SPLIT, 16, 192, None)),
-    ("skut pool projection", lambda: __import__("test_kernel_skut").test_pool_projection_in_the_launch(
-        64, 1, 2, "max_valid", True, 64)),
+    ("skut pool projection", lambda: skut_t.test_pool_projection_in_the_launch(64, 1, 2, "max_valid", True, 64)),
     # selection: the two passes at several block sizes and splits, the overflow fallback, k > 128
     ("nn grid 4 users", lambda: gpu_t.test_nn_select_grid([5, 17, 0, 33], [3, 1, 2, 4], 8, f16)),
     ("nn config k64 b16 s7", lambda: gpu_t.test_nn_select_every_config(64, 16, 7, False)),
