@@ -5,11 +5,13 @@ number of intra-op threads; the median over many runs after a warm-up is reporte
 
     python benchmarks/cpu_backend.py                      # random default model, exported to a temp folder
     python benchmarks/cpu_backend.py --bundle BUNDLE --threads 4 --runs 50 --json out.json
+    python benchmarks/cpu_backend.py --threads 2 --profile 10   # also ONNX Runtime's time per operator
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -53,6 +55,33 @@ def timed(fn, warmup: int, runs: int) -> list[float]:
     return out
 
 
+def onnxruntime_profile(graph: bytes, feed: dict, threads: int, runs: int) -> dict[str, dict[str, float]]:
+    """Node time per request (ms) by operator type and by node, from ONNX Runtime's own profiler. The
+    profile covers every run of its session, so the session runs ``runs + 1`` times and the first (warm-up)
+    run's events are left out by their start time."""
+    import onnxruntime as ort
+
+    from runtime.backends.cpu import ort_options
+
+    with tempfile.TemporaryDirectory(prefix="transact-ortprof-") as folder:
+        opts = ort_options(threads)
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(folder) / "ort")
+        session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
+        for _ in range(runs + 1):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    by_op: collections.Counter[str] = collections.Counter()
+    by_node: collections.Counter[str] = collections.Counter()
+    run_starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    first_end = run_starts[1] if len(run_starts) > 1 else float("inf")
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first_end:
+            by_op[e["args"]["op_name"]] += e["dur"] / 1e3 / runs
+            by_node[e["name"].removesuffix("_kernel_time")] += e["dur"] / 1e3 / runs
+    return {"by_operator": dict(by_op.most_common()), "by_node": dict(by_node.most_common())}
+
+
 def make_bundle(folder: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     model = RankingModel(ModelConfig())
@@ -70,6 +99,8 @@ def main() -> None:
     ap.add_argument("--ll", type=int, default=16_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="write the results here as JSON")
+    ap.add_argument("--profile", type=int, default=0, metavar="RUNS",
+                    help="also profile ONNX Runtime over RUNS runs: node time per operator and per node")  # fmt: skip
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -116,6 +147,15 @@ def main() -> None:
     for k, v in med.items():
         print(f"  {k:<26} median {v:9.2f} ms   p10 {info['p10_ms'][k]:9.2f}   p90 {info['p90_ms'][k]:9.2f}")
     print(f"  ONNX Runtime speed-up over the faster eager setting: {ratio:.2f}x   (max |diff| {diff:.1e})")
+    if args.profile:
+        prof = onnxruntime_profile(bundle.graph_bytes("full.onnx"), feed, args.threads, args.profile)
+        info["onnxruntime_profile_ms"] = prof
+        total = sum(prof["by_operator"].values())
+        print(f"ONNX Runtime node time per request, {args.profile} profiled runs: {total:.1f} ms")
+        for title, table in (("by operator", prof["by_operator"]), ("slowest nodes", prof["by_node"])):
+            print(f"  {title}:")
+            for name, ms in list(table.items())[:12]:
+                print(f"    {name[:60]:<60} {ms:8.2f} ms")
     if args.json:
         args.json.write_text(json.dumps(info, indent=2))
     if tmp is not None:
