@@ -55,10 +55,10 @@ def timed(fn, warmup: int, runs: int) -> list[float]:
     return out
 
 
-def onnxruntime_profile(graph: bytes, feed: dict, threads: int, runs: int) -> dict[str, dict[str, float]]:
-    """Node time per request (ms) by operator type and by node, from ONNX Runtime's own profiler. The
-    profile covers every run of its session, so the session runs ``runs + 1`` times and the first (warm-up)
-    run's events are left out by their start time."""
+def onnxruntime_profile(graph: bytes, feed: dict, threads: int, runs: int) -> dict:
+    """Node time per request (ms) by operator type and by node, from ONNX Runtime's own profiler, and the
+    number of runs counted. The profile covers every run of its session, so the session runs ``runs + 1``
+    times and the first (warm-up) run's events are left out by their start time."""
     import onnxruntime as ort
 
     from runtime.backends.cpu import ort_options
@@ -74,12 +74,19 @@ def onnxruntime_profile(graph: bytes, feed: dict, threads: int, runs: int) -> di
     by_op: collections.Counter[str] = collections.Counter()
     by_node: collections.Counter[str] = collections.Counter()
     run_starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
-    first_end = run_starts[1] if len(run_starts) > 1 else float("inf")
+    counted = len(run_starts) - 1
+    if counted < 1:
+        raise RuntimeError("ONNX Runtime's profile has no model_run events past the warm-up run")
+    seen: collections.Counter[str] = collections.Counter()
     for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first_end:
-            by_op[e["args"]["op_name"]] += e["dur"] / 1e3 / runs
-            by_node[e["name"].removesuffix("_kernel_time")] += e["dur"] / 1e3 / runs
-    return {"by_operator": dict(by_op.most_common()), "by_node": dict(by_node.most_common())}
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= run_starts[1]:
+            node = e["name"].removesuffix("_kernel_time")
+            by_op[e["args"]["op_name"]] += e["dur"] / 1e3 / counted
+            by_node[node] += e["dur"] / 1e3 / counted
+            seen[node] += 1
+    if any(n != counted for n in seen.values()):
+        raise RuntimeError(f"ONNX Runtime's profile: nodes seen {set(seen.values())} times in {counted} runs")
+    return {"runs": counted, "by_operator": dict(by_op.most_common()), "by_node": dict(by_node.most_common())}
 
 
 def make_bundle(folder: Path, seed: int) -> Path:
