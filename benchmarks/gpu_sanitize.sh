@@ -6,7 +6,7 @@
 # its own allocation and an access past its end is outside any allocation, which memcheck sees. Prints one
 # line per tool; exit status 1 if a tool reported an error, a case failed or a tool ran out of time.
 # On an H200 the first tool also compiles every kernel (memcheck: 21 of the 32 cases in 130 s); with Triton's
-# cache warm each tool takes 10-30 s.
+# cache warm, synccheck and initcheck take 10-30 s and racecheck a few minutes (23 cases in 130 s).
 #
 #   bash benchmarks/gpu_sanitize.sh                              # every tool, every case
 #   TOOLS=memcheck CASES="skut" bash benchmarks/gpu_sanitize.sh   # one tool, the cases named *skut*
