@@ -263,8 +263,8 @@ def test_nn_select_every_config(k, block_n, splits, small_cap):
     k_pad = max(16, 1 << (k - 1).bit_length())
     tile = max(64, k_pad)
     gps = min(tile, max(2, 1 << (math.ceil(nn_mod.GROUPS_PER_K * k_pad / splits) - 1).bit_length()))
-    warps = 4 if block_n * tile <= 4096 else 8
-    cfg = nn_mod.NNSelectConfig(block_n, k_pad, splits, warps, gps, tile, k_pad if small_cap else None)
+    cfg = nn_mod.NNSelectConfig(block_n, k_pad, splits, nn_mod.scan_warps(block_n, tile), gps, tile,
+                                k_pad if small_cap else None)
     nn_check(nn_inputs([3000, 700, 0, 5], [40, 9, 3, 2], seed=block_n + splits), k, cfg)
 
 
