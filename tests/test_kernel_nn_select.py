@@ -148,20 +148,23 @@ def test_code_widths(d):
 # Every code path: one chunk or several, several block and tile sizes, a few or many groups, and a
 # key capacity small enough that lists overflow into the exact fallback scan.
 CONFIGS = [
-    # block_n, k_pad, splits, groups_per_split, tile, capacity
-    (16, 16, 1, 16, 64, None),
-    (32, 16, 3, 8, 64, None),
-    (16, 16, 4, 8, 16, None),
-    (16, 32, 2, 16, 32, 32),  # capacity == k_pad: the 150-row user overflows
-    (64, 16, 2, 16, 64, 16),
+    # block_n, k_pad, splits, groups_per_split, tile, capacity, users per scan step
+    (16, 16, 1, 16, 64, None, 1),
+    (32, 16, 3, 8, 64, None, 1),
+    (16, 16, 4, 8, 16, None, 1),
+    (16, 32, 2, 16, 32, 32, 1),  # capacity == k_pad: the 150-row user overflows
+    (64, 16, 2, 16, 64, 16, 1),
+    (16, 16, 2, 16, 64, None, 4),  # users side by side in the scan: 3 users over 4 slots
+    (16, 16, 3, 8, 16, None, 2),  # 2 slots, the third user in a second round
+    (32, 32, 2, 16, 32, 32, 4),  # and overflowing lists
 ]
 
 
-@pytest.mark.parametrize("block_n,k_pad,splits,gps,tile,cap", CONFIGS)
-def test_every_path(block_n, k_pad, splits, gps, tile, cap):
+@pytest.mark.parametrize("block_n,k_pad,splits,gps,tile,cap,users", CONFIGS)
+def test_every_path(block_n, k_pad, splits, gps, tile, cap, users):
     k = 12
     inputs = make_inputs([150, 37, 3], [5, 9, 2], torch.float16, seed=block_n + splits)
-    cfg = nn_mod.NNSelectConfig(block_n, k_pad, splits, 4, gps, tile=tile, capacity=cap)
+    cfg = nn_mod.NNSelectConfig(block_n, k_pad, splits, 4, gps, tile=tile, capacity=cap, users_per_step=users)
     idx, scores = run_kernel(inputs, k, cfg)
     assert_matches_reference(idx, scores, inputs, k)
 
@@ -271,20 +274,25 @@ def test_threshold_filters():
             assert (tau2 < tau).any()  # one three-way split of the range of maxima stops short of the exact value
 
 
-def test_scan_group_maxima_of_users_sharing_a_block():
-    """Pass 1 alone, one block of candidates over four users (one empty, one shorter than a tile):
-    every group maximum is its own user's positions' maximum within pass 1's bound, never another
-    user's, and a group with no position at all is -2**31 (below every score)."""
-    lengths, per_user = [0, 37, 300, 5], [3, 2, 4, 3]
-    inputs = tuple(t.to(DEV) for t in make_inputs(lengths, per_user, torch.float16, seed=21))
+@pytest.mark.parametrize("users_per_step", [1, 2, 4])
+def test_scan_group_maxima_of_users_sharing_a_block(users_per_step):
+    """Pass 1 alone, one block of candidates over five users (one empty, one shorter than a tile, one
+    with its candidates apart), one user per step or several side by side: every group maximum is its
+    own user's positions' maximum within pass 1's bound, never another user's, and a group with no
+    position at all is -2**31 (below every score)."""
+    lengths, per_user = [0, 37, 300, 5, 70], [3, 2, 4, 3, 1]
+    inputs = [t.to(DEV) for t in make_inputs(lengths, per_user, torch.float16, seed=21)]
+    inputs[4][[1, 9]] = inputs[4][[9, 1]].clone()  # a user's candidates need not be adjacent
     seq, starts, lens, cand, users = inputs
     splits, groups, tile = 4, 8, 16
     n = cand.shape[0]
     gm = torch.full((n, splits * groups), 7, dtype=torch.int32, device=DEV)  # poison
-    nn_mod._nn_scan_kernel[(1, splits)](
-        seq, starts, lens, cand, users, gm, n, 32, gm.shape[1], splits, BN=16, BS=tile, C=groups, D_P=32,
-        num_warps=4,
-    )  # fmt: skip
+    args = (seq, starts, lens, cand, users, gm, n, 32, gm.shape[1], splits)
+    if users_per_step == 1:
+        nn_mod._nn_scan_kernel[(1, splits)](*args, BN=16, BS=tile, C=groups, D_P=32, num_warps=4)
+    else:
+        nn_mod._nn_scan_packed_kernel[(1, splits)](*args, BN=16, BS=tile, C=groups, U=users_per_step, D_P=32,
+                                                    num_warps=4)  # fmt: skip
     s = full_scores(*(t.cpu() for t in inputs))
     err = nn_mod.scan_error(32)
     empty = 0
@@ -576,7 +584,11 @@ def test_group_rule_worked_by_hand(monkeypatch):
     # 1 user x 16,000, k 64: 8 blocks of 32 candidates; 63 chunks of 256 rows (4 tiles of 64);
     # max(ceil(1024 / 63), 256 / 8) = 32. More than 256 candidates per user: blocks of 64.
     cfg = nn_mod.choose_config(256, 1, 16000, 64, torch.device("cpu"))
-    assert (cfg.block_n, cfg.splits, cfg.tile, cfg.groups_per_split) == (32, 63, 64, 32)
+    assert (cfg.block_n, cfg.splits, cfg.tile, cfg.groups_per_split, cfg.users_per_step) == (32, 63, 64, 32, 1)
+    # 64 users with 4 candidates each: blocks of 16 candidates, 4 users side by side per scan step; 8 each: 2.
+    assert nn_mod.choose_config(256, 64, 64 * 16000, 64, torch.device("cpu")).users_per_step == 4
+    assert nn_mod.choose_config(256, 32, 32 * 16000, 64, torch.device("cpu")).users_per_step == 2
+    assert nn_mod.choose_config(256, 16, 16 * 16000, 64, torch.device("cpu")).users_per_step == 1
     assert nn_mod.choose_config(1024, 1, 16000, 64, torch.device("cpu")).block_n == 64
     # 1 user x 100,000, k 200 (k_pad 256): 98 chunks of 1,024 rows; max(ceil(4096 / 98), 1024 / 8) = 128,
     # but 98 x 128 > 8,192 maxima: halved to 64.

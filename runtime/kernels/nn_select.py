@@ -315,6 +315,103 @@ def _nn_scan_kernel(
 
 
 @triton.jit
+def _slot(users, c_a, c_b, prev, starts_ptr, lengths_ptr, split, SPLITS, BS: tl.constexpr):
+    """The smallest user of the block above ``prev`` (_BIG_USER: none), its chunk, which candidates are
+    its own and their int8 pieces (zeros in the other candidates' rows)."""
+    u = tl.min(tl.where(users > prev, users, _BIG_USER), axis=0)
+    start, p_lo, p_hi = _user_chunk(starts_ptr, lengths_ptr, u, split, SPLITS, BS)
+    own = users == u
+    return u, start, p_lo, p_hi, own, tl.where(own[:, None], c_a, 0), tl.where(own[:, None], c_b, 0)
+
+
+@triton.jit
+def _slot_step(seq_ptr, start, pos, p_hi, a, b, acc_a, acc_b, D, D_P: tl.constexpr):
+    """One slot of a packed step: its user's rows at ``pos`` (BS,) scored into the accumulators, and the
+    rows' scales: the inverse norm (over ``I8_SCALE``), -1 where there is no row."""
+    ok = pos < p_hi
+    q = _load_tile(seq_ptr, start, pos, ok, D, D_P)
+    qi = q.to(tl.int32)
+    nrm2 = tl.sum(qi * qi, axis=1)  # exact
+    inv = tl.where(nrm2 > 0, (1.0 / _I8_SCALE) / tl.sqrt(tl.maximum(nrm2, 1).to(tl.float32)), 0.0)
+    qt = tl.trans(q)
+    acc_a = tl.dot(a, qt, acc=acc_a, out_dtype=tl.int32)
+    acc_b = tl.dot(b, qt, acc=acc_b, out_dtype=tl.int32)
+    return tl.where(ok, inv, -1.0), acc_a, acc_b
+
+
+@triton.jit
+def _nn_scan_packed_kernel(
+    seq_ptr,
+    starts_ptr,
+    lengths_ptr,
+    cand_ptr,
+    user_ptr,
+    gm_ptr,
+    N,
+    D,
+    G_TOT,
+    SPLITS,
+    BN: tl.constexpr,
+    BS: tl.constexpr,
+    C: tl.constexpr,
+    U: tl.constexpr,
+    D_P: tl.constexpr,
+):
+    """Pass 1 for blocks whose candidates belong to several users: ``_nn_scan_kernel``'s group maxima,
+    U (2 or 4) users per step. A step scores the same BS positions of U users' chunks: each user's rows
+    against its own candidates' int8 pieces (zeros in the other rows), all into one (BN, BS) accumulator,
+    so each score of the step is a candidate against its own user's row. One user per step scales, masks
+    and reduces BN x BS scores of which only that user's rows are kept."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid * BN + tl.arange(0, BN)
+    row_ok = rows < N
+    users = tl.load(user_ptr + rows, mask=row_ok, other=_BIG_USER).to(tl.int32)
+    c_a, c_b = _load_cand_i8(cand_ptr, rows, row_ok, D, D_P)
+    gmax = tl.full((BN, C), float("-inf"), tl.float32)
+    ar = tl.arange(0, BS)
+    zero = tl.zeros((BN, BS), tl.int32)
+    last = tl.full((), -1, tl.int32)
+    while tl.min(tl.where(users > last, users, _BIG_USER), axis=0) < _BIG_USER:
+        # The next U users of the block (_BIG_USER: none; its chunk is empty and owns no candidate).
+        u0, st0, lo0, hi0, own0, a0, b0 = _slot(users, c_a, c_b, last, starts_ptr, lengths_ptr, split, SPLITS, BS)
+        u1, st1, lo1, hi1, own1, a1, b1 = _slot(users, c_a, c_b, u0, starts_ptr, lengths_ptr, split, SPLITS, BS)
+        span = tl.maximum(tl.maximum(hi0 - lo0, hi1 - lo1), 0)
+        tail = tl.minimum(hi0 - lo0, tl.where(u1 < _BIG_USER, hi1 - lo1, 2**30))
+        mine = own0 | own1
+        last = u1
+        if U == 4:
+            u2, st2, lo2, hi2, own2, a2, b2 = _slot(users, c_a, c_b, u1, starts_ptr, lengths_ptr, split, SPLITS,
+                                                    BS)  # fmt: skip
+            u3, st3, lo3, hi3, own3, a3, b3 = _slot(users, c_a, c_b, u2, starts_ptr, lengths_ptr, split, SPLITS,
+                                                    BS)  # fmt: skip
+            span = tl.maximum(span, tl.maximum(hi2 - lo2, hi3 - lo3))
+            tail = tl.minimum(tail, tl.minimum(tl.where(u2 < _BIG_USER, hi2 - lo2, 2**30),
+                                               tl.where(u3 < _BIG_USER, hi3 - lo3, 2**30)))  # fmt: skip
+            mine = mine | own2 | own3
+            last = u3
+        full_steps = tl.maximum(tail, 0) // BS  # steps before any used slot reaches the end of its chunk
+        for t in range(0, tl.cdiv(span, BS)):
+            off = t * BS + ar
+            inv0, acc_a, acc_b = _slot_step(seq_ptr, st0, lo0 + off, hi0, a0, b0, zero, zero, D, D_P)
+            inv1, acc_a, acc_b = _slot_step(seq_ptr, st1, lo1 + off, hi1, a1, b1, acc_a, acc_b, D, D_P)
+            scale = tl.where(own1[:, None], inv1[None, :], inv0[None, :])
+            if U == 4:
+                inv2, acc_a, acc_b = _slot_step(seq_ptr, st2, lo2 + off, hi2, a2, b2, acc_a, acc_b, D, D_P)
+                inv3, acc_a, acc_b = _slot_step(seq_ptr, st3, lo3 + off, hi3, a3, b3, acc_a, acc_b, D, D_P)
+                scale = tl.where(own2[:, None], inv2[None, :], tl.where(own3[:, None], inv3[None, :], scale))
+            # Each candidate's pieces are zero in the other users' slots: the sums are its own exact dot.
+            s = (acc_a * 254 + acc_b).to(tl.float32) * scale
+            if t >= full_steps:  # a chunk ends in this step: positions past it (scale -1) score -inf
+                s = tl.where(scale < 0, float("-inf"), s)
+            tile_max = tl.max(tl.reshape(s, (BN, BS // C, C)), axis=1)
+            gmax = tl.maximum(gmax, tl.where(mine[:, None], tile_max, float("-inf")))
+    g = tl.arange(0, C)
+    tl.store(gm_ptr + rows[:, None].to(tl.int64) * G_TOT + split * C + g[None, :], _group_max_bits(gmax),
+             mask=row_ok[:, None])  # fmt: skip
+
+
+@triton.jit
 def _keys_of(q, pos, ok, c):
     """Keys of one candidate (c: normalised, fp32, (D_P,)) against int8 rows q (R, D_P) at positions
     ``pos``; INT64_MIN where not ``ok``. Scores in fp32 on the CUDA cores."""
@@ -630,7 +727,9 @@ class NNSelectConfig:
 
     block_n candidates and ``tile`` positions per score tile; ``splits`` chunks per sequence (the
     second grid axis of the scans); ``groups_per_split`` group maxima per chunk for the threshold;
-    ``capacity`` keys kept per candidate before the exact fallback scan takes over.
+    ``capacity`` keys kept per candidate before the exact fallback scan takes over; ``users_per_step``
+    users of a block scored side by side in one step of the scan (1: ``_nn_scan_kernel``, one user per
+    step; 2 or 4: ``_nn_scan_packed_kernel``).
     """
 
     block_n: int
@@ -640,6 +739,7 @@ class NNSelectConfig:
     groups_per_split: int
     tile: int | None = None  # default max(64, k_pad)
     capacity: int | None = None  # default 8 * k_pad
+    users_per_step: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tile", self.tile or max(64, self.k_pad))
@@ -647,6 +747,8 @@ class NNSelectConfig:
         g = self.groups_per_split
         if self.tile % g or g & (g - 1):
             raise ValueError(f"groups_per_split must be a power of two dividing tile={self.tile}")
+        if self.users_per_step not in (1, 2, 4):
+            raise ValueError(f"users_per_step must be 1, 2 or 4, got {self.users_per_step}")
 
 
 def choose_config(
@@ -672,8 +774,8 @@ def choose_config(
     k_pad = max(16, triton.next_power_of_2(k))
     tile = max(64, k_pad)
     sms = sm_count(device)
+    per_user = max(n_cand // max(n_users, 1), 1)
     if block_n is None:  # as many candidates per block as a user has (a block scans each of its users)
-        per_user = n_cand // max(n_users, 1)
         block_n = 64 if per_user > 256 else 32 if per_user >= 32 else 16
         if k_pad >= 128:  # 128-row tiles: 32-candidate blocks (4 warps) beat 64 (8 warps), 47 vs 56 us at k=96
             block_n = min(block_n, 32)
@@ -692,7 +794,9 @@ def choose_config(
     fewer = (triton.next_power_of_2(splits * gps) // 2) // gps
     if chosen and 8 * fewer >= 7 * splits:
         splits = fewer
-    return NNSelectConfig(block_n, k_pad, splits, scan_warps(block_n, tile), gps, tile)
+    # Users per scan step: as many as a block holds on average (a user's candidates adjacent), up to 4.
+    users = 4 if block_n >= 4 * per_user else 2 if block_n >= 2 * per_user else 1
+    return NNSelectConfig(block_n, k_pad, splits, scan_warps(block_n, tile), gps, tile, users_per_step=users)
 
 
 def scan_warps(block_n: int, tile: int) -> int:
@@ -866,10 +970,17 @@ def _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, con
     cnt = torch.empty((n,), dtype=torch.int32, device=dev)
     keys = torch.empty((n, cap), dtype=torch.int64, device=dev)
     with mma_sync_only():
-        _nn_scan_kernel[(triton.cdiv(n, bn), splits)](
-            seq, starts, lengths, cand, cand_user, gm, n, d, g_tot, splits,
-            BN=bn, BS=cfg.tile, C=gps, D_P=d_p, num_warps=cfg.num_warps,
-        )  # fmt: skip
+        grid = (triton.cdiv(n, bn), splits)
+        if cfg.users_per_step == 1:
+            _nn_scan_kernel[grid](
+                seq, starts, lengths, cand, cand_user, gm, n, d, g_tot, splits,
+                BN=bn, BS=cfg.tile, C=gps, D_P=d_p, num_warps=cfg.num_warps,
+            )  # fmt: skip
+        else:
+            _nn_scan_packed_kernel[grid](
+                seq, starts, lengths, cand, cand_user, gm, n, d, g_tot, splits,
+                BN=bn, BS=cfg.tile, C=gps, U=cfg.users_per_step, D_P=d_p, num_warps=cfg.num_warps,
+            )  # fmt: skip
         _nn_refine_kernel[(n,)](
             seq, starts, lengths, cand, cand_user, gm, gid, tau, cnt, keys, idx, scores, d, k, g_tot, splits, cap,
             margin(d), BS=cfg.tile, C=gps, G_P=triton.next_power_of_2(g_tot), R=REFINE_ROWS, STEPS=THRESHOLD_STEPS,

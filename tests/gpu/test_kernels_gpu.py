@@ -257,15 +257,21 @@ def test_nn_select_100k():
 NN_CONFIG_KB = [(16, 16), (16, 32), (16, 64), (64, 16), (64, 32), (64, 64), (96, 16), (96, 32), (200, 16)]
 
 
-@pytest.mark.parametrize("k,block_n", NN_CONFIG_KB)
+# ... and the users per scan step: 2 and 4 where choose_config can pick them (16-candidate blocks).
+NN_CONFIG_KBU = [(k, b, u) for k, b in NN_CONFIG_KB for u in ((1, 2, 4) if b == 16 else (1,))]
+
+
+@pytest.mark.parametrize("k,block_n,users", NN_CONFIG_KBU)
 @pytest.mark.parametrize("splits,small_cap", [(1, False), (7, False), (33, False), (5, True)])
-def test_nn_select_every_config(k, block_n, splits, small_cap):
+def test_nn_select_every_config(k, block_n, splits, small_cap, users):
     k_pad = max(16, 1 << (k - 1).bit_length())
     tile = max(64, k_pad)
     gps = min(tile, max(2, 1 << (math.ceil(nn_mod.GROUPS_PER_K * k_pad / splits) - 1).bit_length()))
     cfg = nn_mod.NNSelectConfig(block_n, k_pad, splits, nn_mod.scan_warps(block_n, tile), gps, tile,
-                                k_pad if small_cap else None)
-    nn_check(nn_inputs([3000, 700, 0, 5], [40, 9, 3, 2], seed=block_n + splits), k, cfg)
+                                k_pad if small_cap else None, users)
+    # Users of 4 candidates each (16 per block) after the long ones: blocks of several users.
+    lengths, per_user = [3000, 700, 0, 5] + [1500, 2, 900, 64] * 3, [40, 9, 3, 2] + [4, 4, 3, 5] * 3
+    nn_check(nn_inputs(lengths, per_user, seed=block_n + splits), k, cfg)
 
 
 @pytest.mark.parametrize("distinct", [20, 400])
