@@ -585,10 +585,13 @@ def test_group_rule_worked_by_hand(monkeypatch):
     # max(ceil(1024 / 63), 256 / 8) = 32. More than 256 candidates per user: blocks of 64.
     cfg = nn_mod.choose_config(256, 1, 16000, 64, torch.device("cpu"))
     assert (cfg.block_n, cfg.splits, cfg.tile, cfg.groups_per_split, cfg.users_per_step) == (32, 63, 64, 32, 1)
-    # 64 users with 4 candidates each: blocks of 16 candidates, 4 users side by side per scan step; 8 each: 2.
-    assert nn_mod.choose_config(256, 64, 64 * 16000, 64, torch.device("cpu")).users_per_step == 4
-    assert nn_mod.choose_config(256, 32, 32 * 16000, 64, torch.device("cpu")).users_per_step == 2
-    assert nn_mod.choose_config(256, 16, 16 * 16000, 64, torch.device("cpu")).users_per_step == 1
+    # Users side by side in a scan step, as many as a 16-candidate block holds (up to 4), in chunks of at least
+    # 8 tiles: 64 users x 100,000 rows (4 candidates each): 64 chunks of 1,536 rows (24 tiles), 4 users; with 8
+    # candidates each, 2; with 16, 1. At 16,000 rows a chunk is 256 rows (4 tiles): 1.
+    assert nn_mod.choose_config(256, 64, 64 * 100_000, 64, torch.device("cpu")).users_per_step == 4
+    assert nn_mod.choose_config(256, 32, 32 * 100_000, 64, torch.device("cpu")).users_per_step == 2
+    assert nn_mod.choose_config(256, 16, 16 * 100_000, 64, torch.device("cpu")).users_per_step == 1
+    assert nn_mod.choose_config(256, 64, 64 * 16_000, 64, torch.device("cpu")).users_per_step == 1
     assert nn_mod.choose_config(1024, 1, 16000, 64, torch.device("cpu")).block_n == 64
     # 1 user x 100,000, k 200 (k_pad 256): 98 chunks of 1,024 rows; max(ceil(4096 / 98), 1024 / 8) = 128,
     # but 98 x 128 > 8,192 maxima: halved to 64.
