@@ -20,7 +20,9 @@ GPU design (no (N, S) score matrix ever reaches memory):
   1. scan: each program owns a block of candidates and one chunk of every sequence they use
      (split over the sequence fills the GPU when there are few candidates) and keeps the maximum
      score of each of C disjoint groups of the chunk's rows (group j: rows j, j + C, j + 2C, ...);
-     about 16 x k groups per candidate in all;
+     about 16 x k groups per candidate in all. A block whose candidates belong to several users scans
+     one user per step, or (long chunks) 2 or 4 users side by side: their tiles go into one accumulator
+     against each user's own candidates, so every score of the step is kept;
   2. refine, one program per candidate: the k-th largest group maximum is a lower bound of its k-th
      best score (at least k distinct positions reach it), so only the ~k groups whose maximum reaches
      it can hold a top-k row. Their rows (~1/16 of the sequence) are scored again on the CUDA cores
