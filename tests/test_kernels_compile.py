@@ -72,15 +72,15 @@ b = random_batch(bundle.config, 2, 4, ll=[30, 0], rt=[12, 3], imp=[6, 0], seed=0
 backend.run(plan_batch([Request.from_batch(b, 0), Request.from_batch(b, 1)]))
 
 # The two-pass selection at the configurations the production shapes choose on a 132-SM GPU (k = 64
-# and 96; 63 chunks per sequence), on small inputs.
+# and 96; 63 chunks per sequence; at 100,000 rows, 64 chunks and 4 or 2 users per scan step), on small inputs.
 g = torch.Generator().manual_seed(0)
 seq = torch.randint(-127, 128, (300, 32), generator=g, dtype=torch.int8)
 starts, lens = torch.tensor([0, 150]), torch.tensor([150, 150])
 cand = torch.randn(6, 32, generator=g)
 users = torch.tensor([0, 0, 0, 1, 1, 1])
 for k in (64, 96):
-    for n_cand, n_users in ((256, 1), (256, 64)):
-        cfg = nn_mod.choose_config(n_cand, n_users, 16_000 * n_users, k, torch.device("cpu"), splits=63)
+    for n_users, rows, splits in ((1, 16_000, 63), (64, 16_000, 63), (64, 100_000, 64), (32, 100_000, 64)):
+        cfg = nn_mod.choose_config(256, n_users, rows * n_users, k, torch.device("cpu"), splits=splits)
         nn_mod.nn_select(seq, starts, lens, cand, users, k, idx_dtype=torch.int32, config=cfg)
 
 # The transformer at the runtime's tiles: V2 (d 64, causal) and V1 (d 96, 2 heads, pooled + rows).
@@ -159,7 +159,7 @@ def test_every_runtime_kernel_launch_compiles_for_sm90(tmp_path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert not got["failed"], "\n".join(got["failed"])
-    expected = {"_nn_scan_kernel", "_nn_refine_kernel", "_nn_short_kernel",
+    expected = {"_nn_scan_kernel", "_nn_scan_packed_kernel", "_nn_refine_kernel", "_nn_short_kernel",
                 "_skut_kernel", "_skut_split_kernel", "_v1_tokens_kernel", "_v2_tokens_kernel", "_dense_input_kernel",
                 "_linear_kernel"}  # fmt: skip
     assert expected <= set(got["kernels"])
