@@ -363,8 +363,8 @@ def _nn_scan_packed_kernel(
     """Pass 1 for blocks whose candidates belong to several users: ``_nn_scan_kernel``'s group maxima,
     U (2 or 4) users per step. A step scores the same BS positions of U users' chunks: each user's rows
     against its own candidates' int8 pieces (zeros in the other rows), all into one (BN, BS) accumulator,
-    so each score of the step is a candidate against its own user's row. One user per step scales, masks
-    and reduces BN x BS scores of which only that user's rows are kept."""
+    so each score of the step is a candidate against its own user's row. (The one-user scan scales, masks
+    and reduces all BN x BS scores once per user and keeps only that user's candidates' rows of them.)"""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid * BN + tl.arange(0, BN)
