@@ -586,7 +586,7 @@ def test_group_rule_worked_by_hand(monkeypatch):
     cfg = nn_mod.choose_config(256, 1, 16000, 64, torch.device("cpu"))
     assert (cfg.block_n, cfg.splits, cfg.tile, cfg.groups_per_split, cfg.users_per_step) == (32, 63, 64, 32, 1)
     # Users side by side in a scan step, as many as a 16-candidate block holds (up to 4), in chunks of at least
-    # 8 tiles: 64 users x 100,000 rows (4 candidates each): 64 chunks of 1,536 rows (24 tiles), 4 users; with 8
+    # 8 tiles: 64 users x 100,000 rows (4 candidates each): 64 chunks of 1,600 rows (25 tiles), 4 users; with 8
     # candidates each, 2; with 16, 1. At 16,000 rows a chunk is 256 rows (4 tiles): 1.
     assert nn_mod.choose_config(256, 64, 64 * 100_000, 64, torch.device("cpu")).users_per_step == 4
     assert nn_mod.choose_config(256, 32, 32 * 100_000, 64, torch.device("cpu")).users_per_step == 2

@@ -799,7 +799,7 @@ def choose_config(
         splits = fewer
     # Users per scan step: as many as a block holds on average (a user's candidates adjacent), up to 4,
     # where chunks are long enough for the packed scan's pipelined steps (measured on H200, 64 users with 4
-    # candidates each: at 100,000 rows, 24 steps per chunk, 0.135 ms against 0.154 with one user per step;
+    # candidates each: at 100,000 rows, 25 steps per chunk, 0.135 ms against 0.154 with one user per step;
     # at 16,000, 4 steps, 0.0385 against 0.0370).
     users = 4 if block_n >= 4 * per_user else 2 if block_n >= 2 * per_user else 1
     if triton.cdiv(triton.cdiv(max(avg_len, 1), splits), tile) < PACKED_MIN_STEPS:
