@@ -321,6 +321,11 @@ def nn_configs(n_cand, n_users, total, k):
         wide = dataclasses.replace(c, tile=2 * c.tile, num_warps=nn_mod.scan_warps(c.block_n, 2 * c.tile))
         if wide not in cfgs:
             cfgs.append(wide)
+    # One user per scan step against 4 side by side, in 16-candidate blocks (choose_config packs long chunks only).
+    for c in [c for c in cfgs if c.block_n == 16 and c.tile == auto.tile and n_users > 1]:
+        other = dataclasses.replace(c, users_per_step=1 if c.users_per_step > 1 else 4)
+        if other not in cfgs:
+            cfgs.append(other)
     return cfgs
 
 

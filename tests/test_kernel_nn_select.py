@@ -592,6 +592,7 @@ def test_group_rule_worked_by_hand(monkeypatch):
     assert nn_mod.choose_config(256, 32, 32 * 100_000, 64, torch.device("cpu")).users_per_step == 2
     assert nn_mod.choose_config(256, 16, 16 * 100_000, 64, torch.device("cpu")).users_per_step == 1
     assert nn_mod.choose_config(256, 64, 64 * 16_000, 64, torch.device("cpu")).users_per_step == 1
+    assert nn_mod.choose_config(256, 64, 64 * 100_000, 64, torch.device("cpu"), block_n=32).users_per_step == 1
     assert nn_mod.choose_config(1024, 1, 16000, 64, torch.device("cpu")).block_n == 64
     # 1 user x 100,000, k 200 (k_pad 256): 98 chunks of 1,024 rows; max(ceil(4096 / 98), 1024 / 8) = 128,
     # but 98 x 128 > 8,192 maxima: halved to 64.
