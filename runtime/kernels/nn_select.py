@@ -150,14 +150,20 @@ def _scores(q, c_hi, c_lo):
 
 
 @triton.jit
+def _scan_scale(q):
+    """Pass 1's scale of int8 rows q (R, D_P): 1 / (I8_SCALE * the row norm), exact norms; 0 for a zero row."""
+    qi = q.to(tl.int32)
+    nrm2 = tl.sum(qi * qi, axis=1)  # exact
+    return tl.where(nrm2 > 0, (1.0 / _I8_SCALE) / tl.sqrt(tl.maximum(nrm2, 1).to(tl.float32)), 0.0)
+
+
+@triton.jit
 def _scores_i8(q, pos_ok, c_a, c_b):
     """Pass 1's scores (BN, BS) fp32 of the candidates' int8 pieces against int8 rows q (BS, D_P),
     -inf at positions not ``pos_ok``: within ``scan_error(D)`` of the exact cosine. Integer dots on the
     codes as loaded, exact in int32. A zero score is +0.0, never -0.0: the int32 zero converts to +0.0 and
     the row's inverse norm is >= 0, so scores order as their ordered bits do."""
-    qi = q.to(tl.int32)
-    nrm2 = tl.sum(qi * qi, axis=1)  # exact
-    inv = tl.where(nrm2 > 0, (1.0 / _I8_SCALE) / tl.sqrt(tl.maximum(nrm2, 1).to(tl.float32)), 0.0)  # zero row: 0
+    inv = _scan_scale(q)
     qt = tl.trans(q)
     # 254 a.q + b.q, exact in int32: |a_i| <= 127 |c_i| + 0.5 and sum |c_i| <= sqrt(D) for a unit c, so
     # |254 a.q| <= 254 * 127 * (127 sqrt(D) + D / 2) < 2**31 for D up to ~16,000 (_MAX_D is 4,096).
@@ -199,6 +205,33 @@ def _user_after(users, u, starts_ptr, lengths_ptr, split, SPLITS, BS: tl.constex
     u_a = tl.min(tl.where(users > u, users, _BIG_USER), axis=0)
     start, p_lo, p_hi = _user_chunk(starts_ptr, lengths_ptr, u_a, split, SPLITS, BS)
     return u_a, start, p_lo, p_hi
+
+
+@triton.jit
+def _scan_block(cand_ptr, user_ptr, N, D, BN: tl.constexpr, D_P: tl.constexpr):
+    """Pass 1's block of candidates (program axis 0): rows, which exist, their users (_BIG_USER: none) and
+    their int8 pieces."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    row_ok = rows < N
+    users = tl.load(user_ptr + rows, mask=row_ok, other=_BIG_USER).to(tl.int32)
+    c_a, c_b = _load_cand_i8(cand_ptr, rows, row_ok, D, D_P)
+    return rows, row_ok, users, c_a, c_b
+
+
+@triton.jit
+def _fold_tile(gmax, s, keep, BN: tl.constexpr, BS: tl.constexpr, C: tl.constexpr):
+    """Group maxima (BN, C) updated with a tile's scores (BN, BS), for the candidates ``keep`` only (masked
+    after the group max, on C columns, not BS)."""
+    tile_max = tl.max(tl.reshape(s, (BN, BS // C, C)), axis=1)
+    return tl.maximum(gmax, tl.where(keep[:, None], tile_max, float("-inf")))
+
+
+@triton.jit
+def _store_group_maxima(gm_ptr, gmax, rows, row_ok, split, G_TOT, C: tl.constexpr):
+    """Write a block's group maxima of this split as the ordered bits the refine pass reads."""
+    g = tl.arange(0, C)
+    tl.store(gm_ptr + rows[:, None].to(tl.int64) * G_TOT + split * C + g[None, :], _group_max_bits(gmax),
+             mask=row_ok[:, None])
 
 
 @triton.jit
@@ -280,12 +313,8 @@ def _nn_scan_kernel(
 ):
     """Pass 1: one chunk of every sequence a block of candidates uses, in tiles of BS positions; the
     max score of each of C column groups of the chunk (group j: the positions p_lo + j + C * r)."""
-    pid = tl.program_id(0)
     split = tl.program_id(1)
-    rows = pid * BN + tl.arange(0, BN)
-    row_ok = rows < N
-    users = tl.load(user_ptr + rows, mask=row_ok, other=_BIG_USER).to(tl.int32)
-    c_a, c_b = _load_cand_i8(cand_ptr, rows, row_ok, D, D_P)
+    rows, row_ok, users, c_a, c_b = _scan_block(cand_ptr, user_ptr, N, D, BN, D_P)
     # Group maxima in fp32 (the scores' own order; max and masks cost one instruction each), turned
     # into ordered bits once at the end.
     gmax = tl.full((BN, C), float("-inf"), tl.float32)
@@ -306,15 +335,11 @@ def _nn_scan_kernel(
         p_hi_n = tl.where(last, p_hi_a, p_hi)
         q_n = _load_tile(seq_ptr, start_n, p0_n + ar, p0_n + ar < p_hi_n, D, D_P)  # in flight meanwhile
         s = _scores_i8(q, p0 + ar < p_hi, c_a, c_b)
-        # Other users' candidates of the block are masked after the group max, on C columns, not BS.
-        tile_max = tl.max(tl.reshape(s, (BN, BS // C, C)), axis=1)
-        gmax = tl.maximum(gmax, tl.where((users == u)[:, None], tile_max, float("-inf")))
+        gmax = _fold_tile(gmax, s, users == u, BN, BS, C)
         if last:
             u_a, start_a, p0_a, p_hi_a = _user_after(users, u_n, starts_ptr, lengths_ptr, split, SPLITS, BS)
         u, start, p0, p_hi, q = u_n, start_n, p0_n, p_hi_n, q_n
-    g = tl.arange(0, C)
-    tl.store(gm_ptr + rows[:, None].to(tl.int64) * G_TOT + split * C + g[None, :], _group_max_bits(gmax),
-             mask=row_ok[:, None])  # fmt: skip
+    _store_group_maxima(gm_ptr, gmax, rows, row_ok, split, G_TOT, C)
 
 
 @triton.jit
@@ -333,9 +358,7 @@ def _slot_step(seq_ptr, start, pos, p_hi, a, b, acc_a, acc_b, D, D_P: tl.constex
     rows' scales: the inverse norm (over ``I8_SCALE``), -1 where there is no row."""
     ok = pos < p_hi
     q = _load_tile(seq_ptr, start, pos, ok, D, D_P)
-    qi = q.to(tl.int32)
-    nrm2 = tl.sum(qi * qi, axis=1)  # exact
-    inv = tl.where(nrm2 > 0, (1.0 / _I8_SCALE) / tl.sqrt(tl.maximum(nrm2, 1).to(tl.float32)), 0.0)
+    inv = _scan_scale(q)
     qt = tl.trans(q)
     acc_a = tl.dot(a, qt, acc=acc_a, out_dtype=tl.int32)
     acc_b = tl.dot(b, qt, acc=acc_b, out_dtype=tl.int32)
@@ -365,12 +388,8 @@ def _nn_scan_packed_kernel(
     against its own candidates' int8 pieces (zeros in the other rows), all into one (BN, BS) accumulator,
     so each score of the step is a candidate against its own user's row. (The one-user scan scales, masks
     and reduces all BN x BS scores once per user and keeps only that user's candidates' rows of them.)"""
-    pid = tl.program_id(0)
     split = tl.program_id(1)
-    rows = pid * BN + tl.arange(0, BN)
-    row_ok = rows < N
-    users = tl.load(user_ptr + rows, mask=row_ok, other=_BIG_USER).to(tl.int32)
-    c_a, c_b = _load_cand_i8(cand_ptr, rows, row_ok, D, D_P)
+    rows, row_ok, users, c_a, c_b = _scan_block(cand_ptr, user_ptr, N, D, BN, D_P)
     gmax = tl.full((BN, C), float("-inf"), tl.float32)
     ar = tl.arange(0, BS)
     zero = tl.zeros((BN, BS), tl.int32)
@@ -407,11 +426,8 @@ def _nn_scan_packed_kernel(
             s = (acc_a * 254 + acc_b).to(tl.float32) * scale
             if t >= full_steps:  # a chunk ends in this step: positions past it (scale -1) score -inf
                 s = tl.where(scale < 0, float("-inf"), s)
-            tile_max = tl.max(tl.reshape(s, (BN, BS // C, C)), axis=1)
-            gmax = tl.maximum(gmax, tl.where(mine[:, None], tile_max, float("-inf")))
-    g = tl.arange(0, C)
-    tl.store(gm_ptr + rows[:, None].to(tl.int64) * G_TOT + split * C + g[None, :], _group_max_bits(gmax),
-             mask=row_ok[:, None])  # fmt: skip
+            gmax = _fold_tile(gmax, s, mine, BN, BS, C)
+    _store_group_maxima(gm_ptr, gmax, rows, row_ok, split, G_TOT, C)
 
 
 @triton.jit
