@@ -239,7 +239,7 @@ def test_threshold_filters():
     gm = torch.full((n, cfg.splits * cfg.groups_per_split), 7, dtype=torch.int32, device=DEV)
     nn_mod._nn_scan_kernel[(1, cfg.splits)](
         seq, starts, lens, cand, users, gm, n, 32, gm.shape[1], cfg.splits,
-        BN=cfg.block_n, BS=cfg.tile, C=cfg.groups_per_split, D_P=32, DP4A=False, num_warps=4,
+        BN=cfg.block_n, BS=cfg.tile, C=cfg.groups_per_split, D_P=32, num_warps=4,
     )  # fmt: skip
     s = full_scores(*(t.cpu() for t in inputs))
     chunk = -(-2000 // cfg.splits)
@@ -289,10 +289,10 @@ def test_scan_group_maxima_of_users_sharing_a_block(users_per_step):
     gm = torch.full((n, splits * groups), 7, dtype=torch.int32, device=DEV)  # poison
     args = (seq, starts, lens, cand, users, gm, n, 32, gm.shape[1], splits)
     if users_per_step == 1:
-        nn_mod._nn_scan_kernel[(1, splits)](*args, BN=16, BS=tile, C=groups, D_P=32, DP4A=False, num_warps=4)
+        nn_mod._nn_scan_kernel[(1, splits)](*args, BN=16, BS=tile, C=groups, D_P=32, num_warps=4)
     else:
         nn_mod._nn_scan_packed_kernel[(1, splits)](*args, BN=16, BS=tile, C=groups, U=users_per_step, D_P=32,
-                                                    DP4A=False, num_warps=4)  # fmt: skip
+                                                    num_warps=4)  # fmt: skip
     s = full_scores(*(t.cpu() for t in inputs))
     err = nn_mod.scan_error(32)
     empty = 0

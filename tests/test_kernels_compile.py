@@ -53,9 +53,6 @@ def record(self, *args, grid, warmup, **kwargs):
             rec["args"][name] = {"const": v}
         else:
             rec["args"][name] = {"type": _type(v), "aligned": isinstance(v, int) and v % 16 == 0 and v != 1}
-    if "DP4A" in named:  # the interpreter runs no PTX; on the GPU the scans take dp4a where use_dp4a allows
-        seq = named["seq_ptr"]
-        rec["args"]["DP4A"] = {"const": seq.shape[1] % 16 == 0 and seq.data_ptr() % 16 == 0}
     launches.append(rec)
     return _run(self, *args, grid=grid, warmup=warmup, **kwargs)
 

@@ -138,45 +138,6 @@ def _load_tile(seq_ptr, start, pos, pos_ok, D, D_P: tl.constexpr):
 
 
 @triton.jit
-def _load_words(seq_ptr, start, pos, pos_ok, D, D_P: tl.constexpr):
-    """The int8 rows (BS, D_P) of one tile as 32-bit words (BS, D_P // 4), four codes each (zeros where
-    masked). Needs D a multiple of 16 and 16-byte aligned rows (``use_dp4a``)."""
-    w = tl.arange(0, D_P // 4)
-    d4 = tl.multiple_of(D >> 2, 4)
-    offs = (start + pos[:, None].to(tl.int64)) * d4 + w[None, :]
-    offs = tl.max_contiguous(tl.multiple_of(offs, [1, 4]), [1, 4])
-    return tl.load(seq_ptr.to(tl.pointer_type(tl.int32)) + offs, mask=pos_ok[:, None] & (w[None, :] < d4), other=0)
-
-
-@triton.jit
-def _prefetch(seq_ptr, start, pos, pos_ok, D, D_P: tl.constexpr, DP4A: tl.constexpr):
-    """What pass 1 loads ahead for a tile: its words with DP4A, else its int8 rows. (Carrying int8 rows
-    from one step to the next costs a byte unpack and repack per step; words travel packed.)"""
-    if DP4A:
-        pre = _load_words(seq_ptr, start, pos, pos_ok, D, D_P)
-    else:
-        pre = _load_tile(seq_ptr, start, pos, pos_ok, D, D_P)
-    return pre
-
-
-@triton.jit
-def _rows_and_norms2(pre, seq_ptr, start, pos, pos_ok, D, D_P: tl.constexpr, DP4A: tl.constexpr):
-    """A tile's int8 rows (BS, D_P) and their exact squared norms (BS,) int32, from what ``_prefetch``
-    loaded. With DP4A the norms take one ``dp4a`` per word (four codes squared and summed in one
-    instruction, not four byte extractions and multiply-adds) and the int8 rows are loaded again (the
-    bytes are in L1 by then); else the norms come from the rows."""
-    if DP4A:
-        q = _load_tile(seq_ptr, start, pos, pos_ok, D, D_P)
-        sq = tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $1, 0;", "=r,r", [pre], dtype=tl.int32,
-                                       is_pure=True, pack=1)  # fmt: skip
-    else:
-        q = pre
-        qi = q.to(tl.int32)
-        sq = qi * qi
-    return q, tl.sum(sq, axis=1)
-
-
-@triton.jit
 def _scores(q, c_hi, c_lo):
     """Cosine scores (BN, BS) fp32 of the candidates against int8 rows q (BS, D_P)."""
     qf = q.to(tl.float32)
@@ -189,20 +150,23 @@ def _scores(q, c_hi, c_lo):
 
 
 @triton.jit
-def _scan_scale(nrm2):
-    """Pass 1's scale of rows of squared norms nrm2: 1 / (I8_SCALE * the row norm); 0 for a zero row. The
-    hardware's approximate rsqrt (relative error < 2**-22.9) instead of a rounded division by a rounded
-    square root: pass 1 only bounds scores, and ``scan_error`` allows for it."""
+def _scan_scale(q):
+    """Pass 1's scale of int8 rows q (R, D_P): 1 / (I8_SCALE * the row norm), exact norms; 0 for a zero row.
+    The hardware's approximate rsqrt (relative error < 2**-22.9), not a rounded division by a rounded
+    square root (a slow-path branch per row block): pass 1 only bounds scores, and ``scan_error`` allows
+    for it."""
+    qi = q.to(tl.int32)
+    nrm2 = tl.sum(qi * qi, axis=1)  # exact
     return tl.where(nrm2 > 0, (1.0 / _I8_SCALE) * tl.math.rsqrt(tl.maximum(nrm2, 1).to(tl.float32)), 0.0)
 
 
 @triton.jit
-def _scores_i8(q, nrm2, pos_ok, c_a, c_b):
+def _scores_i8(q, pos_ok, c_a, c_b):
     """Pass 1's scores (BN, BS) fp32 of the candidates' int8 pieces against int8 rows q (BS, D_P),
     -inf at positions not ``pos_ok``: within ``scan_error(D)`` of the exact cosine. Integer dots on the
     codes as loaded, exact in int32. A zero score is +0.0, never -0.0: the int32 zero converts to +0.0 and
     the row's inverse norm is >= 0, so scores order as their ordered bits do."""
-    inv = _scan_scale(nrm2)
+    inv = _scan_scale(q)
     qt = tl.trans(q)
     # 254 a.q + b.q, exact in int32: |a_i| <= 127 |c_i| + 0.5 and sum |c_i| <= sqrt(D) for a unit c, so
     # |254 a.q| <= 254 * 127 * (127 sqrt(D) + D / 2) < 2**31 for D up to ~16,000 (_MAX_D is 4,096).
@@ -349,7 +313,6 @@ def _nn_scan_kernel(
     BS: tl.constexpr,
     C: tl.constexpr,
     D_P: tl.constexpr,
-    DP4A: tl.constexpr,
 ):
     """Pass 1: one chunk of every sequence a block of candidates uses, in tiles of BS positions; the
     max score of each of C column groups of the chunk (group j: the positions p_lo + j + C * r)."""
@@ -366,20 +329,19 @@ def _nn_scan_kernel(
     u = tl.min(users, axis=0)
     start, p0, p_hi = _user_chunk(starts_ptr, lengths_ptr, u, split, SPLITS, BS)
     u_a, start_a, p0_a, p_hi_a = _user_after(users, u, starts_ptr, lengths_ptr, split, SPLITS, BS)
-    pre = _prefetch(seq_ptr, start, p0 + ar, p0 + ar < p_hi, D, D_P, DP4A)
+    q = _load_tile(seq_ptr, start, p0 + ar, p0 + ar < p_hi, D, D_P)
     while u < _BIG_USER:
         last = p0 + BS >= p_hi  # this user's last tile (or an empty chunk: one step, all masked)
         u_n = tl.where(last, u_a, u)
         start_n = tl.where(last, start_a, start)
         p0_n = tl.where(last, p0_a, p0 + BS)
         p_hi_n = tl.where(last, p_hi_a, p_hi)
-        pre_n = _prefetch(seq_ptr, start_n, p0_n + ar, p0_n + ar < p_hi_n, D, D_P, DP4A)  # in flight meanwhile
-        q, nrm2 = _rows_and_norms2(pre, seq_ptr, start, p0 + ar, p0 + ar < p_hi, D, D_P, DP4A)
-        s = _scores_i8(q, nrm2, p0 + ar < p_hi, c_a, c_b)
+        q_n = _load_tile(seq_ptr, start_n, p0_n + ar, p0_n + ar < p_hi_n, D, D_P)  # in flight meanwhile
+        s = _scores_i8(q, p0 + ar < p_hi, c_a, c_b)
         gmax = _fold_tile(gmax, s, users == u, BN, BS, C)
         if last:
             u_a, start_a, p0_a, p_hi_a = _user_after(users, u_n, starts_ptr, lengths_ptr, split, SPLITS, BS)
-        u, start, p0, p_hi, pre = u_n, start_n, p0_n, p_hi_n, pre_n
+        u, start, p0, p_hi, q = u_n, start_n, p0_n, p_hi_n, q_n
     _store_group_maxima(gm_ptr, gmax, rows, row_ok, split, G_TOT, C)
 
 
@@ -394,13 +356,12 @@ def _slot(users, c_a, c_b, prev, starts_ptr, lengths_ptr, split, SPLITS, BS: tl.
 
 
 @triton.jit
-def _slot_step(seq_ptr, start, pos, p_hi, a, b, acc_a, acc_b, D, D_P: tl.constexpr, DP4A: tl.constexpr):
+def _slot_step(seq_ptr, start, pos, p_hi, a, b, acc_a, acc_b, D, D_P: tl.constexpr):
     """One slot of a packed step: its user's rows at ``pos`` (BS,) scored into the accumulators, and the
     rows' scales: the inverse norm (over ``I8_SCALE``), -1 where there is no row."""
     ok = pos < p_hi
-    q, nrm2 = _rows_and_norms2(_prefetch(seq_ptr, start, pos, ok, D, D_P, DP4A), seq_ptr, start, pos, ok, D, D_P,
-                               DP4A)  # fmt: skip
-    inv = _scan_scale(nrm2)
+    q = _load_tile(seq_ptr, start, pos, ok, D, D_P)
+    inv = _scan_scale(q)
     qt = tl.trans(q)
     acc_a = tl.dot(a, qt, acc=acc_a, out_dtype=tl.int32)
     acc_b = tl.dot(b, qt, acc=acc_b, out_dtype=tl.int32)
@@ -424,7 +385,6 @@ def _nn_scan_packed_kernel(
     C: tl.constexpr,
     U: tl.constexpr,
     D_P: tl.constexpr,
-    DP4A: tl.constexpr,
 ):
     """Pass 1 for blocks whose candidates belong to several users: ``_nn_scan_kernel``'s group maxima,
     U (2 or 4) users per step. A step scores the same BS positions of U users' chunks: each user's rows
@@ -458,12 +418,12 @@ def _nn_scan_packed_kernel(
         full_steps = tl.maximum(tail, 0) // BS  # steps before any used slot reaches the end of its chunk
         for t in range(0, tl.cdiv(span, BS)):
             off = t * BS + ar
-            inv0, acc_a, acc_b = _slot_step(seq_ptr, st0, lo0 + off, hi0, a0, b0, zero, zero, D, D_P, DP4A)
-            inv1, acc_a, acc_b = _slot_step(seq_ptr, st1, lo1 + off, hi1, a1, b1, acc_a, acc_b, D, D_P, DP4A)
+            inv0, acc_a, acc_b = _slot_step(seq_ptr, st0, lo0 + off, hi0, a0, b0, zero, zero, D, D_P)
+            inv1, acc_a, acc_b = _slot_step(seq_ptr, st1, lo1 + off, hi1, a1, b1, acc_a, acc_b, D, D_P)
             scale = tl.where(own1[:, None], inv1[None, :], inv0[None, :])
             if U == 4:
-                inv2, acc_a, acc_b = _slot_step(seq_ptr, st2, lo2 + off, hi2, a2, b2, acc_a, acc_b, D, D_P, DP4A)
-                inv3, acc_a, acc_b = _slot_step(seq_ptr, st3, lo3 + off, hi3, a3, b3, acc_a, acc_b, D, D_P, DP4A)
+                inv2, acc_a, acc_b = _slot_step(seq_ptr, st2, lo2 + off, hi2, a2, b2, acc_a, acc_b, D, D_P)
+                inv3, acc_a, acc_b = _slot_step(seq_ptr, st3, lo3 + off, hi3, a3, b3, acc_a, acc_b, D, D_P)
                 scale = tl.where(own2[:, None], inv2[None, :], tl.where(own3[:, None], inv3[None, :], scale))
             # Each candidate's pieces are zero in the other users' slots: the sums are its own exact dot.
             s = (acc_a * 254 + acc_b).to(tl.float32) * scale
@@ -867,12 +827,6 @@ def choose_config(
     return NNSelectConfig(block_n, k_pad, splits, scan_warps(block_n, tile), gps, tile, users_per_step=users)
 
 
-def use_dp4a(seq: torch.Tensor) -> bool:
-    """Whether pass 1 takes row norms by ``dp4a`` over 32-bit words of codes: compiled for a GPU (the
-    interpreter runs no PTX), rows of a multiple of 16 codes, 16-byte aligned (whole vectors per row)."""
-    return seq.is_cuda and not interpreting() and seq.shape[1] % 16 == 0 and seq.data_ptr() % 16 == 0
-
-
 def scan_warps(block_n: int, tile: int) -> int:
     """Warps of a launch whose score tile is (block_n, tile): 4, or 8 past 4,096 scores."""
     return 4 if block_n * tile <= 4096 else 8
@@ -1037,7 +991,6 @@ def _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, con
     bn, kp, splits, gps, cap = cfg.block_n, cfg.k_pad, cfg.splits, cfg.groups_per_split, cfg.capacity
     d_p = max(32, triton.next_power_of_2(d))  # integer dots (pass 1) take K in steps of 32
     g_tot = splits * gps
-    dp4a = use_dp4a(seq)
     if g_tot > MAX_GROUPS:  # the refine pass holds them in registers and counts them in 16 bits
         raise ValueError(f"config gives {g_tot} group maxima per candidate (splits x groups_per_split), "
                          f"more than {MAX_GROUPS}")  # fmt: skip
@@ -1051,12 +1004,12 @@ def _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, con
         if cfg.users_per_step == 1:
             _nn_scan_kernel[grid](
                 seq, starts, lengths, cand, cand_user, gm, n, d, g_tot, splits,
-                BN=bn, BS=cfg.tile, C=gps, D_P=d_p, DP4A=dp4a, num_warps=cfg.num_warps,
+                BN=bn, BS=cfg.tile, C=gps, D_P=d_p, num_warps=cfg.num_warps,
             )  # fmt: skip
         else:
             _nn_scan_packed_kernel[grid](
                 seq, starts, lengths, cand, cand_user, gm, n, d, g_tot, splits,
-                BN=bn, BS=cfg.tile, C=gps, U=cfg.users_per_step, D_P=d_p, DP4A=dp4a, num_warps=cfg.num_warps,
+                BN=bn, BS=cfg.tile, C=gps, U=cfg.users_per_step, D_P=d_p, num_warps=cfg.num_warps,
             )  # fmt: skip
         _nn_refine_kernel[(n,)](
             seq, starts, lengths, cand, cand_user, gm, gid, tau, cnt, keys, idx, scores, d, k, g_tot, splits, cap,

@@ -185,17 +185,13 @@ def nn_inputs(lengths, n_per_user, dtype=torch.float16, seed=0):
     return seq, starts, lens, cand, users
 
 
-def nn_check(inputs, k, config=None, idx_dtype=torch.int64, max_len=None, seq_dev=None):
-    """The GPU selection of ``inputs`` (CPU tensors; ``seq_dev``: the sequence's device copy, as laid out
-    there) against the float64 reference."""
+def nn_check(inputs, k, config=None, idx_dtype=torch.int64, max_len=None):
     seq, starts, lens, cand, users = inputs
     n = cand.shape[0]
     idx = torch.full((n, k), -7, dtype=idx_dtype, device=DEV)
     scores = torch.full((n, k), float("nan"), device=DEV)
-    dev_inputs = [t.to(DEV) for t in inputs]
-    if seq_dev is not None:
-        dev_inputs[0] = seq_dev
-    nn_mod.nn_select(*dev_inputs, k, idx_dtype=idx_dtype, config=config, out=(idx, scores), max_len=max_len)
+    nn_mod.nn_select(*(t.to(DEV) for t in inputs), k, idx_dtype=idx_dtype, config=config, out=(idx, scores),
+                     max_len=max_len)  # fmt: skip
     torch.cuda.synchronize()
     idx, scores = idx.cpu().long(), scores.cpu()
     ref_idx, ref_scores = nn_select_reference(seq, starts, lens, cand, users, k)
@@ -276,25 +272,6 @@ def test_nn_select_every_config(k, block_n, splits, small_cap, users):
     # Users of 4 candidates each (16 per block) after the long ones: blocks of several users.
     lengths, per_user = [3000, 700, 0, 5] + [1500, 2, 900, 64] * 3, [40, 9, 3, 2] + [4, 4, 3, 5] * 3
     nn_check(nn_inputs(lengths, per_user, seed=block_n + splits), k, cfg)
-
-
-@pytest.mark.parametrize("d,offset", [(32, 0), (32, 4), (24, 0), (20, 0)])
-def test_nn_select_row_norms_with_and_without_dp4a(d, offset):
-    """Pass 1 takes row norms by dp4a over 32-bit words only for rows of a multiple of 16 codes, 16-byte
-    aligned; codes 24 or 20 wide, or a sequence starting 4 bytes into its storage, take the byte path.
-    Both against the float64 reference, with every scan variant (1, 2 and 4 users per step)."""
-    g = torch.Generator().manual_seed(d + offset)
-    lengths, per_user = [3000, 700, 5, 1500] * 2, [4, 4, 3, 5] * 2
-    total = sum(lengths)
-    flat = torch.randint(-127, 128, (total * d + offset,), generator=g, dtype=torch.int8)
-    cand = torch.randn(sum(per_user), d, generator=g).half()
-    starts = torch.tensor([0] + torch.tensor(lengths).cumsum(0)[:-1].tolist())
-    users = torch.arange(len(lengths)).repeat_interleave(torch.tensor(per_user))
-    seq_dev = flat.to(DEV)[offset:].view(total, d)
-    assert nn_mod.use_dp4a(seq_dev) == (d % 16 == 0 and offset == 0)
-    inputs = (flat[offset:].view(total, d), starts, torch.tensor(lengths), cand, users)
-    for u in (1, 2, 4):
-        nn_check(inputs, 64, nn_mod.NNSelectConfig(16, 64, 7, 4, 32, 64, users_per_step=u), seq_dev=seq_dev)
 
 
 @pytest.mark.parametrize("distinct", [20, 400])
