@@ -152,9 +152,9 @@ def _scores(q, c_hi, c_lo):
 @triton.jit
 def _scan_scale(q):
     """Pass 1's scale of int8 rows q (R, D_P): 1 / (I8_SCALE * the row norm), exact norms; 0 for a zero row.
-    The hardware's approximate rsqrt (relative error < 2**-22.9), not a rounded division by a rounded
-    square root (a slow-path branch per row block): pass 1 only bounds scores, and ``scan_error`` allows
-    for it."""
+    The approximate rsqrt (CUDA's rsqrtf: within 2 ulp, a relative 2**-22), not a rounded division by a
+    rounded square root (a slow-path branch per row block): pass 1 only bounds scores, and ``scan_error``
+    allows for it."""
     qi = q.to(tl.int32)
     nrm2 = tl.sum(qi * qi, axis=1)  # exact
     return tl.where(nrm2 > 0, (1.0 / _I8_SCALE) * tl.math.rsqrt(tl.maximum(nrm2, 1).to(tl.float32)), 0.0)
@@ -836,8 +836,8 @@ def scan_error(d: int) -> float:
     """A bound of |pass 1's score - the exact cosine| for d-dimensional codes: each element of the
     candidate's int8 pieces is within 0.5 / (127 * 254) of it, so (Cauchy-Schwarz over the unit row)
     the dot is within that times sqrt(d); fp32 rounding of the sum and the scaling (the int32 sum's
-    conversion, the approximate rsqrt of the norm (< 2**-22.9), two products, each relative to a score
-    of magnitude <= 1) adds < 2**-20."""
+    conversion, the approximate rsqrt of the norm (2 ulp: 2**-22), two products, together < 2**-21
+    relative to a score of magnitude <= 1) adds < 2**-20."""
     return 0.5 / I8_SCALE * math.sqrt(d) + 2.0**-20
 
 

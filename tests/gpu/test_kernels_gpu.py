@@ -14,6 +14,8 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
+import triton  # noqa: E402
+
 import runtime.kernels.nn_select as nn_mod  # noqa: E402
 import runtime.kernels.skut as sk  # noqa: E402
 from transact.selection import nn_select_reference  # noqa: E402
@@ -272,6 +274,40 @@ def test_nn_select_every_config(k, block_n, splits, small_cap, users):
     # Users of 4 candidates each (16 per block) after the long ones: blocks of several users.
     lengths, per_user = [3000, 700, 0, 5] + [1500, 2, 900, 64] * 3, [40, 9, 3, 2] + [4, 4, 3, 5] * 3
     nn_check(nn_inputs(lengths, per_user, seed=block_n + splits), k, cfg)
+
+
+@pytest.mark.parametrize("users_per_step", [1, 2, 4])
+def test_nn_scan_group_maxima_within_scan_error(users_per_step):
+    """Pass 1 alone, as the hardware computes it (integer dots, the approximate rsqrt of the row norms):
+    every group maximum within ``scan_error`` of the float64 maximum of its rows, the bound the refine
+    pass's margins rest on. 8 users of 2,000 rows, 4 candidates each, 7 chunks of 32 groups."""
+    lengths, per_user = [2000, 1999, 1500, 2000, 64, 2000, 1000, 7], [4] * 8
+    seq, starts, lens, cand, users = nn_inputs(lengths, per_user, torch.float16, seed=users_per_step)
+    splits, groups, tile, n = 7, 32, 64, cand.shape[0]
+    gm = torch.full((n, splits * groups), 7, dtype=torch.int32, device=DEV)  # poison
+    args = [t.to(DEV) for t in (seq, starts, lens, cand, users)] + [gm, n, 32, gm.shape[1], splits]
+    grid = (triton.cdiv(n, 16), splits)
+    if users_per_step == 1:
+        nn_mod._nn_scan_kernel[grid](*args, BN=16, BS=tile, C=groups, D_P=32, num_warps=4)
+    else:
+        nn_mod._nn_scan_packed_kernel[grid](*args, BN=16, BS=tile, C=groups, U=users_per_step, D_P=32, num_warps=4)
+    bits = gm.cpu()
+    got = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).view(torch.float32).double()
+    c = cand.double() / cand.double().norm(dim=1, keepdim=True)
+    q = seq.double()
+    q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    for i in range(n):
+        u = int(users[i])
+        length = lengths[u]
+        s = q[int(starts[u]) : int(starts[u]) + length] @ c[i]
+        chunk = math.ceil(math.ceil(length / splits) / tile) * tile
+        for j in range(splits * groups):
+            sp, g = divmod(j, groups)
+            pos = torch.tensor(range(sp * chunk + g, min(length, (sp + 1) * chunk), groups), dtype=torch.long)
+            if pos.numel() == 0:
+                assert bits[i, j].item() == -(2**31), (i, j)
+            else:
+                assert abs(got[i, j].item() - s[pos].max().item()) <= nn_mod.scan_error(32), (i, j)
 
 
 @pytest.mark.parametrize("distinct", [20, 400])
