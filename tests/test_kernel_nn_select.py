@@ -546,14 +546,14 @@ def test_argument_checks(bad, match):
 
 
 def test_kernel_k_limit():
-    seq, starts, lens, cand, users = make_inputs([300], [2])
+    seq, starts, lens, cand, users = (t.to(DEV) for t in make_inputs([300], [2]))
     with pytest.raises(ValueError, match="k must be <= 256"):
         nn_mod.nn_select(seq, starts, lens, cand, users, 257)
 
 
 def test_kernel_d_limit():
     """Codes far wider than any model's are refused (pass 1's int32 dots are exact up to ~16,000)."""
-    seq, starts, lens, cand, users = make_inputs([40], [2], d=4097)
+    seq, starts, lens, cand, users = (t.to(DEV) for t in make_inputs([40], [2], d=4097))
     with pytest.raises(ValueError, match="D must be <= 4096"):
         nn_mod.nn_select(seq, starts, lens, cand, users, 4)
 
@@ -561,7 +561,7 @@ def test_kernel_d_limit():
 def test_kernel_group_limit():
     """A caller's configuration with more group maxima per candidate than the refine pass holds in
     registers and counts in 16 bits is refused before any launch."""
-    seq, starts, lens, cand, users = make_inputs([300], [2])
+    seq, starts, lens, cand, users = (t.to(DEV) for t in make_inputs([300], [2]))
     cfg = nn_mod.NNSelectConfig(16, 16, nn_mod.MAX_GROUPS // 64 + 1, 4, 64)
     with pytest.raises(ValueError, match=f"more than {nn_mod.MAX_GROUPS}"):
         nn_mod.nn_select(seq, starts, lens, cand, users, 4, config=cfg)
