@@ -46,9 +46,9 @@ _RUNTIME_ARGS = {  # the kernel's non-constexpr arguments, typed as a fp16 launc
 }  # fmt: skip
 
 
-def resources(shape: str, cfg: sk.SkutConfig, arch: int, pool: bool = False) -> dict[str, int]:
-    """Compile one (shape, config) for sm_<arch> and return cuobjdump's REG / STACK / SHARED counts;
-    all rows stored and no pool, or (``pool``) as the runtime launches it."""
+def build_skut(shape: str, cfg: sk.SkutConfig, arch: int, pool: bool = False):  # noqa: ANN201
+    """``_skut_kernel`` compiled for sm_<arch> at one (shape, config): all rows stored and no pool, or
+    (``pool``) as the runtime launches it."""
     s, d, h, f, causal = SHAPES[shape]
     d_p, dh_p, f_p = (max(16, triton.next_power_of_2(n)) for n in (d, d // h, f))
     const = dict(
@@ -59,8 +59,13 @@ def resources(shape: str, cfg: sk.SkutConfig, arch: int, pool: bool = False) -> 
     if pool:
         const.update(RUNTIME_POOL[shape])
     aligned = [n for n, t in _RUNTIME_ARGS.items() if t.startswith("*")] + (["S"] if s % 16 == 0 else [])
-    kernel = build_for_gpu(sk._skut_kernel, _RUNTIME_ARGS, const, aligned, arch=arch,
-                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
+    return build_for_gpu(sk._skut_kernel, _RUNTIME_ARGS, const, aligned, arch=arch,
+                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
+
+
+def resources(shape: str, cfg: sk.SkutConfig, arch: int, pool: bool = False) -> dict[str, int]:
+    """Compile one (shape, config) as ``build_skut`` and return cuobjdump's REG / STACK / SHARED counts."""
+    kernel = build_skut(shape, cfg, arch, pool)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as fh:

@@ -1,0 +1,56 @@
+"""benchmarks/kernel_sass.py: loops and source lines read from nvdisasm's text; a real build of the scan."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import kernel_sass  # noqa: E402
+
+# nvdisasm -c -gi's layout, by hand: a prologue, one loop of three instructions over two source lines (the
+# branch predicated), the exit and the trailing self-branch every kernel ends with.
+SASS = """
+        //## File "/src/k.py", line 10
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        //## File "/src/k.py", line 12 inlined at "/src/k.py", line 30
+        /*0010*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0020*/                   ISETP.GE.AND P0, PT, R2, 0x10, PT ;
+        //## File "/src/k.py", line 13
+        /*0030*/              @!P0 BRA `(.L_x_0) ;
+        /*0040*/                   EXIT ;
+.L_x_1:
+        /*0050*/                   BRA `(.L_x_1);
+"""
+
+
+def test_parse_and_loops_by_hand() -> None:
+    instrs, labels = kernel_sass.parse(SASS)
+    assert [i.addr for i in instrs] == [0x0, 0x10, 0x20, 0x30, 0x40, 0x50]
+    assert labels == {".L_x_0": 1, ".L_x_1": 5}
+    assert instrs[3].text == "BRA `(.L_x_0)" and instrs[3].opcode == "BRA"  # predicate dropped
+    assert [i.source for i in instrs[:4]] == ["k.py:10", "k.py:12", "k.py:12", "k.py:13"]  # innermost line
+    found = kernel_sass.loops(instrs, labels)
+    assert [(lp.first, lp.last) for lp in found] == [(1, 3), (5, 5)]
+    text = kernel_sass.report(SASS)
+    assert "6 instructions in all" in text
+    assert "loop 0x0010-0x0030: 3 instructions" in text
+    assert "0x0050" not in text  # the self-branch is no loop worth reporting
+    assert "      2  k.py:12" in text and "      1  k.py:13" in text
+
+
+@pytest.mark.slow
+def test_scan_builds_and_its_loop_is_found() -> None:
+    """The selection's scan built for sm_90 with the installed Triton: its step loop holds the integer
+    tensor-core dots and most of its instructions come from nn_select.py."""
+    kernel = kernel_sass.build_scan(users=1, block_n=16, tile=64, groups=32, arch=90)
+    instrs, labels = kernel_sass.parse(kernel_sass.disassemble(kernel.asm["cubin"]))
+    steps = [lp for lp in kernel_sass.loops(instrs, labels) if any("IMMA" in i.opcode for i in lp.body)]
+    assert steps, "no loop with integer tensor-core instructions"
+    body = steps[0].body
+    assert 50 < len(body) < 2000
+    assert sum(i.source.startswith("nn_select.py") for i in body) > len(body) // 2
