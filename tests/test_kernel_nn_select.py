@@ -288,11 +288,7 @@ def test_scan_group_maxima_of_users_sharing_a_block(users_per_step):
     n = cand.shape[0]
     gm = torch.full((n, splits * groups), 7, dtype=torch.int32, device=DEV)  # poison
     args = (seq, starts, lens, cand, users, gm, n, 32, gm.shape[1], splits)
-    if users_per_step == 1:
-        nn_mod._nn_scan_kernel[(1, splits)](*args, BN=16, BS=tile, C=groups, D_P=32, num_warps=4)
-    else:
-        nn_mod._nn_scan_packed_kernel[(1, splits)](*args, BN=16, BS=tile, C=groups, U=users_per_step, D_P=32,
-                                                    num_warps=4)  # fmt: skip
+    nn_mod.scan_launch(users_per_step, (1, splits))(*args, BN=16, BS=tile, C=groups, D_P=32, num_warps=4)
     s = full_scores(*(t.cpu() for t in inputs))
     err = nn_mod.scan_error(32)
     empty = 0

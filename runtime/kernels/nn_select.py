@@ -40,7 +40,9 @@ GPU design (no (N, S) score matrix ever reaches memory):
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -203,9 +205,15 @@ def _user_chunk(starts_ptr, lengths_ptr, u, split, SPLITS, BS: tl.constexpr):
 
 
 @triton.jit
+def _next_user(users, u):
+    """The smallest user of the block above u; _BIG_USER: none."""
+    return tl.min(tl.where(users > u, users, _BIG_USER), axis=0)
+
+
+@triton.jit
 def _user_after(users, u, starts_ptr, lengths_ptr, split, SPLITS, BS: tl.constexpr):
     """The smallest user of the block above u (_BIG_USER: none) and its chunk, as ``_user_chunk``."""
-    u_a = tl.min(tl.where(users > u, users, _BIG_USER), axis=0)
+    u_a = _next_user(users, u)
     start, p_lo, p_hi = _user_chunk(starts_ptr, lengths_ptr, u_a, split, SPLITS, BS)
     return u_a, start, p_lo, p_hi
 
@@ -349,8 +357,7 @@ def _nn_scan_kernel(
 def _slot(users, c_a, c_b, prev, starts_ptr, lengths_ptr, split, SPLITS, BS: tl.constexpr):
     """The smallest user of the block above ``prev`` (_BIG_USER: none), its chunk, which candidates are
     its own and their int8 pieces (zeros in the other candidates' rows)."""
-    u = tl.min(tl.where(users > prev, users, _BIG_USER), axis=0)
-    start, p_lo, p_hi = _user_chunk(starts_ptr, lengths_ptr, u, split, SPLITS, BS)
+    u, start, p_lo, p_hi = _user_after(users, prev, starts_ptr, lengths_ptr, split, SPLITS, BS)
     own = users == u
     return u, start, p_lo, p_hi, own, tl.where(own[:, None], c_a, 0), tl.where(own[:, None], c_b, 0)
 
@@ -397,7 +404,7 @@ def _nn_scan_packed_kernel(
     ar = tl.arange(0, BS)
     zero = tl.zeros((BN, BS), tl.int32)
     last = tl.full((), -1, tl.int32)
-    while tl.min(tl.where(users > last, users, _BIG_USER), axis=0) < _BIG_USER:
+    while _next_user(users, last) < _BIG_USER:
         # The next U users of the block (_BIG_USER: none; its chunk is empty and owns no candidate).
         u0, st0, lo0, hi0, own0, a0, b0 = _slot(users, c_a, c_b, last, starts_ptr, lengths_ptr, split, SPLITS, BS)
         u1, st1, lo1, hi1, own1, a1, b1 = _slot(users, c_a, c_b, u0, starts_ptr, lengths_ptr, split, SPLITS, BS)
@@ -819,12 +826,20 @@ def choose_config(
     # Users per scan step: as many as a block holds on average (a user's candidates adjacent), up to 4,
     # where chunks are long enough for the packed scan's pipelined steps (measured on H200, 64 users with 4
     # candidates each: at 100,000 rows, 25 steps per chunk, 0.135 ms against 0.154 with one user per step;
-    # at 16,000, 4 steps, 0.0385 against 0.0370).
+    # at 16,000, 4 steps, 0.0385 against 0.0370, and level once the scan's scale took rsqrt: 0.0358 / 0.0356).
     # (16-candidate blocks only: the block size the GPU tests run packed.)
     users = 4 if block_n >= 4 * per_user else 2 if block_n >= 2 * per_user else 1
     if block_n != 16 or triton.cdiv(triton.cdiv(max(avg_len, 1), splits), tile) < PACKED_MIN_STEPS:
         users = 1
     return NNSelectConfig(block_n, k_pad, splits, scan_warps(block_n, tile), gps, tile, users_per_step=users)
+
+
+def scan_launch(users_per_step: int, grid: tuple[int, int]) -> Callable[..., object]:
+    """Pass 1's launcher over ``grid``: ``_nn_scan_kernel`` for one user per step, else the packed scan with
+    ``U = users_per_step``; both take the same arguments otherwise."""
+    if users_per_step == 1:
+        return _nn_scan_kernel[grid]
+    return functools.partial(_nn_scan_packed_kernel[grid], U=users_per_step)
 
 
 def scan_warps(block_n: int, tile: int) -> int:
@@ -1000,17 +1015,10 @@ def _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, con
     cnt = torch.empty((n,), dtype=torch.int32, device=dev)
     keys = torch.empty((n, cap), dtype=torch.int64, device=dev)
     with mma_sync_only():
-        grid = (triton.cdiv(n, bn), splits)
-        if cfg.users_per_step == 1:
-            _nn_scan_kernel[grid](
-                seq, starts, lengths, cand, cand_user, gm, n, d, g_tot, splits,
-                BN=bn, BS=cfg.tile, C=gps, D_P=d_p, num_warps=cfg.num_warps,
-            )  # fmt: skip
-        else:
-            _nn_scan_packed_kernel[grid](
-                seq, starts, lengths, cand, cand_user, gm, n, d, g_tot, splits,
-                BN=bn, BS=cfg.tile, C=gps, U=cfg.users_per_step, D_P=d_p, num_warps=cfg.num_warps,
-            )  # fmt: skip
+        scan_launch(cfg.users_per_step, (triton.cdiv(n, bn), splits))(
+            seq, starts, lengths, cand, cand_user, gm, n, d, g_tot, splits,
+            BN=bn, BS=cfg.tile, C=gps, D_P=d_p, num_warps=cfg.num_warps,
+        )  # fmt: skip
         _nn_refine_kernel[(n,)](
             seq, starts, lengths, cand, cand_user, gm, gid, tau, cnt, keys, idx, scores, d, k, g_tot, splits, cap,
             margin(d), BS=cfg.tile, C=gps, G_P=triton.next_power_of_2(g_tot), R=REFINE_ROWS, STEPS=THRESHOLD_STEPS,

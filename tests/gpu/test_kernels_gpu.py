@@ -14,8 +14,6 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-import triton  # noqa: E402
-
 import runtime.kernels.nn_select as nn_mod  # noqa: E402
 import runtime.kernels.skut as sk  # noqa: E402
 from transact.selection import nn_select_reference  # noqa: E402
@@ -286,11 +284,7 @@ def test_nn_scan_group_maxima_within_scan_error(users_per_step):
     splits, groups, tile, n = 7, 32, 64, cand.shape[0]
     gm = torch.full((n, splits * groups), 7, dtype=torch.int32, device=DEV)  # poison
     args = [t.to(DEV) for t in (seq, starts, lens, cand, users)] + [gm, n, 32, gm.shape[1], splits]
-    grid = (triton.cdiv(n, 16), splits)
-    if users_per_step == 1:
-        nn_mod._nn_scan_kernel[grid](*args, BN=16, BS=tile, C=groups, D_P=32, num_warps=4)
-    else:
-        nn_mod._nn_scan_packed_kernel[grid](*args, BN=16, BS=tile, C=groups, U=users_per_step, D_P=32, num_warps=4)
+    nn_mod.scan_launch(users_per_step, (-(-n // 16), splits))(*args, BN=16, BS=tile, C=groups, D_P=32, num_warps=4)
     bits = gm.cpu()
     got = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).view(torch.float32).double()
     c = cand.double() / cand.double().norm(dim=1, keepdim=True)
