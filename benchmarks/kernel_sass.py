@@ -1,6 +1,7 @@
 """SASS instructions of the runtime's Triton kernels, per loop and per source line, for a GPU you do not have.
 
     PYTHONPATH=. python benchmarks/kernel_sass.py scan [--users 1|2|4] [--block-n 16] [--groups 32]
+    PYTHONPATH=. python benchmarks/kernel_sass.py refine [--groups 32] [--k 64]
     PYTHONPATH=. python benchmarks/kernel_sass.py skut [V2|V1] [--config 64/32/4] [--pool]
 
 Builds a kernel here as a launch would specialise it (``runtime.kernels.build``: 16-byte aligned pointers,
@@ -127,15 +128,35 @@ def build_scan(users: int, block_n: int, tile: int, groups: int, arch: int):  # 
     return build_for_gpu(fn, types, consts, aligned, arch=arch, num_warps=nn.scan_warps(block_n, tile))
 
 
+def build_refine(groups: int, splits: int, k: int, arch: int):  # noqa: ANN201
+    """The selection's refine pass (``_nn_refine_kernel``) for int8 codes of 32 and fp16 candidates, as
+    ``_nn_select_triton`` launches it for ``splits`` chunks of ``groups`` groups and top-``k``."""
+    from runtime.kernels import nn_select as nn
+    from runtime.kernels.build import build_for_gpu
+
+    types = {"seq_ptr": "*i8", "starts_ptr": "*i64", "lengths_ptr": "*i64", "cand_ptr": "*fp16", "user_ptr": "*i64",
+             "gm_ptr": "*i32", "gid_ptr": "*i32", "tau_ptr": "*i64", "cnt_ptr": "*i32", "keys_ptr": "*i64",
+             "idx_ptr": "*i64", "score_ptr": "*fp32", "D": "i32", "k": "i32", "G_TOT": "i32", "SPLITS": "i32",
+             "CAP": "i32", "margin": "fp32"}  # fmt: skip
+    g_tot = groups * splits
+    consts = {"BS": 64, "C": groups, "G_P": triton.next_power_of_2(g_tot), "R": nn.REFINE_ROWS,
+              "STEPS": nn.THRESHOLD_STEPS, "K": max(16, triton.next_power_of_2(k)), "CH": 64, "D_P": 32,
+              "M_BULK": 8}  # fmt: skip
+    aligned = [n for n, t in types.items() if t.startswith("*")] + ["D", "k", "G_TOT", "CAP"]
+    return build_for_gpu(nn._nn_refine_kernel, types, consts, aligned, arch=arch, num_warps=4)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kernel", choices=("scan", "skut"))
+    ap.add_argument("kernel", choices=("scan", "refine", "skut"))
     ap.add_argument("shape", nargs="?", default="V2", help="skut: V2 or V1 (kernel_registers.SHAPES)")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100 / H200)")
     ap.add_argument("--users", type=int, default=1, choices=(1, 2, 4), help="scan: users per step")
     ap.add_argument("--block-n", type=int, default=16, help="scan: candidates per block")
     ap.add_argument("--tile", type=int, default=64, help="scan: rows per tile")
-    ap.add_argument("--groups", type=int, default=32, help="scan: group maxima per chunk")
+    ap.add_argument("--groups", type=int, default=32, help="scan, refine: group maxima per chunk")
+    ap.add_argument("--splits", type=int, default=8, help="refine: chunks per sequence")
+    ap.add_argument("--k", type=int, default=64, help="refine: top k")
     ap.add_argument("--config", default="64/32/4", help="skut: block_m/block_n/warps")
     ap.add_argument("--pool", action="store_true", help="skut: as the runtime launches it (pool, out_linear)")
     ap.add_argument("--top", type=int, default=20, help="source lines listed per loop")
@@ -144,6 +165,9 @@ def main() -> None:
         kernel = build_scan(args.users, args.block_n, args.tile, args.groups, args.arch)
         what = f"scan, {args.users} user(s) per step, {args.block_n} candidates x {args.tile} rows"
         what += f", {args.groups} groups"
+    elif args.kernel == "refine":
+        kernel = build_refine(args.groups, args.splits, args.k, args.arch)
+        what = f"refine, {args.splits} x {args.groups} groups, top-{args.k}"
     else:
         from kernel_registers import build_skut
 

@@ -61,3 +61,18 @@ def test_scan_builds_and_its_loop_is_found() -> None:
     assert 50 < size < 2000
     from_nn = sum(int(line.split()[0]) for line in steps[0].splitlines()[1:-1] if "nn_select.py:" in line)
     assert from_nn > size // 2
+
+
+@pytest.mark.slow
+def test_refine_builds_and_its_rows_loop_is_found() -> None:
+    """``kernel_sass.py refine`` builds the refine pass for sm_90 (in its own process, as above); its rows
+    loop gathers int8 rows from global memory and converts them for the fp32 scores on the CUDA cores."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "kernel_sass.py"), "refine", "--top", "50"],
+                         capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "refine, 8 x 32 groups, top-64" in out.stdout
+    blocks = out.stdout.split("\nloop ")[1:]
+    rows = [b for b in blocks if "I2F.S8" in b.splitlines()[-1] and "LDG" in b.splitlines()[-1]]
+    assert rows, out.stdout
+    assert any("nn_select.py:" in line for line in rows[0].splitlines()[1:-1])

@@ -629,15 +629,22 @@ def _exact_scan(seq_ptr, start, length, cand_ptr, row, zero, idx_ptr, score_ptr,
 
 
 @triton.jit
-def _visited_rows(gid_base, f, n_rows, rows_per_group, chunk, length, C: tl.constexpr):
-    """Positions of the visited groups' rows ``f`` (flat: group slot f // rows_per_group, its row
-    f % rows_per_group) and whether each exists; group j of a chunk holds rows p_lo + j + C * r."""
-    in_range = f < n_rows
-    slot = f // rows_per_group
+def _visited_rows(gid_base, slot, r, in_range, chunk, length, C: tl.constexpr):
+    """Positions of row ``r`` of the visited groups in slots ``slot`` (of the packed group ids), and
+    whether each exists; group j of a chunk holds rows p_lo + j + C * r."""
     grp = tl.load(gid_base + slot, mask=in_range, other=0)
     split = grp // C
-    pos = split * chunk + grp % C + (f - slot * rows_per_group) * C
+    pos = split * chunk + grp % C + r * C
     return pos, in_range & (pos < tl.minimum(length, split * chunk + chunk))
+
+
+@triton.jit
+def _advance(slot, r, q_step, r_step, rows_per_group):
+    """(group slot, row) of flat row f + R from those of f, where R = q_step * rows_per_group + r_step:
+    an add and a carry instead of a division per step (r stays below rows_per_group)."""
+    r = r + r_step
+    wrap = r >= rows_per_group
+    return slot + q_step + wrap.to(tl.int32), tl.where(wrap, r - rows_per_group, r)
 
 
 @triton.jit
@@ -721,14 +728,19 @@ def _nn_refine_kernel(
     rest = n_rows % R
     short = (rest > 0) & (rest <= R // 4)
     n_full = tl.where(short, n_rows - rest, n_rows)
-    pos_s, ok_s = _visited_rows(gid_base, n_full + tl.arange(0, R // 4), n_rows, rows_per_group, chunk, length, C)
+    # Flat row f is row f % rows_per_group of visited group f // rows_per_group.
+    f_s = n_full + tl.arange(0, R // 4)
+    pos_s, ok_s = _visited_rows(gid_base, f_s // rows_per_group, f_s % rows_per_group, f_s < n_rows, chunk, length, C)
     q_s = _load_tile(seq_ptr, start, pos_s, ok_s, D, D_P)
     r = tl.arange(0, R)
     f0 = tl.zeros((), tl.int32)
-    pos, ok = _visited_rows(gid_base, r, n_full, rows_per_group, chunk, length, C)
+    slot, rr = r // rows_per_group, r % rows_per_group
+    q_step, r_step = R // rows_per_group, R % rows_per_group
+    pos, ok = _visited_rows(gid_base, slot, rr, r < n_full, chunk, length, C)
     q = _load_tile(seq_ptr, start, pos, ok, D, D_P)
     while f0 < n_full:
-        pos_n, ok_n = _visited_rows(gid_base, f0 + R + r, n_full, rows_per_group, chunk, length, C)
+        slot, rr = _advance(slot, rr, q_step, r_step, rows_per_group)
+        pos_n, ok_n = _visited_rows(gid_base, slot, rr, f0 + R + r < n_full, chunk, length, C)
         q_n = _load_tile(seq_ptr, start, pos_n, ok_n, D, D_P)  # in flight while this step is scored
         n_keys = _keep_keys(q, pos, ok, c, key_floor, keys_base, n_keys, CAP)
         f0 = tl.where(n_keys > CAP, n_full, f0 + R)  # a list past CAP goes to the exact scan: stop early
