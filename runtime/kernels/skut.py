@@ -309,7 +309,7 @@ def _attend(
         vt = tl.load(v_base + offs, cache_modifier=KV_CACHE)
     s = tl.dot(q, tl.trans(kt), input_precision=PREC)
     if MASKED:
-        s = tl.where(rn[None, :] < (lim - k0)[:, None], s, float("-inf"))  # k0 + rn < lim, with no 64-bit compare
+        s = tl.where(kidx[None, :] < lim[:, None], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
