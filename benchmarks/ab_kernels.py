@@ -7,8 +7,9 @@
 benchmarks/_ab/REV (ignored by git: take it along to the GPU machine; git is not needed there). ``run``
 checks each new result first (the transformer against the float64 reference, the selection bit for bit
 against the old kernel and against the reference on a few candidates), then times old and new
-alternately from CUDA graphs (median of the rounds' medians) at DESIGN §5's shapes and the runtime's,
-and prints one table with the ratios and the transformer's registers / spills.
+alternately from CUDA graphs (median of the rounds' medians; which one goes first alternates by round) at
+DESIGN §5's shapes and the runtime's, and prints one table with the ratios and the transformer's registers /
+spills.
 """
 
 from __future__ import annotations
@@ -68,14 +69,21 @@ def _load(folder: str, name: str):
     return mod
 
 
-def _alternate(old, new, rounds: int) -> tuple[float, float]:
-    from kernels import bench_graph
+def _alternate(old, new, rounds: int, timer=None) -> tuple[float, float]:
+    """Median time of ``old`` and of ``new`` over ``rounds`` rounds, each timed once per round by ``timer``
+    (default: ``kernels.bench_graph`` on a list of the one call). Which goes first alternates from round to
+    round: an A/A run of the same kernel as both, old always first, put old ahead by up to 2 %."""
+    if timer is None:
+        from kernels import bench_graph
 
-    o, n = [], []
-    for _ in range(rounds):
-        o.append(bench_graph([old]))
-        n.append(bench_graph([new]))
-    return statistics.median(o), statistics.median(n)
+        def timer(fn):  # noqa: ANN001, ANN202
+            return bench_graph([fn])
+
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(rounds):
+        for side in (0, 1) if i % 2 == 0 else (1, 0):
+            times[side].append(timer((old, new)[side]))
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def run_transformer(old_sk, rounds: int) -> None:
