@@ -14,7 +14,7 @@ from test_export_bundle import small_bundle_dir, small_config
 
 from export.bundle import ParityError, export_bundle, load_bundle
 from export.commands import parity_cmd
-from export.onnx_export import EXAMPLE_N, EXAMPLE_R, EXAMPLE_WIDTH, causal_block_ends, pad_batch
+from export.onnx_export import EXAMPLE_N, EXAMPLE_R, EXAMPLE_WIDTH, causal_block_ends, encoder_forward, pad_batch
 from export.parity import (
     PROB_ATOL,
     BackendOutput,
@@ -27,7 +27,7 @@ from transact.batch import INPUT_NAMES
 from transact.checkpoint import save_checkpoint
 from transact.config import ModelConfig
 from transact.data.random_batch import random_batch
-from transact.model import RankingModel
+from transact.model import RankingModel, transformer_fastpath
 
 EDGE_CASES = {"n1", "n7", "n256", "empty", "empty-mixed", "short", "rt-under-r", "max", "ties", "future"}
 
@@ -133,6 +133,31 @@ def test_causal_attention_runs_in_query_blocks(bundle) -> None:  # noqa: ANN001
     layers = small_config().transact.num_layer, small_config().transact_v2.num_layer
     assert len(nodes) - len(causal) == layers[0] and len(causal) == 4 * layers[1]
     assert sum(len(n.input) == 5 and n.input[4] != "" for n in causal) == 3 * layers[1]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("final_norm", [False, True])
+def test_encoder_forward_is_the_encoder_in_float64(causal: bool, final_norm: bool) -> None:
+    """The encoder the export traces (fused attention, rows 2-D outside it) against PyTorch's own module,
+    every parameter random (biases and LayerNorm parameters included), in float64."""
+    torch.manual_seed(3)
+    d, heads, layers = 24, 2, 3
+    layer = torch.nn.TransformerEncoderLayer(d, heads, dim_feedforward=20, dropout=0.0, batch_first=True)
+    enc = torch.nn.TransformerEncoder(layer, layers, norm=torch.nn.LayerNorm(d) if final_norm else None,
+                                      enable_nested_tensor=False).double().eval()  # fmt: skip
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    b, s = 5, 11
+    x = torch.randn(b, s, d, dtype=torch.float64)
+    pad = torch.rand(b, s) < 0.3
+    pad[:, 0] = False  # every sequence keeps a key
+    mask = torch.ones(s, s, dtype=torch.bool).triu(1) if causal else None
+    with torch.no_grad(), transformer_fastpath(False):
+        ref = enc(x, mask=mask, src_key_padding_mask=pad, is_causal=causal)
+        got = encoder_forward(enc, x, mask, pad, causal)
+    err = ((got - ref).norm() / ref.norm()).item()
+    assert err < 1e-12, err
 
 
 def test_causal_block_ends() -> None:
