@@ -112,38 +112,45 @@ def report(sass: str, top: int = 20) -> str:
     return "\n".join(out)
 
 
-def build_scan(users: int, block_n: int, tile: int, groups: int, arch: int):  # noqa: ANN201
-    """The selection's scan (``_nn_scan_kernel``, or the packed one for 2 / 4 users per step) for int8 codes
-    of 32 and fp16 candidates, specialised as the runtime's launches are."""
-    from runtime.kernels import nn_select as nn
+# The selection kernels' runtime arguments, typed as the runtime launches them (int8 codes of 32, fp16
+# candidates); each build takes those its kernel has.
+_SELECT_ARGS = {"seq_ptr": "*i8", "starts_ptr": "*i64", "lengths_ptr": "*i64", "cand_ptr": "*fp16",
+                "user_ptr": "*i64", "gm_ptr": "*i32", "gid_ptr": "*i32", "tau_ptr": "*i64", "cnt_ptr": "*i32",
+                "keys_ptr": "*i64", "idx_ptr": "*i64", "score_ptr": "*fp32", "N": "i32", "D": "i32", "k": "i32",
+                "G_TOT": "i32", "SPLITS": "i32", "CAP": "i32", "margin": "fp32"}  # fmt: skip
+_SELECT_ALIGNED = ("N", "D", "k", "G_TOT", "CAP")  # multiples of 16 at the runtime's shapes
+
+
+def _build_select(fn, consts: dict, arch: int, num_warps: int):  # noqa: ANN001, ANN202
+    """``fn`` (a selection kernel) built for sm_<arch> as ``_nn_select_triton`` launches it."""
     from runtime.kernels.build import build_for_gpu
 
-    types = {"seq_ptr": "*i8", "starts_ptr": "*i64", "lengths_ptr": "*i64", "cand_ptr": "*fp16", "user_ptr": "*i64",
-             "gm_ptr": "*i32", "N": "i32", "D": "i32", "G_TOT": "i32", "SPLITS": "i32"}  # fmt: skip
+    names = fn.arg_names
+    types = {n: t for n, t in _SELECT_ARGS.items() if n in names}
+    aligned = [n for n, t in types.items() if t.startswith("*") or n in _SELECT_ALIGNED]
+    return build_for_gpu(fn, types, consts, aligned, arch=arch, num_warps=num_warps)
+
+
+def build_scan(users: int, block_n: int, tile: int, groups: int, arch: int):  # noqa: ANN201
+    """The selection's scan (``_nn_scan_kernel``, or the packed one for 2 / 4 users per step)."""
+    from runtime.kernels import nn_select as nn
+
     consts = {"BN": block_n, "BS": tile, "C": groups, "D_P": 32}
     fn = nn._nn_scan_kernel
     if users > 1:
         fn, consts["U"] = nn._nn_scan_packed_kernel, users
-    aligned = [n for n, t in types.items() if t.startswith("*")] + ["N", "D", "G_TOT"]
-    return build_for_gpu(fn, types, consts, aligned, arch=arch, num_warps=nn.scan_warps(block_n, tile))
+    return _build_select(fn, consts, arch, nn.scan_warps(block_n, tile))
 
 
 def build_refine(groups: int, splits: int, k: int, arch: int):  # noqa: ANN201
-    """The selection's refine pass (``_nn_refine_kernel``) for int8 codes of 32 and fp16 candidates, as
-    ``_nn_select_triton`` launches it for ``splits`` chunks of ``groups`` groups and top-``k``."""
+    """The selection's refine pass (``_nn_refine_kernel``) for ``splits`` chunks of ``groups`` groups and
+    top-``k``."""
     from runtime.kernels import nn_select as nn
-    from runtime.kernels.build import build_for_gpu
 
-    types = {"seq_ptr": "*i8", "starts_ptr": "*i64", "lengths_ptr": "*i64", "cand_ptr": "*fp16", "user_ptr": "*i64",
-             "gm_ptr": "*i32", "gid_ptr": "*i32", "tau_ptr": "*i64", "cnt_ptr": "*i32", "keys_ptr": "*i64",
-             "idx_ptr": "*i64", "score_ptr": "*fp32", "D": "i32", "k": "i32", "G_TOT": "i32", "SPLITS": "i32",
-             "CAP": "i32", "margin": "fp32"}  # fmt: skip
-    g_tot = groups * splits
-    consts = {"BS": 64, "C": groups, "G_P": triton.next_power_of_2(g_tot), "R": nn.REFINE_ROWS,
+    consts = {"BS": 64, "C": groups, "G_P": triton.next_power_of_2(groups * splits), "R": nn.REFINE_ROWS,
               "STEPS": nn.THRESHOLD_STEPS, "K": max(16, triton.next_power_of_2(k)), "CH": 64, "D_P": 32,
               "M_BULK": 8}  # fmt: skip
-    aligned = [n for n, t in types.items() if t.startswith("*")] + ["D", "k", "G_TOT", "CAP"]
-    return build_for_gpu(nn._nn_refine_kernel, types, consts, aligned, arch=arch, num_warps=4)
+    return _build_select(nn._nn_refine_kernel, consts, arch, 4)
 
 
 def main() -> None:

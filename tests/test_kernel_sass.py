@@ -1,4 +1,4 @@
-"""benchmarks/kernel_sass.py: loops and source lines read from nvdisasm's text; a real build of the scan."""
+"""benchmarks/kernel_sass.py: loops and source lines read from nvdisasm's text; real builds of the selection."""
 
 from __future__ import annotations
 
@@ -45,18 +45,24 @@ def test_parse_and_loops_by_hand() -> None:
     assert "      2  k.py:12" in text and "      1  k.py:13" in text
 
 
+def run_tool(kernel: str) -> tuple[str, list[str]]:
+    """``kernel_sass.py KERNEL`` in its own process, without the interpreter the suite sets (it would wrap
+    the kernels); its output and the text of each loop it reports."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "kernel_sass.py"), kernel, "--top", "50"],
+                         capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout, out.stdout.split("\nloop ")[1:]
+
+
 @pytest.mark.slow
 def test_scan_builds_and_its_loop_is_found() -> None:
     """``kernel_sass.py scan`` builds the selection's scan for sm_90 with the installed Triton (in its own
     process: the other tests' interpreter must not wrap the kernels) and reports its step loop, which holds
     the integer tensor-core dots and whose instructions come mostly from nn_select.py."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, os.path.join(BENCH, "kernel_sass.py"), "scan", "--top", "50"],
-                         capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    blocks = out.stdout.split("\nloop ")[1:]
+    stdout, blocks = run_tool("scan")
     steps = [b for b in blocks if "IMMA" in b.splitlines()[-1]]  # the opcodes line
-    assert steps, out.stdout
+    assert steps, stdout
     size = int(steps[0].split(": ", 1)[1].split()[0])
     assert 50 < size < 2000
     from_nn = sum(int(line.split()[0]) for line in steps[0].splitlines()[1:-1] if "nn_select.py:" in line)
@@ -67,12 +73,8 @@ def test_scan_builds_and_its_loop_is_found() -> None:
 def test_refine_builds_and_its_rows_loop_is_found() -> None:
     """``kernel_sass.py refine`` builds the refine pass for sm_90 (in its own process, as above); its rows
     loop gathers int8 rows from global memory and converts them for the fp32 scores on the CUDA cores."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, os.path.join(BENCH, "kernel_sass.py"), "refine", "--top", "50"],
-                         capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "refine, 8 x 32 groups, top-64" in out.stdout
-    blocks = out.stdout.split("\nloop ")[1:]
+    stdout, blocks = run_tool("refine")
+    assert "refine, 8 x 32 groups, top-64" in stdout
     rows = [b for b in blocks if "I2F.S8" in b.splitlines()[-1] and "LDG" in b.splitlines()[-1]]
-    assert rows, out.stdout
+    assert rows, stdout
     assert any("nn_select.py:" in line for line in rows[0].splitlines()[1:-1])

@@ -728,9 +728,11 @@ def _nn_refine_kernel(
     rest = n_rows % R
     short = (rest > 0) & (rest <= R // 4)
     n_full = tl.where(short, n_rows - rest, n_rows)
-    # Flat row f is row f % rows_per_group of visited group f // rows_per_group.
+    # Flat row f is row f % rows_per_group of visited group slot f // rows_per_group: divided here, for the
+    # short tile and the first step; each later step advances the pair without a division.
     f_s = n_full + tl.arange(0, R // 4)
-    pos_s, ok_s = _visited_rows(gid_base, f_s // rows_per_group, f_s % rows_per_group, f_s < n_rows, chunk, length, C)
+    pos_s, ok_s = _visited_rows(gid_base, f_s // rows_per_group, f_s % rows_per_group, f_s < n_rows, chunk,
+                                length, C)  # fmt: skip
     q_s = _load_tile(seq_ptr, start, pos_s, ok_s, D, D_P)
     r = tl.arange(0, R)
     f0 = tl.zeros((), tl.int32)
