@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from . import interpreting, mma_sync_only, sm_count
+from . import interpreting, mma_sync_only, skut_wgmma, sm_count
 
 __all__ = [
     "PackedEncoder",
@@ -706,7 +706,9 @@ class SkutConfig:
 
     ``split`` (causal only): one program per (sequence, query tile) instead of one per sequence
     (``_skut_split_kernel``). ``max_regs``: a cap on registers per thread (ptxas spills the rest to
-    local memory), so that more programs share an SM; None lets ptxas take up to 255."""
+    local memory), so that more programs share an SM; None lets ptxas take up to 255. ``wgmma``: the
+    Hopper kernel of ``skut_wgmma`` instead (its own fixed tiles: 64 rows, 64 keys, 4 warps; the other
+    fields are not used), where ``skut_wgmma.supported`` says it runs."""
 
     block_m: int
     block_n: int
@@ -715,6 +717,7 @@ class SkutConfig:
     num_stages: int = 2
     split: bool = False
     max_regs: int | None = None
+    wgmma: bool = False
 
 
 LONG_SEQ = 2048  # sequences from this length on pipeline three K/V tiles deep (choose_config)
@@ -771,6 +774,8 @@ def choose_config(
         return SkutConfig(32, 16, 4, f_chunk)
     if causal and seq_len > 64 and batch is not None and device is not None and batch < sm_count(device):
         return SkutConfig(64, 32, 4, f_chunk, split=True)
+    if device is not None and skut_wgmma.supported(packed, seq_len, device):
+        return SkutConfig(64, 64, 4, f_chunk, wgmma=True)
     if seq_len >= LONG_SEQ:  # long key loops: a third stage of K/V in flight pays for its shared memory
         return SkutConfig(64, 64, 4, f_chunk, num_stages=3)
     if seq_len <= SHORT_SEQ:
@@ -872,6 +877,11 @@ def skut_forward(
             raise ValueError(f"config.{name} must be a power of two >= 16, got {v}")
     if cfg.split and not causal:
         raise ValueError("config.split needs causal=True (a tile then needs no later tile's keys)")
+    if cfg.wgmma and not skut_wgmma.supported(packed, s, dev):
+        raise ValueError("config.wgmma needs an sm_90 GPU, Gluon, d_model 64, one head, FFN <= 64, 16-bit "
+                         f"weights and 1 <= S <= {skut_wgmma.MAX_SEQ}")  # fmt: skip
+    if cfg.split and cfg.wgmma:
+        raise ValueError("config.split and config.wgmma are two different launches: set one")
     if cfg.max_regs is not None and not 32 <= cfg.max_regs <= 255:
         raise ValueError(f"config.max_regs must be in [32, 255] (registers per thread), got {cfg.max_regs}")
     if pool is None:
@@ -913,6 +923,13 @@ def skut_forward(
     )  # fmt: skip
     if cfg.max_regs is not None:  # (the interpreter ignores it)
         meta["maxnreg"] = cfg.max_regs
+    if cfg.wgmma:
+        compiled = skut_wgmma.launch(
+            x, act, mask, packed, pooled, *head[7:9], d_out, bool(causal), meta["HAS_MASK"], meta["POOL"],
+            meta["STORE_OUT"], meta["POOL_PROJ"], meta["O_P"],
+        )  # fmt: skip
+        _note_launch(compiled, cfg)
+        return pooled
     with mma_sync_only():
         if cfg.split:
             n_qt = triton.cdiv(s, cfg.block_m)

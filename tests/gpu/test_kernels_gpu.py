@@ -171,6 +171,91 @@ def test_skut_cuda_graph():
     assert ((out.double() - ref).norm() / ref.norm()).item() < 5e-3
 
 
+WGMMA = sk.SkutConfig(64, 64, 4, wgmma=True)
+needs_sm90 = pytest.mark.skipif(
+    torch.cuda.get_device_capability()[0] != 9, reason="the wgmma kernel is built for sm_90 (H100 / H200)"
+)
+
+
+@needs_sm90
+@pytest.mark.parametrize(
+    "s,f,n_layers,causal,masked,pool,proj,dtype,final",
+    [
+        (192, 32, 2, True, True, None, False, torch.float16, False),  # V2, every row out
+        (192, 32, 2, True, True, "max_valid", True, torch.float16, False),  # V2 as the runtime runs it
+        (1, 32, 2, True, True, None, False, torch.float16, False),
+        (70, 16, 1, False, True, "max_all", False, torch.float16, True),
+        (130, 64, 3, False, False, None, False, torch.bfloat16, False),
+        (256, 32, 2, True, True, "max_valid", False, torch.bfloat16, True),
+        (37, 32, 2, True, False, "max_all", True, torch.float16, False),
+        (100, 32, 2, False, True, "max_valid", False, torch.float16, False),
+    ],
+    ids=str,
+)
+def test_skut_wgmma(s, f, n_layers, causal, masked, pool, proj, dtype, final):
+    """The Gluon kernel against the float64 modules: tails, one token, fully masked sequences and rows,
+    every pool, Linear(pool), the final norm, 1-3 layers, FFN 16-64, fp16 and bf16; with a pool it also
+    hands back every row (``hidden``)."""
+    bsz, d = 6, 64
+    enc = sk.random_encoder(d, 1, f, n_layers, seed=s + f, final_norm=final).to(DEV)
+    packed = sk.pack_encoder_weights(enc, dtype)
+    x = torch.randn(bsz, s, d, device=DEV)
+    mask = make_mask(bsz, s, seed=s, dead=True).to(DEV) if masked else None
+    proj_w = (torch.randn(48, d, device=DEV) / 8, torch.randn(48, device=DEV)) if proj else None
+    shape = (bsz, s, d) if pool is None else (bsz, 48 if proj else d)
+    out = torch.full(shape, float("nan"), dtype=torch.float32 if proj else dtype, device=DEV)
+    hidden = torch.full((bsz, s, d), float("nan"), dtype=dtype, device=DEV) if pool else None
+    sk.skut_forward(x.to(dtype), packed, mask, causal, pool, config=WGMMA, out=out, hidden=hidden,
+                    pool_proj=proj_w)  # fmt: skip
+    assert sk.last_launch_info["config"].wgmma
+    rows = sk.skut_reference(enc, x, mask, causal, None)
+    ref = rows if pool is None else sk._pool(rows, mask, pool)
+    if proj:
+        ref = torch.nn.functional.linear(ref, proj_w[0].double(), proj_w[1].double())
+    rel_tol, abs_tol = SKUT_TOL[dtype]
+    for got, want in ((out, ref),) + (((hidden, rows),) if pool else ()):
+        got = got.double()
+        assert not torch.isnan(got).any()
+        assert ((got - want).norm() / want.norm()).item() <= rel_tol
+        assert (got - want).abs().max().item() <= abs_tol * (4 if proj else 1)
+    if masked and pool is None:
+        assert (out[-1] == 0).all()  # a sequence of padding only: every row sees no key
+
+
+@needs_sm90
+def test_skut_wgmma_chosen_and_captured():
+    """choose_config takes the wgmma kernel for V2 at B=256, and it replays from a CUDA graph."""
+    enc = make_encoder(64, 1, 32, 2).to(DEV)
+    packed = sk.pack_encoder_weights(enc, torch.float16)
+    bsz, s = 256, 192
+    assert sk.choose_config(s, packed, bsz, True, torch.device(DEV)).wgmma
+    assert not sk.choose_config(300, packed, bsz, True, torch.device(DEV)).wgmma  # K / V would not fit
+    assert not sk.choose_config(s, sk.pack_encoder_weights(enc, torch.float32), bsz, True, torch.device(DEV)).wgmma
+    x = torch.randn(bsz, s, 64, device=DEV).half()
+    mask = make_mask(bsz, s).to(DEV)
+    out = torch.empty(bsz, s, 64, dtype=torch.float16, device=DEV)
+    sk.skut_forward(x, packed, mask, True, None, out=out)  # compile outside capture
+    assert sk.last_launch_info["config"].wgmma
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        sk.skut_forward(x, packed, mask, True, None, out=out)
+    x.copy_(torch.randn_like(x))
+    mask.copy_(make_mask(bsz, s, seed=9).to(DEV))
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    ref = sk.skut_reference(enc, x.float(), mask, True, None)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 5e-3
+
+
+def test_skut_wgmma_refuses_what_it_cannot_run():
+    enc = make_encoder(96, 2, 32, 2).to(DEV)
+    packed = sk.pack_encoder_weights(enc, torch.float16)
+    x = torch.randn(2, 10, 96, device=DEV).half()
+    with pytest.raises(ValueError, match="wgmma"):
+        sk.skut_forward(x, packed, None, True, None, config=WGMMA)
+
+
 # ----------------------------------------------------------------------------------------------
 # nn_select
 # ----------------------------------------------------------------------------------------------
