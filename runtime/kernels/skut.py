@@ -926,7 +926,7 @@ def skut_forward(
     if cfg.wgmma:
         compiled = skut_wgmma.launch(
             x, act, mask, packed, pooled, *head[7:9], d_out, bool(causal), meta["HAS_MASK"], meta["POOL"],
-            meta["STORE_OUT"], meta["POOL_PROJ"], meta["O_P"], cfg.block_m, cfg.max_regs,
+            meta["STORE_OUT"], meta["POOL_PROJ"], meta["O_P"],
         )  # fmt: skip
         _note_launch(compiled, cfg)
         return pooled

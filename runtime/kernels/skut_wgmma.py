@@ -37,13 +37,13 @@ try:  # Gluon ships with Triton 3.5+; its barrier was renamed in 3.9
 except ImportError:  # pragma: no cover - older Triton
     HAVE_GLUON = False
 
+BLOCK = 64  # query rows per tile, keys per tile (one warp group: 4 warps x 16 rows)
 MAX_SEQ = 256  # K and V of the whole sequence stay in shared memory
 D_MODEL = 64
 MAX_FF = 64
-# Query rows per step -> registers per thread. 64 rows: three programs per SM (3 x 128 threads x 168 registers
-# fit in 65,536, and 3 x ~73 KB of shared memory in 228 KB; ptxas takes ~185-205 registers if left alone, for
-# the same code without spills). 128 rows: two programs of 8 warps per SM.
-BLOCK_ROWS = {64: 168, 128: 128}
+# Three programs per SM: 3 x 128 threads x 168 registers fit in 65,536, and 3 x ~73 KB of shared memory in
+# 228 KB (ptxas takes ~185-205 registers if left alone, for the same code without spills).
+MAX_REGS = 168
 
 
 def supported(packed, seq_len: int, device: torch.device) -> bool:  # noqa: ANN001 (PackedEncoder)
@@ -82,10 +82,9 @@ if HAVE_GLUON:
         x_ptr, act_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S, n_layers, D_OUT,
         D: gl.constexpr, F: gl.constexpr, NT: gl.constexpr, CAUSAL: gl.constexpr, HAS_MASK: gl.constexpr,
         POOL: gl.constexpr, FINAL_NORM: gl.constexpr, STORE_OUT: gl.constexpr, POOL_PROJ: gl.constexpr,
-        O_P: gl.constexpr, BM: gl.constexpr,
+        O_P: gl.constexpr,
     ):  # fmt: skip
-        NW: gl.constexpr = BM // 16  # warps: one warp group per 64 rows
-        BN: gl.constexpr = 64  # keys per step of the attention
+        BM: gl.constexpr = 64
         DT: gl.constexpr = w_ptr.dtype.element_ty
         LW: gl.constexpr = 4 * D * D + 2 * D * F
         LV: gl.constexpr = 9 * D + F + 2
@@ -95,12 +94,12 @@ if HAVE_GLUON:
         OFF_EPS: gl.constexpr = OFF_B2 + 3 * D
 
         # Accumulators: wgmma's layout over one warp group (each warp 16 rows); A operands in registers.
-        ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, D, 16])
-        ACC_F: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+        ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+        ACC_F: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, F, 16])  # fmt: skip
         A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2)
         A_OP_F: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC_F, k_width=2)
-        LOAD: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[NW, 1],
+        LOAD: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
                                               order=[1, 0])  # fmt: skip
         SH_DD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, D], DT)
         SH_DF: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, F], DT)
@@ -121,7 +120,7 @@ if HAVE_GLUON:
         rm = gl.arange(0, BM, layout=gl.SliceLayout(1, ACC))
         cd = gl.arange(0, D, layout=gl.SliceLayout(0, ACC))
         cf = gl.arange(0, F, layout=gl.SliceLayout(0, ACC_F))
-        kn = gl.arange(0, BN, layout=gl.SliceLayout(0, ACC))
+        kn = gl.arange(0, BM, layout=gl.SliceLayout(0, ACC))
         pooled = gl.full([D], float("-inf"), gl.float32, gl.SliceLayout(0, ACC))
 
         for layer in range(0, n_layers):
@@ -162,29 +161,26 @@ if HAVE_GLUON:
                 m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, ACC))
                 l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, ACC))
                 acc = gl.zeros([BM, D], gl.float32, ACC)
-                n_kb = t * 0 + NT  # blocks of BM keys this tile may see
+                n_kt = t * 0 + NT
                 if CAUSAL:
-                    n_kb = t + 1
-                for jb in range(0, n_kb):
-                    for h in gl.static_range(BM // BN):
-                        kidx = jb * BM + h * BN + kn
-                        if jb * BM + h * BN < S:
-                            k_t = k_s.index(jb).slice(h * BN, BN).permute((1, 0))
-                            s = warpgroup_mma(qa, k_t, gl.zeros([BM, BN], gl.float32, ACC), use_acc=False)
-                            key_ok = kidx < S
-                            if HAS_MASK:
-                                key_ok = key_ok & (gl.load(m_b + kidx, mask=key_ok, other=1) == 0)
-                            see = gl.expand_dims(key_ok, 0) & gl.expand_dims(rows >= 0, 1)
-                            if CAUSAL:
-                                see = see & (gl.expand_dims(kidx, 0) <= gl.expand_dims(rows, 1))
-                            s = gl.where(see, s, float("-inf"))
-                            m_new = gl.maximum(m_i, gl.max(s, axis=1))
-                            alpha = gl.exp2(m_i - m_new)
-                            p = gl.exp2(s - gl.expand_dims(m_new, 1))
-                            l_i = l_i * alpha + gl.sum(p, axis=1)
-                            acc = warpgroup_mma(gl.convert_layout(p.to(DT), A_OP), v_s.index(jb).slice(h * BN, BN),
-                                                acc * gl.expand_dims(alpha, 1))  # fmt: skip
-                            m_i = m_new
+                    n_kt = t + 1
+                for j in range(0, n_kt):
+                    s = warpgroup_mma(qa, k_s.index(j).permute((1, 0)), gl.zeros([BM, BM], gl.float32, ACC),
+                                      use_acc=False)  # fmt: skip
+                    kidx = j * BM + kn
+                    key_ok = kidx < S
+                    if HAS_MASK:
+                        key_ok = key_ok & (gl.load(m_b + kidx, mask=key_ok, other=1) == 0)
+                    see = gl.expand_dims(key_ok, 0) & gl.expand_dims(rows >= 0, 1)
+                    if CAUSAL:
+                        see = see & (gl.expand_dims(kidx, 0) <= gl.expand_dims(rows, 1))
+                    s = gl.where(see, s, float("-inf"))
+                    m_new = gl.maximum(m_i, gl.max(s, axis=1))
+                    alpha = gl.exp2(m_i - m_new)
+                    p = gl.exp2(s - gl.expand_dims(m_new, 1))
+                    l_i = l_i * alpha + gl.sum(p, axis=1)
+                    acc = warpgroup_mma(gl.convert_layout(p.to(DT), A_OP), v_s.index(j), acc * gl.expand_dims(alpha, 1))
+                    m_i = m_new
                 # A row that saw no valid key gets a zero attention output (never 0/0).
                 inv_l = gl.where(l_i > 0, 1.0 / gl.maximum(l_i, 1e-30), 0.0)
                 oa = gl.convert_layout((acc * gl.expand_dims(inv_l, 1)).to(DT), A_OP)
@@ -219,7 +215,7 @@ if HAVE_GLUON:
             if POOL_PROJ:
                 # Linear(pool), from the fp32 pool, on the CUDA cores (one product per sequence).
                 PL: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1],
-                                                    warps_per_cta=[1, NW], order=[0, 1])  # fmt: skip
+                                                    warps_per_cta=[1, 4], order=[0, 1])  # fmt: skip
                 pr = gl.convert_layout(pooled, gl.SliceLayout(1, PL))
                 ci = gl.arange(0, D, layout=gl.SliceLayout(1, PL))
                 co = gl.arange(0, O_P, layout=gl.SliceLayout(0, PL))
@@ -235,16 +231,13 @@ if HAVE_GLUON:
 def launch(
     x: torch.Tensor, act: torch.Tensor, mask: torch.Tensor, packed, pooled: torch.Tensor,  # noqa: ANN001
     pool_w: torch.Tensor, pool_b: torch.Tensor, d_out: int, causal: bool, has_mask: bool, pool: int,
-    store_out: bool, pool_proj: bool, o_p: int, block_m: int = 64, max_regs: int | None = None,
+    store_out: bool, pool_proj: bool, o_p: int,
 ):  # noqa: ANN201 (Triton's compiled kernel)
-    """One program per sequence; arguments as ``skut_forward`` prepares them for ``skut._skut_kernel``.
-    ``block_m``: 64 (one warp group) or 128 query rows per step (two warp groups, 8 warps)."""
-    if block_m not in BLOCK_ROWS:
-        raise ValueError(f"the wgmma kernel takes {sorted(BLOCK_ROWS)} query rows per step, not {block_m}")
+    """One program per sequence; arguments as ``skut_forward`` prepares them for ``skut._skut_kernel``."""
     bsz, s, _ = x.shape
     return _skut_wgmma_kernel[(bsz,)](
         x, act, mask, packed.mats, packed.vecs, pooled, pool_w, pool_b, s, packed.n_layers, d_out,
-        D=D_MODEL, F=packed.ff_pad, NT=-(-s // block_m), CAUSAL=causal, HAS_MASK=has_mask, POOL=pool,
-        FINAL_NORM=packed.final_norm, STORE_OUT=store_out, POOL_PROJ=pool_proj, O_P=o_p, BM=block_m,
-        num_warps=block_m // 16, maxnreg=max_regs or BLOCK_ROWS[block_m],
+        D=D_MODEL, F=packed.ff_pad, NT=-(-s // BLOCK), CAUSAL=causal, HAS_MASK=has_mask, POOL=pool,
+        FINAL_NORM=packed.final_norm, STORE_OUT=store_out, POOL_PROJ=pool_proj, O_P=o_p, num_warps=4,
+        maxnreg=MAX_REGS,
     )  # fmt: skip
