@@ -112,6 +112,9 @@ if HAVE_GLUON:
         w2_s = gl.allocate_shared_memory(DT, [F, D], SH_FD)
         k_s = gl.allocate_shared_memory(DT, [NT, BM, D], SH_KV)
         v_s = gl.allocate_shared_memory(DT, [NT, BM, D], SH_KV)
+        # Per key: 0 where it may be attended to, -inf where padded or past S; worked out once per sequence
+        # (a load of the padding mask in the key loop waited on global memory every step).
+        kb_s = gl.allocate_shared_memory(gl.float32, [NT, BM], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
 
         b = gl.program_id(0).to(gl.int64)
         x_b = x_ptr + b * S * D
@@ -122,6 +125,12 @@ if HAVE_GLUON:
         cf = gl.arange(0, F, layout=gl.SliceLayout(0, ACC_F))
         kn = gl.arange(0, BM, layout=gl.SliceLayout(0, ACC))
         pooled = gl.full([D], float("-inf"), gl.float32, gl.SliceLayout(0, ACC))
+        for t in range(0, NT):
+            kidx = t * BM + kn
+            key_ok = kidx < S
+            if HAS_MASK:
+                key_ok = key_ok & (gl.load(m_b + kidx, mask=key_ok, other=1) == 0)
+            kb_s.index(t).store(gl.where(key_ok, 0.0, float("-inf")))
 
         for layer in range(0, n_layers):
             w_l = w_ptr + layer * LW
@@ -167,14 +176,9 @@ if HAVE_GLUON:
                 for j in range(0, n_kt):
                     s = warpgroup_mma(qa, k_s.index(j).permute((1, 0)), gl.zeros([BM, BM], gl.float32, ACC),
                                       use_acc=False)  # fmt: skip
-                    kidx = j * BM + kn
-                    key_ok = kidx < S
-                    if HAS_MASK:
-                        key_ok = key_ok & (gl.load(m_b + kidx, mask=key_ok, other=1) == 0)
-                    see = gl.expand_dims(key_ok, 0) & gl.expand_dims(rows >= 0, 1)
+                    s = s + gl.expand_dims(kb_s.index(j).load(gl.SliceLayout(0, ACC)), 0)
                     if CAUSAL:
-                        see = see & (gl.expand_dims(kidx, 0) <= gl.expand_dims(rows, 1))
-                    s = gl.where(see, s, float("-inf"))
+                        s = gl.where(gl.expand_dims(j * BM + kn, 0) <= gl.expand_dims(rows, 1), s, float("-inf"))
                     m_new = gl.maximum(m_i, gl.max(s, axis=1))
                     alpha = gl.exp2(m_i - m_new)
                     p = gl.exp2(s - gl.expand_dims(m_new, 1))
