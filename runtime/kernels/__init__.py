@@ -2,6 +2,7 @@
 
 - ``nn_select``: fused int8 nearest-neighbour selection (dequant, normalise, score, top-k).
 - ``skut``: a whole ``nn.TransformerEncoder`` stack in one launch.
+- ``skut_wgmma``: the same for TransAct V2's shape on Hopper, in Gluon (warp-group MMA); ``skut`` picks it.
 - ``tokens``: the V2 and V1 transformer inputs (ordering, gathers, embeddings) in one launch each.
 - ``dense``: the ranking model's dense part (gathers + LayerNorm, cross layers, MLP, heads), fused.
 """

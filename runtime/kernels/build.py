@@ -30,7 +30,8 @@ def build_for_gpu(
     max_regs: int | None = None,
 ) -> Any:
     """Compile the @triton.jit ``fn`` for sm_<arch> as a launch would, with mma.sync only (or, with
-    ``mma_sync=False``, Hopper's wgmma allowed, as for the dense part's large products).
+    ``mma_sync=False``, Hopper's wgmma allowed, as for the dense part's large products). A @gluon.jit
+    kernel spells its own instructions: ``mma_sync`` does not apply to it.
 
     Args:
         fn: the kernel (a JITFunction: not under TRITON_INTERPRET=1).
@@ -45,9 +46,14 @@ def build_for_gpu(
     names = fn.arg_names
     sig = {n: types.get(n, "constexpr") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = ASTSource(fn, sig, {(names.index(k),): v for k, v in consts.items()}, attrs)
+    gluon = getattr(fn, "is_gluon", lambda: False)()
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    else:
+        source = ASTSource
+    src = source(fn, sig, {(names.index(k),): v for k, v in consts.items()}, attrs)
     options = {"num_warps": num_warps, "num_stages": num_stages}
     if max_regs is not None:
         options["maxnreg"] = max_regs
-    with mma_sync_only() if mma_sync else contextlib.nullcontext():
+    with mma_sync_only() if mma_sync and not gluon else contextlib.nullcontext():
         return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)

@@ -1,0 +1,32 @@
+"""The Gluon transformer kernel compiles for sm_90 with the installed Triton, within the budget its design
+assumes (three programs per SM). Gluon has no interpreter, so this is the CPU's only check of it; its
+results are checked against float64 on the GPU (tests/gpu/test_kernels_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtime.kernels import skut_wgmma as sw
+from runtime.kernels.build import build_for_gpu
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sw.HAVE_GLUON, reason="this Triton has no Gluon")]
+
+SM90_SHARED = 233_472  # bytes of shared memory per SM on H100 / H200 (228 KB)
+TYPES = {
+    "x_ptr": "*fp16", "act_ptr": "*fp16", "mask_ptr": "*u8", "w_ptr": "*fp16", "v_ptr": "*fp32",
+    "pool_ptr": "*fp32", "pw_ptr": "*fp32", "pb_ptr": "*fp32", "S": "i32", "n_layers": "i32", "D_OUT": "i32",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["rows", "runtime-pool"])
+def test_wgmma_kernel_builds_for_sm90(pooled: bool) -> None:
+    """V2 at S=192 as the benchmark (every row) and as the runtime (max over valid rows, then out_linear)
+    launch it: it compiles, keeps the register cap, and three programs' shared memory fits an SM."""
+    consts = dict(D=64, F=32, NT=3, CAUSAL=True, HAS_MASK=True, POOL=1 if pooled else 0, FINAL_NORM=False,
+                  STORE_OUT=not pooled, POOL_PROJ=pooled, O_P=64)  # fmt: skip
+    types = dict(TYPES, pool_ptr="*fp32" if pooled else "*fp16")
+    aligned = [n for n, t in types.items() if t.startswith("*")]
+    kernel = build_for_gpu(sw._skut_wgmma_kernel, types, consts, aligned, num_warps=4, max_regs=sw.MAX_REGS)
+    assert "wgmma.mma_async" in kernel.asm["ptx"]  # the tensor-core path it was written for
+    shared = kernel.metadata.shared
+    assert 0 < shared and 3 * (shared + 2048) <= SM90_SHARED, f"{shared} bytes of shared memory per program"
