@@ -18,15 +18,18 @@ TYPES = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("pooled", [False, True], ids=["rows", "runtime-pool"])
-def test_wgmma_kernel_builds_for_sm90(pooled: bool) -> None:
-    """V2 at S=192 as the benchmark (every row) and as the runtime (max over valid rows, then out_linear)
-    launch it: it compiles, keeps the register cap, and three programs' shared memory fits an SM."""
+@pytest.mark.parametrize("pooled,one_pass", [(False, False), (True, True)], ids=["rows-two-pass", "runtime-one-pass"])
+def test_wgmma_kernel_builds_for_sm90(pooled: bool, one_pass: bool) -> None:
+    """V2 at S=192 as the benchmark at B=2048 (every row, two passes per layer, registers capped) and as the
+    runtime at 256 candidates (max over valid rows, then out_linear; one pass) launch it: it compiles, and
+    three (two) programs' shared memory fits an SM."""
     consts = dict(D=64, F=32, NT=3, CAUSAL=True, HAS_MASK=True, POOL=1 if pooled else 0, FINAL_NORM=False,
-                  STORE_OUT=not pooled, POOL_PROJ=pooled, O_P=64)  # fmt: skip
+                  STORE_OUT=not pooled, POOL_PROJ=pooled, O_P=64, ONE_PASS=one_pass)  # fmt: skip
     types = dict(TYPES, pool_ptr="*fp32" if pooled else "*fp16")
     aligned = [n for n, t in types.items() if t.startswith("*")]
-    kernel = build_for_gpu(sw._skut_wgmma_kernel, types, consts, aligned, num_warps=4, max_regs=sw.MAX_REGS)
+    kernel = build_for_gpu(sw._skut_wgmma_kernel, types, consts, aligned, num_warps=4,
+                           max_regs=None if one_pass else sw.MAX_REGS)  # fmt: skip
     assert "wgmma.mma_async" in kernel.asm["ptx"]  # the tensor-core path it was written for
     shared = kernel.metadata.shared
-    assert 0 < shared and 3 * (shared + 2048) <= SM90_SHARED, f"{shared} bytes of shared memory per program"
+    per_sm = 2 if one_pass else 3
+    assert 0 < shared and per_sm * (shared + 2048) <= SM90_SHARED, f"{shared} bytes of shared memory per program"

@@ -8,14 +8,19 @@ busy; Triton 3.6's own wgmma lowering of that kernel miscomputes or faults at 64
 straight from shared memory, shared by the warp group, and its A operand (rows, Q, probabilities) from
 registers.
 
-One program (one warp group) per sequence, every layer. Per layer:
+One program (one warp group) per sequence, every layer. Per layer, in two passes:
 1. Wk and Wv into shared memory; K and V of every row into shared memory (the whole sequence: 64-row tiles,
-   rows past S as zeros). Padded keys stay in place and are masked (they are not compacted as in ``skut``).
+   rows past S as zeros). Padded keys stay in place, masked by a per-key bias worked out once per sequence
+   (they are not compacted as in ``skut``).
 2. Wq, Wo, W1, W2 into shared memory (reusing Wk's and Wv's buffers: 72 KB in all for 192 tokens, so three
    programs fit on an SM at 168 registers); then query tile after query tile: Q, flash attention over the
    key tiles it may see (online softmax in base 2; the scale and log2(e) are in Wq), out projection with
    the residual, LayerNorm, FFN, LayerNorm; the rows go to the activation buffer (the next layer's input)
    or, in the last layer, to the output and the pool.
+A causal stack of few enough sequences that two programs per SM hold them all (``launch``) runs one pass per
+layer instead: all six matrices stay in shared memory (~89 KB), and each tile computes its own K, V and Q
+together (three asynchronous products) before its attention, since a causal tile needs no later tile's keys;
+registers are not capped there.
 
 Same function and conventions as ``skut._skut_kernel`` (packed weights from ``pack_encoder_weights``,
 fully masked rows are zeros, pools, ``pool_proj``). Gluon has no interpreter: the kernel runs on sm_90
@@ -27,10 +32,12 @@ from __future__ import annotations
 
 import torch
 
+from . import sm_count
+
 try:  # Gluon ships with Triton 3.5+; its barrier was renamed in 3.9
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
     _cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
     HAVE_GLUON = True
@@ -82,7 +89,7 @@ if HAVE_GLUON:
         x_ptr, act_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S, n_layers, D_OUT,
         D: gl.constexpr, F: gl.constexpr, NT: gl.constexpr, CAUSAL: gl.constexpr, HAS_MASK: gl.constexpr,
         POOL: gl.constexpr, FINAL_NORM: gl.constexpr, STORE_OUT: gl.constexpr, POOL_PROJ: gl.constexpr,
-        O_P: gl.constexpr,
+        O_P: gl.constexpr, ONE_PASS: gl.constexpr,
     ):  # fmt: skip
         BM: gl.constexpr = 64
         DT: gl.constexpr = w_ptr.dtype.element_ty
@@ -110,6 +117,9 @@ if HAVE_GLUON:
         wb_s = gl.allocate_shared_memory(DT, [D, D], SH_DD)  # Wv, then Wo
         w1_s = gl.allocate_shared_memory(DT, [D, F], SH_DF)
         w2_s = gl.allocate_shared_memory(DT, [F, D], SH_FD)
+        if ONE_PASS:
+            wk_s = gl.allocate_shared_memory(DT, [D, D], SH_DD)
+            wv_s = gl.allocate_shared_memory(DT, [D, D], SH_DD)
         k_s = gl.allocate_shared_memory(DT, [NT, BM, D], SH_KV)
         v_s = gl.allocate_shared_memory(DT, [NT, BM, D], SH_KV)
         # Per key: 0 where it may be attended to, -inf where padded or past S; worked out once per sequence
@@ -139,20 +149,24 @@ if HAVE_GLUON:
             if layer == 0:
                 src_b = x_b
             _cta_barrier()  # every warp is done with the last layer's weights, K / V and rows
-            _stage(wa_s, w_l + D * D, D, D, LOAD)
-            _stage(wb_s, w_l + 2 * D * D, D, D, LOAD)
-            fence_async_shared()
-            _cta_barrier()
-            for t in range(0, NT):
-                rows = t * BM + rm
-                ok = gl.expand_dims(rows < S, 1) & gl.expand_dims(cd < D, 0)
-                xa = gl.convert_layout(gl.load(src_b + gl.expand_dims(rows, 1) * D + gl.expand_dims(cd, 0),
-                                               mask=ok, other=0.0), A_OP)  # fmt: skip
-                k = warpgroup_mma(xa, wa_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False)
-                v = warpgroup_mma(xa, wb_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False)
-                k_s.index(t).store(k.to(DT))
-                v_s.index(t).store(v.to(DT))
-            _cta_barrier()  # every warp is done with Wk and Wv
+            if ONE_PASS:
+                _stage(wk_s, w_l + D * D, D, D, LOAD)
+                _stage(wv_s, w_l + 2 * D * D, D, D, LOAD)
+            else:
+                _stage(wa_s, w_l + D * D, D, D, LOAD)
+                _stage(wb_s, w_l + 2 * D * D, D, D, LOAD)
+                fence_async_shared()
+                _cta_barrier()
+                for t in range(0, NT):
+                    rows = t * BM + rm
+                    ok = gl.expand_dims(rows < S, 1) & gl.expand_dims(cd < D, 0)
+                    xa = gl.convert_layout(gl.load(src_b + gl.expand_dims(rows, 1) * D + gl.expand_dims(cd, 0),
+                                                   mask=ok, other=0.0), A_OP)  # fmt: skip
+                    k = warpgroup_mma(xa, wa_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False)
+                    v = warpgroup_mma(xa, wb_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False)
+                    k_s.index(t).store(k.to(DT))
+                    v_s.index(t).store(v.to(DT))
+                _cta_barrier()  # every warp is done with Wk and Wv
             _stage(wa_s, w_l, D, D, LOAD)
             _stage(wb_s, w_l + 3 * D * D, D, D, LOAD)
             _stage(w1_s, w_l + 4 * D * D, D, F, LOAD)
@@ -165,7 +179,18 @@ if HAVE_GLUON:
                 ok = gl.expand_dims(rows < S, 1) & gl.expand_dims(cd < D, 0)
                 x_ptrs = src_b + gl.expand_dims(rows, 1) * D + gl.expand_dims(cd, 0)
                 xa = gl.convert_layout(gl.load(x_ptrs, mask=ok, other=0.0), A_OP)
-                q = warpgroup_mma(xa, wa_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False)
+                if ONE_PASS:
+                    # Causal: this tile's keys are the last it needs. Its K, V and Q are in flight together.
+                    k = warpgroup_mma(xa, wk_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False, is_async=True)
+                    v = warpgroup_mma(xa, wv_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False, is_async=True)
+                    q = warpgroup_mma(xa, wa_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False, is_async=True)
+                    k, v, q = warpgroup_mma_wait(num_outstanding=0, deps=[k, v, q])
+                    k_s.index(t).store(k.to(DT))
+                    v_s.index(t).store(v.to(DT))
+                    fence_async_shared()
+                    _cta_barrier()
+                else:
+                    q = warpgroup_mma(xa, wa_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False)
                 qa = gl.convert_layout((q + gl.expand_dims(gl.load(v_l + cd), 0)).to(DT), A_OP)
                 m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, ACC))
                 l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, ACC))
@@ -237,11 +262,15 @@ def launch(
     pool_w: torch.Tensor, pool_b: torch.Tensor, d_out: int, causal: bool, has_mask: bool, pool: int,
     store_out: bool, pool_proj: bool, o_p: int,
 ):  # noqa: ANN201 (Triton's compiled kernel)
-    """One program per sequence; arguments as ``skut_forward`` prepares them for ``skut._skut_kernel``."""
+    """One program per sequence; arguments as ``skut_forward`` prepares them for ``skut._skut_kernel``.
+
+    A causal stack of at most two sequences per SM takes the one-pass form (every program is resident at
+    once, so the capped form's third program per SM would not be used)."""
     bsz, s, _ = x.shape
+    one_pass = bool(causal) and bsz <= 2 * sm_count(x.device)
     return _skut_wgmma_kernel[(bsz,)](
         x, act, mask, packed.mats, packed.vecs, pooled, pool_w, pool_b, s, packed.n_layers, d_out,
         D=D_MODEL, F=packed.ff_pad, NT=-(-s // BLOCK), CAUSAL=causal, HAS_MASK=has_mask, POOL=pool,
-        FINAL_NORM=packed.final_norm, STORE_OUT=store_out, POOL_PROJ=pool_proj, O_P=o_p, num_warps=4,
-        maxnreg=MAX_REGS,
+        FINAL_NORM=packed.final_norm, STORE_OUT=store_out, POOL_PROJ=pool_proj, O_P=o_p, ONE_PASS=one_pass,
+        num_warps=4, maxnreg=None if one_pass else MAX_REGS,
     )  # fmt: skip

@@ -223,6 +223,22 @@ def test_skut_wgmma(s, f, n_layers, causal, masked, pool, proj, dtype, final):
 
 
 @needs_sm90
+@pytest.mark.parametrize("pool", [None, "max_valid"])
+def test_skut_wgmma_two_pass_causal(pool):
+    """More causal sequences than two per SM: the two-pass form (K / V of the whole sequence first)."""
+    bsz, s = 2 * torch.cuda.get_device_properties(0).multi_processor_count + 5, 70
+    enc = make_encoder(64, 1, 32, 2, seed=4).to(DEV)
+    packed = sk.pack_encoder_weights(enc, torch.float16)
+    x = torch.randn(bsz, s, 64, device=DEV)
+    mask = make_mask(bsz, s, seed=4, dead=True).to(DEV)
+    out = torch.full((bsz, s, 64) if pool is None else (bsz, 64), float("nan"), dtype=torch.float16, device=DEV)
+    sk.skut_forward(x.half(), packed, mask, True, pool, config=WGMMA, out=out)
+    ref = sk.skut_reference(enc, x, mask, True, pool)
+    assert not torch.isnan(out).any()
+    assert ((out.double() - ref).norm() / ref.norm()).item() <= SKUT_TOL[torch.float16][0]
+
+
+@needs_sm90
 def test_skut_wgmma_chosen_and_captured():
     """choose_config takes the wgmma kernel for V2 at B=256, and it replays from a CUDA graph."""
     enc = make_encoder(64, 1, 32, 2).to(DEV)
