@@ -3,9 +3,9 @@
     python benchmarks/ab_kernels.py prepare REV            # here, with git: writes benchmarks/_ab/REV/
     PYTHONPATH=. python benchmarks/ab_kernels.py run benchmarks/_ab/REV [--only transformer|selection]
 
-``prepare`` copies ``runtime/kernels/skut.py`` and ``nn_select.py`` as they were at REV into
-benchmarks/_ab/REV (ignored by git: take it along to the GPU machine; git is not needed there). ``run``
-checks each new result first (the transformer against the float64 reference, the selection bit for bit
+``prepare`` copies ``runtime/kernels/skut.py``, ``nn_select.py`` and ``skut_wgmma.py`` (where REV has it) as
+they were at REV into benchmarks/_ab/REV (ignored by git: take it along to the GPU machine; git is not needed
+there). ``run`` checks each new result first (the transformer against the float64 reference, the selection bit for bit
 against the old kernel and against the reference on a few candidates), then times old and new
 alternately from CUDA graphs (median of the rounds' medians; which one goes first alternates by round) at
 DESIGN §5's shapes and the runtime's, and prints one table with the ratios and the transformer's registers /
@@ -29,6 +29,7 @@ sys.path.insert(0, _ROOT)
 sys.path.append(_HERE)
 
 MODULES = ("skut", "nn_select")
+OPTIONAL = ("skut_wgmma",)  # copied where REV has it; the old skut then runs its own
 TRANSFORMER = [  # name, batch, seq, d_model, heads, causal, fraction of keys padded
     ("V2 B=256 S=192 d=64 causal", 256, 192, 64, 1, True, 0.25),
     ("V2 B=256 S=192, no padding", 256, 192, 64, 1, True, 0.0),
@@ -52,10 +53,14 @@ def prepare(rev: str) -> str:
     """Write the kernels as they were at ``rev`` into benchmarks/_ab/<rev>/ (imports made absolute)."""
     out = os.path.join(_HERE, "_ab", rev.replace("/", "_"))
     os.makedirs(out, exist_ok=True)
-    for name in MODULES:
-        src = subprocess.run(["git", "show", f"{rev}:runtime/kernels/{name}.py"], cwd=_ROOT, check=True,
-                             capture_output=True, text=True).stdout  # fmt: skip
-        src = src.replace("from . import ", "from runtime.kernels import ")
+    for name in MODULES + OPTIONAL:
+        shown = subprocess.run(["git", "show", f"{rev}:runtime/kernels/{name}.py"], cwd=_ROOT,
+                               capture_output=True, text=True)  # fmt: skip
+        if shown.returncode != 0:
+            if name in OPTIONAL:
+                continue
+            raise SystemExit(f"git show {rev}:runtime/kernels/{name}.py failed: {shown.stderr.strip()}")
+        src = shown.stdout.replace("from . import ", "from runtime.kernels import ")
         with open(os.path.join(out, f"{name}.py"), "w") as fh:
             fh.write(src)
     return out
@@ -67,6 +72,14 @@ def _load(folder: str, name: str):
     sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
     spec.loader.exec_module(mod)
     return mod
+
+
+def load_old_skut(folder: str):  # noqa: ANN201 (a module)
+    """The old ``skut``, running the old ``skut_wgmma`` where the folder has one (else today's)."""
+    old = _load(folder, "skut")
+    if os.path.exists(os.path.join(folder, "skut_wgmma.py")):
+        old.skut_wgmma = _load(folder, "skut_wgmma")
+    return old
 
 
 def _alternate(old, new, rounds: int, timer=None) -> tuple[float, float]:
@@ -156,7 +169,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}; "
           f"old: {os.path.basename(os.path.normpath(args.old))}\n")  # fmt: skip
     if args.only != "selection":
-        run_transformer(_load(args.old, "skut"), args.rounds)
+        run_transformer(load_old_skut(args.old), args.rounds)
     if args.only != "transformer":
         run_selection(_load(args.old, "nn_select"), args.rounds)
 
