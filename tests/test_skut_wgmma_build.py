@@ -52,3 +52,12 @@ def test_wgmma_kernel_builds_for_sm90(pooled: bool, one_pass: bool) -> None:
     assert built["wgmma"]  # the tensor-core path it was written for
     per_sm = 2 if one_pass else 3
     assert 0 < built["shared"] and per_sm * (built["shared"] + 2048) <= SM90_SHARED, built
+
+
+@pytest.mark.parametrize(
+    "version,ok",
+    [("3.6.0", True), ("3.7.1", True), ("3.9.0", True), ("3.9.1+gitabc", True), ("3.5.1", False),
+     ("3.10.0", False), ("4.0.0", False), ("main", False)],
+)  # fmt: skip
+def test_triton_versions_outside_the_built_range_take_the_mma_sync_kernel(version: str, ok: bool) -> None:
+    assert sw.triton_version_ok(version) is ok

@@ -888,8 +888,8 @@ def skut_forward(
     if cfg.split and not causal:
         raise ValueError("config.split needs causal=True (a tile then needs no later tile's keys)")
     if cfg.wgmma and not skut_wgmma.supported(packed, s, dev):
-        raise ValueError("config.wgmma needs an sm_90 GPU, Gluon, d_model 64, one head, FFN <= 64, 16-bit "
-                         f"weights and 1 <= S <= {skut_wgmma.MAX_SEQ}")  # fmt: skip
+        raise ValueError("config.wgmma needs an sm_90 GPU, Triton 3.6-3.9 (Gluon), d_model 64, one head, FFN <= 64, "
+                         f"16-bit weights and 1 <= S <= {skut_wgmma.MAX_SEQ}")  # fmt: skip
     if cfg.split and cfg.wgmma:
         raise ValueError("config.split and config.wgmma are two different launches: set one")
     if cfg.max_regs is not None and not 32 <= cfg.max_regs <= 255:

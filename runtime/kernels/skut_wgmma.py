@@ -31,6 +31,7 @@ only and is checked by tests/gpu against the float64 reference; ``skut_forward``
 from __future__ import annotations
 
 import torch
+import triton
 
 from . import sm_count
 
@@ -53,10 +54,26 @@ MAX_FF = 64
 MAX_REGS = 168
 
 
+# Triton releases this kernel was built with (3.6.0, 3.7.1, 3.8.0, 3.9.0; checked on the GPU with 3.6): Gluon is
+# experimental and its API moves between releases, so others take the mma.sync kernel.
+TRITON_RANGE = ((3, 6), (3, 9))
+
+
+def triton_version_ok(version: str) -> bool:
+    """Whether a Triton version string ("3.6.0", "3.9.0+git...") lies in ``TRITON_RANGE``."""
+    try:
+        major, minor = (int(p) for p in version.split(".")[:2])
+    except ValueError:
+        return False
+    return TRITON_RANGE[0] <= (major, minor) <= TRITON_RANGE[1]
+
+
 def supported(packed, seq_len: int, device: torch.device) -> bool:  # noqa: ANN001 (PackedEncoder)
-    """Whether this kernel can run the stack: Gluon available, an sm_90 GPU, V2's shape, 16-bit weights."""
+    """Whether this kernel can run the stack: Gluon in a Triton of ``TRITON_RANGE``, an sm_90 GPU, V2's shape,
+    16-bit weights."""
     return (
-        HAVE_GLUON and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+        HAVE_GLUON and triton_version_ok(triton.__version__)
+        and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
         and packed.d_model == D_MODEL and packed.n_heads == 1 and packed.ff_pad <= MAX_FF
         and packed.dtype in (torch.float16, torch.bfloat16) and 0 < seq_len <= MAX_SEQ
     )  # fmt: skip
