@@ -914,7 +914,8 @@ def skut_forward(
     f_chunk = min(cfg.f_chunk, packed.ff_pad)  # both powers of two, so it divides the padded width
     need = workspace_numel(bsz, s, packed, cfg)
     if workspace is None:
-        workspace = torch.empty(need, dtype=x.dtype, device=dev)
+        # The wgmma kernel keeps K / V in shared memory: no scratch to allocate on every call.
+        workspace = x if cfg.wgmma else torch.empty(need, dtype=x.dtype, device=dev)
     elif workspace.dtype != x.dtype or workspace.numel() < need or workspace.device != dev:
         raise ValueError(f"workspace must hold >= {need} elements of {x.dtype} on {dev}")
     x = x.contiguous()
