@@ -93,6 +93,17 @@ if HAVE_GLUON:
         return xc * gl.expand_dims(gl.rsqrt(var + eps), 1) * gl.expand_dims(w, 0) + gl.expand_dims(b, 0)
 
     @gluon.jit
+    def _tile(t, rm, cd, S, D: gl.constexpr, BM: gl.constexpr):
+        """Query tile t of a sequence: its rows, and which (row, column) pairs lie within S."""
+        rows = t * BM + rm
+        return rows, gl.expand_dims(rows < S, 1) & gl.expand_dims(cd < D, 0)
+
+    @gluon.jit
+    def _row_ptrs(base, rows, cd, D: gl.constexpr):
+        """Pointers to the (rows, cd) elements of a (S, D) row-major sequence at ``base``."""
+        return base + gl.expand_dims(rows, 1) * D + gl.expand_dims(cd, 0)
+
+    @gluon.jit
     def _stage(dst, src_ptr, R: gl.constexpr, C: gl.constexpr, LOAD: gl.constexpr):
         """A row-major (R, C) matrix from global memory into the shared buffer ``dst``."""
         r = gl.arange(0, R, layout=gl.SliceLayout(1, LOAD))
@@ -175,10 +186,8 @@ if HAVE_GLUON:
                 fence_async_shared()
                 _cta_barrier()
                 for t in range(0, NT):
-                    rows = t * BM + rm
-                    ok = gl.expand_dims(rows < S, 1) & gl.expand_dims(cd < D, 0)
-                    xa = gl.convert_layout(gl.load(src_b + gl.expand_dims(rows, 1) * D + gl.expand_dims(cd, 0),
-                                                   mask=ok, other=0.0), A_OP)  # fmt: skip
+                    rows, ok = _tile(t, rm, cd, S, D, BM)
+                    xa = gl.convert_layout(gl.load(_row_ptrs(src_b, rows, cd, D), mask=ok, other=0.0), A_OP)
                     k = warpgroup_mma(xa, wa_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False)
                     v = warpgroup_mma(xa, wb_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False)
                     k_s.index(t).store(k.to(DT))
@@ -192,9 +201,8 @@ if HAVE_GLUON:
             _cta_barrier()
 
             for t in range(0, NT):
-                rows = t * BM + rm
-                ok = gl.expand_dims(rows < S, 1) & gl.expand_dims(cd < D, 0)
-                x_ptrs = src_b + gl.expand_dims(rows, 1) * D + gl.expand_dims(cd, 0)
+                rows, ok = _tile(t, rm, cd, S, D, BM)
+                x_ptrs = _row_ptrs(src_b, rows, cd, D)
                 xa = gl.convert_layout(gl.load(x_ptrs, mask=ok, other=0.0), A_OP)
                 if ONE_PASS:
                     # Causal: this tile's keys are the last it needs. Its K, V and Q are in flight together.
@@ -241,14 +249,14 @@ if HAVE_GLUON:
                                    x + gl.expand_dims(gl.load(v_l + OFF_B2 + cd), 0))  # fmt: skip
                 y = _layernorm(ff, v_l, OFF_B2 + D, OFF_B2 + 2 * D, gl.load(v_l + OFF_EPS + 1), D, ACC)
                 if layer + 1 < n_layers:
-                    gl.store(a_b + gl.expand_dims(rows, 1) * D + gl.expand_dims(cd, 0), y.to(DT), mask=ok)
+                    gl.store(_row_ptrs(a_b, rows, cd, D), y.to(DT), mask=ok)
                 else:
                     if FINAL_NORM:
                         f_off = n_layers * LV  # the final norm's vectors follow every layer's
                         y = _layernorm(y, v_ptr, f_off, f_off + D, gl.load(v_ptr + f_off + 2 * D), D, ACC)
                     y = gl.where(gl.expand_dims(l_i > 0, 1), y, 0.0)  # rows that may see no key: zeros
                     if STORE_OUT:
-                        gl.store(a_b + gl.expand_dims(rows, 1) * D + gl.expand_dims(cd, 0), y.to(DT), mask=ok)
+                        gl.store(_row_ptrs(a_b, rows, cd, D), y.to(DT), mask=ok)
                     if POOL != 0:
                         keep = rows < S
                         if POOL == 1 and HAS_MASK:
