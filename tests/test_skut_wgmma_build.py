@@ -26,26 +26,33 @@ import json, sys
 from runtime.kernels import skut_wgmma as sw
 from runtime.kernels.build import build_for_gpu
 
-pooled, one_pass = json.loads(sys.argv[1])
-types = {"x_ptr": "*fp16", "act_ptr": "*fp16", "mask_ptr": "*u8", "w_ptr": "*fp16", "v_ptr": "*fp32",
-         "pool_ptr": "*fp32" if pooled else "*fp16", "pw_ptr": "*fp32", "pb_ptr": "*fp32", "S": "i32",
-         "n_layers": "i32", "D_OUT": "i32"}
+pooled, one_pass, split = json.loads(sys.argv[1])
+fn = sw._skut_wgmma_split_kernel if split else sw._skut_wgmma_kernel
+types = {"x_ptr": "*fp16", "act_ptr": "*fp16", "out_ptr": "*fp16", "kv_ptr": "*fp16", "mask_ptr": "*u8",
+         "w_ptr": "*fp16", "v_ptr": "*fp32", "pool_ptr": "*fp32" if pooled else "*fp16", "pw_ptr": "*fp32",
+         "pb_ptr": "*fp32", "sync_ptr": "*i32", "part_ptr": "*fp32", "S": "i32", "n_layers": "i32", "D_OUT": "i32"}
 consts = dict(D=64, F=32, NT=3, CAUSAL=True, HAS_MASK=True, POOL=1 if pooled else 0, FINAL_NORM=False,
               STORE_OUT=not pooled, POOL_PROJ=pooled, O_P=64, ONE_PASS=one_pass)
+types = {n: t for n, t in types.items() if n in fn.arg_names}
+consts = {n: v for n, v in consts.items() if n in fn.arg_names}
 aligned = [n for n, t in types.items() if t.startswith("*")]
-kernel = build_for_gpu(sw._skut_wgmma_kernel, types, consts, aligned, num_warps=4,
-                       max_regs=None if one_pass else sw.MAX_REGS)
+kernel = build_for_gpu(fn, types, consts, aligned, num_warps=4, max_regs=None if one_pass else sw.MAX_REGS)
 print(json.dumps({"wgmma": "wgmma.mma_async" in kernel.asm["ptx"], "shared": kernel.metadata.shared}))
 """
 
 
-@pytest.mark.parametrize("pooled,one_pass", [(False, False), (True, True)], ids=["rows-two-pass", "runtime-one-pass"])
-def test_wgmma_kernel_builds_for_sm90(pooled: bool, one_pass: bool) -> None:
-    """V2 at S=192 as the benchmark at B=2048 (every row, two passes per layer, registers capped) and as the
-    runtime at 256 candidates (max over valid rows, then out_linear; one pass) launch it: it compiles to
-    wgmma, and three (two) programs' shared memory fits an SM."""
+@pytest.mark.parametrize(
+    "pooled,one_pass,split",
+    [(False, False, False), (True, True, False), (True, True, True)],
+    ids=["rows-two-pass", "runtime-one-pass", "runtime-per-tile"],
+)
+def test_wgmma_kernel_builds_for_sm90(pooled: bool, one_pass: bool, split: bool) -> None:
+    """V2 at S=192 as the benchmark at B=2048 (every row, two passes per layer, registers capped), as the
+    runtime at 256 candidates (max over valid rows, then out_linear; one pass) and at 16 candidates (one
+    program per query tile) launch them: they compile to wgmma, and three (two) programs' shared memory fits
+    an SM."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", BUILD, json.dumps([pooled, one_pass])], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", BUILD, json.dumps([pooled, one_pass, split])], capture_output=True,
                          text=True, env=env, cwd=Path(__file__).parents[1], timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     built = json.loads(out.stdout.strip().splitlines()[-1])

@@ -28,8 +28,8 @@ per (sequence, query tile), each running every layer on its own rows and waiting
 earlier tiles' K/V (``_skut_split_kernel``), so a sequence's tiles run side by side.
 
 On H100 / H200 the V2 module's shape (d_model 64, one head, FFN up to 64, up to 256 tokens, 16-bit weights)
-takes ``skut_wgmma`` instead (where ``choose_config`` sets ``wgmma``): the per-sequence launch written in
-Gluon, whose products read weights, K and V from shared memory through Hopper's warp-group MMA.
+takes ``skut_wgmma`` instead (where ``choose_config`` sets ``wgmma``): both launches written again in Gluon,
+whose products read weights, K and V from shared memory through Hopper's warp-group MMA.
 
 Weights are packed once (``pack_encoder_weights``): transposed, zero-padded to powers of two, per head, matrices in the
 compute dtype and vectors in fp32, all in one contiguous byte buffer. Matrix products use
@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -711,8 +711,9 @@ class SkutConfig:
     ``split`` (causal only): one program per (sequence, query tile) instead of one per sequence
     (``_skut_split_kernel``). ``max_regs``: a cap on registers per thread (ptxas spills the rest to
     local memory), so that more programs share an SM; None lets ptxas take up to 255. ``wgmma``: the
-    Hopper kernel of ``skut_wgmma`` instead (its own fixed tiles: 64 rows, 64 keys, 4 warps; the other
-    fields are not used), where ``skut_wgmma.supported`` says it runs."""
+    Hopper kernels of ``skut_wgmma`` instead (their own fixed tiles: 64 rows, 64 keys, 4 warps; the other
+    fields but ``split`` are not used), where ``skut_wgmma.supported`` says they run; with ``split``, its
+    per-tile launch (a sequence of one tile takes the per-sequence launch, the same computation)."""
 
     block_m: int
     block_n: int
@@ -741,6 +742,11 @@ SWEEP_CONFIGS = (
 )
 
 
+# Where the wgmma kernels run: their per-tile launch below this fraction of the SMs' count in sequences (three
+# tiles of a 192-token sequence each take an SM; H200: ahead up to 80 sequences, level at 96).
+WGMMA_SPLIT_BELOW = 0.7
+
+
 def choose_config(
     seq_len: int,
     packed: PackedEncoder,
@@ -765,9 +771,10 @@ def choose_config(
     sequence: the split launch, one program per 64-row query tile, runs the tiles side by side (B=16
     S=192: 0.024 against 0.046 ms on H200; at B=256 and more the per-sequence launch stays faster, 0.065
     against 0.073 ms). From ``LONG_SEQ`` tokens on, three K/V stages instead of two (B=256 S=2048: 1.51
-    against 1.60 ms; they cost 2-10 % at S=1024, 512 and 192). Where ``skut_wgmma`` runs (sm_90, V2's shape), it
-    replaces the per-sequence launch (H200, S=192: B=256 ~1.12x, B=2048 1.29x faster than it) and
-    the split launch from 0.7 of the SMs' count on (96 sequences: 0.0353 against 0.0369 ms).
+    against 1.60 ms; they cost 2-10 % at S=1024, 512 and 192). Where ``skut_wgmma`` runs (sm_90, V2's shape), its
+    kernels replace both launches (H200, S=192: B=256 ~1.12x, B=2048 1.29x; B=16 1.08x), and its per-tile
+    launch gives way to its per-sequence one from ``WGMMA_SPLIT_BELOW`` of the SMs' count on (80 sequences:
+    0.0225 against 0.0311 ms; 96: 0.0320 against 0.0314).
     """
     f_chunk = 64  # clamped to the padded FFN width at launch
     if seq_len <= 16:
@@ -780,9 +787,10 @@ def choose_config(
         return SkutConfig(32, 16, 4, f_chunk)
     wgmma = device is not None and skut_wgmma.supported(packed, seq_len, device)
     if causal and seq_len > 64 and batch is not None and device is not None:
-        # Split below the SMs' count, or below 0.7 of it where the wgmma kernel runs (H200, S=192: the split
-        # launch ahead at 64 and 80 sequences, behind from 96 on: 0.0369 against 0.0353 ms).
-        if batch < sm_count(device) * (0.7 if wgmma else 1.0):
+        # Split below the SMs' count, or below WGMMA_SPLIT_BELOW of it where the wgmma kernels run.
+        if wgmma and batch < sm_count(device) * WGMMA_SPLIT_BELOW:
+            return SkutConfig(64, 64, 4, f_chunk, split=True, wgmma=True)
+        if not wgmma and batch < sm_count(device):
             return SkutConfig(64, 32, 4, f_chunk, split=True)
     if wgmma:
         return SkutConfig(64, 64, 4, f_chunk, wgmma=True)
@@ -890,8 +898,8 @@ def skut_forward(
     if cfg.wgmma and not skut_wgmma.supported(packed, s, dev):
         raise ValueError("config.wgmma needs an sm_90 GPU, Triton 3.6-3.9 (Gluon), d_model 64, one head, FFN <= 64, "
                          f"16-bit weights and 1 <= S <= {skut_wgmma.MAX_SEQ}")  # fmt: skip
-    if cfg.split and cfg.wgmma:
-        raise ValueError("config.split and config.wgmma are two different launches: set one")
+    if cfg.split and cfg.wgmma and s <= skut_wgmma.BLOCK:
+        cfg = replace(cfg, split=False)  # one query tile: the per-sequence launch is the same computation
     if cfg.max_regs is not None and not 32 <= cfg.max_regs <= 255:
         raise ValueError(f"config.max_regs must be in [32, 255] (registers per thread), got {cfg.max_regs}")
     if pool is None:
@@ -914,8 +922,8 @@ def skut_forward(
     f_chunk = min(cfg.f_chunk, packed.ff_pad)  # both powers of two, so it divides the padded width
     need = workspace_numel(bsz, s, packed, cfg)
     if workspace is None:
-        # The wgmma kernel keeps K / V in shared memory: no scratch to allocate on every call.
-        workspace = x if cfg.wgmma else torch.empty(need, dtype=x.dtype, device=dev)
+        # The per-sequence wgmma kernel keeps K / V in shared memory: no scratch to allocate on every call.
+        workspace = x if need == 0 else torch.empty(need, dtype=x.dtype, device=dev)
     elif workspace.dtype != x.dtype or workspace.numel() < need or workspace.device != dev:
         raise ValueError(f"workspace must hold >= {need} elements of {x.dtype} on {dev}")
     x = x.contiguous()
@@ -934,6 +942,13 @@ def skut_forward(
     )  # fmt: skip
     if cfg.max_regs is not None:  # (the interpreter ignores it)
         meta["maxnreg"] = cfg.max_regs
+    if cfg.wgmma and cfg.split:
+        compiled = skut_wgmma.launch_split(
+            x, act, workspace, mask, packed, pooled, *head[7:9], d_out, meta["HAS_MASK"], meta["POOL"],
+            meta["STORE_OUT"], meta["POOL_PROJ"], meta["O_P"],
+        )  # fmt: skip
+        _note_launch(compiled, cfg)
+        return pooled
     if cfg.wgmma:
         compiled = skut_wgmma.launch(
             x, act, mask, packed, pooled, *head[7:9], d_out, bool(causal), meta["HAS_MASK"], meta["POOL"],
@@ -971,12 +986,16 @@ def _note_launch(compiled, cfg) -> None:
 def workspace_numel(batch: int, seq_len: int, packed: PackedEncoder, config: SkutConfig | None = None) -> int:
     """Elements of scratch that ``skut_forward`` needs for a (batch, seq_len) input: with ``config``,
     as launched with it (one program per sequence alternates two layers' K/V and keeps each row's key
-    slot, a split launch keeps every layer's K/V); without, enough for either, whichever the call picks."""
+    slot, a split launch keeps every layer's K/V; the wgmma kernels need none per sequence, and every
+    layer's K/V in whole 64-row tiles split); without, enough for any, whichever the call picks."""
     kv_buf = batch * 2 * packed.n_heads * seq_len * packed.dh_pad  # one layer's K and V
     split = packed.n_layers * kv_buf
     per_seq = min(2, packed.n_layers) * kv_buf + _slot_numel(batch, seq_len, packed.dtype)
+    wgmma_split = skut_wgmma.split_workspace_numel(batch, seq_len, packed.n_layers)
     if config is None:
-        return max(split, per_seq)
+        return max(split, per_seq, wgmma_split if skut_wgmma.fits(packed, seq_len) else 0)
+    if config.wgmma:  # the per-sequence kernel keeps K / V in shared memory
+        return wgmma_split if config.split else 0
     return split if config.split else per_seq
 
 

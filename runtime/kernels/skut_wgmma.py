@@ -1,5 +1,6 @@
-"""The transformer stack on Hopper's warp-group MMA (wgmma), written in Gluon: ``skut``'s per-sequence launch
-for TransAct V2's shape (d_model 64, one head, FFN up to 64, sequences up to 256 tokens).
+"""The transformer stack on Hopper's warp-group MMA (wgmma), written in Gluon: ``skut``'s per-sequence and
+per-query-tile (split) launches for TransAct V2's shape (d_model 64, one head, FFN up to 64, sequences up to
+256 tokens).
 
 Why a second kernel: with mma.sync (``skut._skut_kernel``) every warp holds whole weight and K/V tiles as
 matrix operands in registers, which costs ~255 registers per thread and keeps the L1 / shared-memory pipe
@@ -22,10 +23,16 @@ layer instead: all six matrices stay in shared memory (~89 KB), and each tile co
 together (three asynchronous products) before its attention, since a causal tile needs no later tile's keys;
 registers are not capped there.
 
+A causal stack of fewer sequences than the GPU has SMs leaves most SMs idle with one program per sequence:
+``launch_split`` runs one program per (sequence, 64-row query tile) instead (``_skut_wgmma_split_kernel``),
+each keeping its rows in registers through every layer and waiting, per layer, only for the earlier tiles'
+K / V, which it reads back from L2 while attending to its own keys; its weights arrive by asynchronous copies
+issued one step ahead.
+
 Same function and conventions as ``skut._skut_kernel`` (packed weights from ``pack_encoder_weights``,
 fully masked rows are zeros, pools, ``pool_proj``). Gluon has no interpreter: the kernel runs on sm_90
 only and is checked by tests/gpu against the float64 reference; ``skut_forward`` uses it where
-``skut.choose_config`` sets ``wgmma``.
+``skut.choose_config`` sets ``wgmma`` (and ``split``: the per-tile launch).
 """
 
 from __future__ import annotations
@@ -38,9 +45,12 @@ from . import sm_count
 try:  # Gluon ships with Triton 3.5+; its barrier was renamed in 3.9
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
     _cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
+    # ... and its global-to-shared copy in 3.9 (from async_copy_global_to_shared to async_load)
+    _async_load = async_copy.async_load if hasattr(async_copy, "async_load") else async_copy.async_copy_global_to_shared
     HAVE_GLUON = True
 except ImportError:  # pragma: no cover - older Triton
     HAVE_GLUON = False
@@ -68,14 +78,20 @@ def triton_version_ok(version: str) -> bool:
     return TRITON_RANGE[0] <= (major, minor) <= TRITON_RANGE[1]
 
 
+def fits(packed, seq_len: int) -> bool:  # noqa: ANN001 (PackedEncoder)
+    """Whether the stack has the shape this kernel is written for: V2's (d_model 64, one head, FFN up to 64),
+    16-bit weights, 1 to ``MAX_SEQ`` tokens."""
+    return (
+        packed.d_model == D_MODEL and packed.n_heads == 1 and packed.ff_pad <= MAX_FF
+        and packed.dtype in (torch.float16, torch.bfloat16) and 0 < seq_len <= MAX_SEQ
+    )  # fmt: skip
+
+
 def supported(packed, seq_len: int, device: torch.device) -> bool:  # noqa: ANN001 (PackedEncoder)
-    """Whether this kernel can run the stack: Gluon in a Triton of ``TRITON_RANGE``, an sm_90 GPU, V2's shape,
-    16-bit weights."""
+    """Whether this kernel can run the stack: Gluon in a Triton of ``TRITON_RANGE``, an sm_90 GPU, ``fits``."""
     return (
         HAVE_GLUON and triton_version_ok(triton.__version__)
-        and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
-        and packed.d_model == D_MODEL and packed.n_heads == 1 and packed.ff_pad <= MAX_FF
-        and packed.dtype in (torch.float16, torch.bfloat16) and 0 < seq_len <= MAX_SEQ
+        and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9 and fits(packed, seq_len)
     )  # fmt: skip
 
 
@@ -110,6 +126,122 @@ if HAVE_GLUON:
         c = gl.arange(0, C, layout=gl.SliceLayout(0, LOAD))
         dst.store(gl.load(src_ptr + gl.expand_dims(r, 1) * C + gl.expand_dims(c, 0)))
 
+    @gluon.jit
+    def _copy_async(dst, src_ptr, R: gl.constexpr, C: gl.constexpr):
+        """Start copying a row-major (R, C) matrix (C of 16, 32 or 64) from global into shared memory in 16-byte
+        pieces, one per thread per step (``async_copy.commit_group`` / ``wait_group`` track it)."""
+        L: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (C // 8), C // 8],
+                                           warps_per_cta=[4, 1], order=[1, 0])  # fmt: skip
+        r = gl.arange(0, R, layout=gl.SliceLayout(1, L))
+        c = gl.arange(0, C, layout=gl.SliceLayout(0, L))
+        _async_load(dst, src_ptr + gl.expand_dims(r, 1) * C + gl.expand_dims(c, 0))
+
+    @gluon.jit
+    def _copy_qkv(wq_s, wk_s, wv_s, w_l, D: gl.constexpr):
+        """Start copying a layer's Wq, Wk, Wv (packed at ``w_l``) into shared memory."""
+        _copy_async(wq_s, w_l, D, D)
+        _copy_async(wk_s, w_l + D * D, D, D)
+        _copy_async(wv_s, w_l + 2 * D * D, D, D)
+
+    @gluon.jit
+    def _copy_out_ffn(wo_s, w1_s, w2_s, w_l, D: gl.constexpr, F: gl.constexpr):
+        """Start copying a layer's Wo, W1, W2 (packed at ``w_l``) into shared memory."""
+        _copy_async(wo_s, w_l + 3 * D * D, D, D)
+        _copy_async(w1_s, w_l + 4 * D * D, D, F)
+        _copy_async(w2_s, w_l + 4 * D * D + D * F, F, D)
+
+    @gluon.jit
+    def _attend(qa, rows, k_s, v_s, kb_s, j0, j1, m_i, l_i, acc, CAUSAL: gl.constexpr, ACC: gl.constexpr,
+                A_OP: gl.constexpr):  # fmt: skip
+        """Flash-attention steps of one query tile over key tiles j0 .. j1-1 of ``k_s`` / ``v_s`` (online softmax
+        in base 2): ``qa`` is Q with the scale and log2(e) folded in (an A operand), ``kb_s`` each key's bias
+        (0 or -inf). Carries the running max, sum and unnormalised output (start from ``_attend_start``)."""
+        BM: gl.constexpr = qa.shape[0]
+        kn = gl.arange(0, BM, layout=gl.SliceLayout(0, ACC))
+        for j in range(j0, j1):
+            s = warpgroup_mma(qa, k_s.index(j).permute((1, 0)), gl.zeros([BM, BM], gl.float32, ACC),
+                              use_acc=False)  # fmt: skip
+            s = s + gl.expand_dims(kb_s.index(j).load(gl.SliceLayout(0, ACC)), 0)
+            if CAUSAL:
+                s = gl.where(gl.expand_dims(j * BM + kn, 0) <= gl.expand_dims(rows, 1), s, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, axis=1))
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(s - gl.expand_dims(m_new, 1))
+            l_i = l_i * alpha + gl.sum(p, axis=1)
+            acc = warpgroup_mma(gl.convert_layout(p.to(qa.dtype), A_OP), v_s.index(j), acc * gl.expand_dims(alpha, 1))
+            m_i = m_new
+        return m_i, l_i, acc
+
+    @gluon.jit
+    def _attend_start(BM: gl.constexpr, D: gl.constexpr, ACC: gl.constexpr):
+        """Running max, sum and output of ``_attend`` before any key."""
+        m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, ACC))
+        l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, ACC))
+        return m_i, l_i, gl.zeros([BM, D], gl.float32, ACC)
+
+    @gluon.jit
+    def _attend_end(l_i, acc):
+        """The normalised output; a row that saw no valid key (sum 0) gets zeros, never 0/0."""
+        inv_l = gl.where(l_i > 0, 1.0 / gl.maximum(l_i, 1e-30), 0.0)
+        return acc * gl.expand_dims(inv_l, 1)
+
+    @gluon.jit
+    def _out_and_ffn(o, x, v_l, wo_s, w1_s, w2_s, D: gl.constexpr, F: gl.constexpr, ACC: gl.constexpr,
+                     ACC_F: gl.constexpr, A_OP: gl.constexpr, A_OP_F: gl.constexpr):  # fmt: skip
+        """The rest of a layer for one tile: out projection of the attention output ``o`` plus the residual
+        ``x`` (both fp32), LayerNorm, FFN with its residual, LayerNorm (layer vectors at ``v_l``)."""
+        DT: gl.constexpr = wo_s.dtype
+        BM: gl.constexpr = o.shape[0]
+        OFF_BO: gl.constexpr = 3 * D
+        OFF_B1: gl.constexpr = OFF_BO + 3 * D
+        OFF_B2: gl.constexpr = OFF_B1 + F
+        OFF_EPS: gl.constexpr = OFF_B2 + 3 * D
+        cd = gl.arange(0, D, layout=gl.SliceLayout(0, ACC))
+        cf = gl.arange(0, F, layout=gl.SliceLayout(0, ACC_F))
+        attn = warpgroup_mma(gl.convert_layout(o.to(DT), A_OP), wo_s, x + gl.expand_dims(gl.load(v_l + OFF_BO + cd), 0))
+        x = _layernorm(attn, v_l, OFF_BO + D, OFF_BO + 2 * D, gl.load(v_l + OFF_EPS), D, ACC)
+        hid = warpgroup_mma(gl.convert_layout(x.to(DT), A_OP_F), w1_s, gl.zeros([BM, F], gl.float32, ACC_F),
+                            use_acc=False)  # fmt: skip
+        hid = gl.maximum(hid + gl.expand_dims(gl.load(v_l + OFF_B1 + cf), 0), 0.0)
+        ff = warpgroup_mma(gl.convert_layout(hid.to(DT), A_OP), w2_s, x + gl.expand_dims(gl.load(v_l + OFF_B2 + cd), 0))
+        return _layernorm(ff, v_l, OFF_B2 + D, OFF_B2 + 2 * D, gl.load(v_l + OFF_EPS + 1), D, ACC)
+
+    @gluon.jit
+    def _last_rows(y, l_i, rows, ok, out_ptrs, m_b, S, v_ptr, f_off, D: gl.constexpr, FINAL_NORM: gl.constexpr,
+                   STORE_OUT: gl.constexpr, HAS_MASK: gl.constexpr, POOL: gl.constexpr, ACC: gl.constexpr):  # fmt: skip
+        """The last layer's rows of a tile: the final norm (its vectors at ``f_off``), zeros for rows that may
+        see no key, stored if STORE_OUT. Returns the rows with -inf where the pool does not keep them."""
+        if FINAL_NORM:
+            y = _layernorm(y, v_ptr, f_off, f_off + D, gl.load(v_ptr + f_off + 2 * D), D, ACC)
+        y = gl.where(gl.expand_dims(l_i > 0, 1), y, 0.0)  # rows that may see no key: zeros
+        if STORE_OUT:
+            gl.store(out_ptrs, y.to(out_ptrs.dtype.element_ty), mask=ok)
+        keep = rows < S
+        if POOL == 1 and HAS_MASK:
+            keep = keep & (gl.load(m_b + rows, mask=keep, other=1) == 0)
+        return gl.where(gl.expand_dims(keep, 1), y, float("-inf"))
+
+    @gluon.jit
+    def _store_pool(pooled, b, pool_ptr, pw_ptr, pb_ptr, D_OUT, D: gl.constexpr, O_P: gl.constexpr,
+                    POOL_PROJ: gl.constexpr, ACC: gl.constexpr):  # fmt: skip
+        """A sequence's pooled row (max; 0 where no row was kept), or Linear of it with POOL_PROJ."""
+        pooled = gl.where(pooled == float("-inf"), 0.0, pooled)  # no row kept at all -> 0
+        if POOL_PROJ:
+            # Linear(pool), from the fp32 pool, on the CUDA cores (one product per sequence).
+            PL: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1],
+                                                warps_per_cta=[1, 4], order=[0, 1])  # fmt: skip
+            pr = gl.convert_layout(pooled, gl.SliceLayout(1, PL))
+            ci = gl.arange(0, D, layout=gl.SliceLayout(1, PL))
+            co = gl.arange(0, O_P, layout=gl.SliceLayout(0, PL))
+            o_ok = co < D_OUT
+            wt = gl.load(pw_ptr + gl.expand_dims(co, 0) * D + gl.expand_dims(ci, 1),
+                         mask=gl.expand_dims(o_ok, 0) & gl.expand_dims(ci < D, 1), other=0.0)  # fmt: skip
+            y_o = gl.sum(gl.expand_dims(pr, 1) * wt, axis=0) + gl.load(pb_ptr + co, mask=o_ok, other=0.0)
+            gl.store(pool_ptr + b * D_OUT + co, y_o.to(pool_ptr.dtype.element_ty), mask=o_ok)
+        else:
+            cd = gl.arange(0, D, layout=gl.SliceLayout(0, ACC))
+            gl.store(pool_ptr + b * D + cd, pooled.to(pool_ptr.dtype.element_ty))
+
     # Integer arguments equal to 1 would be compiled as constants; with n_layers = 1, Triton 3.6 then fails
     # to lower the kernel (ConvertTritonGPUToLLVM). None of them gains from it.
     @gluon.jit(do_not_specialize=["S", "n_layers", "D_OUT"])
@@ -123,10 +255,6 @@ if HAVE_GLUON:
         DT: gl.constexpr = w_ptr.dtype.element_ty
         LW: gl.constexpr = 4 * D * D + 2 * D * F
         LV: gl.constexpr = 9 * D + F + 2
-        OFF_BO: gl.constexpr = 3 * D
-        OFF_B1: gl.constexpr = OFF_BO + 3 * D
-        OFF_B2: gl.constexpr = OFF_B1 + F
-        OFF_EPS: gl.constexpr = OFF_B2 + 3 * D
 
         # Accumulators: wgmma's layout over one warp group (each warp 16 rows); A operands in registers.
         ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
@@ -160,7 +288,6 @@ if HAVE_GLUON:
         m_b = mask_ptr + b * S
         rm = gl.arange(0, BM, layout=gl.SliceLayout(1, ACC))
         cd = gl.arange(0, D, layout=gl.SliceLayout(0, ACC))
-        cf = gl.arange(0, F, layout=gl.SliceLayout(0, ACC_F))
         kn = gl.arange(0, BM, layout=gl.SliceLayout(0, ACC))
         pooled = gl.full([D], float("-inf"), gl.float32, gl.SliceLayout(0, ACC))
         for t in range(0, NT):
@@ -217,70 +344,170 @@ if HAVE_GLUON:
                 else:
                     q = warpgroup_mma(xa, wa_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False)
                 qa = gl.convert_layout((q + gl.expand_dims(gl.load(v_l + cd), 0)).to(DT), A_OP)
-                m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, ACC))
-                l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, ACC))
-                acc = gl.zeros([BM, D], gl.float32, ACC)
                 n_kt = t * 0 + NT
                 if CAUSAL:
                     n_kt = t + 1
-                for j in range(0, n_kt):
-                    s = warpgroup_mma(qa, k_s.index(j).permute((1, 0)), gl.zeros([BM, BM], gl.float32, ACC),
-                                      use_acc=False)  # fmt: skip
-                    s = s + gl.expand_dims(kb_s.index(j).load(gl.SliceLayout(0, ACC)), 0)
-                    if CAUSAL:
-                        s = gl.where(gl.expand_dims(j * BM + kn, 0) <= gl.expand_dims(rows, 1), s, float("-inf"))
-                    m_new = gl.maximum(m_i, gl.max(s, axis=1))
-                    alpha = gl.exp2(m_i - m_new)
-                    p = gl.exp2(s - gl.expand_dims(m_new, 1))
-                    l_i = l_i * alpha + gl.sum(p, axis=1)
-                    acc = warpgroup_mma(gl.convert_layout(p.to(DT), A_OP), v_s.index(j), acc * gl.expand_dims(alpha, 1))
-                    m_i = m_new
-                # A row that saw no valid key gets a zero attention output (never 0/0).
-                inv_l = gl.where(l_i > 0, 1.0 / gl.maximum(l_i, 1e-30), 0.0)
-                oa = gl.convert_layout((acc * gl.expand_dims(inv_l, 1)).to(DT), A_OP)
+                m_i, l_i, acc = _attend_start(BM, D, ACC)
+                m_i, l_i, acc = _attend(qa, rows, k_s, v_s, kb_s, 0, n_kt, m_i, l_i, acc, CAUSAL, ACC, A_OP)
+                o = _attend_end(l_i, acc)
                 # The residual is read again here rather than kept in registers through the key loop.
                 x = gl.load(x_ptrs, mask=ok, other=0.0).to(gl.float32)
-                attn = warpgroup_mma(oa, wb_s, x + gl.expand_dims(gl.load(v_l + OFF_BO + cd), 0))
-                x = _layernorm(attn, v_l, OFF_BO + D, OFF_BO + 2 * D, gl.load(v_l + OFF_EPS), D, ACC)
-                hid = warpgroup_mma(gl.convert_layout(x.to(DT), A_OP_F), w1_s, gl.zeros([BM, F], gl.float32, ACC_F),
-                                    use_acc=False)  # fmt: skip
-                hid = gl.maximum(hid + gl.expand_dims(gl.load(v_l + OFF_B1 + cf), 0), 0.0)
-                ff = warpgroup_mma(gl.convert_layout(hid.to(DT), A_OP), w2_s,
-                                   x + gl.expand_dims(gl.load(v_l + OFF_B2 + cd), 0))  # fmt: skip
-                y = _layernorm(ff, v_l, OFF_B2 + D, OFF_B2 + 2 * D, gl.load(v_l + OFF_EPS + 1), D, ACC)
+                y = _out_and_ffn(o, x, v_l, wb_s, w1_s, w2_s, D, F, ACC, ACC_F, A_OP, A_OP_F)
                 if layer + 1 < n_layers:
                     gl.store(_row_ptrs(a_b, rows, cd, D), y.to(DT), mask=ok)
                 else:
-                    if FINAL_NORM:
-                        f_off = n_layers * LV  # the final norm's vectors follow every layer's
-                        y = _layernorm(y, v_ptr, f_off, f_off + D, gl.load(v_ptr + f_off + 2 * D), D, ACC)
-                    y = gl.where(gl.expand_dims(l_i > 0, 1), y, 0.0)  # rows that may see no key: zeros
-                    if STORE_OUT:
-                        gl.store(_row_ptrs(a_b, rows, cd, D), y.to(DT), mask=ok)
+                    y = _last_rows(y, l_i, rows, ok, _row_ptrs(a_b, rows, cd, D), m_b, S, v_ptr, n_layers * LV,
+                                   D, FINAL_NORM, STORE_OUT, HAS_MASK, POOL, ACC)  # fmt: skip
                     if POOL != 0:
-                        keep = rows < S
-                        if POOL == 1 and HAS_MASK:
-                            keep = keep & (gl.load(m_b + rows, mask=keep, other=1) == 0)
-                        tile_max = gl.max(gl.where(gl.expand_dims(keep, 1), y, float("-inf")), axis=0)
-                        pooled = gl.maximum(pooled, tile_max)
+                        pooled = gl.maximum(pooled, gl.max(y, axis=0))
 
         if POOL != 0:
-            pooled = gl.where(pooled == float("-inf"), 0.0, pooled)  # no row kept at all -> 0
-            if POOL_PROJ:
-                # Linear(pool), from the fp32 pool, on the CUDA cores (one product per sequence).
-                PL: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1],
-                                                    warps_per_cta=[1, 4], order=[0, 1])  # fmt: skip
-                pr = gl.convert_layout(pooled, gl.SliceLayout(1, PL))
-                ci = gl.arange(0, D, layout=gl.SliceLayout(1, PL))
-                co = gl.arange(0, O_P, layout=gl.SliceLayout(0, PL))
-                o_ok = co < D_OUT
-                wt = gl.load(pw_ptr + gl.expand_dims(co, 0) * D + gl.expand_dims(ci, 1),
-                             mask=gl.expand_dims(o_ok, 0) & gl.expand_dims(ci < D, 1), other=0.0)  # fmt: skip
-                y_o = gl.sum(gl.expand_dims(pr, 1) * wt, axis=0) + gl.load(pb_ptr + co, mask=o_ok, other=0.0)
-                gl.store(pool_ptr + b * D_OUT + co, y_o.to(pool_ptr.dtype.element_ty), mask=o_ok)
-            else:
-                gl.store(pool_ptr + b * D + cd, pooled.to(pool_ptr.dtype.element_ty))
+            _store_pool(pooled, b, pool_ptr, pw_ptr, pb_ptr, D_OUT, D, O_P, POOL_PROJ, ACC)
 
+
+    @gluon.jit
+    def _wait_and_count(cnt_ptr, n_before):
+        """Wait until ``n_before`` programs have counted (``*cnt_ptr == n_before``), then count this one.
+
+        Stores of this program before the call are visible to any program that reads the count after it (a
+        CTA barrier, then a release); after the call this program sees the stores of the programs counted
+        before it (an acquire, then a CTA barrier)."""
+        _cta_barrier()
+        c = gl.atomic_add(cnt_ptr, 0, sem="acquire")
+        while c < n_before:
+            c = gl.atomic_add(cnt_ptr, 0, sem="acquire")
+        _cta_barrier()
+        gl.atomic_add(cnt_ptr, 1, sem="release")
+
+    @gluon.jit(do_not_specialize=["S", "n_layers", "D_OUT"])
+    def _skut_wgmma_split_kernel(
+        x_ptr, out_ptr, kv_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, sync_ptr, part_ptr, S, n_layers,
+        D_OUT, D: gl.constexpr, F: gl.constexpr, NT: gl.constexpr, HAS_MASK: gl.constexpr, POOL: gl.constexpr,
+        FINAL_NORM: gl.constexpr, STORE_OUT: gl.constexpr, POOL_PROJ: gl.constexpr, O_P: gl.constexpr,
+    ):  # fmt: skip
+        """Causal only: one program (one warp group) per (sequence, 64-row query tile), each running every
+        layer on its own rows, kept in registers between layers. Per layer it computes its rows' K, V and Q
+        together, hands K and V to the later tiles of its sequence through ``kv_ptr`` (one slot per layer, so
+        no tile waits to reuse one), waits only for the earlier tiles' K and V of this layer and copies them
+        into shared memory (asynchronously, from L2), then attends, projects and runs the FFN. A sequence's
+        tiles thus run side by side on several SMs, each on a chain of one tile per layer.
+
+        Programs take their (sequence, tile) from a ticket counter, not from the program id: a program waits
+        only on programs that took a ticket before it, which are running or done, whatever order the GPU
+        starts programs in. ``sync_ptr``: the ticket counter, then per sequence one counter per layer and a
+        count of finished tiles, all zero at launch. With a pool, each tile leaves its max in ``part_ptr``
+        and the last tile of a sequence to finish pools them."""
+        BM: gl.constexpr = 64
+        DT: gl.constexpr = w_ptr.dtype.element_ty
+        LW: gl.constexpr = 4 * D * D + 2 * D * F
+        LV: gl.constexpr = 9 * D + F + 2
+        KV_L: gl.constexpr = 2 * NT * BM * D  # one layer's K and V of a sequence in kv_ptr, rows padded to tiles
+
+        ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+        ACC_F: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, F, 16])  # fmt: skip
+        A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2)
+        A_OP_F: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC_F, k_width=2)
+        LOAD: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
+                                              order=[1, 0])  # fmt: skip
+        SH_DD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, D], DT)
+        SH_DF: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, F], DT)
+        SH_FD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([F, D], DT)
+        SH_KV: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, D], DT)
+
+        wq_s = gl.allocate_shared_memory(DT, [D, D], SH_DD)
+        wk_s = gl.allocate_shared_memory(DT, [D, D], SH_DD)
+        wv_s = gl.allocate_shared_memory(DT, [D, D], SH_DD)
+        wo_s = gl.allocate_shared_memory(DT, [D, D], SH_DD)
+        w1_s = gl.allocate_shared_memory(DT, [D, F], SH_DF)
+        w2_s = gl.allocate_shared_memory(DT, [F, D], SH_FD)
+        k_s = gl.allocate_shared_memory(DT, [NT, BM, D], SH_KV)
+        v_s = gl.allocate_shared_memory(DT, [NT, BM, D], SH_KV)
+        kb_s = gl.allocate_shared_memory(gl.float32, [NT, BM], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+
+        # Weights reach shared memory by asynchronous copies issued a step ahead: layer 0's here, the next
+        # layer's Wq, Wk, Wv once this layer's K, V and Q are out, its Wo, W1, W2 once this layer's FFN is.
+        _copy_qkv(wq_s, wk_s, wv_s, w_ptr, D)
+        async_copy.commit_group()
+        _copy_out_ffn(wo_s, w1_s, w2_s, w_ptr, D, F)
+        async_copy.commit_group()
+        ticket = gl.atomic_add(sync_ptr, 1)
+        qt = ticket % NT
+        b = (ticket // NT).to(gl.int64)
+        seq_sync = sync_ptr + 1 + b * (n_layers + 1)
+        m_b = mask_ptr + b * S
+        rm = gl.arange(0, BM, layout=gl.SliceLayout(1, ACC))
+        cd = gl.arange(0, D, layout=gl.SliceLayout(0, ACC))
+        kn = gl.arange(0, BM, layout=gl.SliceLayout(0, ACC))
+        for t in range(0, qt + 1):  # the keys this tile may see: 0 where valid, -inf where padded or past S
+            kidx = t * BM + kn
+            key_ok = kidx < S
+            if HAS_MASK:
+                key_ok = key_ok & (gl.load(m_b + kidx, mask=key_ok, other=1) == 0)
+            kb_s.index(t).store(gl.where(key_ok, 0.0, float("-inf")))
+
+        rows, ok = _tile(qt, rm, cd, S, D, BM)
+        x = gl.load(_row_ptrs(x_ptr + b * S * D, rows, cd, D), mask=ok, other=0.0).to(gl.float32)
+        kv_b = kv_ptr + b * n_layers * KV_L
+        l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, ACC))
+        for layer in range(0, n_layers):
+            v_l = v_ptr + layer * LV
+            kv_l = kv_b + layer * KV_L
+            async_copy.wait_group(1)  # this layer's Wq, Wk, Wv (its Wo, W1, W2 may still be on their way)
+            fence_async_shared()
+            _cta_barrier()
+            xa = gl.convert_layout(x.to(DT), A_OP)
+            k = warpgroup_mma(xa, wk_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False, is_async=True)
+            v = warpgroup_mma(xa, wv_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False, is_async=True)
+            q = warpgroup_mma(xa, wq_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False, is_async=True)
+            k, v, q = warpgroup_mma_wait(num_outstanding=0, deps=[k, v, q])
+            k = k.to(DT)
+            v = v.to(DT)
+            k_s.index(qt).store(k)
+            v_s.index(qt).store(v)
+            fence_async_shared()
+            if qt + 1 < NT:  # later tiles of the sequence read them
+                own = _row_ptrs(kv_l, qt * BM + rm, cd, D)
+                gl.store(own, k)
+                gl.store(own + NT * BM * D, v)
+            _wait_and_count(seq_sync + layer, qt)  # this tile's K / V out, the earlier tiles' in
+            if layer + 1 < n_layers:  # every warp is done with Wq, Wk, Wv: the next layer's on their way
+                _copy_qkv(wq_s, wk_s, wv_s, w_ptr + (layer + 1) * LW, D)
+                async_copy.commit_group()
+            # The earlier tiles' K / V, written by other programs: from L2 (".cg"), never a stale L1 line; they
+            # arrive while this tile attends to its own keys.
+            lr = gl.arange(0, BM, layout=gl.SliceLayout(1, LOAD))
+            lc = gl.arange(0, D, layout=gl.SliceLayout(0, LOAD))
+            for j in range(0, qt):
+                piece = _row_ptrs(kv_l, j * BM + lr, lc, D)  # 16 bytes per thread per step
+                _async_load(k_s.index(j), piece, cache_modifier=".cg")
+                _async_load(v_s.index(j), piece + NT * BM * D, cache_modifier=".cg")
+            async_copy.commit_group()
+            qa = gl.convert_layout((q + gl.expand_dims(gl.load(v_l + cd), 0)).to(DT), A_OP)
+            m_i, l_i, acc = _attend_start(BM, D, ACC)
+            m_i, l_i, acc = _attend(qa, rows, k_s, v_s, kb_s, qt, qt + 1, m_i, l_i, acc, True, ACC, A_OP)
+            async_copy.wait_group(0)  # the earlier tiles' K / V, and this layer's Wo, W1, W2
+            fence_async_shared()
+            _cta_barrier()
+            m_i, l_i, acc = _attend(qa, rows, k_s, v_s, kb_s, 0, qt, m_i, l_i, acc, False, ACC, A_OP)
+            x = _out_and_ffn(_attend_end(l_i, acc), x, v_l, wo_s, w1_s, w2_s, D, F, ACC, ACC_F, A_OP, A_OP_F)
+            _cta_barrier()  # every warp is done with Wo, W1, W2 and with the K / V tiles
+            if layer + 1 < n_layers:
+                _copy_out_ffn(wo_s, w1_s, w2_s, w_ptr + (layer + 1) * LW, D, F)
+                async_copy.commit_group()
+
+        y = _last_rows(x, l_i, rows, ok, _row_ptrs(out_ptr + b * S * D, rows, cd, D), m_b, S, v_ptr, n_layers * LV,
+                       D, FINAL_NORM, STORE_OUT, HAS_MASK, POOL, ACC)  # fmt: skip
+        if POOL != 0:
+            gl.store(part_ptr + (b * NT + qt) * D + cd, gl.max(y, axis=0))
+            _cta_barrier()
+            done = gl.atomic_add(seq_sync + n_layers, 1, sem="acq_rel")
+            if done == NT - 1:  # the sequence's last tile: every other tile's max is in
+                _cta_barrier()
+                pooled = gl.full([D], float("-inf"), gl.float32, gl.SliceLayout(0, ACC))
+                for t in range(0, NT):
+                    pooled = gl.maximum(pooled, gl.load(part_ptr + (b * NT + t) * D + cd, cache_modifier=".cg"))
+                _store_pool(pooled, b, pool_ptr, pw_ptr, pb_ptr, D_OUT, D, O_P, POOL_PROJ, ACC)
 
 def launch(
     x: torch.Tensor, act: torch.Tensor, mask: torch.Tensor, packed, pooled: torch.Tensor,  # noqa: ANN001
@@ -298,4 +525,29 @@ def launch(
         D=D_MODEL, F=packed.ff_pad, NT=-(-s // BLOCK), CAUSAL=causal, HAS_MASK=has_mask, POOL=pool,
         FINAL_NORM=packed.final_norm, STORE_OUT=store_out, POOL_PROJ=pool_proj, O_P=o_p, ONE_PASS=one_pass,
         num_warps=4, maxnreg=None if one_pass else MAX_REGS,
+    )  # fmt: skip
+
+
+def split_workspace_numel(batch: int, seq_len: int, n_layers: int) -> int:
+    """Elements of K / V scratch that ``launch_split`` needs: every layer's K and V of every sequence, rows
+    padded to whole tiles."""
+    return batch * n_layers * 2 * -(-seq_len // BLOCK) * BLOCK * D_MODEL
+
+
+def launch_split(
+    x: torch.Tensor, out: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, packed, pooled: torch.Tensor,  # noqa: ANN001
+    pool_w: torch.Tensor, pool_b: torch.Tensor, d_out: int, has_mask: bool, pool: int, store_out: bool,
+    pool_proj: bool, o_p: int,
+):  # noqa: ANN201 (Triton's compiled kernel)
+    """One program per (sequence, 64-row query tile) of a causal stack (``_skut_wgmma_split_kernel``); ``kv``
+    holds ``split_workspace_numel`` elements of x's dtype."""
+    bsz, s, _ = x.shape
+    n_qt = -(-s // BLOCK)
+    # Counters zeroed by every call (so every graph replay is a fresh launch); each tile's pool max.
+    sync = torch.zeros(1 + bsz * (packed.n_layers + 1), dtype=torch.int32, device=x.device)
+    part = torch.empty(bsz * n_qt * D_MODEL if pool else 1, dtype=torch.float32, device=x.device)
+    return _skut_wgmma_split_kernel[(bsz * n_qt,)](
+        x, out, kv, mask, packed.mats, packed.vecs, pooled, pool_w, pool_b, sync, part, s, packed.n_layers, d_out,
+        D=D_MODEL, F=packed.ff_pad, NT=n_qt, HAS_MASK=has_mask, POOL=pool, FINAL_NORM=packed.final_norm,
+        STORE_OUT=store_out, POOL_PROJ=pool_proj, O_P=o_p, num_warps=4,
     )  # fmt: skip

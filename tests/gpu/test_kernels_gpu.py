@@ -172,30 +172,36 @@ def test_skut_cuda_graph():
 
 
 WGMMA = sk.SkutConfig(64, 64, 4, wgmma=True)
+WGMMA_SPLIT = sk.SkutConfig(64, 64, 4, wgmma=True, split=True)
 needs_sm90 = pytest.mark.skipif(
     torch.cuda.get_device_capability()[0] != 9, reason="the wgmma kernel is built for sm_90 (H100 / H200)"
 )
 
 
+WGMMA_CASES = [
+    (192, 32, 2, True, True, None, False, torch.float16, False),  # V2, every row out
+    (192, 32, 2, True, True, "max_valid", True, torch.float16, False),  # V2 as the runtime runs it
+    (1, 32, 2, True, True, None, False, torch.float16, False),
+    (70, 16, 1, False, True, "max_all", False, torch.float16, True),
+    (130, 64, 3, False, False, None, False, torch.bfloat16, False),
+    (256, 32, 2, True, True, "max_valid", False, torch.bfloat16, True),
+    (37, 32, 2, True, False, "max_all", True, torch.float16, False),
+    (100, 32, 2, False, True, "max_valid", False, torch.float16, False),
+    (130, 64, 3, True, True, "max_all", False, torch.float16, False),
+    (100, 16, 1, True, True, None, False, torch.bfloat16, True),
+]
+
+
 @needs_sm90
 @pytest.mark.parametrize(
-    "s,f,n_layers,causal,masked,pool,proj,dtype,final",
-    [
-        (192, 32, 2, True, True, None, False, torch.float16, False),  # V2, every row out
-        (192, 32, 2, True, True, "max_valid", True, torch.float16, False),  # V2 as the runtime runs it
-        (1, 32, 2, True, True, None, False, torch.float16, False),
-        (70, 16, 1, False, True, "max_all", False, torch.float16, True),
-        (130, 64, 3, False, False, None, False, torch.bfloat16, False),
-        (256, 32, 2, True, True, "max_valid", False, torch.bfloat16, True),
-        (37, 32, 2, True, False, "max_all", True, torch.float16, False),
-        (100, 32, 2, False, True, "max_valid", False, torch.float16, False),
-    ],
+    "s,f,n_layers,causal,masked,pool,proj,dtype,final,config",
+    [(*case, WGMMA) for case in WGMMA_CASES] + [(*case, WGMMA_SPLIT) for case in WGMMA_CASES if case[3]],
     ids=str,
 )
-def test_skut_wgmma(s, f, n_layers, causal, masked, pool, proj, dtype, final):
-    """The Gluon kernel against the float64 modules: tails, one token, fully masked sequences and rows,
-    every pool, Linear(pool), the final norm, 1-3 layers, FFN 16-64, fp16 and bf16; with a pool it also
-    hands back every row (``hidden``)."""
+def test_skut_wgmma(s, f, n_layers, causal, masked, pool, proj, dtype, final, config):
+    """The Gluon kernels (per sequence, and for causal stacks per query tile) against the float64 modules:
+    tails, one token, fully masked sequences and rows, every pool, Linear(pool), the final norm, 1-3 layers,
+    FFN 16-64, fp16 and bf16; with a pool it also hands back every row (``hidden``)."""
     bsz, d = 6, 64
     enc = sk.random_encoder(d, 1, f, n_layers, seed=s + f, final_norm=final).to(DEV)
     packed = sk.pack_encoder_weights(enc, dtype)
@@ -205,9 +211,10 @@ def test_skut_wgmma(s, f, n_layers, causal, masked, pool, proj, dtype, final):
     shape = (bsz, s, d) if pool is None else (bsz, 48 if proj else d)
     out = torch.full(shape, float("nan"), dtype=torch.float32 if proj else dtype, device=DEV)
     hidden = torch.full((bsz, s, d), float("nan"), dtype=dtype, device=DEV) if pool else None
-    sk.skut_forward(x.to(dtype), packed, mask, causal, pool, config=WGMMA, out=out, hidden=hidden,
+    sk.skut_forward(x.to(dtype), packed, mask, causal, pool, config=config, out=out, hidden=hidden,
                     pool_proj=proj_w)  # fmt: skip
-    assert sk.last_launch_info["config"].wgmma
+    # (one query tile: the per-tile launch hands over to the per-sequence one)
+    assert sk.last_launch_info["config"] == (config if s > 64 else WGMMA)
     rows = sk.skut_reference(enc, x, mask, causal, None)
     ref = rows if pool is None else sk._pool(rows, mask, pool)
     if proj:
@@ -220,6 +227,24 @@ def test_skut_wgmma(s, f, n_layers, causal, masked, pool, proj, dtype, final):
         assert (got - want).abs().max().item() <= abs_tol * (4 if proj else 1)
     if masked and pool is None:
         assert (out[-1] == 0).all()  # a sequence of padding only: every row sees no key
+
+
+@needs_sm90
+@pytest.mark.parametrize("pool", [None, "max_valid"])
+@pytest.mark.parametrize("s", [192, 256])
+def test_skut_wgmma_split_many_sequences(pool, s):
+    """The per-tile launch with several waves of programs (more tiles than fit on the GPU at once): later
+    programs wait only on tickets taken before theirs."""
+    bsz = 3 * torch.cuda.get_device_properties(0).multi_processor_count + 7
+    enc = make_encoder(64, 1, 32, 2, seed=5).to(DEV)
+    packed = sk.pack_encoder_weights(enc, torch.float16)
+    x = torch.randn(bsz, s, 64, device=DEV)
+    mask = make_mask(bsz, s, seed=5, dead=True).to(DEV)
+    out = torch.full((bsz, s, 64) if pool is None else (bsz, 64), float("nan"), dtype=torch.float16, device=DEV)
+    sk.skut_forward(x.half(), packed, mask, True, pool, config=WGMMA_SPLIT, out=out)
+    ref = sk.skut_reference(enc, x, mask, True, pool)
+    assert not torch.isnan(out).any()
+    assert ((out.double() - ref).norm() / ref.norm()).item() <= SKUT_TOL[torch.float16][0]
 
 
 @needs_sm90
@@ -239,12 +264,14 @@ def test_skut_wgmma_two_pass_causal(pool):
 
 
 @needs_sm90
-def test_skut_wgmma_chosen_and_captured():
-    """choose_config takes the wgmma kernel for V2 at B=256, and it replays from a CUDA graph."""
+@pytest.mark.parametrize("bsz", [256, 16])
+def test_skut_wgmma_chosen_and_captured(bsz):
+    """choose_config takes the wgmma kernels for V2 (per sequence at B=256, per query tile at B=16), and they
+    replay from a CUDA graph."""
     enc = make_encoder(64, 1, 32, 2).to(DEV)
     packed = sk.pack_encoder_weights(enc, torch.float16)
-    bsz, s = 256, 192
-    assert sk.choose_config(s, packed, bsz, True, torch.device(DEV)).wgmma
+    s = 192
+    assert sk.choose_config(s, packed, bsz, True, torch.device(DEV)) == (WGMMA_SPLIT if bsz == 16 else WGMMA)
     assert not sk.choose_config(300, packed, bsz, True, torch.device(DEV)).wgmma  # K / V would not fit
     assert not sk.choose_config(s, sk.pack_encoder_weights(enc, torch.float32), bsz, True, torch.device(DEV)).wgmma
     x = torch.randn(bsz, s, 64, device=DEV).half()
