@@ -127,6 +127,21 @@ if HAVE_GLUON:
         dst.store(gl.load(src_ptr + gl.expand_dims(r, 1) * C + gl.expand_dims(c, 0)))
 
     @gluon.jit
+    def _key_bias(kb_s, m_b, S, n_t, NT: gl.constexpr, HAS_MASK: gl.constexpr):
+        """Each key's bias for key tiles 0 .. n_t-1 into ``kb_s`` (the (NT, 64) buffer): 0 where it may be attended
+        to, -inf where padded (``m_b``: the sequence's padding mask) or past S. A static loop, so that the mask
+        loads of every tile are in flight together (one memory latency at the start, not one per tile), one
+        key per thread."""
+        BM: gl.constexpr = kb_s.shape[1]
+        kn = gl.arange(0, BM, layout=gl.BlockedLayout([1], [32], [4], [0]))
+        for t in gl.static_range(NT):
+            kidx = t * BM + kn
+            key_ok = (kidx < S) & (t < n_t)
+            if HAS_MASK:
+                key_ok = key_ok & (gl.load(m_b + kidx, mask=key_ok, other=1) == 0)
+            kb_s.index(t).store(gl.where(key_ok, 0.0, float("-inf")))
+
+    @gluon.jit
     def _copy_async(dst, src_ptr, R: gl.constexpr, C: gl.constexpr):
         """Start copying a row-major (R, C) matrix (C of 16, 32 or 64) from global into shared memory in 16-byte
         pieces, one per thread per step (``async_copy.commit_group`` / ``wait_group`` track it)."""
@@ -288,14 +303,8 @@ if HAVE_GLUON:
         m_b = mask_ptr + b * S
         rm = gl.arange(0, BM, layout=gl.SliceLayout(1, ACC))
         cd = gl.arange(0, D, layout=gl.SliceLayout(0, ACC))
-        kn = gl.arange(0, BM, layout=gl.SliceLayout(0, ACC))
         pooled = gl.full([D], float("-inf"), gl.float32, gl.SliceLayout(0, ACC))
-        for t in range(0, NT):
-            kidx = t * BM + kn
-            key_ok = kidx < S
-            if HAS_MASK:
-                key_ok = key_ok & (gl.load(m_b + kidx, mask=key_ok, other=1) == 0)
-            kb_s.index(t).store(gl.where(key_ok, 0.0, float("-inf")))
+        _key_bias(kb_s, m_b, S, NT, NT, HAS_MASK)
 
         for layer in range(0, n_layers):
             w_l = w_ptr + layer * LW
@@ -438,16 +447,9 @@ if HAVE_GLUON:
         m_b = mask_ptr + b * S
         rm = gl.arange(0, BM, layout=gl.SliceLayout(1, ACC))
         cd = gl.arange(0, D, layout=gl.SliceLayout(0, ACC))
-        kn = gl.arange(0, BM, layout=gl.SliceLayout(0, ACC))
-        for t in range(0, qt + 1):  # the keys this tile may see: 0 where valid, -inf where padded or past S
-            kidx = t * BM + kn
-            key_ok = kidx < S
-            if HAS_MASK:
-                key_ok = key_ok & (gl.load(m_b + kidx, mask=key_ok, other=1) == 0)
-            kb_s.index(t).store(gl.where(key_ok, 0.0, float("-inf")))
-
         rows, ok = _tile(qt, rm, cd, S, D, BM)
         x = gl.load(_row_ptrs(x_ptr + b * S * D, rows, cd, D), mask=ok, other=0.0).to(gl.float32)
+        _key_bias(kb_s, m_b, S, qt + 1, NT, HAS_MASK)  # the keys this tile may see
         kv_b = kv_ptr + b * n_layers * KV_L
         l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, ACC))
         for layer in range(0, n_layers):
