@@ -21,7 +21,8 @@ One program (one warp group) per sequence, every layer. Per layer, in two passes
 A causal stack of few enough sequences that two programs per SM hold them all (``launch``) runs one pass per
 layer instead: all six matrices stay in shared memory (~89 KB), and each tile computes its own K, V and Q
 together (three asynchronous products) before its attention, since a causal tile needs no later tile's keys;
-registers are not capped there.
+registers are not capped there, and the weights arrive by asynchronous copies issued a step ahead (the next
+layer's Wq, Wk, Wv once the last tile's K, V and Q are out, its Wo, W1, W2 after the last tile).
 
 A causal stack of fewer sequences than the GPU has SMs leaves most SMs idle with one program per sequence:
 ``launch_split`` runs one program per (sequence, 64-row query tile) instead (``_skut_wgmma_split_kernel``),
@@ -304,6 +305,13 @@ if HAVE_GLUON:
         rm = gl.arange(0, BM, layout=gl.SliceLayout(1, ACC))
         cd = gl.arange(0, D, layout=gl.SliceLayout(0, ACC))
         pooled = gl.full([D], float("-inf"), gl.float32, gl.SliceLayout(0, ACC))
+        if ONE_PASS:
+            # Weights reach shared memory by asynchronous copies issued a step ahead: layer 0's here, the next
+            # layer's Wq, Wk, Wv once the last tile's K, V and Q are out, its Wo, W1, W2 after the last tile.
+            _copy_qkv(wa_s, wk_s, wv_s, w_ptr, D)
+            async_copy.commit_group()
+            _copy_out_ffn(wb_s, w1_s, w2_s, w_ptr, D, F)
+            async_copy.commit_group()
         _key_bias(kb_s, m_b, S, NT, NT, HAS_MASK)
 
         for layer in range(0, n_layers):
@@ -312,11 +320,12 @@ if HAVE_GLUON:
             src_b = a_b
             if layer == 0:
                 src_b = x_b
-            _cta_barrier()  # every warp is done with the last layer's weights, K / V and rows
             if ONE_PASS:
-                _stage(wk_s, w_l + D * D, D, D, LOAD)
-                _stage(wv_s, w_l + 2 * D * D, D, D, LOAD)
+                async_copy.wait_group(1)  # this layer's Wq, Wk, Wv (its Wo, W1, W2 may still be on their way)
+                fence_async_shared()
+                _cta_barrier()
             else:
+                _cta_barrier()  # every warp is done with the last layer's weights, K / V and rows
                 _stage(wa_s, w_l + D * D, D, D, LOAD)
                 _stage(wb_s, w_l + 2 * D * D, D, D, LOAD)
                 fence_async_shared()
@@ -329,12 +338,12 @@ if HAVE_GLUON:
                     k_s.index(t).store(k.to(DT))
                     v_s.index(t).store(v.to(DT))
                 _cta_barrier()  # every warp is done with Wk and Wv
-            _stage(wa_s, w_l, D, D, LOAD)
-            _stage(wb_s, w_l + 3 * D * D, D, D, LOAD)
-            _stage(w1_s, w_l + 4 * D * D, D, F, LOAD)
-            _stage(w2_s, w_l + 4 * D * D + D * F, F, D, LOAD)
-            fence_async_shared()
-            _cta_barrier()
+                _stage(wa_s, w_l, D, D, LOAD)
+                _stage(wb_s, w_l + 3 * D * D, D, D, LOAD)
+                _stage(w1_s, w_l + 4 * D * D, D, F, LOAD)
+                _stage(w2_s, w_l + 4 * D * D + D * F, F, D, LOAD)
+                fence_async_shared()
+                _cta_barrier()
 
             for t in range(0, NT):
                 rows, ok = _tile(t, rm, cd, S, D, BM)
@@ -350,6 +359,13 @@ if HAVE_GLUON:
                     v_s.index(t).store(v.to(DT))
                     fence_async_shared()
                     _cta_barrier()
+                    if t + 1 == NT and layer + 1 < n_layers:  # every warp is done with Wq, Wk, Wv
+                        _copy_qkv(wa_s, wk_s, wv_s, w_l + LW, D)
+                        async_copy.commit_group()
+                    if t == 0:
+                        async_copy.wait_group(0)  # this layer's Wo, W1, W2
+                        fence_async_shared()
+                        _cta_barrier()
                 else:
                     q = warpgroup_mma(xa, wa_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False)
                 qa = gl.convert_layout((q + gl.expand_dims(gl.load(v_l + cd), 0)).to(DT), A_OP)
@@ -369,6 +385,10 @@ if HAVE_GLUON:
                                    D, FINAL_NORM, STORE_OUT, HAS_MASK, POOL, ACC)  # fmt: skip
                     if POOL != 0:
                         pooled = gl.maximum(pooled, gl.max(y, axis=0))
+            if ONE_PASS and layer + 1 < n_layers:
+                _cta_barrier()  # every warp is done with Wo, W1, W2
+                _copy_out_ffn(wb_s, w1_s, w2_s, w_l + LW, D, F)
+                async_copy.commit_group()
 
         if POOL != 0:
             _store_pool(pooled, b, pool_ptr, pw_ptr, pb_ptr, D_OUT, D, O_P, POOL_PROJ, ACC)
