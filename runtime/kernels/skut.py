@@ -772,9 +772,9 @@ def choose_config(
     S=192: 0.024 against 0.046 ms on H200; at B=256 and more the per-sequence launch stays faster, 0.065
     against 0.073 ms). From ``LONG_SEQ`` tokens on, three K/V stages instead of two (B=256 S=2048: 1.51
     against 1.60 ms; they cost 2-10 % at S=1024, 512 and 192). Where ``skut_wgmma`` runs (sm_90, V2's shape), its
-    kernels replace both launches (H200, S=192: B=256 ~1.12x, B=2048 1.29x; B=16 1.08x), and its per-tile
+    kernels replace both launches (H200, S=192: B=256 ~1.12x, B=2048 1.29x; B=16 1.11x), and its per-tile
     launch gives way to its per-sequence one from ``WGMMA_SPLIT_BELOW`` of the SMs' count on (80 sequences:
-    0.0225 against 0.0311 ms; 96: 0.0320 against 0.0314).
+    0.0220 against 0.0292 ms; 96: 0.0310 against 0.0295).
     """
     f_chunk = 64  # clamped to the padded FFN width at launch
     if seq_len <= 16:
@@ -986,8 +986,8 @@ def _note_launch(compiled, cfg) -> None:
 def workspace_numel(batch: int, seq_len: int, packed: PackedEncoder, config: SkutConfig | None = None) -> int:
     """Elements of scratch that ``skut_forward`` needs for a (batch, seq_len) input: with ``config``,
     as launched with it (one program per sequence alternates two layers' K/V and keeps each row's key
-    slot, a split launch keeps every layer's K/V; the wgmma kernels need none per sequence, and every
-    layer's K/V in whole 64-row tiles split); without, enough for any, whichever the call picks."""
+    slot, a split launch keeps every layer's K/V; the per-sequence wgmma kernel needs none, its per-tile
+    launch keeps every layer's K/V in whole 64-row tiles); without, enough for any, whichever the call picks."""
     kv_buf = batch * 2 * packed.n_heads * seq_len * packed.dh_pad  # one layer's K and V
     split = packed.n_layers * kv_buf
     per_seq = min(2, packed.n_layers) * kv_buf + _slot_numel(batch, seq_len, packed.dtype)

@@ -323,7 +323,7 @@ if HAVE_GLUON:
             if ONE_PASS:
                 async_copy.wait_group(1)  # this layer's Wq, Wk, Wv (its Wo, W1, W2 may still be on their way)
                 fence_async_shared()
-                _cta_barrier()
+                _cta_barrier()  # ... in every warp's view; every warp is done with the last layer's K / V and rows
             else:
                 _cta_barrier()  # every warp is done with the last layer's weights, K / V and rows
                 _stage(wa_s, w_l + D * D, D, D, LOAD)
@@ -392,7 +392,6 @@ if HAVE_GLUON:
 
         if POOL != 0:
             _store_pool(pooled, b, pool_ptr, pw_ptr, pb_ptr, D_OUT, D, O_P, POOL_PROJ, ACC)
-
 
     @gluon.jit
     def _wait_and_count(cnt_ptr, n_before):
@@ -530,6 +529,7 @@ if HAVE_GLUON:
                 for t in range(0, NT):
                     pooled = gl.maximum(pooled, gl.load(part_ptr + (b * NT + t) * D + cd, cache_modifier=".cg"))
                 _store_pool(pooled, b, pool_ptr, pw_ptr, pb_ptr, D_OUT, D, O_P, POOL_PROJ, ACC)
+
 
 def launch(
     x: torch.Tensor, act: torch.Tensor, mask: torch.Tensor, packed, pooled: torch.Tensor,  # noqa: ANN001
