@@ -266,6 +266,22 @@ def test_split_launch_needs_causal_and_its_workspace():
         sk.skut_forward(x, packed, causal=True, config=split, workspace=ws[:per_seq])
 
 
+def test_wgmma_workspaces():
+    """The Gluon launches' scratch: none per sequence (K / V stay in shared memory); per query tile, every
+    layer's K and V in whole 64-row tiles; without a config, enough for whichever the call picks, but only for
+    a stack those kernels take (V2's shape in 16-bit)."""
+    v2 = sk.pack_encoder_weights(make_encoder(64, 1, 32, 2), torch.float16)
+    assert sk.workspace_numel(3, 130, v2, sk.SkutConfig(64, 64, 4, wgmma=True)) == 0
+    tiles = 3 * 2 * 2 * 3 * 64 * 64  # sequences x layers x (K, V) x 3 tiles of 64 rows x d_model
+    assert sk.workspace_numel(3, 130, v2, sk.SkutConfig(64, 64, 4, wgmma=True, split=True)) == tiles
+    def mma_sync_need(packed):  # the larger of the mma.sync launches' needs
+        return max(sk.workspace_numel(3, 130, packed, sk.SkutConfig(64, 32, 4, split=split)) for split in (False, True))
+
+    assert mma_sync_need(v2) < tiles == sk.workspace_numel(3, 130, v2)
+    fp32 = sk.pack_encoder_weights(make_encoder(64, 1, 32, 2), torch.float32)  # not a shape the Gluon kernels take
+    assert sk.workspace_numel(3, 130, fp32) == mma_sync_need(fp32) < tiles
+
+
 def test_final_norm_and_sequence_first_encoder():
     enc = make_encoder(64, 2, 48, 2, seed=11, batch_first=False, final_norm=True)
     x = torch.randn(2, 21, 64, generator=torch.Generator().manual_seed(12))
