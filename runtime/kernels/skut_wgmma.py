@@ -48,6 +48,7 @@ try:  # Gluon ships with Triton 3.5+; its barrier was renamed in 3.9
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+    from triton.runtime.jit import constexpr_function
 
     _cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
     # ... and its global-to-shared copy in 3.9 (from async_copy_global_to_shared to async_load)
@@ -98,6 +99,23 @@ def supported(packed, seq_len: int, device: torch.device) -> bool:  # noqa: ANN0
 
 if HAVE_GLUON:
 
+    @constexpr_function
+    def _acc_layout(n):
+        """wgmma's accumulator layout for an (64, n) tile over one warp group (each warp 16 rows)."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+
+    @constexpr_function
+    def _a_operand(n):
+        """The register layout of an A operand (K of n) for wgmma: the accumulator's of width n, two 16-bit values per
+        register."""
+        return gl.DotOperandLayout(operand_index=0, parent=_acc_layout(n), k_width=2)
+
+    @constexpr_function
+    def _copy_layout(c):
+        """Rows of c (16, 32 or 64) 16-bit columns in 16-byte pieces, one piece per thread per step."""
+        return gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (c // 8), c // 8], warps_per_cta=[4, 1],
+                                order=[1, 0])  # fmt: skip
+
     @gluon.jit
     def _layernorm(x, v_ptr, off_w, off_b, eps, D: gl.constexpr, LAYOUT: gl.constexpr):
         """Affine LayerNorm of the rows of x (fp32, every column real)."""
@@ -146,8 +164,7 @@ if HAVE_GLUON:
     def _copy_async(dst, src_ptr, R: gl.constexpr, C: gl.constexpr):
         """Start copying a row-major (R, C) matrix (C of 16, 32 or 64) from global into shared memory in 16-byte
         pieces, one per thread per step (``async_copy.commit_group`` / ``wait_group`` track it)."""
-        L: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (C // 8), C // 8],
-                                           warps_per_cta=[4, 1], order=[1, 0])  # fmt: skip
+        L: gl.constexpr = _copy_layout(C)
         r = gl.arange(0, R, layout=gl.SliceLayout(1, L))
         c = gl.arange(0, C, layout=gl.SliceLayout(0, L))
         _async_load(dst, src_ptr + gl.expand_dims(r, 1) * C + gl.expand_dims(c, 0))
@@ -273,13 +290,11 @@ if HAVE_GLUON:
         LV: gl.constexpr = 9 * D + F + 2
 
         # Accumulators: wgmma's layout over one warp group (each warp 16 rows); A operands in registers.
-        ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
-        ACC_F: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, F, 16])  # fmt: skip
-        A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2)
-        A_OP_F: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC_F, k_width=2)
-        LOAD: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
-                                              order=[1, 0])  # fmt: skip
+        ACC: gl.constexpr = _acc_layout(D)
+        ACC_F: gl.constexpr = _acc_layout(F)
+        A_OP: gl.constexpr = _a_operand(D)
+        A_OP_F: gl.constexpr = _a_operand(F)
+        LOAD: gl.constexpr = _copy_layout(D)
         SH_DD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, D], DT)
         SH_DF: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, F], DT)
         SH_FD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([F, D], DT)
@@ -431,13 +446,12 @@ if HAVE_GLUON:
         LV: gl.constexpr = 9 * D + F + 2
         KV_L: gl.constexpr = 2 * NT * BM * D  # one layer's K and V of a sequence in kv_ptr, rows padded to tiles
 
-        ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
-        ACC_F: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, F, 16])  # fmt: skip
-        A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2)
-        A_OP_F: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC_F, k_width=2)
-        LOAD: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
-                                              order=[1, 0])  # fmt: skip
+        # Accumulators: wgmma's layout over one warp group (each warp 16 rows); A operands in registers.
+        ACC: gl.constexpr = _acc_layout(D)
+        ACC_F: gl.constexpr = _acc_layout(F)
+        A_OP: gl.constexpr = _a_operand(D)
+        A_OP_F: gl.constexpr = _a_operand(F)
+        LOAD: gl.constexpr = _copy_layout(D)
         SH_DD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, D], DT)
         SH_DF: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, F], DT)
         SH_FD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([F, D], DT)
