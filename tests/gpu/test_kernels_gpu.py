@@ -229,6 +229,19 @@ def test_skut_wgmma(s, f, n_layers, causal, masked, pool, proj, dtype, final, co
         assert (out[-1] == 0).all()  # a sequence of padding only: every row sees no key
 
 
+def wgmma_many_sequences(config, bsz, s, pool, seed):
+    """V2's stack on ``bsz`` causal, padded sequences (some of padding only) through ``config``, against float64."""
+    enc = make_encoder(64, 1, 32, 2, seed=seed).to(DEV)
+    packed = sk.pack_encoder_weights(enc, torch.float16)
+    x = torch.randn(bsz, s, 64, device=DEV)
+    mask = make_mask(bsz, s, seed=seed, dead=True).to(DEV)
+    out = torch.full((bsz, s, 64) if pool is None else (bsz, 64), float("nan"), dtype=torch.float16, device=DEV)
+    sk.skut_forward(x.half(), packed, mask, True, pool, config=config, out=out)
+    ref = sk.skut_reference(enc, x, mask, True, pool)
+    assert not torch.isnan(out).any()
+    assert ((out.double() - ref).norm() / ref.norm()).item() <= SKUT_TOL[torch.float16][0]
+
+
 @needs_sm90
 @pytest.mark.parametrize("pool", [None, "max_valid"])
 @pytest.mark.parametrize("s", [192, 256])
@@ -236,31 +249,15 @@ def test_skut_wgmma_split_many_sequences(pool, s):
     """The per-tile launch with several waves of programs (more tiles than fit on the GPU at once): later
     programs wait only on tickets taken before theirs."""
     bsz = 3 * torch.cuda.get_device_properties(0).multi_processor_count + 7
-    enc = make_encoder(64, 1, 32, 2, seed=5).to(DEV)
-    packed = sk.pack_encoder_weights(enc, torch.float16)
-    x = torch.randn(bsz, s, 64, device=DEV)
-    mask = make_mask(bsz, s, seed=5, dead=True).to(DEV)
-    out = torch.full((bsz, s, 64) if pool is None else (bsz, 64), float("nan"), dtype=torch.float16, device=DEV)
-    sk.skut_forward(x.half(), packed, mask, True, pool, config=WGMMA_SPLIT, out=out)
-    ref = sk.skut_reference(enc, x, mask, True, pool)
-    assert not torch.isnan(out).any()
-    assert ((out.double() - ref).norm() / ref.norm()).item() <= SKUT_TOL[torch.float16][0]
+    wgmma_many_sequences(WGMMA_SPLIT, bsz, s, pool, seed=5)
 
 
 @needs_sm90
 @pytest.mark.parametrize("pool", [None, "max_valid"])
 def test_skut_wgmma_two_pass_causal(pool):
     """More causal sequences than two per SM: the two-pass form (K / V of the whole sequence first)."""
-    bsz, s = 2 * torch.cuda.get_device_properties(0).multi_processor_count + 5, 70
-    enc = make_encoder(64, 1, 32, 2, seed=4).to(DEV)
-    packed = sk.pack_encoder_weights(enc, torch.float16)
-    x = torch.randn(bsz, s, 64, device=DEV)
-    mask = make_mask(bsz, s, seed=4, dead=True).to(DEV)
-    out = torch.full((bsz, s, 64) if pool is None else (bsz, 64), float("nan"), dtype=torch.float16, device=DEV)
-    sk.skut_forward(x.half(), packed, mask, True, pool, config=WGMMA, out=out)
-    ref = sk.skut_reference(enc, x, mask, True, pool)
-    assert not torch.isnan(out).any()
-    assert ((out.double() - ref).norm() / ref.norm()).item() <= SKUT_TOL[torch.float16][0]
+    bsz = 2 * torch.cuda.get_device_properties(0).multi_processor_count + 5
+    wgmma_many_sequences(WGMMA, bsz, 70, pool, seed=4)
 
 
 @needs_sm90
