@@ -6,13 +6,14 @@ Why a second kernel: with mma.sync (``skut._skut_kernel``) every warp holds whol
 matrix operands in registers, which costs ~255 registers per thread and keeps the L1 / shared-memory pipe
 busy; Triton 3.6's own wgmma lowering of that kernel miscomputes or faults at 64-row tiles
 (benchmarks/RESULTS.md). Here the layouts are spelled out: wgmma reads its B operand (weights, K, V)
-straight from shared memory, shared by the warp group, and its A operand (rows, Q, probabilities) from
-registers.
+straight from shared memory, shared by the warp group, and its A operand (Q, probabilities, attention
+outputs) from registers; the K / V products read the rows from shared memory too.
 
 One program (one warp group) per sequence, every layer. Per layer, in two passes:
 1. Wk and Wv into shared memory; K and V of every row into shared memory (the whole sequence: 64-row tiles,
-   rows past S as zeros). Padded keys stay in place, masked by a per-key bias worked out once per sequence
-   (they are not compacted as in ``skut``).
+   rows past S as zeros). Each tile's rows arrive by an asynchronous copy into its V slot, issued while the
+   tile before is multiplied. Padded keys stay in place, masked by a per-key bias worked out once per
+   sequence (they are not compacted as in ``skut``).
 2. Wq, Wo, W1, W2 into shared memory (reusing Wk's and Wv's buffers: 72 KB in all for 192 tokens, so three
    programs fit on an SM at 168 registers); then query tile after query tile: Q, flash attention over the
    key tiles it may see (online softmax in base 2; the scale and log2(e) are in Wq), out projection with
@@ -21,8 +22,9 @@ One program (one warp group) per sequence, every layer. Per layer, in two passes
 A causal stack of few enough sequences that two programs per SM hold them all (``launch``) runs one pass per
 layer instead: all six matrices stay in shared memory (~89 KB), and each tile computes its own K, V and Q
 together (three asynchronous products) before its attention, since a causal tile needs no later tile's keys;
-registers are not capped there, and the weights arrive by asynchronous copies issued a step ahead (the next
-layer's Wq, Wk, Wv once the last tile's K, V and Q are out, its Wo, W1, W2 after the last tile).
+registers are not capped there, and the weights and rows arrive by asynchronous copies issued a step ahead
+(the next layer's Wq, Wk, Wv once the last tile's K, V and Q are out, its Wo, W1, W2 after the last tile; a
+tile's rows into its V slot while the tile before is worked on, kept from there for the residual).
 
 A causal stack of fewer sequences than the GPU has SMs leaves most SMs idle with one program per sequence:
 ``launch_split`` runs one program per (sequence, 64-row query tile) instead (``_skut_wgmma_split_kernel``),
@@ -168,6 +170,16 @@ if HAVE_GLUON:
         r = gl.arange(0, R, layout=gl.SliceLayout(1, L))
         c = gl.arange(0, C, layout=gl.SliceLayout(0, L))
         _async_load(dst, src_ptr + gl.expand_dims(r, 1) * C + gl.expand_dims(c, 0))
+
+    @gluon.jit
+    def _copy_rows(dst, src_b, t, S, D: gl.constexpr):
+        """Start copying rows t * 64 .. t * 64 + 63 of a (S, D) sequence at ``src_b`` into the (64, D) buffer ``dst``;
+        rows past S are zero-filled."""
+        L: gl.constexpr = _copy_layout(D)
+        r = t * dst.shape[0] + gl.arange(0, dst.shape[0], layout=gl.SliceLayout(1, L))
+        c = gl.arange(0, D, layout=gl.SliceLayout(0, L))
+        ok = gl.expand_dims(r < S, 1) & gl.expand_dims(c < D, 0)
+        _async_load(dst, src_b + gl.expand_dims(r, 1) * D + gl.expand_dims(c, 0), mask=ok)
 
     @gluon.jit
     def _copy_qkv(wq_s, wk_s, wv_s, w_l, D: gl.constexpr):
@@ -321,9 +333,13 @@ if HAVE_GLUON:
         cd = gl.arange(0, D, layout=gl.SliceLayout(0, ACC))
         pooled = gl.full([D], float("-inf"), gl.float32, gl.SliceLayout(0, ACC))
         if ONE_PASS:
-            # Weights reach shared memory by asynchronous copies issued a step ahead: layer 0's here, the next
-            # layer's Wq, Wk, Wv once the last tile's K, V and Q are out, its Wo, W1, W2 after the last tile.
+            # Weights and rows reach shared memory by asynchronous copies issued a step ahead, in this order of
+            # groups: a layer's Wq, Wk, Wv (the last tile's K, V and Q out), its first tile's rows (the last
+            # tile's attention done), its Wo, W1, W2 (the last tile done); tile t + 1's rows once tile t's K, V
+            # and Q are out. A tile's rows go to its V slot, free until its V is computed from them.
             _copy_qkv(wa_s, wk_s, wv_s, w_ptr, D)
+            async_copy.commit_group()
+            _copy_rows(v_s.index(0), x_b, 0, S, D)
             async_copy.commit_group()
             _copy_out_ffn(wb_s, w1_s, w2_s, w_ptr, D, F)
             async_copy.commit_group()
@@ -336,22 +352,31 @@ if HAVE_GLUON:
             if layer == 0:
                 src_b = x_b
             if ONE_PASS:
-                async_copy.wait_group(1)  # this layer's Wq, Wk, Wv (its Wo, W1, W2 may still be on their way)
+                async_copy.wait_group(1)  # this layer's Wq, Wk, Wv and first rows (Wo, W1, W2 may be on their way)
                 fence_async_shared()
                 _cta_barrier()  # ... in every warp's view; every warp is done with the last layer's K / V and rows
             else:
                 _cta_barrier()  # every warp is done with the last layer's weights, K / V and rows
+                # Each tile's rows by an asynchronous copy into its V slot, the next tile's while this one's are
+                # multiplied (as in the one-pass form).
+                _copy_rows(v_s.index(0), src_b, 0, S, D)
+                async_copy.commit_group()
                 _stage(wa_s, w_l + D * D, D, D, LOAD)
                 _stage(wb_s, w_l + 2 * D * D, D, D, LOAD)
-                fence_async_shared()
-                _cta_barrier()
                 for t in range(0, NT):
-                    rows, ok = _tile(t, rm, cd, S, D, BM)
-                    xa = gl.convert_layout(gl.load(_row_ptrs(src_b, rows, cd, D), mask=ok, other=0.0), A_OP)
-                    k = warpgroup_mma(xa, wa_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False)
-                    v = warpgroup_mma(xa, wb_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False)
+                    async_copy.wait_group(0)  # this tile's rows
+                    fence_async_shared()
+                    _cta_barrier()
+                    if NT > 1:  # (a constant, as below)
+                        if t + 1 < NT:
+                            _copy_rows(v_s.index(t + 1), src_b, t + 1, S, D)
+                            async_copy.commit_group()
+                    xs = v_s.index(t)
+                    k = warpgroup_mma(xs, wa_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False, is_async=True)
+                    v = warpgroup_mma(xs, wb_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False, is_async=True)
+                    k, v = warpgroup_mma_wait(num_outstanding=0, deps=[k, v])
                     k_s.index(t).store(k.to(DT))
-                    v_s.index(t).store(v.to(DT))
+                    v_s.index(t).store(v.to(DT))  # over the rows: each warp's products are done with its own
                 _cta_barrier()  # every warp is done with Wk and Wv
                 _stage(wa_s, w_l, D, D, LOAD)
                 _stage(wb_s, w_l + 3 * D * D, D, D, LOAD)
@@ -363,13 +388,23 @@ if HAVE_GLUON:
             for t in range(0, NT):
                 rows, ok = _tile(t, rm, cd, S, D, BM)
                 x_ptrs = _row_ptrs(src_b, rows, cd, D)
-                xa = gl.convert_layout(gl.load(x_ptrs, mask=ok, other=0.0), A_OP)
                 if ONE_PASS:
-                    # Causal: this tile's keys are the last it needs. Its K, V and Q are in flight together.
-                    k = warpgroup_mma(xa, wk_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False, is_async=True)
-                    v = warpgroup_mma(xa, wv_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False, is_async=True)
-                    q = warpgroup_mma(xa, wa_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False, is_async=True)
+                    if t > 0:
+                        async_copy.wait_group(0)  # this tile's rows
+                        fence_async_shared()
+                        _cta_barrier()
+                    # Causal: this tile's keys are the last it needs. Its K, V and Q are in flight together, from
+                    # the rows in its V slot; the rows are also kept for the residual.
+                    xs = v_s.index(t)
+                    k = warpgroup_mma(xs, wk_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False, is_async=True)
+                    v = warpgroup_mma(xs, wv_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False, is_async=True)
+                    q = warpgroup_mma(xs, wa_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False, is_async=True)
+                    x_res = xs.load(ACC)  # each thread reads the elements it overwrites with V below
                     k, v, q = warpgroup_mma_wait(num_outstanding=0, deps=[k, v, q])
+                    if NT > 1:  # (a constant: with NT = 1, Triton 3.6 and 3.7 fail to lower these copies, unreached)
+                        if t + 1 < NT:
+                            _copy_rows(v_s.index(t + 1), src_b, t + 1, S, D)
+                            async_copy.commit_group()
                     k_s.index(t).store(k.to(DT))
                     v_s.index(t).store(v.to(DT))
                     fence_async_shared()
@@ -377,11 +412,15 @@ if HAVE_GLUON:
                     if t + 1 == NT and layer + 1 < n_layers:  # every warp is done with Wq, Wk, Wv
                         _copy_qkv(wa_s, wk_s, wv_s, w_l + LW, D)
                         async_copy.commit_group()
-                    if t == 0:
-                        async_copy.wait_group(0)  # this layer's Wo, W1, W2
+                    if t == 0:  # this layer's Wo, W1, W2 (the next tile's rows may be on their way)
+                        if t + 1 < NT:
+                            async_copy.wait_group(1)
+                        else:
+                            async_copy.wait_group(0)
                         fence_async_shared()
                         _cta_barrier()
                 else:
+                    xa = gl.convert_layout(gl.load(x_ptrs, mask=ok, other=0.0), A_OP)
                     q = warpgroup_mma(xa, wa_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False)
                 qa = gl.convert_layout((q + gl.expand_dims(gl.load(v_l + cd), 0)).to(DT), A_OP)
                 n_kt = t * 0 + NT
@@ -390,8 +429,16 @@ if HAVE_GLUON:
                 m_i, l_i, acc = _attend_start(BM, D, ACC)
                 m_i, l_i, acc = _attend(qa, rows, k_s, v_s, kb_s, 0, n_kt, m_i, l_i, acc, CAUSAL, ACC, A_OP)
                 o = _attend_end(l_i, acc)
-                # The residual is read again here rather than kept in registers through the key loop.
-                x = gl.load(x_ptrs, mask=ok, other=0.0).to(gl.float32)
+                if ONE_PASS:
+                    if NT > 1:  # (a constant, as above)
+                        if t + 1 == NT and layer + 1 < n_layers:  # V is done with: the next layer's first rows
+                            _cta_barrier()
+                            _copy_rows(v_s.index(0), a_b, 0, S, D)
+                            async_copy.commit_group()
+                    x = x_res.to(gl.float32)
+                else:
+                    # The residual is read again here rather than kept in registers through the key loop.
+                    x = gl.load(x_ptrs, mask=ok, other=0.0).to(gl.float32)
                 y = _out_and_ffn(o, x, v_l, wb_s, w1_s, w2_s, D, F, ACC, ACC_F, A_OP, A_OP_F)
                 if layer + 1 < n_layers:
                     gl.store(_row_ptrs(a_b, rows, cd, D), y.to(DT), mask=ok)
@@ -401,7 +448,10 @@ if HAVE_GLUON:
                     if POOL != 0:
                         pooled = gl.maximum(pooled, gl.max(y, axis=0))
             if ONE_PASS and layer + 1 < n_layers:
-                _cta_barrier()  # every warp is done with Wo, W1, W2
+                _cta_barrier()  # every warp is done with Wo, W1, W2 (and has stored its rows)
+                if NT == 1:  # the next layer's rows are this tile's, only now stored
+                    _copy_rows(v_s.index(0), a_b, 0, S, D)
+                    async_copy.commit_group()
                 _copy_out_ffn(wb_s, w1_s, w2_s, w_l + LW, D, F)
                 async_copy.commit_group()
 
