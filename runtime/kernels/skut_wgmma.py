@@ -423,11 +423,12 @@ if HAVE_GLUON:
                     xa = gl.convert_layout(gl.load(x_ptrs, mask=ok, other=0.0), A_OP)
                     q = warpgroup_mma(xa, wa_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False)
                 qa = gl.convert_layout((q + gl.expand_dims(gl.load(v_l + cd), 0)).to(DT), A_OP)
-                n_kt = t * 0 + NT
-                if CAUSAL:
-                    n_kt = t + 1
                 m_i, l_i, acc = _attend_start(BM, D, ACC)
-                m_i, l_i, acc = _attend(qa, rows, k_s, v_s, kb_s, 0, n_kt, m_i, l_i, acc, CAUSAL, ACC, A_OP)
+                if CAUSAL:  # the causal mask on the diagonal key tile only
+                    m_i, l_i, acc = _attend(qa, rows, k_s, v_s, kb_s, 0, t, m_i, l_i, acc, False, ACC, A_OP)
+                    m_i, l_i, acc = _attend(qa, rows, k_s, v_s, kb_s, t, t + 1, m_i, l_i, acc, True, ACC, A_OP)
+                else:
+                    m_i, l_i, acc = _attend(qa, rows, k_s, v_s, kb_s, 0, NT, m_i, l_i, acc, False, ACC, A_OP)
                 o = _attend_end(l_i, acc)
                 if ONE_PASS:
                     if NT > 1:  # (a constant, as above)
@@ -459,8 +460,9 @@ if HAVE_GLUON:
             _store_pool(pooled, b, pool_ptr, pw_ptr, pb_ptr, D_OUT, D, O_P, POOL_PROJ, ACC)
 
     @gluon.jit
-    def _wait_and_count(cnt_ptr, n_before):
-        """Wait until ``n_before`` programs have counted (``*cnt_ptr == n_before``), then count this one.
+    def _wait_and_count(cnt_ptr, n_before, count):
+        """Wait until ``n_before`` programs have counted (``*cnt_ptr == n_before``), then count this one if
+        ``count`` (a sequence's last tile is waited on by none: it skips the release and its fence).
 
         Stores of this program before the call are visible to any program that reads the count after it (a
         CTA barrier, then a release); after the call this program sees the stores of the programs counted
@@ -470,7 +472,8 @@ if HAVE_GLUON:
         while c < n_before:
             c = gl.atomic_add(cnt_ptr, 0, sem="acquire")
         _cta_barrier()
-        gl.atomic_add(cnt_ptr, 1, sem="release")
+        if count:
+            gl.atomic_add(cnt_ptr, 1, sem="release")
 
     @gluon.jit(do_not_specialize=["S", "n_layers", "D_OUT"])
     def _skut_wgmma_split_kernel(
@@ -555,7 +558,7 @@ if HAVE_GLUON:
                 own = _row_ptrs(kv_l, qt * BM + rm, cd, D)
                 gl.store(own, k)
                 gl.store(own + NT * BM * D, v)
-            _wait_and_count(seq_sync + layer, qt)  # this tile's K / V out, the earlier tiles' in
+            _wait_and_count(seq_sync + layer, qt, qt + 1 < NT)  # this tile's K / V out, the earlier tiles' in
             if layer + 1 < n_layers:  # every warp is done with Wq, Wk, Wv: the next layer's on their way
                 _copy_qkv(wq_s, wk_s, wv_s, w_ptr + (layer + 1) * LW, D)
                 async_copy.commit_group()
