@@ -244,13 +244,19 @@ def test_split_launch_matches_pytorch(s, d, h, f, n_layers, masked, pool, d_out,
         check(hidden, sk.skut_reference(enc, x, mask, True), dtype)
 
 
-def test_split_launch_needs_causal_and_its_workspace():
+def test_split_and_grouped_launches_need_causal_and_the_split_its_workspace():
     enc = make_encoder(32, 1, 16, 3)
     packed = sk.pack_encoder_weights(enc, torch.float32, device=DEV)
     x = torch.randn(2, 20, 32, device=DEV)
     split = sk.SkutConfig(16, 16, 4, split=True)
     with pytest.raises(ValueError, match="split needs causal"):
         sk.skut_forward(x, packed, causal=False, config=split)
+    with pytest.raises(ValueError, match="warp_groups needs causal"):
+        sk.skut_forward(x, packed, causal=False, config=sk.SkutConfig(16, 16, 4, wgmma=True, warp_groups=True))
+    for not_grouped in (sk.SkutConfig(16, 16, 4, warp_groups=True),
+                        sk.SkutConfig(16, 16, 4, split=True, wgmma=True, warp_groups=True)):  # fmt: skip
+        with pytest.raises(ValueError, match="warp_groups is a launch of the wgmma kernels"):
+            sk.skut_forward(x, packed, causal=True, config=not_grouped)
     # every layer's K/V (3 buffers) instead of two alternating ones plus an int32 per row (the rows' key
     # slots: one fp32 element each); without a config, enough for either
     kv_buf = 2 * 2 * 20 * 32  # sequences x (K, V) x rows x head dim
@@ -272,6 +278,7 @@ def test_wgmma_workspaces():
     a stack those kernels take (V2's shape in 16-bit)."""
     v2 = sk.pack_encoder_weights(make_encoder(64, 1, 32, 2), torch.float16)
     assert sk.workspace_numel(3, 130, v2, sk.SkutConfig(64, 64, 4, wgmma=True)) == 0
+    assert sk.workspace_numel(3, 130, v2, sk.SkutConfig(64, 64, 4, wgmma=True, warp_groups=True)) == 0
     tiles = 3 * 2 * 2 * 3 * 64 * 64  # sequences x layers x (K, V) x 3 tiles of 64 rows x d_model
     assert sk.workspace_numel(3, 130, v2, sk.SkutConfig(64, 64, 4, wgmma=True, split=True)) == tiles
     def mma_sync_need(packed):  # the larger of the mma.sync launches' needs

@@ -1,7 +1,7 @@
-"""The Gluon transformer kernel compiles for sm_90 with the installed Triton, within the budget its design
-assumes (three programs per SM for the two-pass form, two for the one-pass form). Gluon has no interpreter, so
-this is the CPU's only check of it; its results are checked against float64 on the GPU
-(tests/gpu/test_kernels_gpu.py)."""
+"""The Gluon transformer kernels compile for sm_90 with the installed Triton, within the budget their design
+assumes (three programs per SM for the two-pass form, two for the one-pass form and the per-tile launch, one for
+the grouped launch). Gluon has no interpreter, so this is the CPU's only check of them; their results are
+checked against float64 on the GPU (tests/gpu/test_kernels_gpu.py)."""
 
 from __future__ import annotations
 
@@ -26,38 +26,42 @@ import json, sys
 from runtime.kernels import skut_wgmma as sw
 from runtime.kernels.build import build_for_gpu
 
-pooled, one_pass, split = json.loads(sys.argv[1])
-fn = sw._skut_wgmma_split_kernel if split else sw._skut_wgmma_kernel
+pooled, kind, nt = json.loads(sys.argv[1])
+fn = {"split": sw._skut_wgmma_split_kernel, "groups": sw._skut_wgmma_groups_kernel}.get(kind, sw._skut_wgmma_kernel)
+one_pass = kind != "two-pass"
 types = {"x_ptr": "*fp16", "act_ptr": "*fp16", "out_ptr": "*fp16", "kv_ptr": "*fp16", "mask_ptr": "*u8",
          "w_ptr": "*fp16", "v_ptr": "*fp32", "pool_ptr": "*fp32" if pooled else "*fp16", "pw_ptr": "*fp32",
          "pb_ptr": "*fp32", "sync_ptr": "*i32", "part_ptr": "*fp32", "S": "i32", "n_layers": "i32", "D_OUT": "i32"}
-consts = dict(D=64, F=32, NT=3, CAUSAL=True, HAS_MASK=True, POOL=1 if pooled else 0, FINAL_NORM=False,
+consts = dict(D=64, F=32, NT=nt, CAUSAL=True, HAS_MASK=True, POOL=1 if pooled else 0, FINAL_NORM=False,
               STORE_OUT=not pooled, POOL_PROJ=pooled, O_P=64, ONE_PASS=one_pass)
 types = {n: t for n, t in types.items() if n in fn.arg_names}
 consts = {n: v for n, v in consts.items() if n in fn.arg_names}
 aligned = [n for n, t in types.items() if t.startswith("*")]
 kernel = build_for_gpu(fn, types, consts, aligned, num_warps=4, max_regs=None if one_pass else sw.MAX_REGS)
-print(json.dumps({"wgmma": "wgmma.mma_async" in kernel.asm["ptx"], "shared": kernel.metadata.shared}))
+ptx = kernel.asm["ptx"]
+print(json.dumps({"wgmma": "wgmma.mma_async" in ptx, "shared": kernel.metadata.shared,
+                  "warp_groups": ptx.count("setmaxnreg") > 0}))
 """
 
 
 @pytest.mark.parametrize(
-    "pooled,one_pass,split",
-    [(False, False, False), (True, True, False), (True, True, True)],
-    ids=["rows-two-pass", "runtime-one-pass", "runtime-per-tile"],
+    "pooled,kind,nt",
+    [(False, "two-pass", 3), (True, "one-pass", 3), (True, "split", 3), (True, "groups", 3), (False, "groups", 2)],
+    ids=["rows-two-pass", "runtime-one-pass", "runtime-per-tile", "runtime-grouped", "rows-grouped-two-tiles"],
 )
-def test_wgmma_kernel_builds_for_sm90(pooled: bool, one_pass: bool, split: bool) -> None:
-    """V2 at S=192 as the benchmark at B=2048 (every row, two passes per layer, registers capped), as the
-    runtime at 256 candidates (max over valid rows, then out_linear; one pass) and at 16 candidates (one
-    program per query tile) launch them: they compile to wgmma, and three (two) programs' shared memory fits
-    an SM."""
+def test_wgmma_kernel_builds_for_sm90(pooled: bool, kind: str, nt: int) -> None:
+    """V2 as the benchmark at B=2048 (every row, two passes per layer, registers capped), as the runtime
+    launches it at S=192 (max over valid rows, then out_linear; one pass, one program per query tile, or one
+    warp group per query tile) and every row of 65-128 tokens in the grouped launch: they compile to wgmma,
+    and three (two, one) programs' shared memory fits an SM; the grouped launch is warp-specialized."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", BUILD, json.dumps([pooled, one_pass, split])], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", BUILD, json.dumps([pooled, kind, nt])], capture_output=True,
                          text=True, env=env, cwd=Path(__file__).parents[1], timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     built = json.loads(out.stdout.strip().splitlines()[-1])
     assert built["wgmma"]  # the tensor-core path it was written for
-    per_sm = 2 if one_pass else 3
+    assert built["warp_groups"] == (kind == "groups")
+    per_sm = {"two-pass": 3, "groups": 1}.get(kind, 2)
     assert 0 < built["shared"] and per_sm * (built["shared"] + 2048) <= SM90_SHARED, built
 
 

@@ -712,8 +712,11 @@ class SkutConfig:
     (``_skut_split_kernel``). ``max_regs``: a cap on registers per thread (ptxas spills the rest to
     local memory), so that more programs share an SM; None lets ptxas take up to 255. ``wgmma``: the
     Hopper kernels of ``skut_wgmma`` instead (their own fixed tiles: 64 rows, 64 keys, 4 warps; the other
-    fields but ``split`` are not used), where ``skut_wgmma.supported`` says they run; with ``split``, its
-    per-tile launch (a sequence of one tile takes the per-sequence launch, the same computation)."""
+    fields but ``split`` and ``warp_groups`` are not used), where ``skut_wgmma.supported`` says they run; with
+    ``split``, its per-tile launch (a sequence of one tile takes the per-sequence launch, the same computation);
+    with ``warp_groups`` (causal only), its grouped launch: one program per sequence, one warp group per
+    64-row query tile (a sequence of one tile, or of more than ``skut_wgmma.MAX_GROUPS``, takes the
+    per-sequence launch)."""
 
     block_m: int
     block_n: int
@@ -723,6 +726,7 @@ class SkutConfig:
     split: bool = False
     max_regs: int | None = None
     wgmma: bool = False
+    warp_groups: bool = False
 
 
 LONG_SEQ = 2048  # sequences from this length on pipeline three K/V tiles deep (choose_config)
@@ -774,7 +778,9 @@ def choose_config(
     against 1.60 ms; they cost 2-10 % at S=1024, 512 and 192). Where ``skut_wgmma`` runs (sm_90, V2's shape), its
     kernels replace both launches (H200, S=192: B=256 ~1.12x, B=2048 1.29x; B=16 1.11x), and its per-tile
     launch gives way to its per-sequence one from ``WGMMA_SPLIT_BELOW`` of the SMs' count on (80 sequences:
-    0.0220 against 0.0292 ms; 96: 0.0310 against 0.0295).
+    0.0220 against 0.0292 ms; 96: 0.0310 against 0.0295). A causal stack of 2-3 query tiles (65-192 tokens) takes
+    its grouped launch at every batch, one warp group per query tile (S=192 against the launches above: B=64
+    1.33x, B=128 1.43x, B=256 1.09x, B=512 1.26x, B=2048 1.03x; B=16 1.02x, B=1 0.98x).
     """
     f_chunk = 64  # clamped to the padded FFN width at launch
     if seq_len <= 16:
@@ -786,6 +792,8 @@ def choose_config(
     if seq_len <= 32:
         return SkutConfig(32, 16, 4, f_chunk)
     wgmma = device is not None and skut_wgmma.supported(packed, seq_len, device)
+    if wgmma and causal and skut_wgmma.BLOCK < seq_len <= skut_wgmma.MAX_GROUPS * skut_wgmma.BLOCK:
+        return SkutConfig(64, 64, 4, f_chunk, wgmma=True, warp_groups=True)
     if causal and seq_len > 64 and batch is not None and device is not None:
         # Split below the SMs' count, or below WGMMA_SPLIT_BELOW of it where the wgmma kernels run.
         if wgmma and batch < sm_count(device) * WGMMA_SPLIT_BELOW:
@@ -893,13 +901,18 @@ def skut_forward(
         v = getattr(cfg, name)
         if v < 16 or v & (v - 1):
             raise ValueError(f"config.{name} must be a power of two >= 16, got {v}")
-    if cfg.split and not causal:
-        raise ValueError("config.split needs causal=True (a tile then needs no later tile's keys)")
+    for name in ("split", "warp_groups"):
+        if getattr(cfg, name) and not causal:
+            raise ValueError(f"config.{name} needs causal=True (a tile then needs no later tile's keys)")
+    if cfg.warp_groups and (cfg.split or not cfg.wgmma):
+        raise ValueError("config.warp_groups is a launch of the wgmma kernels (wgmma=True), not one with split")
     if cfg.wgmma and not skut_wgmma.supported(packed, s, dev):
         raise ValueError("config.wgmma needs an sm_90 GPU, Triton 3.6-3.9 (Gluon), d_model 64, one head, FFN <= 64, "
                          f"16-bit weights and 1 <= S <= {skut_wgmma.MAX_SEQ}")  # fmt: skip
     if cfg.split and cfg.wgmma and s <= skut_wgmma.BLOCK:
         cfg = replace(cfg, split=False)  # one query tile: the per-sequence launch is the same computation
+    if cfg.warp_groups and not skut_wgmma.BLOCK < s <= skut_wgmma.MAX_GROUPS * skut_wgmma.BLOCK:
+        cfg = replace(cfg, warp_groups=False)  # one tile (the same computation), or more tiles than groups
     if cfg.max_regs is not None and not 32 <= cfg.max_regs <= 255:
         raise ValueError(f"config.max_regs must be in [32, 255] (registers per thread), got {cfg.max_regs}")
     if pool is None:
@@ -907,11 +920,12 @@ def skut_forward(
         pooled = act
     else:
         pooled = out if out is not None else torch.empty(res_shape, dtype=res_dtype, device=dev)
-        # Activations between layers need a (B, S, d) buffer; one layer needs none, nor a split launch
-        # (its rows stay in registers): x stands in (its dtype is the compute dtype; nothing is written).
+        # Activations between layers need a (B, S, d) buffer; one layer needs none, nor a split or grouped
+        # launch (its rows stay on chip): x stands in (its dtype is the compute dtype; nothing is written).
         act = hidden
         if act is None:
-            act = torch.empty((bsz, s, d), dtype=x.dtype, device=dev) if packed.n_layers > 1 and not cfg.split else x
+            on_chip = cfg.split or cfg.warp_groups
+            act = torch.empty((bsz, s, d), dtype=x.dtype, device=dev) if packed.n_layers > 1 and not on_chip else x
     if bsz == 0 or s == 0:
         if pool is not None:
             if pool_proj is not None:  # the pool of nothing is 0, and Linear(0) is the bias
@@ -946,6 +960,13 @@ def skut_forward(
         compiled = skut_wgmma.launch_split(
             x, act, workspace, mask, packed, pooled, *head[7:9], d_out, meta["HAS_MASK"], meta["POOL"],
             meta["STORE_OUT"], meta["POOL_PROJ"], meta["O_P"],
+        )  # fmt: skip
+        _note_launch(compiled, cfg)
+        return pooled
+    if cfg.wgmma and cfg.warp_groups:
+        compiled = skut_wgmma.launch_groups(
+            x, act, mask, packed, pooled, *head[7:9], d_out, meta["HAS_MASK"], meta["POOL"], meta["STORE_OUT"],
+            meta["POOL_PROJ"], meta["O_P"],
         )  # fmt: skip
         _note_launch(compiled, cfg)
         return pooled
@@ -986,8 +1007,9 @@ def _note_launch(compiled, cfg) -> None:
 def workspace_numel(batch: int, seq_len: int, packed: PackedEncoder, config: SkutConfig | None = None) -> int:
     """Elements of scratch that ``skut_forward`` needs for a (batch, seq_len) input: with ``config``,
     as launched with it (one program per sequence alternates two layers' K/V and keeps each row's key
-    slot, a split launch keeps every layer's K/V; the per-sequence wgmma kernel needs none, its per-tile
-    launch keeps every layer's K/V in whole 64-row tiles); without, enough for any, whichever the call picks."""
+    slot, a split launch keeps every layer's K/V; the per-sequence and grouped wgmma launches need none, its
+    per-tile launch keeps every layer's K/V in whole 64-row tiles); without, enough for any, whichever the call
+    picks."""
     kv_buf = batch * 2 * packed.n_heads * seq_len * packed.dh_pad  # one layer's K and V
     split = packed.n_layers * kv_buf
     per_seq = min(2, packed.n_layers) * kv_buf + _slot_numel(batch, seq_len, packed.dtype)

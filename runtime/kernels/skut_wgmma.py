@@ -32,10 +32,17 @@ each keeping its rows in registers through every layer and waiting, per layer, o
 K / V, which it reads back from L2 while attending to its own keys; its weights arrive by asynchronous copies
 issued one step ahead.
 
+A causal stack of 2-3 query tiles (65-192 tokens) runs one program per sequence with one warp group per query
+tile instead (``launch_groups``, ``_skut_wgmma_groups_kernel``; Gluon's warp specialization): each warp group
+keeps its rows in shared memory through every layer and hands its K / V to the later tiles through shared
+memory and an mbarrier. The warp groups run apart, not in step, so the SM overlaps one tile's softmax with
+another's products, and no hand-over goes through L2; at 168 registers per thread the three warp groups fill
+the SM, one program per SM.
+
 Same function and conventions as ``skut._skut_kernel`` (packed weights from ``pack_encoder_weights``,
 fully masked rows are zeros, pools, ``pool_proj``). Gluon has no interpreter: the kernel runs on sm_90
 only and is checked by tests/gpu against the float64 reference; ``skut_forward`` uses it where
-``skut.choose_config`` sets ``wgmma`` (and ``split``: the per-tile launch).
+``skut.choose_config`` sets ``wgmma`` (and ``split``: the per-tile launch; ``warp_groups``: the grouped one).
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ from . import sm_count
 try:  # Gluon ships with Triton 3.5+; its barrier was renamed in 3.9
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mbarrier
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
     from triton.runtime.jit import constexpr_function
 
@@ -66,6 +73,8 @@ MAX_FF = 64
 # Three programs per SM: 3 x 128 threads x 168 registers fit in 65,536, and 3 x ~73 KB of shared memory in
 # 228 KB (ptxas takes ~185-205 registers if left alone, for the same code without spills).
 MAX_REGS = 168
+# The grouped launch: one warp group per query tile, up to three (3 x 128 threads x 168 registers fill an SM).
+MAX_GROUPS = 3
 
 
 # Triton releases this kernel was built with (3.6.0, 3.7.1, 3.8.0, 3.9.0; checked on the GPU with 3.6): Gluon is
@@ -597,6 +606,183 @@ if HAVE_GLUON:
                     pooled = gl.maximum(pooled, gl.load(part_ptr + (b * NT + t) * D + cd, cache_modifier=".cg"))
                 _store_pool(pooled, b, pool_ptr, pw_ptr, pb_ptr, D_OUT, D, O_P, POOL_PROJ, ACC)
 
+    @gluon.jit
+    def _key_bias_tile(kb_t, m_b, S, T: gl.constexpr, HAS_MASK: gl.constexpr):
+        """Key tile T's biases into ``kb_t`` (64 keys): 0 where a key may be attended to, -inf where padded or
+        past S (as ``_key_bias``, for one tile)."""
+        BM: gl.constexpr = kb_t.shape[0]
+        kidx = T * BM + gl.arange(0, BM, layout=gl.BlockedLayout([1], [32], [4], [0]))
+        key_ok = kidx < S
+        if HAS_MASK:
+            key_ok = key_ok & (gl.load(m_b + kidx, mask=key_ok, other=1) == 0)
+        kb_t.store(gl.where(key_ok, 0.0, float("-inf")))
+
+    @gluon.jit
+    def _copy_share(T: gl.constexpr, NT: gl.constexpr, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, w_l, D: gl.constexpr,
+                    F: gl.constexpr):  # fmt: skip
+        """Start copying tile T's share of a layer's six matrices (packed at ``w_l``) into shared memory: the
+        warp groups load a layer's weights together, the last tile's (the longest chain) the smallest share."""
+        if NT == 2:
+            if T == 0:
+                _copy_qkv(wq_s, wk_s, wv_s, w_l, D)
+            else:
+                _copy_out_ffn(wo_s, w1_s, w2_s, w_l, D, F)
+        else:
+            if T == 0:
+                _copy_async(wq_s, w_l, D, D)
+                _copy_async(wk_s, w_l + D * D, D, D)
+            elif T == 1:
+                _copy_async(wv_s, w_l + 2 * D * D, D, D)
+                _copy_async(wo_s, w_l + 3 * D * D, D, D)
+            else:
+                _copy_async(w1_s, w_l + 4 * D * D, D, F)
+                _copy_async(w2_s, w_l + 4 * D * D + D * F, F, D)
+
+    @gluon.jit
+    def _group_tile(T: gl.constexpr, NT: gl.constexpr, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr,
+                  S, n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kb_s, part_s, bars,
+                  D: gl.constexpr, F: gl.constexpr, HAS_MASK: gl.constexpr, POOL: gl.constexpr,
+                  FINAL_NORM: gl.constexpr, STORE_OUT: gl.constexpr, POOL_PROJ: gl.constexpr,
+                  O_P: gl.constexpr):  # fmt: skip
+        """One warp group's part of ``_skut_wgmma_groups_kernel``: query tile T of the program's sequence, every
+        layer. ``bars``: the weights of buffer 0 / 1 in (all shares), every tile done with a layer (with the
+        pool's parts stored, in the last), then tile j's K / V of the current layer in (one each)."""
+        BM: gl.constexpr = 64
+        DT: gl.constexpr = w_ptr.dtype.element_ty
+        LW: gl.constexpr = 4 * D * D + 2 * D * F
+        LV: gl.constexpr = 9 * D + F + 2
+        ACC: gl.constexpr = _acc_layout(D)
+        ACC_F: gl.constexpr = _acc_layout(F)
+        A_OP: gl.constexpr = _a_operand(D)
+        A_OP_F: gl.constexpr = _a_operand(F)
+
+        b = gl.program_id(0).to(gl.int64)
+        m_b = mask_ptr + b * S
+        rm = gl.arange(0, BM, layout=gl.SliceLayout(1, ACC))
+        cd = gl.arange(0, D, layout=gl.SliceLayout(0, ACC))
+        rows, ok = _tile(T, rm, cd, S, D, BM)
+        xs = x_s.index(T)
+        # This tile's rows and its share of layer 0's weights; its keys' biases.
+        _copy_rows(xs, x_ptr + b * S * D, T, S, D)
+        _copy_share(T, NT, wq_s.index(0), wk_s.index(0), wv_s.index(0), wo_s.index(0), w1_s.index(0),
+                    w2_s.index(0), w_ptr, D, F)  # fmt: skip
+        async_copy.commit_group()
+        _key_bias_tile(kb_s.index(T), m_b, S, T, HAS_MASK)
+        l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, ACC))
+        pooled = gl.full([D], float("-inf"), gl.float32, gl.SliceLayout(0, ACC))
+        for layer in range(0, n_layers):
+            buf = layer % 2
+            v_l = v_ptr + layer * LV
+            if layer > 0:  # every tile is done with the last layer: its K / V slots and weight buffer are free
+                mbarrier.wait(bars.index(2), (layer - 1) % 2)
+            async_copy.wait_group(0)  # this tile's share of the layer's weights (and, first, its rows)
+            fence_async_shared()
+            _cta_barrier()
+            mbarrier.arrive(bars.index(buf))
+            if layer + 1 < n_layers:  # its share of the next layer's, into the other buffer
+                nb = 1 - buf
+                _copy_share(T, NT, wq_s.index(nb), wk_s.index(nb), wv_s.index(nb), wo_s.index(nb), w1_s.index(nb),
+                            w2_s.index(nb), w_ptr + (layer + 1) * LW, D, F)  # fmt: skip
+                async_copy.commit_group()
+            mbarrier.wait(bars.index(buf), (layer // 2) % 2)  # every share of this layer's weights
+            k = warpgroup_mma(xs, wk_s.index(buf), gl.zeros([BM, D], gl.float32, ACC), use_acc=False, is_async=True)
+            v = warpgroup_mma(xs, wv_s.index(buf), gl.zeros([BM, D], gl.float32, ACC), use_acc=False, is_async=True)
+            q = warpgroup_mma(xs, wq_s.index(buf), gl.zeros([BM, D], gl.float32, ACC), use_acc=False, is_async=True)
+            x_res = xs.load(ACC)
+            k, v, q = warpgroup_mma_wait(num_outstanding=0, deps=[k, v, q])
+            k_s.index(T).store(k.to(DT))
+            v_s.index(T).store(v.to(DT))
+            fence_async_shared()
+            _cta_barrier()
+            if T + 1 < NT:  # the later tiles' wait
+                mbarrier.arrive(bars.index(3 + T))
+            qa = gl.convert_layout((q + gl.expand_dims(gl.load(v_l + cd), 0)).to(DT), A_OP)
+            m_i, l_i, acc = _attend_start(BM, D, ACC)
+            m_i, l_i, acc = _attend(qa, rows, k_s, v_s, kb_s, T, T + 1, m_i, l_i, acc, True, ACC, A_OP)
+            for j in gl.static_range(T):  # the earlier tiles' K / V of this layer
+                mbarrier.wait(bars.index(3 + j), layer % 2)
+            m_i, l_i, acc = _attend(qa, rows, k_s, v_s, kb_s, 0, T, m_i, l_i, acc, False, ACC, A_OP)
+            y = _out_and_ffn(_attend_end(l_i, acc), x_res.to(gl.float32), v_l, wo_s.index(buf), w1_s.index(buf),
+                             w2_s.index(buf), D, F, ACC, ACC_F, A_OP, A_OP_F)  # fmt: skip
+            if layer + 1 < n_layers:
+                xs.store(y.to(DT))  # the next layer's rows (this tile's own)
+            else:
+                y = _last_rows(y, l_i, rows, ok, _row_ptrs(out_ptr + b * S * D, rows, cd, D), m_b, S, v_ptr,
+                               n_layers * LV, D, FINAL_NORM, STORE_OUT, HAS_MASK, POOL, ACC)  # fmt: skip
+                if POOL != 0:
+                    pooled = gl.max(y, axis=0)
+                    if T + 1 < NT:
+                        part_s.index(T).store(pooled)
+            _cta_barrier()  # every warp of the tile is done with the layer
+            mbarrier.arrive(bars.index(2))
+        if POOL != 0:
+            if T + 1 == NT:  # the last tile pools every tile's max
+                mbarrier.wait(bars.index(2), (n_layers - 1) % 2)
+                for j in gl.static_range(NT - 1):
+                    pooled = gl.maximum(pooled, part_s.index(j).load(gl.SliceLayout(0, ACC)))
+                _store_pool(pooled, b, pool_ptr, pw_ptr, pb_ptr, D_OUT, D, O_P, POOL_PROJ, ACC)
+
+    @gluon.jit(do_not_specialize=["S", "n_layers", "D_OUT"])
+    def _skut_wgmma_groups_kernel(
+        x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S, n_layers, D_OUT,
+        D: gl.constexpr, F: gl.constexpr, NT: gl.constexpr, HAS_MASK: gl.constexpr, POOL: gl.constexpr,
+        FINAL_NORM: gl.constexpr, STORE_OUT: gl.constexpr, POOL_PROJ: gl.constexpr, O_P: gl.constexpr,
+    ):  # fmt: skip
+        """Causal only, 2 or 3 query tiles: one program per sequence, one warp group per 64-row query tile
+        (``_group_tile``), each running every layer on its own rows. A tile hands its K / V to the later tiles
+        through shared memory and an mbarrier; the warp groups run apart, not in step, so one tile's
+        exponentials overlap another's products. Weights are double-buffered by layer, each warp group
+        copying a share; a layer's buffers are reused once every tile is done with the layer before."""
+        BM: gl.constexpr = 64
+        DT: gl.constexpr = w_ptr.dtype.element_ty
+        SH_DD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, D], DT)
+        SH_DF: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, F], DT)
+        SH_FD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([F, D], DT)
+        SH_KV: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, D], DT)
+        FLAT: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+        wq_s = gl.allocate_shared_memory(DT, [2, D, D], SH_DD)
+        wk_s = gl.allocate_shared_memory(DT, [2, D, D], SH_DD)
+        wv_s = gl.allocate_shared_memory(DT, [2, D, D], SH_DD)
+        wo_s = gl.allocate_shared_memory(DT, [2, D, D], SH_DD)
+        w1_s = gl.allocate_shared_memory(DT, [2, D, F], SH_DF)
+        w2_s = gl.allocate_shared_memory(DT, [2, F, D], SH_FD)
+        k_s = gl.allocate_shared_memory(DT, [NT, BM, D], SH_KV)
+        v_s = gl.allocate_shared_memory(DT, [NT, BM, D], SH_KV)
+        x_s = gl.allocate_shared_memory(DT, [NT, BM, D], SH_KV)
+        kb_s = gl.allocate_shared_memory(gl.float32, [NT, BM], FLAT)
+        part_s = gl.allocate_shared_memory(gl.float32, [NT, D], FLAT)
+        bars = gl.allocate_shared_memory(gl.int64, [3 + NT, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(bars.index(0), count=NT)
+        mbarrier.init(bars.index(1), count=NT)
+        mbarrier.init(bars.index(2), count=NT)
+        for j in gl.static_range(NT):
+            mbarrier.init(bars.index(3 + j), count=1)
+        fence_async_shared()
+        _cta_barrier()
+        # (Each partition's arguments spelled out: a tuple built first and concatenated loses the constexprs.
+        # The last tile, the longest chain, runs in the default partition.)
+        if NT == 2:
+            gl.warp_specialize([
+                (_group_tile, (1, 2, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S,
+                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kb_s, part_s,
+                               bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P)),
+                (_group_tile, (0, 2, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S,
+                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kb_s, part_s,
+                               bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P)),
+            ], [4], [168])  # fmt: skip
+        else:
+            gl.warp_specialize([
+                (_group_tile, (2, 3, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S,
+                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kb_s, part_s,
+                               bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P)),
+                (_group_tile, (0, 3, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S,
+                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kb_s, part_s,
+                               bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P)),
+                (_group_tile, (1, 3, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S,
+                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kb_s, part_s,
+                               bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P)),
+            ], [4, 4], [168, 168])  # fmt: skip
+
 
 def launch(
     x: torch.Tensor, act: torch.Tensor, mask: torch.Tensor, packed, pooled: torch.Tensor,  # noqa: ANN001
@@ -637,6 +823,24 @@ def launch_split(
     part = torch.empty(bsz * n_qt * D_MODEL if pool else 1, dtype=torch.float32, device=x.device)
     return _skut_wgmma_split_kernel[(bsz * n_qt,)](
         x, out, kv, mask, packed.mats, packed.vecs, pooled, pool_w, pool_b, sync, part, s, packed.n_layers, d_out,
+        D=D_MODEL, F=packed.ff_pad, NT=n_qt, HAS_MASK=has_mask, POOL=pool, FINAL_NORM=packed.final_norm,
+        STORE_OUT=store_out, POOL_PROJ=pool_proj, O_P=o_p, num_warps=4,
+    )  # fmt: skip
+
+
+def launch_groups(
+    x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor, packed, pooled: torch.Tensor,  # noqa: ANN001
+    pool_w: torch.Tensor, pool_b: torch.Tensor, d_out: int, has_mask: bool, pool: int, store_out: bool,
+    pool_proj: bool, o_p: int,
+):  # noqa: ANN201 (Triton's compiled kernel)
+    """One program per sequence of a causal stack of 2-3 query tiles (65-192 tokens), one warp group per tile
+    (``_skut_wgmma_groups_kernel``); arguments as ``launch_split`` takes them, without its scratch."""
+    bsz, s, _ = x.shape
+    n_qt = -(-s // BLOCK)
+    if not 2 <= n_qt <= MAX_GROUPS:
+        raise ValueError(f"launch_groups runs 2-{MAX_GROUPS} query tiles of {BLOCK} rows, got S={s}")
+    return _skut_wgmma_groups_kernel[(bsz,)](
+        x, out, mask, packed.mats, packed.vecs, pooled, pool_w, pool_b, s, packed.n_layers, d_out,
         D=D_MODEL, F=packed.ff_pad, NT=n_qt, HAS_MASK=has_mask, POOL=pool, FINAL_NORM=packed.final_norm,
         STORE_OUT=store_out, POOL_PROJ=pool_proj, O_P=o_p, num_warps=4,
     )  # fmt: skip

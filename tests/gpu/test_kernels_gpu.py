@@ -173,6 +173,7 @@ def test_skut_cuda_graph():
 
 WGMMA = sk.SkutConfig(64, 64, 4, wgmma=True)
 WGMMA_SPLIT = sk.SkutConfig(64, 64, 4, wgmma=True, split=True)
+WGMMA_GROUPS = sk.SkutConfig(64, 64, 4, wgmma=True, warp_groups=True)
 needs_sm90 = pytest.mark.skipif(
     torch.cuda.get_device_capability()[0] != 9, reason="the wgmma kernel is built for sm_90 (H100 / H200)"
 )
@@ -195,13 +196,14 @@ WGMMA_CASES = [
 @needs_sm90
 @pytest.mark.parametrize(
     "s,f,n_layers,causal,masked,pool,proj,dtype,final,config",
-    [(*case, WGMMA) for case in WGMMA_CASES] + [(*case, WGMMA_SPLIT) for case in WGMMA_CASES if case[3]],
+    [(*case, WGMMA) for case in WGMMA_CASES]
+    + [(*case, cfg) for cfg in (WGMMA_SPLIT, WGMMA_GROUPS) for case in WGMMA_CASES if case[3]],
     ids=str,
 )
 def test_skut_wgmma(s, f, n_layers, causal, masked, pool, proj, dtype, final, config):
-    """The Gluon kernels (per sequence, and for causal stacks per query tile) against the float64 modules:
-    tails, one token, fully masked sequences and rows, every pool, Linear(pool), the final norm, 1-3 layers,
-    FFN 16-64, fp16 and bf16; with a pool it also hands back every row (``hidden``)."""
+    """The Gluon kernels (per sequence, and for causal stacks per query tile or per warp group) against the
+    float64 modules: tails, one token, fully masked sequences and rows, every pool, Linear(pool), the final norm,
+    1-3 layers, FFN 16-64, fp16 and bf16; with a pool it also hands back every row (``hidden``)."""
     bsz, d = 6, 64
     enc = sk.random_encoder(d, 1, f, n_layers, seed=s + f, final_norm=final).to(DEV)
     packed = sk.pack_encoder_weights(enc, dtype)
@@ -213,8 +215,10 @@ def test_skut_wgmma(s, f, n_layers, causal, masked, pool, proj, dtype, final, co
     hidden = torch.full((bsz, s, d), float("nan"), dtype=dtype, device=DEV) if pool else None
     sk.skut_forward(x.to(dtype), packed, mask, causal, pool, config=config, out=out, hidden=hidden,
                     pool_proj=proj_w)  # fmt: skip
-    # (one query tile: the per-tile launch hands over to the per-sequence one)
-    assert sk.last_launch_info["config"] == (config if s > 64 else WGMMA)
+    # (one query tile: the per-tile and grouped launches hand over to the per-sequence one, as does the grouped
+    # launch past three tiles)
+    per_seq = s <= 64 or (config.warp_groups and s > 3 * 64)
+    assert sk.last_launch_info["config"] == (WGMMA if per_seq else config)
     rows = sk.skut_reference(enc, x, mask, causal, None)
     ref = rows if pool is None else sk._pool(rows, mask, pool)
     if proj:
@@ -254,6 +258,15 @@ def test_skut_wgmma_split_many_sequences(pool, s):
 
 @needs_sm90
 @pytest.mark.parametrize("pool", [None, "max_valid"])
+@pytest.mark.parametrize("s", [100, 192])
+def test_skut_wgmma_groups_many_sequences(pool, s):
+    """The grouped launch (two and three warp groups) with several waves of programs."""
+    bsz = 3 * torch.cuda.get_device_properties(0).multi_processor_count + 7
+    wgmma_many_sequences(WGMMA_GROUPS, bsz, s, pool, seed=6)
+
+
+@needs_sm90
+@pytest.mark.parametrize("pool", [None, "max_valid"])
 def test_skut_wgmma_two_pass_causal(pool):
     """More causal sequences than two per SM: the two-pass form (K / V of the whole sequence first)."""
     bsz = 2 * torch.cuda.get_device_properties(0).multi_processor_count + 5
@@ -263,12 +276,14 @@ def test_skut_wgmma_two_pass_causal(pool):
 @needs_sm90
 @pytest.mark.parametrize("bsz", [256, 16])
 def test_skut_wgmma_chosen_and_captured(bsz):
-    """choose_config takes the wgmma kernels for V2 (per sequence at B=256, per query tile at B=16), and they
-    replay from a CUDA graph."""
+    """choose_config takes the wgmma kernels for V2 (one warp group per query tile at S=192; at S=256 per
+    sequence at B=256, per query tile at B=16), and they replay from a CUDA graph."""
     enc = make_encoder(64, 1, 32, 2).to(DEV)
     packed = sk.pack_encoder_weights(enc, torch.float16)
     s = 192
-    assert sk.choose_config(s, packed, bsz, True, torch.device(DEV)) == (WGMMA_SPLIT if bsz == 16 else WGMMA)
+    assert sk.choose_config(s, packed, bsz, True, torch.device(DEV)) == WGMMA_GROUPS
+    assert sk.choose_config(256, packed, bsz, True, torch.device(DEV)) == (WGMMA_SPLIT if bsz == 16 else WGMMA)
+    assert sk.choose_config(s, packed, bsz, False, torch.device(DEV)) == WGMMA
     assert not sk.choose_config(300, packed, bsz, True, torch.device(DEV)).wgmma  # K / V would not fit
     assert not sk.choose_config(s, sk.pack_encoder_weights(enc, torch.float32), bsz, True, torch.device(DEV)).wgmma
     x = torch.randn(bsz, s, 64, device=DEV).half()
