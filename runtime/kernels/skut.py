@@ -779,8 +779,9 @@ def choose_config(
     kernels replace both launches (H200, S=192: B=256 ~1.12x, B=2048 1.29x; B=16 1.11x), and its per-tile
     launch gives way to its per-sequence one from ``WGMMA_SPLIT_BELOW`` of the SMs' count on (80 sequences:
     0.0220 against 0.0292 ms; 96: 0.0310 against 0.0295). A causal stack of 2-3 query tiles (65-192 tokens) takes
-    its grouped launch at every batch, one warp group per query tile (S=192 against the launches above: B=64
-    1.33x, B=128 1.43x, B=256 1.09x, B=512 1.26x, B=2048 1.03x; B=16 1.02x, B=1 0.98x).
+    its grouped launch, one warp group per query tile: with three tiles at every batch (S=192 against the
+    launches above: B=64 1.33x, B=128 1.43x, B=256 1.09x, B=512 1.26x, B=2048 1.03x; B=16 1.02x, B=1 0.98x),
+    with two up to twice the SMs' count (S=128: B=1 1.30x, B=64 1.33x, B=256 1.04x; B=2048 0.99x).
     """
     f_chunk = 64  # clamped to the padded FFN width at launch
     if seq_len <= 16:
@@ -793,7 +794,9 @@ def choose_config(
         return SkutConfig(32, 16, 4, f_chunk)
     wgmma = device is not None and skut_wgmma.supported(packed, seq_len, device)
     if wgmma and causal and skut_wgmma.BLOCK < seq_len <= skut_wgmma.MAX_GROUPS * skut_wgmma.BLOCK:
-        return SkutConfig(64, 64, 4, f_chunk, wgmma=True, warp_groups=True)
+        # Two tiles fall behind the two-pass form at many sequences (H200, B=2048: S=128 0.99x, S=100 0.94x).
+        if seq_len > 2 * skut_wgmma.BLOCK or batch is None or batch <= 2 * sm_count(device):
+            return SkutConfig(64, 64, 4, f_chunk, wgmma=True, warp_groups=True)
     if causal and seq_len > 64 and batch is not None and device is not None:
         # Split below the SMs' count, or below WGMMA_SPLIT_BELOW of it where the wgmma kernels run.
         if wgmma and batch < sm_count(device) * WGMMA_SPLIT_BELOW:

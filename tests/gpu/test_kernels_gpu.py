@@ -284,6 +284,9 @@ def test_skut_wgmma_chosen_and_captured(bsz):
     assert sk.choose_config(s, packed, bsz, True, torch.device(DEV)) == WGMMA_GROUPS
     assert sk.choose_config(256, packed, bsz, True, torch.device(DEV)) == (WGMMA_SPLIT if bsz == 16 else WGMMA)
     assert sk.choose_config(s, packed, bsz, False, torch.device(DEV)) == WGMMA
+    two_tiles_many = 2 * torch.cuda.get_device_properties(0).multi_processor_count + 1  # the two-pass form's
+    assert sk.choose_config(128, packed, two_tiles_many, True, torch.device(DEV)) == WGMMA
+    assert sk.choose_config(128, packed, bsz, True, torch.device(DEV)) == WGMMA_GROUPS
     assert not sk.choose_config(300, packed, bsz, True, torch.device(DEV)).wgmma  # K / V would not fit
     assert not sk.choose_config(s, sk.pack_encoder_weights(enc, torch.float32), bsz, True, torch.device(DEV)).wgmma
     x = torch.randn(bsz, s, 64, device=DEV).half()
