@@ -30,8 +30,9 @@ sys.path.append(_HERE)
 
 MODULES = ("skut", "nn_select")
 OPTIONAL = ("skut_wgmma",)  # copied where REV has it; the old skut then runs its own
-TRANSFORMER = [  # name, batch, seq, d_model, heads, causal, fraction of keys padded
+TRANSFORMER = [  # name, batch, seq, d_model, heads, causal, fraction of keys padded[, pooled as the runtime pools V2]
     ("V2 B=256 S=192 d=64 causal", 256, 192, 64, 1, True, 0.25),
+    ("V2 B=256 S=192, the runtime's max over valid rows + out_linear", 256, 192, 64, 1, True, 0.25, True),
     ("V2 B=256 S=192, no padding", 256, 192, 64, 1, True, 0.0),
     ("V1 B=256 S=100 d=96 2 heads", 256, 100, 96, 2, False, 0.25),
     ("V1 B=256 S=100, no padding", 256, 100, 96, 2, False, 0.0),
@@ -107,18 +108,26 @@ def run_transformer(old_sk, rounds: int) -> None:
 
     print("| transformer (2 layers, FFN 32) | old ms | new ms | speed-up | rel. err (new) | regs / spills old -> new |")
     print("|---|---:|---:|---:|---:|---|")
-    for name, bsz, s, d, h, causal, pad in TRANSFORMER:
+    for name, bsz, s, d, h, causal, pad, *pooled in TRANSFORMER:
         enc = make_encoder(d, h, 32, 2)
+        pool, proj = (None, None)
+        if pooled:  # V2 as the runtime launches it: max over valid rows, then out_linear (d -> d), fp32 out
+            gen = torch.Generator(device="cuda").manual_seed(1)
+            pool = "max_valid"
+            proj = (torch.randn(d, d, device="cuda", generator=gen) / 8, torch.randn(d, device="cuda", generator=gen))
         p_new, p_old = new_sk.pack_encoder_weights(enc, torch.float16), old_sk.pack_encoder_weights(enc, torch.float16)
         x, kpm = transformer_inputs(bsz, s, d, seed=0)
         if pad == 0.0:
             kpm = torch.zeros_like(kpm)
         cfg = new_sk.choose_config(s, p_new, bsz, causal, x.device)  # what the timed call picks
         err = max(check_skut(enc, p_new, cfg, 8, s, causal), check_skut(enc, p_new, cfg, 8, s, causal, "max_valid"))
-        o_new = torch.empty(bsz, s, d, dtype=torch.float16, device="cuda")
+        if pool is None:
+            o_new = torch.empty(bsz, s, d, dtype=torch.float16, device="cuda")
+        else:
+            o_new = torch.empty(bsz, d, dtype=torch.float32, device="cuda")
         o_old = torch.empty_like(o_new)
-        run_new = functools.partial(new_sk.skut_forward, x, p_new, kpm, causal, None, out=o_new)
-        run_old = functools.partial(old_sk.skut_forward, x, p_old, kpm, causal, None, out=o_old)
+        run_new = functools.partial(new_sk.skut_forward, x, p_new, kpm, causal, pool, out=o_new, pool_proj=proj)
+        run_old = functools.partial(old_sk.skut_forward, x, p_old, kpm, causal, pool, out=o_old, pool_proj=proj)
         run_new()
         run_old()
         regs = (f"{old_sk.last_launch_info.get('n_regs')} / {old_sk.last_launch_info.get('n_spills')} -> "
