@@ -127,6 +127,17 @@ if HAVE_GLUON:
         return gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (c // 8), c // 8], warps_per_cta=[4, 1],
                                 order=[1, 0])  # fmt: skip
 
+    @constexpr_function
+    def _layer_mats(d, f):
+        """Elements of one layer's six matrices in ``PackedEncoder.mats`` (Wq, Wk, Wv, Wo: d x d; W1, W2: d x f)."""
+        return 4 * d * d + 2 * d * f
+
+    @constexpr_function
+    def _layer_vecs(d, f):
+        """Elements of one layer's vectors in ``PackedEncoder.vecs`` (biases, LayerNorm weights and biases, the two
+        epsilons)."""
+        return 9 * d + f + 2
+
     @gluon.jit
     def _layernorm(x, v_ptr, off_w, off_b, eps, D: gl.constexpr, LAYOUT: gl.constexpr):
         """Affine LayerNorm of the rows of x (fp32, every column real)."""
@@ -157,19 +168,22 @@ if HAVE_GLUON:
         dst.store(gl.load(src_ptr + gl.expand_dims(r, 1) * C + gl.expand_dims(c, 0)))
 
     @gluon.jit
+    def _key_bias_tile(kb_t, m_b, S, T: gl.constexpr, HAS_MASK: gl.constexpr, live=True):
+        """Key tile T's biases into ``kb_t`` (64 keys, one per thread): 0 where a key may be attended to, -inf
+        where padded (``m_b``: the sequence's padding mask), past S, or everywhere unless ``live``."""
+        BM: gl.constexpr = kb_t.shape[0]
+        kidx = T * BM + gl.arange(0, BM, layout=gl.BlockedLayout([1], [32], [4], [0]))
+        key_ok = (kidx < S) & live
+        if HAS_MASK:
+            key_ok = key_ok & (gl.load(m_b + kidx, mask=key_ok, other=1) == 0)
+        kb_t.store(gl.where(key_ok, 0.0, float("-inf")))
+
+    @gluon.jit
     def _key_bias(kb_s, m_b, S, n_t, NT: gl.constexpr, HAS_MASK: gl.constexpr):
-        """Each key's bias for key tiles 0 .. n_t-1 into ``kb_s`` (the (NT, 64) buffer): 0 where it may be attended
-        to, -inf where padded (``m_b``: the sequence's padding mask) or past S. A static loop, so that the mask
-        loads of every tile are in flight together (one memory latency at the start, not one per tile), one
-        key per thread."""
-        BM: gl.constexpr = kb_s.shape[1]
-        kn = gl.arange(0, BM, layout=gl.BlockedLayout([1], [32], [4], [0]))
+        """Each key's bias for key tiles 0 .. n_t-1 into ``kb_s`` (the (NT, 64) buffer). A static loop, so that the
+        mask loads of every tile are in flight together (one memory latency at the start, not one per tile)."""
         for t in gl.static_range(NT):
-            kidx = t * BM + kn
-            key_ok = (kidx < S) & (t < n_t)
-            if HAS_MASK:
-                key_ok = key_ok & (gl.load(m_b + kidx, mask=key_ok, other=1) == 0)
-            kb_s.index(t).store(gl.where(key_ok, 0.0, float("-inf")))
+            _key_bias_tile(kb_s.index(t), m_b, S, t, HAS_MASK, t < n_t)
 
     @gluon.jit
     def _copy_async(dst, src_ptr, R: gl.constexpr, C: gl.constexpr):
@@ -307,8 +321,8 @@ if HAVE_GLUON:
     ):  # fmt: skip
         BM: gl.constexpr = 64
         DT: gl.constexpr = w_ptr.dtype.element_ty
-        LW: gl.constexpr = 4 * D * D + 2 * D * F
-        LV: gl.constexpr = 9 * D + F + 2
+        LW: gl.constexpr = _layer_mats(D, F)
+        LV: gl.constexpr = _layer_vecs(D, F)
 
         # Accumulators: wgmma's layout over one warp group (each warp 16 rows); A operands in registers.
         ACC: gl.constexpr = _acc_layout(D)
@@ -504,8 +518,8 @@ if HAVE_GLUON:
         and the last tile of a sequence to finish pools them."""
         BM: gl.constexpr = 64
         DT: gl.constexpr = w_ptr.dtype.element_ty
-        LW: gl.constexpr = 4 * D * D + 2 * D * F
-        LV: gl.constexpr = 9 * D + F + 2
+        LW: gl.constexpr = _layer_mats(D, F)
+        LV: gl.constexpr = _layer_vecs(D, F)
         KV_L: gl.constexpr = 2 * NT * BM * D  # one layer's K and V of a sequence in kv_ptr, rows padded to tiles
 
         # Accumulators: wgmma's layout over one warp group (each warp 16 rows); A operands in registers.
@@ -607,17 +621,6 @@ if HAVE_GLUON:
                 _store_pool(pooled, b, pool_ptr, pw_ptr, pb_ptr, D_OUT, D, O_P, POOL_PROJ, ACC)
 
     @gluon.jit
-    def _key_bias_tile(kb_t, m_b, S, T: gl.constexpr, HAS_MASK: gl.constexpr):
-        """Key tile T's biases into ``kb_t`` (64 keys): 0 where a key may be attended to, -inf where padded or
-        past S (as ``_key_bias``, for one tile)."""
-        BM: gl.constexpr = kb_t.shape[0]
-        kidx = T * BM + gl.arange(0, BM, layout=gl.BlockedLayout([1], [32], [4], [0]))
-        key_ok = kidx < S
-        if HAS_MASK:
-            key_ok = key_ok & (gl.load(m_b + kidx, mask=key_ok, other=1) == 0)
-        kb_t.store(gl.where(key_ok, 0.0, float("-inf")))
-
-    @gluon.jit
     def _copy_share(T: gl.constexpr, NT: gl.constexpr, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, w_l, D: gl.constexpr,
                     F: gl.constexpr):  # fmt: skip
         """Start copying tile T's share of a layer's six matrices (packed at ``w_l``) into shared memory: the
@@ -649,8 +652,8 @@ if HAVE_GLUON:
         pool's parts stored, in the last), then tile j's K / V of the current layer in (one each)."""
         BM: gl.constexpr = 64
         DT: gl.constexpr = w_ptr.dtype.element_ty
-        LW: gl.constexpr = 4 * D * D + 2 * D * F
-        LV: gl.constexpr = 9 * D + F + 2
+        LW: gl.constexpr = _layer_mats(D, F)
+        LV: gl.constexpr = _layer_vecs(D, F)
         ACC: gl.constexpr = _acc_layout(D)
         ACC_F: gl.constexpr = _acc_layout(F)
         A_OP: gl.constexpr = _a_operand(D)
