@@ -959,25 +959,15 @@ def skut_forward(
     )  # fmt: skip
     if cfg.max_regs is not None:  # (the interpreter ignores it)
         meta["maxnreg"] = cfg.max_regs
-    if cfg.wgmma and cfg.split:
-        compiled = skut_wgmma.launch_split(
-            x, act, workspace, mask, packed, pooled, *head[7:9], d_out, meta["HAS_MASK"], meta["POOL"],
-            meta["STORE_OUT"], meta["POOL_PROJ"], meta["O_P"],
-        )  # fmt: skip
-        _note_launch(compiled, cfg)
-        return pooled
-    if cfg.wgmma and cfg.warp_groups:
-        compiled = skut_wgmma.launch_groups(
-            x, act, mask, packed, pooled, *head[7:9], d_out, meta["HAS_MASK"], meta["POOL"], meta["STORE_OUT"],
-            meta["POOL_PROJ"], meta["O_P"],
-        )  # fmt: skip
-        _note_launch(compiled, cfg)
-        return pooled
-    if cfg.wgmma:
-        compiled = skut_wgmma.launch(
-            x, act, mask, packed, pooled, *head[7:9], d_out, bool(causal), meta["HAS_MASK"], meta["POOL"],
-            meta["STORE_OUT"], meta["POOL_PROJ"], meta["O_P"],
-        )  # fmt: skip
+    if cfg.wgmma:  # the Gluon kernels: per query tile, one warp group per query tile, or per sequence
+        tail = (pooled, *head[7:9], d_out)
+        flags = (meta["HAS_MASK"], meta["POOL"], meta["STORE_OUT"], meta["POOL_PROJ"], meta["O_P"])
+        if cfg.split:
+            compiled = skut_wgmma.launch_split(x, act, workspace, mask, packed, *tail, *flags)
+        elif cfg.warp_groups:
+            compiled = skut_wgmma.launch_groups(x, act, mask, packed, *tail, *flags)
+        else:
+            compiled = skut_wgmma.launch(x, act, mask, packed, *tail, bool(causal), *flags)
         _note_launch(compiled, cfg)
         return pooled
     with mma_sync_only():
