@@ -35,8 +35,9 @@ issued one step ahead.
 A causal stack of 2-3 query tiles (65-192 tokens) runs one program per sequence with one warp group per query
 tile instead (``launch_groups``, ``_skut_wgmma_groups_kernel``; Gluon's warp specialization): each warp group
 keeps its rows in shared memory through every layer and hands its K / V to the later tiles through shared
-memory and an mbarrier. The warp groups run apart, not in step, so the SM overlaps one tile's softmax with
-another's products, and no hand-over goes through L2; at 168 registers per thread the three warp groups fill
+memory and an mbarrier, and attends to all its keys (at most three key tiles) in one softmax, every score in
+registers. The warp groups run apart, not in step, so the SM overlaps one tile's softmax with another's
+products, and no hand-over goes through L2; at 168 registers per thread the three warp groups fill
 the SM, one program per SM.
 
 Same function and conventions as ``skut._skut_kernel`` (packed weights from ``pack_encoder_weights``,
@@ -239,6 +240,74 @@ if HAVE_GLUON:
             acc = warpgroup_mma(gl.convert_layout(p.to(qa.dtype), A_OP), v_s.index(j), acc * gl.expand_dims(alpha, 1))
             m_i = m_new
         return m_i, l_i, acc
+
+    @gluon.jit
+    def _scores(qa, k_s, j, ACC: gl.constexpr):
+        """Start the product of ``qa`` with key tile j's K (asynchronous; ``_biased`` adds the keys' biases)."""
+        BM: gl.constexpr = qa.shape[0]
+        return warpgroup_mma(qa, k_s.index(j).permute((1, 0)), gl.zeros([BM, BM], gl.float32, ACC), use_acc=False,
+                             is_async=True)  # fmt: skip
+
+    @gluon.jit
+    def _biased(s, kb_s, j, ACC: gl.constexpr):
+        """Scores of key tile j with its keys' biases (0 or -inf) added."""
+        return s + gl.expand_dims(kb_s.index(j).load(gl.SliceLayout(0, ACC)), 0)
+
+    @gluon.jit
+    def _attend_rows(qa, rows, k_s, v_s, kb_s, bars, phase, T: gl.constexpr, ACC: gl.constexpr,
+                     A_OP: gl.constexpr):  # fmt: skip
+        """Causal attention of query tile T (at most 2) over key tiles 0 .. T in one softmax: every score stays
+        in registers (up to 3 x 32 per thread), so there is no running max, no rescaling and no wait between
+        key tiles; the products of all key tiles are in flight together. ``qa`` as in ``_attend``; key tile
+        j < T is waited for on ``bars[3 + j]`` (``phase``). Returns the row sums and the unnormalised output."""
+        BM: gl.constexpr = qa.shape[0]
+        DT: gl.constexpr = qa.dtype
+        kn = gl.arange(0, BM, layout=gl.SliceLayout(0, ACC))
+        s_t = _scores(qa, k_s, T, ACC)  # the diagonal tile: this tile's own keys
+        if T >= 1:
+            mbarrier.wait(bars.index(3), phase)
+            s_0 = _scores(qa, k_s, 0, ACC)
+        if T >= 2:
+            mbarrier.wait(bars.index(4), phase)
+            s_1 = _scores(qa, k_s, 1, ACC)
+        if T == 0:
+            s_t = warpgroup_mma_wait(num_outstanding=0, deps=[s_t])
+        elif T == 1:
+            s_t, s_0 = warpgroup_mma_wait(num_outstanding=0, deps=[s_t, s_0])
+        else:
+            s_t, s_0, s_1 = warpgroup_mma_wait(num_outstanding=0, deps=[s_t, s_0, s_1])
+        s_t = _biased(s_t, kb_s, T, ACC)
+        s_t = gl.where(gl.expand_dims(T * BM + kn, 0) <= gl.expand_dims(rows, 1), s_t, float("-inf"))
+        s_max = s_t
+        if T >= 1:
+            s_0 = _biased(s_0, kb_s, 0, ACC)
+            s_max = gl.maximum(s_max, s_0)
+        if T >= 2:
+            s_1 = _biased(s_1, kb_s, 1, ACC)
+            s_max = gl.maximum(s_max, s_1)
+        # A row that may see no key keeps a finite max, so its probabilities are 0, not NaN.
+        m = gl.expand_dims(gl.maximum(gl.max(s_max, axis=1), -1.0e30), 1)
+        # Every probability first, then the three products back to back: the scores' registers are free
+        # before the products' operands are taken.
+        p = gl.exp2(s_t - m)
+        p_sum = p
+        a_t = gl.convert_layout(p.to(DT), A_OP)
+        if T >= 1:
+            p = gl.exp2(s_0 - m)
+            p_sum = p_sum + p
+            a_0 = gl.convert_layout(p.to(DT), A_OP)
+        if T >= 2:
+            p = gl.exp2(s_1 - m)
+            p_sum = p_sum + p
+            a_1 = gl.convert_layout(p.to(DT), A_OP)
+        l_i = gl.sum(p_sum, axis=1)
+        acc = warpgroup_mma(a_t, v_s.index(T), gl.zeros([BM, qa.shape[1]], gl.float32, ACC), use_acc=False,
+                            is_async=True)  # fmt: skip
+        if T >= 1:
+            acc = warpgroup_mma(a_0, v_s.index(0), acc, is_async=True)
+        if T >= 2:
+            acc = warpgroup_mma(a_1, v_s.index(1), acc, is_async=True)
+        return l_i, warpgroup_mma_wait(num_outstanding=0, deps=[acc])
 
     @gluon.jit
     def _attend_start(BM: gl.constexpr, D: gl.constexpr, ACC: gl.constexpr):
@@ -691,7 +760,6 @@ if HAVE_GLUON:
             k = warpgroup_mma(xs, wk_s.index(buf), gl.zeros([BM, D], gl.float32, ACC), use_acc=False, is_async=True)
             v = warpgroup_mma(xs, wv_s.index(buf), gl.zeros([BM, D], gl.float32, ACC), use_acc=False, is_async=True)
             q = warpgroup_mma(xs, wq_s.index(buf), gl.zeros([BM, D], gl.float32, ACC), use_acc=False, is_async=True)
-            x_res = xs.load(ACC)
             k, v, q = warpgroup_mma_wait(num_outstanding=0, deps=[k, v, q])
             k_s.index(T).store(k.to(DT))
             v_s.index(T).store(v.to(DT))
@@ -700,12 +768,8 @@ if HAVE_GLUON:
             if T + 1 < NT:  # the later tiles' wait
                 mbarrier.arrive(bars.index(3 + T))
             qa = gl.convert_layout((q + gl.expand_dims(gl.load(v_l + cd), 0)).to(DT), A_OP)
-            m_i, l_i, acc = _attend_start(BM, D, ACC)
-            m_i, l_i, acc = _attend(qa, rows, k_s, v_s, kb_s, T, T + 1, m_i, l_i, acc, True, ACC, A_OP)
-            for j in gl.static_range(T):  # the earlier tiles' K / V of this layer
-                mbarrier.wait(bars.index(3 + j), layer % 2)
-            m_i, l_i, acc = _attend(qa, rows, k_s, v_s, kb_s, 0, T, m_i, l_i, acc, False, ACC, A_OP)
-            y = _out_and_ffn(_attend_end(l_i, acc), x_res.to(gl.float32), v_l, wo_s.index(buf), w1_s.index(buf),
+            l_i, acc = _attend_rows(qa, rows, k_s, v_s, kb_s, bars, layer % 2, T, ACC, A_OP)
+            y = _out_and_ffn(_attend_end(l_i, acc), xs.load(ACC).to(gl.float32), v_l, wo_s.index(buf), w1_s.index(buf),
                              w2_s.index(buf), D, F, ACC, ACC_F, A_OP, A_OP_F)  # fmt: skip
             if layer + 1 < n_layers:
                 xs.store(y.to(DT))  # the next layer's rows (this tile's own)
