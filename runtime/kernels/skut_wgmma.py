@@ -220,28 +220,6 @@ if HAVE_GLUON:
         _copy_async(w2_s, w_l + 4 * D * D + D * F, F, D)
 
     @gluon.jit
-    def _attend(qa, rows, k_s, v_s, kb_s, j0, j1, m_i, l_i, acc, CAUSAL: gl.constexpr, ACC: gl.constexpr,
-                A_OP: gl.constexpr):  # fmt: skip
-        """Flash-attention steps of one query tile over key tiles j0 .. j1-1 of ``k_s`` / ``v_s`` (online softmax
-        in base 2): ``qa`` is Q with the scale and log2(e) folded in (an A operand), ``kb_s`` each key's bias
-        (0 or -inf). Carries the running max, sum and unnormalised output (start from ``_attend_start``)."""
-        BM: gl.constexpr = qa.shape[0]
-        kn = gl.arange(0, BM, layout=gl.SliceLayout(0, ACC))
-        for j in range(j0, j1):
-            s = warpgroup_mma(qa, k_s.index(j).permute((1, 0)), gl.zeros([BM, BM], gl.float32, ACC),
-                              use_acc=False)  # fmt: skip
-            s = s + gl.expand_dims(kb_s.index(j).load(gl.SliceLayout(0, ACC)), 0)
-            if CAUSAL:
-                s = gl.where(gl.expand_dims(j * BM + kn, 0) <= gl.expand_dims(rows, 1), s, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, axis=1))
-            alpha = gl.exp2(m_i - m_new)
-            p = gl.exp2(s - gl.expand_dims(m_new, 1))
-            l_i = l_i * alpha + gl.sum(p, axis=1)
-            acc = warpgroup_mma(gl.convert_layout(p.to(qa.dtype), A_OP), v_s.index(j), acc * gl.expand_dims(alpha, 1))
-            m_i = m_new
-        return m_i, l_i, acc
-
-    @gluon.jit
     def _scores(qa, k_s, j, ACC: gl.constexpr):
         """Start the product of ``qa`` with key tile j's K (asynchronous; ``_biased`` adds the keys' biases)."""
         BM: gl.constexpr = qa.shape[0]
@@ -252,6 +230,28 @@ if HAVE_GLUON:
     def _biased(s, kb_s, j, ACC: gl.constexpr):
         """Scores of key tile j with its keys' biases (0 or -inf) added."""
         return s + gl.expand_dims(kb_s.index(j).load(gl.SliceLayout(0, ACC)), 0)
+
+    @gluon.jit
+    def _attend(qa, rows, k_s, v_s, kb_s, j0, j1, m_i, l_i, acc, CAUSAL: gl.constexpr, ACC: gl.constexpr,
+                A_OP: gl.constexpr):  # fmt: skip
+        """Flash-attention steps of one query tile over key tiles j0 .. j1-1 of ``k_s`` / ``v_s`` (online softmax
+        in base 2): ``qa`` is Q with the scale and log2(e) folded in (an A operand), ``kb_s`` each key's bias
+        (0 or -inf). Carries the running max, sum and unnormalised output (start from ``_attend_start``)."""
+        BM: gl.constexpr = qa.shape[0]
+        kn = gl.arange(0, BM, layout=gl.SliceLayout(0, ACC))
+        for j in range(j0, j1):
+            s = warpgroup_mma(qa, k_s.index(j).permute((1, 0)), gl.zeros([BM, BM], gl.float32, ACC),
+                              use_acc=False)  # fmt: skip
+            s = _biased(s, kb_s, j, ACC)
+            if CAUSAL:
+                s = gl.where(gl.expand_dims(j * BM + kn, 0) <= gl.expand_dims(rows, 1), s, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, axis=1))
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(s - gl.expand_dims(m_new, 1))
+            l_i = l_i * alpha + gl.sum(p, axis=1)
+            acc = warpgroup_mma(gl.convert_layout(p.to(qa.dtype), A_OP), v_s.index(j), acc * gl.expand_dims(alpha, 1))
+            m_i = m_new
+        return m_i, l_i, acc
 
     @gluon.jit
     def _attend_rows(qa, rows, k_s, v_s, kb_s, bars, phase, T: gl.constexpr, ACC: gl.constexpr,
