@@ -272,6 +272,13 @@ def test_split_and_grouped_launches_need_causal_and_the_split_its_workspace():
         sk.skut_forward(x, packed, causal=True, config=split, workspace=ws[:per_seq])
 
 
+def test_grouped_launch_takes_two_or_three_query_tiles():
+    """One warp group per 64-row query tile, two or three of them: 65-192 tokens."""
+    fits = {s: sk.skut_wgmma.groups_fit(s) for s in (1, 64, 65, 100, 128, 129, 192, 193, 256)}
+    assert fits == {1: False, 64: False, 65: True, 100: True, 128: True, 129: True, 192: True, 193: False,
+                    256: False}
+
+
 def test_wgmma_workspaces():
     """The Gluon launches' scratch: none per sequence (K / V stay in shared memory); per query tile, every
     layer's K and V in whole 64-row tiles; without a config, enough for whichever the call picks, but only for

@@ -793,7 +793,7 @@ def choose_config(
     if seq_len <= 32:
         return SkutConfig(32, 16, 4, f_chunk)
     wgmma = device is not None and skut_wgmma.supported(packed, seq_len, device)
-    if wgmma and causal and skut_wgmma.BLOCK < seq_len <= skut_wgmma.MAX_GROUPS * skut_wgmma.BLOCK:
+    if wgmma and causal and skut_wgmma.groups_fit(seq_len):
         # Two tiles fall behind the two-pass form at many sequences (H200, B=2048: S=128 0.99x, S=100 0.94x).
         if seq_len > 2 * skut_wgmma.BLOCK or batch is None or batch <= 2 * sm_count(device):
             return SkutConfig(64, 64, 4, f_chunk, wgmma=True, warp_groups=True)
@@ -914,7 +914,7 @@ def skut_forward(
                          f"16-bit weights and 1 <= S <= {skut_wgmma.MAX_SEQ}")  # fmt: skip
     if cfg.split and cfg.wgmma and s <= skut_wgmma.BLOCK:
         cfg = replace(cfg, split=False)  # one query tile: the per-sequence launch is the same computation
-    if cfg.warp_groups and not skut_wgmma.BLOCK < s <= skut_wgmma.MAX_GROUPS * skut_wgmma.BLOCK:
+    if cfg.warp_groups and not skut_wgmma.groups_fit(s):
         cfg = replace(cfg, warp_groups=False)  # one tile (the same computation), or more tiles than groups
     if cfg.max_regs is not None and not 32 <= cfg.max_regs <= 255:
         raise ValueError(f"config.max_regs must be in [32, 255] (registers per thread), got {cfg.max_regs}")

@@ -101,6 +101,11 @@ def fits(packed, seq_len: int) -> bool:  # noqa: ANN001 (PackedEncoder)
     )  # fmt: skip
 
 
+def groups_fit(seq_len: int) -> bool:
+    """Whether the grouped launch takes sequences of this length: 2 to ``MAX_GROUPS`` query tiles."""
+    return BLOCK < seq_len <= MAX_GROUPS * BLOCK
+
+
 def supported(packed, seq_len: int, device: torch.device) -> bool:  # noqa: ANN001 (PackedEncoder)
     """Whether this kernel can run the stack: Gluon in a Triton of ``TRITON_RANGE``, an sm_90 GPU, ``fits``."""
     return (
@@ -903,9 +908,9 @@ def launch_groups(
     """One program per sequence of a causal stack of 2-3 query tiles (65-192 tokens), one warp group per tile
     (``_skut_wgmma_groups_kernel``); arguments as ``launch_split`` takes them, without its scratch."""
     bsz, s, _ = x.shape
-    n_qt = -(-s // BLOCK)
-    if not 2 <= n_qt <= MAX_GROUPS:
+    if not groups_fit(s):
         raise ValueError(f"launch_groups runs 2-{MAX_GROUPS} query tiles of {BLOCK} rows, got S={s}")
+    n_qt = -(-s // BLOCK)
     return _skut_wgmma_groups_kernel[(bsz,)](
         x, out, mask, packed.mats, packed.vecs, pooled, pool_w, pool_b, s, packed.n_layers, d_out,
         D=D_MODEL, F=packed.ff_pad, NT=n_qt, HAS_MASK=has_mask, POOL=pool, FINAL_NORM=packed.final_norm,
