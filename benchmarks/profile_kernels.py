@@ -8,6 +8,7 @@ Workloads (the shapes of benchmarks/kernels.py and skut_sweep.py, default config
     skut_v1      transformer, B=256 S=100 d=96, 2 heads, not causal
     nn_1user     selection, 1 user, S=16,000, 256 candidates, top-64
     nn_64users   selection, 64 users of S=16,000, 4 candidates each, top-64
+    nn_64users_100k  the same with S=100,000
 Each launch is a plain launch (no CUDA graph), so a profiler sees every kernel; the first launch
 compiles. Prints the kernel configuration used.
 """
@@ -34,7 +35,7 @@ SKUT = {  # name: batch, seq, d_model, heads, ffn, causal
     "skut_v2_b16": (16, 192, 64, 1, 32, True),
     "skut_v1": (256, 100, 96, 2, 32, False),
 }
-NN = {"nn_1user": (1, 16_000, 256, 64), "nn_64users": (64, 16_000, 256, 64)}
+NN = {"nn_1user": (1, 16_000, 256, 64), "nn_64users": (64, 16_000, 256, 64), "nn_64users_100k": (64, 100_000, 256, 64)}
 
 
 def workload(name: str):
