@@ -140,6 +140,15 @@ def _load_tile(seq_ptr, start, pos, pos_ok, D, D_P: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(seq_ptr, start, pos, D, D_P: tl.constexpr):
+    """int8 rows (R, D_P) at positions ``pos`` of a user's sequence, -1: no row (zeros). The mask is taken
+    from the positions as the tile lays them out, so only the positions change layout."""
+    d = tl.arange(0, D_P)
+    p = pos[:, None]
+    return tl.load(seq_ptr + (start + p.to(tl.int64)) * D + d[None, :], mask=(p >= 0) & (d[None, :] < D), other=0)
+
+
+@triton.jit
 def _scores(q, c_hi, c_lo):
     """Cosine scores (BN, BS) fp32 of the candidates against int8 rows q (BS, D_P)."""
     qf = q.to(tl.float32)
@@ -630,12 +639,13 @@ def _exact_scan(seq_ptr, start, length, cand_ptr, row, zero, idx_ptr, score_ptr,
 
 @triton.jit
 def _visited_rows(gid_base, slot, r, in_range, chunk, length, C: tl.constexpr):
-    """Positions of row ``r`` of the visited groups in slots ``slot`` (of the packed group ids), and
-    whether each exists; group j of a chunk holds rows p_lo + j + C * r."""
+    """Positions of row ``r`` of the visited groups in slots ``slot`` (of the packed group ids), -1 where
+    there is no such row; group j of a chunk holds rows p_lo + j + C * r. (One tensor, not positions and a
+    mask: each vector the rows' tile needs in its own layout is one conversion through shared memory.)"""
     grp = tl.load(gid_base + slot, mask=in_range, other=0)
     split = grp // C
     pos = split * chunk + grp % C + r * C
-    return pos, in_range & (pos < tl.minimum(length, split * chunk + chunk))
+    return tl.where(in_range & (pos < tl.minimum(length, split * chunk + chunk)), pos, -1)
 
 
 @triton.jit
@@ -648,14 +658,18 @@ def _advance(slot, r, q_step, r_step, rows_per_group):
 
 
 @triton.jit
-def _keep_keys(q, pos, ok, c, key_floor, keys_base, n_keys, CAP):
-    """Append the keys >= key_floor of rows q (positions ``pos``) to the list at ``keys_base`` that holds
-    ``n_keys``; its new length (past CAP: what does not fit is dropped, the exact scan takes over)."""
-    key = _keys_of(q, pos, ok, c)
-    take = ok & (key >= key_floor)
-    slot = n_keys + tl.cumsum(take.to(tl.int32), axis=0) - 1
+def _keep_keys(q, pos, c, key_floor, keys_base, n_keys, CAP):
+    """Append the keys >= key_floor of rows q (positions ``pos``, -1: no row) to the list at ``keys_base``
+    that holds ``n_keys``; its new length (past CAP: what does not fit is dropped, the exact scan takes
+    over)."""
+    key = _keys_of(q, pos, pos >= 0, c)
+    take = (key > -(2**63)) & (key >= key_floor)  # a real key is above INT64_MIN, the floor may be it
+    # The count is the prefix sum's largest value, not a sum of its own: that would compute ``take`` a second
+    # time in the rows' layout, and the key with it, where the scan needs it in its own.
+    taken = tl.cumsum(take.to(tl.int32), axis=0)
+    slot = n_keys + taken - 1
     tl.store(keys_base + slot, key, mask=take & (slot < CAP))
-    return n_keys + tl.sum(take.to(tl.int32), axis=0)
+    return n_keys + tl.max(taken, axis=0)
 
 
 @triton.jit
@@ -731,24 +745,23 @@ def _nn_refine_kernel(
     # Flat row f is row f % rows_per_group of visited group slot f // rows_per_group: divided here, for the
     # short tile and the first step; each later step advances the pair without a division.
     f_s = n_full + tl.arange(0, R // 4)
-    pos_s, ok_s = _visited_rows(gid_base, f_s // rows_per_group, f_s % rows_per_group, f_s < n_rows, chunk,
-                                length, C)  # fmt: skip
-    q_s = _load_tile(seq_ptr, start, pos_s, ok_s, D, D_P)
+    pos_s = _visited_rows(gid_base, f_s // rows_per_group, f_s % rows_per_group, f_s < n_rows, chunk, length, C)
+    q_s = _load_rows(seq_ptr, start, pos_s, D, D_P)
     r = tl.arange(0, R)
     f0 = tl.zeros((), tl.int32)
     slot, rr = r // rows_per_group, r % rows_per_group
     q_step, r_step = R // rows_per_group, R % rows_per_group
-    pos, ok = _visited_rows(gid_base, slot, rr, r < n_full, chunk, length, C)
-    q = _load_tile(seq_ptr, start, pos, ok, D, D_P)
+    pos = _visited_rows(gid_base, slot, rr, r < n_full, chunk, length, C)
+    q = _load_rows(seq_ptr, start, pos, D, D_P)
     while f0 < n_full:
         slot, rr = _advance(slot, rr, q_step, r_step, rows_per_group)
-        pos_n, ok_n = _visited_rows(gid_base, slot, rr, f0 + R + r < n_full, chunk, length, C)
-        q_n = _load_tile(seq_ptr, start, pos_n, ok_n, D, D_P)  # in flight while this step is scored
-        n_keys = _keep_keys(q, pos, ok, c, key_floor, keys_base, n_keys, CAP)
+        pos_n = _visited_rows(gid_base, slot, rr, f0 + R + r < n_full, chunk, length, C)
+        q_n = _load_rows(seq_ptr, start, pos_n, D, D_P)  # in flight while this step is scored
+        n_keys = _keep_keys(q, pos, c, key_floor, keys_base, n_keys, CAP)
         f0 = tl.where(n_keys > CAP, n_full, f0 + R)  # a list past CAP goes to the exact scan: stop early
-        pos, ok, q = pos_n, ok_n, q_n
+        pos, q = pos_n, q_n
     if short and n_keys <= CAP:
-        n_keys = _keep_keys(q_s, pos_s, ok_s, c, key_floor, keys_base, n_keys, CAP)
+        n_keys = _keep_keys(q_s, pos_s, c, key_floor, keys_base, n_keys, CAP)
     tl.store(cnt_ptr + row, n_keys)
     tl.debug_barrier()
     if n_keys <= CAP:
