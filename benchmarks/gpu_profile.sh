@@ -10,7 +10,7 @@
 source "$(dirname "$0")/gpu_env.sh"
 NCU=${NCU:-ncu}
 workloads=("$@")
-[ ${#workloads[@]} -eq 0 ] && workloads=(skut_v2 skut_v2_b16 skut_v1 nn_1user nn_64users)
+[ ${#workloads[@]} -eq 0 ] && workloads=(skut_v2 skut_v2_b16 skut_v1 nn_1user nn_64users nn_64users_100k)
 
 "$NCU" --version 2>&1 | tee "$OUT/ncu_version.txt"
 for w in "${workloads[@]}"; do
