@@ -129,23 +129,24 @@ def _load_cand_hi_lo(cand_ptr, rows, row_ok, D, D_P: tl.constexpr):
 
 
 @triton.jit
+def _load_masked(seq_ptr, start, p, p_ok, D, D_P: tl.constexpr):
+    """int8 rows (R, D_P) of a user's sequence at positions ``p`` (R, 1) where ``p_ok`` (R, 1), else zeros."""
+    d = tl.arange(0, D_P)
+    return tl.load(seq_ptr + (start + p.to(tl.int64)) * D + d[None, :], mask=p_ok & (d[None, :] < D), other=0)
+
+
+@triton.jit
 def _load_tile(seq_ptr, start, pos, pos_ok, D, D_P: tl.constexpr):
     """int8 rows (BS, D_P) of one tile of a user's sequence (zeros where masked)."""
-    d = tl.arange(0, D_P)
-    return tl.load(
-        seq_ptr + (start + pos[:, None].to(tl.int64)) * D + d[None, :],
-        mask=pos_ok[:, None] & (d[None, :] < D),
-        other=0,
-    )
+    return _load_masked(seq_ptr, start, pos[:, None], pos_ok[:, None], D, D_P)
 
 
 @triton.jit
 def _load_rows(seq_ptr, start, pos, D, D_P: tl.constexpr):
     """int8 rows (R, D_P) at positions ``pos`` of a user's sequence, -1: no row (zeros). The mask is taken
     from the positions as the tile lays them out, so only the positions change layout."""
-    d = tl.arange(0, D_P)
     p = pos[:, None]
-    return tl.load(seq_ptr + (start + p.to(tl.int64)) * D + d[None, :], mask=(p >= 0) & (d[None, :] < D), other=0)
+    return _load_masked(seq_ptr, start, p, p >= 0, D, D_P)
 
 
 @triton.jit
