@@ -149,7 +149,7 @@ def build_refine(groups: int, splits: int, k: int, arch: int):  # noqa: ANN201
 
     consts = {"BS": 64, "C": groups, "G_P": triton.next_power_of_2(groups * splits), "R": nn.REFINE_ROWS,
               "STEPS": nn.THRESHOLD_STEPS, "K": max(16, triton.next_power_of_2(k)), "CH": 64, "D_P": 32,
-              "M_BULK": 8, "PARTS": 1}  # fmt: skip
+              "M_BULK": 8}  # fmt: skip
     return _build_select(nn._nn_refine_kernel, consts, arch, 4)
 
 

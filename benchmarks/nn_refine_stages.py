@@ -18,7 +18,6 @@ copy for sm_90 on every CI run). GPU only: the interpreter runs no inline assemb
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import importlib.util
 import os
@@ -46,15 +45,15 @@ def _clock_after(dep):
 def _below('''
 
 # (anchor in the kernel's source, what replaces it); each anchor must occur exactly once.
-_STORES = "".join(f"        tl.store(out + {i}, {v})\n" for i, v in enumerate(
+_STORES = "".join(f"    tl.store(out + {i}, {v})\n" for i, v in enumerate(
     ("t0", "t1", "t2", "t3", "t4", "n_visit.to(tl.int64)", "n_keys.to(tl.int64)")))  # fmt: skip
 
 # (anchor in the kernel's source, what replaces it); each anchor must occur exactly once.
 _EDITS = (
     ("@triton.jit\ndef _below(", _CLOCK),
     (
-        "    M_BULK: tl.constexpr,\n    PARTS: tl.constexpr = 1,\n):\n    \"\"\"Pass 2,",
-        "    M_BULK: tl.constexpr,\n    stages_ptr,\n    PARTS: tl.constexpr = 1,\n):\n    \"\"\"Pass 2,",
+        "    M_BULK: tl.constexpr,\n):\n    \"\"\"Pass 2,",
+        "    M_BULK: tl.constexpr,\n    stages_ptr,\n):\n    \"\"\"Pass 2,",
     ),
     (
         "    row = tl.program_id(0)\n    gm, real, lo = _kth_group_max(",
@@ -68,17 +67,14 @@ _EDITS = (
         "    tl.debug_barrier()\n\n    u = tl.load(user_ptr + row)",
         "    tl.debug_barrier()\n    t2 = _clock_after(n_visit)\n\n    u = tl.load(user_ptr + row)",
     ),
+    ("    tl.store(cnt_ptr + row, n_keys)\n", "    t3 = _clock_after(n_keys)\n    tl.store(cnt_ptr + row, n_keys)\n"),
     (
-        "        tl.store(cnt_ptr + row, n_keys)\n",
-        "        t3 = _clock_after(n_keys)\n        tl.store(cnt_ptr + row, n_keys)\n",
+        "                    score_ptr, D, k, K, D_P, M_BULK)  # fmt: skip\n\n\n",
+        "                    score_ptr, D, k, K, D_P, M_BULK)  # fmt: skip\n"
+        "    tl.debug_barrier()\n    t4 = _clock_after(row)\n    out = stages_ptr + row.to(tl.int64) * 7\n"
+        + _STORES + "\n\n",
     ),
-    (
-        "                    K, CH, D_P, M_BULK)  # fmt: skip\n\n\n@triton.jit\ndef _order_list(",
-        "                    K, CH, D_P, M_BULK)  # fmt: skip\n"
-        "        tl.debug_barrier()\n        t4 = _clock_after(row)\n        out = stages_ptr + row.to(tl.int64) * 7\n"
-        + _STORES + "\n\n@triton.jit\ndef _order_list(",
-    ),
-    ("M_BULK=8, PARTS=parts, num_warps=4,", "M_BULK=8, stages_ptr=STAGES_OUT, PARTS=parts, num_warps=4,"),
+    ("M_BULK=8, num_warps=4,\n        )", "M_BULK=8, stages_ptr=STAGES_OUT, num_warps=4,\n        )"),
     ("from . import ", "from runtime.kernels import "),
 )
 
@@ -129,9 +125,7 @@ def main() -> None:
     print("|---:|" + "---:|" * (len(STAGES) + 4))
     inputs = nn_inputs(args.users, args.length, args.candidates, seed=0)
     for k in args.k:
-        # One program per candidate: the stages of the refine pass run in parts are not instrumented.
         cfg = mod.choose_config(args.candidates, args.users, args.users * args.length, k, dev)
-        cfg = dataclasses.replace(cfg, refine_parts=1)
         mod.STAGES_OUT = torch.full((args.candidates, 7), -1, dtype=torch.int64, device=dev)
         for _ in range(3):  # compile, then two timed-in-cycles calls (the last one is read)
             mod.nn_select(*inputs, k, config=cfg)

@@ -148,26 +148,23 @@ def test_code_widths(d):
 # Every code path: one chunk or several, several block and tile sizes, a few or many groups, and a
 # key capacity small enough that lists overflow into the exact fallback scan.
 CONFIGS = [
-    # block_n, k_pad, splits, groups_per_split, tile, capacity, users per scan step, refine programs per candidate
-    (16, 16, 1, 16, 64, None, 1, 1),
-    (32, 16, 3, 8, 64, None, 1, 1),
-    (16, 16, 4, 8, 16, None, 1, 1),
-    (16, 32, 2, 16, 32, 32, 1, 1),  # capacity == k_pad: the 150-row user overflows
-    (64, 16, 2, 16, 64, 16, 1, 1),
-    (16, 16, 2, 16, 64, None, 4, 1),  # users side by side in the scan: 3 users over 4 slots
-    (16, 16, 3, 8, 16, None, 2, 1),  # 2 slots, the third user in a second round
-    (32, 32, 2, 16, 32, 32, 4, 1),  # and overflowing lists
-    (16, 16, 4, 8, 16, None, 1, 3),  # the refine pass in parts
-    (32, 32, 2, 16, 32, 32, 4, 2),  # in parts, with overflowing lists
+    # block_n, k_pad, splits, groups_per_split, tile, capacity, users per scan step
+    (16, 16, 1, 16, 64, None, 1),
+    (32, 16, 3, 8, 64, None, 1),
+    (16, 16, 4, 8, 16, None, 1),
+    (16, 32, 2, 16, 32, 32, 1),  # capacity == k_pad: the 150-row user overflows
+    (64, 16, 2, 16, 64, 16, 1),
+    (16, 16, 2, 16, 64, None, 4),  # users side by side in the scan: 3 users over 4 slots
+    (16, 16, 3, 8, 16, None, 2),  # 2 slots, the third user in a second round
+    (32, 32, 2, 16, 32, 32, 4),  # and overflowing lists
 ]
 
 
-@pytest.mark.parametrize("block_n,k_pad,splits,gps,tile,cap,users,parts", CONFIGS)
-def test_every_path(block_n, k_pad, splits, gps, tile, cap, users, parts):
+@pytest.mark.parametrize("block_n,k_pad,splits,gps,tile,cap,users", CONFIGS)
+def test_every_path(block_n, k_pad, splits, gps, tile, cap, users):
     k = 12
     inputs = make_inputs([150, 37, 3], [5, 9, 2], torch.float16, seed=block_n + splits)
-    cfg = nn_mod.NNSelectConfig(block_n, k_pad, splits, 4, gps, tile=tile, capacity=cap, users_per_step=users,
-                                refine_parts=parts)  # fmt: skip
+    cfg = nn_mod.NNSelectConfig(block_n, k_pad, splits, 4, gps, tile=tile, capacity=cap, users_per_step=users)
     idx, scores = run_kernel(inputs, k, cfg)
     assert_matches_reference(idx, scores, inputs, k)
 
@@ -212,9 +209,8 @@ def test_prefilter_large_k():
     assert_matches_reference(idx, scores, inputs, k)
 
 
-def launch_refine(inputs, gm, k, cfg, rows=64, steps=33, parts=1):
-    """Pass 2 on given group maxima (in ``parts`` programs per candidate, then the ordering launch): (idx,
-    scores, threshold keys, list lengths, the lists)."""
+def launch_refine(inputs, gm, k, cfg, rows=64, steps=33):
+    """Pass 2 on given group maxima: (idx, scores, threshold keys, list lengths)."""
     seq, starts, lens, cand, users = inputs
     n = cand.shape[0]
     g_tot = gm.shape[1]
@@ -222,18 +218,14 @@ def launch_refine(inputs, gm, k, cfg, rows=64, steps=33, parts=1):
     scores = torch.full((n, k), float("nan"), device=DEV)
     gid = torch.full((n, g_tot), -5, dtype=torch.int32, device=DEV)
     tau = torch.full((n,), 7, dtype=torch.int64, device=DEV)
-    cnt = torch.full((n,), 0 if parts > 1 else 99, dtype=torch.int32, device=DEV)  # parts add to it
-    keys = torch.full((n, cfg.capacity), 3, dtype=torch.int64, device=DEV)
-    nn_mod._nn_refine_kernel[(n, parts)](
+    cnt = torch.full((n,), 99, dtype=torch.int32, device=DEV)
+    keys = torch.empty((n, cfg.capacity), dtype=torch.int64, device=DEV)
+    nn_mod._nn_refine_kernel[(n,)](
         seq, starts, lens, cand, users, gm, gid, tau, cnt, keys, idx, scores, seq.shape[1], k, g_tot, cfg.splits,
         cfg.capacity, nn_mod.margin(seq.shape[1]), BS=cfg.tile, C=cfg.groups_per_split,
-        G_P=triton.next_power_of_2(g_tot), R=rows, STEPS=steps, K=cfg.k_pad, CH=64, D_P=32, M_BULK=8, PARTS=parts,
-        num_warps=4,
+        G_P=triton.next_power_of_2(g_tot), R=rows, STEPS=steps, K=cfg.k_pad, CH=64, D_P=32, M_BULK=8, num_warps=4,
     )  # fmt: skip
-    if parts > 1:
-        nn_mod._nn_order_kernel[(n,)](seq, starts, lens, cand, users, cnt, keys, idx, scores, seq.shape[1], k,
-                                      cfg.capacity, K=cfg.k_pad, CH=64, D_P=32, M_BULK=8, num_warps=4)  # fmt: skip
-    return idx, scores, tau, cnt, keys
+    return idx, scores, tau, cnt
 
 
 def test_threshold_filters():
@@ -260,7 +252,7 @@ def test_threshold_filters():
             want = max(s[i][p].item() for p in pos)
             got = nn_mod_decode(gm[i, j].item())
             assert abs(got - want) <= err
-    idx, scores, tau, cnt, _ = launch_refine(inputs, gm, k, cfg)
+    idx, scores, tau, cnt = launch_refine(inputs, gm, k, cfg)
     assert_matches_reference(idx, scores, inputs, k)
     for i in range(n):
         kth_group_max = torch.sort(gm[i].cpu(), descending=True).values[k - 1].item()
@@ -270,7 +262,7 @@ def test_threshold_filters():
     # Fewer rounds: a bound at or below the k-th largest maximum, one of the maxima (at least k reach
     # it), and the same selection; 16 rows per step (several steps).
     for steps in (1, 4, 12):
-        idx2, scores2, tau2, cnt2, _ = launch_refine(inputs, gm, k, cfg, rows=16, steps=steps)
+        idx2, scores2, tau2, cnt2 = launch_refine(inputs, gm, k, cfg, rows=16, steps=steps)
         assert torch.equal(idx2, idx)
         torch.testing.assert_close(scores2, scores, atol=1e-6, rtol=0)  # sums over other layouts
         for i in range(n):
@@ -336,7 +328,7 @@ def test_key_lists_sorted_or_ranked():
     k = 20
     cfg = nn_mod.NNSelectConfig(16, 32, 1, 4, 32, tile=64)  # K = 32, capacity 256, 32 groups
     gm = exact_group_maxima(full_scores(*inputs), 32)
-    idx, scores, _, cnt, _ = launch_refine(tuple(t.to(DEV) for t in inputs), gm.to(DEV), k, cfg)
+    idx, scores, _, cnt = launch_refine(tuple(t.to(DEV) for t in inputs), gm.to(DEV), k, cfg)
     assert cnt[0].item() == 100  # 2 K < 100 <= capacity: the rank counts
     assert k <= cnt[1].item() <= 2 * cfg.k_pad  # the sort
     assert torch.equal(idx.cpu().long(), brute_force(*inputs, k))
@@ -360,7 +352,7 @@ def test_refine_steps_and_short_last_step():
     want = brute_force(*inputs, k)
     paths, lengths = set(), set()
     for rows in (4, 8, 16, 32, 64, 128, 512):
-        idx, scores, tau, cnt, _ = launch_refine(on_dev, gm.to(DEV), k, cfg, rows=rows)
+        idx, scores, tau, cnt = launch_refine(on_dev, gm.to(DEV), k, cfg, rows=rows)
         assert torch.equal(idx.cpu().long(), want), rows
         assert_matches_reference(idx, scores, inputs, k)
         lengths.add(tuple(cnt.tolist()))
@@ -374,65 +366,6 @@ def test_refine_steps_and_short_last_step():
     assert paths == {"full", "full + short", "short only"}
 
 
-def refine_cases():
-    """(name, inputs on DEV, group maxima, k, config, rows per step) for the refine pass in parts: a long
-    sequence in many steps, a 100-key list (ranked), the same list overflowing a 32-key capacity (the exact
-    scan) with a zero candidate beside it, and two visited groups only (parts with nothing to do)."""
-    cases = []
-    inputs = tuple(t.to(DEV) for t in make_inputs([2000], [4], torch.float16, seed=8))
-    cfg = nn_mod.NNSelectConfig(16, 16, 4, 4, 8, tile=64)
-    scores = full_scores(*(t.cpu() for t in inputs))  # one user, 4 chunks of 512 rows, 8 groups each
-    gm = torch.tensor([[nn_mod_encode(float(r[sp * 512:(sp + 1) * 512][j::8].max())) for sp in range(4)
-                        for j in range(8)] for r in scores], dtype=torch.int32)  # fmt: skip
-    cases.append(("long", inputs, gm.to(DEV), 16, cfg, 16))
-    g = torch.Generator().manual_seed(21)
-    seq = torch.randint(-127, 128, (300, 32), generator=g, dtype=torch.int8)
-    planted = torch.randperm(150, generator=g)[:100]
-    seq[planted] = seq[planted[0]].clone()
-    cand = torch.stack([seq[planted[0]].float() * 0.37, torch.randn(32, generator=g), torch.zeros(32)]).half()
-    inputs = (seq, torch.tensor([0, 150]), torch.tensor([150, 150]), cand, torch.tensor([0, 1, 1]))
-    gm = exact_group_maxima(full_scores(*inputs), 32).to(DEV)
-    on_dev = tuple(t.to(DEV) for t in inputs)
-    cases.append(("ranked", on_dev, gm, 20, nn_mod.NNSelectConfig(16, 32, 1, 4, 32, tile=64), 16))
-    cases.append(("overflow", on_dev, gm, 20, nn_mod.NNSelectConfig(16, 32, 1, 4, 32, tile=64, capacity=32), 16))
-    g = torch.Generator().manual_seed(4)
-    seq = torch.randint(-127, 128, (64, 32), generator=g, dtype=torch.int8)
-    inputs = (seq, torch.tensor([0]), torch.tensor([64]), torch.randn(1, 32, generator=g).half(), torch.tensor([0]))
-    gm = exact_group_maxima(full_scores(*inputs), 4)
-    gm[0, gm[0].argsort()[:2]] = nn_mod_encode(-1.0)  # two groups far below the threshold
-    cases.append(("two groups", tuple(t.to(DEV) for t in inputs), gm.to(DEV), 2,
-                  nn_mod.NNSelectConfig(16, 16, 1, 4, 4, tile=64), 16))  # fmt: skip
-    return cases
-
-
-@pytest.mark.parametrize("parts", [2, 3, 5])
-def test_refine_in_parts(parts):
-    """The refine pass in ``parts`` programs per candidate, each scoring a share of the visited groups into the
-    one list (slots reserved by atomic adds), then ordered by the third launch: the same threshold, the same
-    keys in the list (in another order), the same selection as one program, and the brute force's; a list
-    past the capacity still goes to the exact scan."""
-    for name, inputs, gm, k, cfg, rows in refine_cases():
-        idx1, sc1, tau1, cnt1, keys1 = launch_refine(inputs, gm, k, cfg, rows=rows)
-        idx, sc, tau, cnt, keys = launch_refine(inputs, gm, k, cfg, rows=rows, parts=parts)
-        assert torch.equal(tau, tau1), name
-        assert torch.equal(idx, idx1) and torch.equal(sc, sc1), name
-        if name == "overflow":  # the exact scan's tile dots: under the interpreter, equal rows may score an ulp
-            assert_matches_reference(idx, sc, tuple(t.cpu() for t in inputs), k)  # apart (by their columns)
-        else:
-            assert torch.equal(idx.cpu().long(), brute_force(*(t.cpu() for t in inputs), k)), name
-        for i in range(cnt.shape[0]):
-            if cnt1[i] > cfg.capacity:  # overflowed: the parts stop early at different counts
-                assert cnt[i] > cfg.capacity, (name, i)
-                continue
-            assert cnt[i] == cnt1[i], (name, i)
-            n = int(cnt[i])
-            assert torch.equal(keys[i, :n].sort().values, keys1[i, :n].sort().values), (name, i)
-        if name == "overflow":
-            assert (cnt1 > cfg.capacity).sum() == 2  # the planted run and the zero candidate
-        if name == "ranked":
-            assert cnt1[0] == 100 and cnt1[1] <= 2 * cfg.k_pad  # ranked, sorted
-
-
 def test_threshold_kth_group_max_or_open():
     """Hand-worked: the 3rd largest of a row's group maxima, as a key threshold (its code << 32); a
     row with fewer than k non-empty groups lets every key through (the lowest code). The user has no
@@ -443,7 +376,7 @@ def test_threshold_kth_group_max_or_open():
     seq = torch.ones((1, 32), dtype=torch.int8)
     inputs = (seq, torch.tensor([0]), torch.tensor([0]), torch.ones((2, 32)), torch.tensor([0, 0]))
     cfg = nn_mod.NNSelectConfig(16, 16, 2, 4, 4, tile=64)
-    idx, scores, tau, cnt, _ = launch_refine(tuple(t.to(DEV) for t in inputs), gm.to(DEV), 3, cfg)
+    idx, scores, tau, cnt = launch_refine(tuple(t.to(DEV) for t in inputs), gm.to(DEV), 3, cfg)
     assert tau.tolist() == [nn_mod_encode(0.1) << 32, empty << 32]
     assert cnt.tolist() == [0, 0]
     assert (idx == -1).all() and torch.isinf(scores).all()
@@ -472,7 +405,7 @@ def test_refine_visits_only_groups_near_the_threshold():
                       dtype=torch.int32)  # fmt: skip
     inputs = (seq, torch.tensor([0]), torch.tensor([64]), unit[None].half(), torch.tensor([0]))
     cfg = nn_mod.NNSelectConfig(16, 16, 1, 4, c, tile=64)
-    idx, got, tau, cnt, _ = launch_refine(tuple(t.to(DEV) for t in inputs), gm.to(DEV), 2, cfg)
+    idx, got, tau, cnt = launch_refine(tuple(t.to(DEV) for t in inputs), gm.to(DEV), 2, cfg)
     assert tau.item() == int(gm[0, 2]) << 32
     assert cnt.item() == 2  # rows 5 and 2; row 9 scored but under the threshold, row 3 never read
     assert idx.tolist() == [[5, 2]]
@@ -491,9 +424,8 @@ def nn_mod_decode(bits: int) -> float:
     return torch.tensor([b], dtype=torch.int32).view(torch.float32).item()
 
 
-@pytest.mark.parametrize("splits,cap,parts", [(1, None, 1), (3, None, 1), (2, 32, 1), (1, 16, 1), (3, None, 2),
-                                             (2, 32, 3)])  # fmt: skip
-def test_ties_prefer_recent(splits, cap, parts):
+@pytest.mark.parametrize("splits,cap", [(1, None), (3, None), (2, 32), (1, 16)])
+def test_ties_prefer_recent(splits, cap):
     """Duplicated rows give bit-identical scores: the larger position must come first, exactly.
 
     With a small capacity the runs of equal scores overflow the key lists, so the exact fallback
@@ -510,7 +442,7 @@ def test_ties_prefer_recent(splits, cap, parts):
     cand[4] = 0  # a zero candidate: every score 0, so pure recency order
     users = torch.zeros(5, dtype=torch.int64)
     k = 20
-    cfg = nn_mod.NNSelectConfig(16, 32, splits, 4, 16, tile=32, capacity=cap, refine_parts=parts)
+    cfg = nn_mod.NNSelectConfig(16, 32, splits, 4, 16, tile=32, capacity=cap)
     inputs = (seq, starts, lens, cand, users)
     idx, scores = run_kernel(inputs, k, cfg)
     assert_matches_reference(idx, scores, inputs, k)

@@ -659,18 +659,15 @@ def _advance(slot, r, q_step, r_step, rows_per_group):
 
 
 @triton.jit
-def _keep_keys(q, pos, c, key_floor, keys_base, n_keys, CAP, cnt_ptr, SHARED: tl.constexpr):
+def _keep_keys(q, pos, c, key_floor, keys_base, n_keys, CAP):
     """Append the keys >= key_floor of rows q (positions ``pos``, -1: no row) to the list at ``keys_base``
     that holds ``n_keys``; its new length (past CAP: what does not fit is dropped, the exact scan takes
-    over). ``SHARED``: other programs append to the same list, so the slots are reserved by an atomic add on
-    its length at ``cnt_ptr`` (``n_keys`` is then unused; the length returned counts their keys too)."""
+    over)."""
     key = _keys_of(q, pos, pos >= 0, c)
     take = (key > -(2**63)) & (key >= key_floor)  # a real key is above INT64_MIN, the floor may be it
     # The count is the prefix sum's largest value, not a sum of its own: that would compute ``take`` a second
     # time in the rows' layout, and the key with it, where the scan needs it in its own.
     taken = tl.cumsum(take.to(tl.int32), axis=0)
-    if SHARED:
-        n_keys = tl.atomic_add(cnt_ptr, tl.max(taken, axis=0), sem="relaxed")
     slot = n_keys + taken - 1
     tl.store(keys_base + slot, key, mask=take & (slot < CAP))
     return n_keys + tl.max(taken, axis=0)
@@ -705,7 +702,6 @@ def _nn_refine_kernel(
     CH: tl.constexpr,
     D_P: tl.constexpr,
     M_BULK: tl.constexpr,
-    PARTS: tl.constexpr = 1,
 ):
     """Pass 2, one program per candidate: its threshold, the rows of the groups that reach it scored
     again, the top k of those, best first.
@@ -719,10 +715,6 @@ def _nn_refine_kernel(
     step of at most R / 4 rows (as for k groups and one more: 520 rows at k = 64) takes an R / 4
     tile, loaded with the first step's.
     ``tau`` and ``cnt`` receive the threshold key and the list's length.
-
-    ``PARTS`` > 1: as many programs per candidate (grid (N, PARTS)), each scoring a contiguous share of the
-    visited groups into the candidate's one list (slots reserved by atomic adds on ``cnt``, which must be
-    zero), which ``_nn_order_kernel`` orders after; long sequences visit enough rows to keep them busy.
     """
     row = tl.program_id(0)
     gm, real, lo = _kth_group_max(gm_ptr, row, k, G_TOT, G_P, STEPS)
@@ -734,17 +726,8 @@ def _nn_refine_kernel(
     # The visited groups' ids, packed to the front of this candidate's row of ``gid``.
     gid_base = gid_ptr + row.to(tl.int64) * G_TOT
     g = tl.arange(0, G_P)
-    if PARTS == 1:
-        tl.store(gid_base + tl.cumsum(visit.to(tl.int32), axis=0) - 1, g, mask=visit)
-        n_visit = tl.sum(visit.to(tl.int32), axis=0)
-    else:  # part p takes the visited groups' slots [p * n / PARTS, (p + 1) * n / PARTS), and writes only those
-        at = tl.cumsum(visit.to(tl.int32), axis=0) - 1
-        n_all = tl.max(at, axis=0) + 1
-        part = tl.program_id(1)
-        first = part * n_all // PARTS
-        n_visit = (part + 1) * n_all // PARTS - first
-        gid_base += first
-        tl.store(gid_base + at - first, g, mask=visit & (at >= first) & (at - first < n_visit))
+    tl.store(gid_base + tl.cumsum(visit.to(tl.int32), axis=0) - 1, g, mask=visit)
+    n_visit = tl.sum(visit.to(tl.int32), axis=0)
     tl.debug_barrier()
 
     u = tl.load(user_ptr + row)
@@ -775,23 +758,13 @@ def _nn_refine_kernel(
         slot, rr = _advance(slot, rr, q_step, r_step, rows_per_group)
         pos_n = _visited_rows(gid_base, slot, rr, f0 + R + r < n_full, chunk, length, C)
         q_n = _load_rows(seq_ptr, start, pos_n, D, D_P)  # in flight while this step is scored
-        n_keys = _keep_keys(q, pos, c, key_floor, keys_base, n_keys, CAP, cnt_ptr + row, PARTS > 1)
+        n_keys = _keep_keys(q, pos, c, key_floor, keys_base, n_keys, CAP)
         f0 = tl.where(n_keys > CAP, n_full, f0 + R)  # a list past CAP goes to the exact scan: stop early
         pos, q = pos_n, q_n
     if short and n_keys <= CAP:
-        n_keys = _keep_keys(q_s, pos_s, c, key_floor, keys_base, n_keys, CAP, cnt_ptr + row, PARTS > 1)
-    if PARTS == 1:  # the whole list is this program's: ordered here (else by _nn_order_kernel)
-        tl.store(cnt_ptr + row, n_keys)
-        tl.debug_barrier()
-        _order_list(seq_ptr, start, length, cand_ptr, c, row, keys_base, n_keys, idx_ptr, score_ptr, D, k, CAP,
-                    K, CH, D_P, M_BULK)  # fmt: skip
-
-
-@triton.jit
-def _order_list(seq_ptr, start, length, cand_ptr, c, row, keys_base, n_keys, idx_ptr, score_ptr, D, k, CAP,
-                K: tl.constexpr, CH: tl.constexpr, D_P: tl.constexpr, M_BULK: tl.constexpr):  # fmt: skip
-    """The top k of a candidate's key list of ``n_keys`` keys, best first; past CAP (the list overflowed) the
-    exact scan of its whole sequence instead."""
+        n_keys = _keep_keys(q_s, pos_s, c, key_floor, keys_base, n_keys, CAP)
+    tl.store(cnt_ptr + row, n_keys)
+    tl.debug_barrier()
     if n_keys <= CAP:
         if n_keys <= 2 * K:  # the usual list, k keys and a few more: one sort
             _sort_list(keys_base, n_keys, row, idx_ptr, score_ptr, k, 2 * K)
@@ -800,21 +773,6 @@ def _order_list(seq_ptr, start, length, cand_ptr, c, row, keys_base, n_keys, idx
     else:
         _exact_scan(seq_ptr, start, length, cand_ptr, row, tl.max(tl.abs(c), axis=0) == 0.0, idx_ptr,
                     score_ptr, D, k, K, D_P, M_BULK)  # fmt: skip
-
-
-@triton.jit
-def _nn_order_kernel(seq_ptr, starts_ptr, lengths_ptr, cand_ptr, user_ptr, cnt_ptr, keys_ptr, idx_ptr, score_ptr,
-                     D, k, CAP,
-                     K: tl.constexpr, CH: tl.constexpr, D_P: tl.constexpr, M_BULK: tl.constexpr):  # fmt: skip
-    """Pass 3 of a refine pass run in parts, one program per candidate: the top k of the list its parts
-    filled (``cnt``: its length)."""
-    row = tl.program_id(0)
-    u = tl.load(user_ptr + row)
-    start = tl.load(starts_ptr + u).to(tl.int64)
-    length = tl.load(lengths_ptr + u).to(tl.int32)
-    c = _load_cand_row(cand_ptr, row, D, D_P)
-    _order_list(seq_ptr, start, length, cand_ptr, c, row, keys_ptr + row.to(tl.int64) * CAP, tl.load(cnt_ptr + row),
-                idx_ptr, score_ptr, D, k, CAP, K, CH, D_P, M_BULK)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -828,8 +786,7 @@ class NNSelectConfig:
     second grid axis of the scans); ``groups_per_split`` group maxima per chunk for the threshold;
     ``capacity`` keys kept per candidate before the exact fallback scan takes over; ``users_per_step``
     users of a block scored side by side in one step of the scan (1: ``_nn_scan_kernel``, one user per
-    step; 2 or 4: ``_nn_scan_packed_kernel``); ``refine_parts`` programs per candidate in the refine pass
-    (more than 1: its lists ordered by a third launch, ``_nn_order_kernel``).
+    step; 2 or 4: ``_nn_scan_packed_kernel``).
     """
 
     block_n: int
@@ -840,7 +797,6 @@ class NNSelectConfig:
     tile: int | None = None  # default max(64, k_pad)
     capacity: int | None = None  # default 8 * k_pad
     users_per_step: int = 1
-    refine_parts: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tile", self.tile or max(64, self.k_pad))
@@ -850,8 +806,6 @@ class NNSelectConfig:
             raise ValueError(f"groups_per_split must be a power of two dividing tile={self.tile}")
         if self.users_per_step not in (1, 2, 4):
             raise ValueError(f"users_per_step must be 1, 2 or 4, got {self.users_per_step}")
-        if isinstance(self.refine_parts, bool) or not isinstance(self.refine_parts, int) or self.refine_parts < 1:
-            raise ValueError(f"refine_parts must be an int >= 1, got {self.refine_parts!r}")
 
 
 def choose_config(
@@ -1086,24 +1040,18 @@ def _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, con
     gm = torch.empty((n, g_tot), dtype=torch.int32, device=dev)
     gid = torch.empty((n, g_tot), dtype=torch.int32, device=dev)
     tau = torch.empty((n,), dtype=torch.int64, device=dev)
-    parts = cfg.refine_parts
-    cnt = (torch.zeros if parts > 1 else torch.empty)((n,), dtype=torch.int32, device=dev)  # parts add to it
+    cnt = torch.empty((n,), dtype=torch.int32, device=dev)
     keys = torch.empty((n, cap), dtype=torch.int64, device=dev)
     with mma_sync_only():
         scan_launch(cfg.users_per_step, (triton.cdiv(n, bn), splits))(
             seq, starts, lengths, cand, cand_user, gm, n, d, g_tot, splits,
             BN=bn, BS=cfg.tile, C=gps, D_P=d_p, num_warps=cfg.num_warps,
         )  # fmt: skip
-        _nn_refine_kernel[(n, parts)](
+        _nn_refine_kernel[(n,)](
             seq, starts, lengths, cand, cand_user, gm, gid, tau, cnt, keys, idx, scores, d, k, g_tot, splits, cap,
             margin(d), BS=cfg.tile, C=gps, G_P=triton.next_power_of_2(g_tot), R=REFINE_ROWS, STEPS=THRESHOLD_STEPS,
-            K=kp, CH=64, D_P=d_p, M_BULK=8, PARTS=parts, num_warps=4,
+            K=kp, CH=64, D_P=d_p, M_BULK=8, num_warps=4,
         )  # fmt: skip
-        if parts > 1:
-            _nn_order_kernel[(n,)](
-                seq, starts, lengths, cand, cand_user, cnt, keys, idx, scores, d, k, cap,
-                K=kp, CH=64, D_P=d_p, M_BULK=8, num_warps=4,
-            )  # fmt: skip
     return idx, scores
 
 

@@ -4,7 +4,6 @@ against float64 references."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -416,29 +415,6 @@ def test_nn_select_every_config(k, block_n, splits, small_cap, users):
     # Users of 4 candidates each (16 per block) after the long ones: blocks of several users.
     lengths, per_user = [3000, 700, 0, 5] + [1500, 2, 900, 64] * 3, [40, 9, 3, 2] + [4, 4, 3, 5] * 3
     nn_check(nn_inputs(lengths, per_user, seed=block_n + splits), k, cfg)
-
-
-@pytest.mark.parametrize("parts", [2, 3, 4, 8])
-def test_nn_select_refine_in_parts(parts):
-    """The refine pass in ``parts`` programs per candidate (atomic slot reservations on one list per candidate,
-    then the ordering launch) on the hardware: bit for bit the one-program selection, and the reference's, for
-    long users of several candidates, users of few rows, lists overflowing into the exact scan (a key capacity
-    of k_pad, and 16,000 rows of 20 distinct items)."""
-    g = torch.Generator().manual_seed(parts)
-    base = torch.randint(-127, 128, (20, 32), generator=g, dtype=torch.int8)
-    repeated = (base[torch.randint(0, 20, (16000,), generator=g)], torch.tensor([0]), torch.tensor([16000]),
-                torch.randn(64, 32, generator=g).half(), torch.zeros(64, dtype=torch.int64))  # fmt: skip
-    mixed = nn_inputs([3000, 700, 0, 5] + [1500, 2, 900, 64] * 3, [40, 9, 3, 2] + [4, 4, 3, 5] * 3, seed=parts)
-    cases = [(nn_inputs([100_000] * 4, [4] * 4, seed=parts), 64, None), (mixed, 64, None), (mixed, 16, 16),
-             (repeated, 64, None)]  # fmt: skip
-    for inputs, k, cap in cases:
-        dev = [t.to(DEV) for t in inputs]
-        auto = nn_mod.choose_config(dev[3].shape[0], dev[1].shape[0], dev[0].shape[0], k, dev[0].device)
-        one = dataclasses.replace(auto, capacity=cap)
-        want = nn_mod.nn_select(*dev, k, config=one)
-        got = nn_mod.nn_select(*dev, k, config=dataclasses.replace(one, refine_parts=parts))
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-        nn_check(inputs, k, dataclasses.replace(one, refine_parts=parts))
 
 
 @pytest.mark.parametrize("users_per_step", [1, 2, 4])
