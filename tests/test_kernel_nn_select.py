@@ -583,11 +583,21 @@ def test_group_rule_worked_by_hand(monkeypatch):
     assert (cfg.block_n, cfg.splits, cfg.tile, cfg.groups_per_split, cfg.users_per_step) == (32, 63, 64, 32, 1)
     # Users side by side in a scan step, as many as a 16-candidate block holds (up to 4), in chunks of at least
     # 8 tiles: 64 users x 100,000 rows (4 candidates each): 64 chunks of 1,600 rows (25 tiles), 4 users; with 8
-    # candidates each, 2; with 16, 1. At 16,000 rows a chunk is 256 rows (4 tiles): 1.
+    # candidates each, 2; with 16, 1.
     assert nn_mod.choose_config(256, 64, 64 * 100_000, 64, torch.device("cpu")).users_per_step == 4
     assert nn_mod.choose_config(256, 32, 32 * 100_000, 64, torch.device("cpu")).users_per_step == 2
     assert nn_mod.choose_config(256, 16, 16 * 100_000, 64, torch.device("cpu")).users_per_step == 1
-    assert nn_mod.choose_config(256, 64, 64 * 16_000, 64, torch.device("cpu")).users_per_step == 1
+    # Shorter sequences take fewer chunks (of 8 tiles) to go side by side, while 16 blocks x chunks >= 2 x 132
+    # programs: at 16,000 rows, 63 chunks of 256 rows (4 tiles) would scan one user per step; ceil(16,000 / 512)
+    # = 32 chunks, 4 users (32 users: 2). 16 users (16 candidates each) never share a block: 63 chunks. At 4,000
+    # rows, 8 chunks would leave 128 programs: 16 chunks of 256 rows, one user per step; with 512 candidates
+    # (32 blocks) at 8,000 rows, 16 chunks (512 programs).
+    fields = ("splits", "groups_per_split", "users_per_step")
+    for (n, u, length), want in {(256, 64, 16_000): (32, 64, 4), (256, 32, 16_000): (32, 64, 2),
+                                 (256, 16, 16_000): (63, 32, 1), (256, 64, 4_000): (16, 64, 1),
+                                 (512, 128, 8_000): (16, 64, 4)}.items():  # fmt: skip
+        cfg = nn_mod.choose_config(n, u, u * length, 64, torch.device("cpu"))
+        assert tuple(getattr(cfg, f) for f in fields) == want, (n, u, length, cfg)
     assert nn_mod.choose_config(256, 64, 64 * 100_000, 64, torch.device("cpu"), block_n=32).users_per_step == 1
     assert nn_mod.choose_config(1024, 1, 16000, 64, torch.device("cpu")).block_n == 64
     # 1 user x 100,000, k 200 (k_pad 256): 98 chunks of 1,024 rows; max(ceil(4096 / 98), 1024 / 8) = 128,

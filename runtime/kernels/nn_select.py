@@ -824,7 +824,8 @@ def choose_config(
     latency-bound chains of small loads and dots, so more and shorter programs win (measured on
     H200: 1 user, 256 candidates, S=16,000, with the fp16 scan: 64-candidate blocks, 64 chunks, 38 us
     of kernel time; 16-candidate blocks 49 us; with the integer scan, 32-candidate blocks 25.5-26.3 us
-    against 26.8-27.6 for 64, in two runs). At least 16 x k group maxima per candidate and groups of at most ~8
+    against 26.8-27.6 for 64, in two runs); chunks of eight tiles where that lets a block's users be scanned side
+    by side (below). At least 16 x k group maxima per candidate and groups of at most ~8
     rows where the tile allows: the second pass then reads about k groups again, a small part of the
     sequence (more groups: a longer threshold search).
     """
@@ -839,8 +840,17 @@ def choose_config(
     n_blocks = triton.cdiv(max(n_cand, 1), block_n)
     avg_len = total_rows // max(n_users, 1)
     chosen = splits is None  # a caller's split count is kept as given
+    packable = block_n == 16 and block_n >= 2 * per_user  # a block holds 2 or more users (see below)
     if chosen:
         splits = max(1, min(triton.cdiv(avg_len, 4 * tile), max(1, 8 * sms // n_blocks), 128))
+        # Where a block's users could go side by side but chunks are too short for it, fewer and longer chunks
+        # that let them, while at least two programs per SM remain (measured on H200, 256 candidates: 64 users
+        # x 16,000 rows 32 chunks 1.05x, x 24,000 47 chunks 1.08x; 32 users x 16,000 1.03x; 128 users x 16,000
+        # 1.07x; 128 users x 8,000 (512 candidates) 16 chunks 1.05x; not taken: 64 users x 8,000, 256 programs,
+        # 0.99x; x 4,000, 128 programs, 0.94x).
+        longer = triton.cdiv(avg_len, PACKED_MIN_STEPS * tile)
+        if packable and longer < splits and n_blocks * longer >= 2 * sms:
+            splits = longer
     chunk = triton.cdiv(triton.cdiv(max(avg_len, 1), splits), tile) * tile
     gps = max(triton.cdiv(GROUPS_PER_K * k_pad, splits), triton.cdiv(chunk, ROWS_PER_GROUP))
     gps = min(tile, max(2, triton.next_power_of_2(gps)))
@@ -856,8 +866,8 @@ def choose_config(
     # candidates each: at 100,000 rows, 25 steps per chunk, 0.135 ms against 0.154 with one user per step;
     # at 16,000, 4 steps, 0.0385 against 0.0370, and level once the scan's scale took rsqrt: 0.0358 / 0.0356).
     # (16-candidate blocks only: the block size the GPU tests run packed.)
-    users = 4 if block_n >= 4 * per_user else 2 if block_n >= 2 * per_user else 1
-    if block_n != 16 or triton.cdiv(triton.cdiv(max(avg_len, 1), splits), tile) < PACKED_MIN_STEPS:
+    users = 4 if block_n >= 4 * per_user else 2 if packable else 1
+    if not packable or triton.cdiv(triton.cdiv(max(avg_len, 1), splits), tile) < PACKED_MIN_STEPS:
         users = 1
     return NNSelectConfig(block_n, k_pad, splits, scan_warps(block_n, tile), gps, tile, users_per_step=users)
 
