@@ -259,22 +259,17 @@ if HAVE_GLUON:
         return m_i, l_i, acc
 
     @gluon.jit
-    def _attend_rows(qa, rows, k_s, v_s, kb_s, bars, phase, lent_bar, lent_v, lent_o, T: gl.constexpr,
-                     LENT: gl.constexpr, ACC: gl.constexpr, A_OP: gl.constexpr):  # fmt: skip
+    def _attend_rows(qa, rows, k_s, v_s, kb_s, bars, phase, T: gl.constexpr, ACC: gl.constexpr,
+                     A_OP: gl.constexpr):  # fmt: skip
         """Causal attention of query tile T (at most 2) over key tiles 0 .. T in one softmax: every score stays
         in registers (up to 3 x 32 per thread), so there is no running max, no rescaling and no wait between
         key tiles; the products of all key tiles are in flight together. ``qa`` as in ``_attend``; key tile
-        j < T is waited for on ``bars[3 + j]`` (``phase``). Returns the row sums and the unnormalised output.
-
-        With ``LENT`` (T >= 1) key tile 0 is left out: warp group 0 attended to it (``_attend_lent``), and its
-        row maxima and sums (``lent_v``) and unnormalised output (``lent_o``) are merged in once ``lent_bar``
-        says they are there: this tile's maximum covers both, and the lent sums and output are rescaled to it."""
+        j < T is waited for on ``bars[3 + j]`` (``phase``). Returns the row sums and the unnormalised output."""
         BM: gl.constexpr = qa.shape[0]
         DT: gl.constexpr = qa.dtype
-        USE0: gl.constexpr = T >= 1 and not LENT
         kn = gl.arange(0, BM, layout=gl.SliceLayout(0, ACC))
         s_t = _scores(qa, k_s, T, ACC)  # the diagonal tile: this tile's own keys
-        if USE0:
+        if T >= 1:
             mbarrier.wait(bars.index(3), phase)
             s_0 = _scores(qa, k_s, 0, ACC)
         if T >= 2:
@@ -283,38 +278,26 @@ if HAVE_GLUON:
         if T == 0:
             s_t = warpgroup_mma_wait(num_outstanding=0, deps=[s_t])
         elif T == 1:
-            if USE0:
-                s_t, s_0 = warpgroup_mma_wait(num_outstanding=0, deps=[s_t, s_0])
-            else:
-                s_t = warpgroup_mma_wait(num_outstanding=0, deps=[s_t])
+            s_t, s_0 = warpgroup_mma_wait(num_outstanding=0, deps=[s_t, s_0])
         else:
-            if USE0:
-                s_t, s_0, s_1 = warpgroup_mma_wait(num_outstanding=0, deps=[s_t, s_0, s_1])
-            else:
-                s_t, s_1 = warpgroup_mma_wait(num_outstanding=0, deps=[s_t, s_1])
+            s_t, s_0, s_1 = warpgroup_mma_wait(num_outstanding=0, deps=[s_t, s_0, s_1])
         s_t = _biased(s_t, kb_s, T, ACC)
         s_t = gl.where(gl.expand_dims(T * BM + kn, 0) <= gl.expand_dims(rows, 1), s_t, float("-inf"))
         s_max = s_t
-        if USE0:
+        if T >= 1:
             s_0 = _biased(s_0, kb_s, 0, ACC)
             s_max = gl.maximum(s_max, s_0)
         if T >= 2:
             s_1 = _biased(s_1, kb_s, 1, ACC)
             s_max = gl.maximum(s_max, s_1)
         # A row that may see no key keeps a finite max, so its probabilities are 0, not NaN.
-        m = gl.maximum(gl.max(s_max, axis=1), -1.0e30)
-        if LENT:
-            mbarrier.wait(lent_bar, phase)
-            m_0 = lent_v.index(0).load(gl.SliceLayout(1, ACC))
-            m = gl.maximum(m, m_0)
-            scale_0 = gl.exp2(m_0 - m)  # 0 where the lent tile saw no key (its max is the -1e30 floor)
-        m = gl.expand_dims(m, 1)
+        m = gl.expand_dims(gl.maximum(gl.max(s_max, axis=1), -1.0e30), 1)
         # Every probability first, then the three products back to back: the scores' registers are free
         # before the products' operands are taken.
         p = gl.exp2(s_t - m)
         p_sum = p
         a_t = gl.convert_layout(p.to(DT), A_OP)
-        if USE0:
+        if T >= 1:
             p = gl.exp2(s_0 - m)
             p_sum = p_sum + p
             a_0 = gl.convert_layout(p.to(DT), A_OP)
@@ -323,38 +306,13 @@ if HAVE_GLUON:
             p_sum = p_sum + p
             a_1 = gl.convert_layout(p.to(DT), A_OP)
         l_i = gl.sum(p_sum, axis=1)
-        if LENT:
-            l_i = l_i + lent_v.index(1).load(gl.SliceLayout(1, ACC)) * scale_0
-            acc = warpgroup_mma(a_t, v_s.index(T), lent_o.load(ACC) * gl.expand_dims(scale_0, 1), is_async=True)
-        else:
-            acc = warpgroup_mma(a_t, v_s.index(T), gl.zeros([BM, qa.shape[1]], gl.float32, ACC), use_acc=False,
-                                is_async=True)  # fmt: skip
-        if USE0:
+        acc = warpgroup_mma(a_t, v_s.index(T), gl.zeros([BM, qa.shape[1]], gl.float32, ACC), use_acc=False,
+                            is_async=True)  # fmt: skip
+        if T >= 1:
             acc = warpgroup_mma(a_0, v_s.index(0), acc, is_async=True)
         if T >= 2:
             acc = warpgroup_mma(a_1, v_s.index(1), acc, is_async=True)
         return l_i, warpgroup_mma_wait(num_outstanding=0, deps=[acc])
-
-    @gluon.jit
-    def _attend_lent(x_l, wq_s, bq, k_s, v_s, kb_s, lent_v, lent_o, ACC: gl.constexpr, A_OP: gl.constexpr):
-        """Warp group 0's share of the last query tile's attention: Q of the last tile's rows ``x_l`` (shared
-        memory; ``bq`` Q's bias, as an (1, D) row), its scores over key tile 0 (all visible to a later tile:
-        no causal mask), their row maxima, sums and unnormalised output into ``lent_v`` / ``lent_o``, for
-        ``_attend_rows`` with ``LENT`` to merge. Keeps the longest chain, the last tile's, one key tile shorter."""
-        BM: gl.constexpr = x_l.shape[0]
-        D: gl.constexpr = x_l.shape[1]
-        DT: gl.constexpr = x_l.dtype
-        q = warpgroup_mma(x_l, wq_s, gl.zeros([BM, D], gl.float32, ACC), use_acc=False)
-        qa = gl.convert_layout((q + bq).to(DT), A_OP)
-        s = warpgroup_mma(qa, k_s.index(0).permute((1, 0)), gl.zeros([BM, BM], gl.float32, ACC), use_acc=False)
-        s = _biased(s, kb_s, 0, ACC)
-        m = gl.maximum(gl.max(s, axis=1), -1.0e30)  # a row whose keys here are all padded: p = 0
-        p = gl.exp2(s - gl.expand_dims(m, 1))
-        o = warpgroup_mma(gl.convert_layout(p.to(DT), A_OP), v_s.index(0), gl.zeros([BM, D], gl.float32, ACC),
-                          use_acc=False)  # fmt: skip
-        lent_v.index(0).store(m)
-        lent_v.index(1).store(gl.sum(p, axis=1))
-        lent_o.store(o)
 
     @gluon.jit
     def _attend_start(BM: gl.constexpr, D: gl.constexpr, ACC: gl.constexpr):
@@ -759,14 +717,13 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _group_tile(T: gl.constexpr, NT: gl.constexpr, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr,
-                  S, n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kb_s, part_s, lent_v, lent_o,
-                  bars, D: gl.constexpr, F: gl.constexpr, HAS_MASK: gl.constexpr, POOL: gl.constexpr,
-                  FINAL_NORM: gl.constexpr, STORE_OUT: gl.constexpr, POOL_PROJ: gl.constexpr, O_P: gl.constexpr,
-                  LEND: gl.constexpr):  # fmt: skip
+                  S, n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kb_s, part_s, bars,
+                  D: gl.constexpr, F: gl.constexpr, HAS_MASK: gl.constexpr, POOL: gl.constexpr,
+                  FINAL_NORM: gl.constexpr, STORE_OUT: gl.constexpr, POOL_PROJ: gl.constexpr,
+                  O_P: gl.constexpr):  # fmt: skip
         """One warp group's part of ``_skut_wgmma_groups_kernel``: query tile T of the program's sequence, every
         layer. ``bars``: the weights of buffer 0 / 1 in (all shares), every tile done with a layer (with the
-        pool's parts stored, in the last), then tile j's K / V of the current layer in (one each), then (with
-        ``LEND``) warp group 0's part of the last tile's attention in (``lent_v``, ``lent_o``)."""
+        pool's parts stored, in the last), then tile j's K / V of the current layer in (one each)."""
         BM: gl.constexpr = 64
         DT: gl.constexpr = w_ptr.dtype.element_ty
         LW: gl.constexpr = _layer_mats(D, F)
@@ -815,14 +772,8 @@ if HAVE_GLUON:
             _cta_barrier()
             if T + 1 < NT:  # the later tiles' wait
                 mbarrier.arrive(bars.index(3 + T))
-            bq = gl.expand_dims(gl.load(v_l + cd), 0)
-            qa = gl.convert_layout((q + bq).to(DT), A_OP)
-            if LEND and T == 0:  # the first tile has the shortest chain: it takes key tile 0 of the last tile's
-                _attend_lent(x_s.index(NT - 1), wq_s.index(buf), bq, k_s, v_s, kb_s, lent_v, lent_o, ACC, A_OP)
-                _cta_barrier()
-                mbarrier.arrive(bars.index(3 + NT))
-            l_i, acc = _attend_rows(qa, rows, k_s, v_s, kb_s, bars, layer % 2, bars.index(3 + NT), lent_v, lent_o, T,
-                                    LEND and T == NT - 1, ACC, A_OP)  # fmt: skip
+            qa = gl.convert_layout((q + gl.expand_dims(gl.load(v_l + cd), 0)).to(DT), A_OP)
+            l_i, acc = _attend_rows(qa, rows, k_s, v_s, kb_s, bars, layer % 2, T, ACC, A_OP)
             y = _out_and_ffn(_attend_end(l_i, acc), xs.load(ACC).to(gl.float32), v_l, wo_s.index(buf), w1_s.index(buf),
                              w2_s.index(buf), D, F, ACC, ACC_F, A_OP, A_OP_F)  # fmt: skip
             if layer + 1 < n_layers:
@@ -848,15 +799,12 @@ if HAVE_GLUON:
         x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S, n_layers, D_OUT,
         D: gl.constexpr, F: gl.constexpr, NT: gl.constexpr, HAS_MASK: gl.constexpr, POOL: gl.constexpr,
         FINAL_NORM: gl.constexpr, STORE_OUT: gl.constexpr, POOL_PROJ: gl.constexpr, O_P: gl.constexpr,
-        LEND: gl.constexpr,
     ):  # fmt: skip
         """Causal only, 2 or 3 query tiles: one program per sequence, one warp group per 64-row query tile
         (``_group_tile``), each running every layer on its own rows. A tile hands its K / V to the later tiles
         through shared memory and an mbarrier; the warp groups run apart, not in step, so one tile's
         exponentials overlap another's products. Weights are double-buffered by layer, each warp group
-        copying a share; a layer's buffers are reused once every tile is done with the layer before. With
-        ``LEND`` the first tile, whose chain is the shortest, also attends the last tile's queries to key tile 0
-        and hands that part over (``_attend_lent``), so no tile attends to more than NT - 1 key tiles."""
+        copying a share; a layer's buffers are reused once every tile is done with the layer before."""
         BM: gl.constexpr = 64
         DT: gl.constexpr = w_ptr.dtype.element_ty
         SH_DD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, D], DT)
@@ -875,15 +823,11 @@ if HAVE_GLUON:
         x_s = gl.allocate_shared_memory(DT, [NT, BM, D], SH_KV)
         kb_s = gl.allocate_shared_memory(gl.float32, [NT, BM], FLAT)
         part_s = gl.allocate_shared_memory(gl.float32, [NT, D], FLAT)
-        lent_v = gl.allocate_shared_memory(gl.float32, [2, BM], FLAT)
-        # The lent output in fp32, its pairs of columns swizzled by row (a plain layout puts 8 rows on one bank).
-        SH_O: gl.constexpr = gl.SwizzledSharedLayout(2, 1, 8, order=[1, 0])
-        lent_o = gl.allocate_shared_memory(gl.float32, [BM if LEND else 1, D], SH_O)
-        bars = gl.allocate_shared_memory(gl.int64, [4 + NT, 1], mbarrier.MBarrierLayout())
+        bars = gl.allocate_shared_memory(gl.int64, [3 + NT, 1], mbarrier.MBarrierLayout())
         mbarrier.init(bars.index(0), count=NT)
         mbarrier.init(bars.index(1), count=NT)
         mbarrier.init(bars.index(2), count=NT)
-        for j in gl.static_range(NT + 1):
+        for j in gl.static_range(NT):
             mbarrier.init(bars.index(3 + j), count=1)
         fence_async_shared()
         _cta_barrier()
@@ -893,27 +837,22 @@ if HAVE_GLUON:
             gl.warp_specialize([
                 (_group_tile, (1, 2, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S,
                                n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kb_s, part_s,
-                               lent_v, lent_o, bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P,
-                               LEND)),
+                               bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P)),
                 (_group_tile, (0, 2, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S,
                                n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kb_s, part_s,
-                               lent_v, lent_o, bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P,
-                               LEND)),
+                               bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P)),
             ], [4], [168])  # fmt: skip
         else:
             gl.warp_specialize([
                 (_group_tile, (2, 3, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S,
                                n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kb_s, part_s,
-                               lent_v, lent_o, bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P,
-                               LEND)),
+                               bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P)),
                 (_group_tile, (0, 3, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S,
                                n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kb_s, part_s,
-                               lent_v, lent_o, bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P,
-                               LEND)),
+                               bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P)),
                 (_group_tile, (1, 3, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S,
                                n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kb_s, part_s,
-                               lent_v, lent_o, bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P,
-                               LEND)),
+                               bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P)),
             ], [4, 4], [168, 168])  # fmt: skip
 
 
@@ -964,7 +903,7 @@ def launch_split(
 def launch_groups(
     x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor, packed, pooled: torch.Tensor,  # noqa: ANN001
     pool_w: torch.Tensor, pool_b: torch.Tensor, d_out: int, has_mask: bool, pool: int, store_out: bool,
-    pool_proj: bool, o_p: int, lend: bool = True,
+    pool_proj: bool, o_p: int,
 ):  # noqa: ANN201 (Triton's compiled kernel)
     """One program per sequence of a causal stack of 2-3 query tiles (65-192 tokens), one warp group per tile
     (``_skut_wgmma_groups_kernel``); arguments as ``launch_split`` takes them, without its scratch."""
@@ -975,5 +914,5 @@ def launch_groups(
     return _skut_wgmma_groups_kernel[(bsz,)](
         x, out, mask, packed.mats, packed.vecs, pooled, pool_w, pool_b, s, packed.n_layers, d_out,
         D=D_MODEL, F=packed.ff_pad, NT=n_qt, HAS_MASK=has_mask, POOL=pool, FINAL_NORM=packed.final_norm,
-        STORE_OUT=store_out, POOL_PROJ=pool_proj, O_P=o_p, LEND=lend, num_warps=4,
+        STORE_OUT=store_out, POOL_PROJ=pool_proj, O_P=o_p, num_warps=4,
     )  # fmt: skip
