@@ -406,15 +406,21 @@ def fmt(v):
     return "—" if v is None else f"{v:.3f}"
 
 
+def meets(r) -> str:
+    """Whether a row meets its target: judged on the default configuration, the one a caller gets. The best
+    configuration of the sweep is timed once each, so its lead can be noise (confirm it with ab_kernels.py)."""
+    return "yes" if (r["ours default (graph)"] or 1e9) <= r["target_ms"] else "no"
+
+
 def table(tr, nr, peaks) -> str:
     lines = [
-        "| work | PyTorch eager | torch.compile | ours, CUDA graph (default / best config) "
-        "| ours, plain launch | floor | target | met |",
+        "| work | PyTorch eager | torch.compile | ours, CUDA graph (default / best config, one timing each) "
+        "| ours, plain launch | floor | target | met (default) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in tr:
         eager = f"{fmt(r.get('SDPA eager'))} (SDPA), {fmt(r.get('nn.TransformerEncoder'))} (nn.TE)"
-        met = "yes" if (r["ours best (graph)"] or 1e9) <= r["target_ms"] else "no"
+        met = meets(r)
         lines.append(
             f"| 2-layer transformer, B={r['B']} S={r['S']} d=64 ff=32 | {eager} | "
             f"{fmt(r.get('torch.compile (SDPA)'))} | {fmt(r['ours default (graph)'])} / "
@@ -426,7 +432,7 @@ def table(tr, nr, peaks) -> str:
             f"{fmt(r.get('repeat_interleave+bmm+topk'))} (repeat_interleave), "
             f"{fmt(r.get('dedup bmm+topk'))} (dedup)"
         )
-        met = "yes" if (r["ours best (graph)"] or 1e9) <= r["target_ms"] else "no"
+        met = meets(r)
         lines.append(
             f"| NN scores + top-{r['k']}, {r['users']} user(s), S={r['S']:,}, {r['N']} candidates "
             f"| {eager} | — | "
