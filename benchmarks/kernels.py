@@ -406,7 +406,7 @@ def fmt(v):
     return "—" if v is None else f"{v:.3f}"
 
 
-def meets(r) -> str:
+def meets(r: dict) -> str:
     """Whether a row meets its target: judged on the default configuration, the one a caller gets. The best
     configuration of the sweep is timed once each, so its lead can be noise (confirm it with ab_kernels.py)."""
     return "yes" if (r["ours default (graph)"] or 1e9) <= r["target_ms"] else "no"

@@ -10,7 +10,7 @@ bench_kernels = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_kernels)
 
 
-def _row(default: float, best: float, target: float) -> dict:
+def _row(default: float | None, best: float, target: float) -> dict:
     return {"B": 256, "S": 192, "target_ms": target, "ours default (graph)": default, "ours best (graph)": best,
             "ours default (launch)": 0.05, "floor_ms": 0.01, "SDPA eager": 0.4}  # fmt: skip
 
