@@ -868,9 +868,9 @@ def choose_config(
     # candidates each: at 100,000 rows, 25 steps per chunk, 0.135 ms against 0.154 with one user per step;
     # at 16,000, 4 steps, 0.0385 against 0.0370, and level once the scan's scale took rsqrt: 0.0358 / 0.0356).
     # (16-candidate blocks only: the block size the GPU tests run packed.)
-    users = 4 if block_n >= 4 * per_user else 2 if packable else 1
-    if not packable or triton.cdiv(triton.cdiv(max(avg_len, 1), splits), tile) < PACKED_MIN_STEPS:
-        users = 1
+    users = 1
+    if packable and triton.cdiv(triton.cdiv(max(avg_len, 1), splits), tile) >= PACKED_MIN_STEPS:
+        users = 4 if block_n >= 4 * per_user else 2
     return NNSelectConfig(block_n, k_pad, splits, scan_warps(block_n, tile), gps, tile, users_per_step=users)
 
 
