@@ -233,9 +233,9 @@ def test_skut_wgmma(s, f, n_layers, causal, masked, pool, proj, dtype, final, co
         assert (out[-1] == 0).all()  # a sequence of padding only: every row sees no key
 
 
-def wgmma_many_sequences(config, bsz, s, pool, seed):
+def wgmma_many_sequences(config, bsz, s, pool, seed, n_layers=2):
     """V2's stack on ``bsz`` causal, padded sequences (some of padding only) through ``config``, against float64."""
-    enc = make_encoder(64, 1, 32, 2, seed=seed).to(DEV)
+    enc = make_encoder(64, 1, 32, n_layers, seed=seed).to(DEV)
     packed = sk.pack_encoder_weights(enc, torch.float16)
     x = torch.randn(bsz, s, 64, device=DEV)
     mask = make_mask(bsz, s, seed=seed, dead=True).to(DEV)
@@ -257,12 +257,16 @@ def test_skut_wgmma_split_many_sequences(pool, s):
 
 
 @needs_sm90
-@pytest.mark.parametrize("pool", [None, "max_valid"])
-@pytest.mark.parametrize("s", [100, 192])
-def test_skut_wgmma_groups_many_sequences(pool, s):
-    """The grouped launch (two and three warp groups) with several waves of programs."""
+@pytest.mark.parametrize(
+    "s,pool,n_layers",
+    [(100, None, 2), (100, "max_valid", 2), (192, None, 2), (192, "max_valid", 2), (192, None, 1),
+     (150, "max_valid", 3), (130, "max_all", 1)],
+)  # fmt: skip
+def test_skut_wgmma_groups_many_sequences(s, pool, n_layers):
+    """The grouped launch (two and three warp groups) with several waves of programs, at 1-3 layers (the weight
+    buffers reused every other layer) and every pool."""
     bsz = 3 * torch.cuda.get_device_properties(0).multi_processor_count + 7
-    wgmma_many_sequences(WGMMA_GROUPS, bsz, s, pool, seed=6)
+    wgmma_many_sequences(WGMMA_GROUPS, bsz, s, pool, seed=6 + n_layers, n_layers=n_layers)
 
 
 @needs_sm90
