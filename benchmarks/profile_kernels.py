@@ -46,7 +46,7 @@ def workload(name: str):
         x, kpm = transformer_inputs(bsz, s, d, seed=0)
         out = torch.empty(bsz, s, d, dtype=torch.float16, device="cuda")
         ws = torch.empty(sk.workspace_numel(bsz, s, packed), dtype=torch.float16, device="cuda")
-        print(name, sk.choose_config(s, packed))
+        print(name, sk.choose_config(s, packed, bsz, causal, x.device))
         return lambda: sk.skut_forward(x, packed, kpm, causal, None, out=out, workspace=ws)
     if name in NN:
         n_users, length, n_cand, k = NN[name]

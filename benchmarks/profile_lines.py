@@ -1,11 +1,15 @@
 """The kernel lines that cost the most, from an Nsight Compute source export (see gpu_profile.sh).
 
-    python benchmarks/profile_lines.py OUT/skut_v2_source.csv [--top 30]
+    python benchmarks/profile_lines.py OUT/skut_v2_source.csv [--top 30] [--fetch]
 
 Sums each Python line's executed instructions and warp stall samples over its SASS instructions, per
 kernel, and prints the heaviest lines with their shares and top stall reasons next to the source text
 (read from this checkout, so profile the same revision; lines of Triton's own library files, e.g. its
 reductions, are shown by file and number only).
+
+``--fetch`` adds, per kernel, where instruction fetch stalls: the share of "no instruction" samples on the
+first instruction of a 128-byte line (a miss in the instruction cache lands there), and the samples of each
+warp-specialized partition (the code between ``SETMAXREG`` instructions) by stall reason.
 """
 
 from __future__ import annotations
@@ -50,6 +54,60 @@ def read_lines(path: str) -> dict[str, dict[tuple[str, int], dict[str, int]]]:
     return out
 
 
+def read_sass(path: str) -> dict[str, dict[int, tuple[str, dict[str, int]]]]:
+    """kernel -> SASS address -> (instruction text, {"stall_<reason>": samples}) from the CSV's SASS rows."""
+    out: dict[str, dict[int, tuple[str, dict[str, int]]]] = defaultdict(dict)
+    kernel = ""
+    header: list[str] | None = None
+    with open(path, newline="") as fh:
+        for row in csv.reader(fh):
+            if not row:
+                continue
+            if row[0] == "File Path":
+                header = None
+            elif row[0] == "Function Name":
+                kernel = row[1]
+            elif row[0] == "Line No":
+                header = row
+            elif header and not row[0] and len(row) == len(header):
+                try:
+                    addr = int(row[2], 16)
+                except ValueError:
+                    continue
+                stalls = {n: _int(v) for n, v in zip(header, row, strict=True)
+                          if n.startswith("stall_") and "Not Issued" not in n}  # fmt: skip
+                out[kernel][addr] = (row[3], stalls)
+    return out
+
+
+def fetch_report(sass: dict[int, tuple[str, dict[str, int]]]) -> str:
+    """Instruction-fetch stalls by position in a 128-byte line, and each partition's samples by stall reason."""
+    base = min(sass)
+    no_inst = [0] * 8
+    for addr, (_, st) in sass.items():
+        no_inst[(addr - base) % 128 // 16] += st.get("stall_no_inst", 0)
+    total = sum(sum(st.values()) for _, st in sass.values()) or 1
+    lines = [f"no-instruction samples: {sum(no_inst)} of {total} ({100 * sum(no_inst) / total:.0f} %); by slot in a "
+             f"128-byte line: {no_inst}"]  # fmt: skip
+    cuts = [a for a, (text, _) in sorted(sass.items()) if "SETMAXREG" in text] + [max(sass) + 16]
+    lo = base
+    for hi in cuts:
+        part = [sass[a] for a in sass if lo <= a < hi]
+        n = sum(sum(st.values()) for _, st in part)
+        if part and n:
+            reasons = defaultdict(int)
+            for _, st in part:
+                for name, c in st.items():
+                    reasons[name[6:]] += c
+            top = sorted(reasons.items(), key=lambda kv: -kv[1])[:6]
+            ex2 = sum("MUFU.EX2" in text for text, _ in part)
+            span = f"{lo - base:#07x}-{hi - base:#07x}"
+            lines.append(f"  {span}: {len(part)} instructions ({ex2} MUFU.EX2), {n} samples: "
+                         + ", ".join(f"{k} {v}" for k, v in top))  # fmt: skip
+        lo = hi
+    return "\n".join(lines)
+
+
 def _source(file: str, line: int) -> str:
     local = os.path.join(_ROOT, *file.split("/")[-3:])  # e.g. .../runtime/kernels/skut.py in this checkout
     if not os.path.exists(local):
@@ -63,7 +121,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("csv")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--fetch", action="store_true", help="instruction-fetch stalls and per-partition samples")
     args = ap.parse_args()
+    sass = read_sass(args.csv) if args.fetch else {}
     for kernel, lines in read_lines(args.csv).items():
         samples = sum(v["samples"] for v in lines.values()) or 1
         instr = sum(v["instructions"] for v in lines.values()) or 1
@@ -76,6 +136,8 @@ def main() -> None:
                 f"| {os.path.basename(file)}:{line} | {', '.join(f'{n} {c}' for c, n in stalls)} "
                 f"| `{_source(file, line)[:70]}` |"
             )
+        if sass.get(kernel):
+            print(fetch_report(sass[kernel]))
 
 
 if __name__ == "__main__":
