@@ -225,11 +225,36 @@ if HAVE_GLUON:
         _copy_async(w2_s, w_l + 4 * D * D + D * F, F, D)
 
     @gluon.jit
-    def _scores(qa, k_s, j, ACC: gl.constexpr):
-        """Start the product of ``qa`` with key tile j's K (asynchronous; ``_biased`` adds the keys' biases)."""
+    def _scores(qa, qe, k_s, kx_s, j, ACC: gl.constexpr):
+        """Start the product of ``qa`` with key tile j's K, the keys' biases included (asynchronous): a second
+        product, of ``qe`` (a 1 in column 0 of each row, 0 elsewhere) with the tile's bias columns ``kx_s[j]`` (its
+        keys' biases, 0 or -inf, in column 0; 0 elsewhere), adds each key's bias to its scores exactly (no 0 x inf)."""
         BM: gl.constexpr = qa.shape[0]
-        return warpgroup_mma(qa, k_s.index(j).permute((1, 0)), gl.zeros([BM, BM], gl.float32, ACC), use_acc=False,
-                             is_async=True)  # fmt: skip
+        s = warpgroup_mma(qa, k_s.index(j).permute((1, 0)), gl.zeros([BM, BM], gl.float32, ACC), use_acc=False,
+                          is_async=True)  # fmt: skip
+        return warpgroup_mma(qe, kx_s.index(j).permute((1, 0)), s, is_async=True)
+
+    @gluon.jit
+    def _bias_columns(kx_t, m_b, S, T: gl.constexpr, HAS_MASK: gl.constexpr):
+        """Key tile T's bias columns for ``_scores`` into ``kx_t`` (64 keys x KX): column 0 holds 0 where a key may be
+        attended to, -inf where padded (``m_b``: the sequence's padding mask) or past S; every other column 0."""
+        BM: gl.constexpr = kx_t.shape[0]
+        KX: gl.constexpr = kx_t.shape[1]
+        L: gl.constexpr = gl.BlockedLayout([1, KX], [32, 1], [4, 1], [1, 0])  # a key per thread, its columns
+        kidx = T * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, L))
+        key_ok = kidx < S
+        if HAS_MASK:
+            key_ok = key_ok & (gl.load(m_b + kidx, mask=key_ok, other=1) == 0)
+        col0 = gl.expand_dims(gl.arange(0, KX, layout=gl.SliceLayout(0, L)) == 0, 0)
+        bias = gl.expand_dims(gl.where(key_ok, 0.0, float("-inf")), 1)
+        kx_t.store(gl.where(col0, bias, 0.0).to(kx_t.dtype))
+
+    @gluon.jit
+    def _ones_column(BM: gl.constexpr, KX: gl.constexpr, DT: gl.constexpr, A_OP: gl.constexpr):
+        """``_scores``' ``qe``: (BM, KX) with 1 in column 0 and 0 elsewhere, as an A operand."""
+        L: gl.constexpr = gl.BlockedLayout([1, KX], [32, 1], [4, 1], [1, 0])
+        col0 = gl.expand_dims(gl.arange(0, KX, layout=gl.SliceLayout(0, L)) == 0, 0)
+        return gl.convert_layout(gl.where(col0, gl.full([BM, KX], 1.0, DT, L), gl.zeros([BM, KX], DT, L)), A_OP)
 
     @gluon.jit
     def _biased(s, kb_s, j, ACC: gl.constexpr):
@@ -259,36 +284,34 @@ if HAVE_GLUON:
         return m_i, l_i, acc
 
     @gluon.jit
-    def _attend_rows(qa, rows, k_s, v_s, kb_s, bars, phase, T: gl.constexpr, ACC: gl.constexpr,
+    def _attend_rows(qa, qe, rows, k_s, v_s, kx_s, bars, phase, T: gl.constexpr, ACC: gl.constexpr,
                      A_OP: gl.constexpr):  # fmt: skip
         """Causal attention of query tile T (at most 2) over key tiles 0 .. T in one softmax: every score stays
         in registers (up to 3 x 32 per thread), so there is no running max, no rescaling and no wait between
-        key tiles; the products of all key tiles are in flight together. ``qa`` as in ``_attend``; key tile
-        j < T is waited for on ``bars[3 + j]`` (``phase``). Returns the row sums and the unnormalised output."""
+        key tiles; the products of all key tiles are in flight together. ``qa`` as in ``_attend``; ``qe`` and
+        ``kx_s`` add the keys' biases (``_scores``); key tile j < T is waited for on ``bars[3 + j]`` (``phase``).
+        Returns the row sums and the unnormalised output."""
         BM: gl.constexpr = qa.shape[0]
         DT: gl.constexpr = qa.dtype
         kn = gl.arange(0, BM, layout=gl.SliceLayout(0, ACC))
-        s_t = _scores(qa, k_s, T, ACC)  # the diagonal tile: this tile's own keys
+        s_t = _scores(qa, qe, k_s, kx_s, T, ACC)  # the diagonal tile: this tile's own keys
         if T >= 1:
             mbarrier.wait(bars.index(3), phase)
-            s_0 = _scores(qa, k_s, 0, ACC)
+            s_0 = _scores(qa, qe, k_s, kx_s, 0, ACC)
         if T >= 2:
             mbarrier.wait(bars.index(4), phase)
-            s_1 = _scores(qa, k_s, 1, ACC)
+            s_1 = _scores(qa, qe, k_s, kx_s, 1, ACC)
         if T == 0:
             s_t = warpgroup_mma_wait(num_outstanding=0, deps=[s_t])
         elif T == 1:
             s_t, s_0 = warpgroup_mma_wait(num_outstanding=0, deps=[s_t, s_0])
         else:
             s_t, s_0, s_1 = warpgroup_mma_wait(num_outstanding=0, deps=[s_t, s_0, s_1])
-        s_t = _biased(s_t, kb_s, T, ACC)
         s_t = gl.where(gl.expand_dims(T * BM + kn, 0) <= gl.expand_dims(rows, 1), s_t, float("-inf"))
         s_max = s_t
         if T >= 1:
-            s_0 = _biased(s_0, kb_s, 0, ACC)
             s_max = gl.maximum(s_max, s_0)
         if T >= 2:
-            s_1 = _biased(s_1, kb_s, 1, ACC)
             s_max = gl.maximum(s_max, s_1)
         # A row that may see no key keeps a finite max, so its probabilities are 0, not NaN.
         m = gl.expand_dims(gl.maximum(gl.max(s_max, axis=1), -1.0e30), 1)
@@ -744,7 +767,8 @@ if HAVE_GLUON:
         _copy_share(T, NT, wq_s.index(0), wk_s.index(0), wv_s.index(0), wo_s.index(0), w1_s.index(0),
                     w2_s.index(0), w_ptr, D, F)  # fmt: skip
         async_copy.commit_group()
-        _key_bias_tile(kb_s.index(T), m_b, S, T, HAS_MASK)
+        _bias_columns(kb_s.index(T), m_b, S, T, HAS_MASK)
+        qe = _ones_column(BM, kb_s.shape[2], DT, A_OP)
         l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, ACC))
         pooled = gl.full([D], float("-inf"), gl.float32, gl.SliceLayout(0, ACC))
         for layer in range(0, n_layers):
@@ -773,7 +797,7 @@ if HAVE_GLUON:
             if T + 1 < NT:  # the later tiles' wait
                 mbarrier.arrive(bars.index(3 + T))
             qa = gl.convert_layout((q + gl.expand_dims(gl.load(v_l + cd), 0)).to(DT), A_OP)
-            l_i, acc = _attend_rows(qa, rows, k_s, v_s, kb_s, bars, layer % 2, T, ACC, A_OP)
+            l_i, acc = _attend_rows(qa, qe, rows, k_s, v_s, kb_s, bars, layer % 2, T, ACC, A_OP)
             y = _out_and_ffn(_attend_end(l_i, acc), xs.load(ACC).to(gl.float32), v_l, wo_s.index(buf), w1_s.index(buf),
                              w2_s.index(buf), D, F, ACC, ACC_F, A_OP, A_OP_F)  # fmt: skip
             if layer + 1 < n_layers:
@@ -821,7 +845,8 @@ if HAVE_GLUON:
         k_s = gl.allocate_shared_memory(DT, [NT, BM, D], SH_KV)
         v_s = gl.allocate_shared_memory(DT, [NT, BM, D], SH_KV)
         x_s = gl.allocate_shared_memory(DT, [NT, BM, D], SH_KV)
-        kb_s = gl.allocate_shared_memory(gl.float32, [NT, BM], FLAT)
+        # each key tile's bias columns (``_bias_columns``): one 16-wide k-step of the score products
+        kb_s = gl.allocate_shared_memory(DT, [NT, BM, 16], gl.NVMMASharedLayout.get_default_for([BM, 16], DT))
         part_s = gl.allocate_shared_memory(gl.float32, [NT, D], FLAT)
         bars = gl.allocate_shared_memory(gl.int64, [3 + NT, 1], mbarrier.MBarrierLayout())
         mbarrier.init(bars.index(0), count=NT)
