@@ -740,7 +740,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _group_tile(T: gl.constexpr, NT: gl.constexpr, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr,
-                  S, n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kb_s, part_s, bars,
+                  S, n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kx_s, part_s, bars,
                   D: gl.constexpr, F: gl.constexpr, HAS_MASK: gl.constexpr, POOL: gl.constexpr,
                   FINAL_NORM: gl.constexpr, STORE_OUT: gl.constexpr, POOL_PROJ: gl.constexpr,
                   O_P: gl.constexpr):  # fmt: skip
@@ -767,8 +767,8 @@ if HAVE_GLUON:
         _copy_share(T, NT, wq_s.index(0), wk_s.index(0), wv_s.index(0), wo_s.index(0), w1_s.index(0),
                     w2_s.index(0), w_ptr, D, F)  # fmt: skip
         async_copy.commit_group()
-        _bias_columns(kb_s.index(T), m_b, S, T, HAS_MASK)
-        qe = _ones_column(BM, kb_s.shape[2], DT, A_OP)
+        _bias_columns(kx_s.index(T), m_b, S, T, HAS_MASK)
+        qe = _ones_column(BM, kx_s.shape[2], DT, A_OP)
         l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, ACC))
         pooled = gl.full([D], float("-inf"), gl.float32, gl.SliceLayout(0, ACC))
         for layer in range(0, n_layers):
@@ -797,7 +797,7 @@ if HAVE_GLUON:
             if T + 1 < NT:  # the later tiles' wait
                 mbarrier.arrive(bars.index(3 + T))
             qa = gl.convert_layout((q + gl.expand_dims(gl.load(v_l + cd), 0)).to(DT), A_OP)
-            l_i, acc = _attend_rows(qa, qe, rows, k_s, v_s, kb_s, bars, layer % 2, T, ACC, A_OP)
+            l_i, acc = _attend_rows(qa, qe, rows, k_s, v_s, kx_s, bars, layer % 2, T, ACC, A_OP)
             y = _out_and_ffn(_attend_end(l_i, acc), xs.load(ACC).to(gl.float32), v_l, wo_s.index(buf), w1_s.index(buf),
                              w2_s.index(buf), D, F, ACC, ACC_F, A_OP, A_OP_F)  # fmt: skip
             if layer + 1 < n_layers:
@@ -846,7 +846,7 @@ if HAVE_GLUON:
         v_s = gl.allocate_shared_memory(DT, [NT, BM, D], SH_KV)
         x_s = gl.allocate_shared_memory(DT, [NT, BM, D], SH_KV)
         # each key tile's bias columns (``_bias_columns``): one 16-wide k-step of the score products
-        kb_s = gl.allocate_shared_memory(DT, [NT, BM, 16], gl.NVMMASharedLayout.get_default_for([BM, 16], DT))
+        kx_s = gl.allocate_shared_memory(DT, [NT, BM, 16], gl.NVMMASharedLayout.get_default_for([BM, 16], DT))
         part_s = gl.allocate_shared_memory(gl.float32, [NT, D], FLAT)
         bars = gl.allocate_shared_memory(gl.int64, [3 + NT, 1], mbarrier.MBarrierLayout())
         mbarrier.init(bars.index(0), count=NT)
@@ -861,22 +861,22 @@ if HAVE_GLUON:
         if NT == 2:
             gl.warp_specialize([
                 (_group_tile, (1, 2, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S,
-                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kb_s, part_s,
+                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kx_s, part_s,
                                bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P)),
                 (_group_tile, (0, 2, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S,
-                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kb_s, part_s,
+                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kx_s, part_s,
                                bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P)),
             ], [4], [168])  # fmt: skip
         else:
             gl.warp_specialize([
                 (_group_tile, (2, 3, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S,
-                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kb_s, part_s,
+                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kx_s, part_s,
                                bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P)),
                 (_group_tile, (0, 3, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S,
-                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kb_s, part_s,
+                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kx_s, part_s,
                                bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P)),
                 (_group_tile, (1, 3, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S,
-                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kb_s, part_s,
+                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kx_s, part_s,
                                bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P)),
             ], [4, 4], [168, 168])  # fmt: skip
 
