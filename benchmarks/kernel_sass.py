@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/kernel_sass.py scan [--users 1|2|4] [--block-n 16] [--groups 32]
     PYTHONPATH=. python benchmarks/kernel_sass.py refine [--groups 32] [--k 64]
     PYTHONPATH=. python benchmarks/kernel_sass.py skut [V2|V1] [--config 64/32/4] [--pool]
+    PYTHONPATH=. python benchmarks/kernel_sass.py groups [--tiles 3] [--pool]
 
 Builds a kernel here as a launch would specialise it (``runtime.kernels.build``: 16-byte aligned pointers,
 mma.sync only), disassembles the cubin with the nvdisasm that ships with Triton, line information on, and
@@ -153,9 +154,27 @@ def build_refine(groups: int, splits: int, k: int, arch: int):  # noqa: ANN201
     return _build_select(nn._nn_refine_kernel, consts, arch, 4)
 
 
+def build_groups(tiles: int, pool: bool, arch: int):  # noqa: ANN201
+    """The grouped wgmma launch (``skut_wgmma._skut_wgmma_groups_kernel``, one warp group per query tile) for V2
+    (d_model 64, FFN 32) at ``tiles`` query tiles: every row stored, or (``pool``) as the runtime launches it.
+    Each warp group is a partition of its own code, so the report has a layer loop per query tile."""
+    from runtime.kernels import skut_wgmma as sw
+    from runtime.kernels.build import build_for_gpu
+
+    types = {"x_ptr": "*fp16", "out_ptr": "*fp16", "mask_ptr": "*u8", "w_ptr": "*fp16", "v_ptr": "*fp32",
+             "pool_ptr": "*fp32" if pool else "*fp16", "pw_ptr": "*fp32", "pb_ptr": "*fp32", "S": "i32",
+             "n_layers": "i32", "D_OUT": "i32"}  # fmt: skip
+    consts = dict(D=64, F=32, NT=tiles, HAS_MASK=True, POOL=1 if pool else 0, FINAL_NORM=False, STORE_OUT=not pool,
+                  POOL_PROJ=pool, O_P=64)  # fmt: skip
+    fn = sw._skut_wgmma_groups_kernel
+    types = {n: t for n, t in types.items() if n in fn.arg_names}
+    aligned = [n for n, t in types.items() if t.startswith("*")]
+    return build_for_gpu(fn, types, consts, aligned, arch=arch, num_warps=4)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kernel", choices=("scan", "refine", "skut"))
+    ap.add_argument("kernel", choices=("scan", "refine", "skut", "groups"))
     ap.add_argument("shape", nargs="?", default="V2", help="skut: V2 or V1 (kernel_registers.SHAPES)")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100 / H200)")
     ap.add_argument("--users", type=int, default=1, choices=(1, 2, 4), help="scan: users per step")
@@ -165,7 +184,8 @@ def main() -> None:
     ap.add_argument("--splits", type=int, default=8, help="refine: chunks per sequence")
     ap.add_argument("--k", type=int, default=64, help="refine: top k")
     ap.add_argument("--config", default="64/32/4", help="skut: block_m/block_n/warps")
-    ap.add_argument("--pool", action="store_true", help="skut: as the runtime launches it (pool, out_linear)")
+    ap.add_argument("--pool", action="store_true", help="skut, groups: as the runtime launches it (pool, out_linear)")
+    ap.add_argument("--tiles", type=int, default=3, choices=(2, 3), help="groups: query tiles (warp groups)")
     ap.add_argument("--top", type=int, default=20, help="source lines listed per loop")
     args = ap.parse_args()
     if args.kernel == "scan":
@@ -175,6 +195,10 @@ def main() -> None:
     elif args.kernel == "refine":
         kernel = build_refine(args.groups, args.splits, args.k, args.arch)
         what = f"refine, {args.splits} x {args.groups} groups, top-{args.k}"
+    elif args.kernel == "groups":
+        kernel = build_groups(args.tiles, args.pool, args.arch)
+        what = f"grouped wgmma launch, V2, {args.tiles} query tiles"
+        what += ", as the runtime launches it" if args.pool else ""
     else:
         from kernel_registers import build_skut
 

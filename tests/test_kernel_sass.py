@@ -1,4 +1,5 @@
-"""benchmarks/kernel_sass.py: loops and source lines read from nvdisasm's text; real builds of the selection."""
+"""benchmarks/kernel_sass.py: loops and source lines read from nvdisasm's text; real builds of the selection and of
+the grouped transformer launch."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+
+from runtime.kernels.skut_wgmma import HAVE_GLUON
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 sys.path.insert(0, BENCH)
@@ -45,11 +48,11 @@ def test_parse_and_loops_by_hand() -> None:
     assert "      2  k.py:12" in text and "      1  k.py:13" in text
 
 
-def run_tool(kernel: str) -> tuple[str, list[str]]:
+def run_tool(kernel: str, *extra: str) -> tuple[str, list[str]]:
     """``kernel_sass.py KERNEL`` in its own process, without the interpreter the suite sets (it would wrap
     the kernels); its output and the text of each loop it reports."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, os.path.join(BENCH, "kernel_sass.py"), kernel, "--top", "50"],
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "kernel_sass.py"), kernel, "--top", "50", *extra],
                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout, out.stdout.split("\nloop ")[1:]
@@ -78,3 +81,32 @@ def test_refine_builds_and_its_rows_loop_is_found() -> None:
     rows = [b for b in blocks if "I2F.S8" in b.splitlines()[-1] and "LDG" in b.splitlines()[-1]]
     assert rows, stdout
     assert any("nn_select.py:" in line for line in rows[0].splitlines()[1:-1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_GLUON, reason="this Triton has no Gluon")
+def test_groups_builds_with_a_layer_loop_per_query_tile() -> None:
+    """``kernel_sass.py groups`` builds the grouped wgmma launch for sm_90 (in its own process, as above). Each
+    warp group runs its own code, so each query tile has a layer loop of warp-group products; tile t attends
+    to t + 1 key tiles, so the loops' exponentials grow about 1 : 2 : 3."""
+    stdout, blocks = run_tool("groups", "--tiles", "3")
+    assert "grouped wgmma launch, V2, 3 query tiles" in stdout
+
+    def count(block: str, op: str) -> int:
+        opcodes = block.splitlines()[-1].split("opcodes: ", 1)[1].split(", ")
+        return sum(int(o.rsplit(" ", 1)[1]) for o in opcodes if o.rsplit(" ", 1)[0] == op)
+
+    # Loops holding both products and exponentials, smallest first; the out-of-line waits' branches make more
+    # "loops" that enclose or overlap the layer loops, so keep only those disjoint from the ones already kept.
+    spans = []
+    for b in blocks:
+        if "HGMMA" in b.splitlines()[-1] and count(b, "MUFU.EX2"):
+            lo, hi = (int(a, 16) for a in b.split(":", 1)[0].split("-"))
+            spans.append((hi - lo, lo, hi, count(b, "MUFU.EX2")))
+    kept = []
+    for _, lo, hi, ex2 in sorted(spans):
+        if all(hi < k_lo or lo > k_hi for k_lo, k_hi, _ in kept):
+            kept.append((lo, hi, ex2))
+    exps = sorted(ex2 for *_, ex2 in kept)
+    assert len(exps) == 3, stdout
+    assert 1.8 < exps[1] / exps[0] < 2.2 and 2.7 < exps[2] / exps[0] < 3.3, exps
