@@ -36,9 +36,10 @@ A causal stack of 2-3 query tiles (65-192 tokens) runs one program per sequence 
 tile instead (``launch_groups``, ``_skut_wgmma_groups_kernel``; Gluon's warp specialization): each warp group
 keeps its rows in shared memory through every layer and hands its K / V to the later tiles through shared
 memory and an mbarrier, and attends to all its keys (at most three key tiles) in one softmax, every score in
-registers. The warp groups run apart, not in step, so the SM overlaps one tile's softmax with another's
-products, and no hand-over goes through L2; at 168 registers per thread the three warp groups fill
-the SM, one program per SM.
+registers; each key's padding bias enters its scores through one more 16-wide k-step of the score products
+(``_scores``), not an add per score. The warp groups run apart, not in step, so the SM overlaps one tile's
+softmax with another's products, and no hand-over goes through L2; at 168 registers per thread the three warp
+groups fill the SM, one program per SM.
 
 Same function and conventions as ``skut._skut_kernel`` (packed weights from ``pack_encoder_weights``,
 fully masked rows are zeros, pools, ``pool_proj``). Gluon has no interpreter: the kernel runs on sm_90
