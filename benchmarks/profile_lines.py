@@ -28,9 +28,9 @@ def _int(v: str) -> int:
     return int(v) if v.isdigit() else 0
 
 
-def read_lines(path: str) -> dict[str, dict[tuple[str, int], dict[str, int]]]:
-    """kernel -> (file, line) -> {"samples", "instructions", "stall_<reason>", ...} from the CSV."""
-    out: dict[str, dict[tuple[str, int], dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
+def _rows(path: str):  # noqa: ANN202 (a generator of tuples)
+    """(kernel, file, header, row) for each data row of the CSV: a source line's totals have the line number in
+    the first field, its SASS rows an empty one."""
     file = kernel = ""
     header: list[str] | None = None
     with open(path, newline="") as fh:
@@ -43,40 +43,39 @@ def read_lines(path: str) -> dict[str, dict[tuple[str, int], dict[str, int]]]:
                 kernel = row[1]
             elif row[0] == "Line No":
                 header = row
-            elif header and row[0]:  # a source line's totals (its SASS rows have an empty first field)
-                rec = dict(zip(header, row, strict=False))
-                acc = out[kernel][(file, int(row[0]))]
-                acc["samples"] += _int(rec.get(_SAMPLES, ""))
-                acc["instructions"] += _int(rec.get(_INSTR, ""))
-                for name, value in rec.items():
-                    if name.startswith("stall_") and "Not Issued" not in name:
-                        acc[name] += _int(value)
+            elif header:
+                yield kernel, file, header, row
+
+
+def _stalls(rec: dict[str, str]) -> dict[str, int]:
+    """The warp stall samples of one row by reason (all samples, not the not-issued subset)."""
+    return {n: _int(v) for n, v in rec.items() if n.startswith("stall_") and "Not Issued" not in n}
+
+
+def read_lines(path: str) -> dict[str, dict[tuple[str, int], dict[str, int]]]:
+    """kernel -> (file, line) -> {"samples", "instructions", "stall_<reason>", ...} from the CSV."""
+    out: dict[str, dict[tuple[str, int], dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
+    for kernel, file, header, row in _rows(path):
+        if row[0]:  # a source line's totals
+            rec = dict(zip(header, row, strict=False))
+            acc = out[kernel][(file, int(row[0]))]
+            acc["samples"] += _int(rec.get(_SAMPLES, ""))
+            acc["instructions"] += _int(rec.get(_INSTR, ""))
+            for name, value in _stalls(rec).items():
+                acc[name] += value
     return out
 
 
 def read_sass(path: str) -> dict[str, dict[int, tuple[str, dict[str, int]]]]:
     """kernel -> SASS address -> (instruction text, {"stall_<reason>": samples}) from the CSV's SASS rows."""
     out: dict[str, dict[int, tuple[str, dict[str, int]]]] = defaultdict(dict)
-    kernel = ""
-    header: list[str] | None = None
-    with open(path, newline="") as fh:
-        for row in csv.reader(fh):
-            if not row:
+    for kernel, _, header, row in _rows(path):
+        if not row[0] and len(row) == len(header):
+            try:
+                addr = int(row[2], 16)
+            except ValueError:
                 continue
-            if row[0] == "File Path":
-                header = None
-            elif row[0] == "Function Name":
-                kernel = row[1]
-            elif row[0] == "Line No":
-                header = row
-            elif header and not row[0] and len(row) == len(header):
-                try:
-                    addr = int(row[2], 16)
-                except ValueError:
-                    continue
-                stalls = {n: _int(v) for n, v in zip(header, row, strict=True)
-                          if n.startswith("stall_") and "Not Issued" not in n}  # fmt: skip
-                out[kernel][addr] = (row[3], stalls)
+            out[kernel][addr] = (row[3], _stalls(dict(zip(header, row, strict=True))))
     return out
 
 
