@@ -180,10 +180,15 @@ if HAVE_GLUON:
         where padded (``m_b``: the sequence's padding mask), past S, or everywhere unless ``live``."""
         BM: gl.constexpr = kb_t.shape[0]
         kidx = T * BM + gl.arange(0, BM, layout=gl.BlockedLayout([1], [32], [4], [0]))
-        key_ok = (kidx < S) & live
-        if HAS_MASK:
-            key_ok = key_ok & (gl.load(m_b + kidx, mask=key_ok, other=1) == 0)
+        key_ok = _keys_ok(m_b, kidx, (kidx < S) & live, HAS_MASK)
         kb_t.store(gl.where(key_ok, 0.0, float("-inf")))
+
+    @gluon.jit
+    def _keys_ok(m_b, kidx, ok, HAS_MASK: gl.constexpr):
+        """Which keys ``kidx`` may be attended to: those where ``ok`` that the padding mask ``m_b`` keeps."""
+        if HAS_MASK:
+            ok = ok & (gl.load(m_b + kidx, mask=ok, other=1) == 0)
+        return ok
 
     @gluon.jit
     def _key_bias(kb_s, m_b, S, n_t, NT: gl.constexpr, HAS_MASK: gl.constexpr):
@@ -241,21 +246,27 @@ if HAVE_GLUON:
         attended to, -inf where padded (``m_b``: the sequence's padding mask) or past S; every other column 0."""
         BM: gl.constexpr = kx_t.shape[0]
         KX: gl.constexpr = kx_t.shape[1]
-        L: gl.constexpr = gl.BlockedLayout([1, KX], [32, 1], [4, 1], [1, 0])  # a key per thread, its columns
+        L: gl.constexpr = _row_layout(KX)
         kidx = T * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, L))
-        key_ok = kidx < S
-        if HAS_MASK:
-            key_ok = key_ok & (gl.load(m_b + kidx, mask=key_ok, other=1) == 0)
-        col0 = gl.expand_dims(gl.arange(0, KX, layout=gl.SliceLayout(0, L)) == 0, 0)
-        bias = gl.expand_dims(gl.where(key_ok, 0.0, float("-inf")), 1)
-        kx_t.store(gl.where(col0, bias, 0.0).to(kx_t.dtype))
+        bias = gl.expand_dims(gl.where(_keys_ok(m_b, kidx, kidx < S, HAS_MASK), 0.0, float("-inf")), 1)
+        kx_t.store(gl.where(_first_column(KX, L), bias, 0.0).to(kx_t.dtype))
 
     @gluon.jit
     def _ones_column(BM: gl.constexpr, KX: gl.constexpr, DT: gl.constexpr, A_OP: gl.constexpr):
         """``_scores``' ``qe``: (BM, KX) with 1 in column 0 and 0 elsewhere, as an A operand."""
-        L: gl.constexpr = gl.BlockedLayout([1, KX], [32, 1], [4, 1], [1, 0])
-        col0 = gl.expand_dims(gl.arange(0, KX, layout=gl.SliceLayout(0, L)) == 0, 0)
-        return gl.convert_layout(gl.where(col0, gl.full([BM, KX], 1.0, DT, L), gl.zeros([BM, KX], DT, L)), A_OP)
+        L: gl.constexpr = _row_layout(KX)
+        ones = gl.where(_first_column(KX, L), gl.full([BM, KX], 1.0, DT, L), gl.zeros([BM, KX], DT, L))
+        return gl.convert_layout(ones, A_OP)
+
+    @constexpr_function
+    def _row_layout(kx):
+        """A row of kx columns per thread (``_bias_columns``, ``_ones_column``)."""
+        return gl.BlockedLayout([1, kx], [32, 1], [4, 1], [1, 0])
+
+    @gluon.jit
+    def _first_column(KX: gl.constexpr, L: gl.constexpr):
+        """(1, KX) in L: true in column 0 only."""
+        return gl.expand_dims(gl.arange(0, KX, layout=gl.SliceLayout(0, L)) == 0, 0)
 
     @gluon.jit
     def _biased(s, kb_s, j, ACC: gl.constexpr):
