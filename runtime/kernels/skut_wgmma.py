@@ -296,7 +296,7 @@ if HAVE_GLUON:
         return m_i, l_i, acc
 
     @gluon.jit
-    def _attend_rows(qa, qe, rows, k_s, v_s, kx_s, bars, phase, T: gl.constexpr, ACC: gl.constexpr,
+    def _attend_rows(qa, qe, rows, k_s, v_s, kx_s, ones_s, bars, phase, T: gl.constexpr, ACC: gl.constexpr,
                      A_OP: gl.constexpr):  # fmt: skip
         """Causal attention of query tile T (at most 2) over key tiles 0 .. T in one softmax: every score stays
         in registers (up to 3 x 32 per thread), so there is no running max, no rescaling and no wait between
@@ -329,25 +329,27 @@ if HAVE_GLUON:
         m = gl.expand_dims(gl.maximum(gl.max(s_max, axis=1), -1.0e30), 1)
         # Every probability first, then the three products back to back: the scores' registers are free
         # before the products' operands are taken.
-        p = gl.exp2(s_t - m)
-        p_sum = p
-        a_t = gl.convert_layout(p.to(DT), A_OP)
+        a_t = gl.convert_layout(gl.exp2(s_t - m).to(DT), A_OP)
         if T >= 1:
-            p = gl.exp2(s_0 - m)
-            p_sum = p_sum + p
-            a_0 = gl.convert_layout(p.to(DT), A_OP)
+            a_0 = gl.convert_layout(gl.exp2(s_0 - m).to(DT), A_OP)
         if T >= 2:
-            p = gl.exp2(s_1 - m)
-            p_sum = p_sum + p
-            a_1 = gl.convert_layout(p.to(DT), A_OP)
-        l_i = gl.sum(p_sum, axis=1)
+            a_1 = gl.convert_layout(gl.exp2(s_1 - m).to(DT), A_OP)
+        # The row sums by the tensor cores too: the probabilities times a column of ones (``ones_s``).
+        NL: gl.constexpr = 8  # ones_s's columns
+        ACC_L: gl.constexpr = _acc_layout(NL)
         acc = warpgroup_mma(a_t, v_s.index(T), gl.zeros([BM, qa.shape[1]], gl.float32, ACC), use_acc=False,
                             is_async=True)  # fmt: skip
+        l_acc = warpgroup_mma(a_t, ones_s, gl.zeros([BM, NL], gl.float32, ACC_L), use_acc=False,
+                              is_async=True)  # fmt: skip
         if T >= 1:
             acc = warpgroup_mma(a_0, v_s.index(0), acc, is_async=True)
+            l_acc = warpgroup_mma(a_0, ones_s, l_acc, is_async=True)
         if T >= 2:
             acc = warpgroup_mma(a_1, v_s.index(1), acc, is_async=True)
-        return l_i, warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+            l_acc = warpgroup_mma(a_1, ones_s, l_acc, is_async=True)
+        acc, l_acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc, l_acc])
+        l_i = gl.convert_layout(gl.max(l_acc, axis=1), gl.SliceLayout(1, ACC))
+        return l_i, acc
 
     @gluon.jit
     def _attend_start(BM: gl.constexpr, D: gl.constexpr, ACC: gl.constexpr):
@@ -752,7 +754,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _group_tile(T: gl.constexpr, NT: gl.constexpr, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr,
-                  S, n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kx_s, part_s, bars,
+                  S, n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kx_s, ones_s, part_s, bars,
                   D: gl.constexpr, F: gl.constexpr, HAS_MASK: gl.constexpr, POOL: gl.constexpr,
                   FINAL_NORM: gl.constexpr, STORE_OUT: gl.constexpr, POOL_PROJ: gl.constexpr,
                   O_P: gl.constexpr):  # fmt: skip
@@ -809,7 +811,7 @@ if HAVE_GLUON:
             if T + 1 < NT:  # the later tiles' wait
                 mbarrier.arrive(bars.index(3 + T))
             qa = gl.convert_layout((q + gl.expand_dims(gl.load(v_l + cd), 0)).to(DT), A_OP)
-            l_i, acc = _attend_rows(qa, qe, rows, k_s, v_s, kx_s, bars, layer % 2, T, ACC, A_OP)
+            l_i, acc = _attend_rows(qa, qe, rows, k_s, v_s, kx_s, ones_s, bars, layer % 2, T, ACC, A_OP)
             y = _out_and_ffn(_attend_end(l_i, acc), xs.load(ACC).to(gl.float32), v_l, wo_s.index(buf), w1_s.index(buf),
                              w2_s.index(buf), D, F, ACC, ACC_F, A_OP, A_OP_F)  # fmt: skip
             if layer + 1 < n_layers:
@@ -859,6 +861,7 @@ if HAVE_GLUON:
         x_s = gl.allocate_shared_memory(DT, [NT, BM, D], SH_KV)
         # each key tile's bias columns (``_bias_columns``): one 16-wide k-step of the score products
         kx_s = gl.allocate_shared_memory(DT, [NT, BM, 16], gl.NVMMASharedLayout.get_default_for([BM, 16], DT))
+        ones_s = gl.allocate_shared_memory(DT, [BM, 8], gl.NVMMASharedLayout.get_default_for([BM, 8], DT))
         part_s = gl.allocate_shared_memory(gl.float32, [NT, D], FLAT)
         bars = gl.allocate_shared_memory(gl.int64, [3 + NT, 1], mbarrier.MBarrierLayout())
         mbarrier.init(bars.index(0), count=NT)
@@ -866,6 +869,7 @@ if HAVE_GLUON:
         mbarrier.init(bars.index(2), count=NT)
         for j in gl.static_range(NT):
             mbarrier.init(bars.index(3 + j), count=1)
+        ones_s.store(gl.full([BM, 8], 1.0, DT, gl.BlockedLayout([1, 8], [32, 1], [4, 1], [1, 0])))
         fence_async_shared()
         _cta_barrier()
         # (Each partition's arguments spelled out: a tuple built first and concatenated loses the constexprs.
@@ -873,22 +877,22 @@ if HAVE_GLUON:
         if NT == 2:
             gl.warp_specialize([
                 (_group_tile, (1, 2, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S,
-                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kx_s, part_s,
+                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kx_s, ones_s, part_s,
                                bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P)),
                 (_group_tile, (0, 2, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S,
-                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kx_s, part_s,
+                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kx_s, ones_s, part_s,
                                bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P)),
             ], [4], [168])  # fmt: skip
         else:
             gl.warp_specialize([
                 (_group_tile, (2, 3, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S,
-                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kx_s, part_s,
+                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kx_s, ones_s, part_s,
                                bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P)),
                 (_group_tile, (0, 3, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S,
-                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kx_s, part_s,
+                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kx_s, ones_s, part_s,
                                bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P)),
                 (_group_tile, (1, 3, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S,
-                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kx_s, part_s,
+                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kx_s, ones_s, part_s,
                                bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P)),
             ], [4, 4], [168, 168])  # fmt: skip
 
