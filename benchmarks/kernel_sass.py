@@ -162,8 +162,8 @@ def build_groups(tiles: int, pool: bool, arch: int):  # noqa: ANN201
     from runtime.kernels.build import build_for_gpu
 
     types = {"x_ptr": "*fp16", "out_ptr": "*fp16", "mask_ptr": "*u8", "w_ptr": "*fp16", "v_ptr": "*fp32",
-             "pool_ptr": "*fp32" if pool else "*fp16", "pw_ptr": "*fp32", "pb_ptr": "*fp32", "S": "i32",
-             "n_layers": "i32", "D_OUT": "i32"}  # fmt: skip
+             "pool_ptr": "*fp32" if pool else "*fp16", "pw_ptr": "*fp32", "pb_ptr": "*fp32", "r_ptr": "*fp16",
+             "S": "i32", "n_layers": "i32", "D_OUT": "i32"}  # fmt: skip
     consts = dict(D=64, F=32, NT=tiles, HAS_MASK=True, POOL=1 if pool else 0, FINAL_NORM=False, STORE_OUT=not pool,
                   POOL_PROJ=pool, O_P=64)  # fmt: skip
     fn = sw._skut_wgmma_groups_kernel

@@ -461,7 +461,9 @@ def test_packing_is_one_buffer():
     packed = sk.pack_encoder_weights(enc, torch.float16)
     base = packed.buffer.data_ptr()
     end = base + packed.buffer.numel()
-    for view in (packed.mats, packed.vecs):
+    for view in (packed.mats, packed.vecs, packed.rows):
         assert base <= view.data_ptr() and view.data_ptr() + view.numel() * view.element_size() <= end
+        assert view.data_ptr() % 16 == 0  # the kernels copy in 16-byte pieces
     moved = packed.to("cpu")
-    assert torch.equal(moved.mats, packed.mats) and torch.equal(moved.vecs, packed.vecs)
+    for name in ("mats", "vecs", "rows"):
+        assert torch.equal(getattr(moved, name), getattr(packed, name)), name

@@ -31,7 +31,8 @@ fn = {"split": sw._skut_wgmma_split_kernel, "groups": sw._skut_wgmma_groups_kern
 one_pass = kind != "two-pass"
 types = {"x_ptr": "*fp16", "act_ptr": "*fp16", "out_ptr": "*fp16", "kv_ptr": "*fp16", "mask_ptr": "*u8",
          "w_ptr": "*fp16", "v_ptr": "*fp32", "pool_ptr": "*fp32" if pooled else "*fp16", "pw_ptr": "*fp32",
-         "pb_ptr": "*fp32", "sync_ptr": "*i32", "part_ptr": "*fp32", "S": "i32", "n_layers": "i32", "D_OUT": "i32"}
+         "pb_ptr": "*fp32", "r_ptr": "*fp16", "sync_ptr": "*i32", "part_ptr": "*fp32", "S": "i32", "n_layers": "i32",
+         "D_OUT": "i32"}
 consts = dict(D=64, F=32, NT=nt, CAUSAL=True, HAS_MASK=True, POOL=1 if pooled else 0, FINAL_NORM=False,
               STORE_OUT=not pooled, POOL_PROJ=pooled, O_P=64, ONE_PASS=one_pass)
 types = {n: t for n, t in types.items() if n in fn.arg_names}

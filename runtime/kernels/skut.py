@@ -79,11 +79,16 @@ class PackedEncoder:
     b1 (F_P); b2, ln2 weight, ln2 bias (D_P); ln1 eps, ln2 eps. Then the optional final norm:
     weight, bias (D_P), eps. Wq and bq carry the factor log2(e) / sqrt(head_dim). bk and bv are
     zero: K's bias cancels in the softmax and V's is folded into bo (``pack_encoder_weights``).
+    ``rows`` (compute dtype), per layer, the bias rows of ``skut_wgmma``'s grouped launch, which adds
+    biases by one more k-step of a product: bq (H * DH_P), bo, b2 (D_P), b1 (F_P), each as
+    (``skut_wgmma.BIAS_ROWS``, width) with the bias split into ``BIAS_TERMS`` terms of the dtype in
+    its first rows (each the rounding of what the terms before leave), zeros below.
     """
 
     buffer: torch.Tensor
     mats: torch.Tensor
     vecs: torch.Tensor
+    rows: torch.Tensor
     dtype: torch.dtype
     n_layers: int
     d_model: int
@@ -110,17 +115,35 @@ class PackedEncoder:
     def to(self, device: torch.device | str) -> PackedEncoder:
         """A copy on another device (the views are rebuilt over the moved buffer)."""
         buf = self.buffer.to(device)
-        m_bytes = self.mats.numel() * self.mats.element_size()
-        v_off = self.vecs.data_ptr() - self.buffer.data_ptr()
-        mats = buf[:m_bytes].view(self.dtype)
-        vecs = buf[v_off : v_off + self.vecs.numel() * 4].view(torch.float32)
+
+        def view(t: torch.Tensor) -> torch.Tensor:
+            off = t.data_ptr() - self.buffer.data_ptr()
+            return buf[off : off + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+
         return PackedEncoder(
-            buf, mats, vecs, self.dtype, self.n_layers, self.d_model, self.n_heads, self.d_ff, self.final_norm
-        )
+            buf, view(self.mats), view(self.vecs), view(self.rows), self.dtype, self.n_layers, self.d_model,
+            self.n_heads, self.d_ff, self.final_norm,
+        )  # fmt: skip
 
 
 def _pad_dim(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
+
+
+def _bias_rows(vecs: torch.Tensor, n: int, lv: int, widths: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``PackedEncoder.rows`` (float64 values of ``dtype``) from the packed float64 vectors: per layer, bq, bo, b2,
+    b1 (of ``widths``: H * DH_P, D_P, F_P) as blocks of ``skut_wgmma.BIAS_ROWS`` rows."""
+    hq, d_p, f_p = widths
+    per_layer = vecs[: n * lv].view(n, lv)
+    blocks = []
+    for off, width in ((0, hq), (3 * hq, d_p), (3 * hq + 3 * d_p + f_p, d_p), (3 * hq + 3 * d_p, f_p)):
+        rest = per_layer[:, off : off + width].to(torch.float32).double()  # what the fp32 vectors hold
+        terms = torch.zeros(n, skut_wgmma.BIAS_ROWS, width, dtype=torch.float64)
+        for t in range(skut_wgmma.BIAS_TERMS):
+            terms[:, t] = rest.to(dtype).double()
+            rest = rest - terms[:, t]
+        blocks.append(terms.flatten(1))
+    return torch.cat(blocks, 1)
 
 
 def _layer_sizes(h: int, d_p: int, dh_p: int, f_p: int) -> tuple[int, int]:
@@ -250,16 +273,20 @@ def pack_encoder_weights(
 
     if device is None:
         device = first.linear1.weight.device
+    rows = _bias_rows(vecs, n, lv, (h * dh_p, d_p, f_p), dtype)
     esize = torch.empty((), dtype=dtype).element_size()
     m_bytes = mats.numel() * esize
-    v_off = (m_bytes + 255) // 256 * 256  # keep the fp32 view 256-byte aligned
-    buf = torch.zeros(v_off + vecs.numel() * 4, dtype=torch.uint8)
+    v_off = (m_bytes + 255) // 256 * 256  # keep every view 256-byte aligned
+    r_off = (v_off + vecs.numel() * 4 + 255) // 256 * 256
+    buf = torch.zeros(r_off + rows.numel() * esize, dtype=torch.uint8)
     buf[:m_bytes].view(dtype).copy_(mats.to(dtype))
-    buf[v_off:].view(torch.float32).copy_(vecs.to(torch.float32))
+    buf[v_off : v_off + vecs.numel() * 4].view(torch.float32).copy_(vecs.to(torch.float32))
+    buf[r_off:].view(dtype).copy_(rows.flatten().to(dtype))
     buf = buf.to(device)
     return PackedEncoder(
-        buf, buf[:m_bytes].view(dtype), buf[v_off:].view(torch.float32), dtype, n, d, h, f, final is not None
-    )
+        buf, buf[:m_bytes].view(dtype), buf[v_off : v_off + vecs.numel() * 4].view(torch.float32),
+        buf[r_off:].view(dtype).view(rows.shape), dtype, n, d, h, f, final is not None,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

@@ -79,6 +79,13 @@ MAX_REGS = 168
 MAX_GROUPS = 3
 
 
+# The grouped launch adds the biases of Q, the out projection and the FFN by one more 16-row k-step of their
+# products (``PackedEncoder.rows``): each bias as the sum of BIAS_TERMS values of the compute dtype (near fp32 exact).
+BIAS_ROWS = 16
+BIAS_TERMS = 3
+_BIAS_ROWS_C = triton.language.constexpr(BIAS_ROWS)
+_BIAS_TERMS_C = triton.language.constexpr(BIAS_TERMS)
+
 # Triton releases this kernel was built with (3.6.0, 3.7.1, 3.8.0, 3.9.0; checked on the GPU with 3.6): Gluon is
 # experimental and its API moves between releases, so others take the mma.sync kernel.
 TRITON_RANGE = ((3, 6), (3, 9))
@@ -253,9 +260,12 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _ones_column(BM: gl.constexpr, KX: gl.constexpr, DT: gl.constexpr, A_OP: gl.constexpr):
-        """``_scores``' ``qe``: (BM, KX) with 1 in column 0 and 0 elsewhere, as an A operand."""
+        """``_scores``' ``qe``: (BM, KX) with 1 in columns 0 .. BIAS_TERMS-1 and 0 elsewhere, as an A operand: the
+        bias columns use column 0 (their others are 0), the bias rows (``PackedEncoder.rows``) rows 0 .. BIAS_TERMS-1.
+        """
         L: gl.constexpr = _row_layout(KX)
-        ones = gl.where(_first_column(KX, L), gl.full([BM, KX], 1.0, DT, L), gl.zeros([BM, KX], DT, L))
+        first = gl.expand_dims(gl.arange(0, KX, layout=gl.SliceLayout(0, L)) < _BIAS_TERMS_C, 0)
+        ones = gl.where(first, gl.full([BM, KX], 1.0, DT, L), gl.zeros([BM, KX], DT, L))
         return gl.convert_layout(ones, A_OP)
 
     @constexpr_function
@@ -383,6 +393,30 @@ if HAVE_GLUON:
                             use_acc=False)  # fmt: skip
         hid = gl.maximum(hid + gl.expand_dims(gl.load(v_l + OFF_B1 + cf), 0), 0.0)
         ff = warpgroup_mma(gl.convert_layout(hid.to(DT), A_OP), w2_s, x + gl.expand_dims(gl.load(v_l + OFF_B2 + cd), 0))
+        return _layernorm(ff, v_l, OFF_B2 + D, OFF_B2 + 2 * D, gl.load(v_l + OFF_EPS + 1), D, ACC)
+
+    @gluon.jit
+    def _out_and_ffn_rows(o, x, v_l, wo_s, w1_s, w2_s, bo_s, b1_s, b2_s, qe, qe_f, D: gl.constexpr,
+                          F: gl.constexpr, ACC: gl.constexpr, ACC_F: gl.constexpr, A_OP: gl.constexpr,
+                          A_OP_F: gl.constexpr):  # fmt: skip
+        """``_out_and_ffn`` with the biases of the out projection and the FFN added by one more k-step of their
+        products (``qe`` / ``qe_f`` times the bias rows ``bo_s``, ``b1_s``, ``b2_s``), not by adds."""
+        DT: gl.constexpr = wo_s.dtype
+        BM: gl.constexpr = o.shape[0]
+        OFF_BO: gl.constexpr = 3 * D
+        OFF_B2: gl.constexpr = OFF_BO + 3 * D + F
+        OFF_EPS: gl.constexpr = OFF_B2 + 3 * D
+        attn = warpgroup_mma(gl.convert_layout(o.to(DT), A_OP), wo_s, x, is_async=True)
+        attn = warpgroup_mma(qe, bo_s, attn, is_async=True)
+        attn = warpgroup_mma_wait(num_outstanding=0, deps=[attn])
+        x = _layernorm(attn, v_l, OFF_BO + D, OFF_BO + 2 * D, gl.load(v_l + OFF_EPS), D, ACC)
+        hid = warpgroup_mma(gl.convert_layout(x.to(DT), A_OP_F), w1_s, gl.zeros([BM, F], gl.float32, ACC_F),
+                            use_acc=False, is_async=True)  # fmt: skip
+        hid = warpgroup_mma(qe_f, b1_s, hid, is_async=True)
+        hid = gl.maximum(warpgroup_mma_wait(num_outstanding=0, deps=[hid]), 0.0)
+        ff = warpgroup_mma(gl.convert_layout(hid.to(DT), A_OP), w2_s, x, is_async=True)
+        ff = warpgroup_mma(qe, b2_s, ff, is_async=True)
+        ff = warpgroup_mma_wait(num_outstanding=0, deps=[ff])
         return _layernorm(ff, v_l, OFF_B2 + D, OFF_B2 + 2 * D, gl.load(v_l + OFF_EPS + 1), D, ACC)
 
     @gluon.jit
@@ -732,19 +766,22 @@ if HAVE_GLUON:
                 _store_pool(pooled, b, pool_ptr, pw_ptr, pb_ptr, D_OUT, D, O_P, POOL_PROJ, ACC)
 
     @gluon.jit
-    def _copy_share(T: gl.constexpr, NT: gl.constexpr, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, w_l, D: gl.constexpr,
-                    F: gl.constexpr):  # fmt: skip
-        """Start copying tile T's share of a layer's six matrices (packed at ``w_l``) into shared memory: the
-        warp groups load a layer's weights together, the last tile's (the longest chain) the smallest share."""
+    def _copy_share(T: gl.constexpr, NT: gl.constexpr, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, bq_s, bo_s, b1_s, b2_s, w_l,
+                    r_l, D: gl.constexpr, F: gl.constexpr):  # fmt: skip
+        """Start copying tile T's share of a layer's six matrices (packed at ``w_l``) and its bias rows (at
+        ``r_l``, ``PackedEncoder.rows``) into shared memory: the warp groups load a layer's weights together, the last
+        tile's (the longest chain) the smallest share."""
         if NT == 2:
             if T == 0:
                 _copy_qkv(wq_s, wk_s, wv_s, w_l, D)
+                _copy_bias_rows(bq_s, bo_s, b1_s, b2_s, r_l, D, F)
             else:
                 _copy_out_ffn(wo_s, w1_s, w2_s, w_l, D, F)
         else:
             if T == 0:
                 _copy_async(wq_s, w_l, D, D)
                 _copy_async(wk_s, w_l + D * D, D, D)
+                _copy_bias_rows(bq_s, bo_s, b1_s, b2_s, r_l, D, F)
             elif T == 1:
                 _copy_async(wv_s, w_l + 2 * D * D, D, D)
                 _copy_async(wo_s, w_l + 3 * D * D, D, D)
@@ -753,10 +790,20 @@ if HAVE_GLUON:
                 _copy_async(w2_s, w_l + 4 * D * D + D * F, F, D)
 
     @gluon.jit
+    def _copy_bias_rows(bq_s, bo_s, b1_s, b2_s, r_l, D: gl.constexpr, F: gl.constexpr):
+        """Start copying a layer's bias rows (``PackedEncoder.rows``: bq, bo, b2 as (16, D), then b1 as (16, F)) into
+        shared memory."""
+        R: gl.constexpr = _BIAS_ROWS_C
+        _copy_async(bq_s, r_l, R, D)
+        _copy_async(bo_s, r_l + R * D, R, D)
+        _copy_async(b2_s, r_l + 2 * R * D, R, D)
+        _copy_async(b1_s, r_l + 3 * R * D, R, F)
+
+    @gluon.jit
     def _group_tile(T: gl.constexpr, NT: gl.constexpr, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr,
-                  S, n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kx_s, ones_s, part_s, bars,
-                  D: gl.constexpr, F: gl.constexpr, HAS_MASK: gl.constexpr, POOL: gl.constexpr,
-                  FINAL_NORM: gl.constexpr, STORE_OUT: gl.constexpr, POOL_PROJ: gl.constexpr,
+                  r_ptr, S, n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, bq_s, bo_s, b1_s, b2_s, k_s, v_s, x_s,
+                  kx_s, ones_s, part_s, bars, D: gl.constexpr, F: gl.constexpr, HAS_MASK: gl.constexpr,
+                  POOL: gl.constexpr, FINAL_NORM: gl.constexpr, STORE_OUT: gl.constexpr, POOL_PROJ: gl.constexpr,
                   O_P: gl.constexpr):  # fmt: skip
         """One warp group's part of ``_skut_wgmma_groups_kernel``: query tile T of the program's sequence, every
         layer. ``bars``: the weights of buffer 0 / 1 in (all shares), every tile done with a layer (with the
@@ -779,10 +826,13 @@ if HAVE_GLUON:
         # This tile's rows and its share of layer 0's weights; its keys' biases.
         _copy_rows(xs, x_ptr + b * S * D, T, S, D)
         _copy_share(T, NT, wq_s.index(0), wk_s.index(0), wv_s.index(0), wo_s.index(0), w1_s.index(0),
-                    w2_s.index(0), w_ptr, D, F)  # fmt: skip
+                    w2_s.index(0), bq_s.index(0), bo_s.index(0), b1_s.index(0), b2_s.index(0), w_ptr, r_ptr, D,
+                    F)  # fmt: skip
         async_copy.commit_group()
         _bias_columns(kx_s.index(T), m_b, S, T, HAS_MASK)
         qe = _ones_column(BM, kx_s.shape[2], DT, A_OP)
+        qe_f = _ones_column(BM, kx_s.shape[2], DT, A_OP_F)
+        LR: gl.constexpr = _BIAS_ROWS_C * (3 * D + F)
         l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, ACC))
         pooled = gl.full([D], float("-inf"), gl.float32, gl.SliceLayout(0, ACC))
         for layer in range(0, n_layers):
@@ -797,12 +847,14 @@ if HAVE_GLUON:
             if layer + 1 < n_layers:  # its share of the next layer's, into the other buffer
                 nb = 1 - buf
                 _copy_share(T, NT, wq_s.index(nb), wk_s.index(nb), wv_s.index(nb), wo_s.index(nb), w1_s.index(nb),
-                            w2_s.index(nb), w_ptr + (layer + 1) * LW, D, F)  # fmt: skip
+                            w2_s.index(nb), bq_s.index(nb), bo_s.index(nb), b1_s.index(nb), b2_s.index(nb),
+                            w_ptr + (layer + 1) * LW, r_ptr + (layer + 1) * LR, D, F)  # fmt: skip
                 async_copy.commit_group()
             mbarrier.wait(bars.index(buf), (layer // 2) % 2)  # every share of this layer's weights
             k = warpgroup_mma(xs, wk_s.index(buf), gl.zeros([BM, D], gl.float32, ACC), use_acc=False, is_async=True)
             v = warpgroup_mma(xs, wv_s.index(buf), gl.zeros([BM, D], gl.float32, ACC), use_acc=False, is_async=True)
             q = warpgroup_mma(xs, wq_s.index(buf), gl.zeros([BM, D], gl.float32, ACC), use_acc=False, is_async=True)
+            q = warpgroup_mma(qe, bq_s.index(buf), q, is_async=True)  # Q's bias
             k, v, q = warpgroup_mma_wait(num_outstanding=0, deps=[k, v, q])
             k_s.index(T).store(k.to(DT))
             v_s.index(T).store(v.to(DT))
@@ -810,10 +862,11 @@ if HAVE_GLUON:
             _cta_barrier()
             if T + 1 < NT:  # the later tiles' wait
                 mbarrier.arrive(bars.index(3 + T))
-            qa = gl.convert_layout((q + gl.expand_dims(gl.load(v_l + cd), 0)).to(DT), A_OP)
+            qa = gl.convert_layout(q.to(DT), A_OP)
             l_i, acc = _attend_rows(qa, qe, rows, k_s, v_s, kx_s, ones_s, bars, layer % 2, T, ACC, A_OP)
-            y = _out_and_ffn(_attend_end(l_i, acc), xs.load(ACC).to(gl.float32), v_l, wo_s.index(buf), w1_s.index(buf),
-                             w2_s.index(buf), D, F, ACC, ACC_F, A_OP, A_OP_F)  # fmt: skip
+            y = _out_and_ffn_rows(_attend_end(l_i, acc), xs.load(ACC).to(gl.float32), v_l, wo_s.index(buf),
+                                  w1_s.index(buf), w2_s.index(buf), bo_s.index(buf), b1_s.index(buf), b2_s.index(buf),
+                                  qe, qe_f, D, F, ACC, ACC_F, A_OP, A_OP_F)  # fmt: skip
             if layer + 1 < n_layers:
                 xs.store(y.to(DT))  # the next layer's rows (this tile's own)
             else:
@@ -834,7 +887,7 @@ if HAVE_GLUON:
 
     @gluon.jit(do_not_specialize=["S", "n_layers", "D_OUT"])
     def _skut_wgmma_groups_kernel(
-        x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S, n_layers, D_OUT,
+        x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, r_ptr, S, n_layers, D_OUT,
         D: gl.constexpr, F: gl.constexpr, NT: gl.constexpr, HAS_MASK: gl.constexpr, POOL: gl.constexpr,
         FINAL_NORM: gl.constexpr, STORE_OUT: gl.constexpr, POOL_PROJ: gl.constexpr, O_P: gl.constexpr,
     ):  # fmt: skip
@@ -856,6 +909,13 @@ if HAVE_GLUON:
         wo_s = gl.allocate_shared_memory(DT, [2, D, D], SH_DD)
         w1_s = gl.allocate_shared_memory(DT, [2, D, F], SH_DF)
         w2_s = gl.allocate_shared_memory(DT, [2, F, D], SH_FD)
+        # the bias rows (``PackedEncoder.rows``): one 16-wide k-step of Q's, the out projection's and the FFN's products
+        R: gl.constexpr = _BIAS_ROWS_C
+        SH_RD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([R, D], DT)
+        bq_s = gl.allocate_shared_memory(DT, [2, R, D], SH_RD)
+        bo_s = gl.allocate_shared_memory(DT, [2, R, D], SH_RD)
+        b2_s = gl.allocate_shared_memory(DT, [2, R, D], SH_RD)
+        b1_s = gl.allocate_shared_memory(DT, [2, R, F], gl.NVMMASharedLayout.get_default_for([R, F], DT))
         k_s = gl.allocate_shared_memory(DT, [NT, BM, D], SH_KV)
         v_s = gl.allocate_shared_memory(DT, [NT, BM, D], SH_KV)
         x_s = gl.allocate_shared_memory(DT, [NT, BM, D], SH_KV)
@@ -876,24 +936,29 @@ if HAVE_GLUON:
         # The last tile, the longest chain, runs in the default partition.)
         if NT == 2:
             gl.warp_specialize([
-                (_group_tile, (1, 2, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S,
-                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kx_s, ones_s, part_s,
-                               bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P)),
-                (_group_tile, (0, 2, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S,
-                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kx_s, ones_s, part_s,
-                               bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P)),
+                (_group_tile, (1, 2, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, r_ptr,
+                               S, n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, bq_s, bo_s, b1_s, b2_s, k_s, v_s,
+                               x_s, kx_s, ones_s, part_s, bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT,
+                               POOL_PROJ, O_P)),
+                (_group_tile, (0, 2, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, r_ptr,
+                               S, n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, bq_s, bo_s, b1_s, b2_s, k_s, v_s,
+                               x_s, kx_s, ones_s, part_s, bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT,
+                               POOL_PROJ, O_P)),
             ], [4], [168])  # fmt: skip
         else:
             gl.warp_specialize([
-                (_group_tile, (2, 3, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S,
-                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kx_s, ones_s, part_s,
-                               bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P)),
-                (_group_tile, (0, 3, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S,
-                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kx_s, ones_s, part_s,
-                               bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P)),
-                (_group_tile, (1, 3, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, S,
-                               n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, k_s, v_s, x_s, kx_s, ones_s, part_s,
-                               bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, POOL_PROJ, O_P)),
+                (_group_tile, (2, 3, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, r_ptr,
+                               S, n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, bq_s, bo_s, b1_s, b2_s, k_s, v_s,
+                               x_s, kx_s, ones_s, part_s, bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT,
+                               POOL_PROJ, O_P)),
+                (_group_tile, (0, 3, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, r_ptr,
+                               S, n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, bq_s, bo_s, b1_s, b2_s, k_s, v_s,
+                               x_s, kx_s, ones_s, part_s, bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT,
+                               POOL_PROJ, O_P)),
+                (_group_tile, (1, 3, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, r_ptr,
+                               S, n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, bq_s, bo_s, b1_s, b2_s, k_s, v_s,
+                               x_s, kx_s, ones_s, part_s, bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT,
+                               POOL_PROJ, O_P)),
             ], [4, 4], [168, 168])  # fmt: skip
 
 
@@ -953,7 +1018,8 @@ def launch_groups(
         raise ValueError(f"launch_groups runs 2-{MAX_GROUPS} query tiles of {BLOCK} rows, got S={s}")
     n_qt = -(-s // BLOCK)
     return _skut_wgmma_groups_kernel[(bsz,)](
-        x, out, mask, packed.mats, packed.vecs, pooled, pool_w, pool_b, s, packed.n_layers, d_out,
+        x, out, mask, packed.mats, packed.vecs, pooled, pool_w, pool_b, packed.rows, s, packed.n_layers, d_out,
         D=D_MODEL, F=packed.ff_pad, NT=n_qt, HAS_MASK=has_mask, POOL=pool, FINAL_NORM=packed.final_norm,
         STORE_OUT=store_out, POOL_PROJ=pool_proj, O_P=o_p, num_warps=4,
     )  # fmt: skip
+
