@@ -37,7 +37,9 @@ tile instead (``launch_groups``, ``_skut_wgmma_groups_kernel``; Gluon's warp spe
 keeps its rows in shared memory through every layer and hands its K / V to the later tiles through shared
 memory and an mbarrier, and attends to all its keys (at most three key tiles) in one softmax, every score in
 registers; each key's padding bias enters its scores through one more 16-wide k-step of the score products
-(``_scores``), not an add per score. The warp groups run apart, not in step, so the SM overlaps one tile's
+(``_scores``), not an add per score, and so do the biases of Q, the out projection and the FFN (bias rows packed
+at load time, ``PackedEncoder.rows``); the softmax's row sums are products too (the probabilities times a ones
+buffer). The warp groups run apart, not in step, so the SM overlaps one tile's
 softmax with another's products, and no hand-over goes through L2; at 168 registers per thread the three warp
 groups fill the SM, one program per SM.
 
