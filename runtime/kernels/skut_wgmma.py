@@ -242,7 +242,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _scores(qa, qe, k_s, kx_s, j, ACC: gl.constexpr):
         """Start the product of ``qa`` with key tile j's K, the keys' biases included (asynchronous): a second
-        product, of ``qe`` (a 1 in column 0 of each row, 0 elsewhere) with the tile's bias columns ``kx_s[j]`` (its
+        product, of ``qe`` (``_ones_column``: 1 in column 0 of each row) with the tile's bias columns ``kx_s[j]`` (its
         keys' biases, 0 or -inf, in column 0; 0 elsewhere), adds each key's bias to its scores exactly (no 0 x inf)."""
         BM: gl.constexpr = qa.shape[0]
         s = warpgroup_mma(qa, k_s.index(j).permute((1, 0)), gl.zeros([BM, BM], gl.float32, ACC), use_acc=False,
@@ -258,7 +258,7 @@ if HAVE_GLUON:
         L: gl.constexpr = _row_layout(KX)
         kidx = T * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, L))
         bias = gl.expand_dims(gl.where(_keys_ok(m_b, kidx, kidx < S, HAS_MASK), 0.0, float("-inf")), 1)
-        kx_t.store(gl.where(_first_column(KX, L), bias, 0.0).to(kx_t.dtype))
+        kx_t.store(gl.where(_first_columns(KX, 1, L), bias, 0.0).to(kx_t.dtype))
 
     @gluon.jit
     def _ones_column(BM: gl.constexpr, KX: gl.constexpr, DT: gl.constexpr, A_OP: gl.constexpr):
@@ -266,8 +266,7 @@ if HAVE_GLUON:
         bias columns use column 0 (their others are 0), the bias rows (``PackedEncoder.rows``) rows 0 .. BIAS_TERMS-1.
         """
         L: gl.constexpr = _row_layout(KX)
-        first = gl.expand_dims(gl.arange(0, KX, layout=gl.SliceLayout(0, L)) < _BIAS_TERMS_C, 0)
-        ones = gl.where(first, gl.full([BM, KX], 1.0, DT, L), gl.zeros([BM, KX], DT, L))
+        ones = gl.where(_first_columns(KX, _BIAS_TERMS_C, L), gl.full([BM, KX], 1.0, DT, L), gl.zeros([BM, KX], DT, L))
         return gl.convert_layout(ones, A_OP)
 
     @constexpr_function
@@ -276,9 +275,9 @@ if HAVE_GLUON:
         return gl.BlockedLayout([1, kx], [32, 1], [4, 1], [1, 0])
 
     @gluon.jit
-    def _first_column(KX: gl.constexpr, L: gl.constexpr):
-        """(1, KX) in L: true in column 0 only."""
-        return gl.expand_dims(gl.arange(0, KX, layout=gl.SliceLayout(0, L)) == 0, 0)
+    def _first_columns(KX: gl.constexpr, N: gl.constexpr, L: gl.constexpr):
+        """(1, KX) in L: true in columns 0 .. N-1 only."""
+        return gl.expand_dims(gl.arange(0, KX, layout=gl.SliceLayout(0, L)) < N, 0)
 
     @gluon.jit
     def _biased(s, kb_s, j, ACC: gl.constexpr):
@@ -802,14 +801,15 @@ if HAVE_GLUON:
         _copy_async(b1_s, r_l + 3 * R * D, R, F)
 
     @gluon.jit
-    def _group_tile(T: gl.constexpr, NT: gl.constexpr, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr,
-                  r_ptr, S, n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, bq_s, bo_s, b1_s, b2_s, k_s, v_s, x_s,
-                  kx_s, ones_s, part_s, bars, D: gl.constexpr, F: gl.constexpr, HAS_MASK: gl.constexpr,
-                  POOL: gl.constexpr, FINAL_NORM: gl.constexpr, STORE_OUT: gl.constexpr, POOL_PROJ: gl.constexpr,
-                  O_P: gl.constexpr):  # fmt: skip
+    def _group_tile(T: gl.constexpr, NT: gl.constexpr, ptrs, S, n_layers, D_OUT, smem, D: gl.constexpr,
+                    F: gl.constexpr, HAS_MASK: gl.constexpr, POOL: gl.constexpr, FINAL_NORM: gl.constexpr,
+                    STORE_OUT: gl.constexpr, POOL_PROJ: gl.constexpr, O_P: gl.constexpr):  # fmt: skip
         """One warp group's part of ``_skut_wgmma_groups_kernel``: query tile T of the program's sequence, every
-        layer. ``bars``: the weights of buffer 0 / 1 in (all shares), every tile done with a layer (with the
-        pool's parts stored, in the last), then tile j's K / V of the current layer in (one each)."""
+        layer. ``ptrs``: the kernel's pointers, ``smem``: its shared buffers (both in the kernel's order).
+        ``bars``: the weights of buffer 0 / 1 in (all shares), every tile done with a layer (with the pool's
+        parts stored, in the last), then tile j's K / V of the current layer in (one each)."""
+        x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, r_ptr = ptrs
+        wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, bq_s, bo_s, b1_s, b2_s, k_s, v_s, x_s, kx_s, ones_s, part_s, bars = smem
         BM: gl.constexpr = 64
         DT: gl.constexpr = w_ptr.dtype.element_ty
         LW: gl.constexpr = _layer_mats(D, F)
@@ -934,32 +934,24 @@ if HAVE_GLUON:
         ones_s.store(gl.full([BM, 8], 1.0, DT, gl.BlockedLayout([1, 8], [32, 1], [4, 1], [1, 0])))
         fence_async_shared()
         _cta_barrier()
-        # (Each partition's arguments spelled out: a tuple built first and concatenated loses the constexprs.
-        # The last tile, the longest chain, runs in the default partition.)
+        ptrs = (x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, r_ptr)
+        smem = (wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, bq_s, bo_s, b1_s, b2_s, k_s, v_s, x_s, kx_s, ones_s, part_s, bars)
+        # (Each partition's tuple spelled out: a tuple built first and concatenated loses the constexprs. The last
+        # tile, the longest chain, runs in the default partition.)
         if NT == 2:
             gl.warp_specialize([
-                (_group_tile, (1, 2, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, r_ptr,
-                               S, n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, bq_s, bo_s, b1_s, b2_s, k_s, v_s,
-                               x_s, kx_s, ones_s, part_s, bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT,
+                (_group_tile, (1, 2, ptrs, S, n_layers, D_OUT, smem, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT,
                                POOL_PROJ, O_P)),
-                (_group_tile, (0, 2, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, r_ptr,
-                               S, n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, bq_s, bo_s, b1_s, b2_s, k_s, v_s,
-                               x_s, kx_s, ones_s, part_s, bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT,
+                (_group_tile, (0, 2, ptrs, S, n_layers, D_OUT, smem, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT,
                                POOL_PROJ, O_P)),
             ], [4], [168])  # fmt: skip
         else:
             gl.warp_specialize([
-                (_group_tile, (2, 3, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, r_ptr,
-                               S, n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, bq_s, bo_s, b1_s, b2_s, k_s, v_s,
-                               x_s, kx_s, ones_s, part_s, bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT,
+                (_group_tile, (2, 3, ptrs, S, n_layers, D_OUT, smem, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT,
                                POOL_PROJ, O_P)),
-                (_group_tile, (0, 3, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, r_ptr,
-                               S, n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, bq_s, bo_s, b1_s, b2_s, k_s, v_s,
-                               x_s, kx_s, ones_s, part_s, bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT,
+                (_group_tile, (0, 3, ptrs, S, n_layers, D_OUT, smem, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT,
                                POOL_PROJ, O_P)),
-                (_group_tile, (1, 3, x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, r_ptr,
-                               S, n_layers, D_OUT, wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, bq_s, bo_s, b1_s, b2_s, k_s, v_s,
-                               x_s, kx_s, ones_s, part_s, bars, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT,
+                (_group_tile, (1, 3, ptrs, S, n_layers, D_OUT, smem, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT,
                                POOL_PROJ, O_P)),
             ], [4, 4], [168, 168])  # fmt: skip
 
