@@ -260,11 +260,11 @@ def test_skut_wgmma_split_many_sequences(pool, s):
 @pytest.mark.parametrize(
     "s,pool,n_layers",
     [(100, None, 2), (100, "max_valid", 2), (192, None, 2), (192, "max_valid", 2), (192, None, 1),
-     (150, "max_valid", 3), (130, "max_all", 1)],
+     (150, "max_valid", 3), (130, "max_all", 1), (100, None, 5), (192, "max_valid", 6)],
 )  # fmt: skip
 def test_skut_wgmma_groups_many_sequences(s, pool, n_layers):
-    """The grouped launch (two and three warp groups) with several waves of programs, at 1-3 layers (the weight
-    buffers reused every other layer) and every pool."""
+    """The grouped launch (two and three warp groups) with several waves of programs, at 1-6 layers (the weight
+    buffers reused every other layer; every barrier's phase parity wrapping more than once) and every pool."""
     bsz = 3 * torch.cuda.get_device_properties(0).multi_processor_count + 7
     wgmma_many_sequences(WGMMA_GROUPS, bsz, s, pool, seed=6 + n_layers, n_layers=n_layers)
 
