@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
-# kernels.py imports the kernel modules: collected before the kernel tests, it must not build them for a GPU (the
-# kernel tests need them interpreted, and Triton decides when a module is imported).
-os.environ.setdefault("TRITON_INTERPRET", "1")
 _spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).parents[1] / "benchmarks" / "kernels.py")
 bench_kernels = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_kernels)

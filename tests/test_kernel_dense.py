@@ -4,23 +4,12 @@ modules exist) and batch sizes, with the V1 output read in two blocks as the run
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import triton  # noqa: E402,F401
-
-import runtime.kernels.dense as dense_mod  # noqa: E402
-from transact.config import ModelConfig, TransActConfig, TransActV2Config  # noqa: E402
-from transact.model import RankingModel  # noqa: E402
-
-if os.environ.get("TRITON_INTERPRET") == "1" and type(dense_mod._linear_kernel).__name__ != "InterpretedFunction":
-    dense_mod = importlib.reload(dense_mod)  # imported earlier without the interpreter: decorate again
+import runtime.kernels.dense as dense_mod
+from transact.config import ModelConfig, TransActConfig, TransActV2Config
+from transact.model import RankingModel
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

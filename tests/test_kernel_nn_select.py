@@ -10,26 +10,14 @@ fallback scan) and the argument checks.
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
 
 import pytest
 import torch
+import triton
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import triton  # noqa: E402,F401  (a test dependency: the kernels run in its interpreter here)
-
-import runtime.kernels.nn_select as nn_mod  # noqa: E402
-from transact.selection import nn_select_reference  # noqa: E402
-
-if (
-    os.environ.get("TRITON_INTERPRET") == "1"
-    and type(nn_mod._nn_scan_kernel).__name__ != "InterpretedFunction"
-):
-    nn_mod = importlib.reload(nn_mod)  # imported earlier without the interpreter: decorate again
+import runtime.kernels.nn_select as nn_mod
+from transact.selection import nn_select_reference
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 2e-5  # output scores are fp32 sums (refine pass) or fp16 hi/lo dots (exact fallback); reference float64

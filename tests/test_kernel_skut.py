@@ -9,22 +9,11 @@ batch_first=False encoders, fp16 / bf16 / fp32, every tile configuration, and th
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
 from torch import nn
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import triton  # noqa: E402,F401  (a test dependency: the kernels run in its interpreter here)
-
-import runtime.kernels.skut as sk  # noqa: E402
-
-if os.environ.get("TRITON_INTERPRET") == "1" and type(sk._skut_kernel).__name__ != "InterpretedFunction":
-    sk = importlib.reload(sk)  # imported earlier without the interpreter: decorate again
+import runtime.kernels.skut as sk
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # (relative norm error, max abs error) against the float64 reference; outputs are O(1) after LayerNorm.

@@ -4,24 +4,13 @@ random arenas, and against the model's own modules (``TransActV2.select`` + ``to
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import triton  # noqa: E402,F401
-
-import runtime.kernels.tokens as tok_mod  # noqa: E402
-from transact.config import ModelConfig, TransActConfig, TransActV2Config  # noqa: E402
-from transact.data.random_batch import random_batch  # noqa: E402
-from transact.model import RankingModel, transact_inputs  # noqa: E402
-
-if os.environ.get("TRITON_INTERPRET") == "1" and type(tok_mod._v2_tokens_kernel).__name__ != "InterpretedFunction":
-    tok_mod = importlib.reload(tok_mod)  # imported earlier without the interpreter: decorate again
+import runtime.kernels.tokens as tok_mod
+from transact.config import ModelConfig, TransActConfig, TransActV2Config
+from transact.data.random_batch import random_batch
+from transact.model import RankingModel, transact_inputs
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -235,7 +235,7 @@ def cpu_cuda_backend(bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  
     from runtime.backends.cuda import CudaBackend
     from runtime.session import SessionOptions
 
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # set by the kernel tests' modules
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # set by conftest.py without a GPU
     options = SessionOptions(triton_cache_dir=str(tmp_path / "triton"))
     return CudaBackend(bundle, options, device="cpu", cpu_reference=True)
 
