@@ -243,8 +243,9 @@ if HAVE_GLUON:
     @gluon.jit
     def _scores(qa, qe, k_s, kx_s, j, ACC: gl.constexpr):
         """Start the product of ``qa`` with key tile j's K, the keys' biases included (asynchronous): a second
-        product, of ``qe`` (``_ones_column``: 1 in column 0 of each row) with the tile's bias columns ``kx_s[j]`` (its
-        keys' biases, 0 or -inf, in column 0; 0 elsewhere), adds each key's bias to its scores exactly (no 0 x inf)."""
+        product, of ``qe`` (``_ones_column``: 1 in the first columns of each row) with the tile's bias columns
+        ``kx_s[j]`` (its keys' biases, 0 or -inf, in column 0; 0 elsewhere, so only column 0 of ``qe`` counts), adds
+        each key's bias to its scores exactly (no 0 x inf)."""
         BM: gl.constexpr = qa.shape[0]
         s = warpgroup_mma(qa, k_s.index(j).permute((1, 0)), gl.zeros([BM, BM], gl.float32, ACC), use_acc=False,
                           is_async=True)  # fmt: skip
