@@ -115,7 +115,7 @@ def report(sass: str, top: int = 20) -> str:
 
 # The selection kernels' runtime arguments, typed as the runtime launches them (int8 codes of 32, fp16
 # candidates); each build takes those its kernel has.
-_SELECT_ARGS = {"seq_ptr": "*i8", "starts_ptr": "*i64", "lengths_ptr": "*i64", "cand_ptr": "*fp16",
+_SELECT_ARGS = {"seq_ptr": "*i8", "seqw_ptr": "*i32", "starts_ptr": "*i64", "lengths_ptr": "*i64", "cand_ptr": "*fp16",
                 "user_ptr": "*i64", "gm_ptr": "*i32", "gid_ptr": "*i32", "tau_ptr": "*i64", "cnt_ptr": "*i32",
                 "keys_ptr": "*i64", "idx_ptr": "*i64", "score_ptr": "*fp32", "N": "i32", "D": "i32", "k": "i32",
                 "G_TOT": "i32", "SPLITS": "i32", "CAP": "i32", "margin": "fp32"}  # fmt: skip
@@ -132,14 +132,16 @@ def _build_select(fn, consts: dict, arch: int, num_warps: int):  # noqa: ANN001,
     return build_for_gpu(fn, types, consts, aligned, arch=arch, num_warps=num_warps)
 
 
-def build_scan(users: int, block_n: int, tile: int, groups: int, arch: int):  # noqa: ANN201
-    """The selection's scan (``_nn_scan_kernel``, or the packed one for 2 / 4 users per step)."""
+def build_scan(users: int, block_n: int, tile: int, groups: int, arch: int, words: bool = True):  # noqa: ANN201
+    """The selection's scan (``_nn_scan_kernel``, or the packed one for 2 / 4 users per step); packed, ``words``:
+    row norms from int32 words (aligned rows, as the runtime's), else from the widened codes."""
     from runtime.kernels import nn_select as nn
 
     consts = {"BN": block_n, "BS": tile, "C": groups, "D_P": 32}
     fn = nn._nn_scan_kernel
     if users > 1:
-        fn, consts["U"] = nn._nn_scan_packed_kernel, users
+        fn = nn._nn_scan_packed_kernel
+        consts.update(U=users, WORDS=words, ASM=True)
     return _build_select(fn, consts, arch, nn.scan_warps(block_n, tile))
 
 
@@ -186,12 +188,13 @@ def main() -> None:
     ap.add_argument("--config", default="64/32/4", help="skut: block_m/block_n/warps")
     ap.add_argument("--pool", action="store_true", help="skut, groups: as the runtime launches it (pool, out_linear)")
     ap.add_argument("--tiles", type=int, default=3, choices=(2, 3), help="groups: query tiles (warp groups)")
+    ap.add_argument("--codes", action="store_true", help="packed scan: norms from the widened codes")
     ap.add_argument("--top", type=int, default=20, help="source lines listed per loop")
     args = ap.parse_args()
     if args.kernel == "scan":
-        kernel = build_scan(args.users, args.block_n, args.tile, args.groups, args.arch)
+        kernel = build_scan(args.users, args.block_n, args.tile, args.groups, args.arch, words=not args.codes)
         what = f"scan, {args.users} user(s) per step, {args.block_n} candidates x {args.tile} rows"
-        what += f", {args.groups} groups"
+        what += f", {args.groups} groups" + (", norms from the codes" if args.codes and args.users > 1 else "")
     elif args.kernel == "refine":
         kernel = build_refine(args.groups, args.splits, args.k, args.arch)
         what = f"refine, {args.splits} x {args.groups} groups, top-{args.k}"

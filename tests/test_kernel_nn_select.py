@@ -124,10 +124,11 @@ def test_grid_matches_reference(lengths, n_per_user, k, dtype):
     assert_matches_reference(idx, scores, inputs, k)
 
 
-@pytest.mark.parametrize("d", [8, 48, 100])
+@pytest.mark.parametrize("d", [8, 30, 48, 100])
 def test_code_widths(d):
-    """Codes narrower than pass 1's 32-wide integer dots (padded) and wider ones, not powers of two:
-    the scan's error bound (and so the refine margin) grows with D; the selection stays exact."""
+    """Codes narrower than pass 1's 32-wide integer dots (padded) and wider ones, not powers of two (30: not
+    whole int32 words, so the scan widens the codes for the norms): the scan's error bound (and so the refine
+    margin) grows with D; the selection stays exact."""
     inputs = make_inputs([300, 41], [6, 3], torch.float32, seed=d, d=d)
     idx, scores = run_kernel(inputs, 10)
     assert_matches_reference(idx, scores, inputs, 10)
@@ -225,7 +226,7 @@ def test_threshold_filters():
     cfg = nn_mod.choose_config(4, 1, 2000, k, torch.device(DEV))
     n = cand.shape[0]
     gm = torch.full((n, cfg.splits * cfg.groups_per_split), 7, dtype=torch.int32, device=DEV)
-    nn_mod._nn_scan_kernel[(1, cfg.splits)](
+    nn_mod.scan_launch(1, (1, cfg.splits))(
         seq, starts, lens, cand, users, gm, n, 32, gm.shape[1], cfg.splits,
         BN=cfg.block_n, BS=cfg.tile, C=cfg.groups_per_split, D_P=32, num_warps=4,
     )  # fmt: skip
@@ -293,6 +294,29 @@ def test_scan_group_maxima_of_users_sharing_a_block(users_per_step):
             else:
                 assert abs(nn_mod_decode(got) - max(s[i][p].item() for p in pos)) <= err, (i, j)
     assert 0 < empty < gm.numel()
+
+
+@pytest.mark.parametrize("users_per_step", [2, 4])
+def test_scan_norms_from_words_and_from_codes_agree(users_per_step):
+    """The packed scan takes the rows' squared norms from int32 words (four codes each) where the rows allow it
+    and from the widened codes where they are not 4-byte aligned: the same rows through both ways give the same
+    group maxima bit for bit (both norms are exact integers), and the words are used for aligned rows."""
+    lengths, per_user = [150, 37, 90, 64], [4, 4, 4, 4]
+    seq, starts, lens, cand, users = (t.to(DEV) for t in make_inputs(lengths, per_user, torch.float16, seed=33))
+    seq[5] = 0  # a zero row scores 0 either way
+    shifted = torch.zeros(seq.numel() + 1, dtype=torch.int8, device=DEV)
+    shifted[1:] = seq.flatten()
+    unaligned = shifted[1:].view(seq.shape)  # the same rows at an odd address
+    assert nn_mod.seq_words(seq) is not None and nn_mod.seq_words(unaligned) is None
+    splits, groups, tile, n = 2, 16, 32, cand.shape[0]
+    out = []
+    for rows in (seq, unaligned):
+        gm = torch.full((n, splits * groups), 7, dtype=torch.int32, device=DEV)  # poison
+        args = [rows, starts, lens, cand, users, gm, n, 32, gm.shape[1], splits]
+        nn_mod.scan_launch(users_per_step, (1, splits))(*args, BN=16, BS=tile, C=groups, D_P=32, num_warps=4)
+        out.append(gm.cpu())
+    assert (out[0] != 7).all()
+    assert torch.equal(out[0], out[1])
 
 
 def exact_group_maxima(scores, groups):

@@ -135,6 +135,8 @@ for rec in launches:
     args = rec["args"]
     types = {n: a["type"] for n, a in args.items() if "type" in a}
     consts = {n: a["const"] for n, a in args.items() if "const" in a}
+    if "ASM" in consts:  # inline PTX on the GPU, which the interpreter that recorded the launch cannot run
+        consts["ASM"] = True
     aligned = [n for n, a in args.items() if a.get("aligned")]
     try:
         k = build_for_gpu(fn, types, consts, aligned, num_warps=rec["num_warps"], num_stages=rec["num_stages"],

@@ -40,7 +40,6 @@ GPU design (no (N, S) score matrix ever reaches memory):
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -162,23 +161,46 @@ def _scores(q, c_hi, c_lo):
 
 
 @triton.jit
-def _scan_scale(q):
-    """Pass 1's scale of int8 rows q (R, D_P): 1 / (I8_SCALE * the row norm), exact norms; 0 for a zero row.
-    The approximate rsqrt (CUDA's rsqrtf: within 2 ulp, a relative 2**-22), not a rounded division by a
-    rounded square root (a slow-path branch per row block): pass 1 only bounds scores, and ``scan_error``
-    allows for it."""
-    qi = q.to(tl.int32)
-    nrm2 = tl.sum(qi * qi, axis=1)  # exact
+def _squares_of_bytes(w, ASM: tl.constexpr):
+    """The sum of the squares of the four int8 in each int32 word w (exact): one ``dp4a`` per word on the
+    GPU (ASM), four sign-extended products where inline PTX cannot run (the interpreter)."""
+    if ASM:
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $1, 0;", "=r,r", [w], dtype=tl.int32,
+                                         is_pure=True, pack=1)  # fmt: skip
+    b0 = (w << 24) >> 24
+    b1 = (w << 16) >> 24
+    b2 = (w << 8) >> 24
+    b3 = w >> 24
+    return b0 * b0 + b1 * b1 + b2 * b2 + b3 * b3
+
+
+@triton.jit
+def _scan_scale(seq_ptr, seqw_ptr, start, pos, pos_ok, q, D, D_P: tl.constexpr, WORDS: tl.constexpr,
+                ASM: tl.constexpr):  # fmt: skip
+    """Pass 1's scale of the int8 rows at ``pos`` (q: the same rows (R, D_P) as loaded for the dots):
+    1 / (I8_SCALE * the row norm), exact norms; 0 for a zero row. With WORDS (D a multiple of 4, rows
+    4-byte aligned) the squared norms come from the rows read again as int32 words, four codes per ``dp4a``,
+    instead of widening every code of q: the norms were ~40 % of the scan's instructions. The approximate
+    rsqrt (CUDA's rsqrtf: within 2 ulp, a relative 2**-22), not a rounded division by a rounded square
+    root (a slow-path branch per row block): pass 1 only bounds scores, and ``scan_error`` allows for it."""
+    if WORDS:
+        j = tl.arange(0, D_P // 4)
+        w = tl.load(seqw_ptr + (start + pos[:, None].to(tl.int64)) * (D // 4) + j[None, :],
+                    mask=pos_ok[:, None] & (j[None, :] < D // 4), other=0)  # fmt: skip
+        nrm2 = tl.sum(_squares_of_bytes(w, ASM), axis=1)
+    else:
+        qi = q.to(tl.int32)
+        nrm2 = tl.sum(qi * qi, axis=1)  # exact
     return tl.where(nrm2 > 0, (1.0 / _I8_SCALE) * tl.math.rsqrt(tl.maximum(nrm2, 1).to(tl.float32)), 0.0)
 
 
 @triton.jit
-def _scores_i8(q, pos_ok, c_a, c_b):
-    """Pass 1's scores (BN, BS) fp32 of the candidates' int8 pieces against int8 rows q (BS, D_P),
-    -inf at positions not ``pos_ok``: within ``scan_error(D)`` of the exact cosine. Integer dots on the
-    codes as loaded, exact in int32. A zero score is +0.0, never -0.0: the int32 zero converts to +0.0 and
-    the row's inverse norm is >= 0, so scores order as their ordered bits do."""
-    inv = _scan_scale(q)
+def _scores_i8(q, inv, pos_ok, c_a, c_b):
+    """Pass 1's scores (BN, BS) fp32 of the candidates' int8 pieces against int8 rows q (BS, D_P) with
+    scales ``inv`` (``_scan_scale``), -inf at positions not ``pos_ok``: within ``scan_error(D)`` of the
+    exact cosine. Integer dots on the codes as loaded, exact in int32. A zero score is +0.0, never -0.0:
+    the int32 zero converts to +0.0 and the row's inverse norm is >= 0, so scores order as their ordered
+    bits do."""
     qt = tl.trans(q)
     # 254 a.q + b.q, exact in int32: |a_i| <= 127 |c_i| + 0.5 and sum |c_i| <= sqrt(D) for a unit c, so
     # |254 a.q| <= 254 * 127 * (127 sqrt(D) + D / 2) < 2**31 for D up to ~16,000 (_MAX_D is 4,096).
@@ -355,7 +377,11 @@ def _nn_scan_kernel(
         p0_n = tl.where(last, p0_a, p0 + BS)
         p_hi_n = tl.where(last, p_hi_a, p_hi)
         q_n = _load_tile(seq_ptr, start_n, p0_n + ar, p0_n + ar < p_hi_n, D, D_P)  # in flight meanwhile
-        s = _scores_i8(q, p0 + ar < p_hi, c_a, c_b)
+        ok = p0 + ar < p_hi
+        # Norms from the widened codes: here (rows loaded to registers, not to shared memory) the words cost
+        # more instructions than they save (Triton 3.6, sm_90: 242 in the loop against 206).
+        inv = _scan_scale(seq_ptr, seq_ptr, start, p0 + ar, ok, q, D, D_P, False, False)
+        s = _scores_i8(q, inv, ok, c_a, c_b)
         gmax = _fold_tile(gmax, s, users == u, BN, BS, C)
         if last:
             u_a, start_a, p0_a, p_hi_a = _user_after(users, u_n, starts_ptr, lengths_ptr, split, SPLITS, BS)
@@ -373,12 +399,13 @@ def _slot(users, c_a, c_b, prev, starts_ptr, lengths_ptr, split, SPLITS, BS: tl.
 
 
 @triton.jit
-def _slot_step(seq_ptr, start, pos, p_hi, a, b, acc_a, acc_b, D, D_P: tl.constexpr):
+def _slot_step(seq_ptr, seqw_ptr, start, pos, p_hi, a, b, acc_a, acc_b, D, D_P: tl.constexpr, WORDS: tl.constexpr,
+               ASM: tl.constexpr):  # fmt: skip
     """One slot of a packed step: its user's rows at ``pos`` (BS,) scored into the accumulators, and the
     rows' scales: the inverse norm (over ``I8_SCALE``), -1 where there is no row."""
     ok = pos < p_hi
     q = _load_tile(seq_ptr, start, pos, ok, D, D_P)
-    inv = _scan_scale(q)
+    inv = _scan_scale(seq_ptr, seqw_ptr, start, pos, ok, q, D, D_P, WORDS, ASM)
     qt = tl.trans(q)
     acc_a = tl.dot(a, qt, acc=acc_a, out_dtype=tl.int32)
     acc_b = tl.dot(b, qt, acc=acc_b, out_dtype=tl.int32)
@@ -388,6 +415,7 @@ def _slot_step(seq_ptr, start, pos, p_hi, a, b, acc_a, acc_b, D, D_P: tl.constex
 @triton.jit
 def _nn_scan_packed_kernel(
     seq_ptr,
+    seqw_ptr,
     starts_ptr,
     lengths_ptr,
     cand_ptr,
@@ -402,6 +430,8 @@ def _nn_scan_packed_kernel(
     C: tl.constexpr,
     U: tl.constexpr,
     D_P: tl.constexpr,
+    WORDS: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     """Pass 1 for blocks whose candidates belong to several users: ``_nn_scan_kernel``'s group maxima,
     U (2 or 4) users per step. A step scores the same BS positions of U users' chunks: each user's rows
@@ -435,12 +465,16 @@ def _nn_scan_packed_kernel(
         full_steps = tl.maximum(tail, 0) // BS  # steps before any used slot reaches the end of its chunk
         for t in range(0, tl.cdiv(span, BS)):
             off = t * BS + ar
-            inv0, acc_a, acc_b = _slot_step(seq_ptr, st0, lo0 + off, hi0, a0, b0, zero, zero, D, D_P)
-            inv1, acc_a, acc_b = _slot_step(seq_ptr, st1, lo1 + off, hi1, a1, b1, acc_a, acc_b, D, D_P)
+            inv0, acc_a, acc_b = _slot_step(seq_ptr, seqw_ptr, st0, lo0 + off, hi0, a0, b0,
+                                            zero, zero, D, D_P, WORDS, ASM)
+            inv1, acc_a, acc_b = _slot_step(seq_ptr, seqw_ptr, st1, lo1 + off, hi1, a1, b1,
+                                            acc_a, acc_b, D, D_P, WORDS, ASM)
             scale = tl.where(own1[:, None], inv1[None, :], inv0[None, :])
             if U == 4:
-                inv2, acc_a, acc_b = _slot_step(seq_ptr, st2, lo2 + off, hi2, a2, b2, acc_a, acc_b, D, D_P)
-                inv3, acc_a, acc_b = _slot_step(seq_ptr, st3, lo3 + off, hi3, a3, b3, acc_a, acc_b, D, D_P)
+                inv2, acc_a, acc_b = _slot_step(seq_ptr, seqw_ptr, st2, lo2 + off, hi2, a2, b2,
+                                                acc_a, acc_b, D, D_P, WORDS, ASM)
+                inv3, acc_a, acc_b = _slot_step(seq_ptr, seqw_ptr, st3, lo3 + off, hi3, a3, b3,
+                                                acc_a, acc_b, D, D_P, WORDS, ASM)
                 scale = tl.where(own2[:, None], inv2[None, :], tl.where(own3[:, None], inv3[None, :], scale))
             # Each candidate's pieces are zero in the other users' slots: the sums are its own exact dot.
             s = (acc_a * 254 + acc_b).to(tl.float32) * scale
@@ -876,10 +910,26 @@ def choose_config(
 
 def scan_launch(users_per_step: int, grid: tuple[int, int]) -> Callable[..., object]:
     """Pass 1's launcher over ``grid``: ``_nn_scan_kernel`` for one user per step, else the packed scan with
-    ``U = users_per_step``; both take the same arguments otherwise."""
+    ``U = users_per_step``. Both take (seq, starts, lengths, cand, cand_user, gm, N, D, G_TOT, SPLITS, **meta);
+    for the packed scan the launcher adds the rows' int32 view for the norms (``seq_words``)."""
     if users_per_step == 1:
         return _nn_scan_kernel[grid]
-    return functools.partial(_nn_scan_packed_kernel[grid], U=users_per_step)
+    kernel = _nn_scan_packed_kernel[grid]
+
+    def launch(seq: torch.Tensor, *args: object, **meta: object) -> object:
+        words = seq_words(seq)
+        return kernel(seq, seq if words is None else words, *args, U=users_per_step, WORDS=words is not None,
+                      ASM=not interpreting(), **meta)  # fmt: skip
+
+    return launch
+
+
+def seq_words(seq: torch.Tensor) -> torch.Tensor | None:
+    """The int8 rows (T, D) as int32 words (T, D / 4), four codes each, for the scan's row norms; None where D
+    is not a multiple of 4 or the rows are not 4-byte aligned (the scan then widens the codes themselves)."""
+    if seq.shape[1] % 4 or seq.data_ptr() % 4 or not seq.is_contiguous():
+        return None
+    return seq.view(torch.int32)
 
 
 def scan_warps(block_n: int, tile: int) -> int:

@@ -454,6 +454,33 @@ def test_nn_scan_group_maxima_within_scan_error(users_per_step):
     assert err.max().item() <= nn_mod.scan_error(32), (err.max().item(), nn_mod.scan_error(32))
 
 
+@pytest.mark.parametrize("users_per_step", [2, 4])
+def test_nn_scan_norms_from_words_match_codes(users_per_step):
+    """The packed scan's row norms by ``dp4a`` on int32 words (aligned rows) and from the widened codes (the same
+    rows at an odd address): bit-identical group maxima, 64 users of 4 candidates over 3,000 rows (some zero),
+    then the whole selection (norms from words) against the reference."""
+    lengths, per_user = [3000] * 60 + [1, 0, 64, 2999], [4] * 64
+    inputs = nn_inputs(lengths, per_user, seed=40 + users_per_step)
+    inputs[0][::97] = 0
+    seq, starts, lens, cand, users = (t.to(DEV) for t in inputs)
+    shifted = torch.zeros(seq.numel() + 1, dtype=torch.int8, device=DEV)
+    shifted[1:] = seq.flatten()
+    unaligned = shifted[1:].view(seq.shape)
+    assert nn_mod.seq_words(seq) is not None and nn_mod.seq_words(unaligned) is None
+    splits, groups, tile, n = 6, 32, 64, cand.shape[0]
+    out = []
+    for rows in (seq, unaligned):
+        gm = torch.full((n, splits * groups), 7, dtype=torch.int32, device=DEV)  # poison
+        nn_mod.scan_launch(users_per_step, (-(-n // 16), splits))(
+            rows, starts, lens, cand, users, gm, n, 32, gm.shape[1], splits, BN=16, BS=tile, C=groups, D_P=32,
+            num_warps=4)  # fmt: skip
+        out.append(gm)
+    assert not (out[0] == 7).all(dim=1).any()
+    assert torch.equal(out[0], out[1])
+    cfg = nn_mod.NNSelectConfig(16, 64, splits, 4, groups, tile, users_per_step=users_per_step)
+    nn_check(inputs, 64, cfg)
+
+
 @pytest.mark.parametrize("distinct", [20, 400])
 def test_nn_select_repeated_items(distinct):
     """A lifelong sequence is full of repeats: 16,000 rows drawn from few distinct items give runs
