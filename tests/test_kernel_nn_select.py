@@ -603,11 +603,15 @@ def test_group_rule_worked_by_hand(monkeypatch):
     # programs: at 16,000 rows, 63 chunks of 256 rows (4 tiles) would scan one user per step; ceil(16,000 / 512)
     # = 32 chunks, 4 users (32 users: 2). 16 users (16 candidates each) never share a block: 63 chunks. At 4,000
     # rows, 8 chunks would leave 128 programs: 16 chunks of 256 rows, one user per step; with 512 candidates
-    # (32 blocks) at 8,000 rows, 16 chunks (512 programs).
+    # (32 blocks) at 8,000 rows, 16 chunks (512 programs). Those counts round down to a power of two where 16
+    # blocks x chunks stay >= 264: at 24,000 rows ceil(24,000 / 512) = 47 -> 32 chunks (2,048 maxima, not
+    # 3,008 in a 4,096-wide tile); at 12,000 rows 24 -> 16 would leave 256 programs: 24 chunks; with 512
+    # candidates (32 blocks) 24 -> 16 (512 programs).
     fields = ("splits", "groups_per_split", "users_per_step")
     for (n, u, length), want in {(256, 64, 16_000): (32, 64, 4), (256, 32, 16_000): (32, 64, 2),
                                  (256, 16, 16_000): (63, 32, 1), (256, 64, 4_000): (16, 64, 1),
-                                 (512, 128, 8_000): (16, 64, 4)}.items():  # fmt: skip
+                                 (512, 128, 8_000): (16, 64, 4), (256, 64, 24_000): (32, 64, 4),
+                                 (256, 64, 12_000): (24, 64, 4), (512, 64, 12_000): (16, 64, 2)}.items():  # fmt: skip
         cfg = nn_mod.choose_config(n, u, u * length, 64, torch.device("cpu"))
         assert tuple(getattr(cfg, f) for f in fields) == want, (n, u, length, cfg)
     assert nn_mod.choose_config(256, 64, 64 * 100_000, 64, torch.device("cpu"), block_n=32).users_per_step == 1

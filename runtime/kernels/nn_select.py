@@ -884,7 +884,15 @@ def choose_config(
         # x 16,000 rows 32 chunks 1.05x, x 24,000 47 chunks 1.08x; 32 users x 16,000 1.03x; 128 users x 16,000
         # 1.07x; 128 users x 8,000 (512 candidates) 16 chunks 1.05x; not taken: 64 users x 8,000, 256 programs,
         # 0.99x; x 4,000, 128 programs, 0.94x).
-        longer = triton.cdiv(avg_len, PACKED_MIN_STEPS * tile)
+        longer = max(triton.cdiv(avg_len, PACKED_MIN_STEPS * tile), 1)
+        # ... rounded down to a power of two where that too leaves two programs per SM: a candidate's maxima
+        # then fill the refine pass's power-of-two tile, where a total just past one doubles its threshold
+        # search (H200, 256 candidates, 40 / 47 / 59 -> 32 chunks: 64 users x 20,000 / 24,000 / 30,000 rows
+        # 1.26x / 1.17x / 1.08x; 32 users x 24,000 1.09x; 128 users x 24,000 1.15x; 512 candidates, 20 -> 16:
+        # 128 users x 10,000 1.12x, 24 -> 16: 64 users x 12,000 1.01x).
+        pow2 = 1 << (longer.bit_length() - 1)
+        if n_blocks * pow2 >= 2 * sms:
+            longer = pow2
         if packable and longer < splits and n_blocks * longer >= 2 * sms:
             splits = longer
     chunk = triton.cdiv(triton.cdiv(max(avg_len, 1), splits), tile) * tile

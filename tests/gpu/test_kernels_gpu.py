@@ -497,7 +497,8 @@ def test_nn_select_repeated_items(distinct):
 
 
 def test_nn_select_auto_configs_and_graph():
-    for lengths, n_per_user in (([16000], [256]), ([16000] * 64, [4] * 64)):
+    # 24,000 rows: 32 chunks, the packed split count rounded down to a power of two (choose_config)
+    for lengths, n_per_user in (([16000], [256]), ([16000] * 64, [4] * 64), ([24000] * 64, [4] * 64)):
         inputs = nn_inputs(lengths, n_per_user, seed=2)
         nn_check(inputs, 64, idx_dtype=torch.int32)
         dev_inputs = [t.to(DEV) for t in inputs]
