@@ -175,22 +175,29 @@ def _squares_of_bytes(w, ASM: tl.constexpr):
 
 
 @triton.jit
-def _scan_scale(seq_ptr, seqw_ptr, start, pos, pos_ok, q, D, D_P: tl.constexpr, WORDS: tl.constexpr,
-                ASM: tl.constexpr):  # fmt: skip
-    """Pass 1's scale of the int8 rows at ``pos`` (q: the same rows (R, D_P) as loaded for the dots):
-    1 / (I8_SCALE * the row norm), exact norms; 0 for a zero row. With WORDS (D a multiple of 4, rows
-    4-byte aligned) the squared norms come from the rows read again as int32 words, four codes per ``dp4a``,
-    instead of widening every code of q: the norms were ~40 % of the scan's instructions. The approximate
-    rsqrt (CUDA's rsqrtf: within 2 ulp, a relative 2**-22), not a rounded division by a rounded square
-    root (a slow-path branch per row block): pass 1 only bounds scores, and ``scan_error`` allows for it."""
-    if WORDS:
-        j = tl.arange(0, D_P // 4)
-        w = tl.load(seqw_ptr + (start + pos[:, None].to(tl.int64)) * (D // 4) + j[None, :],
-                    mask=pos_ok[:, None] & (j[None, :] < D // 4), other=0)  # fmt: skip
-        nrm2 = tl.sum(_squares_of_bytes(w, ASM), axis=1)
-    else:
-        qi = q.to(tl.int32)
-        nrm2 = tl.sum(qi * qi, axis=1)  # exact
+def _sq_norms_of_codes(q):
+    """Squared norms (R,) of int8 rows q (R, D_P), exact in int32: every code widened and squared."""
+    qi = q.to(tl.int32)
+    return tl.sum(qi * qi, axis=1)
+
+
+@triton.jit
+def _sq_norms_of_words(seqw_ptr, start, pos, pos_ok, D, D_P: tl.constexpr, ASM: tl.constexpr):
+    """Squared norms (R,) of the rows at ``pos``, exact in int32, from the rows read again as int32 words (D a
+    multiple of 4, rows 4-byte aligned: ``seq_words``), four codes per ``dp4a``: in the packed scan the norms
+    were ~40 % of the loop's instructions with the codes widened."""
+    j = tl.arange(0, D_P // 4)
+    w = tl.load(seqw_ptr + (start + pos[:, None].to(tl.int64)) * (D // 4) + j[None, :],
+                mask=pos_ok[:, None] & (j[None, :] < D // 4), other=0)  # fmt: skip
+    return tl.sum(_squares_of_bytes(w, ASM), axis=1)
+
+
+@triton.jit
+def _scan_scale(nrm2):
+    """Pass 1's scale of int8 rows of squared norms nrm2 (exact): 1 / (I8_SCALE * the row norm); 0 for a zero
+    row. The approximate rsqrt (CUDA's rsqrtf: within 2 ulp, a relative 2**-22), not a rounded division by a
+    rounded square root (a slow-path branch per row block): pass 1 only bounds scores, and ``scan_error``
+    allows for it."""
     return tl.where(nrm2 > 0, (1.0 / _I8_SCALE) * tl.math.rsqrt(tl.maximum(nrm2, 1).to(tl.float32)), 0.0)
 
 
@@ -377,10 +384,10 @@ def _nn_scan_kernel(
         p0_n = tl.where(last, p0_a, p0 + BS)
         p_hi_n = tl.where(last, p_hi_a, p_hi)
         q_n = _load_tile(seq_ptr, start_n, p0_n + ar, p0_n + ar < p_hi_n, D, D_P)  # in flight meanwhile
-        ok = p0 + ar < p_hi
         # Norms from the widened codes: here (rows loaded to registers, not to shared memory) the words cost
         # more instructions than they save (Triton 3.6, sm_90: 242 in the loop against 206).
-        inv = _scan_scale(seq_ptr, seq_ptr, start, p0 + ar, ok, q, D, D_P, False, False)
+        ok = p0 + ar < p_hi
+        inv = _scan_scale(_sq_norms_of_codes(q))
         s = _scores_i8(q, inv, ok, c_a, c_b)
         gmax = _fold_tile(gmax, s, users == u, BN, BS, C)
         if last:
@@ -405,7 +412,10 @@ def _slot_step(seq_ptr, seqw_ptr, start, pos, p_hi, a, b, acc_a, acc_b, D, D_P: 
     rows' scales: the inverse norm (over ``I8_SCALE``), -1 where there is no row."""
     ok = pos < p_hi
     q = _load_tile(seq_ptr, start, pos, ok, D, D_P)
-    inv = _scan_scale(seq_ptr, seqw_ptr, start, pos, ok, q, D, D_P, WORDS, ASM)
+    if WORDS:
+        inv = _scan_scale(_sq_norms_of_words(seqw_ptr, start, pos, ok, D, D_P, ASM))
+    else:
+        inv = _scan_scale(_sq_norms_of_codes(q))
     qt = tl.trans(q)
     acc_a = tl.dot(a, qt, acc=acc_a, out_dtype=tl.int32)
     acc_b = tl.dot(b, qt, acc=acc_b, out_dtype=tl.int32)
@@ -884,17 +894,18 @@ def choose_config(
         # x 16,000 rows 32 chunks 1.05x, x 24,000 47 chunks 1.08x; 32 users x 16,000 1.03x; 128 users x 16,000
         # 1.07x; 128 users x 8,000 (512 candidates) 16 chunks 1.05x; not taken: 64 users x 8,000, 256 programs,
         # 0.99x; x 4,000, 128 programs, 0.94x).
-        longer = max(triton.cdiv(avg_len, PACKED_MIN_STEPS * tile), 1)
-        # ... rounded down to a power of two where that too leaves two programs per SM: a candidate's maxima
-        # then fill the refine pass's power-of-two tile, where a total just past one doubles its threshold
-        # search (H200, 256 candidates, 40 / 47 / 59 -> 32 chunks: 64 users x 20,000 / 24,000 / 30,000 rows
-        # 1.26x / 1.17x / 1.08x; 32 users x 24,000 1.09x; 128 users x 24,000 1.15x; 512 candidates, 20 -> 16:
-        # 128 users x 10,000 1.12x, 24 -> 16: 64 users x 12,000 1.01x).
-        pow2 = 1 << (longer.bit_length() - 1)
-        if n_blocks * pow2 >= 2 * sms:
-            longer = pow2
-        if packable and longer < splits and n_blocks * longer >= 2 * sms:
-            splits = longer
+        if packable:
+            longer = max(triton.cdiv(avg_len, PACKED_MIN_STEPS * tile), 1)
+            # ... rounded down to a power of two where that too leaves two programs per SM: a candidate's maxima
+            # then fill the refine pass's power-of-two tile, where a total just past one doubles its threshold
+            # search (H200, 256 candidates, 40 / 47 / 59 -> 32 chunks: 64 users x 20,000 / 24,000 / 30,000 rows
+            # 1.26x / 1.17x / 1.08x; 32 users x 24,000 1.09x; 128 users x 24,000 1.15x; 512 candidates, 20 -> 16:
+            # 128 users x 10,000 1.12x, 24 -> 16: 64 users x 12,000 1.01x).
+            pow2 = 1 << (longer.bit_length() - 1)
+            if n_blocks * pow2 >= 2 * sms:
+                longer = pow2
+            if longer < splits and n_blocks * longer >= 2 * sms:
+                splits = longer
     chunk = triton.cdiv(triton.cdiv(max(avg_len, 1), splits), tile) * tile
     gps = max(triton.cdiv(GROUPS_PER_K * k_pad, splits), triton.cdiv(chunk, ROWS_PER_GROUP))
     gps = min(tile, max(2, triton.next_power_of_2(gps)))
