@@ -577,11 +577,13 @@ def test_kernel_group_limit():
 
 def test_config_is_shape_only():
     """The automatic choice depends on shapes alone and always yields valid block sizes."""
-    for n, u, t, k in [(1, 1, 1, 1), (256, 1, 16000, 64), (256, 64, 64 * 100000, 64), (5000, 100, 10**6, 96)]:
+    for n, u, t, k in [(1, 1, 1, 1), (256, 1, 16000, 64), (256, 64, 64 * 100000, 64), (5000, 100, 10**6, 96),
+                       (256, 1, 50_000, 64), (256, 1, 100_000, 200), (1024, 8, 96_000, 96)]:
         cfg = nn_mod.choose_config(n, u, t, k, torch.device("cpu"))
         assert cfg.k_pad >= k and cfg.k_pad & (cfg.k_pad - 1) == 0
         assert cfg.block_n >= 16 and cfg.splits >= 1 and cfg.tile >= cfg.k_pad
         assert cfg.splits * cfg.groups_per_split <= nn_mod.MAX_GROUPS
+        assert cfg.splits * cfg.groups_per_split >= min(nn_mod.GROUPS_PER_K * cfg.k_pad, cfg.splits * cfg.tile)
         assert cfg.tile % cfg.groups_per_split == 0 and cfg.capacity >= cfg.k_pad
 
 
@@ -616,11 +618,22 @@ def test_group_rule_worked_by_hand(monkeypatch):
         assert tuple(getattr(cfg, f) for f in fields) == want, (n, u, length, cfg)
     assert nn_mod.choose_config(256, 64, 64 * 100_000, 64, torch.device("cpu"), block_n=32).users_per_step == 1
     assert nn_mod.choose_config(1024, 1, 16000, 64, torch.device("cpu")).block_n == 64
-    # 1 user x 100,000, k 200 (k_pad 256): 98 chunks of 1,024 rows; max(ceil(4096 / 98), 1024 / 8) = 128,
-    # but 98 x 128 > 8,192 maxima: halved to 64.
+    # 1 user x 100,000, k 200 (k_pad 256): 98 chunks of 1,024 rows; max(ceil(4096 / 98), 1024 / 8) = 128.
+    # 98 x 128 maxima are past GROUP_CAP (4,096): 64 chunks would keep less than 2/3 of 98, so groups are
+    # halved to 64, and not again: 98 x 32 would leave fewer than 16 x 256 maxima.
     cfg = nn_mod.choose_config(256, 1, 100_000, 200, torch.device("cpu"))
     assert (cfg.splits, cfg.tile, cfg.groups_per_split) == (98, 256, 64)
     assert cfg.splits * cfg.groups_per_split <= nn_mod.MAX_GROUPS
+    # Past GROUP_CAP with k 64 / 96 (8 blocks of 32 candidates): 1 user x 50,000, k 64: 128 chunks of 448 rows
+    # (tile 64), 64 groups; 4,096 / 64 = 64 chunks keep less than 2/3 of 128: 32 groups (4,096 maxima). 1 user
+    # x 40,000, k 96: 79 chunks of 512 rows (tile 128), 64 groups (5,056); 64 chunks keep 2/3 and 8 x 64 >= 264
+    # programs: 64 x 64. Under it, a total just past a power of two: 1 user x 20,000, k 64: 79 chunks x 32
+    # groups (2,528) -> 64 chunks (2,048); at k 96, 40 x 64 (2,560) stays: 32 chunks would leave 8 x 32 < 264
+    # programs and less than 7/8 of 40.
+    for (length, k), want in {(50_000, 64): (128, 32), (40_000, 96): (64, 64), (20_000, 64): (64, 32),
+                              (20_000, 96): (40, 64)}.items():  # fmt: skip
+        cfg = nn_mod.choose_config(256, 1, length, k, torch.device("cpu"))
+        assert (cfg.splits, cfg.groups_per_split) == want, (length, k, cfg)
     # 64 users x 100,000, k 64: 66 chunks (8 x 132 programs / 16 blocks) of 1,536 rows, 64 groups each
     # (the tile's width): 4,224 maxima, just past 4,096, so 64 chunks (a 4,096-wide tile, not 8,192).
     cfg = nn_mod.choose_config(256, 64, 6_400_000, 64, torch.device("cpu"))

@@ -63,7 +63,8 @@ I8_SCALE = 127 * 254  # pass 1's candidate pieces: c ~= (254 a + b) / I8_SCALE, 
 _I8_SCALE = tl.constexpr(I8_SCALE)
 GROUPS_PER_K = 16  # group maxima per candidate, per top-k slot, at least (choose_config)
 ROWS_PER_GROUP = 8  # rows per group, at most, where the tile allows (choose_config)
-MAX_GROUPS = 8192  # group maxima per candidate, at most (choose_config)
+MAX_GROUPS = 8192  # group maxima per candidate, at most (the refine pass's registers and 16-bit counts)
+GROUP_CAP = 4096  # group maxima per candidate choose_config takes, at most, where 16 x k_pad leave room
 REFINE_ROWS = 256  # rows the refine pass scores per step
 THRESHOLD_STEPS = 6  # three-way rounds in float space between the smallest and largest group maximum (_kth_group_max)
 SHORT_MAX = 128  # sequences up to this many rows (by the caller's max_len) take the one-pass kernel
@@ -909,13 +910,25 @@ def choose_config(
     chunk = triton.cdiv(triton.cdiv(max(avg_len, 1), splits), tile) * tile
     gps = max(triton.cdiv(GROUPS_PER_K * k_pad, splits), triton.cdiv(chunk, ROWS_PER_GROUP))
     gps = min(tile, max(2, triton.next_power_of_2(gps)))
-    while gps > 2 and splits * gps > MAX_GROUPS:  # the refine pass holds a candidate's maxima in registers
-        gps //= 2
-    # ... in a power-of-two tile: a total just past a power of two doubles its threshold search for a
-    # few more chunks (64 users x 100,000 rows on an H200: 66 x 64 maxima 0.247 ms, 64 x 64 0.200 ms).
-    fewer = (triton.next_power_of_2(splits * gps) // 2) // gps
-    if chosen and 8 * fewer >= 7 * splits:
-        splits = fewer
+    # The refine pass searches a candidate's maxima in a power-of-two tile, at a cost that grows with the tile,
+    # while the rows it reads again grow with rows / maxima. At most GROUP_CAP maxima: fewer chunks where
+    # _fewer_chunks allows, else shorter groups while 16 x k_pad maxima remain (and always down to MAX_GROUPS,
+    # what its registers hold). Measured on H200, 256 candidates, selections identical: 1 user x 40,000 rows,
+    # k = 96, 79 -> 64 chunks of 64 groups 1.36x; 1 user x 36,000 / 50,000 / 100,000, k = 64, 128 chunks x 64
+    # -> 32 groups 1.39x / 1.30x / 1.20x, at k = 96 x 70,000 / 100,000 1.16x / 1.09x; 8 users x 100,000 1.39x;
+    # 4,096 -> 2,048 maxima lost at 50,000 rows and more, 0.69-0.89x.
+    while splits * gps > GROUP_CAP:
+        fewer = _fewer_chunks(splits, gps, GROUP_CAP, n_blocks, sms) if chosen else splits
+        if fewer < splits:
+            splits = fewer
+        elif gps > 2 and (splits * gps > MAX_GROUPS or splits * gps // 2 >= GROUPS_PER_K * k_pad):
+            gps //= 2
+        else:
+            break
+    # ... and a total just past a power of two is brought down to it (64 users x 100,000 rows, 66 -> 64 chunks
+    # of 64: 0.247 -> 0.200 ms; 1 user x 20,000 / 24,000 rows, 79 / 94 -> 64 chunks of 32, 1.10x / 1.10x).
+    if chosen:
+        splits = _fewer_chunks(splits, gps, triton.next_power_of_2(splits * gps) // 2, n_blocks, sms)
     # Users per scan step: as many as a block holds on average (a user's candidates adjacent), up to 4,
     # where chunks are long enough for the packed scan's pipelined steps (measured on H200, 64 users with 4
     # candidates each: at 100,000 rows, 25 steps per chunk, 0.135 ms against 0.154 with one user per step;
@@ -925,6 +938,16 @@ def choose_config(
     if packable and triton.cdiv(triton.cdiv(max(avg_len, 1), splits), tile) >= PACKED_MIN_STEPS:
         users = 4 if block_n >= 4 * per_user else 2
     return NNSelectConfig(block_n, k_pad, splits, scan_warps(block_n, tile), gps, tile, users_per_step=users)
+
+
+def _fewer_chunks(splits: int, gps: int, limit: int, n_blocks: int, sms: int) -> int:
+    """The chunks for at most ``limit`` maxima of ``gps`` groups each, where that keeps at least 2/3 of
+    ``splits`` and two programs per SM (or 7/8 of ``splits``); else ``splits``. Longer chunks cost the scan
+    its parallelism: at 1 user x 30,000 rows, k = 96, 59 -> 32 chunks (256 programs) measured 0.92x."""
+    fewer = limit // gps
+    if fewer < splits and 3 * fewer >= 2 * splits and (n_blocks * fewer >= 2 * sms or 8 * fewer >= 7 * splits):
+        return fewer
+    return splits
 
 
 def scan_launch(users_per_step: int, grid: tuple[int, int]) -> Callable[..., object]:

@@ -497,23 +497,25 @@ def test_nn_select_repeated_items(distinct):
 
 
 def test_nn_select_auto_configs_and_graph():
-    # 24,000 rows: 32 chunks, the packed split count rounded down to a power of two (choose_config)
-    for lengths, n_per_user in (([16000], [256]), ([16000] * 64, [4] * 64), ([24000] * 64, [4] * 64)):
+    # 24,000 rows: 32 chunks, the packed split count rounded down to a power of two; 1 user x 20,000 / 50,000
+    # rows (k 64) and x 40,000 (k 96): fewer chunks or shorter groups for at most GROUP_CAP maxima (choose_config)
+    for lengths, n_per_user, k in (([16000], [256], 64), ([16000] * 64, [4] * 64, 64), ([24000] * 64, [4] * 64, 64),
+                                   ([20000], [256], 64), ([50000], [256], 64), ([40000], [256], 96)):  # fmt: skip
         inputs = nn_inputs(lengths, n_per_user, seed=2)
-        nn_check(inputs, 64, idx_dtype=torch.int32)
+        nn_check(inputs, k, idx_dtype=torch.int32)
         dev_inputs = [t.to(DEV) for t in inputs]
         n = inputs[3].shape[0]
-        idx = torch.empty((n, 64), dtype=torch.int64, device=DEV)
-        scores = torch.empty((n, 64), device=DEV)
-        nn_mod.nn_select(*dev_inputs, 64, out=(idx, scores))
+        idx = torch.empty((n, k), dtype=torch.int64, device=DEV)
+        scores = torch.empty((n, k), device=DEV)
+        nn_mod.nn_select(*dev_inputs, k, out=(idx, scores))
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            nn_mod.nn_select(*dev_inputs, 64, out=(idx, scores))
+            nn_mod.nn_select(*dev_inputs, k, out=(idx, scores))
         new_cand = torch.randn(dev_inputs[3].shape, device=DEV).to(dev_inputs[3].dtype)
         dev_inputs[3].copy_(new_cand)
         g.replay()
         torch.cuda.synchronize()
-        ref_idx, _ = nn_select_reference(inputs[0], inputs[1], inputs[2], new_cand.cpu(), inputs[4], 64)
+        ref_idx, _ = nn_select_reference(inputs[0], inputs[1], inputs[2], new_cand.cpu(), inputs[4], k)
         assert (idx.cpu() == ref_idx).float().mean().item() > 0.999
 
 
