@@ -874,7 +874,7 @@ def choose_config(
     against 26.8-27.6 for 64, in two runs); chunks of eight tiles where that lets a block's users be scanned side
     by side (below). At least 16 x k group maxima per candidate and groups of at most ~8
     rows where the tile allows: the second pass then reads about k groups again, a small part of the
-    sequence (more groups: a longer threshold search).
+    sequence (more groups: a longer threshold search, so at most ``GROUP_CAP`` of them where 16 x k allow).
     """
     k_pad = max(16, triton.next_power_of_2(k))
     tile = max(64, k_pad)
