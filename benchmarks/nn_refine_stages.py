@@ -56,16 +56,16 @@ _EDITS = (
         "    M_BULK: tl.constexpr,\n    stages_ptr,\n):\n    \"\"\"Pass 2,",
     ),
     (
-        "    row = tl.program_id(0)\n    gm, real, lo = _kth_group_max(",
-        "    row = tl.program_id(0)\n    t0 = _clock_after(row)\n    gm, real, lo = _kth_group_max(",
+        "    row = tl.program_id(0)\n    # The candidate's user",
+        "    row = tl.program_id(0)\n    t0 = _clock_after(row)\n    # The candidate's user",
     ),
     (
         "    tl.store(tau_ptr + row, lo << 32)\n",
         "    t1 = _clock_after(lo.to(tl.int32))\n    tl.store(tau_ptr + row, lo << 32)\n",
     ),
     (
-        "    tl.debug_barrier()\n\n    u = tl.load(user_ptr + row)",
-        "    tl.debug_barrier()\n    t2 = _clock_after(n_visit)\n\n    u = tl.load(user_ptr + row)",
+        "    tl.debug_barrier()\n\n    chunk = ",
+        "    tl.debug_barrier()\n    t2 = _clock_after(n_visit)\n\n    chunk = ",
     ),
     ("    tl.store(cnt_ptr + row, n_keys)\n", "    t3 = _clock_after(n_keys)\n    tl.store(cnt_ptr + row, n_keys)\n"),
     (

@@ -764,6 +764,12 @@ def _nn_refine_kernel(
     ``tau`` and ``cnt`` receive the threshold key and the list's length.
     """
     row = tl.program_id(0)
+    # The candidate's user, sequence and row first: their loads (two dependent ones) are then in flight
+    # during the threshold search instead of ahead of the first rows' loads.
+    u = tl.load(user_ptr + row)
+    start = tl.load(starts_ptr + u).to(tl.int64)
+    length = tl.load(lengths_ptr + u).to(tl.int32)
+    c = _load_cand_row(cand_ptr, row, D, D_P)
     gm, real, lo = _kth_group_max(gm_ptr, row, k, G_TOT, G_P, STEPS)
     tl.store(tau_ptr + row, lo << 32)
     no_thr = lo <= -(2**31)  # fewer than k non-empty groups: every row counts
@@ -773,17 +779,14 @@ def _nn_refine_kernel(
     # The visited groups' ids, packed to the front of this candidate's row of ``gid``.
     gid_base = gid_ptr + row.to(tl.int64) * G_TOT
     g = tl.arange(0, G_P)
-    tl.store(gid_base + tl.cumsum(visit.to(tl.int32), axis=0) - 1, g, mask=visit)
+    slot = tl.where(visit, tl.cumsum(visit.to(tl.int32), axis=0) - 1, -1)
+    tl.store(gid_base + slot, g, mask=slot >= 0)
     n_visit = tl.sum(visit.to(tl.int32), axis=0)
     tl.debug_barrier()
 
-    u = tl.load(user_ptr + row)
-    start = tl.load(starts_ptr + u).to(tl.int64)
-    length = tl.load(lengths_ptr + u).to(tl.int32)
     chunk = tl.cdiv(tl.cdiv(length, SPLITS), BS) * BS  # as _user_chunk
     rows_per_group = tl.maximum(chunk // C, 1)
     n_rows = n_visit * rows_per_group
-    c = _load_cand_row(cand_ptr, row, D, D_P)
     keys_base = keys_ptr + row.to(tl.int64) * CAP
     n_keys = tl.zeros((), tl.int32)
     # Rows [0, n_full) in steps of R; rows [n_full, n_rows), when at most R / 4, in one short step.
