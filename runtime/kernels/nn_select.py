@@ -582,6 +582,12 @@ def _nn_short_kernel(
 
 
 @triton.jit
+def _min_max_count(lo_a, hi_a, n_a, lo_b, hi_b, n_b):
+    """Combine of one reduction for the smallest, the largest and a count."""
+    return tl.minimum(lo_a, lo_b), tl.maximum(hi_a, hi_b), n_a + n_b
+
+
+@triton.jit
 def _kth_group_max(gm_ptr, row, k, G_TOT, G_P: tl.constexpr, STEPS: tl.constexpr):
     """A lower bound T of the k-th largest of a candidate's group maxima (ordered int32, as an int64)
     with at least k maxima >= T: a search in float space between the smallest and largest maximum,
@@ -591,19 +597,20 @@ def _kth_group_max(gm_ptr, row, k, G_TOT, G_P: tl.constexpr, STEPS: tl.constexpr
     threshold).
 
     Each round splits the bracket in three and counts the maxima at both inner points in one
-    block-wide sum (two 16-bit counts packed in an int32; G_P <= MAX_GROUPS < 2**16): those counts
-    are the refine pass's longest dependent chain. The maxima are cosines spread over a range of about
-    1, which 6 rounds resolve to ~1.4e-3: the few more groups that then pass cost less than two more
-    rounds (measured on H200, selections identical: 6 rounds against 8, 1 user x 16,000 rows top-64
-    1.03x, top-96 1.02x, 64 users 1.01x, 64 users x 100,000 1.01x; 5 rounds 1.00-1.03x, 4 0.99-1.01x,
-    3 0.80-0.96x)."""
+    block-wide sum (two 16-bit counts packed in an int32; G_P <= MAX_GROUPS < 2**16): those sums are
+    the refine pass's longest dependent chain, so the smallest and largest maximum and the count of
+    non-empty groups come from one reduction too (1.00-1.02x). The maxima are cosines spread over a
+    range of about 1, which 6 rounds resolve to ~1.4e-3: the few more groups that then pass cost less
+    than two more rounds (measured on H200, selections identical: 6 rounds against 8, 1 user x 16,000
+    rows top-64 1.03x, top-96 1.02x, 64 users 1.01x, 64 users x 100,000 1.01x; 5 rounds 1.00-1.03x, 4
+    0.99-1.01x, 3 0.80-0.96x). Five-way rounds (four counts in an int64, 4 rounds) measured 0.96-0.99x:
+    the counts' arithmetic per maximum grew more than the sums fell."""
     g = tl.arange(0, G_P)
     gm = tl.load(gm_ptr + row.to(tl.int64) * G_TOT + g, mask=g < G_TOT, other=-(2**31))
     real = gm > -(2**31)
-    n_real = tl.sum(real.to(tl.int32), axis=0)
     gf = tl.where(real, _score_of(gm), float("-inf"))
-    lo = tl.min(tl.where(real, gf, float("inf")), axis=0)  # lo <= the k-th largest <= hi throughout
-    hi = tl.max(gf, axis=0)
+    # lo <= the k-th largest <= hi throughout
+    lo, hi, n_real = tl.reduce((tl.where(real, gf, float("inf")), gf, real.to(tl.int32)), 0, _min_max_count)
     for _ in tl.static_range(STEPS):
         t1 = lo + (hi - lo) * (1.0 / 3.0)
         t2 = lo + (hi - lo) * (2.0 / 3.0)
