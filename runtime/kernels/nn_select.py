@@ -783,7 +783,9 @@ def _nn_refine_kernel(
     t32 = lo.to(tl.int32)
     key_floor = tl.where(no_thr, -(2**31), _below(t32, margin)).to(tl.int64) << 32
     visit = tl.where(no_thr, real, real & (gm >= _below(t32, 2 * margin)))
-    # The visited groups' ids, packed to the front of this candidate's row of ``gid``.
+    # The visited groups' ids, packed to the front of this candidate's row of ``gid``. The slot, not the mask,
+    # carries the store's condition: the compiler then converts to the scattered store's layout after the prefix
+    # sum, not before it (where the sum ran as 16 warp scans, 80 shuffles; 749 -> 441 instructions on sm_90).
     gid_base = gid_ptr + row.to(tl.int64) * G_TOT
     g = tl.arange(0, G_P)
     slot = tl.where(visit, tl.cumsum(visit.to(tl.int32), axis=0) - 1, -1)
