@@ -599,9 +599,10 @@ def _kth_group_max(gm_ptr, row, k, G_TOT, G_P: tl.constexpr, STEPS: tl.constexpr
     Each round splits the bracket in three and counts the maxima at both inner points in one
     block-wide sum (two 16-bit counts packed in an int32; G_P <= MAX_GROUPS < 2**16): those sums are
     the refine pass's longest dependent chain, so the smallest and largest maximum and the count of
-    non-empty groups come from one reduction too (1.00-1.02x). The maxima are cosines spread over a
-    range of about 1, which 6 rounds resolve to ~1.4e-3: the few more groups that then pass cost less
-    than two more rounds (measured on H200, selections identical: 6 rounds against 8, 1 user x 16,000
+    non-empty groups come from one reduction too (23 barriers in the search instead of 29; against three
+    reductions 0.99-1.02x on H200, within the noise: kept for the barriers). The maxima are cosines
+    spread over a range of about 1, which 6 rounds resolve to ~1.4e-3: the few more groups that then
+    pass cost less than two more rounds (measured on H200, selections identical: 6 rounds against 8, 1 user x 16,000
     rows top-64 1.03x, top-96 1.02x, 64 users 1.01x, 64 users x 100,000 1.01x; 5 rounds 1.00-1.03x, 4
     0.99-1.01x, 3 0.80-0.96x). Five-way rounds (four counts in an int64, 4 rounds) measured 0.96-0.99x:
     the counts' arithmetic per maximum grew more than the sums fell."""
