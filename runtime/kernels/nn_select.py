@@ -474,19 +474,31 @@ def _nn_scan_packed_kernel(
             mine = mine | own2 | own3
             last = u3
         full_steps = tl.maximum(tail, 0) // BS  # steps before any used slot reaches the end of its chunk
+        # Each candidate's row scales come from its user's slot: one gather from the U slots' scales joined,
+        # not U - 1 selects. Each select broadcast one slot's (BS,) scales into the accumulator's layout, a
+        # layout conversion through shared memory with its own barriers (8 -> 2 per 4-user step on sm_90);
+        # measured on H200, selections identical: 64 users x 100,000 1.05-1.06x, 64 x 16,000 1.01x.
+        if U == 4:
+            slot_of = tl.where(own1, 1, tl.where(own2, 2, tl.where(own3, 3, 0)))
+        else:
+            slot_of = tl.where(own1, 1, 0)
+        slot_idx = slot_of[:, None] + tl.zeros((BN, BS), tl.int32)
         for t in range(0, tl.cdiv(span, BS)):
             off = t * BS + ar
             inv0, acc_a, acc_b = _slot_step(seq_ptr, seqw_ptr, st0, lo0 + off, hi0, a0, b0,
                                             zero, zero, D, D_P, WORDS, ASM)
             inv1, acc_a, acc_b = _slot_step(seq_ptr, seqw_ptr, st1, lo1 + off, hi1, a1, b1,
                                             acc_a, acc_b, D, D_P, WORDS, ASM)
-            scale = tl.where(own1[:, None], inv1[None, :], inv0[None, :])
             if U == 4:
                 inv2, acc_a, acc_b = _slot_step(seq_ptr, seqw_ptr, st2, lo2 + off, hi2, a2, b2,
                                                 acc_a, acc_b, D, D_P, WORDS, ASM)
                 inv3, acc_a, acc_b = _slot_step(seq_ptr, seqw_ptr, st3, lo3 + off, hi3, a3, b3,
                                                 acc_a, acc_b, D, D_P, WORDS, ASM)
-                scale = tl.where(own2[:, None], inv2[None, :], tl.where(own3[:, None], inv3[None, :], scale))
+                inv = tl.trans(tl.reshape(tl.join(tl.join(inv0, inv2), tl.join(inv1, inv3)), (BS, 4)))
+                scale = tl.gather(inv, slot_idx, axis=0)
+            else:
+                inv = tl.trans(tl.join(inv0, inv1))
+                scale = tl.gather(inv, slot_idx, axis=0)
             # Each candidate's pieces are zero in the other users' slots: the sums are its own exact dot.
             s = (acc_a * 254 + acc_b).to(tl.float32) * scale
             if t >= full_steps:  # a chunk ends in this step: positions past it (scale -1) score -inf
