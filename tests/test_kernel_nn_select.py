@@ -176,6 +176,30 @@ def test_short_path(lengths, n_per_user, k, max_len, monkeypatch):
     assert_matches_reference(idx, scores, inputs, k)
 
 
+def test_wide_offsets_rule():
+    """64-bit row offsets exactly where (T, D) has 2**31 elements or more (meta tensors: nothing allocated)."""
+    assert not nn_mod.wide_offsets(torch.empty((2**25 - 1, 64), dtype=torch.int8, device="meta"))
+    assert nn_mod.wide_offsets(torch.empty((2**25, 64), dtype=torch.int8, device="meta"))
+    assert not nn_mod.wide_offsets(torch.empty((100_000, 64), dtype=torch.int8))
+
+
+@pytest.mark.parametrize("users,cap,max_len", [(1, None, None), (4, 16, None), (1, None, 120)])
+def test_wide_and_narrow_offsets_agree(users, cap, max_len, monkeypatch):
+    """Every kernel with 64-bit row offsets (the path for sequences of 2**31 elements or more, forced here) selects
+    exactly what the 32-bit path does: the scans (1 and 4 users per step), the refine pass with its exact
+    fallback (capacity 16, and the first user's rows five vectors repeated: runs of equal scores overflow the
+    lists), and the one-pass kernel for short sequences."""
+    k = 12
+    inputs = make_inputs([120, 37, 3], [5, 9, 2], torch.float16, seed=41 + users)
+    inputs[0][:120] = inputs[0][:5].repeat(24, 1)
+    cfg = None if max_len else nn_mod.NNSelectConfig(16, 16, 2, 4, 16, tile=64, capacity=cap, users_per_step=users)
+    narrow = run_kernel(inputs, k, cfg, max_len=max_len)
+    monkeypatch.setattr(nn_mod, "wide_offsets", lambda seq: True)
+    wide = run_kernel(inputs, k, cfg, max_len=max_len)
+    assert torch.equal(wide[0], narrow[0]) and torch.equal(wide[1], narrow[1])
+    assert_matches_reference(*wide, inputs, k)
+
+
 def test_short_path_ties_prefer_recent():
     g = torch.Generator().manual_seed(12)
     base = torch.randint(-127, 128, (4, 32), generator=g, dtype=torch.int8)
@@ -212,7 +236,8 @@ def launch_refine(inputs, gm, k, cfg, rows=64, steps=33):
     nn_mod._nn_refine_kernel[(n,)](
         seq, starts, lens, cand, users, gm, gid, tau, cnt, keys, idx, scores, seq.shape[1], k, g_tot, cfg.splits,
         cfg.capacity, nn_mod.margin(seq.shape[1]), BS=cfg.tile, C=cfg.groups_per_split,
-        G_P=triton.next_power_of_2(g_tot), R=rows, STEPS=steps, K=cfg.k_pad, CH=64, D_P=32, M_BULK=8, num_warps=4,
+        G_P=triton.next_power_of_2(g_tot), R=rows, STEPS=steps, K=cfg.k_pad, CH=64, D_P=32, WIDE=False, M_BULK=8,
+        num_warps=4,
     )  # fmt: skip
     return idx, scores, tau, cnt
 
