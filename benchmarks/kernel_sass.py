@@ -137,7 +137,7 @@ def build_scan(users: int, block_n: int, tile: int, groups: int, arch: int, word
     row norms from int32 words (aligned rows, as the runtime's), else from the widened codes."""
     from runtime.kernels import nn_select as nn
 
-    consts = {"BN": block_n, "BS": tile, "C": groups, "D_P": 32, "WIDE": False}
+    consts = {"BN": block_n, "BS": tile, "C": groups, "D_P": 32, "WIDE": False, "GDC": False}
     fn = nn._nn_scan_kernel
     if users > 1:
         fn = nn._nn_scan_packed_kernel
@@ -152,7 +152,7 @@ def build_refine(groups: int, splits: int, k: int, arch: int):  # noqa: ANN201
 
     consts = {"BS": 64, "C": groups, "G_P": triton.next_power_of_2(groups * splits), "R": nn.REFINE_ROWS,
               "STEPS": nn.THRESHOLD_STEPS, "K": max(16, triton.next_power_of_2(k)), "CH": 64, "D_P": 32,
-              "WIDE": False, "M_BULK": 8}  # fmt: skip
+              "WIDE": False, "GDC": False, "M_BULK": 8}  # fmt: skip
     return _build_select(nn._nn_refine_kernel, consts, arch, 4)
 
 

@@ -236,8 +236,8 @@ def launch_refine(inputs, gm, k, cfg, rows=64, steps=33):
     nn_mod._nn_refine_kernel[(n,)](
         seq, starts, lens, cand, users, gm, gid, tau, cnt, keys, idx, scores, seq.shape[1], k, g_tot, cfg.splits,
         cfg.capacity, nn_mod.margin(seq.shape[1]), BS=cfg.tile, C=cfg.groups_per_split,
-        G_P=triton.next_power_of_2(g_tot), R=rows, STEPS=steps, K=cfg.k_pad, CH=64, D_P=32, WIDE=False, M_BULK=8,
-        num_warps=4,
+        G_P=triton.next_power_of_2(g_tot), R=rows, STEPS=steps, K=cfg.k_pad, CH=64, D_P=32, WIDE=False, GDC=False,
+        M_BULK=8, num_warps=4,
     )  # fmt: skip
     return idx, scores, tau, cnt
 

@@ -137,12 +137,20 @@ for rec in launches:
     consts = {n: a["const"] for n, a in args.items() if "const" in a}
     if "ASM" in consts:  # inline PTX on the GPU, which the interpreter that recorded the launch cannot run
         consts["ASM"] = True
+    if "GDC" in consts:  # the selection's passes as sm_90 launches them: the refine pass the scan's dependent
+        consts["GDC"] = True
     aligned = [n for n, a in args.items() if a.get("aligned")]
     try:
         k = build_for_gpu(fn, types, consts, aligned, num_warps=rec["num_warps"], num_stages=rec["num_stages"],
                           mma_sync=rec["mma_sync"], max_regs=rec["maxnreg"])
-        if rec["maxnreg"] is not None and f".maxnreg {rec['maxnreg']}" not in k.asm["ptx"]:
+        ptx = k.asm["ptx"]
+        if rec["maxnreg"] is not None and f".maxnreg {rec['maxnreg']}" not in ptx:
             failed.append(f"{rec['kernel']}: maxnreg={rec['maxnreg']} did not reach the PTX")
+        if consts.get("GDC") and "griddepcontrol" not in ptx:
+            failed.append(f"{rec['kernel']}: GDC=True but no griddepcontrol in the PTX")
+        wait = ptx.find("griddepcontrol.wait")
+        if wait >= 0 and not 0 <= ptx.find("ld.global") < wait:
+            failed.append(f"{rec['kernel']}: no global load is issued before griddepcontrol.wait")
     except Exception as exc:
         failed.append(f"{rec['kernel']} {rec['num_warps']} warps: {type(exc).__name__}: {str(exc)[:400]}")
 print(json.dumps({"compiled": len(seen), "kernels": sorted({r["kernel"] for r in launches}), "failed": failed}))

@@ -375,9 +375,12 @@ def _nn_scan_kernel(
     C: tl.constexpr,
     D_P: tl.constexpr,
     WIDE: tl.constexpr,
+    GDC: tl.constexpr,
 ):
     """Pass 1: one chunk of every sequence a block of candidates uses, in tiles of BS positions; the
     max score of each of C column groups of the chunk (group j: the positions p_lo + j + C * r)."""
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()  # see _nn_refine_kernel
     split = tl.program_id(1)
     rows, row_ok, users, c_a, c_b = _scan_block(cand_ptr, user_ptr, N, D, BN, D_P)
     # Group maxima in fp32 (the scores' own order; max and masks cost one instruction each), turned
@@ -459,12 +462,15 @@ def _nn_scan_packed_kernel(
     WORDS: tl.constexpr,
     ASM: tl.constexpr,
     WIDE: tl.constexpr,
+    GDC: tl.constexpr,
 ):
     """Pass 1 for blocks whose candidates belong to several users: ``_nn_scan_kernel``'s group maxima,
     U (2 or 4) users per step. A step scores the same BS positions of U users' chunks: each user's rows
     against its own candidates' int8 pieces (zeros in the other rows), all into one (BN, BS) accumulator,
     so each score of the step is a candidate against its own user's row. (The one-user scan scales, masks
     and reduces all BN x BS scores once per user and keeps only that user's candidates' rows of them.)"""
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()  # see _nn_refine_kernel
     split = tl.program_id(1)
     rows, row_ok, users, c_a, c_b = _scan_block(cand_ptr, user_ptr, N, D, BN, D_P)
     gmax = tl.full((BN, C), float("-inf"), tl.float32)
@@ -788,6 +794,7 @@ def _nn_refine_kernel(
     CH: tl.constexpr,
     D_P: tl.constexpr,
     WIDE: tl.constexpr,
+    GDC: tl.constexpr,
     M_BULK: tl.constexpr,
 ):
     """Pass 2, one program per candidate: its threshold, the rows of the groups that reach it scored
@@ -810,6 +817,11 @@ def _nn_refine_kernel(
     start = _row_start(starts_ptr, u, WIDE)
     length = tl.load(lengths_ptr + u).to(tl.int32)
     c = _load_cand_row(cand_ptr, row, D, D_P)
+    if GDC:
+        # Launched as the scan's programmatic dependent (sm_90+): every scan program signals at its start, so
+        # this kernel's programs are placed as the scan's last programs run and load the above meanwhile; the
+        # group maxima are read only after the scan has finished and its stores are visible.
+        tl.extra.cuda.gdc_wait()
     gm, real, lo = _kth_group_max(gm_ptr, row, k, G_TOT, G_P, STEPS)
     tl.store(tau_ptr + row, lo << 32)
     no_thr = lo <= -(2**31)  # fewer than k non-empty groups: every row counts
@@ -998,11 +1010,12 @@ def _fewer_chunks(splits: int, gps: int, limit: int, n_blocks: int, sms: int) ->
 def scan_launch(users_per_step: int, grid: tuple[int, int]) -> Callable[..., object]:
     """Pass 1's launcher over ``grid``: ``_nn_scan_kernel`` for one user per step, else the packed scan with
     ``U = users_per_step``. Both take (seq, starts, lengths, cand, cand_user, gm, N, D, G_TOT, SPLITS, **meta);
-    the launcher adds ``WIDE`` (``wide_offsets``) unless given and, for the packed scan, the rows' int32 view
-    for the norms (``seq_words``)."""
+    the launcher adds ``WIDE`` (``wide_offsets``) and ``GDC`` (False) unless given and, for the packed scan,
+    the rows' int32 view for the norms (``seq_words``)."""
 
     def launch(seq: torch.Tensor, *args: object, **meta: object) -> object:
         meta.setdefault("WIDE", wide_offsets(seq))
+        meta.setdefault("GDC", False)
         if users_per_step == 1:
             return _nn_scan_kernel[grid](seq, *args, **meta)
         words = seq_words(seq)
@@ -1010,6 +1023,12 @@ def scan_launch(users_per_step: int, grid: tuple[int, int]) -> Callable[..., obj
                                             WORDS=words is not None, ASM=not interpreting(), **meta)  # fmt: skip
 
     return launch
+
+
+def dependent_launch(device: torch.device) -> bool:
+    """Whether the refine pass starts as the scan's programmatic dependent (CUDA, sm_90 and later; not under
+    the interpreter): its programs then load their own inputs while the scan finishes."""
+    return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def wide_offsets(seq: torch.Tensor) -> bool:
@@ -1194,6 +1213,7 @@ def _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, con
     if g_tot > MAX_GROUPS:  # the refine pass holds them in registers and counts them in 16 bits
         raise ValueError(f"config gives {g_tot} group maxima per candidate (splits x groups_per_split), "
                          f"more than {MAX_GROUPS}")  # fmt: skip
+    pdl = dependent_launch(dev)
     gm = torch.empty((n, g_tot), dtype=torch.int32, device=dev)
     gid = torch.empty((n, g_tot), dtype=torch.int32, device=dev)
     tau = torch.empty((n,), dtype=torch.int64, device=dev)
@@ -1202,12 +1222,13 @@ def _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, con
     with mma_sync_only():
         scan_launch(cfg.users_per_step, (triton.cdiv(n, bn), splits))(
             seq, starts, lengths, cand, cand_user, gm, n, d, g_tot, splits,
-            BN=bn, BS=cfg.tile, C=gps, D_P=d_p, num_warps=cfg.num_warps,
+            BN=bn, BS=cfg.tile, C=gps, D_P=d_p, GDC=pdl, num_warps=cfg.num_warps,
         )  # fmt: skip
         _nn_refine_kernel[(n,)](
             seq, starts, lengths, cand, cand_user, gm, gid, tau, cnt, keys, idx, scores, d, k, g_tot, splits, cap,
             margin(d), BS=cfg.tile, C=gps, G_P=triton.next_power_of_2(g_tot), R=REFINE_ROWS, STEPS=THRESHOLD_STEPS,
-            K=kp, CH=64, D_P=d_p, WIDE=wide_offsets(seq), M_BULK=8, num_warps=4,
+            K=kp, CH=64, D_P=d_p, WIDE=wide_offsets(seq), GDC=pdl, launch_pdl=pdl,
+            M_BULK=8, num_warps=4,
         )  # fmt: skip
     return idx, scores
 
