@@ -160,6 +160,11 @@ print(json.dumps({"compiled": len(seen), "kernels": sorted({r["kernel"] for r in
 @pytest.mark.slow
 def test_every_runtime_kernel_launch_compiles_for_sm90(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    probe_py = os.path.join(os.path.dirname(__file__), "interpreter_probe.py")
+    probe = subprocess.run([sys.executable, probe_py], capture_output=True, text=True,
+                           env={**env, "TRITON_INTERPRET": "1"}, timeout=300)  # fmt: skip
+    if probe.returncode != 0:  # on a GPU machine whose Triton and NumPy do not pair (conftest refuses that on the CPU)
+        pytest.skip("the launches are recorded under the interpreter: " + probe.stdout.strip()[-400:])
     rec = subprocess.run([sys.executable, "-c", RECORD, str(small_bundle()), str(tmp_path / "cache")],
                          capture_output=True, text=True, env={**env, "TRITON_INTERPRET": "1"}, timeout=900)  # fmt: skip
     assert rec.returncode == 0, rec.stderr[-3000:]
