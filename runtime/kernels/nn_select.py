@@ -1213,7 +1213,7 @@ def _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, con
     if g_tot > MAX_GROUPS:  # the refine pass holds them in registers and counts them in 16 bits
         raise ValueError(f"config gives {g_tot} group maxima per candidate (splits x groups_per_split), "
                          f"more than {MAX_GROUPS}")  # fmt: skip
-    pdl = dependent_launch(dev)
+    pdl, wide = dependent_launch(dev), wide_offsets(seq)
     gm = torch.empty((n, g_tot), dtype=torch.int32, device=dev)
     gid = torch.empty((n, g_tot), dtype=torch.int32, device=dev)
     tau = torch.empty((n,), dtype=torch.int64, device=dev)
@@ -1222,13 +1222,12 @@ def _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, con
     with mma_sync_only():
         scan_launch(cfg.users_per_step, (triton.cdiv(n, bn), splits))(
             seq, starts, lengths, cand, cand_user, gm, n, d, g_tot, splits,
-            BN=bn, BS=cfg.tile, C=gps, D_P=d_p, GDC=pdl, num_warps=cfg.num_warps,
+            BN=bn, BS=cfg.tile, C=gps, D_P=d_p, WIDE=wide, GDC=pdl, num_warps=cfg.num_warps,
         )  # fmt: skip
         _nn_refine_kernel[(n,)](
             seq, starts, lengths, cand, cand_user, gm, gid, tau, cnt, keys, idx, scores, d, k, g_tot, splits, cap,
             margin(d), BS=cfg.tile, C=gps, G_P=triton.next_power_of_2(g_tot), R=REFINE_ROWS, STEPS=THRESHOLD_STEPS,
-            K=kp, CH=64, D_P=d_p, WIDE=wide_offsets(seq), GDC=pdl, launch_pdl=pdl,
-            M_BULK=8, num_warps=4,
+            K=kp, CH=64, D_P=d_p, WIDE=wide, GDC=pdl, launch_pdl=pdl, M_BULK=8, num_warps=4,
         )  # fmt: skip
     return idx, scores
 
