@@ -5,9 +5,9 @@ against its reference: the driver that ``benchmarks/gpu_sanitize.sh`` runs under
 
 The cases are the GPU tests' own functions (tests/gpu, tests/test_kernel_*.py) with one parameter set
 per path: the transformer's per-sequence tiles that ``choose_config`` can return and its split launch,
-fully masked rows and both pools; the selection's scan and refine pass, its overflow fallback and the
-one-pass short kernel; the token builders; the dense part's kernels. One process, so each kernel
-compiles once and the sanitizer's start-up is paid once.
+fully masked rows and both pools, and on sm_90 its Gluon launches; the selection's scan and refine pass, its
+overflow fallback and the one-pass short kernel; the token builders; the dense part's kernels. One process, so
+each kernel compiles once and the sanitizer's start-up is paid once.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ import test_kernels_gpu as gpu_t  # noqa: E402
 
 import runtime.kernels.skut as sk  # noqa: E402
 
-f16, f32 = torch.float16, torch.float32
+f16, f32, bf16 = torch.float16, torch.float32, torch.bfloat16
+SM90 = torch.cuda.get_device_capability()[0] == 9  # the Gluon (wgmma) launches are built for sm_90
 SPLIT = sk.SkutConfig(64, 32, 4, 32, split=True)
 CASES = [
     # transformer: the grid's small shapes (every head count, FFN width, pool, dtype) ...
@@ -47,6 +48,26 @@ CASES = [
     ("skut split 5x37 max_all", lambda: gpu_t.test_skut_split_launch(SPLIT, 5, 37, "max_all")),
     ("skut split 16x192", lambda: gpu_t.test_skut_split_launch(SPLIT, 16, 192, None)),
     ("skut pool projection", lambda: skut_t.test_pool_projection_in_the_launch(64, 1, 2, "max_valid", True, 64)),
+    # ... and on sm_90 the Gluon launches (V2's stack): per sequence (one token; a tail; bf16 with the final norm),
+    # per query tile, one warp group per query tile (three tiles pooled with Linear(pool) as the runtime runs
+    # them; two tiles), the two-pass form for more causal sequences than two per SM, and several waves of programs
+    # (the per-tile launch's tickets; the grouped launch's barriers over 6 layers)
+    *(((f"skut wgmma {name}", run) for name, run in (
+        ("1 token", lambda: gpu_t.test_skut_wgmma(1, 32, 2, True, True, None, False, f16, False, gpu_t.WGMMA)),
+        ("37 max_all proj", lambda: gpu_t.test_skut_wgmma(37, 32, 2, True, False, "max_all", True, f16, False,
+                                                          gpu_t.WGMMA)),
+        ("256 bf16 final norm", lambda: gpu_t.test_skut_wgmma(256, 32, 2, True, True, "max_valid", False, bf16, True,
+                                                              gpu_t.WGMMA)),
+        ("split 192", lambda: gpu_t.test_skut_wgmma(192, 32, 2, True, True, None, False, f16, False,
+                                                    gpu_t.WGMMA_SPLIT)),
+        ("groups 192 pooled proj", lambda: gpu_t.test_skut_wgmma(192, 32, 2, True, True, "max_valid", True, f16, False,
+                                                                 gpu_t.WGMMA_GROUPS)),
+        ("groups 100 bf16", lambda: gpu_t.test_skut_wgmma(100, 16, 1, True, True, None, False, bf16, True,
+                                                          gpu_t.WGMMA_GROUPS)),
+        ("two-pass causal", lambda: gpu_t.test_skut_wgmma_two_pass_causal("max_valid")),
+        ("waves: per-tile launch", lambda: gpu_t.test_skut_wgmma_split_many_sequences(None, 192)),
+        ("waves: grouped launch, 6 layers", lambda: gpu_t.test_skut_wgmma_groups_many_sequences(192, "max_valid", 6)),
+    )) if SM90 else ()),
     # selection: the two passes at several block sizes and splits, the overflow fallback, k > 128
     ("nn grid 4 users", lambda: gpu_t.test_nn_select_grid([5, 17, 0, 33], [3, 1, 2, 4], 8, f16)),
     ("nn config k64 b16 s7", lambda: gpu_t.test_nn_select_every_config(64, 16, 7, False, 1)),
