@@ -33,6 +33,15 @@ import runtime.kernels.skut as sk  # noqa: E402
 f16, f32, bf16 = torch.float16, torch.float32, torch.bfloat16
 SM90 = torch.cuda.get_device_capability()[0] == 9  # the Gluon (wgmma) launches are built for sm_90
 SPLIT = sk.SkutConfig(64, 32, 4, 32, split=True)
+
+
+def _label(c: sk.SkutConfig) -> str:
+    """A configuration's name in the case list: its tiles, not its repr (whose "wgmma=False" a filter for the Gluon
+    cases would match)."""
+    return f"{c.block_m}/{c.block_n}/{c.num_warps} f{c.f_chunk} s{c.num_stages}" + " split" * c.split + (
+        f" regs {c.max_regs}" if c.max_regs else "") + " wgmma" * c.wgmma + " groups" * c.warp_groups
+
+
 CASES = [
     # transformer: the grid's small shapes (every head count, FFN width, pool, dtype) ...
     ("skut 5x64 causal", lambda: gpu_t.test_skut_grid(5, 64, 1, 32, 2, True, True, None, f16)),
@@ -44,7 +53,7 @@ CASES = [
     ("skut fully masked rows", lambda: (gpu_t.test_skut_fully_masked_rows(True),
                                         gpu_t.test_skut_fully_masked_rows(False))),
     # ... every per-sequence configuration choose_config returns, and the split launch
-    *((f"skut config {c}", lambda c=c: gpu_t.test_skut_every_config(c, 64, 1, 32)) for c in gpu_t.SKUT_CONFIGS),
+    *((f"skut config {_label(c)}", lambda c=c: gpu_t.test_skut_every_config(c, 64, 1, 32)) for c in gpu_t.SKUT_CONFIGS),
     ("skut split 5x37 max_all", lambda: gpu_t.test_skut_split_launch(SPLIT, 5, 37, "max_all")),
     ("skut split 16x192", lambda: gpu_t.test_skut_split_launch(SPLIT, 16, 192, None)),
     ("skut pool projection", lambda: skut_t.test_pool_projection_in_the_launch(64, 1, 2, "max_valid", True, 64)),
