@@ -26,10 +26,11 @@ for tool in $TOOLS; do
   # memcheck, synccheck and initcheck end with "ERROR SUMMARY: N errors", racecheck with "RACECHECK SUMMARY:
   # H hazards displayed (E errors, W warnings)"; a run cut short by the limit has no summary (rc 124): then the
   # reports it printed so far are counted ("========= Error: ..." / "========= Warning: ...", one per report).
-  errors=$( (grep -oE "ERROR SUMMARY: [0-9]+" "$log" | awk '{print $3}'
-             grep -oE "hazards displayed \([0-9]+ errors, [0-9]+ warnings" "$log" | tr -d '(,' | awk '{print $3 + $5}') \
-           | awk '{s += $1} END {print s + 0}')
-  if ! grep -qE "ERROR SUMMARY|RACECHECK SUMMARY" "$log"; then
+  if grep -qE "ERROR SUMMARY|RACECHECK SUMMARY" "$log"; then
+    errors=$( (grep -oE "ERROR SUMMARY: [0-9]+" "$log" | awk '{print $3}'
+               grep -oE "hazards displayed \([0-9]+ errors, [0-9]+ warnings" "$log" | tr -d '(,' | awk '{print $3 + $5}') \
+             | awk '{s += $1} END {print s + 0}')
+  else
     errors=$(grep -cE "^========= +(Error|Warning): " "$log")
   fi
   cases=$(grep -cE ": ok \(" "$log")

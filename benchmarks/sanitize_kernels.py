@@ -30,7 +30,7 @@ import test_kernels_gpu as gpu_t  # noqa: E402
 
 import runtime.kernels.skut as sk  # noqa: E402
 
-f16, f32, bf16 = torch.float16, torch.float32, torch.bfloat16
+f16, f32 = torch.float16, torch.float32
 SM90 = torch.cuda.get_device_capability()[0] == 9  # the Gluon (wgmma) launches are built for sm_90
 SPLIT = sk.SkutConfig(64, 32, 4, 32, split=True)
 
@@ -40,6 +40,11 @@ def _label(c: sk.SkutConfig) -> str:
     cases would match)."""
     return f"{c.block_m}/{c.block_n}/{c.num_warps} f{c.f_chunk} s{c.num_stages}" + " split" * c.split + (
         f" regs {c.max_regs}" if c.max_regs else "") + " wgmma" * c.wgmma + " groups" * c.warp_groups
+
+
+def _wgmma(case: int, config: sk.SkutConfig):  # noqa: ANN202
+    """The GPU test of the Gluon launches on ``WGMMA_CASES[case]`` through ``config``."""
+    return lambda: gpu_t.test_skut_wgmma(*gpu_t.WGMMA_CASES[case], config)
 
 
 CASES = [
@@ -61,22 +66,18 @@ CASES = [
     # per query tile, one warp group per query tile (three tiles pooled with Linear(pool) as the runtime runs
     # them; two tiles), the two-pass form for more causal sequences than two per SM, and several waves of programs
     # (the per-tile launch's tickets; the grouped launch's barriers over 6 layers)
-    *(((f"skut wgmma {name}", run) for name, run in (
-        ("1 token", lambda: gpu_t.test_skut_wgmma(1, 32, 2, True, True, None, False, f16, False, gpu_t.WGMMA)),
-        ("37 max_all proj", lambda: gpu_t.test_skut_wgmma(37, 32, 2, True, False, "max_all", True, f16, False,
-                                                          gpu_t.WGMMA)),
-        ("256 bf16 final norm", lambda: gpu_t.test_skut_wgmma(256, 32, 2, True, True, "max_valid", False, bf16, True,
-                                                              gpu_t.WGMMA)),
-        ("split 192", lambda: gpu_t.test_skut_wgmma(192, 32, 2, True, True, None, False, f16, False,
-                                                    gpu_t.WGMMA_SPLIT)),
-        ("groups 192 pooled proj", lambda: gpu_t.test_skut_wgmma(192, 32, 2, True, True, "max_valid", True, f16, False,
-                                                                 gpu_t.WGMMA_GROUPS)),
-        ("groups 100 bf16", lambda: gpu_t.test_skut_wgmma(100, 16, 1, True, True, None, False, bf16, True,
-                                                          gpu_t.WGMMA_GROUPS)),
-        ("two-pass causal", lambda: gpu_t.test_skut_wgmma_two_pass_causal("max_valid")),
-        ("waves: per-tile launch", lambda: gpu_t.test_skut_wgmma_split_many_sequences(None, 192)),
-        ("waves: grouped launch, 6 layers", lambda: gpu_t.test_skut_wgmma_groups_many_sequences(192, "max_valid", 6)),
-    )) if SM90 else ()),
+    *((
+        ("skut wgmma 1 token", _wgmma(2, gpu_t.WGMMA)),
+        ("skut wgmma 37 max_all proj", _wgmma(6, gpu_t.WGMMA)),
+        ("skut wgmma 256 bf16 final norm", _wgmma(5, gpu_t.WGMMA)),
+        ("skut wgmma split 192", _wgmma(0, gpu_t.WGMMA_SPLIT)),
+        ("skut wgmma groups 192 pooled proj", _wgmma(1, gpu_t.WGMMA_GROUPS)),
+        ("skut wgmma groups 100 bf16", _wgmma(9, gpu_t.WGMMA_GROUPS)),
+        ("skut wgmma two-pass causal", lambda: gpu_t.test_skut_wgmma_two_pass_causal("max_valid")),
+        ("skut wgmma waves: per-tile launch", lambda: gpu_t.test_skut_wgmma_split_many_sequences(None, 192)),
+        ("skut wgmma waves: grouped launch, 6 layers",
+         lambda: gpu_t.test_skut_wgmma_groups_many_sequences(192, "max_valid", 6)),
+    ) if SM90 else ()),
     # selection: the two passes at several block sizes and splits, the overflow fallback, k > 128
     ("nn grid 4 users", lambda: gpu_t.test_nn_select_grid([5, 17, 0, 33], [3, 1, 2, 4], 8, f16)),
     ("nn config k64 b16 s7", lambda: gpu_t.test_nn_select_every_config(64, 16, 7, False, 1)),
