@@ -47,6 +47,57 @@ def _wgmma(case: int, config: sk.SkutConfig):  # noqa: ANN202
     return lambda: gpu_t.test_skut_wgmma(*gpu_t.WGMMA_CASES[case], config)
 
 
+if SM90:
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mbarrier
+
+    from runtime.kernels.skut_wgmma import _cta_barrier, gluon
+
+    @gluon.jit
+    def _ws_part(out_ptr, rows_s, bar, P: gl.constexpr, MODE: gl.constexpr):
+        """Partition P of ``_ws_control_kernel``: 128 distinct values into its own row of the output (MODE 0);
+        through its own shared row first, written by warp rows and read back by warp columns behind the
+        partition's barrier (1); and, for the workers, the default partition's output made from their rows after
+        one thread's mbarrier arrive per partition (2), as the grouped launch handed over its pooled maxima."""
+        BY_ROW: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [4, 1], [1, 0])
+        BY_COL: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [1, 4], [0, 1])
+        idx = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(1, BY_ROW)), 1) * 32 + gl.expand_dims(
+            gl.arange(0, 32, layout=gl.SliceLayout(0, BY_ROW)), 0)
+        b = gl.program_id(0)
+        v = b * 1000 + P * 200 + idx
+        if MODE >= 1:
+            rows_s.index(P).store(v)
+            _cta_barrier()
+            v = gl.convert_layout(rows_s.index(P).load(BY_COL), BY_ROW)
+        if MODE == 2:
+            if P == 0:  # the workers' rows hold b * 1000 + 200 + idx and b * 1000 + 400 + idx
+                mbarrier.wait(bar, 0)
+                v = v + rows_s.index(1).load(BY_ROW) + rows_s.index(2).load(BY_ROW) - 2 * (b * 1000 + 300 + idx)
+            else:
+                mbarrier.arrive(bar)
+        gl.store(out_ptr + (b * 3 + P) * 128 + idx, v)
+
+    @gluon.jit
+    def _ws_control_kernel(out_ptr, MODE: gl.constexpr):
+        """Three warp groups split as the grouped transformer launch splits them: a control for what racecheck
+        reports of that launch (``_ws_part``)."""
+        rows_s = gl.allocate_shared_memory(gl.int32, [3, 4, 32], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+        bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(bar, count=2)
+        _cta_barrier()
+        gl.warp_specialize([(_ws_part, (out_ptr, rows_s, bar, 0, MODE)), (_ws_part, (out_ptr, rows_s, bar, 1, MODE)),
+                            (_ws_part, (out_ptr, rows_s, bar, 2, MODE))], [4, 4], [144, 160])  # fmt: skip
+
+
+def _ws_control(mode: int) -> None:
+    """The control kernel over a few waves of programs, its output checked element by element."""
+    progs = 3 * torch.cuda.get_device_properties(0).multi_processor_count
+    out = torch.full((progs, 3, 128), -7, dtype=torch.int32, device="cuda")  # poison
+    _ws_control_kernel[(progs,)](out, MODE=mode, num_warps=4)
+    b, p, i = torch.meshgrid(*(torch.arange(n, device="cuda") for n in out.shape), indexing="ij")
+    torch.testing.assert_close(out, (b * 1000 + p * 200 + i).to(torch.int32), rtol=0, atol=0)
+
+
 CASES = [
     # transformer: the grid's small shapes (every head count, FFN width, pool, dtype) ...
     ("skut 5x64 causal", lambda: gpu_t.test_skut_grid(5, 64, 1, 32, 2, True, True, None, f16)),
@@ -77,6 +128,10 @@ CASES = [
         ("skut wgmma waves: per-tile launch", lambda: gpu_t.test_skut_wgmma_split_many_sequences(None, 192)),
         ("skut wgmma waves: grouped launch, 6 layers",
          lambda: gpu_t.test_skut_wgmma_groups_many_sequences(192, "max_valid", 6)),
+        # (controls for racecheck's reading of the grouped launch: its warp groups sharing nothing; each with a
+        # round trip through shared memory behind its own barrier; and handing over to the default partition)
+        *((f"skut wgmma groups control {m}: {what}", lambda m=m: _ws_control(m)) for m, what in enumerate((
+            "nothing shared", "own rows behind own barrier", "rows handed over by mbarrier")) ),
     ) if SM90 else ()),
     # selection: the two passes at several block sizes and splits, the overflow fallback, k > 128
     ("nn grid 4 users", lambda: gpu_t.test_nn_select_grid([5, 17, 0, 33], [3, 1, 2, 4], 8, f16)),
