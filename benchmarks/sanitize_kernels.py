@@ -5,7 +5,8 @@ against its reference: the driver that ``benchmarks/gpu_sanitize.sh`` runs under
 
 The cases are the GPU tests' own functions (tests/gpu, tests/test_kernel_*.py) with one parameter set
 per path: the transformer's per-sequence tiles that ``choose_config`` can return and its split launch,
-fully masked rows and both pools, and on sm_90 its Gluon launches; the selection's scan and refine pass, its
+fully masked rows and both pools, and on sm_90 its Gluon launches (with three control kernels for racecheck's
+reading of the grouped launch); the selection's scan and refine pass, its
 overflow fallback and the one-pass short kernel; the token builders; the dense part's kernels. One process, so
 each kernel compiles once and the sanitizer's start-up is paid once.
 """
