@@ -48,11 +48,8 @@ def _wgmma(case: int, config: sk.SkutConfig):  # noqa: ANN202
     return lambda: gpu_t.test_skut_wgmma(*gpu_t.WGMMA_CASES[case], config)
 
 
-if SM90:
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mbarrier
-
-    from runtime.kernels.skut_wgmma import _cta_barrier, gluon
+if SM90:  # Gluon and its barrier as the Gluon launches import them (Triton 3.9 renamed the barrier)
+    from runtime.kernels.skut_wgmma import _cta_barrier, gl, gluon, mbarrier
 
     @gluon.jit
     def _ws_part(out_ptr, rows_s, bar, P: gl.constexpr, MODE: gl.constexpr):
@@ -132,7 +129,7 @@ CASES = [
         # (controls for racecheck's reading of the grouped launch: its warp groups sharing nothing; each with a
         # round trip through shared memory behind its own barrier; and handing over to the default partition)
         *((f"skut wgmma groups control {m}: {what}", lambda m=m: _ws_control(m)) for m, what in enumerate((
-            "nothing shared", "own rows behind own barrier", "rows handed over by mbarrier")) ),
+            "nothing shared", "own rows behind own barrier", "rows handed over by mbarrier"))),
     ) if SM90 else ()),
     # selection: the two passes at several block sizes and splits, the overflow fallback, k > 128
     ("nn grid 4 users", lambda: gpu_t.test_nn_select_grid([5, 17, 0, 33], [3, 1, 2, 4], 8, f16)),

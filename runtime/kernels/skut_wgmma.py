@@ -952,8 +952,8 @@ if HAVE_GLUON:
                                POOL_PROJ, O_P)),
             ], [4, 4], [144, 160])  # fmt: skip
         if POOL != 0:
-            # Every tile's max, read behind the join (a barrier over all the kernel's threads), not behind one
-            # thread's mbarrier arrive per tile: compute-sanitizer's racecheck follows the one and not the other.
+            # Every tile's max, read behind the join (a barrier over all the kernel's threads). Read by the last
+            # tile behind the layer mbarrier instead, racecheck reported the hand-over (cause not identified).
             ACC: gl.constexpr = _acc_layout(D)
             pooled = part_s.index(0).load(gl.SliceLayout(0, ACC))
             for j in gl.static_range(1, NT):
