@@ -50,7 +50,7 @@ import triton.language as tl
 
 from transact.selection import nn_select_reference
 
-from . import interpreting, mma_sync_only, sm_count
+from . import interpreting, mma_sync_only, nn_scan_wgmma, sm_count
 
 __all__ = ["nn_select", "nn_select_torch", "nn_select_reference", "NNSelectConfig"]
 
@@ -1018,6 +1018,10 @@ def scan_launch(users_per_step: int, grid: tuple[int, int]) -> Callable[..., obj
         meta.setdefault("GDC", False)
         if users_per_step == 1:
             return _nn_scan_kernel[grid](seq, *args, **meta)
+        d = args[6]
+        if nn_scan_wgmma.usable(seq, d, meta["BN"], meta["BS"], meta["C"], users_per_step):
+            return nn_scan_wgmma.launch(grid, seq, *args, users_per_step=users_per_step, wide=meta["WIDE"],
+                                        gdc=meta["GDC"])  # fmt: skip
         words = seq_words(seq)
         return _nn_scan_packed_kernel[grid](seq, seq if words is None else words, *args, U=users_per_step,
                                             WORDS=words is not None, ASM=not interpreting(), **meta)  # fmt: skip

@@ -421,18 +421,11 @@ def test_nn_select_every_config(k, block_n, splits, small_cap, users):
     nn_check(nn_inputs(lengths, per_user, seed=block_n + splits), k, cfg)
 
 
-@pytest.mark.parametrize("users_per_step", [1, 2, 4])
-def test_nn_scan_group_maxima_within_scan_error(users_per_step):
-    """Pass 1 alone, as the hardware computes it (integer dots, the approximate rsqrt of the row norms):
-    every group maximum within ``scan_error`` of the float64 maximum of its rows, the bound the refine
-    pass's margins rest on. 8 users of 2,000 rows, 4 candidates each, 7 chunks of 32 groups."""
-    lengths, per_user = [2000, 1999, 1500, 2000, 64, 2000, 1000, 7], [4] * 8
-    seq, starts, lens, cand, users = nn_inputs(lengths, per_user, torch.float16, seed=users_per_step)
-    splits, groups, tile, n = 7, 32, 64, cand.shape[0]
-    gm = torch.full((n, splits * groups), 7, dtype=torch.int32, device=DEV)  # poison
-    args = [t.to(DEV) for t in (seq, starts, lens, cand, users)] + [gm, n, 32, gm.shape[1], splits]
-    nn_mod.scan_launch(users_per_step, (-(-n // 16), splits))(*args, BN=16, BS=tile, C=groups, D_P=32, num_warps=4)
-    bits = gm.cpu()
+def check_group_maxima(bits, inputs, lengths, splits, groups, tile=64):
+    """Pass 1's group maxima (ordered int32 bits, (N, splits x groups)) against the float64 maximum of each
+    group's rows: within ``scan_error``, the bound the refine pass's margins rest on; empty groups -2**31."""
+    seq, starts, _, cand, users = inputs
+    n = cand.shape[0]
     got = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).view(torch.float32).double()
     c = cand.double() / cand.double().norm(dim=1, keepdim=True)
     q = seq.double()
@@ -452,6 +445,60 @@ def test_nn_scan_group_maxima_within_scan_error(users_per_step):
     assert torch.equal(bits[empty], torch.full_like(bits[empty], -(2**31)))
     err = (got - want)[~empty].abs()
     assert err.max().item() <= nn_mod.scan_error(32), (err.max().item(), nn_mod.scan_error(32))
+
+
+@pytest.mark.parametrize("users_per_step", [1, 2, 4])
+def test_nn_scan_group_maxima_within_scan_error(users_per_step):
+    """Pass 1 alone, as the hardware computes it (integer dots, the approximate rsqrt of the row norms),
+    against float64. 8 users of 2,000 rows, 4 candidates each, 7 chunks of 32 groups (the Triton kernels:
+    the Gluon scan takes 64)."""
+    lengths, per_user = [2000, 1999, 1500, 2000, 64, 2000, 1000, 7], [4] * 8
+    inputs = nn_inputs(lengths, per_user, torch.float16, seed=users_per_step)
+    splits, groups, tile, n = 7, 32, 64, inputs[3].shape[0]
+    gm = torch.full((n, splits * groups), 7, dtype=torch.int32, device=DEV)  # poison
+    args = [t.to(DEV) for t in inputs] + [gm, n, 32, gm.shape[1], splits]
+    nn_mod.scan_launch(users_per_step, (-(-n // 16), splits))(*args, BN=16, BS=tile, C=groups, D_P=32, num_warps=4)
+    check_group_maxima(gm.cpu(), inputs, lengths, splits, groups, tile)
+
+
+@needs_sm90
+@pytest.mark.parametrize("users_per_step", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.int8])
+def test_nn_scan_wgmma_group_maxima(users_per_step, dtype):
+    """The Gluon packed scan (sm_90, 64 groups per chunk, what ``scan_launch`` takes for such launches) against
+    float64, and the Triton packed kernel's maxima on the same launch within twice ``scan_error`` of its own:
+    users empty, of one row, shorter than a tile, ending mid-tile and past several chunks, 2-5 candidates each (so
+    blocks hold up to 8 users: two rounds of 4 users per step, or four of 2), zero rows; candidates of every dtype
+    the selection takes."""
+    lengths = [2000, 1999, 0, 2000, 64, 2000, 1000, 7, 3000, 513, 1, 2048, 700, 1500, 90, 2500]
+    per_user = [4, 4, 2, 4, 4, 3, 5, 4, 4, 4, 2, 4, 2, 2, 2, 4]
+    inputs = list(nn_inputs(lengths, per_user, torch.float32, seed=users_per_step))
+    inputs[0][::101] = 0  # zero rows score 0
+    if dtype == torch.int8:
+        inputs[3] = (inputs[3] * 40).clamp(-127, 127).round().to(torch.int8)
+    else:
+        inputs[3] = inputs[3].to(dtype)
+    splits, groups, tile, n = 3, 64, 64, inputs[3].shape[0]
+    seq, starts, lens, cand, users = (t.to(DEV) for t in inputs)
+    assert nn_mod.nn_scan_wgmma.usable(seq, 32, 16, tile, groups, users_per_step)
+    grid = (-(-n // 16), splits)
+    out = []
+    for gluon in (True, False):
+        gm = torch.full((n, splits * groups), 7, dtype=torch.int32, device=DEV)  # poison
+        args = (seq, starts, lens, cand, users, gm, n, 32, gm.shape[1], splits)
+        if gluon:
+            nn_mod.nn_scan_wgmma.launch(grid, *args, users_per_step=users_per_step, wide=False, gdc=False)
+        else:
+            with nn_mod.mma_sync_only():
+                nn_mod._nn_scan_packed_kernel[grid](
+                    seq, nn_mod.seq_words(seq), *args[1:], BN=16, BS=tile, C=groups, U=users_per_step, D_P=32,
+                    WORDS=True, ASM=True, WIDE=False, GDC=False, num_warps=4)  # fmt: skip
+        out.append(gm.cpu())
+    check_group_maxima(out[0], inputs, lengths, splits, groups, tile)
+    f = [torch.where(b >= 0, b, b ^ 0x7FFFFFFF).view(torch.float32).double() for b in out]
+    both = out[1] > -(2**31)
+    assert torch.equal(out[0] > -(2**31), both)
+    assert (f[0] - f[1])[both].abs().max().item() <= 2 * nn_mod.scan_error(32)
 
 
 @pytest.mark.parametrize("users_per_step", [2, 4])

@@ -1,0 +1,351 @@
+"""The selection's packed scan (``nn_select._nn_scan_packed_kernel``) on Hopper's warp-group MMA, written in Gluon.
+
+Same function: for a block of 16 candidates whose users are scanned side by side (2 or 4 per step), the maximum
+pass-1 score of each of the chunk's 64 groups (group j: rows j, j + 64, ... of the chunk), per candidate, as the
+ordered int32 bits the refine pass reads. Same arithmetic: the candidate's two int8 pieces, exact int32 dots on
+the codes, the row's scale ``1 / (I8_SCALE * norm)`` by the approximate rsqrt, -inf past a chunk's end.
+
+Why a second kernel: in the Triton one the scores are (candidates x rows) tiles of mma.sync, so each row's scale
+is computed in one layout and moved into the accumulator's, through shared memory, for every user of every step,
+and each row tile is addressed and loaded by every thread in a layout the compiler picks; the row norms and that
+move were ~half of the step's instructions and stall samples (benchmarks/RESULTS.md). Here the rows are the
+MMA's M dimension (64 rows, one warp group) and the candidates its N (16), so:
+
+- a step's row tiles arrive in shared memory by asynchronous 16-byte copies, ``STAGES`` steps ahead, and wgmma
+  reads them there (A operand) against each user's pieces (B operand, zero in the other users' candidates), all
+  of a step's users into one accumulator per piece;
+- each thread reads the 8 codes of its accumulator rows that its quad shares out (one 8-byte load per row), sums
+  their squares by ``dp4a`` and its quad's partial sums by two shuffles: the norm lands in the accumulator's row
+  layout, no conversion;
+- group j of the chunk is row j of every tile (64 groups of 64-row tiles), so the maxima are elementwise
+  ``max``es in registers.
+
+Runs on sm_90 with Gluon, for 32-dimensional codes in 16-byte aligned rows, 16-candidate blocks, 64-row tiles and
+64 groups per chunk (what ``nn_select.choose_config`` picks for packed steps at k <= 64); ``usable`` says when.
+Gluon has no interpreter: tests/gpu checks it against the Triton kernel and float64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import interpreting
+from .skut_wgmma import HAVE_GLUON, triton_version_ok
+
+if HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+    from triton.runtime.jit import constexpr_function
+
+    from .skut_wgmma import _async_load, _cta_barrier
+
+BLOCK_N = 16  # candidates per block (the wgmma's N)
+TILE = 64  # rows per tile (the wgmma's M: one warp group), and groups per chunk
+D_CODES = 32  # int8 codes per row (the wgmma's K for 8-bit operands)
+STAGES = 4  # steps of row tiles in flight
+MAX_REGS = 128  # four programs per SM (ptxas takes ~140 if left alone, for the same code without spills)
+_BIG_USER = triton.language.constexpr(2**31 - 1)  # "no user", as nn_select's
+_I8_SCALE = triton.language.constexpr(127 * 254)  # nn_select.I8_SCALE
+
+
+def usable(seq: torch.Tensor, d: int, block_n: int, tile: int, groups: int, users_per_step: int) -> bool:
+    """Whether a packed scan launch can take this kernel: Gluon in a Triton release ``skut_wgmma`` was built with,
+    an sm_90 GPU, 32-dimensional codes in 16-byte aligned contiguous rows, and the block shape it is written for."""
+    return (
+        HAVE_GLUON and triton_version_ok(triton.__version__) and not interpreting()
+        and seq.is_cuda and torch.cuda.get_device_capability(seq.device)[0] == 9
+        and users_per_step in (2, 4) and d == D_CODES and seq.shape[1] == D_CODES and seq.is_contiguous()
+        and seq.data_ptr() % 16 == 0 and block_n == BLOCK_N and tile == TILE and groups == TILE
+    )  # fmt: skip
+
+
+if HAVE_GLUON:
+
+    @constexpr_function
+    def _acc_layout(n):
+        """The int8 wgmma's accumulator layout for a (64, n) tile over one warp group: warp w holds rows 16 w ..
+        16 w + 15; lane l rows 16 w + l // 4 and 16 w + l // 4 + 8."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 32])
+
+    @constexpr_function
+    def _codes_layout():
+        """(64, 32) int8 codes as the accumulator's rows fall to threads: lane l of warp w holds codes
+        8 (l % 4) .. 8 (l % 4) + 7 of rows 16 w + l // 4 and 16 w + l // 4 + 8, so a row's sum over its quad lands
+        in ``SliceLayout(1, _acc_layout(n))`` as it is."""
+        return gl.DistributedLinearLayout(
+            reg_bases=[[0, 1], [0, 2], [0, 4], [8, 0]], lane_bases=[[0, 8], [0, 16], [1, 0], [2, 0], [4, 0]],
+            warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[64, 32],
+        )  # fmt: skip
+
+    @constexpr_function
+    def _parts_layout():
+        """(64, 4): each row's four partial sums (one per thread of the row's quad) as the codes' layout leaves them."""
+        return gl.DistributedLinearLayout(reg_bases=[[8, 0]], lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
+                                          warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[64, 4])  # fmt: skip
+
+    @constexpr_function
+    def _by_user_layout():
+        """(64, 4 parts, 4 users): thread q of a row's quad holds user q's four partial sums of the row."""
+        return gl.DistributedLinearLayout(
+            reg_bases=[[0, 1, 0], [0, 2, 0], [8, 0, 0]],
+            lane_bases=[[0, 0, 1], [0, 0, 2], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+            warp_bases=[[16, 0, 0], [32, 0, 0]], block_bases=[], shape=[64, 4, 4],
+        )  # fmt: skip
+
+    @constexpr_function
+    def _all_users_layout():
+        """(64, 4 users): every thread of a row's quad holds the row's value of each user."""
+        return gl.DistributedLinearLayout(
+            reg_bases=[[0, 1], [0, 2], [8, 0]], lane_bases=[[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
+            warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[64, 4],
+        )  # fmt: skip
+
+    @constexpr_function
+    def _copy_layout():
+        """(64, 32) int8 rows in 16-byte pieces, one per thread."""
+        return gl.BlockedLayout(size_per_thread=[1, 16], threads_per_warp=[16, 2], warps_per_cta=[4, 1], order=[1, 0])
+
+    @constexpr_function
+    def _cand_layout():
+        """(16, 32) candidates over 128 threads."""
+        return gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[4, 8], warps_per_cta=[4, 1], order=[1, 0])
+
+    @gluon.jit
+    def _next_user(users, u):
+        """The smallest user of the block above u; _BIG_USER: none."""
+        return gl.min(gl.where(users > u, users, _BIG_USER), axis=0)
+
+    @gluon.jit
+    def _slot(users, prev, starts_ptr, lengths_ptr, split, SPLITS, BS: gl.constexpr, WIDE: gl.constexpr):
+        """The smallest user of the block above ``prev`` (_BIG_USER: none) and its rows [lo, hi) in this split
+        (chunks of whole tiles, as ``nn_select._user_chunk``; none for no user), from row ``start``."""
+        u = _next_user(users, prev)
+        some = u < _BIG_USER
+        i = gl.where(some, u, 0)  # a block has a candidate, so user 0 exists
+        start = gl.load(starts_ptr + i)
+        if WIDE:
+            start = start.to(gl.int64)
+        else:
+            start = start.to(gl.int32)
+        length = gl.where(some, gl.load(lengths_ptr + i).to(gl.int32), 0)
+        chunk = gl.cdiv(gl.cdiv(length, SPLITS), BS) * BS
+        lo = split * chunk
+        return u, start, lo, gl.minimum(length, lo + chunk)
+
+    @gluon.jit
+    def _own_pieces(p_t, pieces, users_c, u):
+        """User u's candidates' int8 pieces (a over b, ``_cand_pieces``) into its B operand ``p_t``; zeros in the
+        other candidates' columns."""
+        p_t.store(gl.where(gl.expand_dims(users_c == u, 1), pieces, 0))
+
+    @gluon.jit
+    def _copy_tile(dst, seq_ptr, start, p0, hi, live, D: gl.constexpr):
+        """Start copying rows p0 .. p0 + 63 of a user's sequence (from row ``start``) into ``dst``; rows at or past
+        ``hi``, or all unless ``live``, are zero-filled. The rows are one contiguous block: a scalar base and each
+        thread's fixed offset."""
+        L: gl.constexpr = _copy_layout()
+        r = gl.arange(0, dst.shape[0], layout=gl.SliceLayout(1, L))
+        col = gl.arange(0, D, layout=gl.SliceLayout(0, L))
+        n_ok = gl.where(live, hi - p0, 0)
+        ok = gl.expand_dims(r < n_ok, 1) & gl.expand_dims(col < D, 0)
+        _async_load(dst, seq_ptr + (start + p0) * D + (gl.expand_dims(r * D, 1) + gl.expand_dims(col, 0)), mask=ok)
+
+    @gluon.jit
+    def _row_scale(tile, ROW: gl.constexpr):
+        """Pass 1's scale of a tile's rows: 1 / (I8_SCALE * the row norm) by the approximate rsqrt (0 for a zero
+        row, as ``nn_select._scan_scale``). The squares by ``dp4a`` on four codes per register (the first of each
+        four outputs; the others 0)."""
+        q = tile.load(_codes_layout())
+        sq = gl.inline_asm_elementwise("dp4a.s32.s32 $0, $4, $4, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;",
+                                       "=r,=r,=r,=r,r", [q], dtype=gl.int32, is_pure=True, pack=4)  # fmt: skip
+        nrm2 = gl.convert_layout(gl.sum(sq, axis=1), ROW, assert_trivial=True)
+        return gl.where(nrm2 > 0, (1.0 / _I8_SCALE) * gl.rsqrt(gl.maximum(nrm2, 1).to(gl.float32)), 0.0)
+
+    @gluon.jit
+    def _parts(tile):
+        """A tile's rows' squared norms as four partial sums per row (``_parts_layout``): each thread's 8 codes by
+        ``dp4a``."""
+        q = tile.load(_codes_layout())
+        sq = gl.inline_asm_elementwise("dp4a.s32.s32 $0, $4, $4, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;",
+                                       "=r,=r,=r,=r,r", [q], dtype=gl.int32, is_pure=True, pack=4)  # fmt: skip
+        return gl.convert_layout(gl.sum(gl.reshape(sq, [64, 4, 8]), axis=2), _parts_layout(), assert_trivial=True)
+
+    @gluon.jit
+    def _row_scales4(ta, tb, tc, td, ROW: gl.constexpr):
+        """The four users' row scales (as ``_row_scale``), each rsqrt once per row and user: a row's quad sums
+        user q's partial sums in its thread q, then shares the four results."""
+        x = gl.join(gl.join(_parts(ta), _parts(tc)), gl.join(_parts(tb), _parts(td)))  # (64, 4, 2, 2): user 2 i + o
+        x = gl.convert_layout(gl.reshape(x, [64, 4, 4]), _by_user_layout())
+        nrm2 = gl.sum(x, axis=1)
+        inv = gl.where(nrm2 > 0, (1.0 / _I8_SCALE) * gl.rsqrt(gl.maximum(nrm2, 1).to(gl.float32)), 0.0)
+        inv = gl.convert_layout(inv, _all_users_layout())
+        lo, hi = gl.split(gl.reshape(inv, [64, 2, 2]))  # users 0, 2 and 1, 3
+        i0, i2 = gl.split(lo)
+        i1, i3 = gl.split(hi)
+        return (gl.convert_layout(i0, ROW, assert_trivial=True), gl.convert_layout(i1, ROW, assert_trivial=True),
+                gl.convert_layout(i2, ROW, assert_trivial=True), gl.convert_layout(i3, ROW, assert_trivial=True))
+
+    @gluon.jit
+    def _products(tile, p_t, acc, first: gl.constexpr):
+        """Start one slot's products (asynchronous): its rows against its user's pieces a and b side by side."""
+        return warpgroup_mma(tile, p_t.permute((1, 0)), acc, use_acc=not first, is_async=True)
+
+    @gluon.jit
+    def _pair_sum(acc, OUT: gl.constexpr):
+        """254 a + b of each candidate's two dots (columns c and BN + c of ``acc``, held by one thread), in OUT."""
+        BM: gl.constexpr = acc.shape[0]
+        N: gl.constexpr = acc.shape[1] // 2
+        a, b = gl.split(gl.permute(gl.reshape(acc, [BM, 2, N]), [0, 2, 1]))
+        return gl.convert_layout(a * 254 + b, OUT, assert_trivial=True)
+
+    @gluon.jit
+    def _ordered_bits(s):
+        """fp32 -> int32 with the same order (``nn_select._ordered_bits``)."""
+        bits = s.to(gl.int32, bitcast=True)
+        return gl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+    @gluon.jit
+    def _nn_scan_wgmma_kernel(
+        seq_ptr, starts_ptr, lengths_ptr, cand_ptr, user_ptr, gm_ptr, N, D, G_TOT, SPLITS,
+        BN: gl.constexpr, BS: gl.constexpr, U: gl.constexpr, STAGES: gl.constexpr, WIDE: gl.constexpr,
+        GDC: gl.constexpr,
+    ):  # fmt: skip
+        """Pass 1 for a block of BN = 16 candidates and one chunk of each of its users' sequences, U (2 or 4) users
+        per step (program axes: block, split); writes the block's BS = 64 group maxima of this split."""
+        if GDC:  # the refine pass is this launch's programmatic dependent (see nn_select._nn_refine_kernel)
+            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                                      is_pure=False, pack=1)  # fmt: skip
+        DC: gl.constexpr = 32
+        ACC: gl.constexpr = _acc_layout(2 * BN)  # a's dots in columns 0 .. BN-1, b's in BN .. 2 BN - 1
+        OUT: gl.constexpr = _acc_layout(BN)  # the scores, one column per candidate
+        ROW: gl.constexpr = gl.SliceLayout(1, OUT)
+        COL: gl.constexpr = gl.SliceLayout(0, OUT)
+        SH_T: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BS, DC], gl.int8)
+        # One buffer per user slot: copies into different slots' buffers are then not ordered by barriers.
+        t0 = gl.allocate_shared_memory(gl.int8, [STAGES, BS, DC], SH_T)
+        t1 = gl.allocate_shared_memory(gl.int8, [STAGES, BS, DC], SH_T)
+        t2 = gl.allocate_shared_memory(gl.int8, [STAGES if U == 4 else 1, BS, DC], SH_T)
+        t3 = gl.allocate_shared_memory(gl.int8, [STAGES if U == 4 else 1, BS, DC], SH_T)
+        # Each slot's B operand: its user's candidates' pieces a (columns 0 .. BN-1) and b (BN .. 2 BN - 1).
+        SH_P: gl.constexpr = gl.NVMMASharedLayout.get_default_for([2 * BN, DC], gl.int8)
+        p_s = gl.allocate_shared_memory(gl.int8, [U, 2 * BN, DC], SH_P)
+
+        split = gl.program_id(1)
+        # The block's candidates as two int8 pieces each, as nn_select._load_cand_i8 (254 a + b within 0.5 of
+        # 127 * 254 * the unit candidate), a over b: rows c and BN + c of each slot's B operand.
+        CAND: gl.constexpr = _cand_layout()
+        cr = gl.program_id(0) * BN + gl.arange(0, 2 * BN, layout=gl.SliceLayout(1, CAND)) % BN
+        cd = gl.arange(0, DC, layout=gl.SliceLayout(0, CAND))
+        x = gl.load(cand_ptr + gl.expand_dims(cr.to(gl.int64) * D, 1) + gl.expand_dims(cd, 0),
+                    mask=gl.expand_dims(cr < N, 1) & gl.expand_dims(cd < D, 0), other=0).to(gl.float32)  # fmt: skip
+        nrm2 = gl.sum(x * x, axis=1)
+        x = x * gl.expand_dims(gl.where(nrm2 > 0, 1.0 / gl.sqrt(gl.maximum(nrm2, 1e-30)), 0.0), 1) * 127.0
+        a = gl.floor(x + 0.5)
+        b = gl.floor((x - a) * 254.0 + 0.5)  # x - a is exact and within [-0.5, 0.5]: |b| <= 127
+        upper = gl.expand_dims(gl.arange(0, 2 * BN, layout=gl.SliceLayout(1, CAND)) < BN, 1)
+        pieces = gl.where(upper, a, b).to(gl.int8)
+        users_c = gl.load(user_ptr + cr, mask=cr < N, other=_BIG_USER).to(gl.int32)
+        cn = gl.program_id(0) * BN + gl.arange(0, BN, layout=COL)
+        users = gl.load(user_ptr + cn, mask=cn < N, other=_BIG_USER).to(gl.int32)
+        rr = gl.arange(0, BS, layout=ROW)
+        zero = gl.zeros([BS, 2 * BN], gl.int32, ACC)
+        gmax = gl.full([BS, BN], float("-inf"), gl.float32, OUT)
+        last = gl.full([], -1, gl.int32)
+        while _next_user(users, last) < _BIG_USER:
+            # The next U users of the block (_BIG_USER: none; its chunk is empty and owns no candidate).
+            u0, st0, lo0, hi0 = _slot(users, last, starts_ptr, lengths_ptr, split, SPLITS, BS, WIDE)
+            u1, st1, lo1, hi1 = _slot(users, u0, starts_ptr, lengths_ptr, split, SPLITS, BS, WIDE)
+            span = gl.maximum(gl.maximum(hi0 - lo0, hi1 - lo1), 0)
+            tail = gl.minimum(hi0 - lo0, gl.where(u1 < _BIG_USER, hi1 - lo1, 2**30))
+            slot_of = gl.where(users == u1, 1, 0)
+            last = u1
+            if U == 4:
+                u2, st2, lo2, hi2 = _slot(users, u1, starts_ptr, lengths_ptr, split, SPLITS, BS, WIDE)
+                u3, st3, lo3, hi3 = _slot(users, u2, starts_ptr, lengths_ptr, split, SPLITS, BS, WIDE)
+                span = gl.maximum(span, gl.maximum(hi2 - lo2, hi3 - lo3))
+                tail = gl.minimum(tail, gl.minimum(gl.where(u2 < _BIG_USER, hi2 - lo2, 2**30),
+                                                   gl.where(u3 < _BIG_USER, hi3 - lo3, 2**30)))  # fmt: skip
+                slot_of = gl.where(users == u2, 2, gl.where(users == u3, 3, slot_of))
+                last = u3
+            n_steps = gl.cdiv(span, BS)
+            full_steps = gl.maximum(tail, 0) // BS  # steps before any used slot reaches the end of its chunk
+            mine = (users == u0) | (users == u1)
+            n_col = gl.where(users == u1, hi1 - lo1, hi0 - lo0)  # rows of each candidate's own chunk
+            if U == 4:
+                mine = mine | (users == u2) | (users == u3)
+                n_col = gl.where(users == u2, hi2 - lo2, gl.where(users == u3, hi3 - lo3, n_col))
+
+            # Every thread is done with the last users' pieces and tiles before they are overwritten.
+            _cta_barrier()
+            _own_pieces(p_s.index(0), pieces, users_c, u0)
+            _own_pieces(p_s.index(1), pieces, users_c, u1)
+            if U == 4:
+                _own_pieces(p_s.index(2), pieces, users_c, u2)
+                _own_pieces(p_s.index(3), pieces, users_c, u3)
+            for s in gl.static_range(STAGES - 1):
+                live = s < n_steps
+                _copy_tile(t0.index(s), seq_ptr, st0, lo0 + s * BS, hi0, live, DC)
+                _copy_tile(t1.index(s), seq_ptr, st1, lo1 + s * BS, hi1, live, DC)
+                if U == 4:
+                    _copy_tile(t2.index(s), seq_ptr, st2, lo2 + s * BS, hi2, live, DC)
+                    _copy_tile(t3.index(s), seq_ptr, st3, lo3 + s * BS, hi3, live, DC)
+                async_copy.commit_group()
+            g_it = gl.full([BS, BN], float("-inf"), gl.float32, OUT)
+            for t in range(0, n_steps):
+                async_copy.wait_group(STAGES - 2)  # this step's tiles (this thread's copies)
+                fence_async_shared()
+                _cta_barrier()  # ... every thread's; and every thread is done with the step before's slot
+                cs = t % STAGES
+                acc = _products(t0.index(cs), p_s.index(0), zero, True)
+                acc = _products(t1.index(cs), p_s.index(1), acc, False)
+                if U == 4:
+                    acc = _products(t2.index(cs), p_s.index(2), acc, False)
+                    acc = _products(t3.index(cs), p_s.index(3), acc, False)
+                # The rows' scales while the products run; each candidate takes its own user's.
+                if U == 4:
+                    s0, s1, s2, s3 = _row_scales4(t0.index(cs), t1.index(cs), t2.index(cs), t3.index(cs), ROW)
+                    scale = gl.where(gl.expand_dims(slot_of == 1, 0), gl.expand_dims(s1, 1), gl.expand_dims(s0, 1))
+                    scale = gl.where(gl.expand_dims(slot_of == 2, 0), gl.expand_dims(s2, 1), scale)
+                    scale = gl.where(gl.expand_dims(slot_of == 3, 0), gl.expand_dims(s3, 1), scale)
+                else:
+                    scale = gl.expand_dims(_row_scale(t0.index(cs), ROW), 1)
+                    scale = gl.where(gl.expand_dims(slot_of == 1, 0), gl.expand_dims(_row_scale(t1.index(cs), ROW), 1),
+                                     scale)  # fmt: skip
+                # The next copies, into the slot the step before read.
+                nt = t + STAGES - 1
+                ns = nt % STAGES
+                live = nt < n_steps
+                _copy_tile(t0.index(ns), seq_ptr, st0, lo0 + nt * BS, hi0, live, DC)
+                _copy_tile(t1.index(ns), seq_ptr, st1, lo1 + nt * BS, hi1, live, DC)
+                if U == 4:
+                    _copy_tile(t2.index(ns), seq_ptr, st2, lo2 + nt * BS, hi2, live, DC)
+                    _copy_tile(t3.index(ns), seq_ptr, st3, lo3 + nt * BS, hi3, live, DC)
+                async_copy.commit_group()
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+                # Each candidate's pieces are zero in the other users' slots: the sums are its own exact dot.
+                sc = _pair_sum(acc, OUT).to(gl.float32) * scale
+                if t >= full_steps:  # a chunk ends in this step: each candidate's rows past its own chunk score -inf
+                    sc = gl.where(gl.expand_dims(t * BS + rr, 1) >= gl.expand_dims(n_col, 0), float("-inf"), sc)
+                g_it = gl.maximum(g_it, sc)
+            async_copy.wait_group(0)  # the copies issued past the last step (none live)
+            gmax = gl.maximum(gmax, gl.where(gl.expand_dims(mine, 0), g_it, float("-inf")))
+        # Group j of this split is row j of every tile: the maxima as the refine pass reads them.
+        bits = gl.where(gmax == float("-inf"), -(2**31), _ordered_bits(gmax))
+        ptrs = gm_ptr + gl.expand_dims(cn.to(gl.int64) * G_TOT + split * BS, 0) + gl.expand_dims(rr, 1)
+        gl.store(ptrs, bits, mask=gl.expand_dims(cn < N, 0) & gl.expand_dims(rr < BS, 1))
+
+
+def launch(
+    grid: tuple[int, int], seq: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, cand: torch.Tensor,
+    cand_user: torch.Tensor, gm: torch.Tensor, n: int, d: int, g_tot: int, splits: int, *, users_per_step: int,
+    wide: bool, gdc: bool,
+):  # noqa: ANN201 (Triton's compiled kernel)
+    """The packed scan over ``grid`` (blocks, splits); arguments as ``nn_select.scan_launch`` takes them, the
+    configuration fixed (``usable``)."""
+    return _nn_scan_wgmma_kernel[grid](
+        seq, starts, lengths, cand, cand_user, gm, n, d, g_tot, splits,
+        BN=BLOCK_N, BS=TILE, U=users_per_step, STAGES=STAGES, WIDE=wide, GDC=gdc, num_warps=4, maxnreg=MAX_REGS,
+    )  # fmt: skip
