@@ -131,6 +131,11 @@ CASES = [
         *((f"skut wgmma groups control {m}: {what}", lambda m=m: _ws_control(m)) for m, what in enumerate((
             "nothing shared", "own rows behind own barrier", "rows handed over by mbarrier"))),
     ) if SM90 else ()),
+    # ... and the Gluon packed scan (4 and 2 users per step), against float64 and the Triton kernel
+    *((
+        ("nn gluon scan 4 users", lambda: gpu_t.test_nn_scan_wgmma_group_maxima(4, f16)),
+        ("nn gluon scan 2 users fp32", lambda: gpu_t.test_nn_scan_wgmma_group_maxima(2, f32)),
+    ) if SM90 else ()),
     # selection: the two passes at several block sizes and splits, the overflow fallback, k > 128
     ("nn grid 4 users", lambda: gpu_t.test_nn_select_grid([5, 17, 0, 33], [3, 1, 2, 4], 8, f16)),
     ("nn config k64 b16 s7", lambda: gpu_t.test_nn_select_every_config(64, 16, 7, False, 1)),

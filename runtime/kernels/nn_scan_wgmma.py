@@ -11,14 +11,21 @@ and each row tile is addressed and loaded by every thread in a layout the compil
 move were ~half of the step's instructions and stall samples (benchmarks/RESULTS.md). Here the rows are the
 MMA's M dimension (64 rows, one warp group) and the candidates its N (16), so:
 
-- a step's row tiles arrive in shared memory by asynchronous 16-byte copies, ``STAGES`` steps ahead, and wgmma
-  reads them there (A operand) against each user's pieces (B operand, zero in the other users' candidates), all
-  of a step's users into one accumulator per piece;
-- each thread reads the 8 codes of its accumulator rows that its quad shares out (one 8-byte load per row), sums
-  their squares by ``dp4a`` and its quad's partial sums by two shuffles: the norm lands in the accumulator's row
-  layout, no conversion;
+- a step's row tiles arrive in shared memory by asynchronous 16-byte copies (each tile one contiguous 2 KB
+  block), ``STAGES`` steps ahead, and wgmma reads them there (A operand) against each user's pieces a and b side
+  by side (B operand, 2 x 16 columns, zero in the other users' candidates), all of a step's users into one
+  accumulator;
+- each thread squares its 8 codes of each of its two accumulator rows by ``dp4a`` (from shared memory); with 4
+  users per step a row's quad then sums user q's partial sums in its thread q and takes that one rsqrt (not each
+  of the four threads all four), and shares the results: every thread ends with its rows' scales in the
+  accumulator's row layout;
 - group j of the chunk is row j of every tile (64 groups of 64-row tiles), so the maxima are elementwise
-  ``max``es in registers.
+  ``max``es in registers, and a chunk's end is checked only in the steps that reach one.
+
+Measured on H200 against the Triton kernel (benchmarks/RESULTS.md, fortieth session): the scan alone 1.26-1.31x at
+64 users x 100,000 rows, 128 x 24,000, 32 x 16,000 (2 users per step) and 1.17x at 64 x 16,000; the selection
+(scan and refine) at DESIGN's 64-user rows 1.22x (100,000 rows) and 1.08x (16,000); every group maximum bit for
+bit the Triton kernel's.
 
 Runs on sm_90 with Gluon, for 32-dimensional codes in 16-byte aligned rows, 16-candidate blocks, 64-row tiles and
 64 groups per chunk (what ``nn_select.choose_config`` picks for packed steps at k <= 64); ``usable`` says when.
@@ -51,14 +58,20 @@ _BIG_USER = triton.language.constexpr(2**31 - 1)  # "no user", as nn_select's
 _I8_SCALE = triton.language.constexpr(127 * 254)  # nn_select.I8_SCALE
 
 
+def shape_ok(d: int, block_n: int, tile: int, groups: int, users_per_step: int) -> bool:
+    """Whether a packed scan's configuration is the one this kernel is written for: 32-dimensional codes, 16-candidate
+    blocks, 64-row tiles, 64 groups per chunk, 2 or 4 users per step."""
+    return (d, block_n, tile, groups) == (D_CODES, BLOCK_N, TILE, TILE) and users_per_step in (2, 4)
+
+
 def usable(seq: torch.Tensor, d: int, block_n: int, tile: int, groups: int, users_per_step: int) -> bool:
-    """Whether a packed scan launch can take this kernel: Gluon in a Triton release ``skut_wgmma`` was built with,
-    an sm_90 GPU, 32-dimensional codes in 16-byte aligned contiguous rows, and the block shape it is written for."""
+    """Whether a packed scan launch can take this kernel: ``shape_ok``, Gluon in a Triton release ``skut_wgmma`` was
+    built with, an sm_90 GPU, the codes in 16-byte aligned contiguous rows (its 16-byte asynchronous copies)."""
     return (
-        HAVE_GLUON and triton_version_ok(triton.__version__) and not interpreting()
+        shape_ok(d, block_n, tile, groups, users_per_step) and seq.shape[1] == d
+        and HAVE_GLUON and triton_version_ok(triton.__version__) and not interpreting()
         and seq.is_cuda and torch.cuda.get_device_capability(seq.device)[0] == 9
-        and users_per_step in (2, 4) and d == D_CODES and seq.shape[1] == D_CODES and seq.is_contiguous()
-        and seq.data_ptr() % 16 == 0 and block_n == BLOCK_N and tile == TILE and groups == TILE
+        and seq.is_contiguous() and seq.data_ptr() % 16 == 0
     )  # fmt: skip
 
 

@@ -22,7 +22,8 @@ GPU design (no (N, S) score matrix ever reaches memory):
      score of each of C disjoint groups of the chunk's rows (group j: rows j, j + C, j + 2C, ...);
      about 16 x k groups per candidate in all. A block whose candidates belong to several users scans
      one user per step, or (long chunks) 2 or 4 users side by side: their tiles go into one accumulator
-     against each user's own candidates, so every score of the step is kept;
+     against each user's own candidates, so every score of the step is kept (on sm_90, for the usual
+     configuration, ``nn_scan_wgmma``'s Gluon kernel does this step on the warp-group MMA: same maxima);
   2. refine, one program per candidate: the k-th largest group maximum is a lower bound of its k-th
      best score (at least k distinct positions reach it), so only the ~k groups whose maximum reaches
      it can hold a top-k row. Their rows (~1/16 of the sequence) are scored again on the CUDA cores
@@ -1009,9 +1010,10 @@ def _fewer_chunks(splits: int, gps: int, limit: int, n_blocks: int, sms: int) ->
 
 def scan_launch(users_per_step: int, grid: tuple[int, int]) -> Callable[..., object]:
     """Pass 1's launcher over ``grid``: ``_nn_scan_kernel`` for one user per step, else the packed scan with
-    ``U = users_per_step``. Both take (seq, starts, lengths, cand, cand_user, gm, N, D, G_TOT, SPLITS, **meta);
-    the launcher adds ``WIDE`` (``wide_offsets``) and ``GDC`` (False) unless given and, for the packed scan,
-    the rows' int32 view for the norms (``seq_words``)."""
+    ``U = users_per_step`` (``nn_scan_wgmma``'s Gluon kernel where ``nn_scan_wgmma.usable``). Both take
+    (seq, starts, lengths, cand, cand_user, gm, N, D, G_TOT, SPLITS, **meta); the launcher adds ``WIDE``
+    (``wide_offsets``) and ``GDC`` (False) unless given and, for the Triton packed scan, the rows' int32 view for
+    the norms (``seq_words``)."""
 
     def launch(seq: torch.Tensor, *args: object, **meta: object) -> object:
         meta.setdefault("WIDE", wide_offsets(seq))
