@@ -1,6 +1,7 @@
 """SASS instructions of the runtime's Triton kernels, per loop and per source line, for a GPU you do not have.
 
     PYTHONPATH=. python benchmarks/kernel_sass.py scan [--users 1|2|4] [--block-n 16] [--groups 32]
+    PYTHONPATH=. python benchmarks/kernel_sass.py gluon-scan [--users 2|4]
     PYTHONPATH=. python benchmarks/kernel_sass.py refine [--groups 32] [--k 64]
     PYTHONPATH=. python benchmarks/kernel_sass.py skut [V2|V1] [--config 64/32/4] [--pool]
     PYTHONPATH=. python benchmarks/kernel_sass.py groups [--tiles 3] [--pool]
@@ -145,6 +146,19 @@ def build_scan(users: int, block_n: int, tile: int, groups: int, arch: int, word
     return _build_select(fn, consts, arch, nn.scan_warps(block_n, tile))
 
 
+def build_gluon_scan(users: int, arch: int):  # noqa: ANN201
+    """The Gluon packed scan (``nn_scan_wgmma``) for 2 / 4 users per step, as ``scan_launch`` launches it on sm_90
+    (its one configuration: 16 candidates x 64 rows, 64 groups; its register cap)."""
+    from runtime.kernels import nn_scan_wgmma as scan
+    from runtime.kernels.build import build_for_gpu
+
+    fn = scan._nn_scan_wgmma_kernel
+    types = {n: t for n, t in _SELECT_ARGS.items() if n in fn.arg_names}
+    consts = dict(BN=scan.BLOCK_N, BS=scan.TILE, U=users, STAGES=scan.STAGES, WIDE=False, GDC=True)
+    aligned = [n for n, t in types.items() if t.startswith("*")]
+    return build_for_gpu(fn, types, consts, aligned, arch=arch, num_warps=4, max_regs=scan.MAX_REGS)
+
+
 def build_refine(groups: int, splits: int, k: int, arch: int):  # noqa: ANN201
     """The selection's refine pass (``_nn_refine_kernel``) for ``splits`` chunks of ``groups`` groups and
     top-``k``."""
@@ -176,7 +190,7 @@ def build_groups(tiles: int, pool: bool, arch: int):  # noqa: ANN201
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kernel", choices=("scan", "refine", "skut", "groups"))
+    ap.add_argument("kernel", choices=("scan", "gluon-scan", "refine", "skut", "groups"))
     ap.add_argument("shape", nargs="?", default="V2", help="skut: V2 or V1 (kernel_registers.SHAPES)")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100 / H200)")
     ap.add_argument("--users", type=int, default=1, choices=(1, 2, 4), help="scan: users per step")
@@ -195,6 +209,10 @@ def main() -> None:
         kernel = build_scan(args.users, args.block_n, args.tile, args.groups, args.arch, words=not args.codes)
         what = f"scan, {args.users} user(s) per step, {args.block_n} candidates x {args.tile} rows"
         what += f", {args.groups} groups" + (", norms from the codes" if args.codes and args.users > 1 else "")
+    elif args.kernel == "gluon-scan":
+        users = 4 if args.users == 1 else args.users
+        kernel = build_gluon_scan(users, args.arch)
+        what = f"Gluon packed scan, {users} users per step"
     elif args.kernel == "refine":
         kernel = build_refine(args.groups, args.splits, args.k, args.arch)
         what = f"refine, {args.splits} x {args.groups} groups, top-{args.k}"

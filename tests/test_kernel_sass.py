@@ -110,3 +110,18 @@ def test_groups_builds_with_a_layer_loop_per_query_tile() -> None:
     exps = sorted(ex2 for *_, ex2 in kept)
     assert len(exps) == 3, stdout
     assert 1.8 < exps[1] / exps[0] < 2.2 and 2.7 < exps[2] / exps[0] < 3.3, exps
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_GLUON, reason="this Triton has no Gluon")
+def test_gluon_scan_builds_and_its_step_loop_is_found() -> None:
+    """``kernel_sass.py gluon-scan`` builds the Gluon packed scan for sm_90 (in its own process, as above); its step
+    loop holds one integer warp-group product per user and the rows' squares by ``dp4a`` (2 rows x 2 words per
+    thread and user)."""
+    stdout, blocks = run_tool("gluon-scan", "--users", "4")
+    assert "Gluon packed scan, 4 users per step" in stdout
+    steps = [b for b in blocks if "IGMMA" in b.splitlines()[-1]]
+    assert steps, stdout
+    opcodes = dict(o.rsplit(" ", 1) for o in steps[0].splitlines()[-1].split("opcodes: ", 1)[1].split(", "))
+    assert int(opcodes["IGMMA.64x32x32.S8.S8"]) == 4
+    assert int(opcodes["IDP.4A.S8.S8"]) == 16
