@@ -150,8 +150,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _own_pieces(p_t, pieces, users_c, u):
-        """User u's candidates' int8 pieces (a over b, ``_cand_pieces``) into its B operand ``p_t``; zeros in the
-        other candidates' columns."""
+        """User u's candidates' int8 pieces (a in rows 0 .. BN-1, b below) into its B operand ``p_t``; zeros for the
+        other candidates."""
         p_t.store(gl.where(gl.expand_dims(users_c == u, 1), pieces, 0))
 
     @gluon.jit
@@ -167,24 +167,29 @@ if HAVE_GLUON:
         _async_load(dst, seq_ptr + (start + p0) * D + (gl.expand_dims(r * D, 1) + gl.expand_dims(col, 0)), mask=ok)
 
     @gluon.jit
-    def _row_scale(tile, ROW: gl.constexpr):
-        """Pass 1's scale of a tile's rows: 1 / (I8_SCALE * the row norm) by the approximate rsqrt (0 for a zero
-        row, as ``nn_select._scan_scale``). The squares by ``dp4a`` on four codes per register (the first of each
-        four outputs; the others 0)."""
-        q = tile.load(_codes_layout())
-        sq = gl.inline_asm_elementwise("dp4a.s32.s32 $0, $4, $4, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;",
-                                       "=r,=r,=r,=r,r", [q], dtype=gl.int32, is_pure=True, pack=4)  # fmt: skip
-        nrm2 = gl.convert_layout(gl.sum(sq, axis=1), ROW, assert_trivial=True)
+    def _squares(tile):
+        """A tile's codes squared and summed four at a time by ``dp4a`` (``_codes_layout``: four codes per register;
+        the sum in the first of each four outputs, the others 0)."""
+        return gl.inline_asm_elementwise("dp4a.s32.s32 $0, $4, $4, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;",
+                                         "=r,=r,=r,=r,r", [tile.load(_codes_layout())], dtype=gl.int32, is_pure=True,
+                                         pack=4)  # fmt: skip
+
+    @gluon.jit
+    def _scale_of(nrm2):
+        """Pass 1's scale of rows of squared norms nrm2: 1 / (I8_SCALE * the norm) by the approximate rsqrt, 0 for a
+        zero row (``nn_select._scan_scale``)."""
         return gl.where(nrm2 > 0, (1.0 / _I8_SCALE) * gl.rsqrt(gl.maximum(nrm2, 1).to(gl.float32)), 0.0)
 
     @gluon.jit
+    def _row_scale(tile, ROW: gl.constexpr):
+        """A tile's rows' scales in the accumulator's row layout: each row's quad sums its threads' squares."""
+        return _scale_of(gl.convert_layout(gl.sum(_squares(tile), axis=1), ROW, assert_trivial=True))
+
+    @gluon.jit
     def _parts(tile):
-        """A tile's rows' squared norms as four partial sums per row (``_parts_layout``): each thread's 8 codes by
-        ``dp4a``."""
-        q = tile.load(_codes_layout())
-        sq = gl.inline_asm_elementwise("dp4a.s32.s32 $0, $4, $4, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;",
-                                       "=r,=r,=r,=r,r", [q], dtype=gl.int32, is_pure=True, pack=4)  # fmt: skip
-        return gl.convert_layout(gl.sum(gl.reshape(sq, [64, 4, 8]), axis=2), _parts_layout(), assert_trivial=True)
+        """A tile's rows' squared norms as four partial sums per row (``_parts_layout``), one per thread of its quad."""
+        return gl.convert_layout(gl.sum(gl.reshape(_squares(tile), [64, 4, 8]), axis=2), _parts_layout(),
+                                 assert_trivial=True)  # fmt: skip
 
     @gluon.jit
     def _row_scales4(ta, tb, tc, td, ROW: gl.constexpr):
@@ -192,9 +197,7 @@ if HAVE_GLUON:
         user q's partial sums in its thread q, then shares the four results."""
         x = gl.join(gl.join(_parts(ta), _parts(tc)), gl.join(_parts(tb), _parts(td)))  # (64, 4, 2, 2): user 2 i + o
         x = gl.convert_layout(gl.reshape(x, [64, 4, 4]), _by_user_layout())
-        nrm2 = gl.sum(x, axis=1)
-        inv = gl.where(nrm2 > 0, (1.0 / _I8_SCALE) * gl.rsqrt(gl.maximum(nrm2, 1).to(gl.float32)), 0.0)
-        inv = gl.convert_layout(inv, _all_users_layout())
+        inv = gl.convert_layout(_scale_of(gl.sum(x, axis=1)), _all_users_layout())
         lo, hi = gl.split(gl.reshape(inv, [64, 2, 2]))  # users 0, 2 and 1, 3
         i0, i2 = gl.split(lo)
         i1, i3 = gl.split(hi)
