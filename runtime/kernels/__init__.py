@@ -1,6 +1,8 @@
 """Triton kernels, each beside its PyTorch reference.
 
 - ``nn_select``: fused int8 nearest-neighbour selection (dequant, normalise, score, top-k).
+- ``nn_scan_wgmma``: its scan of several users per step on Hopper's integer warp-group MMA, in Gluon; ``nn_select``
+  picks it.
 - ``skut``: a whole ``nn.TransformerEncoder`` stack in one launch.
 - ``skut_wgmma``: the same for TransAct V2's shape on Hopper, in Gluon (warp-group MMA); ``skut`` picks it.
 - ``tokens``: the V2 and V1 transformer inputs (ordering, gathers, embeddings) in one launch each.
