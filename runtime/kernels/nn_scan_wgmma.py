@@ -181,6 +181,15 @@ if HAVE_GLUON:
         return gl.where(nrm2 > 0, (1.0 / _I8_SCALE) * gl.rsqrt(gl.maximum(nrm2, 1).to(gl.float32)), 0.0)
 
     @gluon.jit
+    def _copy_step(bufs, rows, seq_ptr, step, slot, n_steps, U: gl.constexpr, BS: gl.constexpr, D: gl.constexpr):
+        """Start copying step ``step``'s row tile of each of the U user slots into buffer ``slot`` of its ``bufs``
+        (``rows``: each slot's first row, chunk start and end; none live past the last step), one commit group."""
+        live = step < n_steps
+        for j in gl.static_range(U):
+            _copy_tile(bufs[j].index(slot), seq_ptr, rows[3 * j], rows[3 * j + 1] + step * BS, rows[3 * j + 2], live, D)
+        async_copy.commit_group()
+
+    @gluon.jit
     def _row_scale(tile, ROW: gl.constexpr):
         """A tile's rows' scales in the accumulator's row layout: each row's quad sums its threads' squares."""
         return _scale_of(gl.convert_layout(gl.sum(_squares(tile), axis=1), ROW, assert_trivial=True))
@@ -245,6 +254,7 @@ if HAVE_GLUON:
         t1 = gl.allocate_shared_memory(gl.int8, [STAGES, BS, DC], SH_T)
         t2 = gl.allocate_shared_memory(gl.int8, [STAGES if U == 4 else 1, BS, DC], SH_T)
         t3 = gl.allocate_shared_memory(gl.int8, [STAGES if U == 4 else 1, BS, DC], SH_T)
+        bufs = (t0, t1, t2, t3)
         # Each slot's B operand: its user's candidates' pieces a (columns 0 .. BN-1) and b (BN .. 2 BN - 1).
         SH_P: gl.constexpr = gl.NVMMASharedLayout.get_default_for([2 * BN, DC], gl.int8)
         p_s = gl.allocate_shared_memory(gl.int8, [U, 2 * BN, DC], SH_P)
@@ -301,14 +311,11 @@ if HAVE_GLUON:
             if U == 4:
                 _own_pieces(p_s.index(2), pieces, users_c, u2)
                 _own_pieces(p_s.index(3), pieces, users_c, u3)
+            rows = (st0, lo0, hi0, st1, lo1, hi1)  # each slot's first row, chunk start and end
+            if U == 4:
+                rows = rows + (st2, lo2, hi2, st3, lo3, hi3)
             for s in gl.static_range(STAGES - 1):
-                live = s < n_steps
-                _copy_tile(t0.index(s), seq_ptr, st0, lo0 + s * BS, hi0, live, DC)
-                _copy_tile(t1.index(s), seq_ptr, st1, lo1 + s * BS, hi1, live, DC)
-                if U == 4:
-                    _copy_tile(t2.index(s), seq_ptr, st2, lo2 + s * BS, hi2, live, DC)
-                    _copy_tile(t3.index(s), seq_ptr, st3, lo3 + s * BS, hi3, live, DC)
-                async_copy.commit_group()
+                _copy_step(bufs, rows, seq_ptr, s, s, n_steps, U, BS, DC)
             g_it = gl.full([BS, BN], float("-inf"), gl.float32, OUT)
             for t in range(0, n_steps):
                 async_copy.wait_group(STAGES - 2)  # this step's tiles (this thread's copies)
@@ -332,14 +339,7 @@ if HAVE_GLUON:
                                      scale)  # fmt: skip
                 # The next copies, into the slot the step before read.
                 nt = t + STAGES - 1
-                ns = nt % STAGES
-                live = nt < n_steps
-                _copy_tile(t0.index(ns), seq_ptr, st0, lo0 + nt * BS, hi0, live, DC)
-                _copy_tile(t1.index(ns), seq_ptr, st1, lo1 + nt * BS, hi1, live, DC)
-                if U == 4:
-                    _copy_tile(t2.index(ns), seq_ptr, st2, lo2 + nt * BS, hi2, live, DC)
-                    _copy_tile(t3.index(ns), seq_ptr, st3, lo3 + nt * BS, hi3, live, DC)
-                async_copy.commit_group()
+                _copy_step(bufs, rows, seq_ptr, nt, nt % STAGES, n_steps, U, BS, DC)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
                 # Each candidate's pieces are zero in the other users' slots: the sums are its own exact dot.
                 sc = _pair_sum(acc, OUT).to(gl.float32) * scale
