@@ -1020,7 +1020,7 @@ def scan_launch(users_per_step: int, grid: tuple[int, int]) -> Callable[..., obj
         meta.setdefault("GDC", False)
         if users_per_step == 1:
             return _nn_scan_kernel[grid](seq, *args, **meta)
-        d = args[6]
+        d = args[6]  # (starts, lengths, cand, cand_user, gm, N, D, ...)
         if nn_scan_wgmma.usable(seq, d, meta["BN"], meta["BS"], meta["C"], users_per_step):
             return nn_scan_wgmma.launch(grid, seq, *args, users_per_step=users_per_step, wide=meta["WIDE"],
                                         gdc=meta["GDC"])  # fmt: skip
