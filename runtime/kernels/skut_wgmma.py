@@ -803,14 +803,15 @@ if HAVE_GLUON:
         _copy_async(b1_s, r_l + 3 * R * D, R, F)
 
     @gluon.jit
-    def _group_tile(T: gl.constexpr, NT: gl.constexpr, ptrs, S, n_layers, D_OUT, smem, D: gl.constexpr,
-                    F: gl.constexpr, HAS_MASK: gl.constexpr, POOL: gl.constexpr, FINAL_NORM: gl.constexpr,
-                    STORE_OUT: gl.constexpr, POOL_PROJ: gl.constexpr, O_P: gl.constexpr):  # fmt: skip
+    def _group_tile(T: gl.constexpr, NT: gl.constexpr, ptrs, S, n_layers, smem, D: gl.constexpr, F: gl.constexpr,
+                    HAS_MASK: gl.constexpr, POOL: gl.constexpr, FINAL_NORM: gl.constexpr,
+                    STORE_OUT: gl.constexpr):  # fmt: skip
         """One warp group's part of ``_skut_wgmma_groups_kernel``: query tile T of the program's sequence, every
-        layer. ``ptrs``: the kernel's pointers, ``smem``: its shared buffers (both in the kernel's order).
+        layer (the kernel pools the tiles' maxima after the join). ``ptrs``: the pointers it reads and writes,
+        ``smem``: the kernel's shared buffers (both in the kernel's order).
         ``bars``: the weights of buffer 0 / 1 in (all shares), every tile done with a layer (with the pool's
         parts stored, in the last), then tile j's K / V of the current layer in (one each)."""
-        x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, r_ptr = ptrs
+        x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, r_ptr = ptrs
         wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, bq_s, bo_s, b1_s, b2_s, k_s, v_s, x_s, kx_s, ones_s, part_s, bars = smem
         BM: gl.constexpr = 64
         DT: gl.constexpr = w_ptr.dtype.element_ty
@@ -837,7 +838,6 @@ if HAVE_GLUON:
         qe = _ones_column(BM, kx_s.shape[2], DT, A_OP)
         qe_f = _ones_column(BM, kx_s.shape[2], DT, A_OP_F)
         LR: gl.constexpr = _BIAS_ROWS_C * (3 * D + F)
-        l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, ACC))
         for layer in range(0, n_layers):
             buf = layer % 2
             v_l = v_ptr + layer * LV
@@ -927,7 +927,7 @@ if HAVE_GLUON:
         ones_s.store(gl.full([BM, 8], 1.0, DT, gl.BlockedLayout([1, 8], [32, 1], [4, 1], [1, 0])))
         fence_async_shared()
         _cta_barrier()
-        ptrs = (x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, r_ptr)
+        ptrs = (x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, r_ptr)
         smem = (wq_s, wk_s, wv_s, wo_s, w1_s, w2_s, bq_s, bo_s, b1_s, b2_s, k_s, v_s, x_s, kx_s, ones_s, part_s, bars)
         # (Each partition's tuple spelled out: a tuple built first and concatenated loses the constexprs. The last
         # tile, the longest chain, runs in the default partition. With three tiles the registers are split by need,
@@ -937,19 +937,14 @@ if HAVE_GLUON:
         # form runs 1.03x faster.)
         if NT == 2:
             gl.warp_specialize([
-                (_group_tile, (1, 2, ptrs, S, n_layers, D_OUT, smem, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT,
-                               POOL_PROJ, O_P)),
-                (_group_tile, (0, 2, ptrs, S, n_layers, D_OUT, smem, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT,
-                               POOL_PROJ, O_P)),
+                (_group_tile, (1, 2, ptrs, S, n_layers, smem, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT)),
+                (_group_tile, (0, 2, ptrs, S, n_layers, smem, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT)),
             ], [4], [168])  # fmt: skip
         else:
             gl.warp_specialize([
-                (_group_tile, (2, 3, ptrs, S, n_layers, D_OUT, smem, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT,
-                               POOL_PROJ, O_P)),
-                (_group_tile, (0, 3, ptrs, S, n_layers, D_OUT, smem, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT,
-                               POOL_PROJ, O_P)),
-                (_group_tile, (1, 3, ptrs, S, n_layers, D_OUT, smem, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT,
-                               POOL_PROJ, O_P)),
+                (_group_tile, (2, 3, ptrs, S, n_layers, smem, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT)),
+                (_group_tile, (0, 3, ptrs, S, n_layers, smem, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT)),
+                (_group_tile, (1, 3, ptrs, S, n_layers, smem, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT)),
             ], [4, 4], [144, 160])  # fmt: skip
         if POOL != 0:
             # Every tile's max, read behind the join (a barrier over all the kernel's threads). Read by the last
