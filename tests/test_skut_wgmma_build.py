@@ -26,7 +26,7 @@ import json, sys
 from runtime.kernels import skut_wgmma as sw
 from runtime.kernels.build import build_for_gpu
 
-pooled, kind, nt = json.loads(sys.argv[1])
+pooled, kind, nt, gdc = json.loads(sys.argv[1])
 fn = {"split": sw._skut_wgmma_split_kernel, "groups": sw._skut_wgmma_groups_kernel}.get(kind, sw._skut_wgmma_kernel)
 one_pass = kind != "two-pass"
 types = {"x_ptr": "*fp16", "act_ptr": "*fp16", "out_ptr": "*fp16", "kv_ptr": "*fp16", "mask_ptr": "*u8",
@@ -34,34 +34,41 @@ types = {"x_ptr": "*fp16", "act_ptr": "*fp16", "out_ptr": "*fp16", "kv_ptr": "*f
          "pb_ptr": "*fp32", "r_ptr": "*fp16", "sync_ptr": "*i32", "part_ptr": "*fp32", "S": "i32", "n_layers": "i32",
          "D_OUT": "i32"}
 consts = dict(D=64, F=32, NT=nt, CAUSAL=True, HAS_MASK=True, POOL=1 if pooled else 0, FINAL_NORM=False,
-              STORE_OUT=not pooled, POOL_PROJ=pooled, O_P=64, ONE_PASS=one_pass)
+              STORE_OUT=not pooled, POOL_PROJ=pooled, O_P=64, ONE_PASS=one_pass, GDC=gdc)
 types = {n: t for n, t in types.items() if n in fn.arg_names}
 consts = {n: v for n, v in consts.items() if n in fn.arg_names}
 aligned = [n for n, t in types.items() if t.startswith("*")]
 kernel = build_for_gpu(fn, types, consts, aligned, num_warps=4, max_regs=None if one_pass else sw.MAX_REGS)
 ptx = kernel.asm["ptx"]
 print(json.dumps({"wgmma": "wgmma.mma_async" in ptx, "shared": kernel.metadata.shared,
-                  "warp_groups": ptx.count("setmaxnreg") > 0}))
+                  "warp_groups": ptx.count("setmaxnreg") > 0, "waits": ptx.count("griddepcontrol.wait"),
+                  "signals": ptx.count("griddepcontrol.launch_dependents")}))
 """
 
 
 @pytest.mark.parametrize(
-    "pooled,kind,nt",
-    [(False, "two-pass", 3), (True, "one-pass", 3), (True, "split", 3), (True, "groups", 3), (False, "groups", 2)],
-    ids=["rows-two-pass", "runtime-one-pass", "runtime-per-tile", "runtime-grouped", "rows-grouped-two-tiles"],
-)
-def test_wgmma_kernel_builds_for_sm90(pooled: bool, kind: str, nt: int) -> None:
+    "pooled,kind,nt,gdc",
+    [(False, "two-pass", 3, False), (True, "one-pass", 3, False), (True, "split", 3, False), (True, "groups", 3, True),
+     (False, "groups", 2, True), (False, "groups", 3, False)],
+    ids=["rows-two-pass", "runtime-one-pass", "runtime-per-tile", "runtime-grouped", "rows-grouped-two-tiles",
+         "rows-grouped-plain-launch"],
+)  # fmt: skip
+def test_wgmma_kernel_builds_for_sm90(pooled: bool, kind: str, nt: int, gdc: bool) -> None:
     """V2 as the benchmark at B=2048 (every row, two passes per layer, registers capped), as the runtime
     launches it at S=192 (max over valid rows, then out_linear; one pass, one program per query tile, or one
     warp group per query tile) and every row of 65-128 tokens in the grouped launch: they compile to wgmma,
-    and three (two, one) programs' shared memory fits an SM; the grouped launch is warp-specialized."""
+    and three (two, one) programs' shared memory fits an SM; the grouped launch is warp-specialized and, as a
+    programmatic dependent, waits for the kernel before it."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", BUILD, json.dumps([pooled, kind, nt])], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", BUILD, json.dumps([pooled, kind, nt, gdc])], capture_output=True,
                          text=True, env=env, cwd=Path(__file__).parents[1], timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     built = json.loads(out.stdout.strip().splitlines()[-1])
     assert built["wgmma"]  # the tensor-core path it was written for
     assert built["warp_groups"] == (kind == "groups")
+    # As a programmatic dependent, every warp group waits for the kernel before it ahead of reading its rows; the
+    # program signals its own dependents once.
+    assert (built["waits"], built["signals"]) == ((nt, 1) if gdc else (0, 0))
     per_sm = {"two-pass": 3, "groups": 1}.get(kind, 2)
     assert 0 < built["shared"] and per_sm * (built["shared"] + 2048) <= SM90_SHARED, built
 

@@ -47,7 +47,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
     from triton.runtime.jit import constexpr_function
 
-    from .skut_wgmma import _async_load, _cta_barrier
+    from .skut_wgmma import _async_load, _cta_barrier, _gdc_launch_dependents
 
 BLOCK_N = 16  # candidates per block (the wgmma's N)
 TILE = 64  # rows per tile (the wgmma's M: one warp group), and groups per chunk
@@ -241,8 +241,7 @@ if HAVE_GLUON:
         """Pass 1 for a block of BN = 16 candidates and one chunk of each of its users' sequences, U (2 or 4) users
         per step (program axes: block, split); writes the block's BS = 64 group maxima of this split."""
         if GDC:  # the refine pass is this launch's programmatic dependent (see nn_select._nn_refine_kernel)
-            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
-                                      is_pure=False, pack=1)  # fmt: skip
+            _gdc_launch_dependents()
         DC: gl.constexpr = 32
         ACC: gl.constexpr = _acc_layout(2 * BN)  # a's dots in columns 0 .. BN-1, b's in BN .. 2 BN - 1
         OUT: gl.constexpr = _acc_layout(BN)  # the scores, one column per candidate

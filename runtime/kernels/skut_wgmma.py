@@ -41,7 +41,9 @@ registers; each key's padding bias enters its scores through one more 16-wide k-
 at load time, ``PackedEncoder.rows``); the softmax's row sums are products too (the probabilities times a ones
 buffer). The warp groups run apart, not in step, so the SM overlaps one tile's
 softmax with another's products, and no hand-over goes through L2; at 144, 160 and 200 registers per thread (the
-longer a tile's chain, the more) the three warp groups fill the SM, one program per SM.
+longer a tile's chain, the more) the three warp groups fill the SM, one program per SM. Up to a few waves of
+programs it starts as the programmatic dependent of the kernel before it (PDL): its first programs fetch the
+weights while that kernel's last ones run.
 
 Same function and conventions as ``skut._skut_kernel`` (packed weights from ``pack_encoder_weights``,
 fully masked rows are zeros, pools, ``pool_proj``). Gluon has no interpreter: the kernel runs on sm_90
@@ -80,6 +82,9 @@ MAX_REGS = 168
 # The grouped launch: one warp group per query tile, up to three (128 threads each, 144 + 160 + 200 registers per
 # thread fill an SM).
 MAX_GROUPS = 3
+# The grouped launch starts as the programmatic dependent of the kernel before it up to this many waves of programs
+# (``launch_groups``).
+DEPENDENT_WAVES = 4
 
 
 # The grouped launch adds the biases of Q, the out projection and the FFN by one more 16-row k-step of their
@@ -793,6 +798,18 @@ if HAVE_GLUON:
                 _copy_async(w2_s, w_l + 4 * D * D + D * F, F, D)
 
     @gluon.jit
+    def _gdc_wait():
+        """Wait until the kernels this launch programmatically depends on have finished and their writes are
+        visible (a no-op for a plain launch)."""
+        gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _gdc_launch_dependents():
+        """Let the launch that programmatically depends on this one start once every program has said so."""
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)  # fmt: skip
+
+    @gluon.jit
     def _copy_bias_rows(bq_s, bo_s, b1_s, b2_s, r_l, D: gl.constexpr, F: gl.constexpr):
         """Start copying a layer's bias rows (``PackedEncoder.rows``: bq, bo, b2 as (16, D), then b1 as (16, F)) into
         shared memory."""
@@ -805,7 +822,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _group_tile(T: gl.constexpr, NT: gl.constexpr, ptrs, S, n_layers, smem, D: gl.constexpr, F: gl.constexpr,
                     HAS_MASK: gl.constexpr, POOL: gl.constexpr, FINAL_NORM: gl.constexpr,
-                    STORE_OUT: gl.constexpr):  # fmt: skip
+                    STORE_OUT: gl.constexpr, GDC: gl.constexpr):  # fmt: skip
         """One warp group's part of ``_skut_wgmma_groups_kernel``: query tile T of the program's sequence, every
         layer (the kernel pools the tiles' maxima after the join). ``ptrs``: the pointers it reads and writes,
         ``smem``: the kernel's shared buffers (both in the kernel's order).
@@ -828,12 +845,19 @@ if HAVE_GLUON:
         cd = gl.arange(0, D, layout=gl.SliceLayout(0, ACC))
         rows, ok = _tile(T, rm, cd, S, D, BM)
         xs = x_s.index(T)
-        # This tile's rows and its share of layer 0's weights; its keys' biases.
-        _copy_rows(xs, x_ptr + b * S * D, T, S, D)
+        # This tile's rows and its share of layer 0's weights; its keys' biases. As a programmatic dependent (GDC)
+        # the launch fetches the weights (constants of the stack) while the kernel before it finishes, and waits
+        # for that kernel, whose outputs may be the rows and the mask, before the rest.
+        if not GDC:
+            _copy_rows(xs, x_ptr + b * S * D, T, S, D)
         _copy_share(T, NT, wq_s.index(0), wk_s.index(0), wv_s.index(0), wo_s.index(0), w1_s.index(0),
                     w2_s.index(0), bq_s.index(0), bo_s.index(0), b1_s.index(0), b2_s.index(0), w_ptr, r_ptr, D,
                     F)  # fmt: skip
         async_copy.commit_group()
+        if GDC:
+            _gdc_wait()
+            _copy_rows(xs, x_ptr + b * S * D, T, S, D)
+            async_copy.commit_group()
         _bias_columns(kx_s.index(T), m_b, S, T, HAS_MASK)
         qe = _ones_column(BM, kx_s.shape[2], DT, A_OP)
         qe_f = _ones_column(BM, kx_s.shape[2], DT, A_OP_F)
@@ -885,12 +909,15 @@ if HAVE_GLUON:
         x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, r_ptr, S, n_layers, D_OUT,
         D: gl.constexpr, F: gl.constexpr, NT: gl.constexpr, HAS_MASK: gl.constexpr, POOL: gl.constexpr,
         FINAL_NORM: gl.constexpr, STORE_OUT: gl.constexpr, POOL_PROJ: gl.constexpr, O_P: gl.constexpr,
+        GDC: gl.constexpr,
     ):  # fmt: skip
         """Causal only, 2 or 3 query tiles: one program per sequence, one warp group per 64-row query tile
         (``_group_tile``), each running every layer on its own rows. A tile hands its K / V to the later tiles
         through shared memory and an mbarrier; the warp groups run apart, not in step, so one tile's
         exponentials overlap another's products. Weights are double-buffered by layer, each warp group
         copying a share; a layer's buffers are reused once every tile is done with the layer before."""
+        if GDC:  # every program has started: the next launch may be placed as SMs free up
+            _gdc_launch_dependents()
         BM: gl.constexpr = 64
         DT: gl.constexpr = w_ptr.dtype.element_ty
         SH_DD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, D], DT)
@@ -937,14 +964,14 @@ if HAVE_GLUON:
         # form runs 1.03x faster.)
         if NT == 2:
             gl.warp_specialize([
-                (_group_tile, (1, 2, ptrs, S, n_layers, smem, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT)),
-                (_group_tile, (0, 2, ptrs, S, n_layers, smem, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT)),
+                (_group_tile, (1, 2, ptrs, S, n_layers, smem, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, GDC)),
+                (_group_tile, (0, 2, ptrs, S, n_layers, smem, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, GDC)),
             ], [4], [168])  # fmt: skip
         else:
             gl.warp_specialize([
-                (_group_tile, (2, 3, ptrs, S, n_layers, smem, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT)),
-                (_group_tile, (0, 3, ptrs, S, n_layers, smem, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT)),
-                (_group_tile, (1, 3, ptrs, S, n_layers, smem, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT)),
+                (_group_tile, (2, 3, ptrs, S, n_layers, smem, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, GDC)),
+                (_group_tile, (0, 3, ptrs, S, n_layers, smem, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, GDC)),
+                (_group_tile, (1, 3, ptrs, S, n_layers, smem, D, F, HAS_MASK, POOL, FINAL_NORM, STORE_OUT, GDC)),
             ], [4, 4], [144, 160])  # fmt: skip
         if POOL != 0:
             # Every tile's max, read behind the join (a barrier over all the kernel's threads). Read by the last
@@ -1004,17 +1031,26 @@ def launch_split(
 def launch_groups(
     x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor, packed, pooled: torch.Tensor,  # noqa: ANN001
     pool_w: torch.Tensor, pool_b: torch.Tensor, d_out: int, has_mask: bool, pool: int, store_out: bool,
-    pool_proj: bool, o_p: int,
+    pool_proj: bool, o_p: int, dependent: bool | None = None,
 ):  # noqa: ANN201 (Triton's compiled kernel)
     """One program per sequence of a causal stack of 2-3 query tiles (65-192 tokens), one warp group per tile
-    (``_skut_wgmma_groups_kernel``); arguments as ``launch_split`` takes them, without its scratch."""
+    (``_skut_wgmma_groups_kernel``); arguments as ``launch_split`` takes them, without its scratch.
+
+    ``dependent``: launch as the programmatic dependent of the kernel before it in the stream (PDL): the programs
+    start, and fetch the packed weights, while that kernel's last programs run, then wait for it to finish before
+    reading anything else (so ``packed`` must not be written by the kernel just before: ``pack_encoder_weights``
+    writes it by a copy); and they let a dependent launch after them start likewise. None: for launches of at
+    most ``DEPENDENT_WAVES`` waves, where that overlap is ~1 µs of each launch; with more, the rows fetched after
+    the weights cost more than the overlap gives."""
     bsz, s, _ = x.shape
+    if dependent is None:
+        dependent = bsz <= DEPENDENT_WAVES * sm_count(x.device)
     if not groups_fit(s):
         raise ValueError(f"launch_groups runs 2-{MAX_GROUPS} query tiles of {BLOCK} rows, got S={s}")
     n_qt = -(-s // BLOCK)
     return _skut_wgmma_groups_kernel[(bsz,)](
         x, out, mask, packed.mats, packed.vecs, pooled, pool_w, pool_b, packed.rows, s, packed.n_layers, d_out,
         D=D_MODEL, F=packed.ff_pad, NT=n_qt, HAS_MASK=has_mask, POOL=pool, FINAL_NORM=packed.final_norm,
-        STORE_OUT=store_out, POOL_PROJ=pool_proj, O_P=o_p, num_warps=4,
+        STORE_OUT=store_out, POOL_PROJ=pool_proj, O_P=o_p, GDC=dependent, launch_pdl=dependent, num_warps=4,
     )  # fmt: skip
 

@@ -270,6 +270,64 @@ def test_skut_wgmma_groups_many_sequences(s, pool, n_layers):
 
 
 @needs_sm90
+@pytest.mark.parametrize("waves", [1, 3, 5])
+def test_skut_wgmma_groups_dependent_launch(monkeypatch, waves):
+    """The grouped launch as a programmatic dependent (``launch_groups``' ``dependent``), captured in one CUDA graph:
+    each launch reads the rows the one before wrote (read after write), the third writes the rows the second
+    read (write after read), and a PyTorch kernel (no dependent launch) sits between two of them. Every output
+    equals, bit for bit, that of the same chain of plain launches, and the chain's end the float64 stack run
+    four times; up to DEPENDENT_WAVES waves of programs the launch is a dependent by default, past them plain."""
+    from runtime.kernels import skut_wgmma as sw
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    bsz, s = waves * sms - 5, 192
+    enc = make_encoder(64, 1, 32, 2, seed=11).to(DEV)
+    packed = sk.pack_encoder_weights(enc, torch.float16)
+    x0 = torch.randn(bsz, s, 64, device=DEV).half()
+    mask = make_mask(bsz, s, seed=12, dead=True).to(DEV)
+    real_launch = sw.launch_groups
+
+    def chain(dependent):
+        kernels = []
+        monkeypatch.setattr(sw, "launch_groups", lambda *a, **k: kernels.append(
+            real_launch(*a, **k, **({} if dependent is None else {"dependent": dependent}))) or kernels[-1])
+        a, b, c = x0.clone(), torch.full_like(x0, float("nan")), torch.full_like(x0, float("nan"))
+
+        def run():
+            sk.skut_forward(a, packed, mask, True, None, out=b)  # b = f(a)
+            sk.skut_forward(b, packed, mask, True, None, out=c)  # c = f(b)
+            sk.skut_forward(c, packed, mask, True, None, out=b)  # b = f(c): b was read by the launch before
+            b.mul_(1.0)  # a PyTorch kernel between two dependents
+            sk.skut_forward(b, packed, mask, True, None, out=a)  # a = f(b)
+
+        run()  # compile outside capture
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            run()
+        a.copy_(x0)
+        b.fill_(float("nan"))
+        c.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert sk.last_launch_info["config"] == WGMMA_GROUPS
+        return (a, b, c), {k.metadata.launch_pdl for k in kernels}
+
+    dep, pdl = chain(True)
+    assert pdl == {True}
+    plain, pdl = chain(False)
+    assert pdl == {False}
+    default, pdl = chain(None)
+    assert pdl == {waves <= sw.DEPENDENT_WAVES}
+    assert all(torch.equal(d, p) for d, p in zip(dep, plain, strict=True))
+    assert all(torch.equal(d, p) for d, p in zip(default, plain, strict=True))
+    ref = x0.float()
+    for _ in range(4):  # the kernel's fp16 rows between launches
+        ref = sk.skut_reference(enc, ref.half().float(), mask, True, None).float()
+    assert not torch.isnan(dep[0]).any()
+    assert ((dep[0].double() - ref.double()).norm() / ref.double().norm()).item() <= SKUT_TOL[torch.float16][0]
+
+
+@needs_sm90
 @pytest.mark.parametrize("pool", [None, "max_valid"])
 def test_skut_wgmma_two_pass_causal(pool):
     """More causal sequences than two per SM: the two-pass form (K / V of the whole sequence first)."""
