@@ -38,13 +38,6 @@ def sm_count(device: torch.device) -> int:
     return 4
 
 
-def dependent_launch(device: torch.device) -> bool:
-    """Whether a kernel may start as the programmatic dependent of the one before it (CUDA, sm_90 and later; not
-    under the interpreter): its programs then start, and load what the kernel before does not write, while that
-    kernel finishes (the refine pass after the scan; the V2 transformer after its tokens)."""
-    return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 @contextlib.contextmanager
 def mma_sync_only() -> Iterator[None]:
     """Compile (and launch) Triton kernels inside with DISABLE_MMA_V3=1, restoring it afterwards.

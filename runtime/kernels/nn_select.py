@@ -51,7 +51,7 @@ import triton.language as tl
 
 from transact.selection import nn_select_reference
 
-from . import dependent_launch, interpreting, mma_sync_only, nn_scan_wgmma, sm_count
+from . import interpreting, mma_sync_only, nn_scan_wgmma, sm_count
 
 __all__ = ["nn_select", "nn_select_torch", "nn_select_reference", "NNSelectConfig"]
 
@@ -1029,6 +1029,12 @@ def scan_launch(users_per_step: int, grid: tuple[int, int]) -> Callable[..., obj
                                             WORDS=words is not None, ASM=not interpreting(), **meta)  # fmt: skip
 
     return launch
+
+
+def dependent_launch(device: torch.device) -> bool:
+    """Whether the refine pass starts as the scan's programmatic dependent (CUDA, sm_90 and later; not under
+    the interpreter): its programs then load their own inputs while the scan finishes."""
+    return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def wide_offsets(seq: torch.Tensor) -> bool:

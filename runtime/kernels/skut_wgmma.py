@@ -1043,10 +1043,10 @@ def launch_groups(
     most ``DEPENDENT_WAVES`` waves, where that overlap is ~1 µs of each launch; with more, the rows fetched after
     the weights cost more than the overlap gives."""
     bsz, s, _ = x.shape
-    if dependent is None:
-        dependent = bsz <= DEPENDENT_WAVES * sm_count(x.device)
     if not groups_fit(s):
         raise ValueError(f"launch_groups runs 2-{MAX_GROUPS} query tiles of {BLOCK} rows, got S={s}")
+    if dependent is None:
+        dependent = bsz <= DEPENDENT_WAVES * sm_count(x.device)
     n_qt = -(-s // BLOCK)
     return _skut_wgmma_groups_kernel[(bsz,)](
         x, out, mask, packed.mats, packed.vecs, pooled, pool_w, pool_b, packed.rows, s, packed.n_layers, d_out,

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from transact.config import ITEM_DIM as ITEM  # int8 item codes per row (DESIGN §2.1)
 
-from . import dependent_launch, interpreting
+from . import interpreting
 
 _ITEM: tl.constexpr = tl.constexpr(ITEM)  # the same, inside the kernels
 POS_BITS = 26  # a V2 sort key is (segment << 26) | position: positions below 2**26
@@ -78,10 +78,8 @@ def _v2_tokens_kernel(
     x_ptr, pad_ptr, pos_out_ptr, group_out_ptr,  # (N, T, D) out dtype, (N, T) uint8, (N, T) int64 x2
     scale,
     K_LL: tl.constexpr, K_RT: tl.constexpr, K_IMP: tl.constexpr, R_RT: tl.constexpr,
-    T: tl.constexpr, T_P: tl.constexpr, A: tl.constexpr, D: tl.constexpr, GDC: tl.constexpr,
+    T: tl.constexpr, T_P: tl.constexpr, A: tl.constexpr, D: tl.constexpr,
 ):  # fmt: skip
-    if GDC:  # the transformer's grouped launch, next, may start fetching its weights (it waits for these tokens)
-        tl.extra.cuda.gdc_launch_dependents()
     n = tl.program_id(0).to(tl.int64)
     t = tl.arange(0, T_P)
     req = tl.load(cand_req_ptr + n).to(tl.int64)
@@ -175,7 +173,7 @@ def v2_tokens(
         emb.action.contiguous(), emb.surface.contiguous(), emb.position.contiguous(), emb.null.contiguous(),
         x, pad.view(torch.uint8), pos, group, float(scale),
         K_LL=k_ll, K_RT=k_rt, K_IMP=k_imp, R_RT=r_rt, T=t, T_P=triton.next_power_of_2(t),
-        A=emb.action.shape[0], D=d, GDC=dependent_launch(dev), num_warps=8,
+        A=emb.action.shape[0], D=d, num_warps=8,
     )  # fmt: skip
     return x, pad, pos, group
 
