@@ -479,12 +479,17 @@ def test_nn_select_every_config(k, block_n, splits, small_cap, users):
     nn_check(nn_inputs(lengths, per_user, seed=block_n + splits), k, cfg)
 
 
+def maxima_as_float(bits):
+    """Pass 1's group maxima from their ordered int32 bits (``nn_select._ordered_bits``) back to float64."""
+    return torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).view(torch.float32).double()
+
+
 def check_group_maxima(bits, inputs, lengths, splits, groups, tile=64):
     """Pass 1's group maxima (ordered int32 bits, (N, splits x groups)) against the float64 maximum of each
     group's rows: within ``scan_error``, the bound the refine pass's margins rest on; empty groups -2**31."""
     seq, starts, _, cand, users = inputs
     n = cand.shape[0]
-    got = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).view(torch.float32).double()
+    got = maxima_as_float(bits)
     c = cand.double() / cand.double().norm(dim=1, keepdim=True)
     q = seq.double()
     q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-300)
@@ -553,7 +558,7 @@ def test_nn_scan_wgmma_group_maxima(users_per_step, dtype):
                     WORDS=True, ASM=True, WIDE=False, GDC=False, num_warps=4)  # fmt: skip
         out.append(gm.cpu())
     check_group_maxima(out[0], inputs, lengths, splits, groups, tile)
-    f = [torch.where(b >= 0, b, b ^ 0x7FFFFFFF).view(torch.float32).double() for b in out]
+    f = [maxima_as_float(b) for b in out]
     both = out[1] > -(2**31)
     assert torch.equal(out[0] > -(2**31), both)
     assert (f[0] - f[1])[both].abs().max().item() <= 2 * nn_mod.scan_error(32)
