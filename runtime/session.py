@@ -176,6 +176,7 @@ def request_from_tensors(
         if name not in specs:
             raise BatchError(f"{name}: unknown input (expected {', '.join(specs)})")
     dims: dict[str, int] = {}
+    set_by: dict[str, str] = {}  # symbolic dim -> the input that fixed it (named when another disagrees)
     arrays: dict[str, np.ndarray] = {}
     for name, spec in specs.items():
         if name not in tensors:
@@ -190,8 +191,12 @@ def request_from_tensors(
                     ok &= want == got
                 elif dims.setdefault(want, got) != got:
                     ok = False
+                else:
+                    set_by.setdefault(want, name)
         if not ok:
-            raise BatchError(f"{name}: expected shape {_fmt_shape(spec, dims)}, got {list(arr.shape)}")
+            fixed = [f"{d} from {set_by[d]}" for d in spec.shape if d in set_by and set_by[d] != name]
+            note = f" ({', '.join(fixed)})" if fixed else ""
+            raise BatchError(f"{name}: expected shape {_fmt_shape(spec, dims)}{note}, got {list(arr.shape)}")
         arrays[name] = arr
     n = dims["N"]
     if n < 1:

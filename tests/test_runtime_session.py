@@ -183,6 +183,24 @@ def test_request_validation_names_the_tensor(session: Session, change, tensor: s
     assert str(e.value).startswith(tensor) and words in str(e.value)
 
 
+def test_length_mismatch_names_the_input_that_set_the_length(session: Session) -> None:
+    """A sequence's length comes from its first input (``ll_ts``); when ``ll_ts`` itself is the one cut short,
+    the error on the next input says where the expected length came from."""
+    req = random_requests(session.config, 6)[0]
+    tensors = {k: (d, a.copy()) for k, (d, a) in wire(req).items()}
+    length = tensors["ll_ts"][1].shape[0]
+    tensors["ll_ts"] = ("INT64", tensors["ll_ts"][1][:-1])
+    with pytest.raises(BatchError) as e:
+        request_from_tensors(tensors, session.config, session.limits)
+    assert str(e.value) == f"ll_action: expected shape [L_ll={length - 1}] (L_ll from ll_ts), got [{length}]"
+    tensors = {k: (d, a.copy()) for k, (d, a) in wire(req).items()}
+    tensors["cand_item"] = ("FP32", tensors["cand_item"][1][:, :16])  # its own dims only: no note
+    with pytest.raises(BatchError) as e:
+        request_from_tensors(tensors, session.config, session.limits)
+    n = tensors["cand_item"][1].shape[0]
+    assert str(e.value) == f"cand_item: expected shape [N={n}, 32], got [{n}, 16]"
+
+
 def test_limits_on_candidates_and_lengths(session: Session) -> None:
     req = random_requests(session.config, 7, 1, 20, ll=[256], rt=[40], imp=[30])[0]
     t = wire(req)
