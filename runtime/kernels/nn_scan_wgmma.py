@@ -38,7 +38,7 @@ import torch
 import triton
 
 from . import interpreting
-from .skut_wgmma import HAVE_GLUON, triton_version_ok
+from .skut_wgmma import GLUON_BUILT, HAVE_GLUON
 
 if HAVE_GLUON:
     from triton.experimental import gluon
@@ -56,7 +56,6 @@ STAGES = 4  # steps of row tiles in flight
 MAX_REGS = 128  # four programs per SM (ptxas takes ~140 if left alone, for the same code without spills)
 _BIG_USER = triton.language.constexpr(2**31 - 1)  # "no user", as nn_select's
 _I8_SCALE = triton.language.constexpr(127 * 254)  # nn_select.I8_SCALE
-_BUILT = HAVE_GLUON and triton_version_ok(triton.__version__)  # fixed for the process: not parsed per launch
 
 
 def shape_ok(d: int, block_n: int, tile: int, groups: int, users_per_step: int) -> bool:
@@ -69,7 +68,7 @@ def usable(seq: torch.Tensor, d: int, block_n: int, tile: int, groups: int, user
     """Whether a packed scan launch can take this kernel: ``shape_ok``, Gluon in a Triton release ``skut_wgmma`` was
     built with, an sm_90 GPU, the codes in 16-byte aligned contiguous rows (its 16-byte asynchronous copies)."""
     return (
-        shape_ok(d, block_n, tile, groups, users_per_step) and seq.shape[1] == d and _BUILT and not interpreting()
+        shape_ok(d, block_n, tile, groups, users_per_step) and seq.shape[1] == d and GLUON_BUILT and not interpreting()
         and seq.is_cuda and torch.cuda.get_device_capability(seq.device)[0] == 9
         and seq.is_contiguous() and seq.data_ptr() % 16 == 0
     )  # fmt: skip

@@ -108,6 +108,10 @@ def triton_version_ok(version: str) -> bool:
     return TRITON_RANGE[0] <= (major, minor) <= TRITON_RANGE[1]
 
 
+# Gluon present in a Triton of TRITON_RANGE: fixed for the process, so not parsed per launch (``nn_scan_wgmma`` too).
+GLUON_BUILT = HAVE_GLUON and triton_version_ok(triton.__version__)
+
+
 def fits(packed, seq_len: int) -> bool:  # noqa: ANN001 (PackedEncoder)
     """Whether the stack has the shape this kernel is written for: V2's (d_model 64, one head, FFN up to 64),
     16-bit weights, 1 to ``MAX_SEQ`` tokens."""
@@ -125,8 +129,8 @@ def groups_fit(seq_len: int) -> bool:
 def supported(packed, seq_len: int, device: torch.device) -> bool:  # noqa: ANN001 (PackedEncoder)
     """Whether this kernel can run the stack: Gluon in a Triton of ``TRITON_RANGE``, an sm_90 GPU, ``fits``."""
     return (
-        HAVE_GLUON and triton_version_ok(triton.__version__)
-        and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9 and fits(packed, seq_len)
+        GLUON_BUILT and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+        and fits(packed, seq_len)
     )  # fmt: skip
 
 
