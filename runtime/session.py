@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from transact.batch import SEQUENCES, Batch, BatchError
+from transact.batch import SEQUENCES, Batch, BatchError, shape_error
 from transact.config import ITEM_DIM, ModelConfig
 
 QMAX = 127
@@ -161,11 +161,6 @@ class Limits:
         return cls(max_candidates, config.max_ll, config.max_rt, config.max_imp)
 
 
-def _fmt_shape(spec: TensorSpec, dims: dict[str, int]) -> str:
-    return "[" + ", ".join(str(d) if isinstance(d, int) else f"{d}={dims[d]}" if d in dims else d
-                           for d in spec.shape) + "]"  # fmt: skip
-
-
 def request_from_tensors(
     tensors: dict[str, tuple[str, np.ndarray]], config: ModelConfig, limits: Limits | None = None
 ) -> Request:
@@ -194,9 +189,7 @@ def request_from_tensors(
                 else:
                     set_by.setdefault(want, name)
         if not ok:
-            fixed = [f"{d} from {set_by[d]}" for d in spec.shape if d in set_by and set_by[d] != name]
-            note = f" ({', '.join(fixed)})" if fixed else ""
-            raise BatchError(f"{name}: expected shape {_fmt_shape(spec, dims)}{note}, got {list(arr.shape)}")
+            raise shape_error(name, spec.shape, arr.shape, dims, set_by)
         arrays[name] = arr
     n = dims["N"]
     if n < 1:

@@ -9,7 +9,7 @@ the request time; sequences are sorted by time, so the valid tokens are always a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -119,6 +119,20 @@ INPUT_DTYPES: dict[str, torch.dtype] = {
 }  # fmt: skip
 
 
+def shape_error(
+    name: str, spec: Sequence[str | int], got: Sequence[int], dims: dict[str, int], set_by: dict[str, str]
+) -> BatchError:
+    """The error for a tensor of the wrong shape: the expected shape with its symbolic sizes filled in, and, for
+    each size that disagrees, the input that fixed it (when that is another input), since that one may be wrong."""
+    want = ", ".join(f"{d}={dims[d]}" if isinstance(d, str) and d in dims else str(d) for d in spec)
+    fixed = []
+    if len(got) == len(spec):
+        fixed = [f"{d} from {set_by[d]}" for d, g in zip(spec, got, strict=True)
+                 if isinstance(d, str) and d in dims and dims[d] != g and set_by.get(d, name) != name]  # fmt: skip
+    note = f" ({', '.join(fixed)})" if fixed else ""
+    return BatchError(f"{name}: expected shape [{want}]{note}, got {list(got)}")
+
+
 def validate_batch(batch: Batch, config, num_heads: int | None = None) -> None:
     """Check dtypes, shapes, ranges and finiteness; raise BatchError naming the tensor."""
     named = dict(batch.named_tensors(with_labels=True))
@@ -132,25 +146,31 @@ def validate_batch(batch: Batch, config, num_heads: int | None = None) -> None:
         raise BatchError("request_ts: a batch needs at least one request")
     if n < 1:
         raise BatchError("cand_request: a batch needs at least one candidate")
-    expect = {
-        "request_ts": (r,), "user_dense": (r, config.user_dense_dim), "surface": (r,), "hour": (r,),
-        "cand_request": (n,), "cand_item": (n, 32), "item_dense": (n, config.item_dense_dim),
+    dims = {"R": r, "N": n}
+    set_by = {"R": "request_ts", "N": "cand_request"}  # symbolic dim -> the input that fixes it
+    expect: dict[str, tuple[str | int, ...]] = {
+        "request_ts": ("R",), "user_dense": ("R", config.user_dense_dim), "surface": ("R",), "hour": ("R",),
+        "cand_request": ("N",), "cand_item": ("N", 32), "item_dense": ("N", config.item_dense_dim),
     }  # fmt: skip
     if batch.labels is not None:
-        expect["labels"] = (n, num_heads or len(config.heads))
+        expect["labels"] = ("N", num_heads or len(config.heads))
     for s in SEQUENCES:
-        seq: Seq = getattr(batch, s)
-        length = seq.ts.shape[1] if seq.ts.dim() == 2 else -1
-        expect.update({f"{s}_ts": (r, length), f"{s}_action": (r, length), f"{s}_surface": (r, length),
-                       f"{s}_item": (r, length, 32), f"{s}_length": (r,)})  # fmt: skip
-        limit = getattr(config, f"max_{s}")
-        if seq.length.numel() and int(seq.length.max()) > limit:
+        ts, dim = getattr(batch, s).ts, f"L_{s}"
+        if ts.dim() == 2:
+            dims[dim], set_by[dim] = ts.shape[1], f"{s}_ts"
+        expect.update({f"{s}_ts": ("R", dim), f"{s}_action": ("R", dim), f"{s}_surface": ("R", dim),
+                       f"{s}_item": ("R", dim, 32), f"{s}_length": ("R",)})  # fmt: skip
+    for name, spec in expect.items():
+        got = tuple(named[name].shape)
+        if got != tuple(dims.get(d, -1) if isinstance(d, str) else d for d in spec):
+            raise shape_error(name, spec, got, dims, set_by)
+    for s in SEQUENCES:
+        seq = getattr(batch, s)
+        limit, length = getattr(config, f"max_{s}"), seq.ts.shape[1]
+        if int(seq.length.max()) > limit:
             raise BatchError(f"{s}_length: {int(seq.length.max())} tokens, more than max_{s}={limit}")
-        if seq.length.numel() and (int(seq.length.min()) < 0 or int(seq.length.max()) > length):
+        if int(seq.length.min()) < 0 or int(seq.length.max()) > length:
             raise BatchError(f"{s}_length: must lie in [0, {length}]")
-    for name, shape in expect.items():
-        if tuple(named[name].shape) != shape:
-            raise BatchError(f"{name}: expected shape {list(shape)}, got {list(named[name].shape)}")
     if int(batch.cand_request.min()) < 0 or int(batch.cand_request.max()) >= r:
         raise BatchError(f"cand_request: values must lie in [0, {r})")
     if int(batch.surface.min()) < 0 or int(batch.surface.max()) >= config.num_surfaces:
