@@ -6,6 +6,7 @@ number of intra-op threads; the median over many runs after a warm-up is reporte
     python benchmarks/cpu_backend.py                      # random default model, exported to a temp folder
     python benchmarks/cpu_backend.py --bundle BUNDLE --threads 4 --runs 50 --json out.json
     python benchmarks/cpu_backend.py --threads 2 --profile 10   # also ONNX Runtime's time per operator
+    python benchmarks/cpu_backend.py --onnx-provider OpenVINOExecutionProvider   # with onnxruntime-openvino
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.bundle import export_bundle, load_bundle  # noqa: E402
+from export.bundle import CPU_PROVIDER, export_bundle, load_bundle, onnx_providers  # noqa: E402
 from export.manifest import tool_versions  # noqa: E402
 from transact.checkpoint import save_checkpoint  # noqa: E402
 from transact.config import ModelConfig  # noqa: E402
@@ -55,7 +56,7 @@ def timed(fn, warmup: int, runs: int) -> list[float]:
     return out
 
 
-def onnxruntime_profile(graph: bytes, feed: dict, threads: int, runs: int) -> dict:
+def onnxruntime_profile(graph: bytes, feed: dict, threads: int, runs: int, provider: str = CPU_PROVIDER) -> dict:
     """Node time per request (ms) by operator type and by node, from ONNX Runtime's own profiler, and the
     number of runs counted. The profile covers every run of its session, so the session runs ``runs + 1``
     times and the first (warm-up) run's events are left out by their start time."""
@@ -67,7 +68,7 @@ def onnxruntime_profile(graph: bytes, feed: dict, threads: int, runs: int) -> di
         opts = ort_options(threads)
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(folder) / "ort")
-        session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(graph, opts, providers=onnx_providers(provider))
         for _ in range(runs + 1):
             session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text())
@@ -105,6 +106,8 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=256)
     ap.add_argument("--ll", type=int, default=16_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--onnx-provider", default=CPU_PROVIDER,
+                    help="ONNX Runtime execution provider (the CPU provider takes the nodes it does not)")
     ap.add_argument("--json", type=Path, help="write the results here as JSON")
     ap.add_argument("--profile", type=int, default=0, metavar="RUNS",
                     help="also profile ONNX Runtime over RUNS runs: node time per operator and per node")  # fmt: skip
@@ -119,7 +122,7 @@ def main() -> None:
     model = bundle.build_model()
     batch = random_batch(bundle.config, 1, args.candidates, ll=args.ll, rt=100, imp=100, seed=args.seed)
     feed = {k: v.numpy() for k, v in batch.named_tensors()}
-    session = bundle.session("full", optimize=True, threads=args.threads)
+    session = bundle.session("full", optimize=True, threads=args.threads, provider=args.onnx_provider)
 
     results: dict[str, list[float]] = {}
     outputs = {}
@@ -140,22 +143,24 @@ def main() -> None:
     diff = float(np.abs(probs - outputs[False]).max())
     info = {
         "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "logical_cpus": os.cpu_count(),
-        "threads": args.threads, "request": {"users": 1, "ll": args.ll, "rt": 100, "imp": 100,
-                                             "candidates": args.candidates},
+        "threads": args.threads, "onnx_provider": args.onnx_provider,
+        "request": {"users": 1, "ll": args.ll, "rt": 100, "imp": 100, "candidates": args.candidates},
         "runs": args.runs, "warmup": args.warmup, "median_ms": med,
         "p10_ms": {k: float(np.percentile(v, 10)) for k, v in results.items()},
         "p90_ms": {k: float(np.percentile(v, 90)) for k, v in results.items()},
         "speedup_vs_best_eager": ratio, "max_abs_diff_probabilities": diff, "versions": tool_versions(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }  # fmt: skip
-    print(f"{info['cpu']} ({info['logical_cpus']} logical CPUs), {args.threads} intra-op threads for both runtimes")
+    print(f"{info['cpu']} ({info['logical_cpus']} logical CPUs), {args.threads} intra-op threads for both runtimes; "
+          f"ONNX Runtime on {args.onnx_provider}")
     print(f"request: 1 user, ll {args.ll}, rt 100, imp 100, {args.candidates} candidates; "
           f"median of {args.runs} runs after {args.warmup} warm-up")  # fmt: skip
     for k, v in med.items():
         print(f"  {k:<26} median {v:9.2f} ms   p10 {info['p10_ms'][k]:9.2f}   p90 {info['p90_ms'][k]:9.2f}")
     print(f"  ONNX Runtime speed-up over the faster eager setting: {ratio:.2f}x   (max |diff| {diff:.1e})")
     if args.profile:
-        prof = onnxruntime_profile(bundle.graph_bytes("full.onnx"), feed, args.threads, args.profile)
+        graph = bundle.graph_bytes("full.onnx")
+        prof = onnxruntime_profile(graph, feed, args.threads, args.profile, args.onnx_provider)
         info["onnxruntime_profile_ms"] = prof
         total = sum(prof["by_operator"].values())
         print(f"ONNX Runtime node time per request, {args.profile} profiled runs: {total:.1f} ms")

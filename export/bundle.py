@@ -51,6 +51,7 @@ SAFETENSORS_DTYPES = {
 DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
                "I8": 1, "U8": 1, "BOOL": 1}  # fmt: skip
 MAX_HEADER = 100 << 20
+CPU_PROVIDER = "CPUExecutionProvider"
 
 
 class BundleError(TransactError):
@@ -227,9 +228,11 @@ class Bundle:
         return self.blobs[name if name.endswith(".onnx") else f"{name}.onnx"]
 
     def session(
-        self, name: str = "full", optimize: bool = True, threads: int | None = None, spinning: bool = True
+        self, name: str = "full", optimize: bool = True, threads: int | None = None, spinning: bool = True,
+        provider: str = CPU_PROVIDER,
     ) -> Any:
-        """An ONNX Runtime CPU session on one graph; ``optimize=False`` turns graph optimisations off.
+        """An ONNX Runtime session on one graph; ``optimize=False`` turns graph optimisations off, ``provider``
+        picks the execution provider (see ``onnx_providers``).
 
         ``spinning=False`` stops idle worker threads from spinning, for callers that alternate ONNX Runtime
         with other multi-threaded work (PyTorch) on the same cores."""
@@ -244,7 +247,20 @@ class Bundle:
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
-        return ort.InferenceSession(self.graph_bytes(name), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(self.graph_bytes(name), opts, providers=onnx_providers(provider))
+
+
+def onnx_providers(provider: str = CPU_PROVIDER) -> list[str]:
+    """The providers of an ONNX Runtime session on ``provider``, with the CPU provider behind it for the nodes
+    it does not take (an installed ``onnxruntime-openvino``, for one, offers ``OpenVINOExecutionProvider``).
+    ValueError, naming what this ONNX Runtime offers, when it has no such provider."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if provider not in available:
+        raise ValueError(f"ONNX Runtime provider {provider!r} is not available: onnxruntime {ort.__version__} "
+                         f"here offers {', '.join(available)}")  # fmt: skip
+    return [provider] if provider == CPU_PROVIDER else [provider, CPU_PROVIDER]
 
 
 def load_bundle(path: str | os.PathLike) -> Bundle:

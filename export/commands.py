@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import torch
 
-from .bundle import ParityError, export_bundle, load_bundle
+from .bundle import CPU_PROVIDER, ParityError, export_bundle, load_bundle, onnx_providers
 from .manifest import BUNDLE_FILES, DEFAULT_OPSET, MANIFEST
 from .parity import run_parity
 from .summary import format_summary, inspect_bundle
@@ -51,6 +51,15 @@ def inspect_cmd(bundle: Path, as_json: bool, verify: bool) -> None:
         load_bundle(bundle)  # raises the BundleError (exit status 2) with its one-line message
 
 
+def check_provider(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Refuse, before any work, a provider this ONNX Runtime does not have (exit status 2)."""
+    try:
+        onnx_providers(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 @click.command("parity")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -59,7 +68,10 @@ def inspect_cmd(bundle: Path, as_json: bool, verify: bool) -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--hybrid", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Also check the hybrid GPU runtime (auto: when a CUDA GPU is present).")
-def parity_cmd(bundle: Path, as_json: bool, cases: int, seed: int, hybrid: str) -> None:
+@click.option("--onnx-provider", default=CPU_PROVIDER, show_default=True, callback=check_provider,
+              help="ONNX Runtime execution provider to check the graphs on (e.g. OpenVINOExecutionProvider "
+                   "from onnxruntime-openvino); the CPU provider takes the nodes it does not.")
+def parity_cmd(bundle: Path, as_json: bool, cases: int, seed: int, hybrid: str, onnx_provider: str) -> None:
     """Compare eager PyTorch with ONNX Runtime (full.onnx, dense.onnx) and, on a GPU, the hybrid runtime,
     on random and edge-case inputs."""
     verified = load_bundle(bundle)
@@ -68,7 +80,7 @@ def parity_cmd(bundle: Path, as_json: bool, cases: int, seed: int, hybrid: str) 
         from runtime.parity_backend import hybrid_backends  # the runtime builds on export, not the reverse
 
         extra = hybrid_backends(bundle)
-    report = run_parity(verified, random_cases=cases, seed=seed, extra_backends=extra)
+    report = run_parity(verified, random_cases=cases, seed=seed, extra_backends=extra, provider=onnx_provider)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format_table())
     if not report.passed:
         raise ParityError(f"parity check failed: {report.failure_summary()}", bundle)

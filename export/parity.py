@@ -30,6 +30,7 @@ from transact.data.random_batch import random_batch
 from transact.model import RankingModel, transformer_fastpath
 from transact.quant import dequantize
 
+from .bundle import CPU_PROVIDER
 from .manifest import tool_versions
 from .onnx_export import DENSE_INPUTS, full_output_names
 
@@ -346,6 +347,7 @@ class ParityReport:
     comparisons: list[Comparison]
     seed: int
     bundle: str | None = None
+    onnx_provider: str = CPU_PROVIDER
 
     @property
     def passed(self) -> bool:
@@ -359,14 +361,15 @@ class ParityReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "passed": self.passed, "bundle": self.bundle, "seed": self.seed,
+            "passed": self.passed, "bundle": self.bundle, "seed": self.seed, "onnx_provider": self.onnx_provider,
             "tolerances": {"probabilities_abs": PROB_ATOL, "spearman_min": SPEARMAN_MIN},
             "versions": tool_versions(), "cases": self.cases, "comparisons": [c.to_dict() for c in self.comparisons],
         }  # fmt: skip
 
     def format_table(self) -> str:
         """A readable table: one block per backend and setting."""
-        lines = [f"parity {self.bundle or ''}: {len(self.cases)} cases, seed {self.seed}"]
+        lines = [f"parity {self.bundle or ''}: {len(self.cases)} cases, seed {self.seed}, "
+                 f"ONNX Runtime on {self.onnx_provider}"]
         head = f"{'backend':<18} {'ort opt':<8} {'fastpath':<8} {'check':<14} {'max abs':>9} {'mean abs':>9} " \
                f"{'max rel':>9} {'bad':>7}  worst / detail"  # fmt: skip
         lines += [head, "-" * len(head)]
@@ -426,6 +429,7 @@ def run_parity(
     extra_backends: dict[str, Backend | tuple[Backend, float]] | None = None,
     cases: list[Case] | None = None,
     threads: int | None = 1,
+    provider: str = CPU_PROVIDER,
 ) -> ParityReport:
     """Eager (from the bundle's weights) vs ONNX Runtime on full.onnx and dense.onnx, in the toggle matrix.
 
@@ -433,25 +437,25 @@ def run_parity(
     model with the fast path off, each either a callable (fp32 tolerance) or ``(callable, probabilities_atol)``.
     ``threads`` caps PyTorch and ONNX Runtime threads while checking (parity
     is about numbers, not speed; alternating two multi-threaded runtimes on few cores is very slow);
-    ``None`` leaves both at their defaults."""
+    ``None`` leaves both at their defaults. ``provider``: ONNX Runtime's execution provider for both graphs."""
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _run_parity(bundle, random_cases, seed, extra_backends, cases, threads)
+        return _run_parity(bundle, random_cases, seed, extra_backends, cases, threads, provider)
     finally:
         torch.set_num_threads(old_threads)
 
 
 def _run_parity(
     bundle: Any, random_cases: int, seed: int, extra_backends: dict[str, Backend] | None,
-    cases: list[Case] | None, threads: int | None,
+    cases: list[Case] | None, threads: int | None, provider: str,
 ) -> ParityReport:
     model = bundle.build_model()
     cases = cases if cases is not None else parity_cases(bundle.config, random_cases, seed)
     score_atol = PROB_ATOL * float(np.abs(np.asarray(bundle.config.score_weights)).sum())
     sessions = {
-        (g, opt): bundle.session(g, optimize=opt, threads=threads, spinning=False)
+        (g, opt): bundle.session(g, optimize=opt, threads=threads, spinning=False, provider=provider)
         for g in ("full", "dense") for opt in (False, True)
     }  # fmt: skip
     expected_outputs = list(full_output_names(bundle.config))
@@ -471,4 +475,4 @@ def _run_parity(
         comparisons += compare(eager_backend(model, fp), backends, cases, score_atol)
     if got_outputs != expected_outputs:
         comparisons[0].errors.append(f"full.onnx outputs {got_outputs}, expected {expected_outputs}")
-    return ParityReport([c.describe() for c in cases], comparisons, seed, str(bundle.path))
+    return ParityReport([c.describe() for c in cases], comparisons, seed, str(bundle.path), provider)

@@ -10,6 +10,9 @@ import click
 import numpy as np
 import torch
 
+from export.bundle import CPU_PROVIDER
+from export.commands import check_provider
+
 
 def latency(fn: Callable[[], object], runs: int, warmup: int, sync: bool = False) -> dict[str, float]:
     """p50 / p99 / mean milliseconds of ``fn`` after ``warmup`` calls (device synchronised if ``sync``)."""
@@ -36,8 +39,10 @@ def latency(fn: Callable[[], object], runs: int, warmup: int, sync: bool = False
 @click.option("--runs", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for both sides.")
+@click.option("--onnx-provider", default=CPU_PROVIDER, show_default=True, callback=check_provider,
+              help="ONNX Runtime execution provider for the cpu backend's full.onnx.")
 def bench_cmd(bundle: Path, device: str, candidates: int, ll: int | None, runs: int, warmup: int,
-              threads: int | None) -> None:  # fmt: skip
+              threads: int | None, onnx_provider: str) -> None:  # fmt: skip
     """Time one request (1 user, random inputs) through the runtime and through eager PyTorch."""
     from transact.data.random_batch import random_batch
     from transact.model import transformer_fastpath
@@ -46,7 +51,7 @@ def bench_cmd(bundle: Path, device: str, candidates: int, ll: int | None, runs: 
 
     if threads:
         torch.set_num_threads(threads)
-    session = Session(bundle, device=device, threads=threads)
+    session = Session(bundle, device=device, threads=threads, onnx_provider=onnx_provider)
     cfg = session.config
     batch = random_batch(cfg, 1, candidates, ll=cfg.max_ll if ll is None else ll, rt=cfg.max_rt, imp=cfg.max_imp)
     request = Request.from_batch(batch, 0)
@@ -55,7 +60,8 @@ def bench_cmd(bundle: Path, device: str, candidates: int, ll: int | None, runs: 
     eager_batch = batch.to("cuda") if on_gpu else batch
     if on_gpu:
         model = model.cuda()
-    rows = {f"runtime ({session.backend_name})": latency(lambda: session.score(request), runs, warmup)}
+    path = session.backend_name if onnx_provider == CPU_PROVIDER else f"{session.backend_name}, {onnx_provider}"
+    rows = {f"runtime ({path})": latency(lambda: session.score(request), runs, warmup)}
     with torch.no_grad(), transformer_fastpath(True):
         rows["eager PyTorch fp32"] = latency(lambda: model(eager_batch), runs, warmup, sync=on_gpu)
     base = rows["eager PyTorch fp32"]["p50_ms"]

@@ -6,6 +6,8 @@ import logging
 
 import click
 
+from export.bundle import CPU_PROVIDER
+from export.commands import check_provider
 from transact.errors import TransactError
 
 
@@ -38,8 +40,12 @@ from transact.errors import TransactError
               help="Server processes on one port, each with its own model and batcher (one Python process "
                    "parses ~500 large requests/s); workers accept connections once their model is warm.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@click.option("--onnx-provider", default=CPU_PROVIDER, show_default=True, callback=check_provider,
+              help="ONNX Runtime execution provider for full.onnx (cpu) or dense.onnx (cuda, --dense-on cpu); "
+                   "check the bundle on it first with `transact parity --onnx-provider`.")
 def serve_cmd(bundle, host, port, device, max_batch, max_queue_delay_ms, max_candidates, max_body_mb, model_name,
-              threads, triton_cache_dir, dense_on, tf32, switch_interval_ms, workers, log_level) -> None:  # fmt: skip
+              threads, triton_cache_dir, dense_on, tf32, switch_interval_ms, workers, log_level,
+              onnx_provider) -> None:  # fmt: skip
     """Serve BUNDLE over HTTP (KServe / Triton Inference Server v2 protocol) until SIGINT/SIGTERM."""
     import sys
 
@@ -52,7 +58,7 @@ def serve_cmd(bundle, host, port, device, max_batch, max_queue_delay_ms, max_can
                               max_queue_delay_ms=max_queue_delay_ms, max_candidates=max_candidates,
                               max_body_mb=max_body_mb, threads=threads)  # fmt: skip
     options = dict(device=device, threads=threads, max_candidates=max_candidates, triton_cache_dir=triton_cache_dir,
-                   max_batch=max_batch, dense_on=dense_on, tf32=tf32)  # fmt: skip
+                   max_batch=max_batch, dense_on=dense_on, tf32=tf32, onnx_provider=onnx_provider)  # fmt: skip
     if workers > 1:
         _check_before_workers(bundle, device)
         click.echo(f"serving '{model_name}' from {bundle} on http://{host}:{port}/v2 with {workers} worker "

@@ -335,6 +335,9 @@ class SessionOptions:
     """Backend options. ``threads``: ONNX Runtime intra-op threads (None: ONNX Runtime's default)."""
 
     threads: int | None = None
+    # ONNX Runtime's execution provider for full.onnx (cpu) and dense.onnx (cuda with dense_on="cpu"); the CPU
+    # provider takes the nodes another one does not. Check a bundle on it first: `transact parity --onnx-provider`.
+    onnx_provider: str = "CPUExecutionProvider"
     max_candidates: int = 4096
     warmup: bool = True
     triton_cache_dir: str | None = None  # cuda: persistent compiled-kernel cache (default ~/.cache/transact/triton)

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from test_export_bundle import small_bundle_dir, small_config
 
-from export.bundle import ParityError, export_bundle, load_bundle
+from export.bundle import ParityError, export_bundle, load_bundle, onnx_providers
 from export.commands import parity_cmd
 from export.onnx_export import EXAMPLE_N, EXAMPLE_R, EXAMPLE_WIDTH, causal_block_ends, encoder_forward, pad_batch
 from export.parity import (
@@ -203,6 +203,35 @@ def test_parity_command(bundle) -> None:  # noqa: ANN001
     assert data["passed"] is True and data["seed"] == 5 and len(data["comparisons"]) == 8
     result = CliRunner().invoke(parity_cmd, [str(bundle.path), "--cases", "0"])
     assert result.exit_code == 0 and "PASSED" in result.output and "selection" in result.output
+
+
+def test_parity_command_on_another_provider(bundle) -> None:  # noqa: ANN001
+    """``--onnx-provider`` builds the sessions on that provider with the CPU provider behind it. The stock
+    wheel's Azure provider (remote endpoints) takes none of the graphs' nodes, so everything falls back to the
+    CPU provider and parity must pass; the report names the provider."""
+    import onnxruntime as ort
+
+    assert "AzureExecutionProvider" in ort.get_available_providers()  # the stock Linux wheel ships it
+    assert onnx_providers("AzureExecutionProvider") == ["AzureExecutionProvider", "CPUExecutionProvider"]
+    assert onnx_providers() == ["CPUExecutionProvider"]
+    session = bundle.session("dense", provider="AzureExecutionProvider")
+    assert session.get_providers() == ["AzureExecutionProvider", "CPUExecutionProvider"]
+    args = [str(bundle.path), "--cases", "0", "--onnx-provider", "AzureExecutionProvider"]
+    result = CliRunner().invoke(parity_cmd, [*args, "--json"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    data = json.loads(result.output)
+    assert data["passed"] is True and data["onnx_provider"] == "AzureExecutionProvider"
+    result = CliRunner().invoke(parity_cmd, args)
+    assert "ONNX Runtime on AzureExecutionProvider" in result.output.splitlines()[0]
+
+
+def test_parity_command_refuses_a_missing_provider(bundle) -> None:  # noqa: ANN001
+    result = CliRunner().invoke(parity_cmd, [str(bundle.path), "--onnx-provider", "NoSuchExecutionProvider"])
+    assert result.exit_code == 2
+    assert "Invalid value for '--onnx-provider'" in result.output and "'NoSuchExecutionProvider'" in result.output
+    assert "CPUExecutionProvider" in result.output  # what this ONNX Runtime offers instead
+    with pytest.raises(ValueError, match="NoSuchExecutionProvider"):
+        onnx_providers("NoSuchExecutionProvider")
 
 
 def test_parity_command_fails_on_mismatch(bundle, monkeypatch) -> None:  # noqa: ANN001

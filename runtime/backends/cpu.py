@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
+from export.bundle import onnx_providers
 from transact.batch import INPUT_NAMES
 
 from ..batching import BatchPlan, plan_batch
@@ -32,7 +33,7 @@ class CpuBackend:
         self.config = bundle.config
         self.session = ort.InferenceSession(
             bundle.graph_bytes("full.onnx"), sess_options=ort_options(options.threads),
-            providers=["CPUExecutionProvider"],
+            providers=onnx_providers(options.onnx_provider),
         )
         names = [i.name for i in self.session.get_inputs()]
         if tuple(names) != INPUT_NAMES:

@@ -228,11 +228,13 @@ class CudaBackend:
         if self.dense_on == "cpu":
             import onnxruntime as ort
 
+            from export.bundle import onnx_providers
+
             from .cpu import ort_options
 
             self.dense = ort.InferenceSession(
                 bundle.graph_bytes("dense.onnx"), sess_options=ort_options(options.threads),
-                providers=["CPUExecutionProvider"],
+                providers=onnx_providers(options.onnx_provider),
             )
             self.dense_inputs = [i.name for i in self.dense.get_inputs()]
 
