@@ -44,12 +44,6 @@ def bits(mask: torch.Tensor, n: int) -> torch.Tensor:
     return (torch.bitwise_and(mask.to(torch.int64).unsqueeze(-1), pow2) != 0).to(torch.float32)
 
 
-def at_least_zero(x: torch.Tensor) -> torch.Tensor:
-    """max(x, 0) for an integer tensor. Exported as ``Max``, not ``clamp_min``'s one-sided ``Clip``: ONNX
-    Runtime's OpenVINO provider (1.24) turns an int64 ``Clip`` with only a lower bound into zeros."""
-    return torch.maximum(x, x.new_zeros(()))
-
-
 def gather_rows(x: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """x (R, L, ...), rows (N,), pos (N, K) -> (N, K, ...); out-of-range positions read a clamped slot
     (callers mask them)."""
@@ -255,7 +249,7 @@ class TransActV2(nn.Module):
         ll_n = batch.ll.valid_count(batch.request_ts) * int(cfg.use_ll)
         rt_n = batch.rt.valid_count(batch.request_ts)
         imp_n = batch.imp.valid_count(batch.request_ts)
-        rest_n = at_least_zero(rt_n - cfg.r_rt)
+        rest_n = (rt_n - cfg.r_rt).clamp_min(0)
         ll_pos = select_recent_nn(batch.ll.item, ll_n, cand_hat, req, cfg.k_ll)
         rt_pos = select_recent_nn(batch.rt.item, rest_n, cand_hat, req, cfg.k_rt)
         imp_pos = select_recent_nn(batch.imp.item, imp_n, cand_hat, req, cfg.k_imp)
@@ -283,7 +277,7 @@ class TransActV2(nn.Module):
         l_ll, l_rt = batch.ll.ts.shape[1], batch.rt.ts.shape[1]
         zero = torch.zeros_like(sel.pos)
         offset = torch.where(sel.group == 1, zero + l_ll, torch.where(sel.group == 2, zero + l_ll + l_rt, zero))
-        col = offset + at_least_zero(sel.pos)
+        col = offset + sel.pos.clamp_min(0)
         item = gather_rows(torch.cat([s.item for s in seqs], dim=1), req, col).to(torch.float32)
         action = gather_rows(torch.cat([s.action for s in seqs], dim=1), req, col)
         surface = gather_rows(torch.cat([s.surface for s in seqs], dim=1), req, col)
@@ -322,7 +316,7 @@ class TransActV2(nn.Module):
         if n > 0:
             count = (~pad).sum(1, keepdim=True)
             pos = count - n + torch.arange(n, device=hidden.device)
-            rows = hidden.gather(1, at_least_zero(pos).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+            rows = hidden.gather(1, pos.clamp_min(0).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
             parts.append((rows * (pos >= 0).unsqueeze(-1)).flatten(1))
         return torch.cat(parts, dim=1)
 
