@@ -1,12 +1,14 @@
 """CPU backend benchmark: ONNX Runtime on full.onnx against eager PyTorch, one request, same CPU.
 
 The request of DESIGN §5: 1 user, ll 16,000, rt 100, imp 100, 256 candidates. Both runtimes get the same
-number of intra-op threads; the median over many runs after a warm-up is reported, with the ratio.
+number of intra-op threads; they take turns in blocks of runs (see ``timed``), and the median over many runs
+after a warm-up is reported, with the ratio.
 
     python benchmarks/cpu_backend.py                      # random default model, exported to a temp folder
     python benchmarks/cpu_backend.py --bundle BUNDLE --threads 4 --runs 50 --json out.json
     python benchmarks/cpu_backend.py --threads 2 --profile 10   # also ONNX Runtime's time per operator
     python benchmarks/cpu_backend.py --onnx-provider OpenVINOExecutionProvider   # with onnxruntime-openvino
+    python benchmarks/cpu_backend.py --compile    # also torch.compile (inductor; needs a C++ compiler, ~30-60 s)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,14 +48,22 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def timed(fn, warmup: int, runs: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t) * 1e3)
+def timed(fns: dict[str, Callable[[], object]], warmup: int, runs: int, block: int = 5) -> dict[str, list[float]]:
+    """Milliseconds per call of each function: ``warmup`` calls each, then rounds in which each function in
+    turn gets one untimed call and ``block`` timed ones, until ``runs`` are timed. Taking turns spreads a slow
+    spell of the machine (shared hosts drift by 10-30 % within minutes) over all of them alike; the untimed
+    call lets the other runtime's worker threads, which spin for a while after their work, go quiet first."""
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    while any(len(v) < runs for v in out.values()):
+        for name, fn in fns.items():
+            fn()
+            for _ in range(min(block, runs - len(out[name]))):
+                t = time.perf_counter()
+                fn()
+                out[name].append((time.perf_counter() - t) * 1e3)
     return out
 
 
@@ -108,6 +119,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--onnx-provider", default=CPU_PROVIDER,
                     help="ONNX Runtime execution provider (the CPU provider takes the nodes it does not)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time torch.compile(model) (inductor, static shapes, fast path off)")
     ap.add_argument("--json", type=Path, help="write the results here as JSON")
     ap.add_argument("--profile", type=int, default=0, metavar="RUNS",
                     help="also profile ONNX Runtime over RUNS runs: node time per operator and per node")  # fmt: skip
@@ -124,18 +137,35 @@ def main() -> None:
     feed = {k: v.numpy() for k, v in batch.named_tensors()}
     session = bundle.session("full", optimize=True, threads=args.threads, provider=args.onnx_provider)
 
-    results: dict[str, list[float]] = {}
-    outputs = {}
-    for fastpath in (True, False):
-        torch.backends.mha.set_fastpath_enabled(fastpath)
+    def eager(fastpath: bool) -> Callable[[], object]:
+        def run() -> object:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+            with torch.inference_mode():
+                return model(batch)
+
+        return run
+
+    fns = {"eager (fast path on)": eager(True), "eager (fast path off)": eager(False)}
+    outputs = {fastpath: eager(fastpath)().numpy() for fastpath in (True, False)}
+    compiled = {}
+    if args.compile:  # with the fast path off, as traced; the first call compiles (timed on its own)
+        torch.backends.mha.set_fastpath_enabled(False)
         with torch.inference_mode():
-            outputs[fastpath] = model(batch).numpy()
-            results[f"eager (fast path {'on' if fastpath else 'off'})"] = timed(
-                lambda: model(batch), args.warmup, args.runs
-            )  # fmt: skip
-    torch.backends.mha.set_fastpath_enabled(True)
+            fn = torch.compile(model, dynamic=False)
+            t = time.perf_counter()
+            compiled["probabilities"] = fn(batch).numpy()
+            compiled["compile_s"] = time.perf_counter() - t
+
+        def run_compiled() -> object:
+            torch.backends.mha.set_fastpath_enabled(False)
+            with torch.inference_mode():
+                return fn(batch)
+
+        fns["torch.compile (inductor)"] = run_compiled
     probs = session.run(["probabilities"], feed)[0]
-    results["onnxruntime full.onnx"] = timed(lambda: session.run(None, feed), args.warmup, args.runs)
+    fns["onnxruntime full.onnx"] = lambda: session.run(None, feed)
+    results = timed(fns, args.warmup, args.runs)
+    torch.backends.mha.set_fastpath_enabled(True)
 
     med = {k: statistics.median(v) for k, v in results.items()}
     eager_best = min(v for k, v in med.items() if k.startswith("eager"))
@@ -151,6 +181,12 @@ def main() -> None:
         "speedup_vs_best_eager": ratio, "max_abs_diff_probabilities": diff, "versions": tool_versions(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }  # fmt: skip
+    if compiled:
+        info["torch_compile"] = {
+            "compile_s": compiled["compile_s"],
+            "max_abs_diff_probabilities": float(np.abs(compiled["probabilities"] - outputs[False]).max()),
+            "onnxruntime_speedup": med["torch.compile (inductor)"] / med["onnxruntime full.onnx"],
+        }  # fmt: skip
     print(f"{info['cpu']} ({info['logical_cpus']} logical CPUs), {args.threads} intra-op threads for both runtimes; "
           f"ONNX Runtime on {args.onnx_provider}")
     print(f"request: 1 user, ll {args.ll}, rt 100, imp 100, {args.candidates} candidates; "
@@ -158,6 +194,10 @@ def main() -> None:
     for k, v in med.items():
         print(f"  {k:<26} median {v:9.2f} ms   p10 {info['p10_ms'][k]:9.2f}   p90 {info['p90_ms'][k]:9.2f}")
     print(f"  ONNX Runtime speed-up over the faster eager setting: {ratio:.2f}x   (max |diff| {diff:.1e})")
+    if compiled:
+        tc = info["torch_compile"]
+        print(f"  ONNX Runtime speed-up over torch.compile: {tc['onnxruntime_speedup']:.2f}x   (its first call "
+              f"{tc['compile_s']:.1f} s, compiling; max |diff| against eager {tc['max_abs_diff_probabilities']:.1e})")
     if args.profile:
         graph = bundle.graph_bytes("full.onnx")
         prof = onnxruntime_profile(graph, feed, args.threads, args.profile, args.onnx_provider)
