@@ -2,7 +2,9 @@
 
 The request of DESIGN §5: 1 user, ll 16,000, rt 100, imp 100, 256 candidates. Both runtimes get the same
 number of intra-op threads; they take turns in blocks of runs (see ``timed``), and the median over many runs
-after a warm-up is reported, with the ratio.
+after a warm-up is reported, with the ratio. glibc's malloc keeps freed memory in the process (see
+``keep_freed_memory``; ``--system-malloc`` leaves it at its defaults), so eager PyTorch is timed at its
+steadier, faster setting.
 
     python benchmarks/cpu_backend.py                      # random default model, exported to a temp folder
     python benchmarks/cpu_backend.py --bundle BUNDLE --threads 4 --runs 50 --json out.json
@@ -46,6 +48,27 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in the process instead of returning it to the OS, as PyTorch's
+    CPU performance guide advises (through jemalloc or tcmalloc). Eager PyTorch allocates and frees tens of MB
+    per operator; with glibc's defaults every large block comes back as fresh pages, and the page faults cost
+    whatever the host makes them cost: on one VM the same eager request took 233-400 ms within an hour, 248-257
+    with this setting. ONNX Runtime keeps its own arena either way. False where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None:
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # glibc's <malloc.h>
+    return all(mallopt(opt, value) == 1 for opt, value in (
+        (m_mmap_threshold, 1 << 30), (m_trim_threshold, 2**31 - 1), (m_top_pad, 1 << 30)))  # fmt: skip
 
 
 def timed(fns: dict[str, Callable[[], object]], warmup: int, runs: int, block: int = 5) -> dict[str, list[float]]:
@@ -119,6 +142,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--onnx-provider", default=CPU_PROVIDER,
                     help="ONNX Runtime execution provider (the CPU provider takes the nodes it does not)")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="leave glibc's malloc at its defaults (eager then pays page faults that vary by host)")
     ap.add_argument("--compile", action="store_true",
                     help="also time torch.compile(model) (inductor, static shapes, fast path off)")
     ap.add_argument("--json", type=Path, help="write the results here as JSON")
@@ -126,6 +151,8 @@ def main() -> None:
                     help="also profile ONNX Runtime over RUNS runs: node time per operator and per node")  # fmt: skip
     args = ap.parse_args()
 
+    malloc = "glibc defaults" if args.system_malloc else ("glibc, freed memory kept" if keep_freed_memory()
+                                                           else "C library defaults (not glibc)")  # fmt: skip
     torch.set_num_threads(args.threads)
     tmp = None
     if args.bundle is None:
@@ -173,7 +200,7 @@ def main() -> None:
     diff = float(np.abs(probs - outputs[False]).max())
     info = {
         "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "logical_cpus": os.cpu_count(),
-        "threads": args.threads, "onnx_provider": args.onnx_provider,
+        "threads": args.threads, "onnx_provider": args.onnx_provider, "malloc": malloc,
         "request": {"users": 1, "ll": args.ll, "rt": 100, "imp": 100, "candidates": args.candidates},
         "runs": args.runs, "warmup": args.warmup, "median_ms": med,
         "p10_ms": {k: float(np.percentile(v, 10)) for k, v in results.items()},
@@ -190,7 +217,7 @@ def main() -> None:
     print(f"{info['cpu']} ({info['logical_cpus']} logical CPUs), {args.threads} intra-op threads for both runtimes; "
           f"ONNX Runtime on {args.onnx_provider}")
     print(f"request: 1 user, ll {args.ll}, rt 100, imp 100, {args.candidates} candidates; "
-          f"median of {args.runs} runs after {args.warmup} warm-up")  # fmt: skip
+          f"median of {args.runs} runs after {args.warmup} warm-up; malloc: {malloc}")  # fmt: skip
     for k, v in med.items():
         print(f"  {k:<26} median {v:9.2f} ms   p10 {info['p10_ms'][k]:9.2f}   p90 {info['p90_ms'][k]:9.2f}")
     print(f"  ONNX Runtime speed-up over the faster eager setting: {ratio:.2f}x   (max |diff| {diff:.1e})")
