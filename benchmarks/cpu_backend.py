@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.bundle import CPU_PROVIDER, export_bundle, load_bundle, onnx_providers  # noqa: E402
 from export.manifest import tool_versions  # noqa: E402
+from runtime.bench import keep_freed_memory  # noqa: E402
 from transact.checkpoint import save_checkpoint  # noqa: E402
 from transact.config import ModelConfig  # noqa: E402
 from transact.data.random_batch import random_batch  # noqa: E402
@@ -48,27 +49,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory in the process instead of returning it to the OS, as PyTorch's
-    CPU performance guide advises (through jemalloc or tcmalloc). Eager PyTorch allocates and frees tens of MB
-    per operator; with glibc's defaults every large block comes back as fresh pages, and the page faults cost
-    whatever the host makes them cost: on one VM the same eager request took 233-400 ms within an hour, 248-257
-    with this setting. ONNX Runtime keeps its own arena either way. False where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):
-        mallopt = None
-    if mallopt is None:
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # glibc's <malloc.h>
-    return all(mallopt(opt, value) == 1 for opt, value in (
-        (m_mmap_threshold, 1 << 30), (m_trim_threshold, 2**31 - 1), (m_top_pad, 1 << 30)))  # fmt: skip
 
 
 def timed(fns: dict[str, Callable[[], object]], warmup: int, runs: int, block: int = 5) -> dict[str, list[float]]:
@@ -151,8 +131,8 @@ def main() -> None:
                     help="also profile ONNX Runtime over RUNS runs: node time per operator and per node")  # fmt: skip
     args = ap.parse_args()
 
-    malloc = "glibc defaults" if args.system_malloc else ("glibc, freed memory kept" if keep_freed_memory()
-                                                           else "C library defaults (not glibc)")  # fmt: skip
+    malloc = "defaults" if args.system_malloc else (
+        "glibc, freed memory kept" if keep_freed_memory() else "defaults (no glibc mallopt, or it refused)")
     torch.set_num_threads(args.threads)
     tmp = None
     if args.bundle is None:

@@ -14,6 +14,29 @@ from export.bundle import CPU_PROVIDER
 from export.commands import check_provider
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in the process instead of returning it to the OS, as PyTorch's
+    CPU performance guide advises (through jemalloc or tcmalloc). Eager PyTorch allocates and frees tens of MB
+    per operator; with glibc's defaults every large block comes back as fresh pages, and the page faults cost
+    whatever the host makes them cost: on one VM the same eager request took 233-400 ms within an hour, 248-257
+    with this setting. ONNX Runtime keeps its own arena either way. False where the C library is not glibc or
+    refuses the settings (then nothing is changed, or only part of it)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None:
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # glibc's <malloc.h>
+    # Blocks below the mmap threshold come from the heap; older glibc caps the threshold at 32 MB.
+    heap = mallopt(m_mmap_threshold, 1 << 30) == 1 or mallopt(m_mmap_threshold, 32 << 20) == 1
+    return heap and mallopt(m_trim_threshold, 2**31 - 1) == 1 and mallopt(m_top_pad, 1 << 30) == 1
+
+
 def latency(fn: Callable[[], object], runs: int, warmup: int, sync: bool = False) -> dict[str, float]:
     """p50 / p99 / mean milliseconds of ``fn`` after ``warmup`` calls (device synchronised if ``sync``)."""
     for _ in range(warmup):
@@ -39,16 +62,19 @@ def latency(fn: Callable[[], object], runs: int, warmup: int, sync: bool = False
 @click.option("--runs", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for both sides.")
+@click.option("--system-malloc", is_flag=True,
+              help="Leave glibc's malloc at its defaults (eager then pays page faults whose cost varies by host).")
 @click.option("--onnx-provider", default=CPU_PROVIDER, show_default=True, callback=check_provider,
               help="ONNX Runtime execution provider for the cpu backend's full.onnx.")
 def bench_cmd(bundle: Path, device: str, candidates: int, ll: int | None, runs: int, warmup: int,
-              threads: int | None, onnx_provider: str) -> None:  # fmt: skip
+              threads: int | None, onnx_provider: str, system_malloc: bool) -> None:  # fmt: skip
     """Time one request (1 user, random inputs) through the runtime and through eager PyTorch."""
     from transact.data.random_batch import random_batch
     from transact.model import transformer_fastpath
 
     from .session import Request, Session
 
+    kept = not system_malloc and keep_freed_memory()
     if threads:
         torch.set_num_threads(threads)
     session = Session(bundle, device=device, threads=threads, onnx_provider=onnx_provider)
@@ -66,7 +92,8 @@ def bench_cmd(bundle: Path, device: str, candidates: int, ll: int | None, runs: 
         rows["eager PyTorch fp32"] = latency(lambda: model(eager_batch), runs, warmup, sync=on_gpu)
     base = rows["eager PyTorch fp32"]["p50_ms"]
     click.echo(f"1 user, {candidates} candidates, ll {batch.ll.ts.shape[1]}, rt {cfg.max_rt}, imp {cfg.max_imp}; "
-               f"{runs} runs after {warmup} warm-up; torch {torch.__version__}, {torch.get_num_threads()} threads")
+               f"{runs} runs after {warmup} warm-up; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+               f"malloc: {'freed memory kept' if kept else 'defaults'}")
     click.echo("| path | p50 ms | p99 ms | speed-up (p50) |\n|---|---:|---:|---:|")
     for name, r in rows.items():
         click.echo(f"| {name} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {base / r['p50_ms']:.2f}x |")
