@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from export.bundle import CPU_PROVIDER
 from transact.batch import SEQUENCES, Batch, BatchError, shape_error
 from transact.config import ITEM_DIM, ModelConfig
 
@@ -337,7 +338,7 @@ class SessionOptions:
     threads: int | None = None
     # ONNX Runtime's execution provider for full.onnx (cpu) and dense.onnx (cuda with dense_on="cpu"); the CPU
     # provider takes the nodes another one does not. Check a bundle on it first: `transact parity --onnx-provider`.
-    onnx_provider: str = "CPUExecutionProvider"
+    onnx_provider: str = CPU_PROVIDER
     max_candidates: int = 4096
     warmup: bool = True
     triton_cache_dir: str | None = None  # cuda: persistent compiled-kernel cache (default ~/.cache/transact/triton)
