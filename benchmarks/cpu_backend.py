@@ -1,10 +1,10 @@
 """CPU backend benchmark: ONNX Runtime on full.onnx against eager PyTorch, one request, same CPU.
 
 The request of DESIGN §5: 1 user, ll 16,000, rt 100, imp 100, 256 candidates. Both runtimes get the same
-number of intra-op threads; they take turns in blocks of runs (see ``timed``), and the median over many runs
-after a warm-up is reported, with the ratio. glibc's malloc keeps freed memory in the process (see
-``keep_freed_memory``; ``--system-malloc`` leaves it at its defaults), so eager PyTorch is timed at its
-steadier, faster setting.
+number of intra-op threads; they take turns in blocks of runs (``runtime.bench.take_turns``), and the median
+over many runs after a warm-up is reported, with the ratio. glibc's malloc keeps freed memory in the process
+(``runtime.bench.keep_freed_memory``; ``--system-malloc`` leaves it at its defaults), so eager PyTorch is timed
+at its steadier, faster setting.
 
     python benchmarks/cpu_backend.py                      # random default model, exported to a temp folder
     python benchmarks/cpu_backend.py --bundle BUNDLE --threads 4 --runs 50 --json out.json
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.bundle import CPU_PROVIDER, export_bundle, load_bundle, onnx_providers  # noqa: E402
 from export.manifest import tool_versions  # noqa: E402
-from runtime.bench import keep_freed_memory  # noqa: E402
+from runtime.bench import keep_freed_memory, take_turns  # noqa: E402
 from transact.checkpoint import save_checkpoint  # noqa: E402
 from transact.config import ModelConfig  # noqa: E402
 from transact.data.random_batch import random_batch  # noqa: E402
@@ -49,25 +49,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def timed(fns: dict[str, Callable[[], object]], warmup: int, runs: int, block: int = 5) -> dict[str, list[float]]:
-    """Milliseconds per call of each function: ``warmup`` calls each, then rounds in which each function in
-    turn gets one untimed call and ``block`` timed ones, until ``runs`` are timed. Taking turns spreads a slow
-    spell of the machine (shared hosts drift by 10-30 % within minutes) over all of them alike; the untimed
-    call lets the other runtime's worker threads, which spin for a while after their work, go quiet first."""
-    out: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    while any(len(v) < runs for v in out.values()):
-        for name, fn in fns.items():
-            fn()
-            for _ in range(min(block, runs - len(out[name]))):
-                t = time.perf_counter()
-                fn()
-                out[name].append((time.perf_counter() - t) * 1e3)
-    return out
 
 
 def onnxruntime_profile(graph: bytes, feed: dict, threads: int, runs: int, provider: str = CPU_PROVIDER) -> dict:
@@ -171,7 +152,7 @@ def main() -> None:
         fns["torch.compile (inductor)"] = run_compiled
     probs = session.run(["probabilities"], feed)[0]
     fns["onnxruntime full.onnx"] = lambda: session.run(None, feed)
-    results = timed(fns, args.warmup, args.runs)
+    results = take_turns(fns, args.runs, args.warmup)
     torch.backends.mha.set_fastpath_enabled(True)
 
     med = {k: statistics.median(v) for k, v in results.items()}

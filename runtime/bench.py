@@ -37,21 +37,32 @@ def keep_freed_memory() -> bool:
     return heap and mallopt(m_trim_threshold, 2**31 - 1) == 1 and mallopt(m_top_pad, 1 << 30) == 1
 
 
-def latency(fn: Callable[[], object], runs: int, warmup: int, sync: bool = False) -> dict[str, float]:
-    """p50 / p99 / mean milliseconds of ``fn`` after ``warmup`` calls (device synchronised if ``sync``)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        if sync:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    ms = np.asarray(times)
-    return {"p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
+def take_turns(fns: dict[str, Callable[[], object]], runs: int, warmup: int, block: int = 5) -> dict[str, list[float]]:
+    """Milliseconds per call of each function: ``warmup`` calls each, then rounds in which each function in
+    turn gets one untimed call and ``block`` timed ones, until each has ``runs`` timed calls. Taking turns
+    spreads a slow spell of the machine (shared hosts drift by 10-30 % within minutes) over all of them
+    alike; the untimed call lets the previous function's worker threads, which spin for a while after their
+    work, go quiet first. A function that runs on a GPU must synchronise before it returns."""
+    if runs < 1 or warmup < 0 or block < 1:
+        raise ValueError(f"runs must be >= 1, warmup >= 0 and block >= 1; got {runs}, {warmup}, {block}")
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    while any(len(v) < runs for v in out.values()):
+        for name, fn in fns.items():
+            fn()
+            for _ in range(min(block, runs - len(out[name]))):
+                t0 = time.perf_counter()
+                fn()
+                out[name].append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def latency_stats(ms: list[float]) -> dict[str, float]:
+    """p50 / p99 / mean of a list of milliseconds."""
+    a = np.asarray(ms, dtype=np.float64)
+    return {"p50_ms": float(np.median(a)), "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean())}
 
 
 @click.command("bench")
@@ -87,13 +98,20 @@ def bench_cmd(bundle: Path, device: str, candidates: int, ll: int | None, runs: 
     if on_gpu:
         model = model.cuda()
     path = session.backend_name if onnx_provider == CPU_PROVIDER else f"{session.backend_name}, {onnx_provider}"
-    rows = {f"runtime ({path})": latency(lambda: session.score(request), runs, warmup)}
-    with torch.no_grad(), transformer_fastpath(True):
-        rows["eager PyTorch fp32"] = latency(lambda: model(eager_batch), runs, warmup, sync=on_gpu)
-    base = rows["eager PyTorch fp32"]["p50_ms"]
+    eager_name = "eager PyTorch fp32"
+
+    def eager() -> None:
+        with torch.no_grad(), transformer_fastpath(True):
+            model(eager_batch)
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    times = take_turns({f"runtime ({path})": lambda: session.score(request), eager_name: eager}, runs, warmup)
+    rows = {name: latency_stats(ms) for name, ms in times.items()}
+    base = rows[eager_name]["p50_ms"]
     click.echo(f"1 user, {candidates} candidates, ll {batch.ll.ts.shape[1]}, rt {cfg.max_rt}, imp {cfg.max_imp}; "
-               f"{runs} runs after {warmup} warm-up; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-               f"malloc: {'freed memory kept' if kept else 'defaults'}")
+               f"{runs} runs each after {warmup} warm-up, the two taking turns; torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads; malloc: {'freed memory kept' if kept else 'defaults'}")
     click.echo("| path | p50 ms | p99 ms | speed-up (p50) |\n|---|---:|---:|---:|")
     for name, r in rows.items():
         click.echo(f"| {name} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {base / r['p50_ms']:.2f}x |")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from test_runtime_session import small_bundle
 
-from runtime.bench import bench_cmd, latency
+from runtime.bench import bench_cmd, latency_stats, take_turns
 from runtime.commands import serve_cmd
 from runtime.session import Session
 
@@ -20,6 +21,7 @@ def test_bench_prints_both_paths_with_positive_times() -> None:
                                             "--system-malloc"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "malloc: defaults" in result.output
+    assert "2 runs each after 1 warm-up, the two taking turns" in result.output
     rows = re.findall(r"^\| (runtime \(cpu\)|eager PyTorch fp32) \| ([0-9.]+) \| ([0-9.]+) \|", result.output, re.M)
     assert [r[0] for r in rows] == ["runtime (cpu)", "eager PyTorch fp32"]
     assert all(float(p50) > 0 and float(p99) >= float(p50) for _, p50, p99 in rows)
@@ -40,10 +42,39 @@ def test_bench_and_serve_take_an_onnx_provider() -> None:
         assert result.exit_code == 2 and "'NoSuchExecutionProvider' is not available" in result.output
 
 
-def test_latency_counts_every_call() -> None:
-    calls = []
-    stats = latency(lambda: calls.append(1), runs=5, warmup=2)
-    assert len(calls) == 7 and stats["p99_ms"] >= stats["p50_ms"] >= 0
+def test_take_turns_interleaves_blocks_after_one_untimed_call() -> None:
+    """The call order, worked out by hand for runs=7, warmup=2, block=3: warm-ups first, then per round each
+    function's untimed call and its block; the last round's blocks are cut to what is still owed."""
+    log: list[str] = []
+    fns = {name: (lambda name=name: log.append(name)) for name in ("a", "b")}
+    times = take_turns(fns, runs=7, warmup=2, block=3)
+    assert "".join(log) == "aa" "bb" + "aaaa" "bbbb" + "aaaa" "bbbb" + "aa" "bb"
+    assert {k: len(v) for k, v in times.items()} == {"a": 7, "b": 7}
+
+
+def test_take_turns_times_each_call_alone() -> None:
+    """A function that sleeps 20 ms is timed at 20 ms or a little more, one that does nothing far below: the
+    timer holds neither the other function's calls nor the untimed ones."""
+    import time
+
+    times = take_turns({"slow": lambda: time.sleep(0.02), "fast": lambda: None}, runs=4, warmup=1, block=2)
+    assert all(20.0 <= ms < 200.0 for ms in times["slow"])
+    assert all(0.0 <= ms < 5.0 for ms in times["fast"])
+
+
+def test_take_turns_refuses_counts_that_cannot_time_anything() -> None:
+    for runs, warmup, block in ((0, 1, 5), (3, -1, 5), (3, 1, 0)):
+        with pytest.raises(ValueError, match="runs must be >= 1"):
+            take_turns({"a": lambda: None}, runs=runs, warmup=warmup, block=block)
+
+
+def test_latency_stats_against_numpy() -> None:
+    ms = [5.0, 1.0, 3.0, 2.0, 4.0, 100.0]
+    stats = latency_stats(ms)
+    assert stats["p50_ms"] == 3.5  # the mean of the middle two, 3 and 4
+    assert stats["mean_ms"] == 115.0 / 6
+    # Linear interpolation between order statistics: sorted, position 0.99 * 5 = 4.95 between 5 and 100.
+    assert stats["p99_ms"] == pytest.approx(5.0 + 0.95 * 95.0)
 
 
 FAULTS = """
