@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +75,49 @@ def datatype_of(array: np.ndarray) -> str:
 # ---------------------------------------------------------------------------------------------
 # Decoding requests (server side)
 # ---------------------------------------------------------------------------------------------
+
+# The request Content-Encodings that Triton Inference Server's HTTP endpoint accepts (its client's
+# ``request_compression_algorithm``), with the zlib window bits that decode each; None: nothing to undo.
+CONTENT_ENCODINGS: dict[str, int | None] = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS, "identity": None}
+
+
+def decode_content(body: bytes, content_encoding: str | None, limit: int) -> bytes:
+    """The request body with its ``Content-Encoding`` undone (``gzip``, ``deflate``, ``identity``, or several
+    listed in the order they were applied). The ``Inference-Header-Content-Length`` header counts the
+    decoded body. Decompression stops at ``limit`` bytes (413): a small gzip body can expand a thousandfold."""
+    if not content_encoding:
+        return body
+    codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip()]
+    for coding in reversed(codings):
+        if coding not in CONTENT_ENCODINGS:
+            raise ProtocolError(f"Content-Encoding '{coding}' is not supported (gzip, deflate or identity)", 415,
+                                kind="malformed")  # fmt: skip
+        wbits = CONTENT_ENCODINGS[coding]
+        if wbits is not None:
+            body = _inflate(body, coding, wbits, limit)
+    return body
+
+
+def _inflate(data: bytes, coding: str, wbits: int, limit: int) -> bytes:
+    out = bytearray()
+    while True:  # a gzip body may hold several members, one after the other
+        d = zlib.decompressobj(wbits)
+        try:
+            out += d.decompress(data, limit + 1 - len(out))  # len(out) <= limit here, so the cap is never 0
+        except zlib.error as e:
+            if coding == "deflate" and wbits > 0 and not out:  # HTTP's deflate is zlib; some clients send it raw
+                return _inflate(data, coding, -zlib.MAX_WBITS, limit)
+            raise ProtocolError(f"malformed request body: not valid {coding} data (Content-Encoding): {e}") from None
+        if len(out) > limit:
+            raise ProtocolError(f"request body is larger than the limit of {limit} bytes once decompressed "
+                                "(--max-body-mb)", 413, kind="body_too_large")  # fmt: skip
+        if not d.eof:
+            raise ProtocolError(f"malformed request body: {coding} data cut short (Content-Encoding)")
+        data = d.unused_data
+        if not data:
+            return bytes(out)
+        if coding != "gzip":
+            raise ProtocolError(f"malformed request body: bytes after the end of the {coding} data (Content-Encoding)")
 
 
 def _header_length(value: str | None, body_size: int) -> int | None:

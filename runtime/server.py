@@ -10,8 +10,13 @@ Routes (KServe / Triton Inference Server REST):
     POST /v2/models/{m}[/versions/{v}]/infer    inference (JSON or the binary tensor data extension)
     GET  /metrics                        Prometheus
 
+Request bodies may be compressed as Triton Inference Server accepts them (``Content-Encoding: gzip`` or
+``deflate``, its client's ``request_compression_algorithm``), the body limit holding after decompression too;
+responses go uncompressed whatever ``Accept-Encoding`` asks (HTTP allows it, and the clients read both).
+
 Errors are ``{"error": "..."}`` with a 4xx status naming the tensor and the problem (404 for an unknown
-model, 413 for an oversized body, 503 while the model is loading or the server is stopping).
+model, 413 for an oversized body, 415 for an unknown Content-Encoding, 503 while the model is loading or the
+server is stopping).
 
 One process (``create_app`` + ``run_server``) answers ``live`` at once and ``ready`` after its background
 load; ``serve_workers`` runs several such processes on one port (``transact serve --workers N``), each
@@ -46,7 +51,14 @@ from transact.batch import BatchError
 
 from .batching import BatcherClosed, DynamicBatcher
 from .metrics import ServerMetrics, forget_dead_workers
-from .protocol import HEADER_LENGTH, InferRequest, ProtocolError, decode_infer_request, encode_infer_response
+from .protocol import (
+    HEADER_LENGTH,
+    InferRequest,
+    ProtocolError,
+    decode_content,
+    decode_infer_request,
+    encode_infer_response,
+)
 from .session import Output, Session, request_from_tensors
 from .session import Request as ModelRequest
 
@@ -248,8 +260,8 @@ def create_app(
         body, content_type = state.metrics.render()
         return Response(body, media_type=content_type)
 
-    def decode(body: bytes, header_length: str | None) -> tuple[InferRequest, ModelRequest]:
-        parsed = decode_infer_request(body, header_length)
+    def decode(body: bytes, header_length: str | None, encoding: str | None) -> tuple[InferRequest, ModelRequest]:
+        parsed = decode_infer_request(decode_content(body, encoding, settings.max_body_bytes), header_length)
         names = {s.name for s in state.session.output_specs()}
         for o in parsed.outputs or ():
             if o.name not in names:
@@ -273,12 +285,14 @@ def create_app(
                 raise err
             body = await _read_body(request, settings.max_body_bytes)
             header_length = request.headers.get(HEADER_LENGTH)
-            if header_length is not None and header_length.isdigit() and int(header_length) <= INLINE_HEADER_BYTES:
+            encoding = request.headers.get("content-encoding")
+            inline = header_length is not None and header_length.isdigit() and int(header_length) <= INLINE_HEADER_BYTES
+            if inline and encoding in (None, "", "identity"):
                 # Binary tensors with a small JSON header decode in ~0.15 ms (views over the body, then
                 # validation): cheaper here than the hop to a worker thread and back (~0.2 ms a request).
-                parsed, req = decode(body, header_length)
-            else:  # JSON tensors can take long to parse; the event loop keeps serving meanwhile
-                parsed, req = await run_in_threadpool(decode, body, header_length)
+                parsed, req = decode(body, header_length, encoding)
+            else:  # JSON tensors and compressed bodies take long to decode; the event loop keeps serving meanwhile
+                parsed, req = await run_in_threadpool(decode, body, header_length, encoding)
             try:
                 future = state.batcher.submit(req)
             except BatcherClosed as e:

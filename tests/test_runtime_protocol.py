@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from runtime.protocol import (
     InferRequest,
     ProtocolError,
     RequestedOutput,
+    decode_content,
     decode_infer_request,
     decode_infer_response,
     encode_infer_request,
@@ -117,3 +120,60 @@ def test_duplicate_input_is_refused() -> None:
 def test_nan_literal_parses_for_the_model_checks_to_name() -> None:
     req = decode_infer_request(b'{"inputs": [{"name": "u", "datatype": "FP32", "shape": [2], "data": [NaN, 1]}]}')
     assert np.isnan(req.inputs["u"].array[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Compressed request bodies (Content-Encoding), against Python's own gzip and zlib modules
+# ---------------------------------------------------------------------------------------------
+
+
+def _request_body() -> bytes:
+    body, _ = encode_infer_request(TENSORS, binary=True)
+    return body
+
+
+@pytest.mark.parametrize("encoding, compress", [
+    ("gzip", gzip.compress),
+    ("deflate", zlib.compress),  # HTTP's deflate: the zlib format, what Triton's client sends
+    ("deflate", lambda b: zlib.compress(b)[2:-4]),  # raw deflate, as some clients send it
+    ("GZip", gzip.compress),
+    ("gzip", lambda b: gzip.compress(b[:100]) + gzip.compress(b[100:])),  # two gzip members
+    ("deflate, gzip", lambda b: gzip.compress(zlib.compress(b))),  # listed in the order applied
+    ("identity", lambda b: b),
+    ("", lambda b: b),
+    (None, lambda b: b),
+])  # fmt: skip
+def test_compressed_bodies_decode_to_the_original(encoding: str | None, compress) -> None:
+    body = _request_body()
+    assert decode_content(compress(body), encoding, limit=len(body)) == body
+
+
+@pytest.mark.parametrize("encoding, data, status, words", [
+    ("br", b"whatever", 415, "Content-Encoding 'br' is not supported"),
+    ("gzip", b"not gzip at all", 400, "not valid gzip data"),
+    ("deflate", b"\xff\xfe not deflate", 400, "not valid deflate data"),
+    ("gzip", gzip.compress(b"x" * 5000)[:-12], 400, "gzip data cut short"),
+    ("deflate", zlib.compress(b"x" * 5000) + b"tail", 400, "bytes after the end of the deflate data"),
+    ("gzip", gzip.compress(b"\0" * (1 << 20)), 413, "larger than the limit of 65536 bytes once decompressed"),
+    ("deflate", zlib.compress(b"\0" * 65537), 413, "once decompressed"),
+])  # fmt: skip
+def test_bad_compressed_bodies_are_refused(encoding: str, data: bytes, status: int, words: str) -> None:
+    with pytest.raises(ProtocolError, match=words) as e:
+        decode_content(data, encoding, limit=65536)
+    assert e.value.status == status
+
+
+def test_decompression_stops_at_the_limit() -> None:
+    """A 256 KB gzip body that would expand to 256 MB is refused after at most limit + 1 bytes are produced."""
+    packer, zeros = zlib.compressobj(9, wbits=16 + zlib.MAX_WBITS), bytes(1 << 20)  # gzip, streamed
+    bomb = b"".join(packer.compress(zeros) for _ in range(256)) + packer.flush()
+    assert len(bomb) < 1 << 20 and zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(bomb, 4096) == bytes(4096)
+    import tracemalloc
+
+    tracemalloc.start()
+    with pytest.raises(ProtocolError, match="once decompressed"):
+        decode_content(bomb, "gzip", limit=1 << 20)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 << 20
+    assert decode_content(zlib.compress(b"\0" * (1 << 20)), "deflate", limit=1 << 20) == b"\0" * (1 << 20)

@@ -4,6 +4,7 @@ burst, de-duplication, readiness, and graceful shutdown of the `serve` process."
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -221,7 +222,16 @@ def bad_cases(req: Request) -> list[tuple[str, bytes, dict, int, str, str]]:
         ("missing input", *enc(_mutate(req, imp_ts=None)), 400, "imp_ts", "missing input"),
         ("binary size", wrong_size, h_ws, 400, "user_dense", "binary_data_size"),
         ("body over limit", body_big, h_big, 413, "", "larger than the limit"),
+        ("gzip over limit", gzip.compress(body_big), {**h_big, "Content-Encoding": "gzip"}, 413, "",
+         "once decompressed"),
+        ("not gzip", *_with(enc(_mutate(req)), {"Content-Encoding": "gzip"}), 400, "", "not valid gzip data"),
+        ("unknown encoding", *_with(enc(_mutate(req)), {"Content-Encoding": "br"}), 415, "", "'br' is not supported"),
     ]
+
+
+def _with(encoded: tuple[bytes, dict], headers: dict) -> tuple[bytes, dict]:
+    body, h = encoded
+    return body, {**h, **headers}
 
 
 def test_bad_input_gets_4xx_naming_the_tensor_and_server_keeps_serving(server, session: Session, eager) -> None:
@@ -245,6 +255,48 @@ def test_bad_input_gets_4xx_naming_the_tensor_and_server_keeps_serving(server, s
     assert errors_after - errors_before >= 12
     assert metric(server.client, 'transact_infer_errors_total{kind="body_too_large",model="transact"}') >= 1
     assert metric(server.client, 'transact_infer_errors_total{kind="unknown_model",model="transact"}') >= 1
+
+
+def test_tritons_own_client_speaks_to_the_server(server, session: Session, eager) -> None:
+    """Triton Inference Server's Python client (``tritonclient.http``), as its users call it: health, metadata,
+    inference with JSON and binary tensors, with and without request / response compression, and a bad
+    request's error carried back in its exception."""
+    import tritonclient.http as triton_http
+    from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+    client = triton_http.InferenceServerClient(url=server.url.removeprefix("http://"))
+    try:
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("transact")
+        assert client.get_server_metadata()["extensions"] == ["binary_tensor_data"]
+        meta = client.get_model_metadata("transact", model_version="1")
+        assert {i["name"] for i in meta["inputs"]} == set(random_requests(session.config, 0)[0].tensors())
+
+        def inputs(tensors: dict[str, np.ndarray], binary: bool) -> list:
+            out = []
+            for name, array in tensors.items():
+                t = triton_http.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+                t.set_data_from_numpy(array, binary_data=binary)
+                out.append(t)
+            return out
+
+        reqs = random_requests(session.config, 41, n_cands=9) + random_requests(session.config, 42, n_cands=5)
+        cases = [(binary, c) for binary in (True, False) for c in (None, "gzip", "deflate")]
+        for (binary, compression), req, want in zip(cases, reqs, eager_probs(eager, reqs), strict=True):
+            wanted = [triton_http.InferRequestedOutput(n, binary_data=binary) for n in ("scores", "probabilities")]
+            result = client.infer("transact", inputs(req.tensors(), binary), outputs=wanted, request_id="t1",
+                                  request_compression_algorithm=compression,
+                                  response_compression_algorithm=compression)  # fmt: skip
+            np.testing.assert_allclose(result.as_numpy("probabilities"), want, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(result.as_numpy("scores"), session.rank_scores(want), atol=1e-5, rtol=0)
+            assert result.get_response()["id"] == "t1"
+
+        bad = reqs[0].tensors()
+        bad["rt_item"] = bad["rt_item"][:, :16].copy()
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("transact", inputs(bad, True), request_compression_algorithm="gzip")
+        assert e.value.status() == "400" and "rt_item" in e.value.message()
+    finally:
+        client.close()
 
 
 def test_each_request_is_validated_once(server, session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
