@@ -289,6 +289,9 @@ def test_tritons_own_client_speaks_to_the_server(server, session: Session, eager
             np.testing.assert_allclose(result.as_numpy("probabilities"), want, atol=1e-5, rtol=0)
             np.testing.assert_allclose(result.as_numpy("scores"), session.rank_scores(want), atol=1e-5, rtol=0)
             assert result.get_response()["id"] == "t1"
+        result = client.infer("transact", inputs(reqs[0].tensors(), True))  # no outputs named: all, as JSON
+        assert [o["name"] for o in result.get_response()["outputs"]] == ["probabilities", "scores"]
+        np.testing.assert_allclose(result.as_numpy("probabilities"), session.score(reqs[0]), atol=1e-6, rtol=0)
 
         bad = reqs[0].tensors()
         bad["rt_item"] = bad["rt_item"][:, :16].copy()
