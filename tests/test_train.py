@@ -71,3 +71,24 @@ def test_bad_train_config_is_refused():
         dataclasses.replace(TrainConfig(), epochs=0).validate()
     with pytest.raises(ValueError, match="data"):
         dataclasses.replace(TrainConfig(), data="imagenet").validate()
+
+
+def test_eval_ablation_json_prints_json_alone(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`transact eval --ablation --json` keeps stdout for the JSON (a pipe into jq must parse); the plot's
+    path goes to stderr. The training itself is stood in for: this is about the command's output."""
+    import json
+
+    from click.testing import CliRunner
+
+    import transact.ablation
+    from transact.cli import cli
+
+    results = {"rt": {"test": {"click": {"auc": 0.75, "hit@3": 0.9}}, "seconds": 1.0}}
+    monkeypatch.setattr(transact.ablation, "run_ablation", lambda cfg, out: {"results": results, "table": "| t |"})
+    args = ["eval", "--ablation", "--data", "synthetic", "--out", str(tmp_path)]
+    r = CliRunner().invoke(cli, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == results
+    assert f"plot: {tmp_path / 'ablation.png'}" in r.stderr
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0 and r.stdout.splitlines() == ["| t |", f"plot: {tmp_path / 'ablation.png'}"]

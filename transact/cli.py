@@ -86,7 +86,7 @@ def eval_cmd(checkpoint, config, data, logs, epochs, batch_requests, lr, seed, t
                             seed=seed, threads=threads)  # fmt: skip
         summary = run_ablation(_data_options(cfg, users), out)
         click.echo(json.dumps(summary["results"], indent=2) if as_json else summary["table"])
-        click.echo(f"plot: {Path(out) / 'ablation.png'}")
+        click.echo(f"plot: {Path(out) / 'ablation.png'}", err=as_json)  # stdout stays JSON alone
         return
     if not checkpoint:
         raise click.UsageError("give a CHECKPOINT folder, or --ablation")
