@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The hybrid runtime on a CUDA machine: GPU tests, then the end-to-end benchmark (DESIGN §5).
+# The hybrid runtime on a CUDA machine: its GPU tests and training on the GPU, then the end-to-end benchmark (DESIGN §5).
 #   OUT=results_dir bash benchmarks/gpu_runtime.sh
 source "$(dirname "$0")/gpu_env.sh"
 BUNDLE=${BUNDLE:-/tmp/transact-default-bundle}
@@ -23,7 +23,7 @@ with tempfile.TemporaryDirectory() as tmp:
 print("bundle", sys.argv[1])
 PYEOF
 t0=$(date +%s)
-TRANSACT_TEST_BUNDLE=$BUNDLE timeout "${TEST_TIMEOUT:-600}" $PY -m pytest -m gpu tests/gpu/test_runtime_gpu.py -q -x \
+TRANSACT_TEST_BUNDLE=$BUNDLE timeout "${TEST_TIMEOUT:-600}" $PY -m pytest -m gpu tests/gpu/test_runtime_gpu.py tests/gpu/test_train_gpu.py -q -x \
   -p no:cacheprovider 2>&1 | tee "$OUT/runtime_gpu_tests.log"
 rc=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] && status=$rc
 echo "runtime gpu tests: exit $rc in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/runtime_gpu_tests.log"

@@ -65,3 +65,24 @@ def test_bad_action_log(tmp_path: Path, csv: str, needle: str) -> None:
 def test_missing_checkpoint_for_eval(tmp_path: Path) -> None:
     line = one_line_error(transact("eval", str(tmp_path / "nope"), cwd=tmp_path))
     assert "nope" in line
+
+
+@pytest.mark.parametrize("device, needle", [("tpu", "must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+                                            ("cuda:x", "got 'cuda:x'")])  # fmt: skip
+def test_bad_training_device(tmp_path: Path, device: str, needle: str) -> None:
+    out = tmp_path / "ckpt"
+    line = one_line_error(transact("train", "--users", "8", "--device", device, "--out", str(out), cwd=tmp_path))
+    assert "device" in line and needle in line, line
+    assert not out.exists()
+
+
+def test_training_on_a_gpu_this_machine_lacks(tmp_path: Path) -> None:
+    """A CPU build of PyTorch (CI) asked for CUDA: refused before any data is read; on a GPU machine, a device
+    index past its GPUs."""
+    import torch
+
+    device = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    out = tmp_path / "ckpt"
+    line = one_line_error(transact("train", "--users", "8", "--device", device, "--out", str(out), cwd=tmp_path))
+    assert "field 'device'" in line and ("GPU(s)" in line if torch.cuda.is_available() else "CUDA" in line), line
+    assert not out.exists()

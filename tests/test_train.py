@@ -92,3 +92,19 @@ def test_eval_ablation_json_prints_json_alone(tmp_path, monkeypatch: pytest.Monk
     assert f"plot: {tmp_path / 'ablation.png'}" in r.stderr
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0 and r.stdout.splitlines() == ["| t |", f"plot: {tmp_path / 'ablation.png'}"]
+
+
+def test_device_names_resolve_or_are_refused() -> None:
+    from transact.errors import TransactError
+    from transact.train import resolve_device
+
+    for bad in ("tpu", "gpu", "cuda:x", ""):
+        with pytest.raises(ValueError, match="device"):
+            dataclasses.replace(TrainConfig(), device=bad).validate()
+        with pytest.raises(TransactError, match="field 'device'"):
+            resolve_device(bad)
+    for good in ("auto", "cpu", "cuda", "cuda:1"):
+        dataclasses.replace(TrainConfig(), device=good).validate()
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+

@@ -48,6 +48,7 @@ def data_flags(f):
     f = click.option("--lr", type=float, default=None)(f)
     f = click.option("--seed", type=int, default=None)(f)
     f = click.option("--threads", type=int, default=None)(f)
+    f = click.option("--device", default=None, help="auto (a GPU when there is one; default), cpu, cuda, cuda:N.")(f)
     f = click.option("--users", type=int, default=None, help="Synthetic data: number of users.")(f)
     return f
 
@@ -56,12 +57,12 @@ def data_flags(f):
 @data_flags
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Checkpoint folder.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
-def train(config, data, logs, epochs, batch_requests, lr, seed, threads, users, out, resume) -> None:
+def train(config, data, logs, epochs, batch_requests, lr, seed, threads, device, users, out, resume) -> None:
     """Train a model and write a checkpoint folder (safetensors + JSON)."""
     from .train import train as run
 
     cfg = _train_config(config, data=data, logs=logs, epochs=epochs, batch_requests=batch_requests, lr=lr,
-                        seed=seed, threads=threads, out=out)  # fmt: skip
+                        seed=seed, threads=threads, device=device, out=out)  # fmt: skip
     cfg = _data_options(cfg, users)
     _, report = run(cfg, resume=resume)
     click.echo(_metrics_table(report["test"]))
@@ -74,16 +75,16 @@ def train(config, data, logs, epochs, batch_requests, lr, seed, threads, users, 
 @click.option("--ablation", is_flag=True, help="Train and compare no-seq / rt / rt+NAL / rt+ll+NAL.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/ablation", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def eval_cmd(checkpoint, config, data, logs, epochs, batch_requests, lr, seed, threads, users, ablation, out,
+def eval_cmd(checkpoint, config, data, logs, epochs, batch_requests, lr, seed, threads, device, users, ablation, out,
              as_json) -> None:  # fmt: skip
     """AUC and HIT@3 per head on the time-based test split, or the ablation table."""
     from .ablation import run_ablation
     from .checkpoint import load_checkpoint
-    from .train import TrainConfig, evaluate, load_data
+    from .train import TrainConfig, evaluate, load_data, resolve_device
 
     if ablation:
         cfg = _train_config(config, data=data, logs=logs, epochs=epochs, batch_requests=batch_requests, lr=lr,
-                            seed=seed, threads=threads)  # fmt: skip
+                            seed=seed, threads=threads, device=device)  # fmt: skip
         summary = run_ablation(_data_options(cfg, users), out)
         click.echo(json.dumps(summary["results"], indent=2) if as_json else summary["table"])
         click.echo(f"plot: {Path(out) / 'ablation.png'}", err=as_json)  # stdout stays JSON alone
@@ -92,6 +93,7 @@ def eval_cmd(checkpoint, config, data, logs, epochs, batch_requests, lr, seed, t
         raise click.UsageError("give a CHECKPOINT folder, or --ablation")
     model, state = load_checkpoint(checkpoint)
     cfg = TrainConfig(**(state.get("train_config") or {}))
+    model.to(resolve_device(device or "auto"))  # where this machine evaluates, not where it was trained
     _, _, test = load_data(cfg)
     metrics = evaluate(model, test)
     click.echo(json.dumps(metrics, indent=2) if as_json else _metrics_table(metrics))

@@ -5,6 +5,9 @@
 
 Runs are repeatable: the seed fixes the model init, the data order and the training-time masks;
 resuming from a checkpoint continues at the next epoch with the same seeds a straight run would use.
+On a GPU (``device="cuda"``, or ``"auto"`` where one is present) runs repeat up to the order of CUDA's
+atomic additions in the backward pass (gathers and embedding lookups), so the weights agree closely, not
+bit for bit.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class TrainConfig:
     valid_frac: float = 0.1
     test_frac: float = 0.2
     threads: int | None = None
+    device: str = "auto"  # "auto" (a GPU when there is one), "cpu", "cuda" or "cuda:N"
     data_options: dict[str, Any] = field(default_factory=dict)  # passed to the data source
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides
 
@@ -62,6 +66,31 @@ class TrainConfig:
             raise ValueError("lr: must be positive")
         if not (0 <= self.valid_frac < 1 and 0 < self.test_frac < 1 and self.valid_frac + self.test_frac < 1):
             raise ValueError("valid_frac/test_frac: need 0 <= valid, 0 < test and valid + test < 1")
+        if self.device != "auto" and _device_type(self.device) not in ("cpu", "cuda"):
+            raise ValueError(f"device: must be auto, cpu, cuda or cuda:N, got '{self.device}'")
+
+
+def _device_type(name: str) -> str | None:
+    try:
+        return torch.device(name).type
+    except (RuntimeError, ValueError):
+        return None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> the GPU when CUDA is available, else the CPU; a GPU asked for that is not there is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if _device_type(name) not in ("cpu", "cuda"):
+        raise TransactError(f"must be auto, cpu, cuda or cuda:N, got '{name}'", field="device")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TransactError("CUDA is not available to this PyTorch (a CPU build, or no GPU): use cpu or auto",
+                                field="device")  # fmt: skip
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise TransactError(f"{name}: this machine has {torch.cuda.device_count()} GPU(s)", field="device")
+    return device
 
 
 def load_train_config(path: str | Path, **overrides: Any) -> TrainConfig:
@@ -127,12 +156,13 @@ def model_config_for(cfg: TrainConfig, dataset) -> ModelConfig:
 
 @torch.no_grad()
 def predict(model: RankingModel, dataset, batch_requests: int = 64) -> dict[str, np.ndarray]:
-    """Probabilities, labels and request ids of every candidate of a data set."""
+    """Probabilities, labels and request ids of every candidate of a data set (on the model's device)."""
     model.eval()
+    device = next(model.parameters()).device
     probs, labels, groups = [], [], []
     offset = 0
     for batch in dataset.batches(batch_requests, shuffle=False, seed=0):
-        probs.append(model(batch).numpy())
+        probs.append(model(batch.to(device)).cpu().numpy())
         labels.append(batch.labels.numpy())
         groups.append(batch.cand_request.numpy() + offset)
         offset += batch.num_requests
@@ -163,12 +193,14 @@ def restore_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer, tensor
     for flat, value in tensors.items():
         name, key = flat.split("::")
         if name in params:
-            opt.state[params[name]][key] = value
+            # AdamW keeps its step count on the CPU unless it runs capturable / fused; moments sit with the weights.
+            opt.state[params[name]][key] = value if key == "step" else value.to(params[name].device)
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, data=None) -> tuple[RankingModel, dict]:
     """Train and checkpoint after every epoch; returns the model and a report with test metrics."""
     cfg.validate()
+    device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     started = time.perf_counter()
@@ -181,6 +213,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, data=No
     else:
         seed_everything(cfg.seed)
         model = RankingModel(model_config_for(cfg, train_ds))
+    model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if resume and start_epoch:
         moments = load_optimizer_state(out)
@@ -195,6 +228,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, data=No
         bar = tqdm(batches, total=math.ceil(train_ds.num_requests / cfg.batch_requests),
                    desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None if progress else True, leave=False)  # fmt: skip
         for batch in bar:
+            batch = batch.to(device)
             loss, parts = total_loss(model, batch, model.forward_with_aux(batch))
             opt.zero_grad(set_to_none=True)
             loss.backward()
