@@ -183,7 +183,7 @@ def validate_batch(batch: Batch, config, num_heads: int | None = None) -> None:
             raise BatchError(f"{s}_item: int8 codes must lie in [-127, 127]")
         if seq.surface.numel() and (int(seq.surface.min()) < 0 or int(seq.surface.max()) >= config.num_surfaces):
             raise BatchError(f"{s}_surface: values must lie in [0, {config.num_surfaces})")
-        pos = torch.arange(seq.ts.shape[1])
+        pos = torch.arange(seq.ts.shape[1], device=seq.ts.device)
         stored = pos[None, :] < seq.length[:, None]
         if seq.ts.shape[1] > 1:
             later = seq.ts[:, 1:] >= seq.ts[:, :-1]

@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from transact.ablation import deep_merge  # noqa: E402
+from transact.batch import validate_batch  # noqa: E402
 from transact.checkpoint import load_checkpoint  # noqa: E402
 from transact.cli import DEMO_MODEL  # noqa: E402
 from transact.data.synthetic import make_synthetic  # noqa: E402
@@ -49,6 +50,7 @@ def test_one_training_step_on_the_gpu_equals_the_cpu(parts) -> None:
     gpu.load_state_dict(cpu.state_dict())
     gpu.cuda()
     batch = next(iter(train_ds.batches(16, shuffle=True, seed=3)))
+    validate_batch(batch.to("cuda"), cfg)  # a batch on the GPU is checked where it lies
     results = {}
     for name, model, b in (("cpu", cpu, batch), ("gpu", gpu, batch.to("cuda"))):
         loss, parts_ = total_loss(model, b, model.forward_with_aux(b))
