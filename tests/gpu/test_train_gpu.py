@@ -71,8 +71,8 @@ def test_a_short_gpu_run_learns_and_its_checkpoint_scores_the_same_on_the_cpu(pa
     assert next(model.parameters()).device.type == "cuda"
     losses = [h["loss"] for h in report["history"]]
     assert losses[-1] < losses[0] * 0.95, losses
-    # Well above chance (the test split's ~1,000 candidates put a chance AUC within ~0.02 of 0.5); the CPU run of
-    # tests/test_train.py reads 0.63 / 0.71 on these data, and the GPU draws other dropout masks.
+    # Well above chance (the test split's ~1,000 candidates put a chance AUC within ~0.02 of 0.5); the same run on
+    # the CPU reads 0.63 / 0.71, and the GPU draws other dropout masks.
     assert report["test"]["click"]["auc"] > 0.58 and report["test"]["hide"]["auc"] > 0.62, report["test"]
     on_cpu, state = load_checkpoint(tmp_path / "gpu")
     assert state["epoch"] == 3
