@@ -40,6 +40,7 @@ def test_loss_falls_and_auc_is_well_above_chance(ablation):
     assert "nal" in rep["history"][0]
     test = rep["test"]
     assert test["click"]["auc"] > 0.6 and test["hide"]["auc"] > 0.65, test
+    assert rep["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # device "auto", the default
 
 
 def test_lifelong_module_beats_rt_only(ablation):

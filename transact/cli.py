@@ -66,7 +66,7 @@ def train(config, data, logs, epochs, batch_requests, lr, seed, threads, device,
     cfg = _data_options(cfg, users)
     _, report = run(cfg, resume=resume)
     click.echo(_metrics_table(report["test"]))
-    click.echo(f"checkpoint: {cfg.out}  ({report['seconds']:.1f} s)")
+    click.echo(f"checkpoint: {cfg.out}  ({report['seconds']:.1f} s on {report['device']})")
 
 
 @cli.command("eval")

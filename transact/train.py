@@ -247,6 +247,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, data=No
         "history": history,
         "seconds": time.perf_counter() - started,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "device": str(device),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return model, report

@@ -68,7 +68,7 @@ def test_a_short_gpu_run_learns_and_its_checkpoint_scores_the_same_on_the_cpu(pa
     cfg = TrainConfig(out=str(tmp_path / "gpu"), epochs=3, seed=3, lr=3e-3, batch_requests=16, device="cuda",
                       model=DEMO_MODEL)  # fmt: skip
     model, report = train(cfg, progress=False, data=parts)
-    assert next(model.parameters()).device.type == "cuda"
+    assert next(model.parameters()).device.type == "cuda" and report["device"] == "cuda"
     losses = [h["loss"] for h in report["history"]]
     assert losses[-1] < losses[0] * 0.95, losses
     # Well above chance (the test split's ~1,000 candidates put a chance AUC within ~0.02 of 0.5); the same run on
