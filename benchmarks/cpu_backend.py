@@ -19,7 +19,6 @@ import argparse
 import collections
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,21 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.bundle import CPU_PROVIDER, export_bundle, load_bundle, onnx_providers  # noqa: E402
 from export.manifest import tool_versions  # noqa: E402
-from runtime.bench import keep_freed_memory, take_turns  # noqa: E402
+from runtime.bench import cpu_name, keep_freed_memory, take_turns  # noqa: E402
 from transact.checkpoint import save_checkpoint  # noqa: E402
 from transact.config import ModelConfig  # noqa: E402
 from transact.data.random_batch import random_batch  # noqa: E402
 from transact.model import RankingModel  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def onnxruntime_profile(graph: bytes, feed: dict, threads: int, runs: int, provider: str = CPU_PROVIDER) -> dict:
