@@ -9,9 +9,6 @@ The data: ``make_synthetic`` users with lifelong sequences up to ``--ll`` action
 ``--candidates`` per request. Batches are built beforehand and cycled, so the step time holds no data work;
 the data row times building one batch on the host and copying it to the device, which a training loop
 pays too unless it overlaps it. Both are medians after a warm-up, the two taking turns.
-
-``--epochs-timed N`` also times whole epochs of ``transact.train.train`` (data, steps, validation,
-checkpoint) on the same data with its host-thread prefetch on and off, N rounds each, taking turns.
 """
 
 from __future__ import annotations
@@ -51,8 +48,6 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs-timed", type=int, default=0, metavar="N",
-                    help="also time N one-epoch runs of transact.train.train with prefetch on and off")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -110,37 +105,8 @@ def main() -> None:
     for name, s in stats.items():
         print(f"| {name} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} |")
     print(f"train steps: {info['requests_per_s']:.1f} requests/s, {info['candidates_per_s']:.0f} candidates/s")
-    if args.epochs_timed:
-        info["epoch_s"] = time_epochs(args, data, overrides)
-        print("| one epoch of transact.train.train (+ validation, test) | s (each round) "
-              "| train-split requests/s (best) |\n"
-              "|---|---|---:|")
-        for name, secs in info["epoch_s"].items():
-            rate = data.num_requests * (1 - 0.1 - 0.2) / min(secs)
-            print(f"| {name} | {', '.join(f'{x:.2f}' for x in secs)} | {rate:.0f} |")
     if args.json:
         args.json.write_text(json.dumps(info, indent=2))
-
-
-def time_epochs(args: argparse.Namespace, data, overrides: dict) -> dict[str, list[float]]:
-    """Seconds per one-epoch run of ``train`` with prefetch off and on, rounds taking turns (the first pair
-    untimed: it compiles nothing but warms the allocator and the data caches)."""
-    import tempfile
-
-    from transact.train import train
-
-    parts = data.split_by_time(0.1, 0.2)
-    out: dict[str, list[float]] = {"prefetch off": [], "prefetch on": []}
-    with tempfile.TemporaryDirectory(prefix="transact-train-bench-") as folder:
-        for round_ in range(args.epochs_timed + 1):
-            for name, prefetch in (("prefetch off", False), ("prefetch on", True)):
-                cfg = TrainConfig(out=str(Path(folder) / name.replace(" ", "_")), epochs=1, seed=args.seed,
-                                  batch_requests=args.batch_requests, device=args.device, model=overrides)  # fmt: skip
-                t0 = time.perf_counter()
-                train(cfg, progress=False, data=parts, prefetch=prefetch)
-                if round_:
-                    out[name].append(time.perf_counter() - t0)
-    return out
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ lifelong module beats rt-only, runs repeat exactly for a seed, and resuming equa
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 import torch
@@ -110,40 +109,3 @@ def test_device_names_resolve_or_are_refused() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
-
-
-def test_prefetched_batches_keep_order_bound_and_errors() -> None:
-    """The host-thread builder yields what the plain iterator would, in order; runs at most ``depth`` (+ the one
-    in hand) ahead; raises the builder's exception where it happened; and stops when the loop stops early."""
-    import threading
-
-    from transact.train import prefetched
-
-    assert list(prefetched(iter(range(50)), depth=2)) == list(range(50))
-    assert list(prefetched(iter([]))) == []
-
-    built: list[int] = []
-
-    def counted():
-        for i in range(100):
-            built.append(i)
-            yield i
-
-    it = prefetched(counted(), depth=2)
-    assert next(it) == 0
-    time.sleep(0.3)  # let the builder run as far ahead as it may
-    assert len(built) <= 1 + 2 + 1  # the one taken, two queued, one waiting to be queued
-    before = {t for t in threading.enumerate() if t.name == "transact-batches"}
-    it.close()  # the loop stops early: the thread ends
-    assert all(not t.is_alive() for t in before)
-
-    def failing():
-        yield 1
-        yield 2
-        raise KeyError("batch 3")
-
-    got = []
-    with pytest.raises(KeyError, match="batch 3"):
-        for x in prefetched(failing()):
-            got.append(x)
-    assert got == [1, 2]

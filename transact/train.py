@@ -15,15 +15,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import queue
 import random
-import threading
 import time
 import tomllib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +33,6 @@ from .losses import total_loss
 from .metrics import auc, hit_at_k
 from .model import RankingModel
 
-T = TypeVar("T")
 DATA_SOURCES = ("synthetic", "movielens", "logs")
 
 
@@ -201,52 +197,8 @@ def restore_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer, tensor
             opt.state[params[name]][key] = value if key == "step" else value.to(params[name].device)
 
 
-def prefetched(batches: Iterator[T], depth: int = 2) -> Iterator[T]:
-    """``batches`` built ``depth`` ahead on a host thread, in the same order. On a GPU the host builds the next
-    batch (numpy and torch gathers that release the GIL for the most part) while the device runs the step; a
-    batch of 256 requests takes ~10 ms to build, a tenth to a quarter of a step on an H200. An exception in the
-    builder is raised here, at the batch it would have been."""
-    items: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def put(entry: tuple) -> bool:  # False once the consumer has gone
-        while not stop.is_set():
-            try:
-                items.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def build() -> None:
-        try:
-            for item in batches:
-                if not put((item, None)):
-                    return
-            put((done, None))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            put((done, e))
-
-    thread = threading.Thread(target=build, name="transact-batches", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, error = items.get()
-            if item is done:
-                if error is not None:
-                    raise error
-                return
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-
-
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, data=None,
-          prefetch: bool = True) -> tuple[RankingModel, dict]:  # fmt: skip
-    """Train and checkpoint after every epoch; returns the model and a report with test metrics. On a GPU the
-    next batches are built on a host thread while the device works (``prefetch``)."""
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, data=None) -> tuple[RankingModel, dict]:
+    """Train and checkpoint after every epoch; returns the model and a report with test metrics."""
     cfg.validate()
     device = resolve_device(cfg.device)
     if cfg.threads:
@@ -273,8 +225,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, data=No
         totals: dict[str, float] = {}
         steps = 0
         batches = train_ds.batches(cfg.batch_requests, shuffle=True, seed=cfg.seed * 1000 + epoch)
-        if prefetch and device.type == "cuda":
-            batches = prefetched(batches)
         bar = tqdm(batches, total=math.ceil(train_ds.num_requests / cfg.batch_requests),
                    desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None if progress else True, leave=False)  # fmt: skip
         for batch in bar:
