@@ -5,9 +5,9 @@
 
 Runs are repeatable: the seed fixes the model init, the data order and the training-time masks;
 resuming from a checkpoint continues at the next epoch with the same seeds a straight run would use.
-On a GPU (``device="cuda"``, or ``"auto"`` where one is present) runs repeat up to the order of CUDA's
-atomic additions in the backward pass (gathers and embedding lookups), so the weights agree closely, not
-bit for bit.
+On a GPU (``device="cuda"``, or ``"auto"`` where one is present) two runs may differ in the last bits: the
+backward pass of gathers and embedding lookups adds with CUDA atomics, in no fixed order (PyTorch's
+reproducibility notes).
 """
 
 from __future__ import annotations
