@@ -63,10 +63,10 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = RankingModel(model_config_for(TrainConfig(model=overrides), data)).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sets = [data.batch(list(range(i * args.batch_requests, (i + 1) * args.batch_requests)))
-            for i in range(args.batches)]  # fmt: skip
+    rows = [list(range(i * args.batch_requests, (i + 1) * args.batch_requests)) for i in range(args.batches)]
+    sets = [data.batch(r) for r in rows]
     on_device = itertools.cycle([b.to(device) for b in sets])
-    building = itertools.count()
+    to_build = itertools.cycle(rows)
 
     def sync() -> None:
         if on_gpu:
@@ -82,8 +82,7 @@ def main() -> None:
         sync()
 
     def build() -> None:
-        i = next(building) % args.batches
-        data.batch(list(range(i * args.batch_requests, (i + 1) * args.batch_requests))).to(device)
+        data.batch(next(to_build)).to(device)
         sync()
 
     times = take_turns({"train step": step, "batch build + copy": build}, args.runs, args.warmup)
