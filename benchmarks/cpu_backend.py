@@ -1,8 +1,11 @@
 """CPU backend benchmark: ONNX Runtime on full.onnx against eager PyTorch, one request, same CPU.
 
-The request of DESIGN §5: 1 user, ll 16,000, rt 100, imp 100, 256 candidates. Both runtimes get the same
-number of intra-op threads; they take turns in blocks of runs (``runtime.bench.take_turns``), and the median
-over many runs after a warm-up is reported, with the ratio. glibc's malloc keeps freed memory in the process
+The request of DESIGN §5: 1 user, ll 16,000, rt 100, imp 100, 256 candidates. Two ONNX Runtime rows: the
+runtime's cpu backend as `transact serve` runs it (``runtime.Session``: the candidates in chunks side by
+side, ``--split`` sessions of threads / split threads each; the request's conversion and checks included),
+and one plain session on full.onnx with every thread. Both runtimes get the same number of threads; they take
+turns in blocks of runs (``runtime.bench.take_turns``), and the median over many runs after a warm-up is
+reported, with the ratio (the cpu backend's). glibc's malloc keeps freed memory in the process
 (``runtime.bench.keep_freed_memory``; ``--system-malloc`` leaves it at its defaults), so eager PyTorch is timed
 at its steadier, faster setting.
 
@@ -34,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from export.bundle import CPU_PROVIDER, export_bundle, load_bundle, onnx_providers  # noqa: E402
 from export.manifest import tool_versions  # noqa: E402
 from runtime.bench import cpu_name, keep_freed_memory, take_turns  # noqa: E402
+from runtime.session import Request, Session  # noqa: E402
 from transact.checkpoint import save_checkpoint  # noqa: E402
 from transact.config import ModelConfig  # noqa: E402
 from transact.data.random_batch import random_batch  # noqa: E402
@@ -90,6 +94,8 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=256)
     ap.add_argument("--ll", type=int, default=16_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split", type=int, default=None,
+                    help="the cpu backend's sessions side by side (default: runtime.backends.cpu.default_split)")
     ap.add_argument("--onnx-provider", default=CPU_PROVIDER,
                     help="ONNX Runtime execution provider (the CPU provider takes the nodes it does not)")
     ap.add_argument("--system-malloc", action="store_true",
@@ -140,14 +146,22 @@ def main() -> None:
 
         fns["torch.compile (inductor)"] = run_compiled
     probs = session.run(["probabilities"], feed)[0]
+    backend = Session(args.bundle, device="cpu", threads=args.threads, split=args.split,
+                      onnx_provider=args.onnx_provider)  # fmt: skip
+    request = Request.from_batch(batch, 0)
+    backend_name = (f"cpu backend ({backend.backend.split} x {backend.backend.threads_per_session} "
+                    f"thread{'s' if backend.backend.threads_per_session > 1 else ''})")  # fmt: skip
+    backend_probs = backend.score(request)
+    fns[backend_name] = lambda: backend.score(request)
     fns["onnxruntime full.onnx"] = lambda: session.run(None, feed)
     results = take_turns(fns, args.runs, args.warmup)
     torch.backends.mha.set_fastpath_enabled(True)
+    backend.close()
 
     med = {k: statistics.median(v) for k, v in results.items()}
     eager_best = min(v for k, v in med.items() if k.startswith("eager"))
-    ratio = eager_best / med["onnxruntime full.onnx"]
-    diff = float(np.abs(probs - outputs[False]).max())
+    ratio = eager_best / med[backend_name]
+    diff = float(np.abs(backend_probs - outputs[False]).max())
     info = {
         "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "logical_cpus": os.cpu_count(),
         "threads": args.threads, "onnx_provider": args.onnx_provider, "malloc": malloc,
@@ -155,14 +169,19 @@ def main() -> None:
         "runs": args.runs, "warmup": args.warmup, "median_ms": med,
         "p10_ms": {k: float(np.percentile(v, 10)) for k, v in results.items()},
         "p90_ms": {k: float(np.percentile(v, 90)) for k, v in results.items()},
-        "speedup_vs_best_eager": ratio, "max_abs_diff_probabilities": diff, "versions": tool_versions(),
+        "backend": {"name": backend_name, "split": backend.backend.split,
+                    "threads_per_session": backend.backend.threads_per_session},
+        "speedup_vs_best_eager": ratio, "max_abs_diff_probabilities": diff,
+        "plain_session": {"speedup_vs_best_eager": eager_best / med["onnxruntime full.onnx"],
+                          "max_abs_diff_probabilities": float(np.abs(probs - outputs[False]).max())},
+        "versions": tool_versions(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }  # fmt: skip
     if compiled:
         info["torch_compile"] = {
             "compile_s": compiled["compile_s"],
             "max_abs_diff_probabilities": float(np.abs(compiled["probabilities"] - outputs[False]).max()),
-            "onnxruntime_speedup": med["torch.compile (inductor)"] / med["onnxruntime full.onnx"],
+            "onnxruntime_speedup": med["torch.compile (inductor)"] / med[backend_name],
         }  # fmt: skip
     print(f"{info['cpu']} ({info['logical_cpus']} logical CPUs), {args.threads} intra-op threads for both runtimes; "
           f"ONNX Runtime on {args.onnx_provider}")
@@ -170,10 +189,11 @@ def main() -> None:
           f"median of {args.runs} runs after {args.warmup} warm-up; malloc: {malloc}")  # fmt: skip
     for k, v in med.items():
         print(f"  {k:<26} median {v:9.2f} ms   p10 {info['p10_ms'][k]:9.2f}   p90 {info['p90_ms'][k]:9.2f}")
-    print(f"  ONNX Runtime speed-up over the faster eager setting: {ratio:.2f}x   (max |diff| {diff:.1e})")
+    print(f"  cpu backend speed-up over the faster eager setting: {ratio:.2f}x   (max |diff| {diff:.1e}); one plain "
+          f"session: {info['plain_session']['speedup_vs_best_eager']:.2f}x")
     if compiled:
         tc = info["torch_compile"]
-        print(f"  ONNX Runtime speed-up over torch.compile: {tc['onnxruntime_speedup']:.2f}x   (its first call "
+        print(f"  cpu backend speed-up over torch.compile: {tc['onnxruntime_speedup']:.2f}x   (its first call "
               f"{tc['compile_s']:.1f} s, compiling; max |diff| against eager {tc['max_abs_diff_probabilities']:.1e})")
     if args.profile:
         graph = bundle.graph_bytes("full.onnx")

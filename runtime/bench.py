@@ -85,12 +85,15 @@ def latency_stats(ms: list[float]) -> dict[str, float]:
 @click.option("--runs", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for both sides.")
+@click.option("--split", default=None, type=click.IntRange(min=1),
+              help="cpu: ONNX Runtime sessions side by side, each on a chunk of the candidates "
+                   "(default: one per thread).")
 @click.option("--system-malloc", is_flag=True,
               help="Leave glibc's malloc at its defaults (eager then pays page faults whose cost varies by host).")
 @click.option("--onnx-provider", default=CPU_PROVIDER, show_default=True, callback=check_provider,
               help="ONNX Runtime execution provider for the cpu backend's full.onnx.")
 def bench_cmd(bundle: Path, device: str, candidates: int, ll: int | None, runs: int, warmup: int,
-              threads: int | None, onnx_provider: str, system_malloc: bool) -> None:  # fmt: skip
+              threads: int | None, split: int | None, onnx_provider: str, system_malloc: bool) -> None:  # fmt: skip
     """Time one request (1 user, random inputs) through the runtime and through eager PyTorch."""
     from transact.data.random_batch import random_batch
     from transact.model import transformer_fastpath
@@ -100,7 +103,7 @@ def bench_cmd(bundle: Path, device: str, candidates: int, ll: int | None, runs: 
     kept = not system_malloc and keep_freed_memory()
     if threads:
         torch.set_num_threads(threads)
-    session = Session(bundle, device=device, threads=threads, onnx_provider=onnx_provider)
+    session = Session(bundle, device=device, threads=threads, split=split, onnx_provider=onnx_provider)
     cfg = session.config
     batch = random_batch(cfg, 1, candidates, ll=cfg.max_ll if ll is None else ll, rt=cfg.max_rt, imp=cfg.max_imp)
     request = Request.from_batch(batch, 0)

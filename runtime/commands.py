@@ -26,7 +26,11 @@ from transact.errors import TransactError
 @click.option("--max-body-mb", default=64.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Largest request body.")
 @click.option("--model-name", default="transact", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="ONNX Runtime threads (cpu default: every CPU this process may use).")
+@click.option("--split", type=click.IntRange(min=1), default=None,
+              help="cpu: ONNX Runtime sessions that score a request's candidates side by side, threads / split "
+                   "threads each (default: one per thread).")
 @click.option("--triton-cache-dir", type=click.Path(file_okay=False), default=None,
               help="Persistent compiled-kernel cache (cuda; default ~/.cache/transact/triton).")
 @click.option("--dense-on", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
@@ -44,7 +48,7 @@ from transact.errors import TransactError
               help="ONNX Runtime execution provider for full.onnx (cpu) or dense.onnx (cuda, --dense-on cpu); "
                    "check the bundle on it first with `transact parity --onnx-provider`.")
 def serve_cmd(bundle, host, port, device, max_batch, max_queue_delay_ms, max_candidates, max_body_mb, model_name,
-              threads, triton_cache_dir, dense_on, tf32, switch_interval_ms, workers, log_level,
+              threads, split, triton_cache_dir, dense_on, tf32, switch_interval_ms, workers, log_level,
               onnx_provider) -> None:  # fmt: skip
     """Serve BUNDLE over HTTP (KServe / Triton Inference Server v2 protocol) until SIGINT/SIGTERM."""
     import sys
@@ -56,9 +60,10 @@ def serve_cmd(bundle, host, port, device, max_batch, max_queue_delay_ms, max_can
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
     settings = ServerSettings(model_name=model_name, device=device, max_batch=max_batch,
                               max_queue_delay_ms=max_queue_delay_ms, max_candidates=max_candidates,
-                              max_body_mb=max_body_mb, threads=threads)  # fmt: skip
-    options = dict(device=device, threads=threads, max_candidates=max_candidates, triton_cache_dir=triton_cache_dir,
-                   max_batch=max_batch, dense_on=dense_on, tf32=tf32, onnx_provider=onnx_provider)  # fmt: skip
+                              max_body_mb=max_body_mb)  # fmt: skip
+    options = dict(device=device, threads=threads, split=split, max_candidates=max_candidates,
+                   triton_cache_dir=triton_cache_dir, max_batch=max_batch, dense_on=dense_on, tf32=tf32,
+                   onnx_provider=onnx_provider)  # fmt: skip
     if workers > 1:
         _check_before_workers(bundle, device)
         click.echo(f"serving '{model_name}' from {bundle} on http://{host}:{port}/v2 with {workers} worker "

@@ -75,7 +75,6 @@ class ServerSettings:
     max_queue_delay_ms: float = 0.0  # as Triton Inference Server: batch what is queued, wait for nothing
     max_candidates: int = 4096
     max_body_mb: float = 64.0
-    threads: int | None = None
 
     @property
     def max_body_bytes(self) -> int:

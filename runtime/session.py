@@ -333,9 +333,13 @@ def resolve_device(device: str) -> str:
 
 @dataclass
 class SessionOptions:
-    """Backend options. ``threads``: ONNX Runtime intra-op threads (None: ONNX Runtime's default)."""
+    """Backend options. ``threads``: CPU threads for ONNX Runtime (None: the cpu backend takes every CPU this
+    process may use, the cuda backend's dense.onnx ONNX Runtime's default)."""
 
     threads: int | None = None
+    # cpu: ONNX Runtime sessions that run a request's candidates side by side in chunks, threads // split
+    # threads each (None: runtime.backends.cpu.default_split)
+    split: int | None = None
     # ONNX Runtime's execution provider for full.onnx (cpu) and dense.onnx (cuda with dense_on="cpu"); the CPU
     # provider takes the nodes another one does not. Check a bundle on it first: `transact parity --onnx-provider`.
     onnx_provider: str = CPU_PROVIDER

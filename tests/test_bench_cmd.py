@@ -36,7 +36,8 @@ def test_bench_and_serve_take_an_onnx_provider() -> None:
     assert result.exit_code == 0, result.output
     assert "| runtime (cpu, AzureExecutionProvider) |" in result.output
     session = Session(small_bundle(), device="cpu", warmup=False, onnx_provider="AzureExecutionProvider")
-    assert session.backend.session.get_providers() == ["AzureExecutionProvider", "CPUExecutionProvider"]
+    for ort_session in session.backend.sessions:
+        assert ort_session.get_providers() == ["AzureExecutionProvider", "CPUExecutionProvider"]
     for cmd in (bench_cmd, serve_cmd):
         result = CliRunner().invoke(cmd, [str(small_bundle()), "--onnx-provider", "NoSuchExecutionProvider"])
         assert result.exit_code == 2 and "'NoSuchExecutionProvider' is not available" in result.output

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from runtime.backends import BackendUnavailable
+from runtime.backends.cpu import chunk_bounds
 from runtime.batching import plan_batch
 from runtime.session import Limits, Request, Session, request_from_tensors, resolve_device
 from transact.batch import Batch, BatchError
@@ -94,25 +95,57 @@ def test_cpu_session_matches_eager_per_request_and_batched(session: Session, eag
 
 
 def test_cpu_backend_runs_one_row_per_call(session: Session, eager: RankingModel, monkeypatch) -> None:
-    """Batches of several users run full.onnx once per user (its selection is R x N x L work), and the
-    answers land in the requests' order, shared rows included."""
-    reqs = random_requests(session.config, 7, n_requests=3)
+    """Batches of several users run full.onnx once per user and candidate chunk (its selection is R x N x L
+    work), and the answers land in the requests' order, shared rows included."""
+    reqs = random_requests(session.config, 7, n_requests=3, n_cands=36)  # 12 candidates each
     reqs = [reqs[1], reqs[0], reqs[2], reqs[0]]  # request 0's user twice: one row, two requests
     calls = []
-    run = session.backend.session.run
+    for ort_session in session.backend.sessions:
+        def counted(names, feed, run=ort_session.run):  # noqa: ANN001, ANN202
+            calls.append((feed["request_ts"].shape, len(feed["cand_request"])))
+            return run(names, feed)
 
-    def counted(names, feed):  # noqa: ANN001, ANN202
-        calls.append(feed["request_ts"].shape)
-        return run(names, feed)
-
-    monkeypatch.setattr(session.backend.session, "run", counted)
+        monkeypatch.setattr(ort_session, "run", counted)
     plan = plan_batch(reqs)
     probs, scores = session.backend.run(plan)
-    assert calls == [(1,)] * 3
+    # threads=2: two sessions; 12 candidates make one chunk (MIN_CHUNK 8), the shared row's 24 two of 12
+    assert session.backend.split == 2
+    assert sorted(calls) == [((1,), 12)] * 4
     want = eager_probs(eager, reqs)
     for got, exp in zip(plan.split(probs), want, strict=True):
         np.testing.assert_allclose(got, exp, atol=1e-5, rtol=0)
     np.testing.assert_allclose(scores, probs @ np.asarray(session.config.score_weights, np.float32), atol=1e-6)
+
+
+@pytest.mark.parametrize(("n", "split", "want"), [
+    (256, 4, [(0, 64), (64, 128), (128, 192), (192, 256)]),
+    (20, 4, [(0, 10), (10, 20)]),  # two chunks of at least MIN_CHUNK (8)
+    (17, 3, [(0, 8), (8, 17)]),
+    (7, 4, [(0, 7)]),
+    (1, 16, [(0, 1)]),
+    (10, 1, [(0, 10)]),
+])  # fmt: skip
+def test_chunk_bounds_by_hand(n: int, split: int, want: list[tuple[int, int]]) -> None:
+    assert chunk_bounds(n, split) == want
+
+
+def test_candidates_split_across_sessions_match_one_session(bundle_dir: Path, eager: RankingModel) -> None:
+    """Three sessions of one thread score a request's chunks side by side: the same probabilities as one
+    session scoring it whole, and as eager PyTorch."""
+    reqs = random_requests(small_config(), 21, n_cands=120)  # 40 candidates each
+    whole = Session(bundle_dir, device="cpu", threads=1, warmup=False)
+    split = Session(bundle_dir, device="cpu", threads=3, split=3, warmup=False)
+    try:
+        assert (len(whole.backend.sessions), len(split.backend.sessions)) == (1, 3)
+        assert split.backend.threads_per_session == 1
+        got, ref = split.score_many(reqs), whole.score_many(reqs)
+        for g, r, e in zip(got, ref, eager_probs(eager, reqs), strict=True):
+            assert g.shape == (40, 3)
+            np.testing.assert_allclose(g, r, atol=1e-6, rtol=0)
+            np.testing.assert_allclose(g, e, atol=1e-5, rtol=0)
+    finally:
+        whole.close()
+        split.close()
 
 
 def test_edge_cases_match_eager(session: Session, eager: RankingModel) -> None:

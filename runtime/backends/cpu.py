@@ -1,6 +1,16 @@
-"""The ``cpu`` backend: the whole model in ONNX Runtime (``full.onnx``)."""
+"""The ``cpu`` backend: the whole model in ONNX Runtime (``full.onnx``).
+
+A request's candidates are scored independently of each other, so the backend cuts them into chunks and
+runs the chunks side by side, each in its own ONNX Runtime session with a share of the threads
+(``split`` sessions of ``threads // split`` intra-op threads). That keeps every core busy on whole
+products instead of leaving ONNX Runtime to split each small operator between all of them: its
+LayerNormalization, for one, gets no faster past one thread (benchmarks/RESULTS.md, 2026-12-05)."""
 
 from __future__ import annotations
+
+import os
+import queue
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnxruntime as ort
@@ -11,6 +21,12 @@ from transact.batch import INPUT_NAMES
 from ..batching import BatchPlan, plan_batch
 from ..session import Limits, LoadedBundle, SessionOptions
 from .warmup import warmup_requests
+
+# Per-candidate inputs of full.onnx: a chunk of candidates is these rows, with the user's inputs whole.
+CANDIDATE_INPUTS = ("cand_request", "cand_item", "item_dense")
+# Fewest candidates worth a run of their own: each run also pays the user's share of the graph (normalising
+# the lifelong sequence, ~1.5 ms on one thread at 16,000 actions, against ~1 ms per candidate).
+MIN_CHUNK = 8
 
 
 def ort_options(threads: int | None) -> ort.SessionOptions:
@@ -24,43 +40,100 @@ def ort_options(threads: int | None) -> ort.SessionOptions:
     return so
 
 
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_split(threads: int) -> int:
+    """Sessions side by side for ``threads`` threads: one thread each."""
+    return max(1, threads)
+
+
+def chunk_bounds(n: int, split: int, min_chunk: int = MIN_CHUNK) -> list[tuple[int, int]]:
+    """[start, end) of at most ``split`` near-equal chunks of ``n`` candidates, none below ``min_chunk``
+    (unless ``n`` itself is)."""
+    parts = max(1, min(split, n // max(1, min_chunk)))
+    edges = [n * i // parts for i in range(parts + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
 class CpuBackend:
-    """ONNX Runtime on ``full.onnx``, one request row (distinct user) per call."""
+    """ONNX Runtime on ``full.onnx``: one request row (distinct user) per run, its candidates in chunks
+    run side by side."""
 
     name = "cpu"
 
     def __init__(self, bundle: LoadedBundle, options: SessionOptions) -> None:
         self.config = bundle.config
-        self.session = ort.InferenceSession(
-            bundle.graph_bytes("full.onnx"), sess_options=ort_options(options.threads),
-            providers=onnx_providers(options.onnx_provider),
-        )
-        names = [i.name for i in self.session.get_inputs()]
+        threads = options.threads or usable_cpus()
+        self.split = min(options.split or default_split(threads), threads)
+        per = max(1, threads // self.split)
+        graph, providers = bundle.graph_bytes("full.onnx"), onnx_providers(options.onnx_provider)
+        self.sessions = [ort.InferenceSession(graph, sess_options=ort_options(per), providers=providers)
+                         for _ in range(self.split)]  # fmt: skip
+        names = [i.name for i in self.sessions[0].get_inputs()]
         if tuple(names) != INPUT_NAMES:
             raise ValueError(f"full.onnx: unexpected inputs {names}")
+        self.threads, self.threads_per_session = threads, per
+        self._idle: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
+        for s in self.sessions:
+            self._idle.put(s)
+        self._pool = ThreadPoolExecutor(self.split, "transact-cpu") if self.split > 1 else None
 
     def run(self, plan: BatchPlan) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities (N, H) and scores (N,) in the plan's candidate order, one request row at a time.
+        """Probabilities (N, H) and scores (N,) in the plan's candidate order.
 
         ``full.onnx`` scores every request row's sequences against every candidate of the batch (R x N x L
         selection work, exactly right for one row), so a batch of R rows would cost R times the work of
-        its parts: each row runs on its own, with all the requests that share it."""
+        its parts: each row runs on its own, with all the requests that share it, in chunks of candidates."""
         if plan.num_rows <= 1:
-            return self._run(plan)
-        parts: list[tuple[np.ndarray, np.ndarray]] = [None] * len(plan.requests)  # type: ignore[list-item]
+            return self._gather(self._submit(plan.padded_inputs()))
+        groups = []
         for row, user in enumerate(plan.users):
             mine = [i for i, r in enumerate(plan.rows) if r == row]
             sub = BatchPlan([plan.requests[i] for i in mine], [user], [0] * len(mine))
-            probs, scores = self._run(sub)
+            groups.append((mine, sub, self._submit(sub.padded_inputs())))
+        parts: list[tuple[np.ndarray, np.ndarray]] = [None] * len(plan.requests)  # type: ignore[list-item]
+        for mine, sub, pending in groups:
+            probs, scores = self._gather(pending)
             for i, p, s in zip(mine, sub.split(probs), sub.split(scores), strict=True):
                 parts[i] = (p, s)
         return np.concatenate([p for p, _ in parts]), np.concatenate([s for _, s in parts])
 
-    def _run(self, plan: BatchPlan) -> tuple[np.ndarray, np.ndarray]:
-        probs, scores = self.session.run(["probabilities", "scores"], plan.padded_inputs())
+    def _submit(self, feed: dict[str, np.ndarray]) -> list:
+        """Start one row's chunks (futures, or the finished result when nothing runs side by side)."""
+        bounds = chunk_bounds(len(feed["cand_request"]), self.split)
+        if self._pool is None:
+            return [self._run_chunk(feed)]
+        chunks = [{k: (v[a:z] if k in CANDIDATE_INPUTS else v) for k, v in feed.items()} for a, z in bounds]
+        return [self._pool.submit(self._run_chunk, chunk) for chunk in chunks]
+
+    def _gather(self, pending: list) -> tuple[np.ndarray, np.ndarray]:
+        outs = [p if isinstance(p, tuple) else p.result() for p in pending]
+        if len(outs) == 1:
+            return outs[0]
+        return np.concatenate([p for p, _ in outs]), np.concatenate([s for _, s in outs])
+
+    def _run_chunk(self, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        session = self._idle.get()
+        try:
+            probs, scores = session.run(["probabilities", "scores"], feed)
+        finally:
+            self._idle.put(session)
         return probs, scores
 
     def warmup(self, limits: Limits) -> None:
-        """Run a few shapes once so that ONNX Runtime has planned its memory before the first request."""
-        for reqs in warmup_requests(self.config, limits, [(1, 1), (1, 16), (2, 64)]):
+        """Run a few shapes once, one of them through every session, so that ONNX Runtime has planned its memory
+        before the first request."""
+        every = min(limits.max_candidates, self.split * MIN_CHUNK * 2)
+        for reqs in warmup_requests(self.config, limits, [(1, 1), (1, 16), (2, 64), (1, every)]):
             self.run(plan_batch(reqs))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
