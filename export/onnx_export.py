@@ -20,9 +20,11 @@ is therefore traced through ``encoder_forward`` below, which computes the same f
 softmax, weighted sum; one (T, T) tile per sequence and head at a time). ONNX Runtime's CPU kernel computes
 the masked upper triangle of a causal layer too, so a causal layer of static length (V2's T) becomes four
 query blocks, each against the keys up to its end, chained through the node's ``past`` / ``present``
-keys and values: 62.5% of the score work. The eager model is untouched and the parity checker holds the
-exported graph to it. ``dense.onnx`` contains no attention and stays
-standard ONNX.
+keys and values: 62.5% of the score work. TransAct's first layer goes further (``candidate_attention``): its
+tokens are the request's rt actions with the candidate's embedding appended, so the request row's share of
+the projections and scores is computed once and every candidate's attention comes out of two products
+over the row's keys. The eager model is untouched and the parity checker holds the exported graph to it.
+``dense.onnx`` contains no attention and stays standard ONNX.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from torch.export import Dim
 from transact.batch import INPUT_NAMES, SEQUENCES, Batch, Seq
 from transact.config import ModelConfig
 from transact.data.random_batch import random_batch
-from transact.model import RankingModel, transformer_fastpath
+from transact.model import RankingModel, TransAct, transformer_fastpath
 
 from .manifest import DEFAULT_OPSET
 
@@ -88,6 +90,12 @@ def self_attention(
     ``block_ends`` (causal, static S only; empty = one block) only changes how the ONNX graph computes
     the same function: queries in blocks, each block against the keys up to its end (see
     ``_self_attention_onnx``)."""
+    return _attention(x, weight_t, bias, keep, num_heads, causal)
+
+
+def _attention(
+    x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor, keep: torch.Tensor, num_heads: int, causal: bool
+) -> torch.Tensor:
     b, s, e = x.shape
     hd = e // num_heads
     q, k, v = (x @ weight_t + bias).split(e, dim=-1)
@@ -152,7 +160,79 @@ def _self_attention_onnx(x, weight_t, bias, keep, num_heads: int, causal: bool, 
     return op.Concat(*outs, axis=1)
 
 
-TRANSLATIONS = {torch.ops.transact_export.self_attention.default: _self_attention_onnx}
+# Smallest softmax denominator the factored candidate attention trusts (below it the two separately shifted
+# exponentials may have underflowed; see _candidate_attention_onnx).
+FACTORED_MIN_DENOMINATOR = 1e-20
+
+
+@torch.library.custom_op("transact_export::candidate_attention", mutates_args=())
+def candidate_attention(
+    x: torch.Tensor, tokens: torch.Tensor, cand: torch.Tensor, cand_request: torch.Tensor, keep: torch.Tensor,
+    weight_t: torch.Tensor, bias: torch.Tensor, num_heads: int,
+) -> torch.Tensor:  # fmt: skip
+    """Self-attention (before the output projection) over candidates' sequences whose tokens are their request
+    row's tokens with the candidate's embedding appended: x (N, S, E) = [tokens (R, S, Et)[cand_request] ;
+    cand (N, E - Et) on every slot], keep (R, S) int32 per row. The same function as ``self_attention`` on x
+    with ``keep[cand_request]``; only the ONNX graph uses the structure (``_candidate_attention_onnx``)."""
+    return _attention(x, weight_t, bias, keep[cand_request], num_heads, False)
+
+
+@candidate_attention.register_fake
+def _candidate_attention_fake(x, tokens, cand, cand_request, keep, weight_t, bias, num_heads):  # noqa: ANN001, ANN202
+    return torch.empty_like(x)
+
+
+def _candidate_attention_onnx(x, tokens, cand, cand_request, keep, weight_t, bias, num_heads: int):  # noqa: ANN001, ANN202
+    # Each projection splits into the row's tokens' part and the candidate's: q = qa + qc, k = ka + kc,
+    # v = va + vc. In the scores (qa_t + qc).(ka_s + kc) the terms without ka_s are the same for every key
+    # s and cancel in the softmax, so a candidate's scores are A[t, s] + B_c[s], A = qa.ka (the row's,
+    # computed once) and B_c = qc.ka, and since a row's weights sum to 1 (slot 0 is never masked),
+    #     out_c[t] = sum_s e^A[t,s] e^B_c[s] va_s / sum_s e^A[t,s] e^B_c[s] + vc.
+    # With e^A shifted by its row maxima and e^B by each candidate's, every candidate of a row comes out of
+    # one product e^A @ [e^B_c * va for all c] and one e^A @ (e^B)^T: the QKV projection of N x S tokens
+    # and the N x S x S score products of the plain node are gone. The two shifts are not the (t, c) pair's
+    # own maximum, so a pair whose best key scores poorly on both sides can underflow; a candidate with a
+    # denominator below FACTORED_MIN_DENOMINATOR anywhere is computed again by the plain node (usually none:
+    # the node then runs on zero rows). Every row pairs with every candidate (R x N work, exactly right for
+    # one request row, as the selection).
+    heads = op.Constant(value_ints=[0, 0, num_heads, -1])
+    w_cand = op.Slice(weight_t, op.Shape(tokens, start=2), op.Constant(value_ints=[2**62]), op.Constant(value_ints=[0]))
+    w_tok = op.Slice(weight_t, op.Constant(value_ints=[0]), op.Shape(tokens, start=2), op.Constant(value_ints=[0]))
+    qa, ka, va = op.Split(op.Add(op.MatMul(tokens, w_tok), bias), axis=-1, num_outputs=3)  # (R, S, E) each
+    head_dim = op.Div(op.Shape(x, start=2), op.Constant(value_ints=[num_heads]))
+    scale = op.Reciprocal(op.Sqrt(op.Cast(head_dim, to=onnx.TensorProto.FLOAT)))
+    qa = op.Mul(op.Transpose(op.Reshape(qa, heads), perm=[0, 2, 1, 3]), scale)  # (R, H, S, hd)
+    ka = op.Transpose(op.Reshape(ka, heads), perm=[0, 2, 3, 1])  # (R, H, hd, S)
+    va = op.Transpose(op.Reshape(va, heads), perm=[0, 2, 1, 3])  # (R, H, S, hd)
+    padded = op.Unsqueeze(op.Not(op.Cast(keep, to=onnx.TensorProto.BOOL)), op.Constant(value_ints=[1, 2]))  # R,1,1,S
+    neg = op.Constant(value_float=MASK_FILTER)
+    last = op.Constant(value_ints=[-1])
+    a = op.Where(padded, neg, op.MatMul(qa, ka))  # (R, H, S, S)
+    ea = op.Exp(op.Sub(a, op.ReduceMax(a, last, keepdims=1)))
+    qc, _, vc = op.Split(op.MatMul(cand, w_cand), axis=-1, num_outputs=3)  # (N, E) each
+    qc = op.Mul(op.Transpose(op.Reshape(qc, op.Constant(value_ints=[0, num_heads, -1])), perm=[1, 0, 2]), scale)
+    b = op.Where(padded, neg, op.MatMul(qc, ka))  # (H, N, hd) @ (R, H, hd, S) -> (R, H, N, S)
+    eb = op.Exp(op.Sub(b, op.ReduceMax(b, last, keepdims=1)))
+    g = op.Mul(op.Unsqueeze(eb, last), op.Unsqueeze(va, op.Constant(value_ints=[2])))  # (R, H, N, S, hd)
+    g = op.Reshape(op.Transpose(g, perm=[0, 1, 3, 2, 4]), op.Constant(value_ints=[0, 0, 0, -1]))  # (R,H,S,N*hd)
+    num = op.Reshape(op.MatMul(ea, g), op.Concat(op.Constant(value_ints=[0, 0, 0, -1]), head_dim, axis=0))
+    den = op.MatMul(ea, op.Transpose(eb, perm=[0, 1, 3, 2]))  # (R, H, S, N)
+    out = op.Div(num, op.Unsqueeze(den, last))  # (R, H, S, N, hd)
+    out = op.Reshape(op.Transpose(out, perm=[0, 3, 2, 1, 4]), op.Concat(last, op.Shape(x, start=1), axis=0))
+    n = op.Shape(cand_request)
+    own = op.Add(op.Mul(cand_request, n), op.Range(op.Constant(value_int=0), op.Squeeze(n), op.Constant(value_int=1)))
+    out = op.Add(op.Gather(out, own, axis=0), op.Unsqueeze(vc, op.Constant(value_ints=[1])))  # (N, S, E)
+    smallest = op.Gather(op.Reshape(op.ReduceMin(den, op.Constant(value_ints=[1, 2]), keepdims=0), last), own)
+    redo = op.Reshape(op.NonZero(op.Less(smallest, op.Constant(value_float=FACTORED_MIN_DENOMINATOR))), last)
+    plain = _ATTENTION(op.Gather(x, redo, axis=0), weight_t, bias, op.Gather(op.Gather(keep, cand_request), redo),
+                       num_heads=num_heads, unidirectional=0, mask_filter_value=MASK_FILTER)  # fmt: skip
+    return op.ScatterND(out, op.Unsqueeze(redo, last), plain)
+
+
+TRANSLATIONS = {
+    torch.ops.transact_export.self_attention.default: _self_attention_onnx,
+    torch.ops.transact_export.candidate_attention.default: _candidate_attention_onnx,
+}
 
 
 def _fusable(encoder: nn.TransformerEncoder) -> bool:
@@ -194,16 +274,28 @@ def encoder_forward(
         keep = (~src_key_padding_mask).to(torch.int32)
     else:  # additive float mask: 0 keeps, -inf drops
         keep = (src_key_padding_mask == 0).to(torch.int32)
+    return _encoder_layers(encoder, src, keep, causal)
+
+
+def _encoder_layers(
+    encoder: nn.TransformerEncoder, src: torch.Tensor, keep: torch.Tensor, causal: bool,
+    first_attention: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Every layer (and the final norm) on src (B, S, E) with keys ``keep`` (B, S) int32; ``first_attention``,
+    when given, is the first layer's attention output (before its output projection), computed elsewhere."""
     # Rows are independent outside attention: keep them 2-D there (plain Gemm and LayerNormalization;
     # ONNX Runtime would otherwise fuse the 3-D residual adds into SkipLayerNormalization, which its CPU
     # kernel runs several times slower than Add + LayerNormalization at these widths).
     b, s, e = src.shape
     x = src.reshape(b * s, e)
     ends = causal_block_ends(s) if causal else []
-    for layer in encoder.layers:
+    for i, layer in enumerate(encoder.layers):
         attn = layer.self_attn
-        a = self_attention(x.reshape(b, s, e), attn.in_proj_weight.t(), attn.in_proj_bias, keep, attn.num_heads,
-                           causal, ends)  # fmt: skip
+        if i == 0 and first_attention is not None:
+            a = first_attention
+        else:
+            a = self_attention(x.reshape(b, s, e), attn.in_proj_weight.t(), attn.in_proj_bias, keep, attn.num_heads,
+                               causal, ends)  # fmt: skip
         x = layer.norm1(x + attn.out_proj(a.reshape(b * s, e)))
         x = layer.norm2(x + layer.linear2(F.relu(layer.linear1(x))))
     if encoder.norm is not None:
@@ -211,19 +303,40 @@ def encoder_forward(
     return x.reshape(b, s, e)
 
 
+def transact_forward_rows(
+    self: TransAct, action: torch.Tensor, item: torch.Tensor, action_time: torch.Tensor, request_time: torch.Tensor,
+    item_embedding: torch.Tensor, cand_request: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """``TransAct.forward_rows`` for export (eval mode): the first layer's attention through
+    ``candidate_attention``, which works out the row's share of it once for all its candidates."""
+    tokens, mask = self.row_tokens(action, item, action_time, request_time)
+    keep = (~mask).to(torch.int32)
+    cand = item_embedding.to(torch.float32)
+    x = torch.cat([tokens[cand_request], cand.unsqueeze(1).expand(-1, tokens.shape[1], -1)], dim=-1)
+    attn = self.transformer_encoder.layers[0].self_attn
+    first = candidate_attention(x, tokens, cand, cand_request, keep, attn.in_proj_weight.t(), attn.in_proj_bias,
+                                attn.num_heads)  # fmt: skip
+    return self.output(_encoder_layers(self.transformer_encoder, x, keep[cand_request], False, first))
+
+
 @contextlib.contextmanager
 def fused_attention(model: nn.Module) -> Iterator[None]:
-    """Route every fusable ``nn.TransformerEncoder`` of ``model`` through ``encoder_forward``."""
+    """Route every fusable ``nn.TransformerEncoder`` of ``model`` through ``encoder_forward``, and TransAct's
+    request rows through ``transact_forward_rows`` when its tokens carry the candidate's embedding."""
     patched = []
     for module in model.modules():
         if isinstance(module, nn.TransformerEncoder) and _fusable(module):
             module.forward = encoder_forward.__get__(module)
-            patched.append(module)
+            patched.append((module, "forward"))
+        elif (isinstance(module, TransAct) and module.config.concat_candidate_emb
+              and _fusable(module.transformer_encoder)):  # fmt: skip
+            module.forward_rows = transact_forward_rows.__get__(module)
+            patched.append((module, "forward_rows"))
     try:
         yield
     finally:
-        for module in patched:
-            del module.forward
+        for module, name in patched:
+            delattr(module, name)
 
 
 @contextlib.contextmanager

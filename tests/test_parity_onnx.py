@@ -126,12 +126,14 @@ def test_graph_dims_are_symbolic(bundle) -> None:  # noqa: ANN001
 
 def test_causal_attention_runs_in_query_blocks(bundle) -> None:  # noqa: ANN001
     """V2's causal layers: four Attention nodes each, the later ones fed the earlier keys and values as
-    ``past`` (the parity tests above hold them to the eager model); V1's: one node per layer."""
+    ``past`` (the parity tests above hold them to the eager model); V1's: one node per layer, the first
+    layer's only for the candidates its factored form hands back (``candidate_attention``)."""
     proto = onnx.load_model_from_string(bundle.graph_bytes("full"))
     nodes = [n for n in proto.graph.node if n.op_type == "Attention"]
     causal = [n for n in nodes if any(a.name == "unidirectional" and a.i == 1 for a in n.attribute)]
     layers = small_config().transact.num_layer, small_config().transact_v2.num_layer
     assert len(nodes) - len(causal) == layers[0] and len(causal) == 4 * layers[1]
+    assert [n.op_type for n in proto.graph.node].count("ScatterND") == 1  # the first V1 layer's fallback
     assert sum(len(n.input) == 5 and n.input[4] != "" for n in causal) == 3 * layers[1]
 
 

@@ -107,15 +107,36 @@ class TransAct(nn.Module):
     ) -> torch.Tensor:
         """(B, S) action ids newest first, (B, S, 32) items, (B, S) times, (B,) request time,
         (B, 32) candidate -> (B, d + latest_n * d)."""
-        s = self.config.seq_len
-        action_type_seq, action_time_seq = action_type_seq[:, :s], action_time_seq[:, :s]
-        item_embedding_seq = item_embedding_seq[:, :s]
-        ids = self.action_type_lookup[action_type_seq + 1]
-        mask = self.key_padding_mask(ids, action_time_seq, request_time)
-        tokens = [self.action_emb_module(ids), item_embedding_seq.to(torch.float32)]
+        tokens, mask = self.row_tokens(action_type_seq, item_embedding_seq, action_time_seq, request_time)
         if self.config.concat_candidate_emb:
-            tokens.append(item_embedding.to(torch.float32).unsqueeze(1).expand(-1, ids.shape[1], -1))
-        out = self.transformer_encoder(torch.cat(tokens, dim=-1), src_key_padding_mask=mask)
+            cand = item_embedding.to(torch.float32).unsqueeze(1).expand(-1, tokens.shape[1], -1)
+            tokens = torch.cat([tokens, cand], dim=-1)
+        return self.output(self.transformer_encoder(tokens, src_key_padding_mask=mask))
+
+    def forward_rows(
+        self, action: torch.Tensor, item: torch.Tensor, action_time: torch.Tensor, request_time: torch.Tensor,
+        item_embedding: torch.Tensor, cand_request: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """``forward`` on request rows (R, S, ...) with candidates (N, 32) mapped to them by ``cand_request``:
+        each candidate's sequence is its row's. The export replaces this to compute a row's part of the
+        first layer once (``export.onnx_export.transact_forward_rows``)."""
+        rows = (action[cand_request], item[cand_request], action_time[cand_request], request_time[cand_request])
+        return self(*rows, item_embedding)
+
+    def row_tokens(
+        self, action_type_seq: torch.Tensor, item_embedding_seq: torch.Tensor, action_time_seq: torch.Tensor,
+        request_time: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The tokens without the candidate's part, [action embedding ; item] (B, S, 64), and the key-padding
+        mask (B, S), True = ignore."""
+        s = self.config.seq_len
+        ids = self.action_type_lookup[action_type_seq[:, :s] + 1]
+        mask = self.key_padding_mask(ids, action_time_seq[:, :s], request_time)
+        tokens = torch.cat([self.action_emb_module(ids), item_embedding_seq[:, :s].to(torch.float32)], dim=-1)
+        return tokens, mask
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """Encoder output (B, S, d) -> Linear(max-pool) ⊕ the first ``latest_n`` rows, flattened."""
         parts = []
         if self.config.concat_max_pool:
             parts.append(self.out_linear(out.max(dim=1).values))
@@ -125,10 +146,11 @@ class TransAct(nn.Module):
         return torch.cat(parts, dim=1)
 
 
-def transact_inputs(
-    rt: Seq, request_ts: torch.Tensor, cand_request: torch.Tensor, seq_len: int, scale: float
-) -> tuple[torch.Tensor, ...]:
-    """Build the reference module's per-candidate inputs (newest first) from a request batch.
+def transact_row_inputs(
+    rt: Seq, request_ts: torch.Tensor, seq_len: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference module's inputs (newest first) for each request row: action ids (R, S), items
+    (R, S, 32), times (R, S).
 
     Only actions before the request enter (the reference would keep a future action in slot 0).
     Action id = highest set bit of the mask + 1, so 0 is "no action" (padding)."""
@@ -139,6 +161,14 @@ def transact_inputs(
     ts = torch.where(stored, gather_rows(rt.ts, rows, pos), torch.zeros_like(pos))
     action = torch.where(stored, highest_bit(gather_rows(rt.action, rows, pos)) + 1, torch.zeros_like(pos))
     item = dequantize(gather_rows(rt.item, rows, pos), scale) * stored.unsqueeze(-1)
+    return action, item, ts
+
+
+def transact_inputs(
+    rt: Seq, request_ts: torch.Tensor, cand_request: torch.Tensor, seq_len: int, scale: float
+) -> tuple[torch.Tensor, ...]:
+    """``transact_row_inputs`` per candidate (N, S, ...): the reference module's forward inputs."""
+    action, item, ts = transact_row_inputs(rt, request_ts, seq_len, scale)
     return action[cand_request], item[cand_request], ts[cand_request]
 
 
@@ -386,10 +416,10 @@ class RankingModel(nn.Module):
         v2 = torch.zeros(n, 0, device=dev)
         aux = ModelOutput(probs=torch.zeros(0))
         if self.transact is not None:
-            action, item, ts = transact_inputs(
-                batch.rt, batch.request_ts, batch.cand_request, self.config.transact.seq_len, self.config.quant_scale
+            action, item, ts = transact_row_inputs(
+                batch.rt, batch.request_ts, self.config.transact.seq_len, self.config.quant_scale
             )
-            v1 = self.transact(action, item, ts, batch.request_ts[batch.cand_request], batch.cand_item)
+            v1 = self.transact.forward_rows(action, item, ts, batch.request_ts, batch.cand_item, batch.cand_request)
         if self.transact_v2 is not None:
             v2, aux.v2_hidden, aux.v2_selection = self.transact_v2(batch, batch.cand_item)
         return v1, v2, aux
