@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from runtime.backends import BackendUnavailable
+from runtime.backends import cpu as cpu_backend
 from runtime.backends.cpu import chunk_bounds
 from runtime.batching import plan_batch
 from runtime.session import Limits, Request, Session, request_from_tensors, resolve_device
@@ -94,9 +95,10 @@ def test_cpu_session_matches_eager_per_request_and_batched(session: Session, eag
             np.testing.assert_allclose(session.score(req), want, atol=1e-5, rtol=0)
 
 
-def test_cpu_backend_runs_one_row_per_call(session: Session, eager: RankingModel, monkeypatch) -> None:
+def test_cpu_backend_runs_one_row_per_call(bundle_dir: Path, eager: RankingModel, monkeypatch) -> None:
     """Batches of several users run full.onnx once per user and candidate chunk (its selection is R x N x L
     work), and the answers land in the requests' order, shared rows included."""
+    session = Session(bundle_dir, device="cpu", threads=2, split=2, warmup=False)
     reqs = random_requests(session.config, 7, n_requests=3, n_cands=36)  # 12 candidates each
     reqs = [reqs[1], reqs[0], reqs[2], reqs[0]]  # request 0's user twice: one row, two requests
     calls = []
@@ -108,8 +110,8 @@ def test_cpu_backend_runs_one_row_per_call(session: Session, eager: RankingModel
         monkeypatch.setattr(ort_session, "run", counted)
     plan = plan_batch(reqs)
     probs, scores = session.backend.run(plan)
-    # threads=2: two sessions; 12 candidates make one chunk (MIN_CHUNK 8), the shared row's 24 two of 12
-    assert session.backend.split == 2
+    session.close()
+    # two sessions; 12 candidates make one chunk (MIN_CHUNK 8), the shared row's 24 two of 12
     assert sorted(calls) == [((1,), 12)] * 4
     want = eager_probs(eager, reqs)
     for got, exp in zip(plan.split(probs), want, strict=True):
@@ -127,6 +129,12 @@ def test_cpu_backend_runs_one_row_per_call(session: Session, eager: RankingModel
 ])  # fmt: skip
 def test_chunk_bounds_by_hand(n: int, split: int, want: list[tuple[int, int]]) -> None:
     assert chunk_bounds(n, split) == want
+
+
+@pytest.mark.parametrize(("threads", "cpus", "want"), [(16, 4, 4), (2, 16, 2), (1, 8, 1), (8, 8, 8)])
+def test_default_split_is_one_session_per_thread_and_cpu(threads: int, cpus: int, want: int, monkeypatch) -> None:
+    monkeypatch.setattr(cpu_backend, "usable_cpus", lambda: cpus)
+    assert cpu_backend.default_split(threads) == want
 
 
 def test_candidates_split_across_sessions_match_one_session(bundle_dir: Path, eager: RankingModel) -> None:

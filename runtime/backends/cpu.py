@@ -49,8 +49,9 @@ def usable_cpus() -> int:
 
 
 def default_split(threads: int) -> int:
-    """Sessions side by side for ``threads`` threads: one thread each."""
-    return max(1, threads)
+    """Sessions side by side for ``threads`` threads: one thread each, at most one per usable CPU (more
+    sessions than CPUs would only take turns, each holding its own copy of the model)."""
+    return max(1, min(threads, usable_cpus()))
 
 
 def chunk_bounds(n: int, split: int, min_chunk: int = MIN_CHUNK) -> list[tuple[int, int]]:
