@@ -112,7 +112,13 @@ def bench_cmd(bundle: Path, device: str, candidates: int, ll: int | None, runs: 
     eager_batch = batch.to("cuda") if on_gpu else batch
     if on_gpu:
         model = model.cuda()
-    path = session.backend_name if onnx_provider == CPU_PROVIDER else f"{session.backend_name}, {onnx_provider}"
+    parts = [session.backend_name]
+    if onnx_provider != CPU_PROVIDER:
+        parts.append(onnx_provider)
+    if session.backend_name == "cpu":
+        per = session.backend.threads_per_session
+        parts.append(f"{session.backend.split} x {per} thread{'s' if per > 1 else ''}")
+    path = ", ".join(parts)
     eager_name = "eager PyTorch fp32"
 
     def eager() -> None:

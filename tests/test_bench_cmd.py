@@ -22,8 +22,9 @@ def test_bench_prints_both_paths_with_positive_times() -> None:
     assert result.exit_code == 0, result.output
     assert "malloc: defaults" in result.output
     assert "2 runs each after 1 warm-up, the two taking turns" in result.output
-    rows = re.findall(r"^\| (runtime \(cpu\)|eager PyTorch fp32) \| ([0-9.]+) \| ([0-9.]+) \|", result.output, re.M)
-    assert [r[0] for r in rows] == ["runtime (cpu)", "eager PyTorch fp32"]
+    rows = re.findall(r"^\| (runtime \(cpu, 1 x 1 thread\)|eager PyTorch fp32) \| ([0-9.]+) \| ([0-9.]+) \|",
+                      result.output, re.M)  # fmt: skip
+    assert [r[0] for r in rows] == ["runtime (cpu, 1 x 1 thread)", "eager PyTorch fp32"]
     assert all(float(p50) > 0 and float(p99) >= float(p50) for _, p50, p99 in rows)
 
 
@@ -32,9 +33,10 @@ def test_bench_and_serve_take_an_onnx_provider() -> None:
     so the CPU provider behind it runs the graph); a provider this ONNX Runtime lacks is refused before any
     work, with exit status 2."""
     args = ["--device", "cpu", "--candidates", "3", "--runs", "1", "--warmup", "0", "--system-malloc"]
-    result = CliRunner().invoke(bench_cmd, [str(small_bundle()), *args, "--onnx-provider", "AzureExecutionProvider"])
+    result = CliRunner().invoke(bench_cmd, [str(small_bundle()), *args, "--onnx-provider", "AzureExecutionProvider",
+                                            "--threads", "2", "--split", "2"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "| runtime (cpu, AzureExecutionProvider) |" in result.output
+    assert "| runtime (cpu, AzureExecutionProvider, 2 x 1 thread) |" in result.output
     session = Session(small_bundle(), device="cpu", warmup=False, onnx_provider="AzureExecutionProvider")
     for ort_session in session.backend.sessions:
         assert ort_session.get_providers() == ["AzureExecutionProvider", "CPUExecutionProvider"]
