@@ -149,8 +149,7 @@ def main() -> None:
     backend = Session(args.bundle, device="cpu", threads=args.threads, split=args.split,
                       onnx_provider=args.onnx_provider)  # fmt: skip
     request = Request.from_batch(batch, 0)
-    backend_name = (f"cpu backend ({backend.backend.split} x {backend.backend.threads_per_session} "
-                    f"thread{'s' if backend.backend.threads_per_session > 1 else ''})")  # fmt: skip
+    backend_name = f"cpu backend ({backend.backend.layout})"
     backend_probs = backend.score(request)
     fns[backend_name] = lambda: backend.score(request)
     fns["onnxruntime full.onnx"] = lambda: session.run(None, feed)

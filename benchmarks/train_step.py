@@ -29,9 +29,8 @@ from export.manifest import tool_versions  # noqa: E402
 from runtime.bench import cpu_name, latency_stats, take_turns  # noqa: E402
 from transact.cli import DEMO_MODEL  # noqa: E402
 from transact.data.synthetic import make_synthetic  # noqa: E402
-from transact.losses import total_loss  # noqa: E402
 from transact.model import RankingModel  # noqa: E402
-from transact.train import TrainConfig, model_config_for, resolve_device  # noqa: E402
+from transact.train import TrainConfig, model_config_for, resolve_device, train_step  # noqa: E402
 
 
 def main() -> None:
@@ -73,12 +72,7 @@ def main() -> None:
             torch.cuda.synchronize(device)
 
     def step() -> None:
-        batch = next(on_device)
-        loss, _ = total_loss(model, batch, model.forward_with_aux(batch))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        train_step(model, opt, next(on_device), TrainConfig().grad_clip)
         sync()
 
     def build() -> None:

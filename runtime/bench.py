@@ -116,8 +116,7 @@ def bench_cmd(bundle: Path, device: str, candidates: int, ll: int | None, runs: 
     if onnx_provider != CPU_PROVIDER:
         parts.append(onnx_provider)
     if session.backend_name == "cpu":
-        per = session.backend.threads_per_session
-        parts.append(f"{session.backend.split} x {per} thread{'s' if per > 1 else ''}")
+        parts.append(session.backend.layout)
     path = ", ".join(parts)
     eager_name = "eager PyTorch fp32"
 

@@ -197,6 +197,18 @@ def restore_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer, tensor
             opt.state[params[name]][key] = value if key == "step" else value.to(params[name].device)
 
 
+def train_step(
+    model: RankingModel, opt: torch.optim.Optimizer, batch, grad_clip: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One optimiser step on a batch already on the model's device: the loss and its parts."""
+    loss, parts = total_loss(model, batch, model.forward_with_aux(batch))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return loss, parts
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, data=None) -> tuple[RankingModel, dict]:
     """Train and checkpoint after every epoch; returns the model and a report with test metrics."""
     cfg.validate()
@@ -228,12 +240,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, data=No
         bar = tqdm(batches, total=math.ceil(train_ds.num_requests / cfg.batch_requests),
                    desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None if progress else True, leave=False)  # fmt: skip
         for batch in bar:
-            batch = batch.to(device)
-            loss, parts = total_loss(model, batch, model.forward_with_aux(batch))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            loss, parts = train_step(model, opt, batch.to(device), cfg.grad_clip)
             steps += 1
             for k, v in {"loss": float(loss.detach()), **parts}.items():
                 totals[k] = totals.get(k, 0.0) + v

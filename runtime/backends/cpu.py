@@ -80,11 +80,17 @@ class CpuBackend:
         names = [i.name for i in self.sessions[0].get_inputs()]
         if tuple(names) != INPUT_NAMES:
             raise ValueError(f"full.onnx: unexpected inputs {names}")
-        self.threads, self.threads_per_session = threads, per
+        self.threads_per_session = per
         self._idle: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
         for s in self.sessions:
             self._idle.put(s)
         self._pool = ThreadPoolExecutor(self.split, "transact-cpu") if self.split > 1 else None
+
+    @property
+    def layout(self) -> str:
+        """Sessions x threads each, for reports: "16 x 1 thread"."""
+        per = self.threads_per_session
+        return f"{self.split} x {per} thread{'s' if per > 1 else ''}"
 
     def run(self, plan: BatchPlan) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities (N, H) and scores (N,) in the plan's candidate order.
