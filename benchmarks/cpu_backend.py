@@ -19,7 +19,6 @@ at its steadier, faster setting.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import statistics
@@ -34,20 +33,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.bundle import CPU_PROVIDER, export_bundle, load_bundle, onnx_providers  # noqa: E402
+from export.bundle import CPU_PROVIDER, load_bundle, onnx_providers  # noqa: E402
 from export.manifest import tool_versions  # noqa: E402
-from runtime.bench import cpu_name, keep_freed_memory, take_turns  # noqa: E402
+from runtime.bench import cpu_name, keep_freed_memory, profile_node_times, random_bundle, take_turns  # noqa: E402
 from runtime.session import Request, Session  # noqa: E402
-from transact.checkpoint import save_checkpoint  # noqa: E402
-from transact.config import ModelConfig  # noqa: E402
 from transact.data.random_batch import random_batch  # noqa: E402
-from transact.model import RankingModel  # noqa: E402
 
 
 def onnxruntime_profile(graph: bytes, feed: dict, threads: int, runs: int, provider: str = CPU_PROVIDER) -> dict:
     """Node time per request (ms) by operator type and by node, from ONNX Runtime's own profiler, and the
     number of runs counted. The profile covers every run of its session, so the session runs ``runs + 1``
-    times and the first (warm-up) run's events are left out by their start time."""
+    times and the first (warm-up) run is left out."""
     import onnxruntime as ort
 
     from runtime.backends.cpu import ort_options
@@ -59,30 +55,7 @@ def onnxruntime_profile(graph: bytes, feed: dict, threads: int, runs: int, provi
         session = ort.InferenceSession(graph, opts, providers=onnx_providers(provider))
         for _ in range(runs + 1):
             session.run(None, feed)
-        events = json.loads(Path(session.end_profiling()).read_text())
-    by_op: collections.Counter[str] = collections.Counter()
-    by_node: collections.Counter[str] = collections.Counter()
-    run_starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
-    counted = len(run_starts) - 1
-    if counted < 1:
-        raise RuntimeError("ONNX Runtime's profile has no model_run events past the warm-up run")
-    seen: collections.Counter[str] = collections.Counter()
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= run_starts[1]:
-            node = e["name"].removesuffix("_kernel_time")
-            by_op[e["args"]["op_name"]] += e["dur"] / 1e3 / counted
-            by_node[node] += e["dur"] / 1e3 / counted
-            seen[node] += 1
-    if any(n != counted for n in seen.values()):
-        raise RuntimeError(f"ONNX Runtime's profile: nodes seen {set(seen.values())} times in {counted} runs")
-    return {"runs": counted, "by_operator": dict(by_op.most_common()), "by_node": dict(by_node.most_common())}
-
-
-def make_bundle(folder: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    model = RankingModel(ModelConfig())
-    save_checkpoint(folder / "checkpoint", model)
-    return export_bundle(folder / "checkpoint", folder / "bundle", parity_cases=0)
+        return profile_node_times(json.loads(Path(session.end_profiling()).read_text()))
 
 
 def main() -> None:
@@ -113,7 +86,7 @@ def main() -> None:
     tmp = None
     if args.bundle is None:
         tmp = tempfile.TemporaryDirectory(prefix="transact-bench-")
-        args.bundle = make_bundle(Path(tmp.name), args.seed)
+        args.bundle = random_bundle(Path(tmp.name) / "bundle", seed=args.seed)
     bundle = load_bundle(args.bundle)
     model = bundle.build_model()
     batch = random_batch(bundle.config, 1, args.candidates, ll=args.ll, rt=100, imp=100, seed=args.seed)

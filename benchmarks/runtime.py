@@ -44,6 +44,7 @@ sys.path.append(str(ROOT / "benchmarks"))
 from kernels import kernel_times  # noqa: E402  (benchmarks/kernels.py, beside this script)
 
 from runtime.batching import plan_batch  # noqa: E402
+from runtime.bench import random_bundle  # noqa: E402
 from runtime.session import Request, Session  # noqa: E402
 from transact.batch import Batch  # noqa: E402
 from transact.data.random_batch import random_batch  # noqa: E402
@@ -51,18 +52,6 @@ from transact.model import transformer_fastpath  # noqa: E402
 
 SHAPE = {"candidates": 256, "ll": 16000, "rt": 100, "imp": 100}
 REQUEST_BUCKET = (1, 256, 16000)  # (request rows, candidates, ll width): the bucket of the timed request
-
-
-def build_bundle(out: Path) -> Path:
-    from export.bundle import export_bundle
-    from transact.checkpoint import save_checkpoint
-    from transact.config import ModelConfig
-    from transact.model import RankingModel
-
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(Path(tmp) / "ckpt", RankingModel(ModelConfig()).eval())
-        return export_bundle(Path(tmp) / "ckpt", out, check=False, force=True)
 
 
 def timeit(fn, runs: int, warmup: int, sync: bool) -> dict:
@@ -277,7 +266,7 @@ def main() -> None:
         raise SystemExit("benchmarks/runtime.py needs a CUDA GPU")
 
     tmp = tempfile.TemporaryDirectory()
-    bundle = args.bundle or build_bundle(Path(tmp.name) / "bundle")
+    bundle = args.bundle or random_bundle(Path(tmp.name) / "bundle")
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": SHAPE, "rows": {}}
     rows = results["rows"]
 

@@ -34,24 +34,6 @@ from runtime.backends.warmup import synthetic_request  # noqa: E402
 from runtime.protocol import encode_infer_request  # noqa: E402
 
 
-def build_bundle(out: Path, small: bool = False) -> Path:
-    """Export a random-weights model (the default ModelConfig, or a small one) to ``out``."""
-    import tempfile
-
-    import torch
-
-    from export.bundle import export_bundle
-    from transact.checkpoint import save_checkpoint
-    from transact.config import ModelConfig
-    from transact.model import RankingModel
-
-    torch.manual_seed(0)
-    config = ModelConfig(max_ll=1024) if small else ModelConfig()
-    with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(Path(tmp) / "ckpt", RankingModel(config).eval())
-        return export_bundle(Path(tmp) / "ckpt", out, check=False, force=True)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -255,8 +237,11 @@ def main() -> None:
     args = p.parse_args()
 
     bundle = args.bundle
-    if args.build_bundle:
-        bundle = build_bundle(args.build_bundle, small=args.small)
+    if args.build_bundle:  # torch and the exporter only here: the load generator's processes never need them
+        from runtime.bench import random_bundle
+        from transact.config import ModelConfig
+
+        bundle = random_bundle(args.build_bundle, ModelConfig(max_ll=1024) if args.small else None)
     if not args.url and bundle is None:
         p.error("give BUNDLE, --build-bundle DIR or --url")
     worker_counts = [int(x) for x in args.workers.split(",")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import platform
 import time
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import torch
 
 from export.bundle import CPU_PROVIDER
 from export.commands import check_provider
+from transact.config import ModelConfig
 
 
 def cpu_name() -> str:
@@ -69,6 +71,42 @@ def take_turns(fns: dict[str, Callable[[], object]], runs: int, warmup: int, blo
                 fn()
                 out[name].append((time.perf_counter() - t0) * 1e3)
     return out
+
+
+def random_bundle(out: Path, config: ModelConfig | None = None, seed: int = 0) -> Path:
+    """Export a randomly initialised model (``config``, default ``ModelConfig()``) to the bundle folder ``out``
+    (replaced if it exists), without the export-time parity run: what the benchmarks time when given no bundle."""
+    import tempfile
+
+    from export.bundle import export_bundle
+    from transact.checkpoint import save_checkpoint
+    from transact.model import RankingModel
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory(prefix="transact-ckpt-") as tmp:
+        save_checkpoint(Path(tmp) / "ckpt", RankingModel(config or ModelConfig()).eval())
+        return export_bundle(Path(tmp) / "ckpt", out, check=False, force=True)
+
+
+def profile_node_times(events: list[dict], skip: int = 1) -> dict:
+    """ONNX Runtime profile events (one session's, as ``end_profiling`` writes them) -> node time per run (ms)
+    by operator type and by node, the first ``skip`` runs (warm-up) left out, and the number of runs counted."""
+    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    counted = len(starts) - skip
+    if counted < 1:
+        raise RuntimeError(f"ONNX Runtime's profile has no model_run events past the first {skip}")
+    by_op: collections.Counter[str] = collections.Counter()
+    by_node: collections.Counter[str] = collections.Counter()
+    seen: collections.Counter[str] = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= starts[skip]:
+            node = e["name"].removesuffix("_kernel_time")
+            by_op[e["args"]["op_name"]] += e["dur"] / 1e3 / counted
+            by_node[node] += e["dur"] / 1e3 / counted
+            seen[node] += 1
+    if any(n != counted for n in seen.values()):
+        raise RuntimeError(f"ONNX Runtime's profile: nodes seen {set(seen.values())} times in {counted} runs")
+    return {"runs": counted, "by_operator": dict(by_op.most_common()), "by_node": dict(by_node.most_common())}
 
 
 def latency_stats(ms: list[float]) -> dict[str, float]:
