@@ -21,11 +21,15 @@ def test_bench_prints_both_paths_with_positive_times() -> None:
                                             "--system-malloc"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "malloc: defaults" in result.output
-    assert "2 runs each after 1 warm-up, the two taking turns" in result.output
-    rows = re.findall(r"^\| (runtime \(cpu, 1 x 1 thread\)|eager PyTorch fp32) \| ([0-9.]+) \| ([0-9.]+) \|",
-                      result.output, re.M)  # fmt: skip
-    assert [r[0] for r in rows] == ["runtime (cpu, 1 x 1 thread)", "eager PyTorch fp32"]
-    assert all(float(p50) > 0 and float(p99) >= float(p50) for _, p50, p99 in rows)
+    assert "2 runs each after 1 warm-up, taking turns" in result.output
+    rows = re.findall(r"^\| (runtime \(cpu, 1 x 1 thread\)|eager PyTorch fp32, fast path o(?:n|ff)) \| ([0-9.]+) \| "
+                      r"([0-9.]+) \| ([0-9.]+)x \|$", result.output, re.M)  # fmt: skip
+    assert [r[0] for r in rows] == ["runtime (cpu, 1 x 1 thread)", "eager PyTorch fp32, fast path on",
+                                    "eager PyTorch fp32, fast path off"]  # fmt: skip
+    assert all(float(p50) > 0 and float(p99) >= float(p50) for _, p50, p99, _ in rows)
+    base = min(float(p50) for name, p50, _, _ in rows if name.startswith("eager"))
+    for _, p50, _, speedup in rows:  # every ratio is against the faster eager setting (printed to 3 decimals)
+        assert float(speedup) == pytest.approx(base / float(p50), abs=0.01 + 2e-3 * base / float(p50))
 
 
 def test_bench_and_serve_take_an_onnx_provider() -> None:
