@@ -7,6 +7,7 @@ Routes (KServe / Triton Inference Server REST):
     GET  /v2                             server metadata
     GET  /v2/models/{m}[/versions/{v}]          model metadata
     GET  /v2/models/{m}[/versions/{v}]/ready    model readiness
+    GET  /v2/models/{m}[/versions/{v}]/config   model configuration (Triton's extension, as its tools read it)
     POST /v2/models/{m}[/versions/{v}]/infer    inference (JSON or the binary tensor data extension)
     GET  /metrics                        Prometheus
 
@@ -165,6 +166,48 @@ def _model_metadata(state: ServerState) -> dict[str, Any]:
     }
 
 
+def _triton_type(datatype: str) -> str:
+    """Triton's model-configuration data type of a wire datatype: TYPE_ + its name (BYTES is TYPE_STRING)."""
+    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+
+
+def _model_config(state: ServerState) -> dict[str, Any]:
+    """Triton Inference Server's model configuration (its model configuration extension), in the JSON form its
+    server writes and its tools (``tritonclient``'s ``get_model_config``, ``perf_analyzer``) read: protobuf's JSON,
+    so int64 fields such as ``dims`` are strings. ``max_batch_size`` is 0: a request's tensors carry no batch
+    dimension (one request is one user, its candidates along N), and the server batches requests itself, with the
+    settings under ``parameters``."""
+    metadata = _model_metadata(state)
+    session = state.session
+    assert session is not None
+
+    def tensors(specs: list[dict[str, Any]], output: bool) -> list[dict[str, Any]]:
+        out = []
+        for spec in specs:
+            entry = {"name": spec["name"], "data_type": _triton_type(spec["datatype"]),
+                     "dims": [str(d) for d in spec["shape"]], "is_shape_tensor": False}  # fmt: skip
+            entry.update({"label_filename": ""} if output else {"format": "FORMAT_NONE", "optional": False,
+                                                                 "allow_ragged_batch": False})  # fmt: skip
+            out.append(entry)
+        return out
+
+    gpu = session.backend_name == "cuda"
+    batching = {"max_batch": state.settings.max_batch, "max_queue_delay_ms": state.settings.max_queue_delay_ms}
+    return {
+        "name": metadata["name"],
+        "platform": metadata["platform"],
+        "backend": "transact",
+        "version_policy": {"latest": {"num_versions": 1}},
+        "max_batch_size": 0,
+        "input": tensors(metadata["inputs"], output=False),
+        "output": tensors(metadata["outputs"], output=True),
+        "instance_group": [{"name": f"{metadata['name']}_0", "kind": "KIND_GPU" if gpu else "KIND_CPU", "count": 1,
+                            "gpus": [0] if gpu else []}],  # fmt: skip
+        "parameters": {k: {"string_value": v if isinstance(v, str) else json.dumps(v)}
+                       for k, v in {**metadata["parameters"], **batching}.items()},  # fmt: skip
+    }
+
+
 def _server_version() -> str:
     try:
         return importlib_metadata.version("transact-toolchain")
@@ -236,7 +279,8 @@ def create_app(
 
     @app.get("/v2")
     async def server_metadata() -> JSONResponse:
-        return JSONResponse({"name": "transact", "version": _server_version(), "extensions": ["binary_tensor_data"]})
+        return JSONResponse({"name": "transact", "version": _server_version(),
+                             "extensions": ["binary_tensor_data", "model_configuration"]})  # fmt: skip
 
     @app.get("/v2/models/{model}")
     @app.get("/v2/models/{model}/versions/{version}")
@@ -245,6 +289,14 @@ def create_app(
         if err is not None:
             return _error(str(err), err.status)
         return JSONResponse(_model_metadata(state))
+
+    @app.get("/v2/models/{model}/config")
+    @app.get("/v2/models/{model}/versions/{version}/config")
+    async def model_config(model: str, version: str | None = None) -> JSONResponse:
+        err = check_model(model, version)
+        if err is not None:
+            return _error(str(err), err.status)
+        return JSONResponse(_model_config(state))
 
     @app.get("/v2/models/{model}/ready")
     @app.get("/v2/models/{model}/versions/{version}/ready")

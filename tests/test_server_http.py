@@ -109,7 +109,7 @@ def test_health_and_metadata_routes(server, session: Session) -> None:
     r = c.get("/v2/health/ready")
     assert r.status_code == 200 and r.json() == {"ready": True}
     meta = c.get("/v2").json()
-    assert meta["name"] == "transact" and "binary_tensor_data" in meta["extensions"]
+    assert meta["name"] == "transact" and meta["extensions"] == ["binary_tensor_data", "model_configuration"]
     model = c.get("/v2/models/transact").json()
     assert model["name"] == "transact" and model["versions"] == ["1"] and model["platform"] == "transact_cpu"
     inputs = {i["name"]: i for i in model["inputs"]}
@@ -122,7 +122,8 @@ def test_health_and_metadata_routes(server, session: Session) -> None:
     assert outputs["scores"] == {"name": "scores", "datatype": "FP32", "shape": [-1]}
     assert c.get("/v2/models/transact/versions/1").json() == model
     assert c.get("/v2/models/transact/ready").json() == {"name": "transact", "ready": True}
-    for path in ("/v2/models/nope", "/v2/models/nope/ready", "/v2/models/transact/versions/7"):
+    for path in ("/v2/models/nope", "/v2/models/nope/ready", "/v2/models/transact/versions/7",
+                 "/v2/models/nope/config", "/v2/models/transact/versions/7/config"):  # fmt: skip
         r = c.get(path)
         assert r.status_code == 404 and "error" in r.json()
     r = c.get("/nowhere")
@@ -267,8 +268,11 @@ def test_tritons_own_client_speaks_to_the_server(server, session: Session, eager
     client = triton_http.InferenceServerClient(url=server.url.removeprefix("http://"))
     try:
         assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("transact")
-        assert client.get_server_metadata()["extensions"] == ["binary_tensor_data"]
+        assert client.get_server_metadata()["extensions"] == ["binary_tensor_data", "model_configuration"]
         meta = client.get_model_metadata("transact", model_version="1")
+        config = client.get_model_config("transact", model_version="1")
+        assert [i["name"] for i in config["input"]] == [i["name"] for i in meta["inputs"]]
+        assert [i["dims"] for i in config["input"]] == [[str(d) for d in i["shape"]] for i in meta["inputs"]]
         assert {i["name"] for i in meta["inputs"]} == set(random_requests(session.config, 0)[0].tensors())
 
         def inputs(tensors: dict[str, np.ndarray], binary: bool) -> list:
@@ -372,6 +376,31 @@ def test_identical_users_share_a_request_row(server, session: Session, eager) ->
     pytest.fail("identical users arriving together never shared a request row")
 
 
+def test_model_configuration_in_tritons_form(server, session: Session) -> None:
+    """GET .../config answers as Triton Inference Server's model configuration extension does: its data types, dims
+    as strings (protobuf's JSON of int64), no batch dimension, the server's own batching under parameters."""
+    c = server.client
+    config = c.get("/v2/models/transact/config").json()
+    assert config["name"] == "transact" and config["platform"] == "transact_cpu" and config["max_batch_size"] == 0
+    inputs = {i["name"]: i for i in config["input"]}
+    assert set(inputs) == set(Request.tensors(random_requests(session.config, 0)[0]))
+    assert inputs["ll_item"] == {"name": "ll_item", "data_type": "TYPE_INT8", "format": "FORMAT_NONE",
+                                 "dims": ["-1", "32"], "is_shape_tensor": False, "optional": False,
+                                 "allow_ragged_batch": False}  # fmt: skip
+    assert inputs["request_ts"]["data_type"] == "TYPE_INT64" and inputs["request_ts"]["dims"] == ["1"]
+    assert inputs["cand_item"]["data_type"] == "TYPE_FP32" and inputs["cand_item"]["dims"] == ["-1", "32"]
+    assert config["output"] == [
+        {"name": "probabilities", "data_type": "TYPE_FP32", "dims": ["-1", "3"], "is_shape_tensor": False,
+         "label_filename": ""},
+        {"name": "scores", "data_type": "TYPE_FP32", "dims": ["-1"], "is_shape_tensor": False, "label_filename": ""},
+    ]  # fmt: skip
+    assert config["instance_group"] == [{"name": "transact_0", "kind": "KIND_CPU", "count": 1, "gpus": []}]
+    params = {k: v["string_value"] for k, v in config["parameters"].items()}
+    assert params["max_batch"] == "16" and params["max_queue_delay_ms"] == "30" and params["backend"] == "cpu"
+    assert params["max_candidates"] == str(MAX_CANDIDATES) and json.loads(params["heads"]) == list(session.config.heads)
+    assert c.get("/v2/models/transact/versions/1/config").json() == config
+
+
 def test_ready_only_after_load(session: Session) -> None:
     gate = threading.Event()
 
@@ -384,6 +413,8 @@ def test_ready_only_after_load(session: Session) -> None:
         assert c.get("/v2/health/ready").status_code == 400
         assert c.get("/v2/models/transact/ready").json()["ready"] is False
         r = post(c, random_requests(session.config, 40)[0])
+        assert r.status_code == 503 and "not ready" in r.json()["error"]
+        r = c.get("/v2/models/transact/config")
         assert r.status_code == 503 and "not ready" in r.json()["error"]
         gate.set()
         deadline = time.time() + 10
