@@ -10,19 +10,14 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
 BUNDLE=/tmp/transact-parity-bundle
 $PY - "$BUNDLE" "${1:-small}" <<'PYEOF'
-import sys, tempfile, torch
+import sys
 from pathlib import Path
-from export.bundle import export_bundle
-from transact.checkpoint import save_checkpoint
+from runtime.bench import random_bundle
 from transact.config import ModelConfig, TransActConfig, TransActV2Config
-from transact.model import RankingModel
-torch.manual_seed(0)
 cfg = ModelConfig() if sys.argv[2] == "default" else ModelConfig(
     max_ll=2000, transact=TransActConfig(seq_len=32, latest_n_emb=4),
     transact_v2=TransActV2Config(k_ll=32, r_rt=16, k_rt=16, k_imp=16))
-with tempfile.TemporaryDirectory() as tmp:
-    save_checkpoint(Path(tmp) / "ckpt", RankingModel(cfg).eval())
-    export_bundle(Path(tmp) / "ckpt", sys.argv[1], check=False, force=True)
+random_bundle(Path(sys.argv[1]), cfg)
 PYEOF
 $PY -m transact.cli parity "$BUNDLE" --hybrid on --cases 2 --json > "$OUT/parity_hybrid.json"
 rc=$?

@@ -9,19 +9,7 @@ $PY -c "import torch, triton, onnxruntime, sys; print('python', sys.version.spli
 # The host: CPU model and NUMA layout (host-side stages differ by machine; see runtime.py's stage table).
 { lscpu 2>/dev/null | grep -E "^(Model name|NUMA node)"; nvidia-smi topo -m 2>/dev/null | head -3; } | tee -a "$OUT/env.txt"
 # One default-config bundle (random weights) for the tests and the benchmark.
-$PY - "$BUNDLE" <<'PYEOF'
-import sys, tempfile, torch
-from pathlib import Path
-from export.bundle import export_bundle
-from transact.checkpoint import save_checkpoint
-from transact.config import ModelConfig
-from transact.model import RankingModel
-torch.manual_seed(0)
-with tempfile.TemporaryDirectory() as tmp:
-    save_checkpoint(Path(tmp) / "ckpt", RankingModel(ModelConfig()).eval())
-    export_bundle(Path(tmp) / "ckpt", sys.argv[1], check=False, force=True)
-print("bundle", sys.argv[1])
-PYEOF
+$PY -c "import sys; from pathlib import Path; from runtime.bench import random_bundle; print('bundle', random_bundle(Path(sys.argv[1])))" "$BUNDLE"
 t0=$(date +%s)
 TRANSACT_TEST_BUNDLE=$BUNDLE timeout "${TEST_TIMEOUT:-600}" $PY -m pytest -m gpu tests/gpu/test_runtime_gpu.py tests/gpu/test_train_gpu.py -q -x \
   -p no:cacheprovider 2>&1 | tee "$OUT/runtime_gpu_tests.log"

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The cpu backend on a GPU machine's host CPU (DESIGN §5 measures on that machine): how its chunks slow each other
+# down side by side (cpu_scaling.py: per operator, and a compute and a streaming probe), then the DESIGN §5 request
+# against eager PyTorch at every usable CPU, at 8 threads and at 2 where the host has them (cpu_backend.py).
+#   OUT=results_dir bash benchmarks/host_cpu.sh
+source "$(dirname "$0")/gpu_env.sh"
+BUNDLE=${BUNDLE:-/tmp/transact-default-bundle}
+status=0
+[ -f "$BUNDLE/manifest.json" ] || $PY -c "import sys; from pathlib import Path; from runtime.bench import random_bundle; \
+random_bundle(Path(sys.argv[1]))" "$BUNDLE" || exit 1
+{ lscpu 2>/dev/null | grep -E "^(Model name|CPU\(s\)|Thread|Core|Socket|NUMA node|L2|L3)"; \
+  $PY -c "import torch, onnxruntime, numpy; print('torch', torch.__version__, 'onnxruntime', onnxruntime.__version__, \
+'numpy', numpy.__version__)"; } | tee "$OUT/host_cpu.txt"
+timeout "${SCALING_TIMEOUT:-300}" $PY benchmarks/cpu_scaling.py --bundle "$BUNDLE" --json "$OUT/cpu_scaling.json" \
+  2>&1 | tee "$OUT/cpu_scaling.log"
+rc=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] && status=$rc
+cpus=$(nproc)
+for threads in $(printf '%s\n' "$cpus" 8 2 | awk -v n="$cpus" '$1 <= n && !seen[$1]++'); do
+  timeout "${BENCH_TIMEOUT:-300}" $PY benchmarks/cpu_backend.py --bundle "$BUNDLE" --threads "$threads" --runs 20 \
+    --json "$OUT/cpu_backend_$threads.json" 2>&1 | tee "$OUT/cpu_backend_$threads.log"
+  rc=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] && status=$rc
+done
+exit "$status"
