@@ -173,8 +173,8 @@ def _triton_type(datatype: str) -> str:
 
 def _model_config(state: ServerState) -> dict[str, Any]:
     """Triton Inference Server's model configuration (its model configuration extension), in the JSON form its
-    server writes and its tools (``tritonclient``'s ``get_model_config``, ``perf_analyzer``) read: protobuf's JSON,
-    so int64 fields such as ``dims`` are strings. ``max_batch_size`` is 0: a request's tensors carry no batch
+    server writes and its client's ``get_model_config`` returns: protobuf's JSON, so int64 fields such as ``dims``
+    are strings. ``max_batch_size`` is 0: a request's tensors carry no batch
     dimension (one request is one user, its candidates along N), and the server batches requests itself, with the
     settings under ``parameters``."""
     metadata = _model_metadata(state)
