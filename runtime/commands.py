@@ -27,7 +27,8 @@ from transact.errors import TransactError
               help="Largest request body.")
 @click.option("--model-name", default="transact", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="ONNX Runtime threads (cpu default: every CPU this process may use).")
+              help="ONNX Runtime threads per server process (default: every CPU this process may use, shared "
+                   "out among the --workers).")
 @click.option("--split", type=click.IntRange(min=1), default=None,
               help="cpu: ONNX Runtime sessions that score a request's candidates side by side, threads / split "
                    "threads each (default: one per thread).")
@@ -61,14 +62,20 @@ def serve_cmd(bundle, host, port, device, max_batch, max_queue_delay_ms, max_can
     settings = ServerSettings(model_name=model_name, device=device, max_batch=max_batch,
                               max_queue_delay_ms=max_queue_delay_ms, max_candidates=max_candidates,
                               max_body_mb=max_body_mb)  # fmt: skip
+    if workers > 1 and threads is None:
+        # Every worker holds its own ONNX Runtime sessions: share the CPUs out rather than give each all of them
+        # (N workers x every CPU would run N threads on each core and hold N times the cpu backend's sessions).
+        from .backends.cpu import usable_cpus
+
+        threads = max(1, usable_cpus() // workers)
     options = dict(device=device, threads=threads, split=split, max_candidates=max_candidates,
                    triton_cache_dir=triton_cache_dir, max_batch=max_batch, dense_on=dense_on, tf32=tf32,
                    onnx_provider=onnx_provider)  # fmt: skip
     if workers > 1:
         _check_before_workers(bundle, device)
         click.echo(f"serving '{model_name}' from {bundle} on http://{host}:{port}/v2 with {workers} worker "
-                   f"processes (each accepts connections once its model is verified and warm; HTTP on "
-                   f"{http_stack()})", err=True)  # fmt: skip
+                   f"processes of {threads} ONNX Runtime thread{'s' if threads > 1 else ''} each (each accepts "
+                   f"connections once its model is verified and warm; HTTP on {http_stack()})", err=True)  # fmt: skip
         serve_workers(bundle, settings, options, workers, host=host, port=port, log_level=log_level,
                       switch_interval_s=switch_interval_ms / 1000.0)  # fmt: skip
         return

@@ -636,3 +636,27 @@ def test_serve_workers_refuse_a_missing_gpu_before_starting_them() -> None:
     assert proc.returncode == 1
     text = err.decode()
     assert "needs a CUDA GPU" in text and "Traceback" not in text and "spawn_main" not in text
+
+
+
+@pytest.mark.parametrize(("cpus", "workers", "threads", "want"), [(8, 2, None, 4), (8, 3, None, 2), (2, 4, None, 1),
+                                                                  (8, 2, 3, 3)])  # fmt: skip
+def test_serve_shares_the_cpus_out_among_its_workers(monkeypatch: pytest.MonkeyPatch, cpus: int, workers: int,
+                                                     threads: int | None, want: int) -> None:  # fmt: skip
+    """Each worker process holds its own ONNX Runtime sessions: without --threads, each gets its share of the CPUs
+    (at least one), not all of them; --threads is taken as given."""
+    from click.testing import CliRunner
+
+    import runtime.backends.cpu as cpu_backend
+    import runtime.server as server_module
+    from runtime.commands import serve_cmd
+
+    seen: dict = {}
+    monkeypatch.setattr(cpu_backend, "usable_cpus", lambda: cpus)
+    monkeypatch.setattr(server_module, "serve_workers",
+                        lambda bundle, settings, options, n, **kw: seen.update(options=options, workers=n))  # fmt: skip
+    args = [str(small_bundle()), "--device", "cpu", "--workers", str(workers)]
+    result = CliRunner().invoke(serve_cmd, args + (["--threads", str(threads)] if threads else []))
+    assert result.exit_code == 0, result.output
+    assert seen["workers"] == workers and seen["options"]["threads"] == want
+    assert f"{workers} worker processes of {want} ONNX Runtime thread" in result.output
