@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--ll", type=int, default=16_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split", type=int, default=None,
-                    help="the cpu backend's sessions side by side (default: runtime.backends.cpu.default_split)")
+                    help="the cpu backend's chunks side by side (default: runtime.backends.cpu.default_split)")
     ap.add_argument("--onnx-provider", default=CPU_PROVIDER,
                     help="ONNX Runtime execution provider (the CPU provider takes the nodes it does not)")
     ap.add_argument("--system-malloc", action="store_true",
@@ -142,7 +142,7 @@ def main() -> None:
         "p10_ms": {k: float(np.percentile(v, 10)) for k, v in results.items()},
         "p90_ms": {k: float(np.percentile(v, 90)) for k, v in results.items()},
         "backend": {"name": backend_name, "split": backend.backend.split,
-                    "threads_per_session": backend.backend.threads_per_session},
+                    "threads_per_chunk": backend.backend.threads_per_chunk},
         "speedup_vs_best_eager": ratio, "max_abs_diff_probabilities": diff,
         "plain_session": {"speedup_vs_best_eager": eager_best / med["onnxruntime full.onnx"],
                           "max_abs_diff_probabilities": float(np.abs(probs - outputs[False]).max())},

@@ -1,17 +1,19 @@
 """How the cpu backend's chunks slow each other down on a many-core host.
 
-The cpu backend (runtime.backends.cpu) runs a request's candidates in chunks side by side, one single-threaded
-ONNX Runtime session per CPU. On a 16-core Xeon a chunk of 16 candidates took ~15.8 ms alone, yet the request
-of 16 such chunks ~35.5 ms (benchmarks/RESULTS.md, 2026-12-05): side by side, the chunks ran ~2.2x slower. This
-script measures that. K sessions each run one chunk of the DESIGN §5 request (1 user, ll 16,000, rt 100, imp 100)
-at the same time, round after round, for each K asked; it prints the wall time per round, the slowdown against
-one session alone, and ONNX Runtime's node time per operator at each K, so that the operators that slow down
-stand out. Two probes tell the host's limits apart: chained 256 x 256 matrix products that stay in a core's L2
-slow down when the cores share execution units or clock (SMT siblings, an all-core clock below the one-core
-turbo); adds streaming over 16 MB slow down when they share memory bandwidth.
+The cpu backend (runtime.backends.cpu) runs a request's candidates in chunks side by side, one thread per CPU,
+as concurrent calls of one ONNX Runtime session. On a 16-core Xeon a chunk of 16 candidates took ~15.8 ms alone,
+yet the request of 16 such chunks ~35.5 ms (benchmarks/RESULTS.md, 2026-12-05, a session per chunk then): side by
+side, the chunks ran ~2.2x slower. This script measures that. K threads each run one chunk of the DESIGN §5
+request (1 user, ll 16,000, rt 100, imp 100) at the same time, round after round, for each K asked, on one shared
+session as the backend does (``--separate-sessions``: a session each); it prints the wall time per round, the
+slowdown against one chunk alone, and ONNX Runtime's node time per operator at each K (profiled on a session
+each, whose profiles keep the runs apart), so that the operators that slow down stand out. Two probes tell the
+host's limits apart: chained 256 x 256 matrix products that stay in a core's L2 slow down when the cores share
+execution units or clock (SMT siblings, an all-core clock below the one-core turbo); adds streaming over 16 MB
+slow down when they share memory bandwidth.
 
     python benchmarks/cpu_scaling.py                          # random default model; K = 1, 2, 4, ... CPUs
-    python benchmarks/cpu_scaling.py --bundle B --sessions 1 8 16 --pin --json out.json
+    python benchmarks/cpu_scaling.py --bundle B --chunks 1 8 16 --pin --json out.json
 """
 
 from __future__ import annotations
@@ -92,27 +94,30 @@ def rounds(sessions: list[Runnable], feeds: list[dict], runs: int, pin: bool = F
     return walls
 
 
-def side_by_side(graph: bytes, feeds: list[dict], runs: int, warmup: int, pin: bool, profile: bool) -> dict:
-    """``len(feeds)`` single-threaded sessions on ``graph`` running at the same time: the median wall time per
-    round and (``profile``, in a second pass, since profiling slows every node down) the mean node time per
-    operator, averaged over the sessions."""
+def side_by_side(graph: bytes, feeds: list[dict], runs: int, warmup: int, pin: bool, profile: bool,
+                 shared: bool = True) -> dict:  # fmt: skip
+    """``len(feeds)`` single-threaded runs of ``graph`` at the same time, on one ``shared`` session or a session
+    each: the median wall time per round and (``profile``, in a second pass on a session each, since profiling
+    slows every node down) the mean node time per operator, averaged over the sessions."""
     import onnxruntime as ort
 
-    def sessions(folder: str | None) -> list:
+    def sessions(folder: str | None, one: bool) -> list:
         made = []
-        for i in range(len(feeds)):
+        for i in range(1 if one else len(feeds)):
             opts = ort_options(1)
             if folder is not None:
                 opts.enable_profiling = True
                 opts.profile_file_prefix = str(Path(folder) / f"s{i}")
             made.append(ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"]))
+        made = made * len(feeds) if one else made
         rounds(made, feeds, warmup, pin)
         return made
 
-    out: dict = {"sessions": len(feeds), "wall_ms": statistics.median(rounds(sessions(None), feeds, runs, pin))}
+    wall = statistics.median(rounds(sessions(None, shared), feeds, runs, pin))
+    out: dict = {"chunks": len(feeds), "shared_session": shared, "wall_ms": wall}
     if profile:
         with tempfile.TemporaryDirectory(prefix="transact-scaling-") as folder:
-            profiled = sessions(folder)
+            profiled = sessions(folder, False)
             rounds(profiled, feeds, runs, pin)
             by_op: dict[str, float] = {}
             for s in profiled:
@@ -162,19 +167,21 @@ def default_counts(cpus: int) -> list[int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, help="bundle to time (default: export a random default model)")
-    ap.add_argument("--sessions", type=int, nargs="+", help="session counts K (default: 1, 2, 4, ... usable CPUs)")
-    ap.add_argument("--candidates", type=int, default=16, help="candidates per chunk (16 = 256 over 16 sessions)")
+    ap.add_argument("--chunks", type=int, nargs="+", help="chunks side by side, K (default: 1, 2, 4, ... usable CPUs)")
+    ap.add_argument("--candidates", type=int, default=16, help="candidates per chunk (16 = 256 over 16 chunks)")
     ap.add_argument("--ll", type=int, default=16_000)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--pin", action="store_true", help="pin each session's thread to its own CPU")
+    ap.add_argument("--pin", action="store_true", help="pin each chunk's thread to its own CPU")
+    ap.add_argument("--separate-sessions", action="store_true",
+                    help="a session per chunk (as the backend had before 2026-12-05) instead of one shared")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-operator node times")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="write the results here as JSON")
     args = ap.parse_args()
-    counts = args.sessions or default_counts(usable_cpus())
+    counts = args.chunks or default_counts(usable_cpus())
     if min(counts) < 1 or args.runs < 1 or args.warmup < 1 or args.candidates < 1:
-        ap.error("--sessions, --runs, --warmup and --candidates must be >= 1")
+        ap.error("--chunks, --runs, --warmup and --candidates must be >= 1")
 
     tmp = None
     if args.bundle is None:
@@ -188,22 +195,24 @@ def main() -> None:
 
     info: dict = {
         "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "usable_cpus": usable_cpus(), "pinned": args.pin,
+        "shared_session": not args.separate_sessions,
         "request": {"users": 1, "ll": args.ll, "rt": 100, "imp": 100, "candidates_per_chunk": args.candidates},
         "runs": args.runs, "warmup": args.warmup, "versions": tool_versions(), "model": [], "probes": {},
     }  # fmt: skip
-    print(f"{info['cpu']} ({info['usable_cpus']} usable CPUs){', threads pinned' if args.pin else ''}; "
-          f"K single-threaded sessions side by side, {args.candidates} candidates each, median of {args.runs} rounds")
+    where = "a session each" if args.separate_sessions else "one shared session"
+    print(f"{info['cpu']} ({info['usable_cpus']} usable CPUs){', threads pinned' if args.pin else ''}; K one-thread "
+          f"chunks side by side on {where}, {args.candidates} candidates each, median of {args.runs} rounds")
     for k in counts:
         row = side_by_side(graph, chunk_feeds(feed, k, args.candidates), args.runs, args.warmup, args.pin,
-                           not args.no_profile)  # fmt: skip
+                           not args.no_profile, shared=not args.separate_sessions)  # fmt: skip
         row["slowdown"] = row["wall_ms"] / info["model"][0]["wall_ms"] if info["model"] else 1.0
         info["model"].append(row)
-        node = f", profiled node time per session {row['node_ms']:8.2f} ms" if "node_ms" in row else ""
+        node = f", profiled node time per chunk {row['node_ms']:8.2f} ms" if "node_ms" in row else ""
         print(f"  K = {k:3d}: {row['wall_ms']:8.2f} ms per round ({row['slowdown']:.2f}x one alone){node}", flush=True)
     if not args.no_profile:
         rows = info["model"]
-        print("  profiled node time per session and operator (ms, mean over runs and sessions):")
-        print(f"    {'operator':<24}" + "".join(f"{'K = ' + str(r['sessions']):>10}" for r in rows))
+        print("  profiled node time per chunk and operator (ms, mean over runs and chunks):")
+        print(f"    {'operator':<24}" + "".join(f"{'K = ' + str(r['chunks']):>10}" for r in rows))
         for op in list(rows[0]["by_operator"])[:16]:
             print(f"    {op:<24}" + "".join(f"{r['by_operator'].get(op, 0.0):10.3f}" for r in rows))
     for name, (g, probe_feed, _) in probes(args.seed).items():

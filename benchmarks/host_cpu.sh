@@ -14,10 +14,13 @@ random_bundle(Path(sys.argv[1]))" "$BUNDLE" || exit 1
 timeout "${SCALING_TIMEOUT:-300}" $PY benchmarks/cpu_scaling.py --bundle "$BUNDLE" --json "$OUT/cpu_scaling.json" \
   2>&1 | tee "$OUT/cpu_scaling.log"
 rc=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] && status=$rc
-# The same with each session's thread pinned to its own CPU (the backend leaves placement to the OS).
-timeout "${SCALING_TIMEOUT:-300}" $PY benchmarks/cpu_scaling.py --bundle "$BUNDLE" --pin --no-profile \
-  --json "$OUT/cpu_scaling_pinned.json" 2>&1 | tee "$OUT/cpu_scaling_pinned.log"
-rc=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] && status=$rc
+# The same with each chunk's thread pinned to its own CPU (the backend leaves placement to the OS), and with a
+# session per chunk (the backend's layout before 2026-12-05).
+for variant in pin separate-sessions; do
+  timeout "${SCALING_TIMEOUT:-300}" $PY benchmarks/cpu_scaling.py --bundle "$BUNDLE" --"$variant" --no-profile \
+    --json "$OUT/cpu_scaling_$variant.json" 2>&1 | tee "$OUT/cpu_scaling_$variant.log"
+  rc=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] && status=$rc
+done
 cpus=$(nproc)
 for threads in $(printf '%s\n' "$cpus" 8 2 | awk -v n="$cpus" '$1 <= n && !seen[$1]++'); do
   timeout "${BENCH_TIMEOUT:-300}" $PY benchmarks/cpu_backend.py --bundle "$BUNDLE" --threads "$threads" --runs 20 \

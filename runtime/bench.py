@@ -124,7 +124,7 @@ def latency_stats(ms: list[float]) -> dict[str, float]:
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for both sides.")
 @click.option("--split", default=None, type=click.IntRange(min=1),
-              help="cpu: ONNX Runtime sessions side by side, each on a chunk of the candidates "
+              help="cpu: chunks of the candidates scored side by side, threads / split threads each "
                    "(default: one per thread).")
 @click.option("--system-malloc", is_flag=True,
               help="Leave glibc's malloc at its defaults (eager then pays page faults whose cost varies by host).")

@@ -337,7 +337,7 @@ class SessionOptions:
     process may use, the cuda backend's dense.onnx ONNX Runtime's default)."""
 
     threads: int | None = None
-    # cpu: ONNX Runtime sessions that run a request's candidates side by side in chunks, threads // split
+    # cpu: chunks of a request's candidates run side by side, threads // split
     # threads each (None: runtime.backends.cpu.default_split)
     split: int | None = None
     # ONNX Runtime's execution provider for full.onnx (cpu) and dense.onnx (cuda with dense_on="cpu"); the CPU

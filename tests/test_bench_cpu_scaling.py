@@ -105,6 +105,6 @@ def test_side_by_side_profiles_every_operator() -> None:
     graph = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 18)])
     feed = {"x": np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)}
     row = cpu_scaling.side_by_side(graph.SerializeToString(), [feed, feed], runs=3, warmup=1, pin=False, profile=True)
-    assert row["sessions"] == 2 and row["wall_ms"] > 0
+    assert row["chunks"] == 2 and row["shared_session"] and row["wall_ms"] > 0
     assert set(row["by_operator"]) == {"Relu", "Sigmoid"}
     assert row["node_ms"] == pytest.approx(sum(row["by_operator"].values()))

@@ -9,6 +9,8 @@ import atexit
 import dataclasses
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -132,28 +134,58 @@ def test_chunk_bounds_by_hand(n: int, split: int, want: list[tuple[int, int]]) -
 
 
 @pytest.mark.parametrize(("threads", "cpus", "want"), [(16, 4, 4), (2, 16, 2), (1, 8, 1), (8, 8, 8)])
-def test_default_split_is_one_session_per_thread_and_cpu(threads: int, cpus: int, want: int, monkeypatch) -> None:
+def test_default_split_is_one_chunk_per_thread_and_cpu(threads: int, cpus: int, want: int, monkeypatch) -> None:
     monkeypatch.setattr(cpu_backend, "usable_cpus", lambda: cpus)
     assert cpu_backend.default_split(threads) == want
 
 
 def test_candidates_split_across_sessions_match_one_session(bundle_dir: Path, eager: RankingModel) -> None:
-    """Three sessions of one thread score a request's chunks side by side: the same probabilities as one
-    session scoring it whole, and as eager PyTorch."""
+    """Three one-thread chunks side by side (concurrent calls of one session) and three two-thread chunks (a
+    session each): the same probabilities as one session scoring the request whole, and as eager PyTorch."""
     reqs = random_requests(small_config(), 21, n_cands=120)  # 40 candidates each
     whole = Session(bundle_dir, device="cpu", threads=1, warmup=False)
     split = Session(bundle_dir, device="cpu", threads=3, split=3, warmup=False)
+    wide = Session(bundle_dir, device="cpu", threads=6, split=3, warmup=False)
     try:
-        assert (len(whole.backend.sessions), len(split.backend.sessions)) == (1, 3)
-        assert split.backend.threads_per_session == 1
+        assert [len(s.backend.sessions) for s in (whole, split, wide)] == [1, 1, 3]
+        assert [s.backend.threads_per_chunk for s in (whole, split, wide)] == [1, 1, 2]
+        assert wide.backend.layout == "3 x 2 threads"
+        np.testing.assert_allclose(wide.score_many(reqs)[0], whole.score_many(reqs)[0], atol=1e-6, rtol=0)
         got, ref = split.score_many(reqs), whole.score_many(reqs)
         for g, r, e in zip(got, ref, eager_probs(eager, reqs), strict=True):
             assert g.shape == (40, 3)
             np.testing.assert_allclose(g, r, atol=1e-6, rtol=0)
             np.testing.assert_allclose(g, e, atol=1e-5, rtol=0)
     finally:
-        whole.close()
-        split.close()
+        for s in (whole, split, wide):
+            s.close()
+
+
+def test_one_thread_chunks_run_at_once_on_one_session(bundle_dir: Path, monkeypatch) -> None:
+    """With one thread per chunk, ``split`` chunks run at the same time, all on the one session: never more."""
+    session = Session(bundle_dir, device="cpu", threads=3, split=3, warmup=False)
+    (ort_session,) = session.backend.sessions
+    lock, state = threading.Lock(), {"now": 0, "most": 0, "calls": 0}
+
+    def counted(names, feed, run=ort_session.run):  # noqa: ANN001, ANN202
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+            state["calls"] += 1
+        time.sleep(0.05)  # long enough for the other chunks to start
+        try:
+            return run(names, feed)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(ort_session, "run", counted)
+    try:
+        for seed in (23, 24):  # 48 candidates: three chunks of 16 each time
+            session.score(random_requests(session.config, seed, 1, 48, ll=[200], rt=[40], imp=[30])[0])
+    finally:
+        session.close()
+    assert state["most"] == 3 and state["calls"] == 6
 
 
 def test_edge_cases_match_eager(session: Session, eager: RankingModel) -> None:

@@ -1,10 +1,12 @@
 """The ``cpu`` backend: the whole model in ONNX Runtime (``full.onnx``).
 
 A request's candidates are scored independently of each other, so the backend cuts them into chunks and
-runs the chunks side by side, each in its own ONNX Runtime session with a share of the threads
-(``split`` sessions of ``threads // split`` intra-op threads). That keeps every core busy on whole
-products instead of leaving ONNX Runtime to split each small operator between all of them: its
-LayerNormalization, for one, gets no faster past one thread (benchmarks/RESULTS.md, 2026-12-05)."""
+runs ``split`` chunks side by side with ``threads // split`` intra-op threads each. That keeps every core busy
+on whole products instead of leaving ONNX Runtime to split each small operator between all of them: its
+LayerNormalization, for one, gets no faster past one thread (benchmarks/RESULTS.md, 2026-12-05). With one
+thread per chunk (the default) the chunks are concurrent calls of one session: ONNX Runtime runs each on its
+calling thread, and the weights are held (and pre-packed) once, not once per chunk. With more, every chunk
+gets its own session, since a session's calls share one intra-op thread pool."""
 
 from __future__ import annotations
 
@@ -50,8 +52,8 @@ def usable_cpus() -> int:
 
 
 def default_split(threads: int) -> int:
-    """Sessions side by side for ``threads`` threads: one thread each, at most one per usable CPU (more
-    sessions than CPUs would only take turns, each holding its own copy of the model)."""
+    """Chunks side by side for ``threads`` threads: one thread each, at most one per usable CPU (more chunks
+    than CPUs would only take turns)."""
     return max(1, min(threads, usable_cpus()))
 
 
@@ -76,20 +78,21 @@ class CpuBackend:
         per = max(1, threads // self.split)
         graph, providers = bundle.graph_bytes("full.onnx"), onnx_providers(options.onnx_provider)
         self.sessions = [ort.InferenceSession(graph, sess_options=ort_options(per), providers=providers)
-                         for _ in range(self.split)]  # fmt: skip
+                         for _ in range(self.split if per > 1 else 1)]  # fmt: skip
         names = [i.name for i in self.sessions[0].get_inputs()]
         if tuple(names) != INPUT_NAMES:
             raise ValueError(f"full.onnx: unexpected inputs {names}")
-        self.threads_per_session = per
+        self.threads_per_chunk = per
+        # One slot per chunk that may run at once: each session once, or the one session ``split`` times.
         self._idle: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
-        for s in self.sessions:
-            self._idle.put(s)
+        for i in range(self.split):
+            self._idle.put(self.sessions[i % len(self.sessions)])
         self._pool = ThreadPoolExecutor(self.split, "transact-cpu") if self.split > 1 else None
 
     @property
     def layout(self) -> str:
-        """Sessions x threads each, for reports: "16 x 1 thread"."""
-        per = self.threads_per_session
+        """Chunks side by side x threads each, for reports: "16 x 1 thread"."""
+        per = self.threads_per_chunk
         return f"{self.split} x {per} thread{'s' if per > 1 else ''}"
 
     def run(self, plan: BatchPlan) -> tuple[np.ndarray, np.ndarray]:
