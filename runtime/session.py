@@ -11,7 +11,6 @@ users share one request row) and runs it on a backend:
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -431,7 +430,3 @@ class Session:
         if close:
             close()
 
-
-def bucket(n: int, minimum: int = 1) -> int:
-    """Next power of two >= max(n, minimum)."""
-    return 1 << max(0, math.ceil(math.log2(max(n, minimum, 1))))
