@@ -429,4 +429,3 @@ class Session:
         close = getattr(self.backend, "close", None)
         if close:
             close()
-
