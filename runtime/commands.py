@@ -63,8 +63,8 @@ def serve_cmd(bundle, host, port, device, max_batch, max_queue_delay_ms, max_can
                               max_queue_delay_ms=max_queue_delay_ms, max_candidates=max_candidates,
                               max_body_mb=max_body_mb)  # fmt: skip
     if workers > 1 and threads is None:
-        # Every worker holds its own ONNX Runtime sessions: share the CPUs out rather than give each all of them
-        # (N workers x every CPU would run N threads on each core and hold N times the cpu backend's sessions).
+        # Every worker runs its own ONNX Runtime: share the CPUs out rather than give each all of them (N workers
+        # with every CPU each would run N threads on each core).
         from .backends.cpu import usable_cpus
 
         threads = max(1, usable_cpus() // workers)
