@@ -27,8 +27,8 @@ from transact.errors import TransactError
               help="Largest request body.")
 @click.option("--model-name", default="transact", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="ONNX Runtime threads per server process (default: every CPU this process may use, shared "
-                   "out among the --workers).")
+              help="ONNX Runtime threads per server process (default: every CPU this process may use, within "
+                   "its cgroup's CPU quota, shared out among the --workers).")
 @click.option("--split", type=click.IntRange(min=1), default=None,
               help="cpu: chunks of a request's candidates scored side by side, threads / split "
                    "threads each (default: one per thread).")

@@ -333,7 +333,7 @@ def resolve_device(device: str) -> str:
 @dataclass
 class SessionOptions:
     """Backend options. ``threads``: CPU threads for ONNX Runtime (None: the cpu backend takes every CPU this
-    process may use, the cuda backend's dense.onnx ONNX Runtime's default)."""
+    process may use, ``runtime.backends.cpu.usable_cpus``; the cuda backend's dense.onnx ONNX Runtime's default)."""
 
     threads: int | None = None
     # cpu: chunks of a request's candidates run side by side, threads // split

@@ -429,3 +429,40 @@ def test_hybrid_glue_with_one_or_no_sequence_module(v1: bool, v2: bool, tmp_path
     reqs = random_requests(cfg, 13, n_cands=10)
     probs, _ = backend.run(plan_batch(reqs))
     np.testing.assert_allclose(probs, np.concatenate(eager_probs(model, reqs)), atol=2e-3, rtol=0)
+
+
+def _cgroup(tmp_path: Path, self_cgroup: str, files: dict[str, str]) -> tuple[Path, Path]:
+    """A fake /sys/fs/cgroup tree and /proc/self/cgroup."""
+    root = tmp_path / "cgroup"
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    proc = tmp_path / "self_cgroup"
+    proc.write_text(self_cgroup)
+    return root, proc
+
+
+@pytest.mark.parametrize(("self_cgroup", "files", "want"), [
+    ("0::/\n", {"cpu.max": "200000 100000\n"}, 2.0),  # cgroup v2, the container's own root (a cgroup namespace)
+    ("0::/\n", {"cpu.max": "max 100000\n"}, None),
+    ("0::/\n", {}, None),  # no cpu controller there
+    ("0::/pods/a\n", {"pods/a/cpu.max": "max 100000", "pods/cpu.max": "150000 100000"}, 1.5),  # a parent's quota
+    ("0::/pods/a\n", {"pods/a/cpu.max": "400000 100000", "pods/cpu.max": "800000 100000"}, 4.0),  # the smallest
+    ("4:cpu,cpuacct:/docker/x\n1:name=systemd:/\n", {"cpu,cpuacct/docker/x/cpu.cfs_quota_us": "300000",
+                                                     "cpu,cpuacct/docker/x/cpu.cfs_period_us": "100000"}, 3.0),  # v1
+    ("2:cpuacct:/\n1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+    ("2:cpuset:/\n", {"cpuset/cpu.cfs_quota_us": "100000", "cpuset/cpu.cfs_period_us": "100000"}, None),  # not cpu
+])  # fmt: skip
+def test_cgroup_cpu_limit_reads_the_quota_on_the_process_path(tmp_path: Path, self_cgroup: str, files: dict,
+                                                              want: float | None) -> None:  # fmt: skip
+    root, proc = _cgroup(tmp_path, self_cgroup, files)
+    assert cpu_backend.cgroup_cpu_limit(root, proc) == want
+
+
+@pytest.mark.parametrize(("affinity", "limit", "want"), [(16, None, 16), (16, 2.0, 2), (16, 2.5, 2), (16, 0.5, 1),
+                                                         (4, 8.0, 4)])  # fmt: skip
+def test_usable_cpus_is_the_affinity_capped_by_the_quota(affinity: int, limit: float | None, want: int,
+                                                         monkeypatch) -> None:  # fmt: skip
+    monkeypatch.setattr(cpu_backend.os, "sched_getaffinity", lambda pid: set(range(affinity)), raising=False)
+    monkeypatch.setattr(cpu_backend, "cgroup_cpu_limit", lambda: limit)
+    assert cpu_backend.usable_cpus() == want

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import queue
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -43,12 +44,57 @@ def ort_options(threads: int | None) -> ort.SessionOptions:
     return so
 
 
-def usable_cpus() -> int:
-    """Logical CPUs this process may run on."""
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _quota(path: Path) -> float | None:
+    """CPUs one cgroup's quota file allows: cgroup v2 ``cpu.max`` ("QUOTA PERIOD" or "max PERIOD") or v1
+    ``cpu.cfs_quota_us`` beside ``cpu.cfs_period_us`` (-1 = none); None where unset or unreadable."""
     try:
-        return len(os.sched_getaffinity(0))
+        if path.name == "cpu.max":
+            quota, period = path.read_text().split()[:2]
+        else:
+            quota, period = path.read_text().strip(), (path.parent / "cpu.cfs_period_us").read_text().strip()
+        if quota in ("max", "-1") or float(period) <= 0:
+            return None
+        return float(quota) / float(period)
+    except (OSError, ValueError):
+        return None
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT, self_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
+    """CPUs this process's cgroups let it use (the smallest CFS quota / period on its cgroup's path, cgroup v2 or
+    v1), or None when none sets a quota. Container CPU limits (Kubernetes, ``docker --cpus``) work this way while
+    every host CPU stays in the affinity mask, so one thread per CPU of the mask would oversubscribe the quota."""
+    try:
+        lines = self_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    files = []
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        parts = [p for p in rel.split("/") if p]
+        if controllers == "":  # cgroup v2
+            bases, name = [root], "cpu.max"
+        elif "cpu" in controllers.split(","):
+            bases, name = [root / controllers, root / "cpu", root / "cpu,cpuacct"], "cpu.cfs_quota_us"
+        else:
+            continue
+        for base in dict.fromkeys(bases):  # the leaf's folder and every folder above it
+            files += [base.joinpath(*parts[:depth], name) for depth in range(len(parts), -1, -1)]
+    limits = [q for q in map(_quota, files) if q is not None]
+    return min(limits) if limits else None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: the CPUs it may run on (its affinity mask), at most as many as its cgroup's CPU
+    quota allows, rounded down (threads beyond a quota are throttled in turns, each request waiting), at least one."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    return max(1, min(cpus, int(limit))) if limit is not None else cpus
 
 
 def default_split(threads: int) -> int:
