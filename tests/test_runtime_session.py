@@ -452,6 +452,7 @@ def _cgroup(tmp_path: Path, self_cgroup: str, files: dict[str, str]) -> tuple[Pa
                                                      "cpu,cpuacct/docker/x/cpu.cfs_period_us": "100000"}, 3.0),  # v1
     ("2:cpuacct:/\n1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
     ("2:cpuset:/\n", {"cpuset/cpu.cfs_quota_us": "100000", "cpuset/cpu.cfs_period_us": "100000"}, None),  # not cpu
+    ("garbage\n0::/\n", {"cpu.max": "300000 100000"}, 3.0),  # a line it cannot read is passed over
 ])  # fmt: skip
 def test_cgroup_cpu_limit_reads_the_quota_on_the_process_path(tmp_path: Path, self_cgroup: str, files: dict,
                                                               want: float | None) -> None:  # fmt: skip

@@ -72,7 +72,10 @@ def cgroup_cpu_limit(root: Path = CGROUP_ROOT, self_cgroup: Path = Path("/proc/s
         return None
     files = []
     for line in lines:
-        _, controllers, rel = line.split(":", 2)
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        _, controllers, rel = fields
         parts = [p for p in rel.split("/") if p]
         if controllers == "":  # cgroup v2
             bases, name = [root], "cpu.max"
