@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.bundle import CPU_PROVIDER, load_bundle, onnx_providers  # noqa: E402
 from export.manifest import tool_versions  # noqa: E402
+from runtime.backends.cpu import usable_cpus  # noqa: E402
 from runtime.bench import cpu_name, keep_freed_memory, profile_node_times, random_bundle, take_turns  # noqa: E402
 from runtime.session import Request, Session  # noqa: E402
 from transact.data.random_batch import random_batch  # noqa: E402
@@ -61,7 +62,8 @@ def onnxruntime_profile(graph: bytes, feed: dict, threads: int, runs: int, provi
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, help="bundle to time (default: export a random default model)")
-    ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 8), help="intra-op threads for both")
+    ap.add_argument("--threads", type=int, default=min(usable_cpus(), 8),
+                    help="intra-op threads for both (default: the usable CPUs, at most 8)")
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--candidates", type=int, default=256)
