@@ -282,21 +282,19 @@ def create_app(
         return JSONResponse({"name": "transact", "version": _server_version(),
                              "extensions": ["binary_tensor_data", "model_configuration"]})  # fmt: skip
 
+    def describe(model: str, version: str | None, describe_state: Callable[[ServerState], dict]) -> JSONResponse:
+        err = check_model(model, version)
+        return _error(str(err), err.status) if err is not None else JSONResponse(describe_state(state))
+
     @app.get("/v2/models/{model}")
     @app.get("/v2/models/{model}/versions/{version}")
     async def model_metadata(model: str, version: str | None = None) -> JSONResponse:
-        err = check_model(model, version)
-        if err is not None:
-            return _error(str(err), err.status)
-        return JSONResponse(_model_metadata(state))
+        return describe(model, version, _model_metadata)
 
     @app.get("/v2/models/{model}/config")
     @app.get("/v2/models/{model}/versions/{version}/config")
     async def model_config(model: str, version: str | None = None) -> JSONResponse:
-        err = check_model(model, version)
-        if err is not None:
-            return _error(str(err), err.status)
-        return JSONResponse(_model_config(state))
+        return describe(model, version, _model_config)
 
     @app.get("/v2/models/{model}/ready")
     @app.get("/v2/models/{model}/versions/{version}/ready")
