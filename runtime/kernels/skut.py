@@ -357,7 +357,6 @@ def _store_kv(
     slot,
     valid,
     w_layer,
-    v_layer,
     kv_k,
     kv_v,
     S,
@@ -562,7 +561,7 @@ def _skut_kernel(
         n_valid = tl.max(nvis, axis=0)
         tl.store(slot_b + rows, nvis * 2 + valid.to(tl.int32), mask=row_ok)
         x = tl.load(x_b + rows[:, None] * D + cd[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0)
-        _store_kv(x.to(dt), slot, valid, w_ptr, v_ptr, kv_b, kv_b + KV_STRIDE, S, H, D_P, DH_P, PREC)
+        _store_kv(x.to(dt), slot, valid, w_ptr, kv_b, kv_b + KV_STRIDE, S, H, D_P, DH_P, PREC)
     tl.debug_barrier()
 
     pooled = tl.full((D_P,), float("-inf"), tl.float32)
@@ -598,9 +597,7 @@ def _skut_kernel(
                                F_CHUNK, BLOCK_M, BLOCK_N, PREC, "", True)  # fmt: skip
             if layer + 1 < n_layers:
                 x16 = x.to(dt)
-                _store_kv(
-                    x16, slot, valid, w_l + LW, v_l + LV, kv_nxt, kv_nxt + KV_STRIDE, S, H, D_P, DH_P, PREC
-                )
+                _store_kv(x16, slot, valid, w_l + LW, kv_nxt, kv_nxt + KV_STRIDE, S, H, D_P, DH_P, PREC)
                 tl.store(o_b + rows[:, None] * D + cd[None, :], x16, mask=xmask)
             else:
                 tile_max = _last_rows(x, rows, row_ok, valid, lim, o_b, v_ptr, n_layers, D, D_P, LV, FINAL_NORM,
@@ -698,8 +695,7 @@ def _skut_split_kernel(
     n_full = (tl.min(nvis, axis=0) // BLOCK_N) * BLOCK_N
     xmask = row_ok[:, None] & dmask[None, :]
     x = tl.load(x_ptr + b * S * D + rows[:, None] * D + cd[None, :], mask=xmask, other=0.0).to(tl.float32)
-    _store_kv(x.to(kv_ptr.dtype.element_ty), slot, valid, w_ptr, v_ptr, kv_b, kv_b + KV_STRIDE, S, H, D_P,
-              DH_P, PREC)  # fmt: skip
+    _store_kv(x.to(kv_ptr.dtype.element_ty), slot, valid, w_ptr, kv_b, kv_b + KV_STRIDE, S, H, D_P, DH_P, PREC)
     tile_max = tl.full((D_P,), float("-inf"), tl.float32)
     for layer in range(0, n_layers):
         w_l = w_ptr + layer * LW
@@ -711,8 +707,8 @@ def _skut_split_kernel(
                            F_CHUNK, BLOCK_M, BLOCK_N, PREC, ".cg", False)  # fmt: skip
         if layer + 1 < n_layers:
             kv_nxt = kv_cur + 2 * KV_STRIDE
-            _store_kv(x.to(kv_ptr.dtype.element_ty), slot, valid, w_l + LW, v_l + LV, kv_nxt, kv_nxt + KV_STRIDE,
-                      S, H, D_P, DH_P, PREC)  # fmt: skip
+            _store_kv(x.to(kv_ptr.dtype.element_ty), slot, valid, w_l + LW, kv_nxt, kv_nxt + KV_STRIDE, S, H, D_P,
+                      DH_P, PREC)  # fmt: skip
         else:
             tile_max = _last_rows(x, rows, row_ok, valid, nvis, out_ptr + b * S * D, v_ptr, n_layers, D, D_P, LV,
                                   FINAL_NORM, STORE_OUT, POOL)  # fmt: skip
