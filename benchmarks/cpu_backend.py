@@ -5,9 +5,10 @@ runtime's cpu backend as `transact serve` runs it (``runtime.Session``: the cand
 side, ``--split`` sessions of threads / split threads each; the request's conversion and checks included),
 and one plain session on full.onnx with every thread. Both runtimes get the same number of threads; they take
 turns in blocks of runs (``runtime.bench.take_turns``), and the median over many runs after a warm-up is
-reported, with the ratio (the cpu backend's). glibc's malloc keeps freed memory in the process
-(``runtime.bench.keep_freed_memory``; ``--system-malloc`` leaves it at its defaults), so eager PyTorch is timed
-at its steadier, faster setting.
+reported, with the ratio (the cpu backend's), and the ratio round by round (``runtime.bench.round_ratios``:
+each round's blocks ran side by side, so a host that drifts moves both). glibc's malloc keeps freed memory in the
+process (``runtime.bench.keep_freed_memory``; ``--system-malloc`` leaves it at its defaults), so eager PyTorch is
+timed at its steadier, faster setting.
 
     python benchmarks/cpu_backend.py                      # random default model, exported to a temp folder
     python benchmarks/cpu_backend.py --bundle BUNDLE --threads 4 --runs 50 --json out.json
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from export.bundle import CPU_PROVIDER, load_bundle, onnx_providers  # noqa: E402
 from export.manifest import tool_versions  # noqa: E402
 from runtime.backends.cpu import usable_cpus  # noqa: E402
-from runtime.bench import cpu_name, keep_freed_memory, profile_node_times, random_bundle, take_turns  # noqa: E402
+from runtime.bench import cpu_name, keep_freed_memory, profile_node_times, random_bundle, round_ratios, take_turns  # noqa: E402
 from runtime.session import Request, Session  # noqa: E402
 from transact.data.random_batch import random_batch  # noqa: E402
 
@@ -135,6 +136,8 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in results.items()}
     eager_best = min(v for k, v in med.items() if k.startswith("eager"))
     ratio = eager_best / med[backend_name]
+    best_name = next(k for k, v in med.items() if k.startswith("eager") and v == eager_best)
+    rounds = round_ratios(results[best_name], results[backend_name])
     diff = float(np.abs(backend_probs - outputs[False]).max())
     info = {
         "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "logical_cpus": os.cpu_count(),
@@ -146,6 +149,8 @@ def main() -> None:
         "backend": {"name": backend_name, "split": backend.backend.split,
                     "threads_per_chunk": backend.backend.threads_per_chunk},
         "speedup_vs_best_eager": ratio, "max_abs_diff_probabilities": diff,
+        "speedup_per_round": {"median": statistics.median(rounds), "min": min(rounds), "max": max(rounds),
+                              "rounds": rounds},
         "plain_session": {"speedup_vs_best_eager": eager_best / med["onnxruntime full.onnx"],
                           "max_abs_diff_probabilities": float(np.abs(probs - outputs[False]).max())},
         "versions": tool_versions(),
@@ -165,6 +170,8 @@ def main() -> None:
         print(f"  {k:<26} median {v:9.2f} ms   p10 {info['p10_ms'][k]:9.2f}   p90 {info['p90_ms'][k]:9.2f}")
     print(f"  cpu backend speed-up over the faster eager setting: {ratio:.2f}x   (max |diff| {diff:.1e}); one plain "
           f"session: {info['plain_session']['speedup_vs_best_eager']:.2f}x")
+    print(f"  the same, round by round (each round's blocks of runs side by side; drift moves both): median "
+          f"{statistics.median(rounds):.2f}x, {min(rounds):.2f}-{max(rounds):.2f}x over {len(rounds)} rounds")
     if compiled:
         tc = info["torch_compile"]
         print(f"  cpu backend speed-up over torch.compile: {tc['onnxruntime_speedup']:.2f}x   (its first call "

@@ -73,6 +73,16 @@ def take_turns(fns: dict[str, Callable[[], object]], runs: int, warmup: int, blo
     return out
 
 
+def round_ratios(base: list[float], other: list[float], block: int = 5) -> list[float]:
+    """``base`` over ``other`` round by round, for two lists timed by ``take_turns`` with the same ``block``: the
+    median of each round's block of ``base`` over the median of the same round's block of ``other``. Both blocks of
+    a round ran within seconds of each other, so a host whose speed drifts over minutes (shared machines: 10-30 %)
+    moves both alike and their ratio much less than either time."""
+    if len(base) != len(other) or not base or block < 1:
+        raise ValueError(f"two equally long, non-empty lists and block >= 1; got {len(base)}, {len(other)}, {block}")
+    return [float(np.median(base[i:i + block]) / np.median(other[i:i + block])) for i in range(0, len(base), block)]
+
+
 def random_bundle(out: Path, config: ModelConfig | None = None, seed: int = 0) -> Path:
     """Export a randomly initialised model (``config``, default ``ModelConfig()``) to the bundle folder ``out``
     (replaced if it exists), without the export-time parity run: what the benchmarks time when given no bundle."""
@@ -169,12 +179,17 @@ def bench_cmd(bundle: Path, device: str, candidates: int, ll: int | None, runs: 
     # Eager PyTorch with its transformer fast path on and off, the faster of the two the baseline (which one wins
     # depends on the host: the fast path's fused kernels against the masks it must then build).
     eager_rows = {f"eager PyTorch fp32, fast path {'on' if fp else 'off'}": eager(fp) for fp in (True, False)}
-    times = take_turns({f"runtime ({path})": lambda: session.score(request), **eager_rows}, runs, warmup)
+    runtime_row = f"runtime ({path})"
+    times = take_turns({runtime_row: lambda: session.score(request), **eager_rows}, runs, warmup)
     rows = {name: latency_stats(ms) for name, ms in times.items()}
-    base = min(rows[name]["p50_ms"] for name in eager_rows)
+    base_row = min(eager_rows, key=lambda name: rows[name]["p50_ms"])
+    base = rows[base_row]["p50_ms"]
+    rounds = round_ratios(times[base_row], times[runtime_row])
     click.echo(f"1 user, {candidates} candidates, ll {batch.ll.ts.shape[1]}, rt {cfg.max_rt}, imp {cfg.max_imp}; "
                f"{runs} runs each after {warmup} warm-up, taking turns; torch {torch.__version__}, "
                f"{torch.get_num_threads()} threads; malloc: {'freed memory kept' if kept else 'defaults'}")
     click.echo("| path | p50 ms | p99 ms | speed-up (p50) over the faster eager |\n|---|---:|---:|---:|")
     for name, r in rows.items():
         click.echo(f"| {name} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {base / r['p50_ms']:.2f}x |")
+    click.echo(f"runtime over the faster eager, round by round (each round's runs side by side): median "
+               f"{np.median(rounds):.2f}x, {min(rounds):.2f}-{max(rounds):.2f}x over {len(rounds)} rounds")

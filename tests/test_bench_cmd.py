@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from test_runtime_session import small_bundle
 
-from runtime.bench import bench_cmd, latency_stats, take_turns
+from runtime.bench import bench_cmd, latency_stats, round_ratios, take_turns
 from runtime.commands import serve_cmd
 from runtime.session import Session
 
@@ -30,6 +30,11 @@ def test_bench_prints_both_paths_with_positive_times() -> None:
     base = min(float(p50) for name, p50, _, _ in rows if name.startswith("eager"))
     for _, p50, _, speedup in rows:  # every ratio is against the faster eager setting (printed to 3 decimals)
         assert float(speedup) == pytest.approx(base / float(p50), abs=0.01 + 2e-3 * base / float(p50))
+    # 2 runs in blocks of 5: one round
+    per_round = re.search(r"round by round .*: median ([0-9.]+)x, ([0-9.]+)-([0-9.]+)x over 1 rounds$", result.output,
+                          re.M)  # fmt: skip
+    assert per_round is not None, result.output
+    assert float(per_round[1]) == float(per_round[2]) == float(per_round[3]) > 0
 
 
 def test_bench_and_serve_take_an_onnx_provider() -> None:
@@ -82,6 +87,18 @@ def test_latency_stats_against_numpy() -> None:
     assert stats["mean_ms"] == 115.0 / 6
     # Linear interpolation between order statistics: sorted, position 0.99 * 5 = 4.95 between 5 and 100.
     assert stats["p99_ms"] == pytest.approx(5.0 + 0.95 * 95.0)
+
+
+def test_round_ratios_by_hand() -> None:
+    """Blocks of 2 (the last one short): each round's median of base over its median of other. The host's drift
+    (every time of round 2 doubled) leaves the ratios alone."""
+    base = [10.0, 12.0, 20.0, 24.0, 9.0]
+    other = [5.0, 7.0, 10.0, 14.0, 3.0]
+    assert round_ratios(base, other, block=2) == pytest.approx([11.0 / 6.0, 22.0 / 12.0, 3.0])
+    assert round_ratios(base, other, block=5) == pytest.approx([12.0 / 7.0])
+    for bad in (([1.0], [1.0, 2.0], 2), ([], [], 2), ([1.0], [1.0], 0)):
+        with pytest.raises(ValueError, match="equally long"):
+            round_ratios(*bad)
 
 
 FAULTS = """
