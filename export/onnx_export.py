@@ -210,13 +210,17 @@ def _candidate_attention_onnx(x, tokens, cand, cand_request, keep, weight_t, bia
     a = op.Where(padded, neg, op.MatMul(qa, ka))  # (R, H, S, S)
     ea = op.Exp(op.Sub(a, op.ReduceMax(a, last, keepdims=1)))
     qc, _, vc = op.Split(op.MatMul(cand, w_cand), axis=-1, num_outputs=3)  # (N, E) each
-    qc = op.Mul(op.Transpose(op.Reshape(qc, op.Constant(value_ints=[0, num_heads, -1])), perm=[1, 0, 2]), scale)
-    b = op.Where(padded, neg, op.MatMul(qc, ka))  # (H, N, hd) @ (R, H, hd, S) -> (R, H, N, S)
-    eb = op.Exp(op.Sub(b, op.ReduceMax(b, last, keepdims=1)))
-    g = op.Mul(op.Unsqueeze(eb, last), op.Unsqueeze(va, op.Constant(value_ints=[2])))  # (R, H, N, S, hd)
-    g = op.Reshape(op.Transpose(g, perm=[0, 1, 3, 2, 4]), op.Constant(value_ints=[0, 0, 0, -1]))  # (R,H,S,N*hd)
+    qc = op.Mul(op.Transpose(op.Reshape(qc, op.Constant(value_ints=[0, num_heads, -1])), perm=[1, 2, 0]), scale)
+    # B_c with the keys first, (R, H, S, N), so that e^B_c * va comes out in the order the product with e^A reads
+    # (keys, then candidates and their head dims) and nothing the size of N x S x hd is transposed.
+    kt = op.Transpose(ka, perm=[0, 1, 3, 2])  # (R, H, S, hd)
+    padded_keys = op.Unsqueeze(op.Not(op.Cast(keep, to=onnx.TensorProto.BOOL)), op.Constant(value_ints=[1, 3]))
+    b = op.Where(padded_keys, neg, op.MatMul(kt, qc))  # (R, H, S, hd) @ (H, hd, N) -> (R, H, S, N)
+    eb = op.Exp(op.Sub(b, op.ReduceMax(b, op.Constant(value_ints=[2]), keepdims=1)))
+    g = op.Mul(op.Unsqueeze(eb, last), op.Unsqueeze(va, op.Constant(value_ints=[3])))  # (R, H, S, N, hd)
+    g = op.Reshape(g, op.Constant(value_ints=[0, 0, 0, -1]))  # (R, H, S, N * hd)
     num = op.Reshape(op.MatMul(ea, g), op.Concat(op.Constant(value_ints=[0, 0, 0, -1]), head_dim, axis=0))
-    den = op.MatMul(ea, op.Transpose(eb, perm=[0, 1, 3, 2]))  # (R, H, S, N)
+    den = op.MatMul(ea, eb)  # (R, H, S, N)
     out = op.Div(num, op.Unsqueeze(den, last))  # (R, H, S, N, hd)
     out = op.Reshape(op.Transpose(out, perm=[0, 3, 2, 1, 4]), op.Concat(last, op.Shape(x, start=1), axis=0))
     n = op.Shape(cand_request)
