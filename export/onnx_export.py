@@ -233,7 +233,18 @@ def _candidate_attention_onnx(x, tokens, cand, cand_request, keep, weight_t, bia
     return op.ScatterND(out, op.Unsqueeze(redo, last), plain)
 
 
+def _normalize_codes_onnx(codes):  # noqa: ANN001, ANN202
+    # One pass over the sequence where the decomposition of normalize_rows takes three (ReduceL2, Clip, Div):
+    # LpNormalization divides each row by its L2 norm and leaves a zero row zero, as normalize_rows does, and
+    # on int8 codes every such computation gives the same bits (transact.selection.normalize_codes).
+    return op.LpNormalization(op.Cast(codes, to=onnx.TensorProto.FLOAT), axis=-1, p=2)
+
+
+# Always used: the model's own custom ops.
+MODEL_TRANSLATIONS = {torch.ops.transact.normalize_codes.default: _normalize_codes_onnx}
+# With fuse_attention (the default): the export's attention ops.
 TRANSLATIONS = {
+    **MODEL_TRANSLATIONS,
     torch.ops.transact_export.self_attention.default: _self_attention_onnx,
     torch.ops.transact_export.candidate_attention.default: _candidate_attention_onnx,
 }
@@ -487,7 +498,7 @@ def export_graphs(
         full = out / "full.onnx"
         with fused_attention(model) if fuse_attention else contextlib.nullcontext():
             _export(FullGraph(model), args, full, INPUT_NAMES, full_output_names(model.config),
-                    full_dynamic_shapes(), opset, TRANSLATIONS if fuse_attention else None)  # fmt: skip
+                    full_dynamic_shapes(), opset, TRANSLATIONS if fuse_attention else MODEL_TRANSLATIONS)  # fmt: skip
         dense = out / "dense.onnx"
         _export(DenseGraph(model), dense_example(model, batch), dense, DENSE_INPUTS, DENSE_OUTPUTS,
                 dense_dynamic_shapes(), opset)  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,3 +94,40 @@ def test_normalize_rows_keeps_zero_rows_finite():
     x = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
     y = normalize_rows(x)
     assert torch.equal(y[0], torch.zeros(2)) and torch.allclose(y[1], torch.tensor([0.6, 0.8]))
+
+
+
+def test_normalize_codes_exported_gives_the_same_bits(tmp_path) -> None:  # noqa: ANN001
+    """normalize_codes exported as the model's graphs export it (one LpNormalization node) and run in ONNX Runtime,
+    against normalize_rows on the same int8 codes: bit for bit, zero rows and the extreme codes included (the
+    selection's ties rest on it)."""
+    import onnx
+    import onnxruntime as ort
+
+    from export.manifest import DEFAULT_OPSET
+    from export.onnx_export import MODEL_TRANSLATIONS, _export
+    from transact.selection import normalize_codes
+
+    class Normalize(torch.nn.Module):
+        def forward(self, codes: torch.Tensor) -> torch.Tensor:
+            return normalize_codes(codes)
+
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(-128, 128, (3, 500, 32), dtype=torch.int8, generator=g)
+    codes[0, 7] = 0
+    codes[1, 3] = -128
+    codes[2, 9] = 127
+    codes[2, 10] = 0
+    codes[2, 10, 4] = -1
+    dims = ({0: torch.export.Dim("R"), 1: torch.export.Dim("L")},)
+    _export(Normalize().eval(), (codes[:2, :50],), tmp_path / "n.onnx", ["codes"], ["normalized"], dims, DEFAULT_OPSET,
+            MODEL_TRANSLATIONS)  # fmt: skip
+    graph = onnx.load(tmp_path / "n.onnx")
+    assert [n.op_type for n in graph.graph.node].count("LpNormalization") == 1
+    got = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {graph.graph.input[0].name: codes.numpy()})[0]  # fmt: skip
+    want = normalize_rows(codes.to(torch.float32)).numpy()
+    assert np.array_equal(got, want) and torch.equal(normalize_codes(codes), torch.from_numpy(want))
+    assert not got[0, 7].any() and np.isfinite(got).all()
+    with pytest.raises(ValueError, match="int8"):
+        normalize_codes(codes.to(torch.int16))

@@ -22,7 +22,7 @@ from torch import nn
 from .batch import Batch, Seq
 from .config import ITEM_DIM, ModelConfig, TransActConfig, TransActV2Config
 from .quant import dequantize
-from .selection import normalize_rows
+from .selection import normalize_codes, normalize_rows
 
 NEG_INF = float("-inf")
 # Tie-break step for the selection key: position * 2**-50 stays below the float32 spacing of any
@@ -178,19 +178,21 @@ def transact_inputs(
 
 
 def _exported_topk(
-    items: torch.Tensor, valid: torch.Tensor, cand_hat: torch.Tensor, cand_request: torch.Tensor, k: int
+    codes: torch.Tensor, valid: torch.Tensor, cand_hat: torch.Tensor, cand_request: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exported graph's scores + top-k: (N, k) scores (-inf when empty) and positions.
+    """The exported graph's scores + top-k from the (R, L, 32) int8 codes: (N, k) scores (-inf when empty) and
+    positions.
 
     Every request against every candidate, then each candidate's own row (R x N x L work, exactly right
     for one request). The flip, the validity mask and the k empty columns TopK needs are applied to the
-    (R, L) items, not to the (N, L) scores, so the graph builds that matrix once (matmul + bias) and
-    reads it once (TopK). Items run newest first: ONNX TopK breaks ties by the lower index, so the more
-    recent action wins, as the float64 key does in eager (same set, float32 bytes only)."""
-    r, length, d = items.shape
+    (R, L) codes, not to the (N, L) scores, so the graph builds that matrix once (matmul + bias) and
+    reads it once (TopK); flipping and padding the int8 codes before they are normalised moves a quarter of
+    the bytes, and a zero row normalises to zero. Items run newest first: ONNX TopK breaks ties by the lower
+    index, so the more recent action wins, as the float64 key does in eager (same set, float32 bytes only)."""
+    r, length, d = codes.shape
     n = cand_hat.shape[0]
-    rev = torch.cat([items.flip(1), items.new_zeros(r, k, d)], dim=1)  # (R, L + k, D)
-    bias = torch.where(valid.flip(1), 0.0, NEG_INF).to(items.dtype)
+    rev = normalize_codes(torch.cat([codes.flip(1), codes.new_zeros(r, k, d)], dim=1))  # (R, L + k, D)
+    bias = torch.where(valid.flip(1), 0.0, NEG_INF).to(rev.dtype)
     bias = torch.cat([bias, bias.new_full((r, k), NEG_INF)], dim=1)  # (R, L + k)
     scores = torch.matmul(cand_hat, rev.transpose(1, 2)) + bias.unsqueeze(1)  # (R, N, L + k)
     scores = scores.reshape(r * n, length + k)[cand_request * n + torch.arange(n, device=cand_request.device)]
@@ -207,12 +209,12 @@ def select_recent_nn(
     seq_item (R, L, 32) int8, count (R,) valid prefix per request, cand_hat (N, 32) normalised."""
     r, length = seq_item.shape[0], seq_item.shape[1]
     n = cand_hat.shape[0]
-    items = normalize_rows(seq_item.to(torch.float32))
     pos = torch.arange(length, device=seq_item.device)
     valid = pos.unsqueeze(0) < count.unsqueeze(1)  # (R, L)
     if torch.compiler.is_compiling():
-        top, idx = _exported_topk(items, valid, cand_hat, cand_request, k)
+        top, idx = _exported_topk(seq_item, valid, cand_hat, cand_request, k)
     else:
+        items = normalize_rows(seq_item.to(torch.float32))
         if r == 1:  # the exported graph's product: the same float32 scores
             scores = torch.matmul(cand_hat, items.transpose(1, 2)).reshape(n, length)
         else:
