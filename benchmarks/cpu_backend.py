@@ -134,9 +134,9 @@ def main() -> None:
     backend.close()
 
     med = {k: statistics.median(v) for k, v in results.items()}
-    eager_best = min(v for k, v in med.items() if k.startswith("eager"))
+    best_name = min((k for k in med if k.startswith("eager")), key=med.__getitem__)
+    eager_best = med[best_name]
     ratio = eager_best / med[backend_name]
-    best_name = next(k for k, v in med.items() if k.startswith("eager") and v == eager_best)
     rounds = round_ratios(results[best_name], results[backend_name])
     diff = float(np.abs(backend_probs - outputs[False]).max())
     info = {

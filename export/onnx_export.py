@@ -204,7 +204,8 @@ def _candidate_attention_onnx(x, tokens, cand, cand_request, keep, weight_t, bia
     qa = op.Mul(op.Transpose(op.Reshape(qa, heads), perm=[0, 2, 1, 3]), scale)  # (R, H, S, hd)
     ka = op.Transpose(op.Reshape(ka, heads), perm=[0, 2, 3, 1])  # (R, H, hd, S)
     va = op.Transpose(op.Reshape(va, heads), perm=[0, 2, 1, 3])  # (R, H, S, hd)
-    padded = op.Unsqueeze(op.Not(op.Cast(keep, to=onnx.TensorProto.BOOL)), op.Constant(value_ints=[1, 2]))  # R,1,1,S
+    unkept = op.Not(op.Cast(keep, to=onnx.TensorProto.BOOL))  # (R, S)
+    padded = op.Unsqueeze(unkept, op.Constant(value_ints=[1, 2]))  # (R, 1, 1, S)
     neg = op.Constant(value_float=MASK_FILTER)
     last = op.Constant(value_ints=[-1])
     a = op.Where(padded, neg, op.MatMul(qa, ka))  # (R, H, S, S)
@@ -214,8 +215,8 @@ def _candidate_attention_onnx(x, tokens, cand, cand_request, keep, weight_t, bia
     # B_c with the keys first, (R, H, S, N), so that e^B_c * va comes out in the order the product with e^A reads
     # (keys, then candidates and their head dims) and nothing the size of N x S x hd is transposed.
     kt = op.Transpose(ka, perm=[0, 1, 3, 2])  # (R, H, S, hd)
-    padded_keys = op.Unsqueeze(op.Not(op.Cast(keep, to=onnx.TensorProto.BOOL)), op.Constant(value_ints=[1, 3]))
-    b = op.Where(padded_keys, neg, op.MatMul(kt, qc))  # (R, H, S, hd) @ (H, hd, N) -> (R, H, S, N)
+    # (R, H, S, hd) @ (H, hd, N) -> (R, H, S, N), padded keys masked
+    b = op.Where(op.Unsqueeze(unkept, op.Constant(value_ints=[1, 3])), neg, op.MatMul(kt, qc))
     eb = op.Exp(op.Sub(b, op.ReduceMax(b, op.Constant(value_ints=[2]), keepdims=1)))
     g = op.Mul(op.Unsqueeze(eb, last), op.Unsqueeze(va, op.Constant(value_ints=[3])))  # (R, H, S, N, hd)
     g = op.Reshape(g, op.Constant(value_ints=[0, 0, 0, -1]))  # (R, H, S, N * hd)
