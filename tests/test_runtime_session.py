@@ -122,7 +122,11 @@ def test_cpu_backend_runs_one_row_per_call(bundle_dir: Path, eager: RankingModel
 
 
 @pytest.mark.parametrize(("n", "split", "want"), [
-    (256, 4, [(0, 64), (64, 128), (128, 192), (192, 256)]),
+    (128, 4, [(0, 32), (32, 64), (64, 96), (96, 128)]),
+    (256, 2, [(i * 32, i * 32 + 32) for i in range(8)]),  # MAX_CHUNK (32) each, four per slot
+    (100, 2, [(0, 25), (25, 50), (50, 75), (75, 100)]),  # 4 chunks, not 3: a multiple of the slots
+    (40, 1, [(0, 20), (20, 40)]),  # one slot still runs chunks of at most 32, in turn
+    (256, 16, [(i * 16, i * 16 + 16) for i in range(16)]),
     (20, 4, [(0, 10), (10, 20)]),  # two chunks of at least MIN_CHUNK (8)
     (17, 3, [(0, 8), (8, 17)]),
     (7, 4, [(0, 7)]),
@@ -131,6 +135,18 @@ def test_cpu_backend_runs_one_row_per_call(bundle_dir: Path, eager: RankingModel
 ])  # fmt: skip
 def test_chunk_bounds_by_hand(n: int, split: int, want: list[tuple[int, int]]) -> None:
     assert chunk_bounds(n, split) == want
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 33, 64, 65, 100, 255, 256, 1000, 4096])
+@pytest.mark.parametrize("split", [1, 2, 3, 16])
+def test_chunk_bounds_cover_every_candidate_once(n: int, split: int) -> None:
+    bounds = chunk_bounds(n, split)
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(z0 == a1 for (_, z0), (a1, _) in zip(bounds[:-1], bounds[1:], strict=True))
+    sizes = [z - a for a, z in bounds]
+    assert max(sizes) - min(sizes) <= 1
+    assert max(sizes) <= 32 or len(bounds) == max(1, n // 8)  # MAX_CHUNK unless MIN_CHUNK caps the count
+    assert min(sizes) >= min(n, 8)
 
 
 @pytest.mark.parametrize(("threads", "cpus", "want"), [(16, 4, 4), (2, 16, 2), (1, 8, 1), (8, 8, 8)])

@@ -1,9 +1,10 @@
 """The ``cpu`` backend: the whole model in ONNX Runtime (``full.onnx``).
 
-A request's candidates are scored independently of each other, so the backend cuts them into chunks and
-runs ``split`` chunks side by side with ``threads // split`` intra-op threads each. That keeps every core busy
-on whole products instead of leaving ONNX Runtime to split each small operator between all of them: its
-LayerNormalization, for one, gets no faster past one thread (benchmarks/RESULTS.md, 2026-12-05). With one
+A request's candidates are scored independently of each other, so the backend cuts them into chunks of at
+most ``MAX_CHUNK`` and runs ``split`` chunks at a time side by side with ``threads // split`` intra-op threads
+each. That keeps every core busy on whole products instead of leaving ONNX Runtime to split each small operator
+between all of them: its LayerNormalization, for one, gets no faster past one thread (benchmarks/RESULTS.md,
+2026-12-05); and a small chunk's intermediates stay in the core's caches. With one
 thread per chunk (the default) the chunks are concurrent calls of one session: ONNX Runtime runs each on its
 calling thread, and the weights are held (and pre-packed) once, not once per chunk. With more, every chunk
 gets its own session, since a session's calls share one intra-op thread pool."""
@@ -31,6 +32,13 @@ CANDIDATE_INPUTS = ("cand_request", "cand_item", "item_dense")
 # the lifelong sequence, the DCN's weights read once: ~2.5-2.9 ms on one thread at 16,000 actions, against
 # ~0.8-1 ms per candidate).
 MIN_CHUNK = 8
+# Most candidates per run. A run's intermediates grow with its candidates (V2's tokens are 192 x 64 floats each,
+# the lifelong scores 16,000), and past a few dozen candidates they spill from the core's L2 cache and then
+# crowd the other cores out of the shared L3: on the AMD EPYC of benchmarks/RESULTS.md (2026-12-05, forty-ninth
+# session) 256 candidates on 2 threads ran 1.13x faster as 8 chunks of 32 than as 2 of 128, on one thread 1.14x
+# faster than whole, with 21-42 candidates per chunk the best and 8-16 worse again (each run also pays the
+# user's share, above).
+MAX_CHUNK = 32
 
 
 def ort_options(threads: int | None) -> ort.SessionOptions:
@@ -106,10 +114,13 @@ def default_split(threads: int) -> int:
     return max(1, min(threads, usable_cpus()))
 
 
-def chunk_bounds(n: int, split: int, min_chunk: int = MIN_CHUNK) -> list[tuple[int, int]]:
-    """[start, end) of at most ``split`` near-equal chunks of ``n`` candidates, none below ``min_chunk``
-    (unless ``n`` itself is)."""
-    parts = max(1, min(split, n // max(1, min_chunk)))
+def chunk_bounds(n: int, split: int, min_chunk: int = MIN_CHUNK, max_chunk: int = MAX_CHUNK) -> list[tuple[int, int]]:
+    """[start, end) of near-equal chunks of ``n`` candidates: enough that none exceeds ``max_chunk``, rounded up
+    to a multiple of ``split`` so that the ``split`` slots finish together, but none below ``min_chunk`` (unless
+    ``n`` itself is)."""
+    parts = -(-n // max(1, max_chunk))
+    parts = max(1, -(-parts // split) * split)
+    parts = max(1, min(parts, n // max(1, min_chunk)))
     edges = [n * i // parts for i in range(parts + 1)]
     return list(zip(edges[:-1], edges[1:], strict=True))
 
@@ -165,11 +176,13 @@ class CpuBackend:
         return np.concatenate([p for p, _ in parts]), np.concatenate([s for _, s in parts])
 
     def _submit(self, feed: dict[str, np.ndarray]) -> list:
-        """Start one row's chunks (futures, or the finished result when nothing runs side by side)."""
+        """Start one row's chunks (futures, or finished results when nothing runs side by side)."""
         bounds = chunk_bounds(len(feed["cand_request"]), self.split)
-        if self._pool is None:
+        if len(bounds) == 1:
             return [self._run_chunk(feed)]
         chunks = [{k: (v[a:z] if k in CANDIDATE_INPUTS else v) for k, v in feed.items()} for a, z in bounds]
+        if self._pool is None:
+            return [self._run_chunk(chunk) for chunk in chunks]
         return [self._pool.submit(self._run_chunk, chunk) for chunk in chunks]
 
     def _gather(self, pending: list) -> tuple[np.ndarray, np.ndarray]:
@@ -189,7 +202,7 @@ class CpuBackend:
     def warmup(self, limits: Limits) -> None:
         """Run a few shapes once, one of them through every session, so that ONNX Runtime has planned its memory
         before the first request."""
-        every = min(limits.max_candidates, self.split * MIN_CHUNK * 2)
+        every = min(limits.max_candidates, self.split * MAX_CHUNK)
         for reqs in warmup_requests(self.config, limits, [(1, 1), (1, 16), (2, 64), (1, every)]):
             self.run(plan_batch(reqs))
 
