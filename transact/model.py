@@ -196,7 +196,7 @@ def _exported_topk(
     bias = torch.cat([bias, bias.new_full((r, k), NEG_INF)], dim=1)  # (R, L + k)
     scores = torch.matmul(cand_hat, rev.transpose(1, 2)) + bias.unsqueeze(1)  # (R, N, L + k)
     scores = scores.reshape(r * n, length + k)[cand_request * n + torch.arange(n, device=cand_request.device)]
-    top, j = scores.topk(k, dim=1)
+    top, j = scores.topk(k, dim=1, sorted=False)  # any order: the positions are sorted next
     return top, torch.where(j < length, length - 1 - j, j)
 
 
