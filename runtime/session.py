@@ -339,6 +339,9 @@ class SessionOptions:
     # cpu: chunks of a request's candidates run side by side, threads // split
     # threads each (None: runtime.backends.cpu.default_split)
     split: int | None = None
+    # cpu: the nodes of full.onnx that depend on the request alone (normalising the sequences, TransAct's row
+    # share) run once per request row and hand their results to every chunk (runtime.backends.request_stage)
+    request_stage: bool = True
     # ONNX Runtime's execution provider for full.onnx (cpu) and dense.onnx (cuda with dense_on="cpu"); the CPU
     # provider takes the nodes another one does not. Check a bundle on it first: `transact parity --onnx-provider`.
     onnx_provider: str = CPU_PROVIDER

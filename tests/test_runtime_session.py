@@ -106,7 +106,7 @@ def test_cpu_backend_runs_one_row_per_call(bundle_dir: Path, eager: RankingModel
     calls = []
     for ort_session in session.backend.sessions:
         def counted(names, feed, run=ort_session.run):  # noqa: ANN001, ANN202
-            calls.append((feed["request_ts"].shape, len(feed["cand_request"])))
+            calls.append((feed["user_dense"].shape[:1], len(feed["cand_request"])))
             return run(names, feed)
 
         monkeypatch.setattr(ort_session, "run", counted)

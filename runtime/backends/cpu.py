@@ -4,10 +4,8 @@ A request's candidates are scored independently of each other, so the backend cu
 most ``MAX_CHUNK`` and runs ``split`` chunks at a time side by side with ``threads // split`` intra-op threads
 each. That keeps every core busy on whole products instead of leaving ONNX Runtime to split each small operator
 between all of them: its LayerNormalization, for one, gets no faster past one thread (benchmarks/RESULTS.md,
-2026-12-05); and a small chunk's intermediates stay in the core's caches. With one
-thread per chunk (the default) the chunks are concurrent calls of one session: ONNX Runtime runs each on its
-calling thread, and the weights are held (and pre-packed) once, not once per chunk. With more, every chunk
-gets its own session, since a session's calls share one intra-op thread pool."""
+2026-12-05); and a small chunk's intermediates stay in the core's caches. When a request's chunks outnumber the
+slots, the part of the graph that depends on the request alone runs once before them (``request_stage``)."""
 
 from __future__ import annotations
 
@@ -17,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from export.bundle import onnx_providers
@@ -24,6 +23,7 @@ from transact.batch import INPUT_NAMES
 
 from ..batching import BatchPlan, plan_batch
 from ..session import Limits, LoadedBundle, SessionOptions
+from .request_stage import split_request_stage
 from .warmup import warmup_requests
 
 # Per-candidate inputs of full.onnx: a chunk of candidates is these rows, with the user's inputs whole.
@@ -41,8 +41,10 @@ MIN_CHUNK = 8
 MAX_CHUNK = 32
 
 
-def ort_options(threads: int | None) -> ort.SessionOptions:
+def ort_options(threads: int | None, spinning: bool = True) -> ort.SessionOptions:
     so = ort.SessionOptions()
+    if not spinning:  # idle pool threads sleep instead of spinning on cores other runs need
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.inter_op_num_threads = 1
@@ -125,9 +127,36 @@ def chunk_bounds(n: int, split: int, min_chunk: int = MIN_CHUNK, max_chunk: int 
     return list(zip(edges[:-1], edges[1:], strict=True))
 
 
+class _Slots:
+    """One graph's ONNX Runtime sessions, ``split`` runs of it at a time: with one thread per run, concurrent calls
+    of one session (ONNX Runtime runs each on its calling thread; the weights held and pre-packed once); with more,
+    a session per slot, since a session's calls share one intra-op thread pool."""
+
+    def __init__(self, graph: bytes, split: int, per: int, providers: list) -> None:
+        self.sessions = [ort.InferenceSession(graph, sess_options=ort_options(per), providers=providers)
+                         for _ in range(split if per > 1 else 1)]  # fmt: skip
+        self.inputs = [i.name for i in self.sessions[0].get_inputs()]
+        self._idle: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
+        for i in range(split):
+            self._idle.put(self.sessions[i % len(self.sessions)])
+
+    def run(self, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        session = self._idle.get()
+        try:
+            probs, scores = session.run(["probabilities", "scores"], feed)
+        finally:
+            self._idle.put(session)
+        return probs, scores
+
+
 class CpuBackend:
     """ONNX Runtime on ``full.onnx``: one request row (distinct user) per run, its candidates in chunks
-    run side by side."""
+    run side by side.
+
+    When a row's chunks outnumber the slots (each slot would run several in turn), the work that depends on the
+    request alone runs once first (``request_stage``: normalising the sequences, TransAct's row share of its
+    first layer) and the chunks run the rest of the graph on its results; otherwise every chunk runs the whole
+    graph, which is quicker when each slot runs one chunk (benchmarks/RESULTS.md, 2026-12-05)."""
 
     name = "cpu"
 
@@ -137,16 +166,22 @@ class CpuBackend:
         self.split = min(options.split or default_split(threads), threads)
         per = max(1, threads // self.split)
         graph, providers = bundle.graph_bytes("full.onnx"), onnx_providers(options.onnx_provider)
-        self.sessions = [ort.InferenceSession(graph, sess_options=ort_options(per), providers=providers)
-                         for _ in range(self.split if per > 1 else 1)]  # fmt: skip
-        names = [i.name for i in self.sessions[0].get_inputs()]
+        model = onnx.load_from_string(graph)
+        names = [i.name for i in model.graph.input]
         if tuple(names) != INPUT_NAMES:
             raise ValueError(f"full.onnx: unexpected inputs {names}")
+        self.whole = _Slots(graph, self.split, per, providers)
+        self.sessions = self.whole.sessions
+        stage = split_request_stage(model, CANDIDATE_INPUTS) if options.request_stage else None
+        self.handoff = stage.handoff if stage is not None else ()
+        self.request_session, self.staged = None, None
+        if stage is not None:
+            # Run alone, before the chunks: every thread, none spinning once it is done.
+            self.request_session = ort.InferenceSession(stage.request.SerializeToString(),
+                                                        sess_options=ort_options(threads, spinning=False),
+                                                        providers=providers)  # fmt: skip
+            self.staged = _Slots(stage.candidates.SerializeToString(), self.split, per, providers)
         self.threads_per_chunk = per
-        # One slot per chunk that may run at once: each session once, or the one session ``split`` times.
-        self._idle: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
-        for i in range(self.split):
-            self._idle.put(self.sessions[i % len(self.sessions)])
         self._pool = ThreadPoolExecutor(self.split, "transact-cpu") if self.split > 1 else None
 
     @property
@@ -178,12 +213,18 @@ class CpuBackend:
     def _submit(self, feed: dict[str, np.ndarray]) -> list:
         """Start one row's chunks (futures, or finished results when nothing runs side by side)."""
         bounds = chunk_bounds(len(feed["cand_request"]), self.split)
+        slots = self.whole
+        if len(bounds) > self.split and self.staged is not None and self.request_session is not None:
+            request = {i.name: feed[i.name] for i in self.request_session.get_inputs()}
+            feed = feed | dict(zip(self.handoff, self.request_session.run(list(self.handoff), request), strict=True))
+            slots = self.staged
+        feed = {k: feed[k] for k in slots.inputs}
         if len(bounds) == 1:
-            return [self._run_chunk(feed)]
+            return [slots.run(feed)]
         chunks = [{k: (v[a:z] if k in CANDIDATE_INPUTS else v) for k, v in feed.items()} for a, z in bounds]
         if self._pool is None:
-            return [self._run_chunk(chunk) for chunk in chunks]
-        return [self._pool.submit(self._run_chunk, chunk) for chunk in chunks]
+            return [slots.run(chunk) for chunk in chunks]
+        return [self._pool.submit(slots.run, chunk) for chunk in chunks]
 
     def _gather(self, pending: list) -> tuple[np.ndarray, np.ndarray]:
         outs = [p if isinstance(p, tuple) else p.result() for p in pending]
@@ -191,19 +232,12 @@ class CpuBackend:
             return outs[0]
         return np.concatenate([p for p, _ in outs]), np.concatenate([s for _, s in outs])
 
-    def _run_chunk(self, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        session = self._idle.get()
-        try:
-            probs, scores = session.run(["probabilities", "scores"], feed)
-        finally:
-            self._idle.put(session)
-        return probs, scores
-
     def warmup(self, limits: Limits) -> None:
-        """Run a few shapes once, one of them through every session, so that ONNX Runtime has planned its memory
-        before the first request."""
+        """Run a few shapes once, through every session (the request stage's too), so that ONNX Runtime has
+        planned its memory before the first request."""
         every = min(limits.max_candidates, self.split * MAX_CHUNK)
-        for reqs in warmup_requests(self.config, limits, [(1, 1), (1, 16), (2, 64), (1, every)]):
+        staged = min(limits.max_candidates, self.split * MAX_CHUNK * 2)  # chunks in turns: the request stage
+        for reqs in warmup_requests(self.config, limits, [(1, 1), (1, 16), (2, 64), (1, every), (1, staged)]):
             self.run(plan_batch(reqs))
 
     def close(self) -> None:

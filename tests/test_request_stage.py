@@ -1,0 +1,149 @@
+"""runtime.backends.request_stage: the cut of a graph into its request stage and candidate stage, on hand-made
+graphs (which nodes go where, against the whole graph in ONNX Runtime) and through the cpu backend on a bundle
+(against the backend without the cut and eager PyTorch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from test_runtime_session import eager_probs, random_requests, small_bundle, small_config
+
+from runtime.backends.request_stage import split_request_stage
+from runtime.session import Session
+
+RNG = np.random.default_rng(7)
+W = RNG.standard_normal((4, 4)).astype(np.float32)
+
+
+def _graph(nodes: list, outputs: list[str], extra_inputs: list | None = None) -> onnx.ModelProto:
+    """Inputs ``r`` (the request's, (R, 4)) and ``c`` (per candidate, (N, 4)), weight ``w`` (4, 4)."""
+    inputs = [helper.make_tensor_value_info("r", TensorProto.FLOAT, ["R", 4]),
+              helper.make_tensor_value_info("c", TensorProto.FLOAT, ["N", 4]), *(extra_inputs or [])]  # fmt: skip
+    outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs]
+    graph = helper.make_graph(nodes, "g", inputs, outs, [numpy_helper.from_array(W, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def _run(model: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})
+
+
+def _staged(stage, feed: dict) -> list[np.ndarray]:  # noqa: ANN001
+    handed = dict(zip(stage.handoff, _run(stage.request, feed), strict=True))
+    return _run(stage.candidates, feed | handed)
+
+
+def _ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+FEED = {"r": RNG.standard_normal((1, 4)).astype(np.float32), "c": RNG.standard_normal((5, 4)).astype(np.float32)}
+
+
+def test_request_work_runs_once_and_layout_nodes_move_down() -> None:
+    """u = exp(r @ w) depends on the request alone; its transpose is layout; the product with c and what follows
+    are per candidate. The request stage holds MatMul and Exp, hands u over, and the candidate stage transposes."""
+    model = _graph([
+        helper.make_node("MatMul", ["r", "w"], ["rw"]),
+        helper.make_node("Exp", ["rw"], ["u"]),
+        helper.make_node("Transpose", ["u"], ["ut"], perm=[1, 0]),
+        helper.make_node("MatMul", ["c", "ut"], ["s"]),
+        helper.make_node("Add", ["s", "s"], ["y"]),
+    ], ["y"])  # fmt: skip
+    stage = split_request_stage(model, ["c"])
+    assert stage is not None
+    assert _ops(stage.request) == ["MatMul", "Exp"] and stage.handoff == ("u",)
+    assert _ops(stage.candidates) == ["Transpose", "MatMul", "Add"]
+    assert [i.name for i in stage.request.graph.input] == ["r"]
+    assert [i.name for i in stage.candidates.graph.input] == ["c", "u"]
+    want = 2 * FEED["c"] @ np.exp(FEED["r"] @ W).T
+    (whole,), (staged,) = _run(model, FEED), _staged(stage, FEED)
+    np.testing.assert_allclose(whole, want, rtol=1e-6)
+    np.testing.assert_array_equal(staged, whole)
+
+
+def test_an_output_of_the_request_alone_is_computed_in_the_candidate_stage() -> None:
+    """A graph output that depends on the request alone still comes out of the candidate stage (whose outputs are
+    the graph's), computed there from what the request stage hands over."""
+    model = _graph([
+        helper.make_node("MatMul", ["r", "w"], ["rw"]),
+        helper.make_node("Exp", ["rw"], ["u"]),
+        helper.make_node("Relu", ["u"], ["side"]),
+        helper.make_node("MatMul", ["c", "w"], ["cw"]),
+        helper.make_node("Add", ["cw", "u"], ["y"]),
+    ], ["y", "side"])  # fmt: skip
+    stage = split_request_stage(model, ["c"])
+    assert stage is not None and stage.handoff == ("u",)
+    assert _ops(stage.candidates) == ["Relu", "MatMul", "Add"]
+    for got, want in zip(_staged(stage, FEED), _run(model, FEED), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_nothing_to_cut() -> None:
+    """Every node reads a candidate input, or the request's share is layout alone: no stage."""
+    per_candidate = _graph([helper.make_node("MatMul", ["c", "w"], ["cw"]),
+                            helper.make_node("Add", ["cw", "r"], ["y"])], ["y"])  # fmt: skip
+    assert split_request_stage(per_candidate, ["c"]) is None
+    layout_only = _graph([helper.make_node("Transpose", ["r"], ["rt"], perm=[1, 0]),
+                          helper.make_node("MatMul", ["c", "rt"], ["y"])], ["y"])  # fmt: skip
+    assert split_request_stage(layout_only, ["c"]) is None
+
+
+def test_graphs_with_subgraphs_are_left_whole_and_unknown_inputs_refused() -> None:
+    branch = helper.make_graph([helper.make_node("Identity", ["r"], ["o"])], "b", [],
+                               [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])  # fmt: skip
+    model = _graph([
+        helper.make_node("MatMul", ["r", "w"], ["rw"]),
+        helper.make_node("ReduceSum", ["rw"], ["total"], keepdims=0),
+        helper.make_node("Greater", ["total", "zero"], ["flag"]),
+        helper.make_node("If", ["flag"], ["picked"], then_branch=branch, else_branch=branch),
+        helper.make_node("MatMul", ["c", "w"], ["cw"]),
+        helper.make_node("Add", ["cw", "picked"], ["y"]),
+    ], ["y"], [helper.make_tensor_value_info("zero", TensorProto.FLOAT, [])])  # fmt: skip
+    assert split_request_stage(model, ["c"]) is None
+    plain = _graph([helper.make_node("MatMul", ["c", "w"], ["y"])], ["y"])
+    with pytest.raises(ValueError, match="cand"):
+        split_request_stage(plain, ["cand"])
+
+
+def test_bundle_graph_cut_and_backend_with_and_without_it(monkeypatch) -> None:
+    """full.onnx of a bundle: the request stage normalises the sequences (LpNormalization) and works out TransAct's row
+    share (Exp), reads no candidate input. The backend runs it once per request row when the row's chunks outnumber
+    its slots (100 candidates: 4 chunks for 2 slots), not otherwise (16: 2 chunks), and either way gives the same
+    probabilities as the backend without it and as eager PyTorch."""
+    bundle_dir = small_bundle()
+    model = onnx.load(bundle_dir / "full.onnx")
+    stage = split_request_stage(model, ["cand_request", "cand_item", "item_dense"])
+    assert stage is not None
+    ops = set(_ops(stage.request))
+    assert {"LpNormalization", "Exp"} <= ops and "Attention" not in ops and "TopK" not in ops
+    assert not {i.name for i in stage.request.graph.input} & {"cand_request", "cand_item", "item_dense"}
+    assert len(stage.candidates.graph.node) + stage.request_nodes >= len(model.graph.node)
+    cut = Session(bundle_dir, device="cpu", threads=2, split=2, warmup=False)
+    whole = Session(bundle_dir, device="cpu", threads=2, split=2, warmup=False, request_stage=False)
+    eager = cut.bundle.verified.build_model()
+    request_runs = []
+
+    def counted(names, feed, run=cut.backend.request_session.run):  # noqa: ANN001, ANN202
+        request_runs.append(feed["request_ts"].shape)
+        return run(names, feed)
+
+    monkeypatch.setattr(cut.backend.request_session, "run", counted)
+    try:
+        assert whole.backend.request_session is None and whole.backend.staged is None
+        for n_cands, want_runs in ((300, [(1,)] * 3), (48, [])):  # three requests (rows) of 100, then of 16
+            request_runs.clear()
+            reqs = random_requests(small_config(), 31, n_cands=n_cands)
+            got_all, ref_all = cut.score_many(reqs), whole.score_many(reqs)
+            assert request_runs == want_runs
+            for got, ref, e in zip(got_all, ref_all, eager_probs(eager, reqs), strict=True):
+                np.testing.assert_allclose(got, ref, atol=1e-7, rtol=0)
+                np.testing.assert_allclose(got, e, atol=1e-5, rtol=0)
+    finally:
+        cut.close()
+        whole.close()
