@@ -1,8 +1,8 @@
 """CPU backend benchmark: ONNX Runtime on full.onnx against eager PyTorch, one request, same CPU.
 
 The request of DESIGN §5: 1 user, ll 16,000, rt 100, imp 100, 256 candidates. Two ONNX Runtime rows: the
-runtime's cpu backend as `transact serve` runs it (``runtime.Session``: the candidates in chunks side by
-side, ``--split`` sessions of threads / split threads each; the request's conversion and checks included),
+runtime's cpu backend as `transact serve` runs it (``runtime.Session``: the candidates in chunks of at most 32,
+``--split`` at a time side by side of threads / split threads each; the request's conversion and checks included),
 and one plain session on full.onnx with every thread. Both runtimes get the same number of threads; they take
 turns in blocks of runs (``runtime.bench.take_turns``), and the median over many runs after a warm-up is
 reported, with the ratio (the cpu backend's), and the ratio round by round (``runtime.bench.round_ratios``:
@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--ll", type=int, default=16_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split", type=int, default=None,
-                    help="the cpu backend's chunks side by side (default: runtime.backends.cpu.default_split)")
+                    help="the cpu backend's chunks run at a time (default: runtime.backends.cpu.default_split)")
     ap.add_argument("--onnx-provider", default=CPU_PROVIDER,
                     help="ONNX Runtime execution provider (the CPU provider takes the nodes it does not)")
     ap.add_argument("--system-malloc", action="store_true",

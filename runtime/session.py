@@ -336,11 +336,12 @@ class SessionOptions:
     process may use, ``runtime.backends.cpu.usable_cpus``; the cuda backend's dense.onnx ONNX Runtime's default)."""
 
     threads: int | None = None
-    # cpu: chunks of a request's candidates run side by side, threads // split
-    # threads each (None: runtime.backends.cpu.default_split)
+    # cpu: chunks of a request's candidates (at most runtime.backends.cpu.MAX_CHUNK each) run side by side,
+    # ``split`` at a time, threads // split threads each (None: runtime.backends.cpu.default_split)
     split: int | None = None
-    # cpu: the nodes of full.onnx that depend on the request alone (normalising the sequences, TransAct's row
-    # share) run once per request row and hand their results to every chunk (runtime.backends.request_stage)
+    # cpu: where a request row's chunks outnumber ``split``, the nodes of full.onnx that depend on the request alone
+    # (normalising the sequences, TransAct's row share) run once and hand their results to every chunk
+    # (runtime.backends.request_stage)
     request_stage: bool = True
     # ONNX Runtime's execution provider for full.onnx (cpu) and dense.onnx (cuda with dense_on="cpu"); the CPU
     # provider takes the nodes another one does not. Check a bundle on it first: `transact parity --onnx-provider`.
