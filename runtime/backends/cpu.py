@@ -9,6 +9,7 @@ slots, the part of the graph that depends on the request alone runs once before 
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 from concurrent.futures import ThreadPoolExecutor
@@ -41,8 +42,21 @@ MIN_CHUNK = 8
 MAX_CHUNK = 32
 
 
-def ort_options(threads: int | None) -> ort.SessionOptions:
+@functools.cache
+def _register_shared_arena() -> None:
+    """One CPU memory arena in ONNX Runtime's process-wide environment, for the sessions that ask for it."""
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, None)
+
+
+def ort_options(threads: int | None, shared_arena: bool = False) -> ort.SessionOptions:
+    """The cpu backend's session options. ``shared_arena``: the session draws its intermediates from one arena
+    shared with the other sessions that do, so sessions that take turns (the whole graph and the candidate stage)
+    grow one arena, not one each (16 slots: 758 MB resident after warm-up, 1,042 MB with an arena each)."""
     so = ort.SessionOptions()
+    if shared_arena:
+        _register_shared_arena()
+        so.add_session_config_entry("session.use_env_allocators", "1")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.inter_op_num_threads = 1
@@ -131,7 +145,8 @@ class _Slots:
     a session per slot, since a session's calls share one intra-op thread pool."""
 
     def __init__(self, graph: bytes, split: int, per: int, providers: list) -> None:
-        self.sessions = [ort.InferenceSession(graph, sess_options=ort_options(per), providers=providers)
+        options = ort_options(per, shared_arena=True)
+        self.sessions = [ort.InferenceSession(graph, sess_options=options, providers=providers)
                          for _ in range(split if per > 1 else 1)]  # fmt: skip
         self.inputs = [i.name for i in self.sessions[0].get_inputs()]
         self._idle: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
@@ -176,7 +191,8 @@ class CpuBackend:
         if stage is not None:
             # One thread: 0.80 ms at 16,000 lifelong actions where two took 0.88 (their pool's start and join
             # outweigh the split work), and no pool left spinning on cores the chunks need.
-            self.request_session = ort.InferenceSession(stage.request.SerializeToString(), sess_options=ort_options(1),
+            self.request_session = ort.InferenceSession(stage.request.SerializeToString(),
+                                                        sess_options=ort_options(1, shared_arena=True),
                                                         providers=providers)  # fmt: skip
             self.staged = _Slots(stage.candidates.SerializeToString(), self.split, per, providers)
         self.threads_per_chunk = per
