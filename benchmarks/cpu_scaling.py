@@ -135,7 +135,8 @@ def _chain(name: str, op: str, count: int, x: np.ndarray, w: np.ndarray) -> byte
     nodes = [helper.make_node(op, ["x" if i == 0 else f"y{i - 1}", "w"], [f"y{i}"]) for i in range(count)]
     inputs, outputs = [info("x", TensorProto.FLOAT, list(x.shape))], [info(f"y{count - 1}", TensorProto.FLOAT, None)]
     graph = helper.make_graph(nodes, name, inputs, outputs, [numpy_helper.from_array(w, "w")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+    # An IR version that every supported ONNX Runtime reads (onnx's newest default, 14, is beyond onnxruntime 1.30's).
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10).SerializeToString()
 
 
 def probes(seed: int = 0) -> dict[str, tuple[bytes, dict, np.ndarray]]:
