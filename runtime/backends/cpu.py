@@ -29,9 +29,9 @@ from .warmup import warmup_requests
 
 # Per-candidate inputs of full.onnx: a chunk of candidates is these rows, with the user's inputs whole.
 CANDIDATE_INPUTS = ("cand_request", "cand_item", "item_dense")
-# Fewest candidates worth a run of their own: each run also pays the user's share of the graph (normalising
-# the lifelong sequence, the DCN's weights read once: ~2.5-2.9 ms on one thread at 16,000 actions, against
-# ~0.8-1 ms per candidate).
+# Fewest candidates worth a run of their own: each run of the whole graph also pays ~1.6 ms on one thread at 16,000
+# actions that no candidate needs (the user's share, 0.8 ms: normalising the lifelong sequence, TransAct's row share;
+# reading the DCN's weights; ~300 small nodes), against ~0.8 ms per candidate (benchmarks/RESULTS.md, 2026-12-05).
 MIN_CHUNK = 8
 # Most candidates per run. A run's intermediates grow with its candidates (V2's tokens are 192 x 64 floats each,
 # the lifelong scores 16,000), and past a few dozen candidates they spill from the core's L2 cache and then
