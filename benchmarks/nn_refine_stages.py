@@ -52,32 +52,29 @@ _STORES = "".join(f"    tl.store(out + {i}, {v})\n" for i, v in enumerate(
 _EDITS = (
     ("@triton.jit\ndef _below(", _CLOCK),
     (
-        "    M_BULK: tl.constexpr,\n    PARTS: tl.constexpr = 1,\n):\n",
-        "    M_BULK: tl.constexpr,\n    stages_ptr,\n    PARTS: tl.constexpr = 1,\n):\n",
+        "    M_BULK: tl.constexpr,\n):\n    \"\"\"Pass 2,",
+        "    M_BULK: tl.constexpr,\n    stages_ptr,\n):\n    \"\"\"Pass 2,",
     ),
     (
-        "    part = tl.program_id(1)\n    # The candidate's user",
-        "    part = tl.program_id(1)\n    t0 = _clock_after(row)\n    # The candidate's user",
+        "    row = tl.program_id(0)\n    # The candidate's user",
+        "    row = tl.program_id(0)\n    t0 = _clock_after(row)\n    # The candidate's user",
     ),
     (
-        "    tl.store(tau_ptr + row, lo << 32, mask=part == 0)\n",
-        "    t1 = _clock_after(lo.to(tl.int32))\n    tl.store(tau_ptr + row, lo << 32, mask=part == 0)\n",
+        "    tl.store(tau_ptr + row, lo << 32)\n",
+        "    t1 = _clock_after(lo.to(tl.int32))\n    tl.store(tau_ptr + row, lo << 32)\n",
     ),
     (
         "    tl.debug_barrier()\n\n    chunk = ",
         "    tl.debug_barrier()\n    t2 = _clock_after(n_visit)\n\n    chunk = ",
     ),
+    ("    tl.store(cnt_ptr + row, n_keys)\n", "    t3 = _clock_after(n_keys)\n    tl.store(cnt_ptr + row, n_keys)\n"),
     (
-        "    tl.store(cnt_ptr + row * PARTS + part, n_keys)\n",
-        "    t3 = _clock_after(n_keys)\n    tl.store(cnt_ptr + row * PARTS + part, n_keys)\n",
-    ),
-    (
-        "                    D, k, CAP, K, CH, D_P, M_BULK, 1)  # fmt: skip\n\n\n",
-        "                    D, k, CAP, K, CH, D_P, M_BULK, 1)  # fmt: skip\n"
+        "                    score_ptr, D, k, K, D_P, M_BULK)  # fmt: skip\n\n\n",
+        "                    score_ptr, D, k, K, D_P, M_BULK)  # fmt: skip\n"
         "    tl.debug_barrier()\n    t4 = _clock_after(row)\n    out = stages_ptr + row.to(tl.int64) * 7\n"
         + _STORES + "\n\n",
     ),
-    ("PARTS=parts, num_warps=4,\n        )", "PARTS=parts, stages_ptr=STAGES_OUT, num_warps=4,\n        )"),
+    ("M_BULK=8, num_warps=4,\n        )", "M_BULK=8, stages_ptr=STAGES_OUT, num_warps=4,\n        )"),
     ("from . import ", "from runtime.kernels import "),
 )
 

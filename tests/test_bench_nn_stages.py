@@ -30,8 +30,7 @@ types = {n: "*i32" for n in ("starts_ptr", "lengths_ptr", "user_ptr", "gm_ptr", 
 types |= {"seq_ptr": "*i8", "cand_ptr": "*fp16", "tau_ptr": "*i64", "keys_ptr": "*i64", "score_ptr": "*fp32",
           "stages_ptr": "*i64", "D": "i32", "k": "i32", "G_TOT": "i32", "SPLITS": "i32", "CAP": "i32",
           "margin": "fp32"}
-consts = dict(BS=64, C=32, G_P=2048, R=mod.REFINE_ROWS, STEPS=mod.THRESHOLD_STEPS, K=64, CH=64, D_P=32, M_BULK=8,
-              PARTS=1)
+consts = dict(BS=64, C=32, G_P=2048, R=mod.REFINE_ROWS, STEPS=mod.THRESHOLD_STEPS, K=64, CH=64, D_P=32, M_BULK=8)
 ptx = build_for_gpu(mod._nn_refine_kernel, types, consts, [n for n in types if n.endswith("_ptr")]).asm["ptx"]
 print(len(re.findall(r"mov\.u64\s+%rd\d+,\s*%clock64", ptx)))
 """
@@ -48,8 +47,8 @@ def test_the_clock_reads_fit_the_kernel_and_build_for_sm90() -> None:
 def test_a_changed_kernel_is_named_not_mismeasured() -> None:
     src = Path(stages.KERNEL_FILE).read_text()
     stages.instrumented_source(src)  # the current kernel: every insertion point found once
-    anchor = "    tl.store(cnt_ptr + row * PARTS + part, n_keys)\n"
+    anchor = "    tl.store(cnt_ptr + row, n_keys)\n"
     with pytest.raises(ValueError, match=r"found it 0 times:\n    tl\.store\(cnt_ptr"):
-        stages.instrumented_source(src.replace(anchor, "    tl.store(cnt_ptr + row * PARTS + part, n_keys + 0)\n"))
+        stages.instrumented_source(src.replace(anchor, "    tl.store(cnt_ptr + row, n_keys + 0)\n"))
     with pytest.raises(ValueError, match="found it 2 times"):
         stages.instrumented_source(src.replace(anchor, anchor * 2))

@@ -10,7 +10,6 @@ fallback scan) and the argument checks.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -221,44 +220,6 @@ def test_prefilter_large_k():
     cfg = nn_mod.NNSelectConfig(block_n=16, k_pad=64, splits=3, num_warps=4, groups_per_split=64)
     idx, scores = run_kernel(inputs, k, cfg)
     assert_matches_reference(idx, scores, inputs, k)
-
-
-@pytest.mark.parametrize("parts,rows,cap", [(2, 64, None), (4, 128, None), (8, 64, None), (4, 64, 16), (2, 256, 16)])
-def test_refine_in_parts(parts, rows, cap):
-    """The refine pass in 2, 4 or 8 programs per candidate (each a share of the visited groups, their lists
-    ordered together by ``_nn_order_kernel``) selects what the reference does, and the same positions as the
-    one-program pass; with a capacity of k_pad, the lists of the 150-row user overflow into the exact scan."""
-    k = 12
-    inputs = make_inputs([150, 37, 3, 700], [5, 9, 2, 3], torch.float16, seed=parts + rows)
-    one = nn_mod.NNSelectConfig(16, 16, 2, 4, 16, tile=64, capacity=cap)
-    idx, scores = run_kernel(inputs, k, dataclasses.replace(one, refine_parts=parts, refine_rows=rows))
-    assert_matches_reference(idx, scores, inputs, k)
-    assert torch.equal(idx, run_kernel(inputs, k, one)[0])
-
-
-def test_key_lists_of_parts_ranked_together():
-    """Ties spread over the parts: a candidate equal to a vector planted 100 times in its user's 150 rows keeps
-    100 keys across 4 parts' lists (more than 2 K: ranked across the lists), a random one keeps a short list
-    (sorted); both exactly as the brute force."""
-    g = torch.Generator().manual_seed(21)
-    seq = torch.randint(-127, 128, (300, 32), generator=g, dtype=torch.int8)
-    planted = torch.randperm(150, generator=g)[:100]
-    seq[planted] = seq[planted[0]].clone()
-    cand = torch.stack([seq[planted[0]].float() * 0.37, torch.randn(32, generator=g)]).half()
-    inputs = (seq, torch.tensor([0, 150]), torch.tensor([150, 150]), cand, torch.tensor([0, 1]))
-    k = 20
-    cfg = nn_mod.NNSelectConfig(16, 32, 1, 4, 32, tile=64, refine_parts=4, refine_rows=64)
-    idx, scores = run_kernel(inputs, k, cfg)
-    assert torch.equal(idx.cpu().long(), brute_force(*inputs, k))
-    assert idx[0].tolist() == sorted(planted.tolist(), reverse=True)[:k]
-    assert_matches_reference(idx, scores, inputs, k)
-
-
-def test_refine_config_checks():
-    with pytest.raises(ValueError, match="refine_parts"):
-        nn_mod.NNSelectConfig(16, 16, 1, 4, 16, refine_parts=3)
-    with pytest.raises(ValueError, match="refine_rows"):
-        nn_mod.NNSelectConfig(16, 16, 1, 4, 16, refine_rows=96)
 
 
 def launch_refine(inputs, gm, k, cfg, rows=64, steps=33):

@@ -670,40 +670,26 @@ def _below(bits, margin):
 
 
 @triton.jit
-def _list_ptrs(keys_base, j, firsts, CAP, PARTS: tl.constexpr):
-    """Addresses of entries ``j`` of a candidate's key list: one list at ``keys_base``, or the concatenation of
-    PARTS lists, list p at ``keys_base + p * CAP`` holding entries [firsts[p], firsts[p + 1])."""
-    if PARTS == 1:
-        return keys_base + j
-    else:
-        mine = j[:, None] >= firsts[None, :]  # the last part starting at or before j holds it (empty parts too)
-        part = tl.max(tl.where(mine, tl.arange(0, PARTS)[None, :], 0), axis=1)
-        first = tl.max(tl.where(mine, firsts[None, :], 0), axis=1)
-        return keys_base + part.to(tl.int64) * CAP + (j - first)
-
-
-@triton.jit
-def _sort_list(keys_base, cnt, firsts, CAP, row, idx_ptr, score_ptr, k, W: tl.constexpr, PARTS: tl.constexpr):
+def _sort_list(keys_base, cnt, row, idx_ptr, score_ptr, k, W: tl.constexpr):
     """The top k of a list of at most W distinct keys, best first, by one sort (padding sorts last
     and decodes to -1 / -inf)."""
     j = tl.arange(0, W)
-    lst = tl.load(_list_ptrs(keys_base, j, firsts, CAP, PARTS), mask=j < cnt, other=-(2**63))
+    lst = tl.load(keys_base + j, mask=j < cnt, other=-(2**63))
     one = tl.zeros((1,), tl.int32)
     _store_keys(tl.sort(lst, descending=True)[None, :], row + one, one == 0, idx_ptr, score_ptr, k, W)
 
 
 @triton.jit
-def _rank_list(keys_base, cnt, firsts, CAP, row, idx_ptr, score_ptr, k, K: tl.constexpr, CH: tl.constexpr,
-               PARTS: tl.constexpr):  # fmt: skip
+def _rank_list(keys_base, cnt, row, idx_ptr, score_ptr, k, K: tl.constexpr, CH: tl.constexpr):
     """The top k of a list of ``cnt`` distinct keys, best first: each key's rank is the number of
     larger keys (counted chunk against chunk), keys ranked below k go straight to their slot."""
     _store_empty(row, cnt, idx_ptr, score_ptr, k, K)
     j = tl.arange(0, CH)
     for c0 in range(0, cnt, CH):
-        mine = tl.load(_list_ptrs(keys_base, c0 + j, firsts, CAP, PARTS), mask=c0 + j < cnt, other=-(2**63))
+        mine = tl.load(keys_base + c0 + j, mask=c0 + j < cnt, other=-(2**63))
         rank = tl.zeros((CH,), tl.int32)
         for c1 in range(0, cnt, CH):
-            other = tl.load(_list_ptrs(keys_base, c1 + j, firsts, CAP, PARTS), mask=c1 + j < cnt, other=-(2**63))
+            other = tl.load(keys_base + c1 + j, mask=c1 + j < cnt, other=-(2**63))
             rank += tl.sum((other[None, :] > mine[:, None]).to(tl.int32), axis=1)
         _store_ranked(mine, rank, row, idx_ptr, score_ptr, k)
 
@@ -811,10 +797,9 @@ def _nn_refine_kernel(
     WIDE: tl.constexpr,
     GDC: tl.constexpr,
     M_BULK: tl.constexpr,
-    PARTS: tl.constexpr = 1,
 ):
-    """Pass 2, one program per candidate (or PARTS per candidate): its threshold, the rows of the groups that
-    reach it scored again, the top k of those, best first.
+    """Pass 2, one program per candidate: its threshold, the rows of the groups that reach it scored
+    again, the top k of those, best first.
 
     The threshold T is the k-th largest group maximum of pass 1 or just below it (``_kth_group_max``),
     so at least k distinct positions score >= T. This pass scores rows in fp32 on the CUDA cores;
@@ -825,14 +810,8 @@ def _nn_refine_kernel(
     step of at most R / 4 rows (as for k groups and one more: 520 rows at k = 64) takes an R / 4
     tile, loaded with the first step's.
     ``tau`` and ``cnt`` receive the threshold key and the list's length.
-
-    With PARTS > 1 (grid (N, PARTS)), part p of a candidate finds the same threshold and scores the rows of the
-    visited groups g with g % PARTS == p only, into a list of its own (``keys`` (N, PARTS, CAP), ``cnt`` (N,
-    PARTS), ``gid`` (N, PARTS, cdiv(G_TOT, PARTS))): a candidate's ~k groups are read by PARTS programs side by
-    side instead of one program's chain of steps; ``_nn_order_kernel`` then orders the lists together.
     """
     row = tl.program_id(0)
-    part = tl.program_id(1)
     # The candidate's user, sequence and row first: their loads (two dependent ones) are then in flight
     # during the threshold search instead of ahead of the first rows' loads.
     u = tl.load(user_ptr + row)
@@ -845,19 +824,16 @@ def _nn_refine_kernel(
         # group maxima are read only after the scan has finished and its stores are visible.
         tl.extra.cuda.gdc_wait()
     gm, real, lo = _kth_group_max(gm_ptr, row, k, G_TOT, G_P, STEPS)
-    tl.store(tau_ptr + row, lo << 32, mask=part == 0)
+    tl.store(tau_ptr + row, lo << 32)
     no_thr = lo <= -(2**31)  # fewer than k non-empty groups: every row counts
     t32 = lo.to(tl.int32)
     key_floor = tl.where(no_thr, -(2**31), _below(t32, margin)).to(tl.int64) << 32
     visit = tl.where(no_thr, real, real & (gm >= _below(t32, 2 * margin)))
-    g = tl.arange(0, G_P)
-    if PARTS > 1:
-        visit = visit & (g % PARTS == part)  # interleaved: a candidate's best groups spread over its parts
     # The visited groups' ids, packed to the front of this candidate's row of ``gid``. The slot, not the mask,
     # carries the store's condition: the compiler then converts to the scattered store's layout after the prefix
     # sum, not before it (where the sum ran as 16 warp scans, 80 shuffles; 749 -> 441 instructions on sm_90).
-    g_seg = tl.cdiv(G_TOT, PARTS)
-    gid_base = gid_ptr + (row.to(tl.int64) * PARTS + part) * g_seg
+    gid_base = gid_ptr + row.to(tl.int64) * G_TOT
+    g = tl.arange(0, G_P)
     slot = tl.where(visit, tl.cumsum(visit.to(tl.int32), axis=0) - 1, -1)
     tl.store(gid_base + slot, g, mask=slot >= 0)
     n_visit = tl.sum(visit.to(tl.int32), axis=0)
@@ -866,7 +842,7 @@ def _nn_refine_kernel(
     chunk = tl.cdiv(tl.cdiv(length, SPLITS), BS) * BS  # as _user_chunk
     rows_per_group = tl.maximum(chunk // C, 1)
     n_rows = n_visit * rows_per_group
-    keys_base = keys_ptr + (row.to(tl.int64) * PARTS + part) * CAP
+    keys_base = keys_ptr + row.to(tl.int64) * CAP
     n_keys = tl.zeros((), tl.int32)
     # Rows [0, n_full) in steps of R; rows [n_full, n_rows), when at most R / 4, in one short step.
     rest = n_rows % R
@@ -892,64 +868,16 @@ def _nn_refine_kernel(
         pos, q = pos_n, q_n
     if short and n_keys <= CAP:
         n_keys = _keep_keys(q_s, pos_s, c, key_floor, keys_base, n_keys, CAP)
-    tl.store(cnt_ptr + row * PARTS + part, n_keys)
-    if PARTS == 1:
-        tl.debug_barrier()
-        _order_keys(seq_ptr, start, length, cand_ptr, c, row, keys_base, n_keys, n_keys <= CAP, 0, idx_ptr, score_ptr,
-                    D, k, CAP, K, CH, D_P, M_BULK, 1)  # fmt: skip
-
-
-@triton.jit
-def _order_keys(seq_ptr, start, length, cand_ptr, c, row, keys_base, n_keys, fits, firsts, idx_ptr, score_ptr, D, k,
-                CAP, K: tl.constexpr, CH: tl.constexpr, D_P: tl.constexpr, M_BULK: tl.constexpr,
-                PARTS: tl.constexpr):  # fmt: skip
-    """A candidate's top k from its key list(s) of ``n_keys`` keys in all, best first; the exact scan where a
-    list ran over its capacity (not ``fits``)."""
-    if fits:
+    tl.store(cnt_ptr + row, n_keys)
+    tl.debug_barrier()
+    if n_keys <= CAP:
         if n_keys <= 2 * K:  # the usual list, k keys and a few more: one sort
-            _sort_list(keys_base, n_keys, firsts, CAP, row, idx_ptr, score_ptr, k, 2 * K, PARTS)
+            _sort_list(keys_base, n_keys, row, idx_ptr, score_ptr, k, 2 * K)
         else:
-            _rank_list(keys_base, n_keys, firsts, CAP, row, idx_ptr, score_ptr, k, K, CH, PARTS)
+            _rank_list(keys_base, n_keys, row, idx_ptr, score_ptr, k, K, CH)
     else:
         _exact_scan(seq_ptr, start, length, cand_ptr, row, tl.max(tl.abs(c), axis=0) == 0.0, idx_ptr,
                     score_ptr, D, k, K, D_P, M_BULK)  # fmt: skip
-
-
-@triton.jit
-def _nn_order_kernel(
-    seq_ptr,
-    starts_ptr,
-    lengths_ptr,
-    cand_ptr,
-    user_ptr,
-    cnt_ptr,
-    keys_ptr,
-    idx_ptr,
-    score_ptr,
-    D,
-    k,
-    CAP,
-    PARTS: tl.constexpr,
-    K: tl.constexpr,
-    CH: tl.constexpr,
-    D_P: tl.constexpr,
-    WIDE: tl.constexpr,
-    M_BULK: tl.constexpr,
-):
-    """After a refine pass in PARTS parts, one program per candidate: its parts' key lists ordered together (or,
-    where one ran over its capacity, the exact scan)."""
-    row = tl.program_id(0)
-    counts = tl.load(cnt_ptr + row * PARTS + tl.arange(0, PARTS))
-    firsts = tl.cumsum(counts, axis=0) - counts
-    n_keys = tl.sum(counts, axis=0)
-    fits = tl.max(counts, axis=0) <= CAP
-    u = tl.load(user_ptr + row)
-    start = _row_start(starts_ptr, u, WIDE)
-    length = tl.load(lengths_ptr + u).to(tl.int32)
-    c = _load_cand_row(cand_ptr, row, D, D_P)
-    keys_base = keys_ptr + row.to(tl.int64) * PARTS * CAP
-    _order_keys(seq_ptr, start, length, cand_ptr, c, row, keys_base, n_keys, fits, firsts, idx_ptr, score_ptr, D, k,
-                CAP, K, CH, D_P, M_BULK, PARTS)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -963,9 +891,7 @@ class NNSelectConfig:
     second grid axis of the scans); ``groups_per_split`` group maxima per chunk for the threshold;
     ``capacity`` keys kept per candidate before the exact fallback scan takes over; ``users_per_step``
     users of a block scored side by side in one step of the scan (1: ``_nn_scan_kernel``, one user per
-    step; 2 or 4: ``_nn_scan_packed_kernel``); ``refine_parts`` programs per candidate in the refine pass (more
-    than one: each reads a share of the visited groups, and ``_nn_order_kernel`` merges their lists), each
-    scoring ``refine_rows`` rows per step.
+    step; 2 or 4: ``_nn_scan_packed_kernel``).
     """
 
     block_n: int
@@ -976,8 +902,6 @@ class NNSelectConfig:
     tile: int | None = None  # default max(64, k_pad)
     capacity: int | None = None  # default 8 * k_pad
     users_per_step: int = 1
-    refine_parts: int = 1
-    refine_rows: int = REFINE_ROWS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tile", self.tile or max(64, self.k_pad))
@@ -987,11 +911,6 @@ class NNSelectConfig:
             raise ValueError(f"groups_per_split must be a power of two dividing tile={self.tile}")
         if self.users_per_step not in (1, 2, 4):
             raise ValueError(f"users_per_step must be 1, 2 or 4, got {self.users_per_step}")
-        if self.refine_parts not in (1, 2, 4, 8):
-            raise ValueError(f"refine_parts must be 1, 2, 4 or 8, got {self.refine_parts}")
-        r = self.refine_rows
-        if r < 64 or r > 512 or r & (r - 1):
-            raise ValueError(f"refine_rows must be a power of two from 64 to 512, got {r}")
 
 
 def choose_config(
@@ -1301,27 +1220,21 @@ def _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, con
         raise ValueError(f"config gives {g_tot} group maxima per candidate (splits x groups_per_split), "
                          f"more than {MAX_GROUPS}")  # fmt: skip
     pdl, wide = dependent_launch(dev), wide_offsets(seq)
-    parts = cfg.refine_parts
     gm = torch.empty((n, g_tot), dtype=torch.int32, device=dev)
-    gid = torch.empty((n, parts * triton.cdiv(g_tot, parts)), dtype=torch.int32, device=dev)
+    gid = torch.empty((n, g_tot), dtype=torch.int32, device=dev)
     tau = torch.empty((n,), dtype=torch.int64, device=dev)
-    cnt = torch.empty((n, parts), dtype=torch.int32, device=dev)
-    keys = torch.empty((n, parts, cap), dtype=torch.int64, device=dev)
+    cnt = torch.empty((n,), dtype=torch.int32, device=dev)
+    keys = torch.empty((n, cap), dtype=torch.int64, device=dev)
     with mma_sync_only():
         scan_launch(cfg.users_per_step, (triton.cdiv(n, bn), splits))(
             seq, starts, lengths, cand, cand_user, gm, n, d, g_tot, splits,
             BN=bn, BS=cfg.tile, C=gps, D_P=d_p, WIDE=wide, GDC=pdl, num_warps=cfg.num_warps,
         )  # fmt: skip
-        _nn_refine_kernel[(n, parts)](
+        _nn_refine_kernel[(n,)](
             seq, starts, lengths, cand, cand_user, gm, gid, tau, cnt, keys, idx, scores, d, k, g_tot, splits, cap,
-            margin(d), BS=cfg.tile, C=gps, G_P=triton.next_power_of_2(g_tot), R=cfg.refine_rows, STEPS=THRESHOLD_STEPS,
-            K=kp, CH=64, D_P=d_p, WIDE=wide, GDC=pdl, launch_pdl=pdl, M_BULK=8, PARTS=parts, num_warps=4,
+            margin(d), BS=cfg.tile, C=gps, G_P=triton.next_power_of_2(g_tot), R=REFINE_ROWS, STEPS=THRESHOLD_STEPS,
+            K=kp, CH=64, D_P=d_p, WIDE=wide, GDC=pdl, launch_pdl=pdl, M_BULK=8, num_warps=4,
         )  # fmt: skip
-        if parts > 1:
-            _nn_order_kernel[(n,)](
-                seq, starts, lengths, cand, cand_user, cnt, keys, idx, scores, d, k, cap,
-                PARTS=parts, K=kp, CH=64, D_P=d_p, WIDE=wide, M_BULK=8, num_warps=4,
-            )  # fmt: skip
     return idx, scores
 
 

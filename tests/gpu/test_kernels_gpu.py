@@ -4,7 +4,6 @@ against float64 references."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -478,22 +477,6 @@ def test_nn_select_every_config(k, block_n, splits, small_cap, users):
     # Users of 4 candidates each (16 per block) after the long ones: blocks of several users.
     lengths, per_user = [3000, 700, 0, 5] + [1500, 2, 900, 64] * 3, [40, 9, 3, 2] + [4, 4, 3, 5] * 3
     nn_check(nn_inputs(lengths, per_user, seed=block_n + splits), k, cfg)
-
-
-@pytest.mark.parametrize("parts", [2, 4, 8])
-@pytest.mark.parametrize("rows", [64, 128, 256])
-@pytest.mark.parametrize("lengths,n_per_user,k", [([16000], [256], 64), ([100_000] * 8, [4] * 8, 64),
-                                                  ([3000, 700, 0, 5] + [1500, 2, 900, 64] * 3,
-                                                   [40, 9, 3, 2] + [4, 4, 3, 5] * 3, 96)])  # fmt: skip
-def test_nn_select_refine_parts(parts, rows, lengths, n_per_user, k):
-    """The refine pass in parts (several programs per candidate, then the lists ordered together) at production
-    shapes and every step size, on top of the automatic configuration; with a capacity of k_pad too (lists
-    overflow into the exact scan)."""
-    inputs = nn_inputs(lengths, n_per_user, seed=parts + rows)
-    auto = nn_mod.choose_config(inputs[3].shape[0], len(lengths), sum(lengths), k, torch.device(DEV))
-    cfg = dataclasses.replace(auto, refine_parts=parts, refine_rows=rows)
-    nn_check(inputs, k, cfg)
-    nn_check(inputs, k, dataclasses.replace(cfg, capacity=cfg.k_pad))
 
 
 def maxima_as_float(bits):
