@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from test_runtime_session import eager_probs, random_requests, small_bundle, small_config
 
+from runtime.backends.cpu import CANDIDATE_INPUTS
 from runtime.backends.request_stage import split_request_stage
 from runtime.session import Session
 
@@ -118,11 +119,11 @@ def test_bundle_graph_cut_and_backend_with_and_without_it(monkeypatch) -> None:
     probabilities as the backend without it and as eager PyTorch."""
     bundle_dir = small_bundle()
     model = onnx.load(bundle_dir / "full.onnx")
-    stage = split_request_stage(model, ["cand_request", "cand_item", "item_dense"])
+    stage = split_request_stage(model, CANDIDATE_INPUTS)
     assert stage is not None
     ops = set(_ops(stage.request))
     assert {"LpNormalization", "Exp"} <= ops and "Attention" not in ops and "TopK" not in ops
-    assert not {i.name for i in stage.request.graph.input} & {"cand_request", "cand_item", "item_dense"}
+    assert not {i.name for i in stage.request.graph.input} & set(CANDIDATE_INPUTS)
     assert len(stage.candidates.graph.node) + stage.request_nodes >= len(model.graph.node)
     cut = Session(bundle_dir, device="cpu", threads=2, split=2, warmup=False)
     whole = Session(bundle_dir, device="cpu", threads=2, split=2, warmup=False, request_stage=False)

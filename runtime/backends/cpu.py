@@ -255,7 +255,8 @@ class CpuBackend:
         planned its memory before the first request."""
         every = min(limits.max_candidates, self.split * MAX_CHUNK)
         staged = min(limits.max_candidates, self.split * MAX_CHUNK * 2)  # chunks in turns: the request stage
-        for reqs in warmup_requests(self.config, limits, [(1, 1), (1, 16), (2, 64), (1, every), (1, staged)]):
+        shapes = list(dict.fromkeys([(1, 1), (1, 16), (2, 64), (1, every), (1, staged)]))  # small limits repeat some
+        for reqs in warmup_requests(self.config, limits, shapes):
             self.run(plan_batch(reqs))
 
     def close(self) -> None:
