@@ -43,7 +43,7 @@ buffer). The warp groups run apart, not in step, so the SM overlaps one tile's
 softmax with another's products, and no hand-over goes through L2; at 144, 160 and 200 registers per thread (the
 longer a tile's chain, the more) the three warp groups fill the SM, one program per SM. Up to a few waves of
 programs it starts as the programmatic dependent of the kernel before it (PDL): its first programs fetch the
-weights while that kernel's last ones run.
+weights, and ask L2 for their rows, while that kernel's last ones run.
 
 Same function and conventions as ``skut._skut_kernel`` (packed weights from ``pack_encoder_weights``,
 fully masked rows are zeros, pools, ``pool_proj``). Gluon has no interpreter: the kernel runs on sm_90
@@ -85,6 +85,11 @@ MAX_GROUPS = 3
 # The grouped launch starts as the programmatic dependent of the kernel before it up to this many waves of programs
 # (``launch_groups``).
 DEPENDENT_WAVES = 4
+# As a programmatic dependent, each grouped-launch program asks L2 for its sequence's rows and mask before it waits
+# for the kernel before it (``_prefetch_sequence``): its first loads after the wait then hit L2, not HBM (H100, inputs
+# not in L2: B=256 S=192 1.02x, B=128 1.03x, 128 tokens 1.035x; a plain launch copies its rows at once, and
+# prefetching the next wave's sequence too measured no better: benchmarks/RESULTS.md, fifty-first session).
+PREFETCH = True
 
 
 # The grouped launch adds the biases of Q, the out projection and the FFN by one more 16-row k-step of their
@@ -814,6 +819,24 @@ if HAVE_GLUON:
                                   is_pure=False, pack=1)  # fmt: skip
 
     @gluon.jit
+    def _prefetch_l2(ptrs):
+        """Ask L2 to fetch the lines that hold ``ptrs`` (a hint: nothing reaches registers or L1)."""
+        gl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [ptrs], dtype=gl.int32,
+                                  is_pure=False, pack=1)  # fmt: skip
+
+    @gluon.jit
+    def _prefetch_sequence(x_ptr, mask_ptr, b, S, D: gl.constexpr, HAS_MASK: gl.constexpr):
+        """Ask L2 for sequence b's rows ((S, D) 16-bit, S <= 256: 32 KB at most, one 128-byte line per element
+        below) and its padding mask (S bytes). Safe before ``_gdc_wait``: L2 is where every SM's view of global
+        memory meets, so lines fetched before the kernel before has written them are updated by its writes."""
+        L: gl.constexpr = gl.BlockedLayout([2], [32], [4], [0])
+        i = gl.arange(0, 256, layout=L)
+        n = S * D
+        _prefetch_l2(x_ptr + b * n + gl.minimum(i * 64, n - 1))
+        if HAS_MASK:
+            _prefetch_l2(mask_ptr + b * S + gl.minimum(i * 128, S - 1))
+
+    @gluon.jit
     def _copy_bias_rows(bq_s, bo_s, b1_s, b2_s, r_l, D: gl.constexpr, F: gl.constexpr):
         """Start copying a layer's bias rows (``PackedEncoder.rows``: bq, bo, b2 as (16, D), then b1 as (16, F)) into
         shared memory."""
@@ -913,15 +936,18 @@ if HAVE_GLUON:
         x_ptr, out_ptr, mask_ptr, w_ptr, v_ptr, pool_ptr, pw_ptr, pb_ptr, r_ptr, S, n_layers, D_OUT,
         D: gl.constexpr, F: gl.constexpr, NT: gl.constexpr, HAS_MASK: gl.constexpr, POOL: gl.constexpr,
         FINAL_NORM: gl.constexpr, STORE_OUT: gl.constexpr, POOL_PROJ: gl.constexpr, O_P: gl.constexpr,
-        GDC: gl.constexpr,
+        GDC: gl.constexpr, PREFETCH: gl.constexpr,
     ):  # fmt: skip
         """Causal only, 2 or 3 query tiles: one program per sequence, one warp group per 64-row query tile
         (``_group_tile``), each running every layer on its own rows. A tile hands its K / V to the later tiles
         through shared memory and an mbarrier; the warp groups run apart, not in step, so one tile's
         exponentials overlap another's products. Weights are double-buffered by layer, each warp group
-        copying a share; a layer's buffers are reused once every tile is done with the layer before."""
+        copying a share; a layer's buffers are reused once every tile is done with the layer before.
+        ``PREFETCH`` (with ``GDC``): this program's sequence asked of L2 before the wait (the module's constant)."""
         if GDC:  # every program has started: the next launch may be placed as SMs free up
             _gdc_launch_dependents()
+            if PREFETCH:
+                _prefetch_sequence(x_ptr, mask_ptr, gl.program_id(0).to(gl.int64), S, D, HAS_MASK)
         BM: gl.constexpr = 64
         DT: gl.constexpr = w_ptr.dtype.element_ty
         SH_DD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, D], DT)
@@ -1035,7 +1061,7 @@ def launch_split(
 def launch_groups(
     x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor, packed, pooled: torch.Tensor,  # noqa: ANN001
     pool_w: torch.Tensor, pool_b: torch.Tensor, d_out: int, has_mask: bool, pool: int, store_out: bool,
-    pool_proj: bool, o_p: int, dependent: bool | None = None,
+    pool_proj: bool, o_p: int, dependent: bool | None = None, prefetch: bool | None = None,
 ):  # noqa: ANN201 (Triton's compiled kernel)
     """One program per sequence of a causal stack of 2-3 query tiles (65-192 tokens), one warp group per tile
     (``_skut_wgmma_groups_kernel``); arguments as ``launch_split`` takes them, without its scratch.
@@ -1045,7 +1071,8 @@ def launch_groups(
     reading anything else (so ``packed`` must not be written by the kernel just before: ``pack_encoder_weights``
     writes it by a copy); and they let a dependent launch after them start likewise. None: for launches of at
     most ``DEPENDENT_WAVES`` waves, where that overlap is ~1 µs of each launch; with more, the rows fetched after
-    the weights cost more than the overlap gives."""
+    the weights cost more than the overlap gives. ``prefetch``: as a dependent, ask L2 for each program's sequence
+    before the wait (None: ``PREFETCH``)."""
     bsz, s, _ = x.shape
     if not groups_fit(s):
         raise ValueError(f"launch_groups runs 2-{MAX_GROUPS} query tiles of {BLOCK} rows, got S={s}")
@@ -1055,6 +1082,7 @@ def launch_groups(
     return _skut_wgmma_groups_kernel[(bsz,)](
         x, out, mask, packed.mats, packed.vecs, pooled, pool_w, pool_b, packed.rows, s, packed.n_layers, d_out,
         D=D_MODEL, F=packed.ff_pad, NT=n_qt, HAS_MASK=has_mask, POOL=pool, FINAL_NORM=packed.final_norm,
-        STORE_OUT=store_out, POOL_PROJ=pool_proj, O_P=o_p, GDC=dependent, launch_pdl=dependent, num_warps=4,
+        STORE_OUT=store_out, POOL_PROJ=pool_proj, O_P=o_p, GDC=dependent,
+        PREFETCH=PREFETCH if prefetch is None else prefetch, launch_pdl=dependent, num_warps=4,
     )  # fmt: skip
 

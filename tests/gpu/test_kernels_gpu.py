@@ -328,6 +328,33 @@ def test_skut_wgmma_groups_dependent_launch(monkeypatch, waves):
 
 
 @needs_sm90
+@pytest.mark.parametrize("s,pool,waves", [(192, None, 3), (150, "max_valid", 3), (100, None, 1), (192, None, 6)])
+def test_skut_wgmma_groups_prefetch(monkeypatch, s, pool, waves):
+    """The grouped launch's L2 prefetch before its dependent wait (``skut_wgmma.PREFETCH``) changes no output: on and
+    off equal bit for bit, within tolerance of float64; tails (S=150, 100: sequences that end inside a 128-byte
+    line), and past DEPENDENT_WAVES waves, where the launch is plain and does not prefetch."""
+    from runtime.kernels import skut_wgmma as sw
+
+    bsz = waves * torch.cuda.get_device_properties(0).multi_processor_count - 3
+    enc = make_encoder(64, 1, 32, 2, seed=13).to(DEV)
+    packed = sk.pack_encoder_weights(enc, torch.float16)
+    x = torch.randn(bsz, s, 64, device=DEV)
+    mask = make_mask(bsz, s, seed=14, dead=True).to(DEV)
+    outs = {}
+    for prefetch in (False, True):
+        monkeypatch.setattr(sw, "PREFETCH", prefetch)
+        out = torch.full((bsz, s, 64) if pool is None else (bsz, 64), float("nan"), dtype=torch.float16, device=DEV)
+        sk.skut_forward(x.half(), packed, mask, True, pool, config=WGMMA_GROUPS, out=out)
+        torch.cuda.synchronize()
+        assert sk.last_launch_info["config"] == WGMMA_GROUPS
+        outs[prefetch] = out
+    assert torch.equal(outs[False], outs[True])
+    ref = sk.skut_reference(enc, x, mask, True, pool)
+    assert not torch.isnan(outs[True]).any()
+    assert ((outs[True].double() - ref).norm() / ref.norm()).item() <= SKUT_TOL[torch.float16][0]
+
+
+@needs_sm90
 @pytest.mark.parametrize("pool", [None, "max_valid"])
 def test_skut_wgmma_two_pass_causal(pool):
     """More causal sequences than two per SM: the two-pass form (K / V of the whole sequence first)."""
