@@ -8,7 +8,8 @@ For each transformer shape (2 layers, 1 head, d=64, FFN 32, 25% random key paddi
 (top-64 of int8 sequences, 256 candidates): repeat_interleave + bmm + topk and a de-duplicated
 bmm + topk in PyTorch, against ``nn_select``. Our kernels are timed both as plain launches and
 replayed from a CUDA graph (which removes the host launch cost; the PyTorch baselines are eager).
-Every kernel configuration swept is first checked against a float64 reference. The floor is
+Every kernel configuration swept is first checked against a float64 reference; after the sweep the default
+and the best configuration are timed three more times, alternating, and their medians reported. The floor is
 max(bytes / measured copy bandwidth, FLOPs / measured fp16 matmul rate).
 """
 
@@ -20,6 +21,7 @@ import datetime
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -82,6 +84,20 @@ def bench_graph(fns, replays: int = 30) -> float:
         times.append(a.elapsed_time(b) / len(fns))
     times.sort()
     return times[len(times) // 2]
+
+
+def settle(timings: dict, fns_of: dict, keys: list, rounds: int = 3) -> None:
+    """Time ``keys`` (the default and the best configuration) again in ``rounds`` rounds after a sweep, which goes
+    first alternating, and keep each one's median over all its timings. A configuration timed once, after the eager
+    baselines and the configurations before it, read the 100,000-row selection 12 % slower than interleaved rounds on
+    the same H100 (benchmarks/RESULTS.md, fiftieth session)."""
+    keys = list(dict.fromkeys(k for k in keys if k in timings))
+    samples = {k: [timings[k]] for k in keys}
+    for i in range(rounds):
+        for k in keys if i % 2 == 0 else keys[::-1]:
+            samples[k].append(bench_graph(fns_of[k]))
+    for k in keys:
+        timings[k] = statistics.median(samples[k])
 
 
 def kernel_times(fn, calls: int = 20) -> list[tuple[str, float, int]]:
@@ -244,18 +260,19 @@ def bench_transformer(rows, peaks, log):
                 except Exception as exc:
                     log(f"  torch.compile failed: {type(exc).__name__}: {exc}")
         default = sk.choose_config(s, packed, bsz, True, torch.device(DEV))
-        timings = {}
+        timings, fns_of = {}, {}
         for cfg in [default] + [c for c in valid_cfgs if c != default]:
-            fns = [
+            fns_of[cfg] = [
                 lambda x=x, m=m, o=o, w=w, c=cfg: sk.skut_forward(
                     x, packed, m, True, None, config=c, out=o, workspace=w
                 )
                 for (x, m), o, w in zip(sets, outs, wss, strict=True)
             ]
             try:
-                timings[cfg] = bench_graph(fns)
+                timings[cfg] = bench_graph(fns_of[cfg])
             except Exception as exc:
                 log(f"  {cfg} failed at B={bsz} S={s}: {exc}")
+        settle(timings, fns_of, [default, min(timings, key=timings.get)] if timings else [])
         best = min(timings, key=timings.get) if timings else None
         r["ours default (graph)"] = timings.get(default)
         r["ours best (graph)"] = timings.get(best)
@@ -362,7 +379,7 @@ def bench_nn(rows, peaks, log):
             r["dedup bmm+topk"] = bench_eager(
                 [lambda s=s, u=n_users, n=length, kk=k: torch_dedup(s[0], s[2], s[3], u, n, kk) for s in sets]
             )
-        timings = {}
+        timings, fns_of = {}, {}
         for cfg in nn_configs(n_cand, n_users, total, k):
             try:
                 if not check_nn(sets[0], k, cfg):
@@ -375,15 +392,16 @@ def bench_nn(rows, peaks, log):
                     )
                     for _ in sets
                 ]
-                fns = [
+                fns_of[cfg] = [
                     lambda s=s, o=o, c=cfg, kk=k: nn_mod.nn_select(*s, kk, config=c, out=o)
                     for s, o in zip(sets, outs, strict=True)
                 ]
-                timings[cfg] = bench_graph(fns)
+                timings[cfg] = bench_graph(fns_of[cfg])
                 log(f"  {cfg}: {timings[cfg] * 1e3:.1f} us")
             except Exception as exc:
                 log(f"  {cfg}: FAILED {type(exc).__name__}: {exc}")
         auto = nn_mod.choose_config(n_cand, n_users, total, k, torch.device(DEV))
+        settle(timings, fns_of, [auto, min(timings, key=timings.get)] if timings else [])
         best = min(timings, key=timings.get) if timings else None
         r["ours default (graph)"] = timings.get(auto)
         r["ours best (graph)"] = timings.get(best)
@@ -407,14 +425,15 @@ def fmt(v):
 
 
 def meets(r: dict) -> str:
-    """Whether a row meets its target: judged on the default configuration, the one a caller gets. The best
-    configuration of the sweep is timed once each, so its lead can be noise (confirm it with ab_kernels.py)."""
+    """Whether a row meets its target: judged on the default configuration, the one a caller gets. Each
+    configuration of the sweep is timed once; the default and the best again in three alternating rounds
+    (``settle``), so a lead of a few per cent can still be noise (confirm it with ab_kernels.py)."""
     return "yes" if (r["ours default (graph)"] or 1e9) <= r["target_ms"] else "no"
 
 
 def table(tr, nr, peaks) -> str:
     lines = [
-        "| work | PyTorch eager | torch.compile | ours, CUDA graph (default / best config, one timing each) "
+        "| work | PyTorch eager | torch.compile | ours, CUDA graph (default / best config, median of 4 timings) "
         "| ours, plain launch | floor | target | met (default) |",
         "|---|---|---|---|---|---|---|---|",
     ]

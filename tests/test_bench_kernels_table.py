@@ -27,3 +27,13 @@ def test_table_prints_the_verdict_of_the_default() -> None:
     assert "met (default)" in lines[0]
     assert lines[2].endswith("| ≤ 0.03 | no |") and "0.034 / 0.029" in lines[2]
     assert lines[3].endswith("| ≤ 0.015 | yes |")
+
+
+def test_settle_times_default_and_best_again_alternating_and_keeps_medians(monkeypatch) -> None:
+    calls, values = [], {"A": [1.0, 2.0, 3.0], "B": [1.5, 1.2, 1.1]}
+    monkeypatch.setattr(bench_kernels, "bench_graph", lambda fns: calls.append(fns) or values[fns].pop(0))
+    timings = {"a": 5.0, "b": 1.0, "c": 0.5}
+    # "a" the default (timed slow once in the sweep), "b" named twice, "gone" failed in the sweep: skipped
+    bench_kernels.settle(timings, {"a": "A", "b": "B", "c": "C"}, ["a", "b", "b", "gone"])
+    assert calls == ["A", "B", "B", "A", "A", "B"]
+    assert timings == {"a": 2.5, "b": 1.15, "c": 0.5}  # medians of [5, 1, 2, 3] and [1, 1.5, 1.2, 1.1]; c untouched

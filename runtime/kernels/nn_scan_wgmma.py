@@ -52,7 +52,10 @@ if HAVE_GLUON:
 BLOCK_N = 16  # candidates per block (the wgmma's N)
 TILE = 64  # rows per tile (the wgmma's M: one warp group), and groups per chunk
 D_CODES = 32  # int8 codes per row (the wgmma's K for 8-bit operands)
-STAGES = 4  # steps of row tiles in flight
+# Steps of row tiles in the pipeline (STAGES - 1 in flight ahead of the one multiplied): on the H100, 3 against 4 at
+# 64 users x 100,000 rows 1.01x, x 16,000 1.015x, 1 user equal; 6 0.95x (benchmarks/RESULTS.md, fifty-first
+# session). With four users per step (8 KB of rows) and four programs per SM, 3 still keeps 64 KB per SM in flight.
+STAGES = 3
 MAX_REGS = 128  # four programs per SM (ptxas takes ~140 if left alone, for the same code without spills)
 _BIG_USER = triton.language.constexpr(2**31 - 1)  # "no user", as nn_select's
 _I8_SCALE = triton.language.constexpr(127 * 254)  # nn_select.I8_SCALE
