@@ -30,7 +30,7 @@ from runtime.kernels.build import build_for_gpu
 users, wide, cand = json.loads(sys.argv[1])
 types = {"seq_ptr": "*i8", "starts_ptr": "*i64", "lengths_ptr": "*i64", "cand_ptr": cand, "user_ptr": "*i64",
          "gm_ptr": "*i32", "N": "i32", "D": "i32", "G_TOT": "i32", "SPLITS": "i32"}
-consts = dict(BN=scan.BLOCK_N, BS=scan.TILE, U=users, STAGES=scan.STAGES, WIDE=wide, GDC=True)
+consts = dict(BN=scan.BLOCK_N, BS=scan.TILE, U=users, STAGES=scan.stages(wide), WIDE=wide, GDC=True)
 aligned = [n for n, t in types.items() if t.startswith("*")]
 kernel = build_for_gpu(scan._nn_scan_wgmma_kernel, types, consts, aligned, num_warps=4, max_regs=scan.MAX_REGS)
 with tempfile.TemporaryDirectory() as tmp:

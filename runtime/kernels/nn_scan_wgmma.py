@@ -55,7 +55,9 @@ D_CODES = 32  # int8 codes per row (the wgmma's K for 8-bit operands)
 # Steps of row tiles in the pipeline (STAGES - 1 in flight ahead of the one multiplied): on the H100, 3 against 4 at
 # 64 users x 100,000 rows 1.01x, x 16,000 1.015x, 1 user equal; 6 0.95x (benchmarks/RESULTS.md, fifty-first
 # session). With four users per step (8 KB of rows) and four programs per SM, 3 still keeps 64 KB per SM in flight.
+# The build with 64-bit row offsets keeps 4: with 3 it spills 8 bytes at the register cap (Triton 3.9; ``stages``).
 STAGES = 3
+WIDE_STAGES = 4
 MAX_REGS = 128  # four programs per SM (ptxas takes ~140 if left alone, for the same code without spills)
 _BIG_USER = triton.language.constexpr(2**31 - 1)  # "no user", as nn_select's
 _I8_SCALE = triton.language.constexpr(127 * 254)  # nn_select.I8_SCALE
@@ -355,6 +357,11 @@ if HAVE_GLUON:
         gl.store(ptrs, bits, mask=gl.expand_dims(cn < N, 0) & gl.expand_dims(rr < BS, 1))
 
 
+def stages(wide: bool) -> int:
+    """The pipeline depth of a launch: ``STAGES``, or ``WIDE_STAGES`` with 64-bit row offsets."""
+    return WIDE_STAGES if wide else STAGES
+
+
 def launch(
     grid: tuple[int, int], seq: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, cand: torch.Tensor,
     cand_user: torch.Tensor, gm: torch.Tensor, n: int, d: int, g_tot: int, splits: int, *, users_per_step: int,
@@ -364,5 +371,5 @@ def launch(
     configuration fixed (``usable``)."""
     return _nn_scan_wgmma_kernel[grid](
         seq, starts, lengths, cand, cand_user, gm, n, d, g_tot, splits,
-        BN=BLOCK_N, BS=TILE, U=users_per_step, STAGES=STAGES, WIDE=wide, GDC=gdc, num_warps=4, maxnreg=MAX_REGS,
+        BN=BLOCK_N, BS=TILE, U=users_per_step, STAGES=stages(wide), WIDE=wide, GDC=gdc, num_warps=4, maxnreg=MAX_REGS,
     )  # fmt: skip
