@@ -87,7 +87,7 @@ MAX_GROUPS = 3
 DEPENDENT_WAVES = 4
 # As a programmatic dependent, each grouped-launch program asks L2 for its sequence's rows and mask before it waits
 # for the kernel before it (``_prefetch_sequence``): its first loads after the wait then hit L2, not HBM (H100, inputs
-# not in L2: B=256 S=192 1.02x, B=128 1.03x, 128 tokens 1.035x; a plain launch copies its rows at once, and
+# not in L2: B=256 S=192 1.01-1.02x, B=128 1.03x, 100-128 tokens 1.03x; a plain launch copies its rows at once, and
 # prefetching the next wave's sequence too measured no better: benchmarks/RESULTS.md, fifty-first session).
 PREFETCH = True
 
