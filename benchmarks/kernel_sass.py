@@ -170,7 +170,7 @@ def build_refine(groups: int, splits: int, k: int, arch: int):  # noqa: ANN201
     return _build_select(nn._nn_refine_kernel, consts, arch, 4)
 
 
-def build_groups(tiles: int, pool: bool, arch: int, gdc: bool = False, prefetch: bool | None = None):  # noqa: ANN201
+def build_groups(tiles: int, pool: bool, arch: int, gdc: bool = False):  # noqa: ANN201
     """The grouped wgmma launch (``skut_wgmma._skut_wgmma_groups_kernel``, one warp group per query tile) for V2
     (d_model 64, FFN 32) at ``tiles`` query tiles: every row stored, or (``pool``) as the runtime launches it.
     Each warp group is a partition of its own code, so the report has a layer loop per query tile."""
@@ -181,7 +181,7 @@ def build_groups(tiles: int, pool: bool, arch: int, gdc: bool = False, prefetch:
              "pool_ptr": "*fp32" if pool else "*fp16", "pw_ptr": "*fp32", "pb_ptr": "*fp32", "r_ptr": "*fp16",
              "S": "i32", "n_layers": "i32", "D_OUT": "i32"}  # fmt: skip
     consts = dict(D=64, F=32, NT=tiles, HAS_MASK=True, POOL=1 if pool else 0, FINAL_NORM=False, STORE_OUT=not pool,
-                  POOL_PROJ=pool, O_P=64, GDC=gdc, PREFETCH=sw.PREFETCH if prefetch is None else prefetch)  # fmt: skip
+                  POOL_PROJ=pool, O_P=64, GDC=gdc, PREFETCH=sw.PREFETCH)  # fmt: skip
     fn = sw._skut_wgmma_groups_kernel
     types = {n: t for n, t in types.items() if n in fn.arg_names}
     aligned = [n for n, t in types.items() if t.startswith("*")]

@@ -1061,7 +1061,7 @@ def launch_split(
 def launch_groups(
     x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor, packed, pooled: torch.Tensor,  # noqa: ANN001
     pool_w: torch.Tensor, pool_b: torch.Tensor, d_out: int, has_mask: bool, pool: int, store_out: bool,
-    pool_proj: bool, o_p: int, dependent: bool | None = None, prefetch: bool | None = None,
+    pool_proj: bool, o_p: int, dependent: bool | None = None,
 ):  # noqa: ANN201 (Triton's compiled kernel)
     """One program per sequence of a causal stack of 2-3 query tiles (65-192 tokens), one warp group per tile
     (``_skut_wgmma_groups_kernel``); arguments as ``launch_split`` takes them, without its scratch.
@@ -1071,8 +1071,8 @@ def launch_groups(
     reading anything else (so ``packed`` must not be written by the kernel just before: ``pack_encoder_weights``
     writes it by a copy); and they let a dependent launch after them start likewise. None: for launches of at
     most ``DEPENDENT_WAVES`` waves, where that overlap is ~1 µs of each launch; with more, the rows fetched after
-    the weights cost more than the overlap gives. ``prefetch``: as a dependent, ask L2 for each program's sequence
-    before the wait (None: ``PREFETCH``)."""
+    the weights cost more than the overlap gives. As a dependent, each program asks L2 for its sequence before the
+    wait (``PREFETCH``)."""
     bsz, s, _ = x.shape
     if not groups_fit(s):
         raise ValueError(f"launch_groups runs 2-{MAX_GROUPS} query tiles of {BLOCK} rows, got S={s}")
@@ -1083,6 +1083,6 @@ def launch_groups(
         x, out, mask, packed.mats, packed.vecs, pooled, pool_w, pool_b, packed.rows, s, packed.n_layers, d_out,
         D=D_MODEL, F=packed.ff_pad, NT=n_qt, HAS_MASK=has_mask, POOL=pool, FINAL_NORM=packed.final_norm,
         STORE_OUT=store_out, POOL_PROJ=pool_proj, O_P=o_p, GDC=dependent,
-        PREFETCH=PREFETCH if prefetch is None else prefetch, launch_pdl=dependent, num_warps=4,
+        PREFETCH=PREFETCH, launch_pdl=dependent, num_warps=4,
     )  # fmt: skip
 
