@@ -119,7 +119,7 @@ def report(sass: str, top: int = 20) -> str:
 _SELECT_ARGS = {"seq_ptr": "*i8", "seqw_ptr": "*i32", "starts_ptr": "*i64", "lengths_ptr": "*i64", "cand_ptr": "*fp16",
                 "user_ptr": "*i64", "gm_ptr": "*i32", "gid_ptr": "*i32", "tau_ptr": "*i64", "cnt_ptr": "*i32",
                 "keys_ptr": "*i64", "idx_ptr": "*i64", "score_ptr": "*fp32", "N": "i32", "D": "i32", "k": "i32",
-                "G_TOT": "i32", "SPLITS": "i32", "CAP": "i32", "margin": "fp32"}  # fmt: skip
+                "G_TOT": "i32", "SPLITS": "i32", "CAP": "i32", "margin": "fp32", "T": "i32"}  # fmt: skip
 _SELECT_ALIGNED = ("N", "D", "k", "G_TOT", "CAP")  # multiples of 16 at the runtime's shapes
 
 
@@ -154,7 +154,8 @@ def build_gluon_scan(users: int, arch: int):  # noqa: ANN201
 
     fn = scan._nn_scan_wgmma_kernel
     types = {n: t for n, t in _SELECT_ARGS.items() if n in fn.arg_names}
-    consts = dict(BN=scan.BLOCK_N, BS=scan.TILE, U=users, STAGES=scan.STAGES, WIDE=False, GDC=True)
+    consts = dict(BN=scan.BLOCK_N, BS=scan.TILE, U=users, STAGES=scan.STAGES, WIDE=False, GDC=True,
+                  PREFETCH=scan.PREFETCH)
     aligned = [n for n, t in types.items() if t.startswith("*")]
     return build_for_gpu(fn, types, consts, aligned, arch=arch, num_warps=4, max_regs=scan.MAX_REGS)
 

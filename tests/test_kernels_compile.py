@@ -137,7 +137,7 @@ for rec in launches:
     consts = {n: a["const"] for n, a in args.items() if "const" in a}
     if "ASM" in consts:  # inline PTX on the GPU, which the interpreter that recorded the launch cannot run
         consts["ASM"] = True
-    if "GDC" in consts:  # the selection's passes as sm_90 launches them: the refine pass the scan's dependent
+    if "GDC" in consts:  # the selection's passes as sm_90 launches them: each the dependent of the kernel before
         consts["GDC"] = True
     aligned = [n for n, a in args.items() if a.get("aligned")]
     try:
@@ -148,8 +148,15 @@ for rec in launches:
             failed.append(f"{rec['kernel']}: maxnreg={rec['maxnreg']} did not reach the PTX")
         if consts.get("GDC") and "griddepcontrol" not in ptx:
             failed.append(f"{rec['kernel']}: GDC=True but no griddepcontrol in the PTX")
-        wait = ptx.find("griddepcontrol.wait")
-        if wait >= 0 and not 0 <= ptx.find("ld.global") < wait:
+        wait, load = ptx.find("griddepcontrol.wait"), ptx.find("ld.global")
+        if wait >= 0 and "_scan" in rec["kernel"]:
+            # A scan is the dependent of whatever kernel came before: it reads nothing until that one has finished,
+            # and lets the refine pass start only after that.
+            if 0 <= load < wait:
+                failed.append(f"{rec['kernel']}: a global load is issued before griddepcontrol.wait")
+            if not wait < ptx.find("griddepcontrol.launch_dependents"):
+                failed.append(f"{rec['kernel']}: griddepcontrol.launch_dependents is not after the wait")
+        elif wait >= 0 and not 0 <= load < wait:  # the refine pass loads its own inputs while the scan runs
             failed.append(f"{rec['kernel']}: no global load is issued before griddepcontrol.wait")
     except Exception as exc:
         failed.append(f"{rec['kernel']} {rec['num_warps']} warps: {type(exc).__name__}: {str(exc)[:400]}")

@@ -29,8 +29,8 @@ from runtime.kernels.build import build_for_gpu
 
 users, wide, cand = json.loads(sys.argv[1])
 types = {"seq_ptr": "*i8", "starts_ptr": "*i64", "lengths_ptr": "*i64", "cand_ptr": cand, "user_ptr": "*i64",
-         "gm_ptr": "*i32", "N": "i32", "D": "i32", "G_TOT": "i32", "SPLITS": "i32"}
-consts = dict(BN=scan.BLOCK_N, BS=scan.TILE, U=users, STAGES=scan.stages(wide), WIDE=wide, GDC=True)
+         "gm_ptr": "*i32", "N": "i32", "D": "i32", "G_TOT": "i32", "SPLITS": "i32", "T": "i32"}
+consts = dict(BN=scan.BLOCK_N, BS=scan.TILE, U=users, STAGES=scan.stages(wide), WIDE=wide, GDC=True, PREFETCH=not wide)
 aligned = [n for n, t in types.items() if t.startswith("*")]
 kernel = build_for_gpu(scan._nn_scan_wgmma_kernel, types, consts, aligned, num_warps=4, max_regs=scan.MAX_REGS)
 with tempfile.TemporaryDirectory() as tmp:
@@ -42,6 +42,7 @@ with tempfile.TemporaryDirectory() as tmp:
 ptx = kernel.asm["ptx"]
 print(json.dumps({"wgmma_s8": len(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n32k32\.s32\.s8\.s8", ptx)),
                   "dp4a": "dp4a.s32.s32" in ptx, "pdl": "griddepcontrol.launch_dependents" in ptx,
+                  "wait": "griddepcontrol.wait" in ptx, "prefetch": len(re.findall(r"prefetch\.global\.L2", ptx)),
                   "shared": kernel.metadata.shared,
                   **{k: int(v) for k, v in re.findall(r"\b(REG|STACK):(\d+)", usage)}}))
 """
@@ -54,14 +55,15 @@ print(json.dumps({"wgmma_s8": len(re.findall(r"wgmma\.mma_async\.sync\.aligned\.
 )
 def test_gluon_scan_builds_for_sm90(users: int, wide: bool, cand: str) -> None:
     """4 users per step (DESIGN's 64-user rows), 2, and 64-bit row offsets with int8 candidates: one integer wgmma
-    per user per step, the norms by dp4a, the refine pass's early launch signalled, no spills at the cap."""
+    per user per step, the norms by dp4a, the wait for the kernel before (its first tiles prefetched ahead of it)
+    and the refine pass's early launch signalled, no spills at the cap."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", BUILD, json.dumps([users, wide, cand])], capture_output=True,
                          text=True, env=env, cwd=Path(__file__).parents[1], timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     built = json.loads(out.stdout.strip().splitlines()[-1])
     assert built["wgmma_s8"] == users, built
-    assert built["dp4a"] and built["pdl"], built
+    assert built["dp4a"] and built["pdl"] and built["wait"] and (built["prefetch"] >= 1) is not wide, built
     assert built["REG"] <= scan.MAX_REGS and built["STACK"] == 0, built
     assert 0 < built["shared"] and 4 * (built["shared"] + 1024) <= SM90_SHARED, built
 

@@ -47,7 +47,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
     from triton.runtime.jit import constexpr_function
 
-    from .skut_wgmma import _async_load, _cta_barrier, _gdc_launch_dependents
+    from .skut_wgmma import _async_load, _cta_barrier, _gdc_launch_dependents, _gdc_wait, _prefetch_l2
 
 BLOCK_N = 16  # candidates per block (the wgmma's N)
 TILE = 64  # rows per tile (the wgmma's M: one warp group), and groups per chunk
@@ -59,6 +59,9 @@ D_CODES = 32  # int8 codes per row (the wgmma's K for 8-bit operands)
 STAGES = 3
 WIDE_STAGES = 4
 MAX_REGS = 128  # four programs per SM (ptxas takes ~140 if left alone, for the same code without spills)
+# As a programmatic dependent (``GDC``), each program asks L2 for the first row tiles of its block's first users before
+# it waits for the kernel before it (``_prefetch_first_tiles``). Not in the 64-bit-offset build (8 bytes of spills).
+PREFETCH = True
 _BIG_USER = triton.language.constexpr(2**31 - 1)  # "no user", as nn_select's
 _I8_SCALE = triton.language.constexpr(127 * 254)  # nn_select.I8_SCALE
 
@@ -194,6 +197,26 @@ if HAVE_GLUON:
         async_copy.commit_group()
 
     @gluon.jit
+    def _prefetch_first_tiles(seq_ptr, users, starts_ptr, lengths_ptr, split, SPLITS, T, BS: gl.constexpr,
+                              U: gl.constexpr, WIDE: gl.constexpr):  # fmt: skip
+        """Ask L2 for this split's first rows of the block's first U users: 128 lines of 128 bytes (4 rows of 32 codes
+        each), 128 / U per user (two 64-row tiles at U = 4, the copies the pipeline starts with). Issued before the
+        wait, so the user table may not be final yet: rows are clamped into the T rows of ``seq``, and whatever a
+        stale entry fetched is only a wasted hint (L2 is where every SM's view of memory meets: lines fetched before
+        the kernel before writes them are updated by its writes)."""
+        L: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        LINES: gl.constexpr = 128 // U
+        i = gl.arange(0, 128, layout=L)
+        first = gl.zeros([128], gl.int64, L)
+        prev = gl.full([], -1, gl.int32)
+        for j in gl.static_range(U):
+            u, start, lo, _ = _slot(users, prev, starts_ptr, lengths_ptr, split, SPLITS, BS, WIDE)
+            first = gl.where(i // LINES == j, start.to(gl.int64) + lo, first)
+            prev = u
+        row = gl.minimum(gl.maximum(first + (i % LINES) * 4, 0), T - 1)
+        _prefetch_l2(seq_ptr + row * 32)
+
+    @gluon.jit
     def _row_scale(tile, ROW: gl.constexpr):
         """A tile's rows' scales in the accumulator's row layout: each row's quad sums its threads' squares."""
         return _scale_of(gl.convert_layout(gl.sum(_squares(tile), axis=1), ROW, assert_trivial=True))
@@ -238,14 +261,23 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _nn_scan_wgmma_kernel(
-        seq_ptr, starts_ptr, lengths_ptr, cand_ptr, user_ptr, gm_ptr, N, D, G_TOT, SPLITS,
+        seq_ptr, starts_ptr, lengths_ptr, cand_ptr, user_ptr, gm_ptr, N, D, G_TOT, SPLITS, T,
         BN: gl.constexpr, BS: gl.constexpr, U: gl.constexpr, STAGES: gl.constexpr, WIDE: gl.constexpr,
-        GDC: gl.constexpr,
+        GDC: gl.constexpr, PREFETCH: gl.constexpr,
     ):  # fmt: skip
         """Pass 1 for a block of BN = 16 candidates and one chunk of each of its users' sequences, U (2 or 4) users
-        per step (program axes: block, split); writes the block's BS = 64 group maxima of this split."""
-        if GDC:  # the refine pass is this launch's programmatic dependent (see nn_select._nn_refine_kernel)
-            _gdc_launch_dependents()
+        per step (program axes: block, split); writes the block's BS = 64 group maxima of this split. ``T``: the
+        rows of ``seq``. ``GDC``: launched as the programmatic dependent of the kernel before (nn_select's
+        ``SCAN_DEPENDENT``; the wait is a no-op for a plain launch) and the refine pass's primary; ``PREFETCH`` (with
+        ``GDC``): the first row tiles asked of L2 before the wait."""
+        if GDC:
+            if PREFETCH:
+                blk = gl.program_id(0) * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, _acc_layout(BN)))
+                pre = gl.load(user_ptr + blk, mask=blk < N, other=_BIG_USER).to(gl.int32)
+                _prefetch_first_tiles(seq_ptr, pre, starts_ptr, lengths_ptr, gl.program_id(1), SPLITS, T, BS, U,
+                                      WIDE)  # fmt: skip
+            _gdc_wait()  # nothing below reads memory the kernel before may write until it has finished
+            _gdc_launch_dependents()  # the refine pass may be placed (see nn_select._nn_refine_kernel)
         DC: gl.constexpr = 32
         ACC: gl.constexpr = _acc_layout(2 * BN)  # a's dots in columns 0 .. BN-1, b's in BN .. 2 BN - 1
         OUT: gl.constexpr = _acc_layout(BN)  # the scores, one column per candidate
@@ -365,11 +397,13 @@ def stages(wide: bool) -> int:
 def launch(
     grid: tuple[int, int], seq: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, cand: torch.Tensor,
     cand_user: torch.Tensor, gm: torch.Tensor, n: int, d: int, g_tot: int, splits: int, *, users_per_step: int,
-    wide: bool, gdc: bool,
+    wide: bool, gdc: bool, dependent: bool = False,
 ):  # noqa: ANN201 (Triton's compiled kernel)
     """The packed scan over ``grid`` (blocks, splits); arguments as ``nn_select.scan_launch`` takes them, the
-    configuration fixed (``usable``)."""
+    configuration fixed (``usable``). ``gdc``: the refine pass will be this launch's programmatic dependent;
+    ``dependent`` (with ``gdc``): this launch is the programmatic dependent of the kernel before it."""
     return _nn_scan_wgmma_kernel[grid](
-        seq, starts, lengths, cand, cand_user, gm, n, d, g_tot, splits,
-        BN=BLOCK_N, BS=TILE, U=users_per_step, STAGES=stages(wide), WIDE=wide, GDC=gdc, num_warps=4, maxnreg=MAX_REGS,
+        seq, starts, lengths, cand, cand_user, gm, n, d, g_tot, splits, seq.shape[0],
+        BN=BLOCK_N, BS=TILE, U=users_per_step, STAGES=stages(wide), WIDE=wide, GDC=gdc,
+        PREFETCH=PREFETCH and dependent and not wide, launch_pdl=gdc and dependent, num_warps=4, maxnreg=MAX_REGS,
     )  # fmt: skip

@@ -70,6 +70,13 @@ REFINE_ROWS = 256  # rows the refine pass scores per step
 THRESHOLD_STEPS = 6  # three-way rounds in float space between the smallest and largest group maximum (_kth_group_max)
 SHORT_MAX = 128  # sequences up to this many rows (by the caller's max_len) take the one-pass kernel
 PACKED_MIN_STEPS = 8  # tiles per chunk from which a block's users are scanned side by side (choose_config)
+# Where the refine pass is the scan's programmatic dependent (``dependent_launch``), a packed scan (2 or 4 users
+# per step) is also the programmatic dependent of the kernel before it: its programs are placed as that kernel's last
+# ones run (the refine pass signals at its start, so back-to-back selections overlap) and wait before reading
+# anything. On the H100, selections back to back in a CUDA graph: 64 users x 16,000 rows 1.03x, x 100,000 1.016x
+# (with the Gluon scan's prefetch); the one-user scan lost 0.5 % as a dependent and stays a plain launch
+# (benchmarks/RESULTS.md, fifty-second session).
+SCAN_DEPENDENT = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,8 +387,9 @@ def _nn_scan_kernel(
 ):
     """Pass 1: one chunk of every sequence a block of candidates uses, in tiles of BS positions; the
     max score of each of C column groups of the chunk (group j: the positions p_lo + j + C * r)."""
-    if GDC:
-        tl.extra.cuda.gdc_launch_dependents()  # see _nn_refine_kernel
+    if GDC:  # the refine pass's primary; waits for the kernel before where launched as its dependent (a no-op here)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     split = tl.program_id(1)
     rows, row_ok, users, c_a, c_b = _scan_block(cand_ptr, user_ptr, N, D, BN, D_P)
     # Group maxima in fp32 (the scores' own order; max and masks cost one instruction each), turned
@@ -470,8 +478,9 @@ def _nn_scan_packed_kernel(
     against its own candidates' int8 pieces (zeros in the other rows), all into one (BN, BS) accumulator,
     so each score of the step is a candidate against its own user's row. (The one-user scan scales, masks
     and reduces all BN x BS scores once per user and keeps only that user's candidates' rows of them.)"""
-    if GDC:
-        tl.extra.cuda.gdc_launch_dependents()  # see _nn_refine_kernel
+    if GDC:  # the refine pass's primary, and the dependent of the kernel before (SCAN_DEPENDENT)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     split = tl.program_id(1)
     rows, row_ok, users, c_a, c_b = _scan_block(cand_ptr, user_ptr, N, D, BN, D_P)
     gmax = tl.full((BN, C), float("-inf"), tl.float32)
@@ -812,6 +821,8 @@ def _nn_refine_kernel(
     ``tau`` and ``cnt`` receive the threshold key and the list's length.
     """
     row = tl.program_id(0)
+    if GDC:  # the next selection's scan may start as this launch's programs run (SCAN_DEPENDENT)
+        tl.extra.cuda.gdc_launch_dependents()
     # The candidate's user, sequence and row first: their loads (two dependent ones) are then in flight
     # during the threshold search instead of ahead of the first rows' loads.
     u = tl.load(user_ptr + row)
@@ -819,9 +830,10 @@ def _nn_refine_kernel(
     length = tl.load(lengths_ptr + u).to(tl.int32)
     c = _load_cand_row(cand_ptr, row, D, D_P)
     if GDC:
-        # Launched as the scan's programmatic dependent (sm_90+): every scan program signals at its start, so
-        # this kernel's programs are placed as the scan's last programs run and load the above meanwhile; the
-        # group maxima are read only after the scan has finished and its stores are visible.
+        # Launched as the scan's programmatic dependent (sm_90+): every scan program signals once its own wait
+        # is over (so the inputs above are final), and this kernel's programs are placed as the scan's last
+        # programs run and load the above meanwhile; the group maxima are read only after the scan has
+        # finished and its stores are visible.
         tl.extra.cuda.gdc_wait()
     gm, real, lo = _kth_group_max(gm_ptr, row, k, G_TOT, G_P, STEPS)
     tl.store(tau_ptr + row, lo << 32)
@@ -1013,20 +1025,24 @@ def scan_launch(users_per_step: int, grid: tuple[int, int]) -> Callable[..., obj
     ``U = users_per_step`` (``nn_scan_wgmma``'s Gluon kernel where ``nn_scan_wgmma.usable``). Both take
     (seq, starts, lengths, cand, cand_user, gm, N, D, G_TOT, SPLITS, **meta); the launcher adds ``WIDE``
     (``wide_offsets``) and ``GDC`` (False) unless given and, for the Triton packed scan, the rows' int32 view for
-    the norms (``seq_words``)."""
+    the norms (``seq_words``). With ``GDC`` (the refine pass its programmatic dependent) and ``SCAN_DEPENDENT``
+    a packed scan itself starts as the programmatic dependent of the kernel before it (every scan waits for it
+    under ``GDC``: a no-op on a plain launch)."""
 
     def launch(seq: torch.Tensor, *args: object, **meta: object) -> object:
         meta.setdefault("WIDE", wide_offsets(seq))
         meta.setdefault("GDC", False)
+        dependent = bool(meta["GDC"]) and SCAN_DEPENDENT and users_per_step > 1
         if users_per_step == 1:
             return _nn_scan_kernel[grid](seq, *args, **meta)
         d = args[6]  # (starts, lengths, cand, cand_user, gm, N, D, ...)
         if nn_scan_wgmma.usable(seq, d, meta["BN"], meta["BS"], meta["C"], users_per_step):
             return nn_scan_wgmma.launch(grid, seq, *args, users_per_step=users_per_step, wide=meta["WIDE"],
-                                        gdc=meta["GDC"])  # fmt: skip
+                                        gdc=meta["GDC"], dependent=dependent)  # fmt: skip
         words = seq_words(seq)
         return _nn_scan_packed_kernel[grid](seq, seq if words is None else words, *args, U=users_per_step,
-                                            WORDS=words is not None, ASM=not interpreting(), **meta)  # fmt: skip
+                                            WORDS=words is not None, ASM=not interpreting(), launch_pdl=dependent,
+                                            **meta)  # fmt: skip
 
     return launch
 

@@ -656,6 +656,58 @@ def test_nn_select_auto_configs_and_graph():
         assert (idx.cpu() == ref_idx).float().mean().item() > 0.999
 
 
+@needs_sm90
+@pytest.mark.parametrize(
+    "lengths,n_per_user", [([16000] * 64, [4] * 64), ([16000], [256]), ([3000] * 40, [7] * 40)],
+    ids=["64-users", "1-user", "40-users"],
+)
+def test_nn_select_dependent_scan(monkeypatch, lengths, n_per_user):
+    """The scan as the programmatic dependent of the kernel before it (``SCAN_DEPENDENT``; the packed scan with and
+    without its L2 prefetch), in a chain of three selections captured in one CUDA graph: each takes as its candidates
+    the top-32 scores the one before wrote (read after write: the scan may be placed while that refine pass runs),
+    with a PyTorch kernel between the last two. Outputs poisoned before the replay; every one equals, bit for bit,
+    the chain's with plain scans, and each selection agrees with the reference on its own candidates."""
+    k = 32  # the scores of one selection are the next one's 32-dimensional candidates
+    inputs = nn_inputs(lengths, n_per_user, torch.float32, seed=21)
+    seq, starts, lens, cand, users = (t.to(DEV) for t in inputs)
+    n = cand.shape[0]
+
+    def chain(dependent, prefetch):
+        monkeypatch.setattr(nn_mod, "SCAN_DEPENDENT", dependent)
+        monkeypatch.setattr(nn_mod.nn_scan_wgmma, "PREFETCH", prefetch)
+        outs = [(torch.empty(n, k, dtype=torch.int64, device=DEV), torch.empty(n, k, device=DEV)) for _ in range(3)]
+
+        def run():
+            nn_mod.nn_select(seq, starts, lens, cand, users, k, out=outs[0])
+            nn_mod.nn_select(seq, starts, lens, outs[0][1], users, k, out=outs[1])
+            outs[1][1].mul_(-1.0)  # a PyTorch kernel between two selections
+            nn_mod.nn_select(seq, starts, lens, outs[1][1], users, k, out=outs[2])
+
+        run()  # compile outside capture
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            run()
+        for idx, scores in outs:
+            idx.fill_(-7)
+            scores.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        return [(idx.cpu(), scores.cpu()) for idx, scores in outs]
+
+    plain = chain(False, False)
+    for prefetch in (False, True):
+        dep = chain(True, prefetch)
+        assert all(torch.equal(a, b) for d, p in zip(dep, plain, strict=True) for a, b in zip(d, p, strict=True))
+    cands = (inputs[3], plain[0][1], plain[1][1])  # the second selection's scores as the third read them
+    for i, (c, (idx, scores)) in enumerate(zip(cands, plain, strict=True)):
+        ref_idx, ref_scores = nn_select_reference(inputs[0], inputs[1], inputs[2], c, inputs[4], k)
+        if i == 1:
+            scores = -scores  # the second selection's scores were negated after it wrote them
+        assert not (idx == -7).any() and not torch.isnan(scores).any()
+        assert (scores.double() - ref_scores).abs().max().item() <= NN_TOL
+        assert (idx == ref_idx).float().mean().item() > 0.999
+
+
 # ----------------------------------------------------------------------------------------------
 # token builders
 # ----------------------------------------------------------------------------------------------
