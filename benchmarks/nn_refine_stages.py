@@ -56,8 +56,8 @@ _EDITS = (
         "    M_BULK: tl.constexpr,\n    stages_ptr,\n):\n    \"\"\"Pass 2,",
     ),
     (
-        "    row = tl.program_id(0)\n    # The candidate's user",
-        "    row = tl.program_id(0)\n    t0 = _clock_after(row)\n    # The candidate's user",
+        "    row = tl.program_id(0)\n    if GDC:  # the next selection's scan",
+        "    row = tl.program_id(0)\n    t0 = _clock_after(row)\n    if GDC:  # the next selection's scan",
     ),
     (
         "    tl.store(tau_ptr + row, lo << 32)\n",
