@@ -658,18 +658,26 @@ def test_nn_select_auto_configs_and_graph():
 
 @needs_sm90
 @pytest.mark.parametrize(
-    "lengths,n_per_user", [([16000] * 64, [4] * 64), ([16000], [256]), ([3000] * 40, [7] * 40)],
-    ids=["64-users", "1-user", "40-users"],
-)
-def test_nn_select_dependent_scan(monkeypatch, lengths, n_per_user):
-    """The scan as the programmatic dependent of the kernel before it (``SCAN_DEPENDENT``; the packed scan with and
-    without its L2 prefetch), in a chain of three selections captured in one CUDA graph: each takes as its candidates
-    the top-32 scores the one before wrote (read after write: the scan may be placed while that refine pass runs),
-    with a PyTorch kernel between the last two. Outputs poisoned before the replay; every one equals, bit for bit,
-    the chain's with plain scans, and each selection agrees with the reference on its own candidates."""
+    "lengths,n_per_user,aligned",
+    [([16000] * 64, [4] * 64, True), ([16000], [256], True), ([3000] * 40, [7] * 40, True),
+     ([16000] * 64, [4] * 64, False)],
+    ids=["64-users", "1-user", "40-users", "64-users-triton-scan"],
+)  # fmt: skip
+def test_nn_select_dependent_scan(monkeypatch, lengths, n_per_user, aligned):
+    """The scan as the programmatic dependent of the kernel before it (``SCAN_DEPENDENT``; the Gluon packed scan with
+    and without its L2 prefetch, and the Triton one, which rows at an odd address take), in a chain of three
+    selections captured in one CUDA graph: each takes as its candidates the top-32 scores the one before wrote (read
+    after write: the scan may be placed while that refine pass runs), with a PyTorch kernel between the last two.
+    Outputs poisoned before the replay; every one equals, bit for bit, the chain's with plain scans, and each
+    selection agrees with the reference on its own candidates."""
     k = 32  # the scores of one selection are the next one's 32-dimensional candidates
     inputs = nn_inputs(lengths, n_per_user, torch.float32, seed=21)
     seq, starts, lens, cand, users = (t.to(DEV) for t in inputs)
+    if not aligned:
+        shifted = torch.zeros(seq.numel() + 1, dtype=torch.int8, device=DEV)
+        shifted[1:] = seq.flatten()
+        seq = shifted[1:].view(seq.shape)
+        assert not nn_mod.nn_scan_wgmma.usable(seq, 32, 16, 64, 64, 4)
     n = cand.shape[0]
 
     def chain(dependent, prefetch):
