@@ -150,8 +150,8 @@ for rec in launches:
             failed.append(f"{rec['kernel']}: GDC=True but no griddepcontrol in the PTX")
         wait, load = ptx.find("griddepcontrol.wait"), ptx.find("ld.global")
         if wait >= 0 and "_scan" in rec["kernel"]:
-            # A scan is the dependent of whatever kernel came before: it reads nothing until that one has finished,
-            # and lets the refine pass start only after that.
+            # A packed scan is the dependent of whatever kernel came before: it reads nothing until that one has
+            # finished, and lets the refine pass start only after that.
             if 0 <= load < wait:
                 failed.append(f"{rec['kernel']}: a global load is issued before griddepcontrol.wait")
             if not wait < ptx.find("griddepcontrol.launch_dependents"):

@@ -387,9 +387,8 @@ def _nn_scan_kernel(
 ):
     """Pass 1: one chunk of every sequence a block of candidates uses, in tiles of BS positions; the
     max score of each of C column groups of the chunk (group j: the positions p_lo + j + C * r)."""
-    if GDC:  # the refine pass's primary; waits for the kernel before where launched as its dependent (a no-op here)
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    if GDC:  # the refine pass's primary (a plain launch itself: SCAN_DEPENDENT takes only the packed scans)
+        tl.extra.cuda.gdc_launch_dependents()  # see _nn_refine_kernel
     split = tl.program_id(1)
     rows, row_ok, users, c_a, c_b = _scan_block(cand_ptr, user_ptr, N, D, BN, D_P)
     # Group maxima in fp32 (the scores' own order; max and masks cost one instruction each), turned
@@ -830,10 +829,10 @@ def _nn_refine_kernel(
     length = tl.load(lengths_ptr + u).to(tl.int32)
     c = _load_cand_row(cand_ptr, row, D, D_P)
     if GDC:
-        # Launched as the scan's programmatic dependent (sm_90+): every scan program signals once its own wait
-        # is over (so the inputs above are final), and this kernel's programs are placed as the scan's last
-        # programs run and load the above meanwhile; the group maxima are read only after the scan has
-        # finished and its stores are visible.
+        # Launched as the scan's programmatic dependent (sm_90+): every scan program signals at its start (a
+        # packed scan once its own wait is over, so the inputs above are final), and this kernel's programs are
+        # placed as the scan's last programs run and load the above meanwhile; the group maxima are read only
+        # after the scan has finished and its stores are visible.
         tl.extra.cuda.gdc_wait()
     gm, real, lo = _kth_group_max(gm_ptr, row, k, G_TOT, G_P, STEPS)
     tl.store(tau_ptr + row, lo << 32)
@@ -1026,8 +1025,8 @@ def scan_launch(users_per_step: int, grid: tuple[int, int]) -> Callable[..., obj
     (seq, starts, lengths, cand, cand_user, gm, N, D, G_TOT, SPLITS, **meta); the launcher adds ``WIDE``
     (``wide_offsets``) and ``GDC`` (False) unless given and, for the Triton packed scan, the rows' int32 view for
     the norms (``seq_words``). With ``GDC`` (the refine pass its programmatic dependent) and ``SCAN_DEPENDENT``
-    a packed scan itself starts as the programmatic dependent of the kernel before it (every scan waits for it
-    under ``GDC``: a no-op on a plain launch)."""
+    a packed scan itself starts as the programmatic dependent of the kernel before it (the packed scans wait for
+    it under ``GDC``: a no-op on a plain launch)."""
 
     def launch(seq: torch.Tensor, *args: object, **meta: object) -> object:
         meta.setdefault("WIDE", wide_offsets(seq))
