@@ -2,17 +2,19 @@
 
     PYTHONPATH=. python benchmarks/nn_refine_stages.py [--users 1] [--length 16000] [--k 64 96]
 
-Loads a copy of ``runtime/kernels/nn_select.py`` whose ``_nn_refine_kernel`` reads ``%clock64`` at the
-start and at the end of each of its four stages (threshold, packing the visited groups' ids, scoring
-their rows, ordering the kept keys and writing the top k) and stores the readings, the visited groups
-and the list length per candidate. Each reading takes the value its stage produced as an operand, so the
-compiler cannot move it ahead of the stage. Prints the mean cycles per stage over the candidates, next
-to the kernel's time under the profiler. ``%clock64`` counts one SM's cycles: differences within a
-program are exact, absolute values are not comparable across SMs.
+Loads a copy of ``runtime/kernels/nn_select.py`` whose ``_nn_refine_kernel`` reads ``%clock64`` at the start
+and at the end of each of its four stages (threshold, packing the visited groups' ids, scoring their rows,
+ordering the kept keys and writing the top k) and stores the readings, the visited groups (whole or by one
+row, ``nn_select.TOP2``) and the list length per candidate. Each reading takes the value its stage produced as
+an operand, so the compiler cannot move it ahead of the stage. Prints the mean cycles per stage over the
+candidates, next to the kernel's time under the profiler. ``%clock64`` counts one SM's cycles: differences
+within a program are exact, absolute values are not comparable across SMs.
 
-The copy is made by inserting lines at fixed places of the kernel's source; ``instrumented_source``
-fails with the line it could not find when the kernel changes (tests/test_bench_nn_stages.py builds the
-copy for sm_90 on every CI run). GPU only: the interpreter runs no inline assembly.
+The copy is made by inserting lines at fixed places of the kernel's source; ``instrumented_source`` fails with the
+line it could not find when the kernel changes (tests/test_bench_nn_stages.py builds the copy for sm_90 on every CI
+run).
+
+GPU only: the interpreter runs no inline assembly.
 """
 
 from __future__ import annotations
@@ -46,14 +48,14 @@ def _below('''
 
 # (anchor in the kernel's source, what replaces it); each anchor must occur exactly once.
 _STORES = "".join(f"    tl.store(out + {i}, {v})\n" for i, v in enumerate(
-    ("t0", "t1", "t2", "t3", "t4", "n_visit.to(tl.int64)", "n_keys.to(tl.int64)")))  # fmt: skip
+    ("t0", "t1", "t2", "t3", "t4", "(n_visit + n_single).to(tl.int64)", "n_keys.to(tl.int64)")))  # fmt: skip
 
 # (anchor in the kernel's source, what replaces it); each anchor must occur exactly once.
 _EDITS = (
     ("@triton.jit\ndef _below(", _CLOCK),
     (
-        "    M_BULK: tl.constexpr,\n):\n    \"\"\"Pass 2,",
-        "    M_BULK: tl.constexpr,\n    stages_ptr,\n):\n    \"\"\"Pass 2,",
+        "    M_BULK: tl.constexpr,\n    TOP2: tl.constexpr = False,\n):\n    \"\"\"Pass 2,",
+        "    M_BULK: tl.constexpr,\n    stages_ptr,\n    TOP2: tl.constexpr = False,\n):\n    \"\"\"Pass 2,",
     ),
     (
         "    row = tl.program_id(0)\n    if GDC:  # the next selection's scan",
@@ -64,8 +66,8 @@ _EDITS = (
         "    t1 = _clock_after(lo.to(tl.int32))\n    tl.store(tau_ptr + row, lo << 32)\n",
     ),
     (
-        "    tl.debug_barrier()\n\n    chunk = ",
-        "    tl.debug_barrier()\n    t2 = _clock_after(n_visit)\n\n    chunk = ",
+        "    tl.debug_barrier()\n\n    n_rows = ",
+        "    tl.debug_barrier()\n    t2 = _clock_after(n_visit)\n\n    n_rows = ",
     ),
     ("    tl.store(cnt_ptr + row, n_keys)\n", "    t3 = _clock_after(n_keys)\n    tl.store(cnt_ptr + row, n_keys)\n"),
     (
@@ -74,7 +76,10 @@ _EDITS = (
         "    tl.debug_barrier()\n    t4 = _clock_after(row)\n    out = stages_ptr + row.to(tl.int64) * 7\n"
         + _STORES + "\n\n",
     ),
-    ("M_BULK=8, num_warps=4,\n        )", "M_BULK=8, stages_ptr=STAGES_OUT, num_warps=4,\n        )"),
+    (
+        "M_BULK=8, TOP2=top2, num_warps=4,\n        )",
+        "M_BULK=8, TOP2=top2, stages_ptr=STAGES_OUT, num_warps=4,\n        )",
+    ),
     ("from . import ", "from runtime.kernels import "),
 )
 

@@ -30,7 +30,8 @@ types = {n: "*i32" for n in ("starts_ptr", "lengths_ptr", "user_ptr", "gm_ptr", 
 types |= {"seq_ptr": "*i8", "cand_ptr": "*fp16", "tau_ptr": "*i64", "keys_ptr": "*i64", "score_ptr": "*fp32",
           "stages_ptr": "*i64", "D": "i32", "k": "i32", "G_TOT": "i32", "SPLITS": "i32", "CAP": "i32",
           "margin": "fp32"}
-consts = dict(BS=64, C=32, G_P=2048, R=mod.REFINE_ROWS, STEPS=mod.THRESHOLD_STEPS, K=64, CH=64, D_P=32, M_BULK=8)
+consts = dict(BS=64, C=32, G_P=2048, R=mod.REFINE_ROWS, STEPS=mod.THRESHOLD_STEPS, K=64, CH=64, D_P=32, M_BULK=8,
+              TOP2=True)
 ptx = build_for_gpu(mod._nn_refine_kernel, types, consts, [n for n in types if n.endswith("_ptr")]).asm["ptx"]
 print(len(re.findall(r"mov\.u64\s+%rd\d+,\s*%clock64", ptx)))
 """

@@ -222,11 +222,12 @@ def test_prefilter_large_k():
     assert_matches_reference(idx, scores, inputs, k)
 
 
-def launch_refine(inputs, gm, k, cfg, rows=64, steps=33):
-    """Pass 2 on given group maxima: (idx, scores, threshold keys, list lengths)."""
+def launch_refine(inputs, gm, k, cfg, rows=64, steps=33, top2=False):
+    """Pass 2 on given group maxima (``top2``: and the seconds and rows after them): (idx, scores, threshold
+    keys, list lengths)."""
     seq, starts, lens, cand, users = inputs
     n = cand.shape[0]
-    g_tot = gm.shape[1]
+    g_tot = gm.shape[1] // (2 if top2 else 1)
     idx = torch.full((n, k), -7, dtype=torch.int64, device=DEV)
     scores = torch.full((n, k), float("nan"), device=DEV)
     gid = torch.full((n, g_tot), -5, dtype=torch.int32, device=DEV)
@@ -237,7 +238,7 @@ def launch_refine(inputs, gm, k, cfg, rows=64, steps=33):
         seq, starts, lens, cand, users, gm, gid, tau, cnt, keys, idx, scores, seq.shape[1], k, g_tot, cfg.splits,
         cfg.capacity, nn_mod.margin(seq.shape[1]), BS=cfg.tile, C=cfg.groups_per_split,
         G_P=triton.next_power_of_2(g_tot), R=rows, STEPS=steps, K=cfg.k_pad, CH=64, D_P=32, WIDE=False, GDC=False,
-        M_BULK=8, num_warps=4,
+        M_BULK=8, TOP2=top2, num_warps=4,
     )  # fmt: skip
     return idx, scores, tau, cnt
 
@@ -663,3 +664,85 @@ def test_group_rule_worked_by_hand(monkeypatch):
     # (the tile's width): 4,224 maxima, just past 4,096, so 64 chunks (a 4,096-wide tile, not 8,192).
     cfg = nn_mod.choose_config(256, 64, 6_400_000, 64, torch.device("cpu"))
     assert (cfg.block_n, cfg.splits, cfg.groups_per_split) == (16, 64, 64)
+
+
+@pytest.mark.parametrize("users_per_step,tile,groups", [(1, 32, 8), (1, 64, 64), (2, 32, 8), (4, 64, 16)])
+def test_scan_seconds_and_rows(users_per_step, tile, groups):
+    """Pass 1 with ``TOP2``: each group's maximum as without it (bit for bit), its second largest score within
+    pass 1's bound of the float64 second (stored rounded up: never below it by more than the bound, above it by
+    less than 2**16 ordered steps), and the row of its maximum one whose float64 score is within twice the bound
+    of the group's maximum. Rows planted twice in a group make its second equal to its maximum."""
+    lengths, per_user = [0, 37, 300, 5, 170], [3, 2, 4, 3, 4]
+    inputs = [t.to(DEV) for t in make_inputs(lengths, per_user, torch.float16, seed=23)]
+    seq, starts, lens, cand, users = inputs
+    c2 = int((users == 2).nonzero()[0])  # user 2's first candidate, planted twice in one group of its rows
+    for p in (40, 40 + groups):
+        seq[int(starts[2]) + p] = (cand[c2].float() * 60).round().clamp(-127, 127).to(torch.int8)
+    splits, n = 3, cand.shape[0]
+    g_tot = splits * groups
+    args = dict(BN=16, BS=tile, C=groups, D_P=32, num_warps=4)
+    gm = torch.full((n, g_tot), 7, dtype=torch.int32, device=DEV)  # poison
+    nn_mod.scan_launch(users_per_step, (1, splits))(seq, starts, lens, cand, users, gm, n, 32, g_tot, splits, **args)
+    both = torch.full((n, 2 * g_tot), 7, dtype=torch.int32, device=DEV)
+    nn_mod.scan_launch(users_per_step, (1, splits))(seq, starts, lens, cand, users, both, n, 32, g_tot, splits,
+                                                    TOP2=True, **args)  # fmt: skip
+    both = both.cpu()
+    assert torch.equal(both[:, :g_tot], gm.cpu())
+    s = full_scores(*(t.cpu() for t in inputs))
+    err = nn_mod.scan_error(32)
+    equal_pairs = 0
+    for i in range(n):
+        length = lengths[int(users[i])]
+        chunk = math.ceil(math.ceil(length / splits) / tile) * tile
+        for j in range(g_tot):
+            sp, c = divmod(j, groups)
+            pos = list(range(sp * chunk + c, min(length, (sp + 1) * chunk), groups))
+            packed = int(both[i, g_tot + j])
+            bound, row = packed & ~0xFFFF, packed & 0xFFFF  # Python ints: bound keeps the sign
+            if len(pos) < 2:
+                assert bound == -(2**31)  # no second
+            else:
+                vals = sorted((s[i][p].item() for p in pos), reverse=True)
+                assert nn_mod_decode(bound) >= vals[1] - err, (i, j)
+                assert bound - nn_mod_encode(vals[1] + err) < 2**16, (i, j)
+                equal_pairs += int(i == c2 and nn_mod_decode(bound) >= nn_mod_decode(int(both[i, j])))
+            if pos:
+                assert sp * chunk + c + row * groups in pos, (i, j, row)
+                assert s[i][sp * chunk + c + row * groups].item() >= max(s[i][p].item() for p in pos) - 2 * err
+    assert equal_pairs == 1  # the planted pair's group: its second is its maximum
+
+
+@pytest.mark.parametrize("users_per_step", [1, 4])
+def test_refine_one_row_per_group_is_the_same_selection(users_per_step):
+    """The refine pass with ``TOP2`` scores only the maximum's row of each visited group whose second cannot reach
+    the top k: the same threshold, the same list of kept keys (length) and the same selection as scoring every
+    row of every visited group, and the reference's; most visited groups take one row, and groups holding two
+    top rows (planted copies) are scored whole."""
+    k, lengths, per_user = 12, [900, 1300, 40, 700], [4, 4, 4, 4]
+    inputs = [t.to(DEV) for t in make_inputs(lengths, per_user, torch.float16, seed=29)]
+    seq, starts, lens, cand, users = inputs
+    for u, c in ((0, 0), (1, 5)):  # user u's candidate c planted at rows 7 and 7 + 16 (one group) and 500
+        for p in (7, 23, 500):
+            seq[int(starts[u]) + p] = (cand[c].float() * 60).round().clamp(-127, 127).to(torch.int8)
+    cfg = nn_mod.NNSelectConfig(block_n=16, k_pad=16, splits=2, num_warps=4, groups_per_split=16, tile=64,
+                                users_per_step=users_per_step)  # fmt: skip
+    n, g_tot = cand.shape[0], 2 * 16
+    both = torch.full((n, 2 * g_tot), 7, dtype=torch.int32, device=DEV)
+    nn_mod.scan_launch(users_per_step, (1, 2))(seq, starts, lens, cand, users, both, n, 32, g_tot, 2, BN=16, BS=64,
+                                               C=16, D_P=32, TOP2=True, num_warps=4)  # fmt: skip
+    idx, scores, tau, cnt = launch_refine(inputs, both[:, :g_tot].contiguous(), k, cfg)
+    idx2, scores2, tau2, cnt2 = launch_refine(inputs, both, k, cfg, top2=True)
+    assert_matches_reference(idx2, scores2, inputs, k)
+    assert torch.equal(idx2, idx) and torch.equal(scores2, scores)
+    assert torch.equal(tau2, tau) and torch.equal(cnt2, cnt)
+    # Which visited groups took one row, from the stored seconds (as the kernel decides).
+    both, margin = both.cpu(), nn_mod.margin(32)
+    singles = wholes = 0
+    for i in range(n):
+        t = nn_mod_decode(int(tau[i] >> 32))
+        floor2 = nn_mod_encode(t - 2 * margin)
+        for j in range(g_tot):
+            if int(both[i, j]) > -(2**31) and int(both[i, j]) >= floor2:
+                one = (int(both[i, g_tot + j]) & ~0xFFFF) < floor2
+                singles, wholes = singles + one, wholes + (not one)
+    assert singles >= 8 * n and wholes >= 2  # the planted pairs' groups are whole

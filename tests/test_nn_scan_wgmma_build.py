@@ -27,10 +27,11 @@ import triton
 from runtime.kernels import nn_scan_wgmma as scan
 from runtime.kernels.build import build_for_gpu
 
-users, wide, cand = json.loads(sys.argv[1])
+users, wide, cand, top2 = json.loads(sys.argv[1])
 types = {"seq_ptr": "*i8", "starts_ptr": "*i64", "lengths_ptr": "*i64", "cand_ptr": cand, "user_ptr": "*i64",
          "gm_ptr": "*i32", "N": "i32", "D": "i32", "G_TOT": "i32", "SPLITS": "i32", "T": "i32"}
-consts = dict(BN=scan.BLOCK_N, BS=scan.TILE, U=users, STAGES=scan.stages(wide), WIDE=wide, GDC=True, PREFETCH=not wide)
+consts = dict(BN=scan.BLOCK_N, BS=scan.TILE, U=users, STAGES=scan.stages(wide), WIDE=wide, GDC=True, PREFETCH=not wide,
+              TOP2=top2)
 aligned = [n for n, t in types.items() if t.startswith("*")]
 kernel = build_for_gpu(scan._nn_scan_wgmma_kernel, types, consts, aligned, num_warps=4, max_regs=scan.MAX_REGS)
 with tempfile.TemporaryDirectory() as tmp:
@@ -51,14 +52,17 @@ print(json.dumps({"wgmma_s8": len(re.findall(r"wgmma\.mma_async\.sync\.aligned\.
 @pytest.mark.slow
 @pytest.mark.skipif(not sw.HAVE_GLUON, reason="this Triton has no Gluon")
 @pytest.mark.parametrize(
-    "users,wide,cand", [(4, False, "*fp16"), (2, False, "*fp32"), (4, True, "*i8")], ids=["4-users", "2-users", "wide"]
+    "users,wide,cand,top2",
+    [(4, False, "*fp16", True), (4, False, "*fp16", False), (2, False, "*fp32", True), (4, True, "*i8", True)],
+    ids=["4-users", "4-users-maxima-only", "2-users", "wide"],
 )
-def test_gluon_scan_builds_for_sm90(users: int, wide: bool, cand: str) -> None:
-    """4 users per step (DESIGN's 64-user rows), 2, and 64-bit row offsets with int8 candidates: one integer wgmma
-    per user per step, the norms by dp4a, the wait for the kernel before (its first tiles prefetched ahead of it)
-    and the refine pass's early launch signalled, no spills at the cap."""
+def test_gluon_scan_builds_for_sm90(users: int, wide: bool, cand: str, top2: bool) -> None:
+    """4 users per step (DESIGN's 64-user rows), 2, and 64-bit row offsets with int8 candidates, keeping the groups'
+    seconds and rows (``nn_select.TOP2``) or not: one integer wgmma per user per step, the norms by dp4a, the wait
+    for the kernel before (its first tiles prefetched ahead of it) and the refine pass's early launch signalled, no
+    spills at the cap."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", BUILD, json.dumps([users, wide, cand])], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", BUILD, json.dumps([users, wide, cand, top2])], capture_output=True,
                          text=True, env=env, cwd=Path(__file__).parents[1], timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     built = json.loads(out.stdout.strip().splitlines()[-1])

@@ -260,16 +260,30 @@ if HAVE_GLUON:
         return gl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
 
     @gluon.jit
+    def _max_bits(m):
+        """Maxima as the refine pass reads them: ordered bits, -2**31 for none (``nn_select._group_max_bits``)."""
+        return gl.where(m == float("-inf"), -(2**31), _ordered_bits(m))
+
+    @gluon.jit
+    def _second_and_row(g2, garg):
+        """The seconds rounded up to a multiple of 2**16 over the rows, in one int32 (``nn_select._second_and_row``)."""
+        bits = _max_bits(g2)
+        hi = (bits >> 16) + ((bits & 0xFFFF) != 0).to(gl.int32)
+        return (hi << 16) | (garg & 0xFFFF)
+
+    @gluon.jit
     def _nn_scan_wgmma_kernel(
         seq_ptr, starts_ptr, lengths_ptr, cand_ptr, user_ptr, gm_ptr, N, D, G_TOT, SPLITS, T,
         BN: gl.constexpr, BS: gl.constexpr, U: gl.constexpr, STAGES: gl.constexpr, WIDE: gl.constexpr,
-        GDC: gl.constexpr, PREFETCH: gl.constexpr,
+        GDC: gl.constexpr, PREFETCH: gl.constexpr, TOP2: gl.constexpr,
     ):  # fmt: skip
         """Pass 1 for a block of BN = 16 candidates and one chunk of each of its users' sequences, U (2 or 4) users
         per step (program axes: block, split); writes the block's BS = 64 group maxima of this split. ``T``: the
         rows of ``seq``. ``GDC``: launched as the programmatic dependent of the kernel before (nn_select's
         ``SCAN_DEPENDENT``; the wait is a no-op for a plain launch) and the refine pass's primary; ``PREFETCH`` (with
-        ``GDC``): the first row tiles asked of L2 before the wait."""
+        ``GDC``): the first row tiles asked of L2 before the wait. ``TOP2``: also each group's second largest
+        score and the row (step) of its largest, packed after the maxima as ``nn_select._store_top2`` does,
+        each user's candidates written once its steps are done."""
         if GDC:
             if PREFETCH:
                 blk = gl.program_id(0) * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, _acc_layout(BN)))
@@ -352,6 +366,9 @@ if HAVE_GLUON:
             for s in gl.static_range(STAGES - 1):
                 _copy_step(bufs, rows, seq_ptr, s, s, n_steps, U, BS, DC)
             g_it = gl.full([BS, BN], float("-inf"), gl.float32, OUT)
+            if TOP2:
+                g2_it = gl.full([BS, BN], float("-inf"), gl.float32, OUT)
+                ga_it = gl.zeros([BS, BN], gl.int32, OUT)
             for t in range(0, n_steps):
                 async_copy.wait_group(STAGES - 2)  # this step's tiles (this thread's copies)
                 fence_async_shared()
@@ -380,13 +397,22 @@ if HAVE_GLUON:
                 sc = _pair_sum(acc, OUT).to(gl.float32) * scale
                 if t >= full_steps:  # a chunk ends in this step: each candidate's rows past its own chunk score -inf
                     sc = gl.where(gl.expand_dims(t * BS + rr, 1) >= gl.expand_dims(n_col, 0), float("-inf"), sc)
+                if TOP2:  # row t of group j is the chunk's row j + 64 t
+                    ga_it = gl.where(sc > g_it, t, ga_it)
+                    g2_it = gl.maximum(g2_it, gl.minimum(g_it, sc))
                 g_it = gl.maximum(g_it, sc)
             async_copy.wait_group(0)  # the copies issued past the last step (none live)
-            gmax = gl.maximum(gmax, gl.where(gl.expand_dims(mine, 0), g_it, float("-inf")))
-        # Group j of this split is row j of every tile: the maxima as the refine pass reads them.
-        bits = gl.where(gmax == float("-inf"), -(2**31), _ordered_bits(gmax))
-        ptrs = gm_ptr + gl.expand_dims(cn.to(gl.int64) * G_TOT + split * BS, 0) + gl.expand_dims(rr, 1)
-        gl.store(ptrs, bits, mask=gl.expand_dims(cn < N, 0) & gl.expand_dims(rr < BS, 1))
+            if TOP2:  # these users' candidates are done: their maxima, seconds and rows
+                ptrs = gm_ptr + gl.expand_dims(cn.to(gl.int64) * (2 * G_TOT) + split * BS, 0) + gl.expand_dims(rr, 1)
+                done = gl.expand_dims(mine & (cn < N), 0) & gl.expand_dims(rr < BS, 1)
+                gl.store(ptrs, _max_bits(g_it), mask=done)
+                gl.store(ptrs + G_TOT, _second_and_row(g2_it, ga_it), mask=done)
+            else:
+                gmax = gl.maximum(gmax, gl.where(gl.expand_dims(mine, 0), g_it, float("-inf")))
+        if not TOP2:
+            # Group j of this split is row j of every tile: the maxima as the refine pass reads them.
+            ptrs = gm_ptr + gl.expand_dims(cn.to(gl.int64) * G_TOT + split * BS, 0) + gl.expand_dims(rr, 1)
+            gl.store(ptrs, _max_bits(gmax), mask=gl.expand_dims(cn < N, 0) & gl.expand_dims(rr < BS, 1))
 
 
 def stages(wide: bool) -> int:
@@ -397,13 +423,15 @@ def stages(wide: bool) -> int:
 def launch(
     grid: tuple[int, int], seq: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, cand: torch.Tensor,
     cand_user: torch.Tensor, gm: torch.Tensor, n: int, d: int, g_tot: int, splits: int, *, users_per_step: int,
-    wide: bool, gdc: bool, dependent: bool = False,
+    wide: bool, gdc: bool, dependent: bool = False, top2: bool = False,
 ):  # noqa: ANN201 (Triton's compiled kernel)
     """The packed scan over ``grid`` (blocks, splits); arguments as ``nn_select.scan_launch`` takes them, the
     configuration fixed (``usable``). ``gdc``: the refine pass will be this launch's programmatic dependent;
-    ``dependent`` (with ``gdc``): this launch is the programmatic dependent of the kernel before it."""
+    ``dependent`` (with ``gdc``): this launch is the programmatic dependent of the kernel before it; ``top2``: the
+    seconds and rows too (``gm`` holds 2 x ``g_tot`` per candidate)."""
     return _nn_scan_wgmma_kernel[grid](
         seq, starts, lengths, cand, cand_user, gm, n, d, g_tot, splits, seq.shape[0],
         BN=BLOCK_N, BS=TILE, U=users_per_step, STAGES=stages(wide), WIDE=wide, GDC=gdc,
-        PREFETCH=PREFETCH and dependent and not wide, launch_pdl=gdc and dependent, num_warps=4, maxnreg=MAX_REGS,
+        PREFETCH=PREFETCH and dependent and not wide, TOP2=top2, launch_pdl=gdc and dependent, num_warps=4,
+        maxnreg=MAX_REGS,
     )  # fmt: skip

@@ -27,7 +27,9 @@ GPU design (no (N, S) score matrix ever reaches memory):
   2. refine, one program per candidate: the k-th largest group maximum is a lower bound of its k-th
      best score (at least k distinct positions reach it), so only the ~k groups whose maximum reaches
      it can hold a top-k row. Their rows (~1/16 of the sequence) are scored again on the CUDA cores
-     and keys at or above the bound go to the candidate's list. The usual list, k keys and a few
+     and keys at or above the bound go to the candidate's list. Where the scan also kept each group's
+     second largest score and the row of its largest (``TOP2``, ``use_top2``), a visited group whose
+     second is below the bound gives that one row only: ~k rows scored again, not ~k groups' rows. The usual list, k keys and a few
      more, is ordered by one sort of 2K keys (K: k padded to a power of two); in a longer one each
      key's rank (the number of larger keys, counted chunk against chunk) is its output slot, so the
      top k land in order with no wide sort. A list that overflowed its capacity (long runs of
@@ -77,6 +79,10 @@ PACKED_MIN_STEPS = 8  # tiles per chunk from which a block's users are scanned s
 # (with the Gluon scan's prefetch); the one-user scan lost 0.5 % as a dependent and stays a plain launch
 # (benchmarks/RESULTS.md, fifty-second session).
 SCAN_DEPENDENT = True
+# The scan also keeps each group's second largest score and the row of its largest, so that the refine pass scores
+# one row of each visited group whose second cannot reach the top k instead of all of its rows (``_nn_refine_kernel``),
+# where ``use_top2`` says it pays.
+TOP2 = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,11 +305,52 @@ def _fold_tile(gmax, s, keep, BN: tl.constexpr, BS: tl.constexpr, C: tl.constexp
 
 
 @triton.jit
+def _fold_tile_top2(gmax, g2, garg, s, keep, r0, BN: tl.constexpr, BS: tl.constexpr, C: tl.constexpr):
+    """``_fold_tile`` that also keeps each group's second largest score ``g2`` and the row of its largest
+    ``garg`` (row r of group j: chunk position j + C r; ``r0`` is the tile's first). Equal maxima make the
+    second equal to the first."""
+    if BS == C:
+        m1 = tl.where(keep[:, None], s, float("-inf"))
+        garg = tl.where(m1 > gmax, r0, garg)
+        g2 = tl.maximum(g2, tl.minimum(gmax, m1))
+    else:
+        v = tl.reshape(s, (BN, BS // C, C))
+        m1, i = tl.max(v, axis=1, return_indices=True)
+        sub = tl.arange(0, BS // C)
+        m2 = tl.max(tl.where(sub[None, :, None] == i[:, None, :], float("-inf"), v), axis=1)
+        m1 = tl.where(keep[:, None], m1, float("-inf"))
+        m2 = tl.where(keep[:, None], m2, float("-inf"))
+        garg = tl.where(m1 > gmax, r0 + i, garg)
+        g2 = tl.maximum(tl.maximum(g2, m2), tl.minimum(gmax, m1))
+    return tl.maximum(gmax, m1), g2, garg
+
+
+@triton.jit
+def _second_and_row(g2, garg):
+    """Second maxima and rows of the maxima packed in one int32 for the refine pass: the second's ordered bits
+    rounded up to a multiple of 2**16 in the upper half (so a bound from above, -2**31 for none), the row in
+    the lower half (rows below 2**16: ``top2_ok``)."""
+    bits = _group_max_bits(g2)
+    hi = (bits >> 16) + ((bits & 0xFFFF) != 0).to(tl.int32)
+    return (hi << 16) | (garg & 0xFFFF)
+
+
+@triton.jit
 def _store_group_maxima(gm_ptr, gmax, rows, row_ok, split, G_TOT, C: tl.constexpr):
     """Write a block's group maxima of this split as the ordered bits the refine pass reads."""
     g = tl.arange(0, C)
     tl.store(gm_ptr + rows[:, None].to(tl.int64) * G_TOT + split * C + g[None, :], _group_max_bits(gmax),
              mask=row_ok[:, None])
+
+
+@triton.jit
+def _store_top2(gm_ptr, gmax, g2, garg, rows, row_ok, split, G_TOT, C: tl.constexpr):
+    """``_store_group_maxima`` for a scan with ``TOP2``: a candidate's row of ``gm`` holds its G_TOT maxima,
+    then G_TOT packed seconds and rows (``_second_and_row``)."""
+    g = tl.arange(0, C)
+    base = gm_ptr + rows[:, None].to(tl.int64) * (2 * G_TOT) + split * C + g[None, :]
+    tl.store(base, _group_max_bits(gmax), mask=row_ok[:, None])
+    tl.store(base + G_TOT, _second_and_row(g2, garg), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -384,9 +431,11 @@ def _nn_scan_kernel(
     D_P: tl.constexpr,
     WIDE: tl.constexpr,
     GDC: tl.constexpr,
+    TOP2: tl.constexpr = False,
 ):
     """Pass 1: one chunk of every sequence a block of candidates uses, in tiles of BS positions; the
-    max score of each of C column groups of the chunk (group j: the positions p_lo + j + C * r)."""
+    max score of each of C column groups of the chunk (group j: the positions p_lo + j + C * r); with
+    ``TOP2`` also each group's second largest score and the row r of its largest (``_store_top2``)."""
     if GDC:  # the refine pass's primary (a plain launch itself: SCAN_DEPENDENT takes only the packed scans)
         tl.extra.cuda.gdc_launch_dependents()  # see _nn_refine_kernel
     split = tl.program_id(1)
@@ -394,6 +443,9 @@ def _nn_scan_kernel(
     # Group maxima in fp32 (the scores' own order; max and masks cost one instruction each), turned
     # into ordered bits once at the end.
     gmax = tl.full((BN, C), float("-inf"), tl.float32)
+    g2 = tl.full((BN, C), float("-inf"), tl.float32)
+    garg = tl.zeros((BN, C), tl.int32)
+    r0 = tl.zeros((), tl.int32)  # the tile's first row of its groups
     # Each distinct user of the block once (fast when candidates are grouped), its chunk tile by tile,
     # as one stream of steps: the next step's tile is in flight while one is scored, also where the
     # next step is the next user's first tile (a block of 16 candidates over 4 users would otherwise
@@ -415,12 +467,19 @@ def _nn_scan_kernel(
         ok = p0 + ar < p_hi
         inv = _scan_scale(_sq_norms_of_codes(q))
         s = _scores_i8(q, inv, ok, c_a, c_b)
-        gmax = _fold_tile(gmax, s, users == u, BN, BS, C)
+        if TOP2:
+            gmax, g2, garg = _fold_tile_top2(gmax, g2, garg, s, users == u, r0, BN, BS, C)
+            r0 = tl.where(last, 0, r0 + BS // C)
+        else:
+            gmax = _fold_tile(gmax, s, users == u, BN, BS, C)
         if last:
             u_a, start_a, p0_a, p_hi_a = _user_after(users, u_n, starts_ptr, lengths_ptr, split, SPLITS, BS,
                                                      WIDE)  # fmt: skip
         u, start, p0, p_hi, q = u_n, start_n, p0_n, p_hi_n, q_n
-    _store_group_maxima(gm_ptr, gmax, rows, row_ok, split, G_TOT, C)
+    if TOP2:
+        _store_top2(gm_ptr, gmax, g2, garg, rows, row_ok, split, G_TOT, C)
+    else:
+        _store_group_maxima(gm_ptr, gmax, rows, row_ok, split, G_TOT, C)
 
 
 @triton.jit
@@ -471,6 +530,7 @@ def _nn_scan_packed_kernel(
     ASM: tl.constexpr,
     WIDE: tl.constexpr,
     GDC: tl.constexpr,
+    TOP2: tl.constexpr = False,
 ):
     """Pass 1 for blocks whose candidates belong to several users: ``_nn_scan_kernel``'s group maxima,
     U (2 or 4) users per step. A step scores the same BS positions of U users' chunks: each user's rows
@@ -483,6 +543,8 @@ def _nn_scan_packed_kernel(
     split = tl.program_id(1)
     rows, row_ok, users, c_a, c_b = _scan_block(cand_ptr, user_ptr, N, D, BN, D_P)
     gmax = tl.full((BN, C), float("-inf"), tl.float32)
+    g2 = tl.full((BN, C), float("-inf"), tl.float32)
+    garg = tl.zeros((BN, C), tl.int32)
     ar = tl.arange(0, BS)
     zero = tl.zeros((BN, BS), tl.int32)
     last = tl.full((), -1, tl.int32)
@@ -536,8 +598,14 @@ def _nn_scan_packed_kernel(
             s = (acc_a * 254 + acc_b).to(tl.float32) * scale
             if t >= full_steps:  # a chunk ends in this step: positions past it (scale -1) score -inf
                 s = tl.where(scale < 0, float("-inf"), s)
-            gmax = _fold_tile(gmax, s, mine, BN, BS, C)
-    _store_group_maxima(gm_ptr, gmax, rows, row_ok, split, G_TOT, C)
+            if TOP2:
+                gmax, g2, garg = _fold_tile_top2(gmax, g2, garg, s, mine, t * (BS // C), BN, BS, C)
+            else:
+                gmax = _fold_tile(gmax, s, mine, BN, BS, C)
+    if TOP2:
+        _store_top2(gm_ptr, gmax, g2, garg, rows, row_ok, split, G_TOT, C)
+    else:
+        _store_group_maxima(gm_ptr, gmax, rows, row_ok, split, G_TOT, C)
 
 
 @triton.jit
@@ -634,7 +702,7 @@ def _min_max_count(lo_a, hi_a, n_a, lo_b, hi_b, n_b):
 
 
 @triton.jit
-def _kth_group_max(gm_ptr, row, k, G_TOT, G_P: tl.constexpr, STEPS: tl.constexpr):
+def _kth_group_max(gm_ptr, row, k, G_TOT, STRIDE, G_P: tl.constexpr, STEPS: tl.constexpr):
     """A lower bound T of the k-th largest of a candidate's group maxima (ordered int32, as an int64)
     with at least k maxima >= T: a search in float space between the smallest and largest maximum,
     then up to the smallest maximum at or above the bound. So T is one of the maxima, below the k-th
@@ -651,9 +719,9 @@ def _kth_group_max(gm_ptr, row, k, G_TOT, G_P: tl.constexpr, STEPS: tl.constexpr
     pass cost less than two more rounds (measured on H200, selections identical: 6 rounds against 8, 1 user x 16,000
     rows top-64 1.03x, top-96 1.02x, 64 users 1.01x, 64 users x 100,000 1.01x; 5 rounds 1.00-1.03x, 4
     0.99-1.01x, 3 0.80-0.96x). Five-way rounds (four counts in an int64, 4 rounds) measured 0.96-0.99x:
-    the counts' arithmetic per maximum grew more than the sums fell."""
+    the counts' arithmetic per maximum grew more than the sums fell. (``STRIDE``: the row length of ``gm``.)"""
     g = tl.arange(0, G_P)
-    gm = tl.load(gm_ptr + row.to(tl.int64) * G_TOT + g, mask=g < G_TOT, other=-(2**31))
+    gm = tl.load(gm_ptr + row.to(tl.int64) * STRIDE + g, mask=g < G_TOT, other=-(2**31))
     real = gm > -(2**31)
     gf = tl.where(real, _score_of(gm), float("-inf"))
     # lo <= the k-th largest <= hi throughout
@@ -805,6 +873,7 @@ def _nn_refine_kernel(
     WIDE: tl.constexpr,
     GDC: tl.constexpr,
     M_BULK: tl.constexpr,
+    TOP2: tl.constexpr = False,
 ):
     """Pass 2, one program per candidate: its threshold, the rows of the groups that reach it scored
     again, the top k of those, best first.
@@ -817,6 +886,10 @@ def _nn_refine_kernel(
     rows at k = 64), R rows per step, the next step's rows in flight while a step is scored. A last
     step of at most R / 4 rows (as for k groups and one more: 520 rows at k = 64) takes an R / 4
     tile, loaded with the first step's.
+    With ``TOP2`` (the scan kept each group's second largest score and the row of its largest,
+    ``_store_top2``), a visited group whose second is below the visiting bound T - 2E can hold one key
+    at or above T - E only, its maximum's row: that row alone is scored (usually every visited group but
+    one or two, so ~k rows instead of ~k groups' rows: 64 against 1,600 at 100,000 rows, k = 64).
     ``tau`` and ``cnt`` receive the threshold key and the list's length.
     """
     row = tl.program_id(0)
@@ -834,24 +907,41 @@ def _nn_refine_kernel(
         # placed as the scan's last programs run and load the above meanwhile; the group maxima are read only
         # after the scan has finished and its stores are visible.
         tl.extra.cuda.gdc_wait()
-    gm, real, lo = _kth_group_max(gm_ptr, row, k, G_TOT, G_P, STEPS)
+    if TOP2:
+        stride = 2 * G_TOT
+    else:
+        stride = G_TOT
+    gm, real, lo = _kth_group_max(gm_ptr, row, k, G_TOT, stride, G_P, STEPS)
     tl.store(tau_ptr + row, lo << 32)
     no_thr = lo <= -(2**31)  # fewer than k non-empty groups: every row counts
     t32 = lo.to(tl.int32)
     key_floor = tl.where(no_thr, -(2**31), _below(t32, margin)).to(tl.int64) << 32
-    visit = tl.where(no_thr, real, real & (gm >= _below(t32, 2 * margin)))
+    floor2 = _below(t32, 2 * margin)
+    visit = tl.where(no_thr, real, real & (gm >= floor2))
+    chunk = tl.cdiv(tl.cdiv(length, SPLITS), BS) * BS  # as _user_chunk
+    rows_per_group = tl.maximum(chunk // C, 1)
     # The visited groups' ids, packed to the front of this candidate's row of ``gid``. The slot, not the mask,
     # carries the store's condition: the compiler then converts to the scattered store's layout after the prefix
     # sum, not before it (where the sum ran as 16 warp scans, 80 shuffles; 749 -> 441 instructions on sm_90).
     gid_base = gid_ptr + row.to(tl.int64) * G_TOT
     g = tl.arange(0, G_P)
-    slot = tl.where(visit, tl.cumsum(visit.to(tl.int32), axis=0) - 1, -1)
+    if TOP2:
+        # Groups whose second is below the bound give their maximum's row alone: its position, packed to the
+        # back of the row of ``gid`` (the whole groups fill it from the front; together at most G_TOT).
+        packed = tl.load(gm_ptr + row.to(tl.int64) * stride + G_TOT + g, mask=visit, other=0)
+        single = visit & ((packed & -65536) < floor2) & (lo > -(2**31))
+        whole = visit & (((packed & -65536) >= floor2) | no_thr)
+        one = tl.where(single, tl.cumsum(single.to(tl.int32), axis=0), 0)
+        tl.store(gid_base + (G_TOT - one), (g // C) * chunk + g % C + (packed & 0xFFFF) * C, mask=one > 0)
+        n_single = tl.sum(single.to(tl.int32), axis=0)
+    else:
+        whole = visit
+        n_single = 0
+    slot = tl.where(whole, tl.cumsum(whole.to(tl.int32), axis=0) - 1, -1)
     tl.store(gid_base + slot, g, mask=slot >= 0)
-    n_visit = tl.sum(visit.to(tl.int32), axis=0)
+    n_visit = tl.sum(whole.to(tl.int32), axis=0)
     tl.debug_barrier()
 
-    chunk = tl.cdiv(tl.cdiv(length, SPLITS), BS) * BS  # as _user_chunk
-    rows_per_group = tl.maximum(chunk // C, 1)
     n_rows = n_visit * rows_per_group
     keys_base = keys_ptr + row.to(tl.int64) * CAP
     n_keys = tl.zeros((), tl.int32)
@@ -864,12 +954,24 @@ def _nn_refine_kernel(
     f_s = n_full + tl.arange(0, R // 4)
     pos_s = _visited_rows(gid_base, f_s // rows_per_group, f_s % rows_per_group, f_s < n_rows, chunk, length, C)
     q_s = _load_rows(seq_ptr, start, pos_s, D, D_P)
+    if TOP2:  # the single rows, R / 2 at a time (from the back of the row of gid); the first ones loaded here
+        j1 = tl.arange(0, R // 2)
+        pos_1 = tl.load(gid_base + (G_TOT - 1 - j1), mask=j1 < n_single, other=-1)
+        q_1 = _load_rows(seq_ptr, start, pos_1, D, D_P)
     r = tl.arange(0, R)
     f0 = tl.zeros((), tl.int32)
     slot, rr = r // rows_per_group, r % rows_per_group
     q_step, r_step = R // rows_per_group, R % rows_per_group
     pos = _visited_rows(gid_base, slot, rr, r < n_full, chunk, length, C)
     q = _load_rows(seq_ptr, start, pos, D, D_P)
+    if TOP2:
+        n_keys = _keep_keys(q_1, pos_1, c, key_floor, keys_base, n_keys, CAP)
+        for s0 in range(R // 2, n_single, R // 2):
+            pos_1 = tl.load(gid_base + (G_TOT - 1 - s0 - j1), mask=s0 + j1 < n_single, other=-1)
+            n_keys = _keep_keys(_load_rows(seq_ptr, start, pos_1, D, D_P), pos_1, c, key_floor, keys_base, n_keys,
+                                CAP)  # fmt: skip
+        if n_keys > CAP:
+            f0 = n_full  # a list past CAP goes to the exact scan
     while f0 < n_full:
         slot, rr = _advance(slot, rr, q_step, r_step, rows_per_group)
         pos_n = _visited_rows(gid_base, slot, rr, f0 + R + r < n_full, chunk, length, C)
@@ -1023,27 +1125,40 @@ def scan_launch(users_per_step: int, grid: tuple[int, int]) -> Callable[..., obj
     """Pass 1's launcher over ``grid``: ``_nn_scan_kernel`` for one user per step, else the packed scan with
     ``U = users_per_step`` (``nn_scan_wgmma``'s Gluon kernel where ``nn_scan_wgmma.usable``). Both take
     (seq, starts, lengths, cand, cand_user, gm, N, D, G_TOT, SPLITS, **meta); the launcher adds ``WIDE``
-    (``wide_offsets``) and ``GDC`` (False) unless given and, for the Triton packed scan, the rows' int32 view for
-    the norms (``seq_words``). With ``GDC`` (the refine pass its programmatic dependent) and ``SCAN_DEPENDENT``
+    (``wide_offsets``), ``GDC`` and ``TOP2`` (False) unless given and, for the Triton packed scan, the rows' int32
+    view for the norms (``seq_words``). With ``GDC`` (the refine pass its programmatic dependent) and ``SCAN_DEPENDENT``
     a packed scan itself starts as the programmatic dependent of the kernel before it (the packed scans wait for
     it under ``GDC``: a no-op on a plain launch)."""
 
     def launch(seq: torch.Tensor, *args: object, **meta: object) -> object:
         meta.setdefault("WIDE", wide_offsets(seq))
         meta.setdefault("GDC", False)
+        meta.setdefault("TOP2", False)
         dependent = bool(meta["GDC"]) and SCAN_DEPENDENT and users_per_step > 1
         if users_per_step == 1:
             return _nn_scan_kernel[grid](seq, *args, **meta)
         d = args[6]  # (starts, lengths, cand, cand_user, gm, N, D, ...)
         if nn_scan_wgmma.usable(seq, d, meta["BN"], meta["BS"], meta["C"], users_per_step):
             return nn_scan_wgmma.launch(grid, seq, *args, users_per_step=users_per_step, wide=meta["WIDE"],
-                                        gdc=meta["GDC"], dependent=dependent)  # fmt: skip
+                                        gdc=meta["GDC"], dependent=dependent, top2=meta["TOP2"])  # fmt: skip
         words = seq_words(seq)
         return _nn_scan_packed_kernel[grid](seq, seq if words is None else words, *args, U=users_per_step,
                                             WORDS=words is not None, ASM=not interpreting(), launch_pdl=dependent,
                                             **meta)  # fmt: skip
 
     return launch
+
+
+def use_top2(cfg: NNSelectConfig, total_rows: int) -> bool:
+    """Whether a selection's scan keeps the groups' seconds and rows (``TOP2``): with a packed scan, and with the
+    one-user scan at 128-row tiles (k > 64), where the refine pass's rows outweigh the scan's extra work (H100,
+    256 candidates, selections identical: 64 users x 100,000 rows 1.06-1.07x, x 16,000 1.03x, 32 users x 16,000
+    1.00x; one-user scan at 16,000 rows, top-96 1.09x, top-64 0.96x; 1 / 8 users x 100,000, top-64, 0.92x / 0.96x;
+    benchmarks/RESULTS.md, fifty-third session); and only where a group's rows are numbered in 16 bits
+    (``_second_and_row``; a chunk of all ``total_rows`` bounds every user's)."""
+    chunk = triton.cdiv(triton.cdiv(max(total_rows, 1), cfg.splits), cfg.tile) * cfg.tile
+    fits = chunk // cfg.groups_per_split < 2**16
+    return TOP2 and fits and (cfg.users_per_step > 1 or cfg.tile >= 128)
 
 
 def dependent_launch(device: torch.device) -> bool:
@@ -1235,7 +1350,8 @@ def _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, con
         raise ValueError(f"config gives {g_tot} group maxima per candidate (splits x groups_per_split), "
                          f"more than {MAX_GROUPS}")  # fmt: skip
     pdl, wide = dependent_launch(dev), wide_offsets(seq)
-    gm = torch.empty((n, g_tot), dtype=torch.int32, device=dev)
+    top2 = use_top2(cfg, seq.shape[0])
+    gm = torch.empty((n, g_tot * (2 if top2 else 1)), dtype=torch.int32, device=dev)
     gid = torch.empty((n, g_tot), dtype=torch.int32, device=dev)
     tau = torch.empty((n,), dtype=torch.int64, device=dev)
     cnt = torch.empty((n,), dtype=torch.int32, device=dev)
@@ -1243,12 +1359,12 @@ def _nn_select_triton(seq, starts, lengths, cand, cand_user, k, idx, scores, con
     with mma_sync_only():
         scan_launch(cfg.users_per_step, (triton.cdiv(n, bn), splits))(
             seq, starts, lengths, cand, cand_user, gm, n, d, g_tot, splits,
-            BN=bn, BS=cfg.tile, C=gps, D_P=d_p, WIDE=wide, GDC=pdl, num_warps=cfg.num_warps,
+            BN=bn, BS=cfg.tile, C=gps, D_P=d_p, WIDE=wide, GDC=pdl, TOP2=top2, num_warps=cfg.num_warps,
         )  # fmt: skip
         _nn_refine_kernel[(n,)](
             seq, starts, lengths, cand, cand_user, gm, gid, tau, cnt, keys, idx, scores, d, k, g_tot, splits, cap,
             margin(d), BS=cfg.tile, C=gps, G_P=triton.next_power_of_2(g_tot), R=REFINE_ROWS, STEPS=THRESHOLD_STEPS,
-            K=kp, CH=64, D_P=d_p, WIDE=wide, GDC=pdl, launch_pdl=pdl, M_BULK=8, num_warps=4,
+            K=kp, CH=64, D_P=d_p, WIDE=wide, GDC=pdl, launch_pdl=pdl, M_BULK=8, TOP2=top2, num_warps=4,
         )  # fmt: skip
     return idx, scores
 

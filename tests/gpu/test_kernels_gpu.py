@@ -591,6 +591,77 @@ def test_nn_scan_wgmma_group_maxima(users_per_step, dtype):
     assert (f[0] - f[1])[both].abs().max().item() <= 2 * nn_mod.scan_error(32)
 
 
+def check_seconds_and_rows(both, inputs, lengths, splits, groups, tile=64):
+    """A scan's ``TOP2`` output (maxima, then packed seconds and rows: ``nn_select._store_top2``) against float64:
+    each group's stored second bounds its float64 second from above within ``scan_error`` (and by less than 2**16
+    ordered steps beyond it), none for a group of one row, and the row of each group's maximum scores within twice
+    ``scan_error`` of the group's float64 maximum."""
+    seq, starts, _, cand, users = inputs
+    n, g_tot = cand.shape[0], splits * groups
+    err = nn_mod.scan_error(32)
+    c = cand.double() / cand.double().norm(dim=1, keepdim=True)
+    q = seq.double()
+    q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    bound, row = both[:, g_tot:] & ~0xFFFF, both[:, g_tot:] & 0xFFFF
+    b = maxima_as_float(bound)
+    for i in range(n):
+        u = int(users[i])
+        length = lengths[u]
+        s = q[int(starts[u]) : int(starts[u]) + length] @ c[i]
+        chunk = math.ceil(math.ceil(length / splits) / tile) * tile
+        for j in range(g_tot):
+            sp, g = divmod(j, groups)
+            pos = torch.tensor(range(sp * chunk + g, min(length, (sp + 1) * chunk), groups), dtype=torch.long)
+            if pos.numel() < 2:
+                assert bound[i, j].item() == -(2**31), (i, j)
+            else:
+                second = s[pos].topk(2).values[1].item()
+                assert b[i, j].item() >= second - err, (i, j)
+                assert bound[i, j].item() < maxima_as_bits(second + err) + 2**16, (i, j)
+            if pos.numel():
+                r = sp * chunk + g + row[i, j].item() * groups
+                assert r in pos.tolist(), (i, j)
+                assert s[r].item() >= s[pos].max().item() - 2 * err, (i, j)
+
+
+def maxima_as_bits(x):
+    """``maxima_as_float``'s inverse for one float (rounded to float32)."""
+    b = torch.tensor([x], dtype=torch.float32).view(torch.int32).item()
+    return b if b >= 0 else b ^ 0x7FFFFFFF
+
+
+@needs_sm90
+@pytest.mark.parametrize("users_per_step", [2, 4])
+def test_nn_scan_wgmma_seconds_and_rows(users_per_step):
+    """The Gluon packed scan keeping each group's second and its maximum's row (``nn_select.TOP2``): its maxima bit
+    for bit those of its launch without them, its seconds and rows against float64 (``check_seconds_and_rows``),
+    a row planted twice in one group of a user seen as a second equal to the maximum; then the whole selection on
+    the production configuration (64 groups per chunk, Gluon scan) against the reference."""
+    lengths = [2000, 1999, 0, 2000, 64, 2000, 1000, 7, 3000, 513, 1, 2048, 700, 1500, 90, 2500]
+    per_user = [4, 4, 2, 4, 4, 3, 5, 4, 4, 4, 2, 4, 2, 2, 2, 4]
+    inputs = list(nn_inputs(lengths, per_user, torch.float16, seed=50 + users_per_step))
+    seq, starts, lens, cand, users = inputs
+    seq[::101] = 0  # zero rows score 0
+    c0 = int((users == 0).nonzero()[0])
+    for p in (300, 364):  # user 0's first candidate twice in group 44 of its first chunk
+        seq[p] = (cand[c0].float() * 60).round().clamp(-127, 127).to(torch.int8)
+    splits, groups, tile, n = 3, 64, 64, cand.shape[0]
+    dev = [t.to(DEV) for t in inputs]
+    assert nn_mod.nn_scan_wgmma.usable(dev[0], 32, 16, tile, groups, users_per_step)
+    grid, g_tot = (-(-n // 16), splits), splits * groups
+    gm = torch.full((n, g_tot), 7, dtype=torch.int32, device=DEV)  # poison
+    both = torch.full((n, 2 * g_tot), 7, dtype=torch.int32, device=DEV)
+    for out, top2 in ((gm, False), (both, True)):
+        nn_mod.nn_scan_wgmma.launch(grid, *dev, out, n, 32, g_tot, splits, users_per_step=users_per_step, wide=False,
+                                    gdc=False, top2=top2)  # fmt: skip
+    gm, both = gm.cpu(), both.cpu()
+    assert torch.equal(both[:, :g_tot], gm)
+    check_seconds_and_rows(both, inputs, lengths, splits, groups, tile)
+    assert both[c0, g_tot + 44].item() & ~0xFFFF >= both[c0, 44].item()
+    cfg = nn_mod.NNSelectConfig(16, 64, splits, 4, groups, tile, users_per_step=users_per_step)
+    nn_check(inputs, 64, cfg)
+
+
 @pytest.mark.parametrize("users_per_step", [2, 4])
 def test_nn_scan_norms_from_words_match_codes(users_per_step):
     """The packed scan's row norms by ``dp4a`` on int32 words (aligned rows) and from the widened codes (the same
