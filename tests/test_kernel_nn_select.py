@@ -661,7 +661,12 @@ def test_group_rule_worked_by_hand(monkeypatch):
         cfg = nn_mod.choose_config(256, 1, length, k, torch.device("cpu"))
         assert (cfg.splits, cfg.groups_per_split) == want, (length, k, cfg)
     # 64 users x 100,000, k 64: 66 chunks (8 x 132 programs / 16 blocks) of 1,536 rows, 64 groups each
-    # (the tile's width): 4,224 maxima, just past 4,096, so 64 chunks (a 4,096-wide tile, not 8,192).
+    # (the tile's width): 4,224 maxima, just past 4,096, so 64 chunks (a 4,096-wide tile, not 8,192); with the
+    # groups' seconds and rows kept (TOP2), the fewest chunks that fill one wave of 4 x 132 scan programs: 32
+    # (2,048 maxima, at least 16 x 64).
+    cfg = nn_mod.choose_config(256, 64, 6_400_000, 64, torch.device("cpu"))
+    assert (cfg.block_n, cfg.splits, cfg.groups_per_split, cfg.users_per_step) == (16, 32, 64, 4)
+    monkeypatch.setattr(nn_mod, "TOP2", False)
     cfg = nn_mod.choose_config(256, 64, 6_400_000, 64, torch.device("cpu"))
     assert (cfg.block_n, cfg.splits, cfg.groups_per_split) == (16, 64, 64)
 

@@ -29,11 +29,11 @@ GPU design (no (N, S) score matrix ever reaches memory):
      it can hold a top-k row. Their rows (~1/16 of the sequence) are scored again on the CUDA cores
      and keys at or above the bound go to the candidate's list. Where the scan also kept each group's
      second largest score and the row of its largest (``TOP2``, ``use_top2``), a visited group whose
-     second is below the bound gives that one row only: ~k rows scored again, not ~k groups' rows. The usual list, k keys and a few
-     more, is ordered by one sort of 2K keys (K: k padded to a power of two); in a longer one each
-     key's rank (the number of larger keys, counted chunk against chunk) is its output slot, so the
-     top k land in order with no wide sort. A list that overflowed its capacity (long runs of
-     exactly equal scores) is rebuilt by an exact full scan.
+     second is below the bound gives that one row only: ~k rows scored again, not ~k groups' rows.
+     The usual list, k keys and a few more, is ordered by one sort of 2K keys (K: k padded to a power
+     of two); in a longer one each key's rank (the number of larger keys, counted chunk against chunk)
+     is its output slot, so the top k land in order with no wide sort. A list that overflowed its
+     capacity (long runs of exactly equal scores) is rebuilt by an exact full scan.
   No program keeps a running top-k while it scans, which is what made the earlier single-pass
   design slow: its per-tile merges were serial within each program. (The design before this one
   scanned the whole sequence twice, the second time to collect the keys above the bound.)
@@ -1078,6 +1078,17 @@ def choose_config(
                 longer = pow2
             if longer < splits and n_blocks * longer >= 2 * sms:
                 splits = longer
+            # A packed scan keeps the groups' seconds and rows (use_top2), so the refine pass reads ~k rows however
+            # long the groups are, and fewer maxima shorten its threshold search: the fewest chunks (a power of two)
+            # that still fill one wave of four scan programs per SM, while 16 x k_pad maxima remain (H100, 256
+            # candidates, selections identical: 64 users x 100,000 rows, 64 -> 32 chunks 1.11x, 24 1.08x, 16 1.03x;
+            # x 16,000 keeps 32, where 16 measured 0.87x; benchmarks/RESULTS.md, fifty-third session).
+            wave = 4 * sms // n_blocks
+            packed = triton.cdiv(avg_len, splits * tile) >= PACKED_MIN_STEPS
+            if TOP2 and packed and wave >= 1:
+                wave = 1 << (wave.bit_length() - 1)
+                if wave < splits and wave * tile >= GROUPS_PER_K * k_pad:
+                    splits = wave
     chunk = triton.cdiv(triton.cdiv(max(avg_len, 1), splits), tile) * tile
     gps = max(triton.cdiv(GROUPS_PER_K * k_pad, splits), triton.cdiv(chunk, ROWS_PER_GROUP))
     gps = min(tile, max(2, triton.next_power_of_2(gps)))
@@ -1153,9 +1164,9 @@ def use_top2(cfg: NNSelectConfig, total_rows: int) -> bool:
     """Whether a selection's scan keeps the groups' seconds and rows (``TOP2``): with a packed scan, and with the
     one-user scan at 128-row tiles (k > 64), where the refine pass's rows outweigh the scan's extra work (H100,
     256 candidates, selections identical: 64 users x 100,000 rows 1.06-1.07x, x 16,000 1.03x, 32 users x 16,000
-    1.00x; one-user scan at 16,000 rows, top-96 1.09x, top-64 0.96x; 1 / 8 users x 100,000, top-64, 0.92x / 0.96x;
-    benchmarks/RESULTS.md, fifty-third session); and only where a group's rows are numbered in 16 bits
-    (``_second_and_row``; a chunk of all ``total_rows`` bounds every user's)."""
+    1.00x; one-user scan at 16,000 rows, top-96 1.09x, top-64 0.96x; 1 / 8 users x 100,000, top-96, 1.07x / 1.06x,
+    top-64, 0.92x / 0.96x; benchmarks/RESULTS.md, fifty-third session); and only where a group's rows are numbered
+    in 16 bits (``_second_and_row``; a chunk of all ``total_rows`` bounds every user's)."""
     chunk = triton.cdiv(triton.cdiv(max(total_rows, 1), cfg.splits), cfg.tile) * cfg.tile
     fits = chunk // cfg.groups_per_split < 2**16
     return TOP2 and fits and (cfg.users_per_step > 1 or cfg.tile >= 128)
