@@ -50,6 +50,14 @@ def full_scores(seq, starts, lengths, cand, users):
     return out
 
 
+def group_rows(length, splits, tile, groups, j):
+    """The rows of group j (``split * groups + c``) of a sequence of ``length`` rows, as pass 1 forms them: chunks of
+    whole tiles, group c of a chunk its rows c, c + groups, ..."""
+    chunk = math.ceil(math.ceil(length / splits) / tile) * tile
+    sp, c = divmod(j, groups)
+    return list(range(sp * chunk + c, min(length, (sp + 1) * chunk), groups))
+
+
 def assert_matches_reference(idx, scores, inputs, k):
     seq, starts, lens, cand, users = inputs
     ref_idx, ref_scores = nn_select_reference(seq, starts, lens, cand, users, k)
@@ -308,11 +316,8 @@ def test_scan_group_maxima_of_users_sharing_a_block(users_per_step):
     err = nn_mod.scan_error(32)
     empty = 0
     for i in range(n):
-        length = lengths[int(users[i])]
-        chunk = math.ceil(math.ceil(length / splits) / tile) * tile
         for j in range(gm.shape[1]):
-            sp, c = divmod(j, groups)
-            pos = range(sp * chunk + c, min(length, (sp + 1) * chunk), groups)
+            pos = group_rows(lengths[int(users[i])], splits, tile, groups, j)
             got = gm[i, j].item()
             if len(pos) == 0:
                 empty += 1
@@ -697,11 +702,8 @@ def test_scan_seconds_and_rows(users_per_step, tile, groups):
     err = nn_mod.scan_error(32)
     equal_pairs = 0
     for i in range(n):
-        length = lengths[int(users[i])]
-        chunk = math.ceil(math.ceil(length / splits) / tile) * tile
         for j in range(g_tot):
-            sp, c = divmod(j, groups)
-            pos = list(range(sp * chunk + c, min(length, (sp + 1) * chunk), groups))
+            pos = group_rows(lengths[int(users[i])], splits, tile, groups, j)
             packed = int(both[i, g_tot + j])
             bound, row = packed & ~0xFFFF, packed & 0xFFFF  # Python ints: bound keeps the sign
             if len(pos) < 2:
@@ -712,8 +714,8 @@ def test_scan_seconds_and_rows(users_per_step, tile, groups):
                 assert bound - nn_mod_encode(vals[1] + err) < 2**16, (i, j)
                 equal_pairs += int(i == c2 and nn_mod_decode(bound) >= nn_mod_decode(int(both[i, j])))
             if pos:
-                assert sp * chunk + c + row * groups in pos, (i, j, row)
-                assert s[i][sp * chunk + c + row * groups].item() >= max(s[i][p].item() for p in pos) - 2 * err
+                assert pos[0] + row * groups in pos, (i, j, row)
+                assert s[i][pos[0] + row * groups].item() >= max(s[i][p].item() for p in pos) - 2 * err
     assert equal_pairs == 1  # the planted pair's group: its second is its maximum
 
 
