@@ -753,3 +753,27 @@ def test_refine_one_row_per_group_is_the_same_selection(users_per_step):
                 one = (int(both[i, g_tot + j]) & ~0xFFFF) < floor2
                 singles, wholes = singles + one, wholes + (not one)
     assert singles >= 8 * n and wholes >= 2  # the planted pairs' groups are whole
+
+
+@pytest.mark.parametrize("users_per_step,tile,k", [(1, 128, 96), (4, 64, 40)])
+def test_overflowing_lists_with_one_row_per_group(users_per_step, tile, k):
+    """Runs of exactly equal scores (rows drawn from 10 items) overflow the key lists while the refine pass scores
+    one row of most groups (``TOP2``): the exact scan rebuilds them, and the selection is the reference's, ties to
+    the newer row, a zero candidate's newest rows included."""
+    g = torch.Generator().manual_seed(5)
+    lengths = [300, 250, 120, 10]
+    base = torch.randint(-127, 128, (10, 32), generator=g, dtype=torch.int8)
+    seq = base[torch.randint(0, 10, (sum(lengths),), generator=g)].to(DEV)
+    starts = torch.tensor([0, 300, 550, 670], device=DEV)
+    lens = torch.tensor(lengths, device=DEV)
+    users = torch.arange(4, device=DEV).repeat_interleave(4)
+    cand = torch.randn(16, 32, generator=g).half().to(DEV)
+    cand[3] = 0
+    cfg = nn_mod.NNSelectConfig(block_n=16, k_pad=max(16, triton.next_power_of_2(k)), splits=3, num_warps=4,
+                                groups_per_split=64 if tile == 128 else 16, tile=tile, capacity=k + 16,
+                                users_per_step=users_per_step)  # fmt: skip
+    assert nn_mod.use_top2(cfg, seq.shape[0])
+    idx, scores = run_kernel((seq, starts, lens, cand, users), k, cfg)
+    assert_matches_reference(idx, scores, (seq, starts, lens, cand, users), k)
+    ref_idx, _ = nn_select_reference(*(t.cpu() for t in (seq, starts, lens, cand, users)), k)
+    assert torch.equal(idx.cpu().long(), ref_idx)
