@@ -329,28 +329,28 @@ def _fold_tile_top2(gmax, g2, garg, s, keep, r0, BN: tl.constexpr, BS: tl.conste
 def _second_and_row(g2, garg):
     """Second maxima and rows of the maxima packed in one int32 for the refine pass: the second's ordered bits
     rounded up to a multiple of 2**16 in the upper half (so a bound from above, -2**31 for none), the row in
-    the lower half (rows below 2**16: ``top2_ok``)."""
+    the lower half (rows below 2**16: ``use_top2``)."""
     bits = _group_max_bits(g2)
     hi = (bits >> 16) + ((bits & 0xFFFF) != 0).to(tl.int32)
     return (hi << 16) | (garg & 0xFFFF)
 
 
 @triton.jit
-def _store_group_maxima(gm_ptr, gmax, rows, row_ok, split, G_TOT, C: tl.constexpr):
-    """Write a block's group maxima of this split as the ordered bits the refine pass reads."""
+def _store_group_maxima(gm_ptr, gmax, rows, row_ok, split, STRIDE, C: tl.constexpr):
+    """Write a block's group maxima of this split as the ordered bits the refine pass reads (``STRIDE``: the
+    length of a candidate's row of ``gm``, G_TOT); returns where they went."""
     g = tl.arange(0, C)
-    tl.store(gm_ptr + rows[:, None].to(tl.int64) * G_TOT + split * C + g[None, :], _group_max_bits(gmax),
-             mask=row_ok[:, None])
+    ptrs = gm_ptr + rows[:, None].to(tl.int64) * STRIDE + split * C + g[None, :]
+    tl.store(ptrs, _group_max_bits(gmax), mask=row_ok[:, None])
+    return ptrs
 
 
 @triton.jit
 def _store_top2(gm_ptr, gmax, g2, garg, rows, row_ok, split, G_TOT, C: tl.constexpr):
     """``_store_group_maxima`` for a scan with ``TOP2``: a candidate's row of ``gm`` holds its G_TOT maxima,
     then G_TOT packed seconds and rows (``_second_and_row``)."""
-    g = tl.arange(0, C)
-    base = gm_ptr + rows[:, None].to(tl.int64) * (2 * G_TOT) + split * C + g[None, :]
-    tl.store(base, _group_max_bits(gmax), mask=row_ok[:, None])
-    tl.store(base + G_TOT, _second_and_row(g2, garg), mask=row_ok[:, None])
+    ptrs = _store_group_maxima(gm_ptr, gmax, rows, row_ok, split, 2 * G_TOT, C)
+    tl.store(ptrs + G_TOT, _second_and_row(g2, garg), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -929,8 +929,9 @@ def _nn_refine_kernel(
         # Groups whose second is below the bound give their maximum's row alone: its position, packed to the
         # back of the row of ``gid`` (the whole groups fill it from the front; together at most G_TOT).
         packed = tl.load(gm_ptr + row.to(tl.int64) * stride + G_TOT + g, mask=visit, other=0)
-        single = visit & ((packed & -65536) < floor2) & (lo > -(2**31))
-        whole = visit & (((packed & -65536) >= floor2) | no_thr)
+        one_row = ((packed & -65536) < floor2) & (lo > -(2**31))  # the rounded-up second is below the bound
+        single = visit & one_row
+        whole = visit & ~one_row
         one = tl.where(single, tl.cumsum(single.to(tl.int32), axis=0), 0)
         tl.store(gid_base + (G_TOT - one), (g // C) * chunk + g % C + (packed & 0xFFFF) * C, mask=one > 0)
         n_single = tl.sum(single.to(tl.int32), axis=0)
