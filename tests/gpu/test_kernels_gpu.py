@@ -459,6 +459,9 @@ NN_GRID = [
     ([16000] * 64, [4] * 64, 64),
     ([3000] * 40, [7] * 40, 96),
     ([500, 20000], [300, 200], 32),
+    # the lifelong top-96 at 100,000 rows: the one-user scan at 128-row tiles, which keeps the seconds
+    ([100_000], [256], 96),
+    ([100_000] * 8, [16] * 8, 96),
 ]
 
 
