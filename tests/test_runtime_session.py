@@ -204,6 +204,39 @@ def test_one_thread_chunks_run_at_once_on_one_session(bundle_dir: Path, monkeypa
     assert state["most"] == 3 and state["calls"] == 6
 
 
+def denormal_product() -> float:
+    """1e-30 x 1e-10 in float32 on the calling thread: a denormal (~1e-40), or zero where the thread flushes them."""
+    return float(np.float32(1e-30) * np.float32(1e-10))
+
+
+@pytest.mark.parametrize("threads,split", [(1, 1), (2, 2)])
+@pytest.mark.parametrize("flush", [True, False])
+def test_onnx_runtime_calls_run_on_threads_that_flush_denormals(bundle_dir: Path, monkeypatch, eager: RankingModel,
+                                                                 threads: int, split: int, flush: bool) -> None:
+    """Every ONNX Runtime call of the cpu backend (single chunks, chunks in turns, the request stage) runs on the
+    backend's own threads, which flush denormals unless told not to; the caller's thread keeps its mode."""
+    assert denormal_product() > 0  # the test process's own threads keep denormals
+    session = Session(bundle_dir, device="cpu", threads=threads, split=split, warmup=False, flush_denormals=flush)
+    backend, seen = session.backend, []
+    sessions = list(backend.whole.sessions) + list(backend.staged.sessions) + [backend.request_session]
+    for ort_session in sessions:
+        def probed(names, feed, run=ort_session.run):  # noqa: ANN001, ANN202
+            seen.append((threading.current_thread().name, denormal_product()))
+            return run(names, feed)
+
+        monkeypatch.setattr(ort_session, "run", probed)
+    try:
+        for n_cands in (3, 4 * 32 * split + 12):  # one chunk of the whole graph; the request stage, then chunks
+            (req,) = random_requests(session.config, 31, 1, n_cands, ll=[200], rt=[40], imp=[30])
+            got = session.score(req)
+            np.testing.assert_allclose(got, eager_probs(eager, [req])[0], atol=1e-5, rtol=0)
+    finally:
+        session.close()
+    assert len(seen) >= 1 + 1 + 5 and all(name.startswith("transact-cpu") for name, _ in seen)
+    assert all((product == 0.0) == flush for _, product in seen)
+    assert denormal_product() > 0
+
+
 def test_edge_cases_match_eager(session: Session, eager: RankingModel) -> None:
     c = session.config
     cases = [
