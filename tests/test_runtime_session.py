@@ -211,15 +211,15 @@ def denormal_product() -> float:
 
 @pytest.mark.parametrize("threads,split", [(1, 1), (2, 2)])
 @pytest.mark.parametrize("flush", [True, False])
-def test_onnx_runtime_calls_run_on_threads_that_flush_denormals(bundle_dir: Path, monkeypatch, eager: RankingModel,
-                                                                 threads: int, split: int, flush: bool) -> None:
-    """Every ONNX Runtime call of the cpu backend (single chunks, chunks in turns, the request stage) runs on the
-    backend's own threads, which flush denormals unless told not to; the caller's thread keeps its mode."""
-    assert denormal_product() > 0  # the test process's own threads keep denormals
+def test_onnx_runtime_runs_with_denormals_flushed(bundle_dir: Path, monkeypatch, eager: RankingModel, threads: int,
+                                                 split: int, flush: bool) -> None:
+    """Every ONNX Runtime call of the cpu backend (a single chunk on the caller's thread, chunks side by side or in
+    turns, the request stage) runs with denormals flushed unless told not to, and each thread gets its own mode
+    back afterwards."""
+    assert denormal_product() > 0  # the test process keeps denormals
     session = Session(bundle_dir, device="cpu", threads=threads, split=split, warmup=False, flush_denormals=flush)
     backend, seen = session.backend, []
-    sessions = list(backend.whole.sessions) + list(backend.staged.sessions) + [backend.request_session]
-    for ort_session in sessions:
+    for ort_session in [*backend.whole.sessions, *backend.staged.sessions, backend.request_session]:
         def probed(names, feed, run=ort_session.run):  # noqa: ANN001, ANN202
             seen.append((threading.current_thread().name, denormal_product()))
             return run(names, feed)
@@ -228,12 +228,28 @@ def test_onnx_runtime_calls_run_on_threads_that_flush_denormals(bundle_dir: Path
     try:
         for n_cands in (3, 4 * 32 * split + 12):  # one chunk of the whole graph; the request stage, then chunks
             (req,) = random_requests(session.config, 31, 1, n_cands, ll=[200], rt=[40], imp=[30])
-            got = session.score(req)
-            np.testing.assert_allclose(got, eager_probs(eager, [req])[0], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(session.score(req), eager_probs(eager, [req])[0], atol=1e-5, rtol=0)
+        assert denormal_product() > 0
+        if backend._pool is not None:  # the chunks' threads get their mode back too
+            assert all(f.result() > 0 for f in [backend._pool.submit(denormal_product) for _ in range(8)])
     finally:
         session.close()
-    assert len(seen) >= 1 + 1 + 5 and all(name.startswith("transact-cpu") for name, _ in seen)
+    names = {name for name, _ in seen}
+    assert len(seen) >= 1 + 1 + 5 and "MainThread" in names and (split == 1 or len(names) > 1)
     assert all((product == 0.0) == flush for _, product in seen)
+
+
+def test_flushed_denormals_keeps_a_thread_that_already_flushes() -> None:
+    """A caller that flushes denormals itself still does after the backend's runs."""
+    torch.set_flush_denormal(True)
+    try:
+        with cpu_backend.flushed_denormals():
+            assert denormal_product() == 0.0
+        assert denormal_product() == 0.0
+    finally:
+        torch.set_flush_denormal(False)
+    with cpu_backend.flushed_denormals():
+        assert denormal_product() == 0.0
     assert denormal_product() > 0
 
 

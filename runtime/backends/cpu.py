@@ -9,9 +9,11 @@ slots, the part of the graph that depends on the request alone runs once before 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import queue
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -70,14 +72,24 @@ def ort_options(threads: int | None, shared_arena: bool = False) -> ort.SessionO
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-def flush_denormals() -> None:
-    """Thread initializer: this thread reads and writes denormal floats as zero (x86 DAZ / FTZ; elsewhere what
-    ``torch.set_flush_denormal`` does). Masked attention scores (ONNX Runtime's mask value is -10,000) underflow in
-    the softmax's exponentials to denormals, which Intel cores compute through a microcode assist: ONNX Runtime's
-    Softmax over a causal-masked (32, 192, 192) block took 2.73 ms on the Xeon of benchmarks/RESULTS.md (2026-12-05,
-    fifty-fourth session) and 0.36 ms with them flushed. A value below 1.2e-38 becomes zero, far below what any
-    tolerance on the probabilities can see."""
-    torch.set_flush_denormal(True)
+@contextlib.contextmanager
+def flushed_denormals() -> Iterator[None]:
+    """Inside the block the calling thread reads and writes denormal floats as zero (x86 DAZ / FTZ, as
+    ``torch.set_flush_denormal`` sets them); after it, the thread's own mode again.
+
+    Masked attention scores (ONNX Runtime's mask value is -10,000) underflow in the softmax's exponentials to
+    denormals, which Intel cores compute through a microcode assist: ONNX Runtime's Softmax over a causal-masked
+    (32, 192, 192) block took 2.73 ms on the Xeon of benchmarks/RESULTS.md (2026-12-05, fifty-fourth session),
+    0.36 ms with them flushed. A value below 1.2e-38 becomes zero, far below any tolerance on the probabilities."""
+    # Two small normal floats multiply to a denormal unless the thread already flushes them.
+    already = float(np.float32(1e-30) * np.float32(1e-10)) == 0.0
+    if not already:
+        torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if not already:
+            torch.set_flush_denormal(False)
 
 
 def _quota(path: Path) -> float | None:
@@ -155,8 +167,9 @@ class _Slots:
     of one session (ONNX Runtime runs each on its calling thread; the weights held and pre-packed once); with more,
     a session per slot, since a session's calls share one intra-op thread pool."""
 
-    def __init__(self, graph: bytes, split: int, per: int, providers: list) -> None:
+    def __init__(self, graph: bytes, split: int, per: int, providers: list, flush: bool) -> None:
         options = ort_options(per, shared_arena=True)
+        self.flush = flush
         self.sessions = [ort.InferenceSession(graph, sess_options=options, providers=providers)
                          for _ in range(split if per > 1 else 1)]  # fmt: skip
         self.inputs = [i.name for i in self.sessions[0].get_inputs()]
@@ -167,7 +180,8 @@ class _Slots:
     def run(self, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         session = self._idle.get()
         try:
-            probs, scores = session.run(["probabilities", "scores"], feed)
+            with flushed_denormals() if self.flush else contextlib.nullcontext():
+                probs, scores = session.run(["probabilities", "scores"], feed)
         finally:
             self._idle.put(session)
         return probs, scores
@@ -194,7 +208,10 @@ class CpuBackend:
         names = [i.name for i in model.graph.input]
         if tuple(names) != INPUT_NAMES:
             raise ValueError(f"full.onnx: unexpected inputs {names}")
-        self.whole = _Slots(graph, self.split, per, providers)
+        # Each run flushes denormals on the thread that makes it (``flushed_denormals``). With more than one thread
+        # per chunk, ONNX Runtime's helper threads keep their default mode.
+        self.flush = options.flush_denormals
+        self.whole = _Slots(graph, self.split, per, providers, self.flush)
         self.sessions = self.whole.sessions
         stage = split_request_stage(model, CANDIDATE_INPUTS) if options.request_stage else None
         self.request_session: ort.InferenceSession | None = None
@@ -207,15 +224,11 @@ class CpuBackend:
             self.request_session = ort.InferenceSession(stage.request.SerializeToString(),
                                                         sess_options=ort_options(1, shared_arena=True),
                                                         providers=providers)  # fmt: skip
-            self.staged = _Slots(stage.candidates.SerializeToString(), self.split, per, providers)
+            self.staged = _Slots(stage.candidates.SerializeToString(), self.split, per, providers, self.flush)
             self.handoff = list(stage.handoff)
             self._request_inputs = [i.name for i in self.request_session.get_inputs()]
         self.threads_per_chunk = per
-        # Every ONNX Runtime call runs on these threads, not the caller's: they flush denormals (see
-        # ``flush_denormals``; the caller's own floating-point mode is left alone), and ``split`` of them run chunks
-        # side by side. With more than one thread per chunk, ONNX Runtime's helper threads keep their default mode.
-        init = flush_denormals if options.flush_denormals else None
-        self._pool = ThreadPoolExecutor(self.split, "transact-cpu", initializer=init)
+        self._pool = ThreadPoolExecutor(self.split, "transact-cpu") if self.split > 1 else None
 
     @property
     def layout(self) -> str:
@@ -244,20 +257,24 @@ class CpuBackend:
         return np.concatenate([p for p, _ in parts]), np.concatenate([s for _, s in parts])
 
     def _submit(self, feed: dict[str, np.ndarray]) -> list:
-        """Start one row's chunks on the backend's threads (futures)."""
+        """Start one row's chunks (futures, or finished results when nothing runs side by side)."""
         bounds = chunk_bounds(len(feed["cand_request"]), self.split)
         slots = self.whole
         if self.request_session is not None and self.staged is not None and len(bounds) > self.split:
-            stage_feed = {k: feed[k] for k in self._request_inputs}
-            handed = self._pool.submit(self.request_session.run, self.handoff, stage_feed).result()
+            with flushed_denormals() if self.flush else contextlib.nullcontext():
+                handed = self.request_session.run(self.handoff, {k: feed[k] for k in self._request_inputs})
             feed = feed | dict(zip(self.handoff, handed, strict=True))
             slots = self.staged
         feed = {k: feed[k] for k in slots.inputs}
+        if len(bounds) == 1:
+            return [slots.run(feed)]
         chunks = [{k: (v[a:z] if k in CANDIDATE_INPUTS else v) for k, v in feed.items()} for a, z in bounds]
+        if self._pool is None:
+            return [slots.run(chunk) for chunk in chunks]
         return [self._pool.submit(slots.run, chunk) for chunk in chunks]
 
     def _gather(self, pending: list) -> tuple[np.ndarray, np.ndarray]:
-        outs = [p.result() for p in pending]
+        outs = [p if isinstance(p, tuple) else p.result() for p in pending]
         if len(outs) == 1:
             return outs[0]
         return np.concatenate([p for p, _ in outs]), np.concatenate([s for _, s in outs])
@@ -272,5 +289,6 @@ class CpuBackend:
             self.run(plan_batch(reqs))
 
     def close(self) -> None:
-        self._pool.shutdown()
+        if self._pool is not None:
+            self._pool.shutdown()
 
