@@ -343,8 +343,8 @@ class SessionOptions:
     # (normalising the sequences, TransAct's row share) run once and hand their results to every chunk
     # (runtime.backends.request_stage)
     request_stage: bool = True
-    # cpu: the threads that run ONNX Runtime treat denormal floats as zero (runtime.backends.cpu.flush_denormals):
-    # masked softmax underflows to them, and Intel cores take them slowly
+    # cpu: each ONNX Runtime run treats denormal floats as zero on its thread (runtime.backends.cpu.flushed_denormals):
+    # masked softmax underflows to them, and Intel cores compute them slowly
     flush_denormals: bool = True
     # ONNX Runtime's execution provider for full.onnx (cpu) and dense.onnx (cuda with dense_on="cpu"); the CPU
     # provider takes the nodes another one does not. Check a bundle on it first: `transact parity --onnx-provider`.

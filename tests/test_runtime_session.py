@@ -251,6 +251,8 @@ def test_flushed_denormals_keeps_a_thread_that_already_flushes() -> None:
     with cpu_backend.flushed_denormals():
         assert denormal_product() == 0.0
     assert denormal_product() > 0
+    with cpu_backend.flushed_denormals(enabled=False):
+        assert denormal_product() > 0
 
 
 def test_edge_cases_match_eager(session: Session, eager: RankingModel) -> None:

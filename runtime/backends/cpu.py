@@ -73,22 +73,22 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 @contextlib.contextmanager
-def flushed_denormals() -> Iterator[None]:
+def flushed_denormals(enabled: bool = True) -> Iterator[None]:
     """Inside the block the calling thread reads and writes denormal floats as zero (x86 DAZ / FTZ, as
-    ``torch.set_flush_denormal`` sets them); after it, the thread's own mode again.
+    ``torch.set_flush_denormal`` sets them); after it, the thread's own mode again. ``enabled=False``: no change.
 
     Masked attention scores (ONNX Runtime's mask value is -10,000) underflow in the softmax's exponentials to
     denormals, which Intel cores compute through a microcode assist: ONNX Runtime's Softmax over a causal-masked
     (32, 192, 192) block took 2.73 ms on the Xeon of benchmarks/RESULTS.md (2026-12-05, fifty-fourth session),
     0.36 ms with them flushed. A value below 1.2e-38 becomes zero, far below any tolerance on the probabilities."""
     # Two small normal floats multiply to a denormal unless the thread already flushes them.
-    already = float(np.float32(1e-30) * np.float32(1e-10)) == 0.0
-    if not already:
+    switch = enabled and float(np.float32(1e-30) * np.float32(1e-10)) != 0.0
+    if switch:
         torch.set_flush_denormal(True)
     try:
         yield
     finally:
-        if not already:
+        if switch:
             torch.set_flush_denormal(False)
 
 
@@ -180,7 +180,7 @@ class _Slots:
     def run(self, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         session = self._idle.get()
         try:
-            with flushed_denormals() if self.flush else contextlib.nullcontext():
+            with flushed_denormals(self.flush):
                 probs, scores = session.run(["probabilities", "scores"], feed)
         finally:
             self._idle.put(session)
@@ -261,7 +261,7 @@ class CpuBackend:
         bounds = chunk_bounds(len(feed["cand_request"]), self.split)
         slots = self.whole
         if self.request_session is not None and self.staged is not None and len(bounds) > self.split:
-            with flushed_denormals() if self.flush else contextlib.nullcontext():
+            with flushed_denormals(self.flush):
                 handed = self.request_session.run(self.handoff, {k: feed[k] for k in self._request_inputs})
             feed = feed | dict(zip(self.handoff, handed, strict=True))
             slots = self.staged
