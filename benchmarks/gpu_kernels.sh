@@ -17,12 +17,15 @@ status=0
 
 if [ -z "${SKIP_TESTS:-}" ]; then
   # One pytest process per kernel: a device fault poisons its CUDA context, and with it every later
-  # test of the same worker, so keep the two kernels' tests apart.
-  for part in skut nn_select; do
+  # test of the same worker, so keep the two kernels' tests apart. Each test's result goes to the log as it
+  # finishes (-v), so a run stopped by a time limit still names what passed; the terminal gets the summary.
+  for part in skut nn; do
     t0=$(date +%s)
-    $PY -m pytest -m gpu tests/gpu/test_kernels_gpu.py -q -p no:cacheprovider -n "${PYTEST_WORKERS:-8}" \
-      -k "$part" 2>&1 | tee "$OUT/gpu_tests_$part.log"
-    rc=${PIPESTATUS[0]}
+    select=$([ "$part" = skut ] && echo skut || echo "nn_ or tokens")  # nn: the selection's and the tokens' tests
+    $PY -m pytest -m gpu tests/gpu/test_kernels_gpu.py -v -p no:cacheprovider -n "${PYTEST_WORKERS:-8}" \
+      -k "$select" > "$OUT/gpu_tests_$part.log" 2>&1
+    rc=$?
+    grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests_$part.log" | tail -20
     [ "$rc" -ne 0 ] && status=$rc
     echo "gpu tests ($part): exit $rc in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/gpu_tests_$part.log"
   done
