@@ -265,6 +265,13 @@ if HAVE_GLUON:
         return gl.where(m == float("-inf"), -(2**31), _ordered_bits(m))
 
     @gluon.jit
+    def _gm_tile(gm_ptr, cn, rr, split, STRIDE, ok, BS: gl.constexpr):
+        """Where a block's values for this split go in ``gm`` (a candidate's row ``STRIDE`` long; group j is row j
+        of every tile), and the store's mask for the candidates ``ok``."""
+        ptrs = gm_ptr + gl.expand_dims(cn.to(gl.int64) * STRIDE + split * BS, 0) + gl.expand_dims(rr, 1)
+        return ptrs, gl.expand_dims(ok, 0) & gl.expand_dims(rr < BS, 1)
+
+    @gluon.jit
     def _second_and_row(g2, garg):
         """The seconds rounded up to a multiple of 2**16 over the rows, in one int32 (``nn_select._second_and_row``)."""
         bits = _max_bits(g2)
@@ -282,7 +289,7 @@ if HAVE_GLUON:
         rows of ``seq``. ``GDC``: launched as the programmatic dependent of the kernel before (nn_select's
         ``SCAN_DEPENDENT``; the wait is a no-op for a plain launch) and the refine pass's primary; ``PREFETCH`` (with
         ``GDC``): the first row tiles asked of L2 before the wait. ``TOP2``: also each group's second largest
-        score and the row (step) of its largest, packed after the maxima as ``nn_select._store_top2`` does,
+        score and the row (step) of its largest, packed after the maxima as ``nn_select._store_scan`` does,
         each user's candidates written once its steps are done."""
         if GDC:
             if PREFETCH:
@@ -403,16 +410,15 @@ if HAVE_GLUON:
                 g_it = gl.maximum(g_it, sc)
             async_copy.wait_group(0)  # the copies issued past the last step (none live)
             if TOP2:  # these users' candidates are done: their maxima, seconds and rows
-                ptrs = gm_ptr + gl.expand_dims(cn.to(gl.int64) * (2 * G_TOT) + split * BS, 0) + gl.expand_dims(rr, 1)
-                done = gl.expand_dims(mine & (cn < N), 0) & gl.expand_dims(rr < BS, 1)
+                ptrs, done = _gm_tile(gm_ptr, cn, rr, split, 2 * G_TOT, mine & (cn < N), BS)
                 gl.store(ptrs, _max_bits(g_it), mask=done)
                 gl.store(ptrs + G_TOT, _second_and_row(g2_it, ga_it), mask=done)
             else:
                 gmax = gl.maximum(gmax, gl.where(gl.expand_dims(mine, 0), g_it, float("-inf")))
         if not TOP2:
             # Group j of this split is row j of every tile: the maxima as the refine pass reads them.
-            ptrs = gm_ptr + gl.expand_dims(cn.to(gl.int64) * G_TOT + split * BS, 0) + gl.expand_dims(rr, 1)
-            gl.store(ptrs, _max_bits(gmax), mask=gl.expand_dims(cn < N, 0) & gl.expand_dims(rr < BS, 1))
+            ptrs, ok = _gm_tile(gm_ptr, cn, rr, split, G_TOT, cn < N, BS)
+            gl.store(ptrs, _max_bits(gmax), mask=ok)
 
 
 def stages(wide: bool) -> int:

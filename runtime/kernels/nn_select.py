@@ -346,11 +346,14 @@ def _store_group_maxima(gm_ptr, gmax, rows, row_ok, split, STRIDE, C: tl.constex
 
 
 @triton.jit
-def _store_top2(gm_ptr, gmax, g2, garg, rows, row_ok, split, G_TOT, C: tl.constexpr):
-    """``_store_group_maxima`` for a scan with ``TOP2``: a candidate's row of ``gm`` holds its G_TOT maxima,
-    then G_TOT packed seconds and rows (``_second_and_row``)."""
-    ptrs = _store_group_maxima(gm_ptr, gmax, rows, row_ok, split, 2 * G_TOT, C)
-    tl.store(ptrs + G_TOT, _second_and_row(g2, garg), mask=row_ok[:, None])
+def _store_scan(gm_ptr, gmax, g2, garg, rows, row_ok, split, G_TOT, C: tl.constexpr, TOP2: tl.constexpr):
+    """A scan's output for a block and split: its group maxima (``_store_group_maxima``) or, with ``TOP2``, a
+    candidate's row of ``gm`` holding its G_TOT maxima, then G_TOT packed seconds and rows (``_second_and_row``)."""
+    if TOP2:
+        ptrs = _store_group_maxima(gm_ptr, gmax, rows, row_ok, split, 2 * G_TOT, C)
+        tl.store(ptrs + G_TOT, _second_and_row(g2, garg), mask=row_ok[:, None])
+    else:
+        _store_group_maxima(gm_ptr, gmax, rows, row_ok, split, G_TOT, C)
 
 
 @triton.jit
@@ -435,7 +438,7 @@ def _nn_scan_kernel(
 ):
     """Pass 1: one chunk of every sequence a block of candidates uses, in tiles of BS positions; the
     max score of each of C column groups of the chunk (group j: the positions p_lo + j + C * r); with
-    ``TOP2`` also each group's second largest score and the row r of its largest (``_store_top2``)."""
+    ``TOP2`` also each group's second largest score and the row r of its largest (``_store_scan``)."""
     if GDC:  # the refine pass's primary (a plain launch itself: SCAN_DEPENDENT takes only the packed scans)
         tl.extra.cuda.gdc_launch_dependents()  # see _nn_refine_kernel
     split = tl.program_id(1)
@@ -476,10 +479,7 @@ def _nn_scan_kernel(
             u_a, start_a, p0_a, p_hi_a = _user_after(users, u_n, starts_ptr, lengths_ptr, split, SPLITS, BS,
                                                      WIDE)  # fmt: skip
         u, start, p0, p_hi, q = u_n, start_n, p0_n, p_hi_n, q_n
-    if TOP2:
-        _store_top2(gm_ptr, gmax, g2, garg, rows, row_ok, split, G_TOT, C)
-    else:
-        _store_group_maxima(gm_ptr, gmax, rows, row_ok, split, G_TOT, C)
+    _store_scan(gm_ptr, gmax, g2, garg, rows, row_ok, split, G_TOT, C, TOP2)
 
 
 @triton.jit
@@ -602,10 +602,7 @@ def _nn_scan_packed_kernel(
                 gmax, g2, garg = _fold_tile_top2(gmax, g2, garg, s, mine, t * (BS // C), BN, BS, C)
             else:
                 gmax = _fold_tile(gmax, s, mine, BN, BS, C)
-    if TOP2:
-        _store_top2(gm_ptr, gmax, g2, garg, rows, row_ok, split, G_TOT, C)
-    else:
-        _store_group_maxima(gm_ptr, gmax, rows, row_ok, split, G_TOT, C)
+    _store_scan(gm_ptr, gmax, g2, garg, rows, row_ok, split, G_TOT, C, TOP2)
 
 
 @triton.jit
@@ -887,7 +884,7 @@ def _nn_refine_kernel(
     step of at most R / 4 rows (as for k groups and one more: 520 rows at k = 64) takes an R / 4
     tile, loaded with the first step's.
     With ``TOP2`` (the scan kept each group's second largest score and the row of its largest,
-    ``_store_top2``), a visited group whose second is below the visiting bound T - 2E can hold one key
+    ``_store_scan``), a visited group whose second is below the visiting bound T - 2E can hold one key
     at or above T - E only, its maximum's row: that row alone is scored (usually every visited group but
     one or two, so ~k rows instead of ~k groups' rows: 64 against 1,600 at 100,000 rows, k = 64).
     ``tau`` and ``cnt`` receive the threshold key and the list's length.
@@ -929,7 +926,7 @@ def _nn_refine_kernel(
         # Groups whose second is below the bound give their maximum's row alone: its position, packed to the
         # back of the row of ``gid`` (the whole groups fill it from the front; together at most G_TOT).
         packed = tl.load(gm_ptr + row.to(tl.int64) * stride + G_TOT + g, mask=visit, other=0)
-        one_row = ((packed & -65536) < floor2) & (lo > -(2**31))  # the rounded-up second is below the bound
+        one_row = ((packed & -65536) < floor2) & ~no_thr  # the rounded-up second is below the bound
         single = visit & one_row
         whole = visit & ~one_row
         one = tl.where(single, tl.cumsum(single.to(tl.int32), axis=0), 0)
@@ -1027,6 +1024,11 @@ class NNSelectConfig:
             raise ValueError(f"users_per_step must be 1, 2 or 4, got {self.users_per_step}")
 
 
+def _tiles_per_chunk(avg_len: int, splits: int, tile: int) -> int:
+    """Tiles of ``tile`` rows in one of ``splits`` chunks of an average user's ``avg_len`` rows."""
+    return triton.cdiv(triton.cdiv(max(avg_len, 1), splits), tile)
+
+
 def choose_config(
     n_cand: int,
     n_users: int,
@@ -1085,7 +1087,7 @@ def choose_config(
             # candidates, selections identical: 64 users x 100,000 rows, 64 -> 32 chunks 1.11x, 24 1.08x, 16 1.03x;
             # x 16,000 keeps 32, where 16 measured 0.87x; benchmarks/RESULTS.md, fifty-third session).
             wave = 4 * sms // n_blocks
-            packed = triton.cdiv(avg_len, splits * tile) >= PACKED_MIN_STEPS
+            packed = _tiles_per_chunk(avg_len, splits, tile) >= PACKED_MIN_STEPS
             if TOP2 and packed and wave >= 1:
                 wave = 1 << (wave.bit_length() - 1)
                 if wave < splits and wave * tile >= GROUPS_PER_K * k_pad:
@@ -1118,7 +1120,7 @@ def choose_config(
     # at 16,000, 4 steps, 0.0385 against 0.0370, and level once the scan's scale took rsqrt: 0.0358 / 0.0356).
     # (16-candidate blocks only: the block size the GPU tests run packed.)
     users = 1
-    if packable and triton.cdiv(triton.cdiv(max(avg_len, 1), splits), tile) >= PACKED_MIN_STEPS:
+    if packable and _tiles_per_chunk(avg_len, splits, tile) >= PACKED_MIN_STEPS:
         users = 4 if block_n >= 4 * per_user else 2
     return NNSelectConfig(block_n, k_pad, splits, scan_warps(block_n, tile), gps, tile, users_per_step=users)
 

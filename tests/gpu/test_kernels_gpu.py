@@ -595,7 +595,7 @@ def test_nn_scan_wgmma_group_maxima(users_per_step, dtype):
 
 
 def check_seconds_and_rows(both, inputs, lengths, splits, groups, tile=64):
-    """A scan's ``TOP2`` output (maxima, then packed seconds and rows: ``nn_select._store_top2``) against float64:
+    """A scan's ``TOP2`` output (maxima, then packed seconds and rows: ``nn_select._store_scan``) against float64:
     each group's stored second bounds its float64 second from above within ``scan_error`` (and by less than 2**16
     ordered steps beyond it), none for a group of one row, and the row of each group's maximum scores within twice
     ``scan_error`` of the group's float64 maximum."""
