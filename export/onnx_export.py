@@ -1,9 +1,11 @@
 """PyTorch -> ONNX for the two graphs of a bundle (DESIGN §3).
 
 * ``full.onnx``  — the whole model, NN selection included: every ``Batch`` input in ``INPUT_NAMES`` order
-  -> ``probabilities`` (N, H), ``scores`` (N,) and, when TransAct V2 is on, the selection it made
+  -> ``probabilities`` (N, H), ``scores`` (N,), when TransAct V2 is on the selection it made
   (``selection_group`` / ``selection_pos``, (N, T) int64, -1 in unused slots) so that parity checks can
-  compare the chosen tokens, not only the final numbers.
+  compare the chosen tokens, not only the final numbers, and the two sequence-module outputs ``v1`` / ``v2``
+  (what ``dense.onnx`` takes), so that the cpu backend can run the graph up to them per chunk of candidates
+  and ``dense.onnx`` over all of them (runtime.backends.cpu).
 * ``dense.onnx`` — the CPU-side graph: dense/context features and the two sequence-module outputs
   ``v1`` / ``v2`` -> ``probabilities`` and ``scores``.
 
@@ -55,6 +57,7 @@ from .manifest import DEFAULT_OPSET
 
 FULL_OUTPUTS = ("probabilities", "scores")
 SELECTION_OUTPUTS = ("selection_group", "selection_pos")
+SEQUENCE_OUTPUTS = ("v1", "v2")  # full.onnx's last outputs and dense.onnx's inputs of the same names
 DENSE_INPUTS = ("user_dense", "surface", "hour", "cand_request", "cand_item", "item_dense", "v1", "v2")
 DENSE_OUTPUTS = ("probabilities", "scores")
 
@@ -368,7 +371,7 @@ def export_mode(model: nn.Module) -> Iterator[None]:
 
 
 class FullGraph(nn.Module):
-    """Flat-tensor wrapper of ``RankingModel``: INPUT_NAMES tensors -> probabilities, scores (, selection)."""
+    """Flat-tensor wrapper of ``RankingModel``: INPUT_NAMES tensors -> probabilities, scores (, selection), v1, v2."""
 
     def __init__(self, model: RankingModel) -> None:
         super().__init__()
@@ -382,7 +385,7 @@ class FullGraph(nn.Module):
         if self.with_selection:
             sel = out.v2_selection
             result += (torch.where(sel.valid, sel.group, -1), torch.where(sel.valid, sel.pos, -1))
-        return result
+        return result + (out.v1, out.v2)
 
 
 class DenseGraph(nn.Module):
@@ -398,7 +401,7 @@ class DenseGraph(nn.Module):
 
 
 def full_output_names(config: ModelConfig) -> tuple[str, ...]:
-    return FULL_OUTPUTS + (SELECTION_OUTPUTS if config.transact_v2.enabled else ())
+    return FULL_OUTPUTS + (SELECTION_OUTPUTS if config.transact_v2.enabled else ()) + SEQUENCE_OUTPUTS
 
 
 def pad_batch(batch: Batch, widths: dict[str, int]) -> Batch:
@@ -507,7 +510,7 @@ def export_graphs(
 
 
 __all__ = [
-    "DEFAULT_OPSET", "DENSE_INPUTS", "DENSE_OUTPUTS", "FULL_OUTPUTS", "SELECTION_OUTPUTS",
+    "DEFAULT_OPSET", "DENSE_INPUTS", "DENSE_OUTPUTS", "FULL_OUTPUTS", "SELECTION_OUTPUTS", "SEQUENCE_OUTPUTS",
     "DenseGraph", "ExportFailed", "ExportedGraphs", "FullGraph", "encoder_forward", "example_batch", "export_graphs",
     "export_mode", "full_output_names", "fused_attention", "pad_batch",
 ]  # fmt: skip

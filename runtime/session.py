@@ -343,6 +343,10 @@ class SessionOptions:
     # (normalising the sequences, TransAct's row share) run once and hand their results to every chunk
     # (runtime.backends.request_stage)
     request_stage: bool = True
+    # cpu: with the request stage, the chunks run full.onnx up to the sequence-module outputs v1 / v2 and dense.onnx
+    # then scores all of a row's candidates at once (a bundle whose full.onnx lacks those outputs: the chunks run it
+    # to the end)
+    dense_stage: bool = True
     # cpu: each ONNX Runtime run treats denormal floats as zero on its thread (runtime.backends.cpu.flushed_denormals):
     # masked softmax underflows to them, and Intel cores compute them slowly
     flush_denormals: bool = True

@@ -120,6 +120,9 @@ def test_bundle_layout_and_manifest(bundle_dir: Path) -> None:
     outs = {o["name"]: o for o in full["outputs"]}
     assert outs["probabilities"]["shape"] == ["N", 3] and outs["scores"]["shape"] == ["N"]
     assert outs["selection_pos"]["shape"] == ["N", small_config().transact_v2.max_tokens]
+    assert [o["name"] for o in full["outputs"]][-2:] == ["v1", "v2"]  # dense.onnx's inputs of the same names
+    assert outs["v1"]["shape"] == ["N", small_config().transact.out_dim]
+    assert outs["v2"]["shape"] == ["N", small_config().transact_v2.out_dim]
     dense = m["graphs"]["dense.onnx"]
     assert [i["name"] for i in dense["inputs"]] == [
         "user_dense", "surface", "hour", "cand_request", "cand_item", "item_dense", "v1", "v2"

@@ -19,6 +19,7 @@ from export.parity import (
     PROB_ATOL,
     BackendOutput,
     eager_backend,
+    full_outputs_error,
     parity_cases,
     run_parity,
     spearman,
@@ -88,6 +89,33 @@ def test_selection_output_is_the_eager_selection(bundle) -> None:  # noqa: ANN00
         np.testing.assert_array_equal(group, torch.where(sel.valid, sel.group, -1).numpy())
         if name == "ties":
             assert (pos >= 0).sum() > 0
+
+
+def test_sequence_outputs_are_the_eager_sequence_features(bundle) -> None:  # noqa: ANN001
+    """full.onnx's v1 / v2 outputs are TransAct's and TransAct V2's outputs as eager PyTorch computes them (what
+    dense.onnx reads), on edge cases and random ones: relative norm error below 1e-5 (float32 against float32)."""
+    model = bundle.build_model()
+    session = bundle.session("full")
+    cases = {c.name: c for c in parity_cases(bundle.config, 2, seed=5)}
+    for name in ("n1", "n7", "n256", "empty-mixed", "short", "ties", "max", "random-0", "random-1"):
+        batch = cases[name].batch
+        with torch.inference_mode(), transformer_fastpath(False):
+            want = model.sequence_features(batch)[:2]
+        got = session.run(["v1", "v2"], {k: v.numpy() for k, v in batch.named_tensors()})
+        for g, w in zip(got, want, strict=True):
+            w = w.numpy()
+            assert g.shape == w.shape and np.abs(w).max() > 0
+            assert np.linalg.norm(g - w) <= 1e-5 * np.linalg.norm(w), name
+
+
+def test_full_outputs_check_takes_bundles_from_before_the_sequence_outputs(bundle) -> None:  # noqa: ANN001
+    """The parity checker's check of full.onnx's outputs: this version's list, or the list without v1 / v2 (bundles
+    exported before full.onnx named them); anything else is named in the error."""
+    names = ["probabilities", "scores", "selection_group", "selection_pos"]
+    assert full_outputs_error(bundle.config, [*names, "v1", "v2"]) is None
+    assert full_outputs_error(bundle.config, names) is None
+    for wrong in (names[:2], [*names, "v2", "v1"], [*names, "v1"]):
+        assert "full.onnx outputs" in full_outputs_error(bundle.config, wrong)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
-"""runtime.backends.request_stage: the cut of a graph into its request stage and candidate stage, on hand-made
-graphs (which nodes go where, against the whole graph in ONNX Runtime) and through the cpu backend on a bundle
-(against the backend without the cut and eager PyTorch)."""
+"""runtime.backends.request_stage: the cut of a graph into its request stage and candidate stage, and the cut of a
+graph down to some of its outputs, on hand-made graphs (which nodes go where, against the whole graph in ONNX
+Runtime) and through the cpu backend on a bundle (against the backend without the cuts and eager PyTorch), the
+dense stage (dense.onnx after chunks that stop at full.onnx's sequence outputs) included."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from test_runtime_session import eager_probs, random_requests, small_bundle, small_config
 
-from runtime.backends.cpu import CANDIDATE_INPUTS
-from runtime.backends.request_stage import split_request_stage
-from runtime.session import Session
+from export.onnx_export import SEQUENCE_OUTPUTS
+from runtime.backends.cpu import CANDIDATE_INPUTS, CpuBackend
+from runtime.backends.request_stage import keep_outputs, split_request_stage
+from runtime.batching import plan_batch
+from runtime.session import LoadedBundle, Session, SessionOptions
 
 RNG = np.random.default_rng(7)
 W = RNG.standard_normal((4, 4)).astype(np.float32)
@@ -110,6 +113,86 @@ def test_graphs_with_subgraphs_are_left_whole_and_unknown_inputs_refused() -> No
     plain = _graph([helper.make_node("MatMul", ["c", "w"], ["y"])], ["y"])
     with pytest.raises(ValueError, match="cand"):
         split_request_stage(plain, ["cand"])
+
+
+def test_keep_outputs_holds_what_the_outputs_need() -> None:
+    """z = exp(r @ w) + c needs r, c, w and two nodes; y = c @ w alone needs c and w. Kept to z, the graph has those
+    nodes, inputs and the weight, and gives the whole graph's z; kept to y, neither r nor the Exp. An output the
+    graph does not have is refused by name."""
+    model = _graph([
+        helper.make_node("MatMul", ["r", "w"], ["rw"]),
+        helper.make_node("Exp", ["rw"], ["u"]),
+        helper.make_node("Add", ["u", "c"], ["z"]),
+        helper.make_node("MatMul", ["c", "w"], ["y"]),
+    ], ["y", "z"])  # fmt: skip
+    z_only = keep_outputs(model, ["z"])
+    assert _ops(z_only) == ["MatMul", "Exp", "Add"] and [o.name for o in z_only.graph.output] == ["z"]
+    assert [i.name for i in z_only.graph.input] == ["r", "c"] and [t.name for t in z_only.graph.initializer] == ["w"]
+    (got,), (_, whole) = _run(z_only, FEED), _run(model, FEED)
+    want = np.exp(FEED["r"].astype(np.float64) @ W) + FEED["c"]
+    scale = np.abs(want).max()  # some elements are sums that cancel: held to float32's error on the largest
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * scale)
+    np.testing.assert_allclose(whole, want, rtol=0, atol=1e-6 * scale)
+    y_only = keep_outputs(model, ["y"])
+    assert _ops(y_only) == ["MatMul"] and [i.name for i in y_only.graph.input] == ["c"]
+    with pytest.raises(ValueError, match="v9"):
+        keep_outputs(model, ["y", "v9"])
+
+
+class _BeforeSequenceOutputs:
+    """A loaded bundle whose full.onnx lacks the ``v1`` / ``v2`` outputs, as bundles exported before them do (the
+    nodes are all there; only the graph's output list is shorter)."""
+
+    def __init__(self, loaded: LoadedBundle) -> None:
+        self.loaded, self.config = loaded, loaded.config
+
+    def graph_bytes(self, name: str) -> bytes:
+        data = self.loaded.graph_bytes(name)
+        if name != "full.onnx":
+            return data
+        model = onnx.load_from_string(data)
+        kept = [o for o in model.graph.output if o.name not in SEQUENCE_OUTPUTS]
+        del model.graph.output[:]
+        model.graph.output.extend(kept)
+        return model.SerializeToString()
+
+
+def test_dense_stage_scores_a_rows_candidates_after_its_chunks(monkeypatch) -> None:
+    """Where a row's chunks outnumber the slots (150 candidates: 6 chunks for 2 slots), the chunks run full.onnx up
+    to v1 / v2 and dense.onnx scores the row in two parts of 75, side by side; where they do not (40: 2 chunks),
+    dense.onnx does not run. The probabilities are those of the chunks run to the end and of eager PyTorch, for one
+    request and for three rows at once. A bundle whose full.onnx lacks v1 / v2 runs its chunks to the end."""
+    bundle_dir = small_bundle()
+    on = Session(bundle_dir, device="cpu", threads=2, warmup=False)
+    off = Session(bundle_dir, device="cpu", threads=2, warmup=False, dense_stage=False)
+    older = CpuBackend(_BeforeSequenceOutputs(on.bundle), SessionOptions(threads=2))
+    eager = on.bundle.verified.build_model()
+    assert on.backend.dense is not None and off.backend.dense is None and older.dense is None
+    assert on.backend.staged.outputs == list(SEQUENCE_OUTPUTS) and older.staged.outputs == ["probabilities", "scores"]
+    (dense_session,) = on.backend.dense.sessions
+    parts: list[int] = []
+
+    def counted(names, feed, run=dense_session.run):  # noqa: ANN001, ANN202
+        parts.append(len(feed["cand_request"]))
+        return run(names, feed)
+
+    monkeypatch.setattr(dense_session, "run", counted)
+    try:
+        for n_rows, n_cands, want_parts in ((1, 150, [75, 75]), (1, 40, []), (3, 300, [50] * 6)):
+            parts.clear()
+            reqs = random_requests(small_config(), 33, n_rows, n_cands, ll=[200, 90, 3][:n_rows],
+                                   rt=[40, 0, 7][:n_rows], imp=[30, 4, 0][:n_rows])  # fmt: skip
+            got_all, ref_all = on.score_many(reqs), off.score_many(reqs)
+            assert sorted(parts) == want_parts
+            older_all = [older.run(plan_batch([r]))[0] for r in reqs]
+            for got, ref, old, e in zip(got_all, ref_all, older_all, eager_probs(eager, reqs), strict=True):
+                np.testing.assert_allclose(got, ref, atol=1e-7, rtol=0)
+                np.testing.assert_allclose(old, ref, atol=1e-7, rtol=0)
+                np.testing.assert_allclose(got, e, atol=1e-5, rtol=0)
+    finally:
+        for closing in (on, off):
+            closing.close()
+        older.close()
 
 
 def test_bundle_graph_cut_and_backend_with_and_without_it(monkeypatch) -> None:

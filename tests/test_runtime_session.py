@@ -214,12 +214,13 @@ def denormal_product() -> float:
 def test_onnx_runtime_runs_with_denormals_flushed(bundle_dir: Path, monkeypatch, eager: RankingModel, threads: int,
                                                  split: int, flush: bool) -> None:
     """Every ONNX Runtime call of the cpu backend (a single chunk on the caller's thread, chunks side by side or in
-    turns, the request stage) runs with denormals flushed unless told not to, and each thread gets its own mode
-    back afterwards."""
+    turns, the request stage, the dense stage) runs with denormals flushed unless told not to, and each thread gets
+    its own mode back afterwards."""
     assert denormal_product() > 0  # the test process keeps denormals
     session = Session(bundle_dir, device="cpu", threads=threads, split=split, warmup=False, flush_denormals=flush)
     backend, seen = session.backend, []
-    for ort_session in [*backend.whole.sessions, *backend.staged.sessions, backend.request_session]:
+    for ort_session in [*backend.whole.sessions, *backend.staged.sessions, *backend.dense.sessions,
+                        backend.request_session]:
         def probed(names, feed, run=ort_session.run):  # noqa: ANN001, ANN202
             seen.append((threading.current_thread().name, denormal_product()))
             return run(names, feed)

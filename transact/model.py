@@ -382,6 +382,8 @@ class ModelOutput:
     probs: torch.Tensor  # (N, H)
     v2_hidden: torch.Tensor | None = None
     v2_selection: Selection | None = None
+    v1: torch.Tensor | None = None  # the sequence-module outputs that dense() read, (N, d1) and (N, d2)
+    v2: torch.Tensor | None = None
 
 
 class RankingModel(nn.Module):
@@ -449,6 +451,7 @@ class RankingModel(nn.Module):
 
     def forward_with_aux(self, batch: Batch) -> ModelOutput:
         v1, v2, aux = self.sequence_features(batch)
+        aux.v1, aux.v2 = v1, v2
         aux.probs = self.dense(
             batch.user_dense, batch.item_dense, batch.surface, batch.hour, batch.cand_request,
             batch.cand_item, v1, v2,

@@ -5,7 +5,8 @@ most ``MAX_CHUNK`` and runs ``split`` chunks at a time side by side with ``threa
 each. That keeps every core busy on whole products instead of leaving ONNX Runtime to split each small operator
 between all of them: its LayerNormalization, for one, gets no faster past one thread (benchmarks/RESULTS.md,
 2026-12-05); and a small chunk's intermediates stay in the core's caches. When a request's chunks outnumber the
-slots, the part of the graph that depends on the request alone runs once before them (``request_stage``)."""
+slots, the part of the graph that depends on the request alone runs once before them (``request_stage``), the chunks
+stop at the two sequence-module outputs, and ``dense.onnx`` scores all of the row's candidates at once after them."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import functools
 import os
 import queue
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +24,12 @@ import onnxruntime as ort
 import torch
 
 from export.bundle import onnx_providers
+from export.onnx_export import DENSE_OUTPUTS, FULL_OUTPUTS, SEQUENCE_OUTPUTS
 from transact.batch import INPUT_NAMES
 
 from ..batching import BatchPlan, plan_batch
 from ..session import Limits, LoadedBundle, SessionOptions
-from .request_stage import split_request_stage
+from .request_stage import keep_outputs, split_request_stage
 from .warmup import warmup_requests
 
 # Per-candidate inputs of full.onnx: a chunk of candidates is these rows, with the user's inputs whole.
@@ -165,11 +167,12 @@ def chunk_bounds(n: int, split: int, min_chunk: int = MIN_CHUNK, max_chunk: int 
 class _Slots:
     """One graph's ONNX Runtime sessions, ``split`` runs of it at a time: with one thread per run, concurrent calls
     of one session (ONNX Runtime runs each on its calling thread; the weights held and pre-packed once); with more,
-    a session per slot, since a session's calls share one intra-op thread pool."""
+    a session per slot, since a session's calls share one intra-op thread pool. Each run fetches ``outputs``."""
 
-    def __init__(self, graph: bytes, split: int, per: int, providers: list, flush: bool) -> None:
+    def __init__(self, graph: bytes, split: int, per: int, providers: list, flush: bool,
+                 outputs: tuple[str, ...] = FULL_OUTPUTS) -> None:  # fmt: skip
         options = ort_options(per, shared_arena=True)
-        self.flush = flush
+        self.flush, self.outputs = flush, list(outputs)
         self.sessions = [ort.InferenceSession(graph, sess_options=options, providers=providers)
                          for _ in range(split if per > 1 else 1)]  # fmt: skip
         self.inputs = [i.name for i in self.sessions[0].get_inputs()]
@@ -177,14 +180,19 @@ class _Slots:
         for i in range(split):
             self._idle.put(self.sessions[i % len(self.sessions)])
 
-    def run(self, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         session = self._idle.get()
         try:
             with flushed_denormals(self.flush):
-                probs, scores = session.run(["probabilities", "scores"], feed)
+                return session.run(self.outputs, feed)
         finally:
             self._idle.put(session)
-        return probs, scores
+
+
+def _joined(pending: list) -> list[np.ndarray]:
+    """Each output of the runs (futures or finished outputs, in candidate order) joined along the candidates."""
+    outs = [p.result() if isinstance(p, Future) else p for p in pending]
+    return [np.concatenate(col) if len(outs) > 1 else col[0] for col in zip(*outs, strict=True)]
 
 
 class CpuBackend:
@@ -193,8 +201,13 @@ class CpuBackend:
 
     When a row's chunks outnumber the slots (each slot would run several in turn), the work that depends on the
     request alone runs once first (``request_stage``: normalising the sequences, TransAct's row share of its
-    first layer) and the chunks run the rest of the graph on its results; otherwise every chunk runs the whole
-    graph, which is quicker when each slot runs one chunk (benchmarks/RESULTS.md, 2026-12-05)."""
+    first layer), the chunks run the graph from its results up to the sequence-module outputs ``v1`` / ``v2``, and
+    ``dense.onnx`` (input norm, DCN, MLP, heads) then scores all of the row's candidates in ``split`` parts side
+    by side, where in chunks the DCN's products (1,184 x 1,184 in the default config) ran at 32 rows each, their
+    weights read again after every chunk's attention had pushed them out of the caches (``dense_stage``: 1.016x
+    the request of DESIGN §5 on 2 threads, 1.034x at 1,024 candidates, the same probabilities bit for bit; a bundle
+    whose full.onnx lacks the two outputs runs its chunks to the end). Otherwise every chunk runs the whole graph,
+    which is quicker when each slot runs one chunk (benchmarks/RESULTS.md, 2026-12-05)."""
 
     name = "cpu"
 
@@ -213,9 +226,18 @@ class CpuBackend:
         self.flush = options.flush_denormals
         self.whole = _Slots(graph, self.split, per, providers, self.flush)
         self.sessions = self.whole.sessions
-        stage = split_request_stage(model, CANDIDATE_INPUTS) if options.request_stage else None
+        stage, dense_stage = None, False
+        if options.request_stage:
+            outputs = {o.name for o in model.graph.output}
+            if options.dense_stage and set(SEQUENCE_OUTPUTS) <= outputs:
+                upto = keep_outputs(model, SEQUENCE_OUTPUTS)  # item_dense, for one, is read by dense.onnx alone
+                reads = {i.name for i in upto.graph.input}
+                stage = split_request_stage(upto, [k for k in CANDIDATE_INPUTS if k in reads])
+                dense_stage = stage is not None
+            stage = stage or split_request_stage(model, CANDIDATE_INPUTS)
         self.request_session: ort.InferenceSession | None = None
         self.staged: _Slots | None = None
+        self.dense: _Slots | None = None
         self.handoff: list[str] = []
         self._request_inputs: list[str] = []
         if stage is not None:
@@ -224,7 +246,11 @@ class CpuBackend:
             self.request_session = ort.InferenceSession(stage.request.SerializeToString(),
                                                         sess_options=ort_options(1, shared_arena=True),
                                                         providers=providers)  # fmt: skip
-            self.staged = _Slots(stage.candidates.SerializeToString(), self.split, per, providers, self.flush)
+            outs = SEQUENCE_OUTPUTS if dense_stage else FULL_OUTPUTS
+            self.staged = _Slots(stage.candidates.SerializeToString(), self.split, per, providers, self.flush, outs)
+            if dense_stage:
+                self.dense = _Slots(bundle.graph_bytes("dense.onnx"), self.split, per, providers, self.flush,
+                                    DENSE_OUTPUTS)  # fmt: skip
             self.handoff = list(stage.handoff)
             self._request_inputs = [i.name for i in self.request_session.get_inputs()]
         self.threads_per_chunk = per
@@ -243,7 +269,7 @@ class CpuBackend:
         selection work, exactly right for one row), so a batch of R rows would cost R times the work of
         its parts: each row runs on its own, with all the requests that share it, in chunks of candidates."""
         if plan.num_rows <= 1:
-            return self._gather(self._submit(plan.padded_inputs()))
+            return self._gather(*self._submit(plan.padded_inputs()))
         groups = []
         for row, user in enumerate(plan.users):
             mine = [i for i, r in enumerate(plan.rows) if r == row]
@@ -251,33 +277,45 @@ class CpuBackend:
             groups.append((mine, sub, self._submit(sub.padded_inputs())))
         parts: list[tuple[np.ndarray, np.ndarray]] = [None] * len(plan.requests)  # type: ignore[list-item]
         for mine, sub, pending in groups:
-            probs, scores = self._gather(pending)
+            probs, scores = self._gather(*pending)
             for i, p, s in zip(mine, sub.split(probs), sub.split(scores), strict=True):
                 parts[i] = (p, s)
         return np.concatenate([p for p, _ in parts]), np.concatenate([s for _, s in parts])
 
-    def _submit(self, feed: dict[str, np.ndarray]) -> list:
-        """Start one row's chunks (futures, or finished results when nothing runs side by side)."""
+    def _submit(self, feed: dict[str, np.ndarray]) -> tuple[list, dict[str, np.ndarray] | None]:
+        """Start one row's chunks: their runs (futures, or finished outputs when nothing runs side by side), and the
+        row's inputs when the chunks stop at the sequence-module outputs and ``dense.onnx`` is still to run."""
         bounds = chunk_bounds(len(feed["cand_request"]), self.split)
-        slots = self.whole
+        slots, rest = self.whole, None
         if self.request_session is not None and self.staged is not None and len(bounds) > self.split:
             with flushed_denormals(self.flush):
                 handed = self.request_session.run(self.handoff, {k: feed[k] for k in self._request_inputs})
+            rest = feed if self.dense is not None else None
             feed = feed | dict(zip(self.handoff, handed, strict=True))
             slots = self.staged
+        return self._start(slots, feed, bounds), rest
+
+    def _start(self, slots: _Slots, feed: dict[str, np.ndarray], bounds: list[tuple[int, int]]) -> list:
+        """Run ``slots``' graph on each [start, end) of the per-candidate inputs, side by side where there is a pool."""
         feed = {k: feed[k] for k in slots.inputs}
         if len(bounds) == 1:
             return [slots.run(feed)]
-        chunks = [{k: (v[a:z] if k in CANDIDATE_INPUTS else v) for k, v in feed.items()} for a, z in bounds]
+        rows = (*CANDIDATE_INPUTS, *SEQUENCE_OUTPUTS)
+        chunks = [{k: (v[a:z] if k in rows else v) for k, v in feed.items()} for a, z in bounds]
         if self._pool is None:
             return [slots.run(chunk) for chunk in chunks]
         return [self._pool.submit(slots.run, chunk) for chunk in chunks]
 
-    def _gather(self, pending: list) -> tuple[np.ndarray, np.ndarray]:
-        outs = [p if isinstance(p, tuple) else p.result() for p in pending]
-        if len(outs) == 1:
-            return outs[0]
-        return np.concatenate([p for p, _ in outs]), np.concatenate([s for _, s in outs])
+    def _gather(self, pending: list, rest: dict[str, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities and scores of one row: its chunks' outputs joined, and when they are the sequence-module
+        outputs (``rest``: the row's inputs), ``dense.onnx`` on them in ``split`` parts side by side."""
+        joined = _joined(pending)
+        if rest is not None and self.dense is not None:
+            feed = rest | dict(zip(SEQUENCE_OUTPUTS, joined, strict=True))
+            n = len(feed["cand_request"])
+            joined = _joined(self._start(self.dense, feed, chunk_bounds(n, self.split, max_chunk=n)))
+        probs, scores = joined
+        return probs, scores
 
     def warmup(self, limits: Limits) -> None:
         """Run a few shapes once, through every session (the request stage's too), so that ONNX Runtime has

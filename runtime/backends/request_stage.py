@@ -61,6 +61,20 @@ def _model(source: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: list[on
     return model
 
 
+def keep_outputs(model: onnx.ModelProto, names: Collection[str]) -> onnx.ModelProto:
+    """``model`` cut to the graph outputs ``names``: the nodes they need, the inputs and weights those read."""
+    g = model.graph
+    kept = [o for o in g.output if o.name in names]
+    if missing := set(names) - {o.name for o in kept}:
+        raise ValueError(f"the graph has no output(s) {sorted(missing)}")
+    need, nodes = set(names), []
+    for n in reversed(g.node):  # topological order, read backwards: every consumer before its producers
+        if any(o in need for o in n.output):
+            nodes.append(n)
+            need.update(x for x in n.input if x)
+    return _model(model, nodes[::-1], [v for v in g.input if v.name in need], kept, g.name)
+
+
 def split_request_stage(
     model: onnx.ModelProto, per_candidate: Collection[str], layout_ops: Collection[str] = LAYOUT_OPS
 ) -> RequestStage | None:
