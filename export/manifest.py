@@ -27,6 +27,13 @@ FULL = "full.onnx"
 BUNDLE_FILES = (WEIGHTS, DENSE, FULL)
 DEFAULT_OPSET = 18  # the ONNX opset graphs are exported with unless told otherwise
 
+# The graphs' tensor names (export.onnx_export writes them; the runtime reads them without importing the exporter).
+FULL_OUTPUTS = ("probabilities", "scores")
+SELECTION_OUTPUTS = ("selection_group", "selection_pos")  # full.onnx, when TransAct V2 is on
+SEQUENCE_OUTPUTS = ("v1", "v2")  # full.onnx's last outputs and dense.onnx's inputs of the same names
+DENSE_INPUTS = ("user_dense", "surface", "hour", "cand_request", "cand_item", "item_dense", *SEQUENCE_OUTPUTS)
+DENSE_OUTPUTS = ("probabilities", "scores")
+
 ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
                11: "float64", 16: "bfloat16"}  # fmt: skip
 

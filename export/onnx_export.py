@@ -53,13 +53,7 @@ from transact.config import ModelConfig
 from transact.data.random_batch import random_batch
 from transact.model import RankingModel, TransAct, transformer_fastpath
 
-from .manifest import DEFAULT_OPSET
-
-FULL_OUTPUTS = ("probabilities", "scores")
-SELECTION_OUTPUTS = ("selection_group", "selection_pos")
-SEQUENCE_OUTPUTS = ("v1", "v2")  # full.onnx's last outputs and dense.onnx's inputs of the same names
-DENSE_INPUTS = ("user_dense", "surface", "hour", "cand_request", "cand_item", "item_dense", "v1", "v2")
-DENSE_OUTPUTS = ("probabilities", "scores")
+from .manifest import DEFAULT_OPSET, DENSE_INPUTS, DENSE_OUTPUTS, FULL_OUTPUTS, SELECTION_OUTPUTS, SEQUENCE_OUTPUTS
 
 # Example sizes used for tracing: all >= 2 and pairwise different, so that no dynamic dim is specialised
 # or unified with another one by accident.

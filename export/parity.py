@@ -31,8 +31,8 @@ from transact.model import RankingModel, transformer_fastpath
 from transact.quant import dequantize
 
 from .bundle import CPU_PROVIDER
-from .manifest import tool_versions
-from .onnx_export import DENSE_INPUTS, SEQUENCE_OUTPUTS, full_output_names
+from .manifest import DENSE_INPUTS, SEQUENCE_OUTPUTS, tool_versions
+from .onnx_export import full_output_names
 
 PROB_ATOL = 1e-5
 SPEARMAN_MIN = 0.999

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from test_runtime_session import eager_probs, random_requests, small_bundle, small_config
 
-from export.onnx_export import SEQUENCE_OUTPUTS
+from export.manifest import SEQUENCE_OUTPUTS
 from runtime.backends.cpu import CANDIDATE_INPUTS, CpuBackend
 from runtime.backends.request_stage import keep_outputs, split_request_stage
 from runtime.batching import plan_batch

@@ -24,7 +24,7 @@ import onnxruntime as ort
 import torch
 
 from export.bundle import onnx_providers
-from export.onnx_export import DENSE_OUTPUTS, FULL_OUTPUTS, SEQUENCE_OUTPUTS
+from export.manifest import DENSE_OUTPUTS, FULL_OUTPUTS, SEQUENCE_OUTPUTS
 from transact.batch import INPUT_NAMES
 
 from ..batching import BatchPlan, plan_batch
