@@ -1,7 +1,7 @@
 """CPU backend benchmark: ONNX Runtime on full.onnx against eager PyTorch, one request, same CPU.
 
 The request of DESIGN §5: 1 user, ll 16,000, rt 100, imp 100, 256 candidates. Two ONNX Runtime rows: the
-runtime's cpu backend as `transact serve` runs it (``runtime.Session``: the candidates in chunks of at most 32,
+runtime's cpu backend as `transact serve` runs it (``runtime.Session``: the candidates in chunks of at most 16,
 ``--split`` at a time side by side of threads / split threads each; the request's conversion and checks included),
 and one plain session on full.onnx with every thread. Both runtimes get the same number of threads; they take
 turns in blocks of runs (``runtime.bench.take_turns``), and the median over many runs after a warm-up is

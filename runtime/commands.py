@@ -30,7 +30,7 @@ from transact.errors import TransactError
               help="ONNX Runtime threads per server process (default: every CPU this process may use, within "
                    "its cgroup's CPU quota, shared out among the --workers).")
 @click.option("--split", type=click.IntRange(min=1), default=None,
-              help="cpu: chunks of a request's candidates (at most 32 each) scored side by side at a time, "
+              help="cpu: chunks of a request's candidates (at most 16 each) scored side by side at a time, "
                    "threads / split threads each (default: one per thread).")
 @click.option("--triton-cache-dir", type=click.Path(file_okay=False), default=None,
               help="Persistent compiled-kernel cache (cuda; default ~/.cache/transact/triton).")

@@ -158,8 +158,8 @@ class _BeforeSequenceOutputs:
 
 
 def test_dense_stage_scores_a_rows_candidates_after_its_chunks(monkeypatch) -> None:
-    """Where a row's chunks outnumber the slots (150 candidates: 6 chunks for 2 slots), the chunks run full.onnx up
-    to v1 / v2 and dense.onnx scores the row in two parts of 75, side by side; where they do not (40: 2 chunks),
+    """Where a row's chunks outnumber the slots (150 candidates: 10 chunks for 2 slots), the chunks run full.onnx up
+    to v1 / v2 and dense.onnx scores the row in two parts of 75, side by side; where they do not (30: 2 chunks),
     dense.onnx does not run. The probabilities are those of the chunks run to the end and of eager PyTorch, for one
     request and for three rows at once. A bundle whose full.onnx lacks v1 / v2 runs its chunks to the end."""
     bundle_dir = small_bundle()
@@ -178,7 +178,7 @@ def test_dense_stage_scores_a_rows_candidates_after_its_chunks(monkeypatch) -> N
 
     monkeypatch.setattr(dense_session, "run", counted)
     try:
-        for n_rows, n_cands, want_parts in ((1, 150, [75, 75]), (1, 40, []), (3, 300, [50] * 6)):
+        for n_rows, n_cands, want_parts in ((1, 150, [75, 75]), (1, 30, []), (3, 300, [50] * 6)):
             parts.clear()
             reqs = random_requests(small_config(), 33, n_rows, n_cands, ll=[200, 90, 3][:n_rows],
                                    rt=[40, 0, 7][:n_rows], imp=[30, 4, 0][:n_rows])  # fmt: skip
@@ -198,7 +198,7 @@ def test_dense_stage_scores_a_rows_candidates_after_its_chunks(monkeypatch) -> N
 def test_bundle_graph_cut_and_backend_with_and_without_it(monkeypatch) -> None:
     """full.onnx of a bundle: the request stage normalises the sequences (LpNormalization) and works out TransAct's row
     share (Exp), reads no candidate input. The backend runs it once per request row when the row's chunks outnumber
-    its slots (100 candidates: 4 chunks for 2 slots), not otherwise (16: 2 chunks), and either way gives the same
+    its slots (100 candidates: 8 chunks for 2 slots), not otherwise (16: 2 chunks), and either way gives the same
     probabilities as the backend without it and as eager PyTorch."""
     bundle_dir = small_bundle()
     model = onnx.load(bundle_dir / "full.onnx")

@@ -122,10 +122,10 @@ def test_cpu_backend_runs_one_row_per_call(bundle_dir: Path, eager: RankingModel
 
 
 @pytest.mark.parametrize(("n", "split", "want"), [
-    (128, 4, [(0, 32), (32, 64), (64, 96), (96, 128)]),
-    (256, 2, [(i * 32, i * 32 + 32) for i in range(8)]),  # MAX_CHUNK (32) each, four per slot
-    (100, 2, [(0, 25), (25, 50), (50, 75), (75, 100)]),  # 4 chunks, not 3: a multiple of the slots
-    (40, 1, [(0, 20), (20, 40)]),  # one slot still runs chunks of at most 32, in turn
+    (128, 4, [(i * 16, i * 16 + 16) for i in range(8)]),
+    (256, 2, [(i * 16, i * 16 + 16) for i in range(16)]),  # MAX_CHUNK (16) each, eight per slot
+    (100, 2, [(0, 12), (12, 25), (25, 37), (37, 50), (50, 62), (62, 75), (75, 87), (87, 100)]),  # 8, not 7: slots
+    (40, 1, [(0, 13), (13, 26), (26, 40)]),  # one slot still runs chunks of at most 16, in turn
     (256, 16, [(i * 16, i * 16 + 16) for i in range(16)]),
     (20, 4, [(0, 10), (10, 20)]),  # two chunks of at least MIN_CHUNK (8)
     (17, 3, [(0, 8), (8, 17)]),
@@ -145,7 +145,7 @@ def test_chunk_bounds_cover_every_candidate_once(n: int, split: int) -> None:
     assert all(z0 == a1 for (_, z0), (a1, _) in zip(bounds[:-1], bounds[1:], strict=True))
     sizes = [z - a for a, z in bounds]
     assert max(sizes) - min(sizes) <= 1
-    assert max(sizes) <= 32 or len(bounds) == max(1, n // 8)  # MAX_CHUNK unless MIN_CHUNK caps the count
+    assert max(sizes) <= cpu_backend.MAX_CHUNK or len(bounds) == max(1, n // 8)  # unless MIN_CHUNK caps the count
     assert min(sizes) >= min(n, 8)
 
 

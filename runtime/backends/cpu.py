@@ -41,10 +41,13 @@ MIN_CHUNK = 8
 # Most candidates per run. A run's intermediates grow with its candidates (V2's tokens are 192 x 64 floats each,
 # the lifelong scores 16,000), and past a few dozen candidates they spill from the core's L2 cache and then
 # crowd the other cores out of the shared L3: on the AMD EPYC of benchmarks/RESULTS.md (2026-12-05, forty-ninth
-# session) 256 candidates on 2 threads ran 1.13x faster as 8 chunks of 32 than as 2 of 128, on one thread 1.14x
-# faster than whole, with 21-42 candidates per chunk the best and 8-16 worse again (each run also pays the
-# user's share, above).
-MAX_CHUNK = 32
+# session) 256 candidates on 2 threads ran 1.13x faster as 8 chunks of 32 than as 2 of 128, with chunks of 16
+# 1.02x behind 32 there while every chunk still paid the user's share and read the DCN's weights. With the request
+# stage and the dense stage taking both out of the chunks, 16 is the best size measured on the Intel Xeon of the
+# fifty-fifth session: a chunk costs 0.713 ms per candidate on one thread at 16 (0.843 at 8, 0.740 at 32, 0.767 at
+# 64), and the request ran 1.045-1.053x faster than with chunks of 32 at 256 candidates, 1.05-1.06x at 64-1,024,
+# 1.04x on one thread (48 candidates: 0.98x).
+MAX_CHUNK = 16
 
 
 @functools.cache
@@ -203,7 +206,7 @@ class CpuBackend:
     request alone runs once first (``request_stage``: normalising the sequences, TransAct's row share of its
     first layer), the chunks run the graph from its results up to the sequence-module outputs ``v1`` / ``v2``, and
     ``dense.onnx`` (input norm, DCN, MLP, heads) then scores all of the row's candidates in ``split`` parts side
-    by side, where in chunks the DCN's products (1,184 x 1,184 in the default config) ran at 32 rows each, their
+    by side, where in chunks the DCN's products (1,184 x 1,184 in the default config) ran at a chunk's rows, their
     weights read again after every chunk's attention had pushed them out of the caches (``dense_stage``: 1.016x
     the request of DESIGN §5 on 2 threads, 1.034x at 1,024 candidates, the same probabilities bit for bit; a bundle
     whose full.onnx lacks the two outputs runs its chunks to the end). Otherwise every chunk runs the whole graph,
