@@ -139,6 +139,29 @@ def test_keep_outputs_holds_what_the_outputs_need() -> None:
         keep_outputs(model, ["y", "v9"])
 
 
+def test_keep_outputs_follows_what_subgraphs_read() -> None:
+    """An If whose branches read ``rw`` from the outer graph (not an input of the If node): kept to the If's output,
+    the cut keeps rw's producer, and runs to the whole graph's values."""
+    picked = helper.make_tensor_value_info("o", TensorProto.FLOAT, None)
+    then = helper.make_graph([helper.make_node("Exp", ["rw"], ["o"])], "then", [], [picked])
+    other = helper.make_graph([helper.make_node("Neg", ["rw"], ["o"])], "else", [], [picked])
+    model = _graph([
+        helper.make_node("MatMul", ["r", "w"], ["rw"]),
+        helper.make_node("ReduceSum", ["c"], ["total"], keepdims=0),
+        helper.make_node("Greater", ["total", "zero"], ["flag"]),
+        helper.make_node("If", ["flag"], ["z"], then_branch=then, else_branch=other),
+        helper.make_node("MatMul", ["c", "w"], ["y"]),
+    ], ["y", "z"], [helper.make_tensor_value_info("zero", TensorProto.FLOAT, [])])  # fmt: skip
+    z_only = keep_outputs(model, ["z"])
+    assert _ops(z_only) == ["MatMul", "ReduceSum", "Greater", "If"]
+    feed = FEED | {"zero": np.array(0.0, np.float32)}
+    (got,), (_, whole) = _run(z_only, feed), _run(model, feed)
+    np.testing.assert_array_equal(got, whole)
+    rw = FEED["r"].astype(np.float64) @ W
+    want = np.exp(rw) if FEED["c"].sum() > 0 else -rw
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 class _BeforeSequenceOutputs:
     """A loaded bundle whose full.onnx lacks the ``v1`` / ``v2`` outputs, as bundles exported before them do (the
     nodes are all there; only the graph's output list is shorter)."""

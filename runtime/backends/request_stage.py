@@ -61,6 +61,17 @@ def _model(source: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: list[on
     return model
 
 
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """The names a node reads: its inputs and, for If / Loop / Scan, every name read inside its subgraphs (a superset
+    of their outer-scope reads, which is all a cut needs)."""
+    names = {x for x in node.input if x}
+    for a in node.attribute:
+        for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+            for n in sub.node:
+                names |= _reads(n)
+    return names
+
+
 def keep_outputs(model: onnx.ModelProto, names: Collection[str]) -> onnx.ModelProto:
     """``model`` cut to the graph outputs ``names``: the nodes they need, the inputs and weights those read."""
     g = model.graph
@@ -71,7 +82,7 @@ def keep_outputs(model: onnx.ModelProto, names: Collection[str]) -> onnx.ModelPr
     for n in reversed(g.node):  # topological order, read backwards: every consumer before its producers
         if any(o in need for o in n.output):
             nodes.append(n)
-            need.update(x for x in n.input if x)
+            need |= _reads(n)
     return _model(model, nodes[::-1], [v for v in g.input if v.name in need], kept, g.name)
 
 
