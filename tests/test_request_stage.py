@@ -98,17 +98,27 @@ def test_nothing_to_cut() -> None:
     assert split_request_stage(layout_only, ["c"]) is None
 
 
-def test_graphs_with_subgraphs_are_left_whole_and_unknown_inputs_refused() -> None:
-    branch = helper.make_graph([helper.make_node("Identity", ["r"], ["o"])], "b", [],
-                               [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])  # fmt: skip
-    model = _graph([
+def _branch(op: str, read: str) -> onnx.GraphProto:
+    """An If branch that reads ``read`` from the outer graph (not an input of the If node) into its output ``o``."""
+    return helper.make_graph([helper.make_node(op, [read], ["o"])], op, [],
+                             [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])  # fmt: skip
+
+
+def _if_graph(flag_from: str, then: onnx.GraphProto, other: onnx.GraphProto, picked: str, tail: list,
+              outputs: list[str]) -> onnx.ModelProto:  # fmt: skip
+    """rw = r @ w; flag = sum(``flag_from``) > zero; ``picked`` = If(flag, then, other); then ``tail``."""
+    return _graph([
         helper.make_node("MatMul", ["r", "w"], ["rw"]),
-        helper.make_node("ReduceSum", ["rw"], ["total"], keepdims=0),
+        helper.make_node("ReduceSum", [flag_from], ["total"], keepdims=0),
         helper.make_node("Greater", ["total", "zero"], ["flag"]),
-        helper.make_node("If", ["flag"], ["picked"], then_branch=branch, else_branch=branch),
-        helper.make_node("MatMul", ["c", "w"], ["cw"]),
-        helper.make_node("Add", ["cw", "picked"], ["y"]),
-    ], ["y"], [helper.make_tensor_value_info("zero", TensorProto.FLOAT, [])])  # fmt: skip
+        helper.make_node("If", ["flag"], [picked], then_branch=then, else_branch=other),
+        *tail,
+    ], outputs, [helper.make_tensor_value_info("zero", TensorProto.FLOAT, [])])  # fmt: skip
+
+
+def test_graphs_with_subgraphs_are_left_whole_and_unknown_inputs_refused() -> None:
+    tail = [helper.make_node("MatMul", ["c", "w"], ["cw"]), helper.make_node("Add", ["cw", "picked"], ["y"])]
+    model = _if_graph("rw", _branch("Identity", "r"), _branch("Identity", "r"), "picked", tail, ["y"])
     assert split_request_stage(model, ["c"]) is None
     plain = _graph([helper.make_node("MatMul", ["c", "w"], ["y"])], ["y"])
     with pytest.raises(ValueError, match="cand"):
@@ -142,16 +152,8 @@ def test_keep_outputs_holds_what_the_outputs_need() -> None:
 def test_keep_outputs_follows_what_subgraphs_read() -> None:
     """An If whose branches read ``rw`` from the outer graph (not an input of the If node): kept to the If's output,
     the cut keeps rw's producer, and runs to the whole graph's values."""
-    picked = helper.make_tensor_value_info("o", TensorProto.FLOAT, None)
-    then = helper.make_graph([helper.make_node("Exp", ["rw"], ["o"])], "then", [], [picked])
-    other = helper.make_graph([helper.make_node("Neg", ["rw"], ["o"])], "else", [], [picked])
-    model = _graph([
-        helper.make_node("MatMul", ["r", "w"], ["rw"]),
-        helper.make_node("ReduceSum", ["c"], ["total"], keepdims=0),
-        helper.make_node("Greater", ["total", "zero"], ["flag"]),
-        helper.make_node("If", ["flag"], ["z"], then_branch=then, else_branch=other),
-        helper.make_node("MatMul", ["c", "w"], ["y"]),
-    ], ["y", "z"], [helper.make_tensor_value_info("zero", TensorProto.FLOAT, [])])  # fmt: skip
+    tail = [helper.make_node("MatMul", ["c", "w"], ["y"])]
+    model = _if_graph("c", _branch("Exp", "rw"), _branch("Neg", "rw"), "z", tail, ["y", "z"])
     z_only = keep_outputs(model, ["z"])
     assert _ops(z_only) == ["MatMul", "ReduceSum", "Greater", "If"]
     feed = FEED | {"zero": np.array(0.0, np.float32)}
