@@ -447,7 +447,7 @@ def run_parity(
         torch.set_num_threads(old_threads)
 
 
-def full_outputs_error(config: Any, got: list[str]) -> str | None:
+def full_outputs_error(config: ModelConfig, got: list[str]) -> str | None:
     """Why full.onnx's outputs ``got`` are not the ones ``config`` exports, or None. Bundles exported before full.onnx
     named the sequence-module outputs (``v1`` / ``v2``) lack the last two and are still right."""
     expected = list(full_output_names(config))

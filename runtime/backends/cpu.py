@@ -34,6 +34,7 @@ from .warmup import warmup_requests
 
 # Per-candidate inputs of full.onnx: a chunk of candidates is these rows, with the user's inputs whole.
 CANDIDATE_INPUTS = ("cand_request", "cand_item", "item_dense")
+ROW_INPUTS = (*CANDIDATE_INPUTS, *SEQUENCE_OUTPUTS)  # what a part of dense.onnx's run takes only its rows of
 # Fewest candidates worth a run of their own: each run of the whole graph also pays ~1.6 ms on one thread at 16,000
 # actions that no candidate needs (the user's share, 0.8 ms: normalising the lifelong sequence, TransAct's row share;
 # reading the DCN's weights; ~300 small nodes), against ~0.8 ms per candidate (benchmarks/RESULTS.md, 2026-12-05).
@@ -303,8 +304,7 @@ class CpuBackend:
         feed = {k: feed[k] for k in slots.inputs}
         if len(bounds) == 1:
             return [slots.run(feed)]
-        rows = (*CANDIDATE_INPUTS, *SEQUENCE_OUTPUTS)
-        chunks = [{k: (v[a:z] if k in rows else v) for k, v in feed.items()} for a, z in bounds]
+        chunks = [{k: (v[a:z] if k in ROW_INPUTS else v) for k, v in feed.items()} for a, z in bounds]
         if self._pool is None:
             return [slots.run(chunk) for chunk in chunks]
         return [self._pool.submit(slots.run, chunk) for chunk in chunks]
@@ -313,7 +313,7 @@ class CpuBackend:
         """Probabilities and scores of one row: its chunks' outputs joined, and when they are the sequence-module
         outputs (``rest``: the row's inputs), ``dense.onnx`` on them in ``split`` parts side by side."""
         joined = _joined(pending)
-        if rest is not None and self.dense is not None:
+        if rest is not None:  # set only where self.dense runs
             feed = rest | dict(zip(SEQUENCE_OUTPUTS, joined, strict=True))
             n = len(feed["cand_request"])
             joined = _joined(self._start(self.dense, feed, chunk_bounds(n, self.split, max_chunk=n)))

@@ -72,18 +72,24 @@ def _reads(node: onnx.NodeProto) -> set[str]:
     return names
 
 
+def _needed(nodes: list[onnx.NodeProto], names: Collection[str]) -> tuple[list[onnx.NodeProto], set[str]]:
+    """The nodes (of ``nodes``, in topological order) that ``names`` need, in that order, and every name they read."""
+    need, kept = set(names), []
+    for n in reversed(nodes):  # read backwards: every consumer before its producers
+        if any(o in need for o in n.output):
+            kept.append(n)
+            need |= _reads(n)
+    return kept[::-1], need
+
+
 def keep_outputs(model: onnx.ModelProto, names: Collection[str]) -> onnx.ModelProto:
     """``model`` cut to the graph outputs ``names``: the nodes they need, the inputs and weights those read."""
     g = model.graph
     kept = [o for o in g.output if o.name in names]
     if missing := set(names) - {o.name for o in kept}:
         raise ValueError(f"the graph has no output(s) {sorted(missing)}")
-    need, nodes = set(names), []
-    for n in reversed(g.node):  # topological order, read backwards: every consumer before its producers
-        if any(o in need for o in n.output):
-            nodes.append(n)
-            need |= _reads(n)
-    return _model(model, nodes[::-1], [v for v in g.input if v.name in need], kept, g.name)
+    nodes, need = _needed(list(g.node), names)
+    return _model(model, nodes, [v for v in g.input if v.name in need], kept, g.name)
 
 
 def split_request_stage(
@@ -124,12 +130,8 @@ def split_request_stage(
     if not edge:
         return None
     # The request stage keeps only what the hand-off needs.
-    need, request_nodes = set(edge), []
-    for i in reversed(hoisted):
-        if any(o in need for o in g.node[i].output):
-            request_nodes.append(i)
-            need.update(x for x in g.node[i].input if x)
-    if all(g.node[i].op_type in layout_ops for i in request_nodes):
+    request_nodes, need = _needed([g.node[i] for i in hoisted], edge)
+    if all(n.op_type in layout_ops for n in request_nodes):
         return None
     types = _types(model)
     if any(x not in types for x in edge):
@@ -138,8 +140,8 @@ def split_request_stage(
             return None
     order = sorted(edge)
     graph_inputs = list(g.input)
-    request = _model(model, [g.node[i] for i in sorted(request_nodes)], [v for v in graph_inputs if v.name in need],
-                     [types[x] for x in order], "request_stage")  # fmt: skip
+    request = _model(model, request_nodes, [v for v in graph_inputs if v.name in need], [types[x] for x in order],
+                     "request_stage")
     below = [g.node[i] for i in sorted(stay)]
     used = {x for n in below for x in n.input if x} | outputs
     candidates = _model(model, below, [v for v in graph_inputs if v.name in used] + [types[x] for x in order],
