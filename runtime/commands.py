@@ -31,7 +31,8 @@ from transact.errors import TransactError
                    "its cgroup's CPU quota, shared out among the --workers).")
 @click.option("--split", type=click.IntRange(min=1), default=None,
               help="cpu: chunks of a request's candidates (at most 16 each) scored side by side at a time, "
-                   "threads / split threads each (default: one per thread).")
+                   "threads / split threads each (default: one per thread; several threads per chunk were slower where "
+                   "measured, benchmarks/RESULTS.md).")
 @click.option("--triton-cache-dir", type=click.Path(file_okay=False), default=None,
               help="Persistent compiled-kernel cache (cuda; default ~/.cache/transact/triton).")
 @click.option("--dense-on", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
