@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split", type=int, default=None,
                     help="the cpu backend's chunks run at a time (default: runtime.backends.cpu.default_split)")
+    ap.add_argument("--max-chunk", type=int, default=None,
+                    help="most candidates per chunk (default: runtime.backends.cpu.MAX_CHUNK)")
     ap.add_argument("--onnx-provider", default=CPU_PROVIDER,
                     help="ONNX Runtime execution provider (the CPU provider takes the nodes it does not)")
     ap.add_argument("--system-malloc", action="store_true",
@@ -122,7 +124,7 @@ def main() -> None:
 
         fns["torch.compile (inductor)"] = run_compiled
     probs = session.run(["probabilities"], feed)[0]
-    backend = Session(args.bundle, device="cpu", threads=args.threads, split=args.split,
+    backend = Session(args.bundle, device="cpu", threads=args.threads, split=args.split, max_chunk=args.max_chunk,
                       onnx_provider=args.onnx_provider)  # fmt: skip
     request = Request.from_batch(batch, 0)
     backend_name = f"cpu backend ({backend.backend.layout})"
@@ -146,7 +148,7 @@ def main() -> None:
         "runs": args.runs, "warmup": args.warmup, "median_ms": med,
         "p10_ms": {k: float(np.percentile(v, 10)) for k, v in results.items()},
         "p90_ms": {k: float(np.percentile(v, 90)) for k, v in results.items()},
-        "backend": {"name": backend_name, "split": backend.backend.split,
+        "backend": {"name": backend_name, "split": backend.backend.split, "max_chunk": backend.backend.max_chunk,
                     "threads_per_chunk": backend.backend.threads_per_chunk,
                     "dense_stage": backend.backend.dense is not None},
         "speedup_vs_best_eager": ratio, "max_abs_diff_probabilities": diff,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The cpu backend on a GPU machine's host CPU (DESIGN §5 measures on that machine): how its chunks slow each other
 # down side by side (cpu_scaling.py: per operator, and a compute and a streaming probe), then the DESIGN §5 request
-# against eager PyTorch at every usable CPU, at 8 threads and at 2 where the host has them (cpu_backend.py).
+# against eager PyTorch at every usable CPU, at 8 threads and at 2 where the host has them (cpu_backend.py), and with
+# other chunk sizes.
 #   OUT=results_dir bash benchmarks/host_cpu.sh
 source "$(dirname "$0")/gpu_env.sh"
 BUNDLE=${BUNDLE:-/tmp/transact-default-bundle}
@@ -25,6 +26,15 @@ cpus=$(nproc)
 for threads in $(printf '%s\n' "$cpus" 8 2 | awk -v n="$cpus" '$1 <= n && !seen[$1]++'); do
   timeout "${BENCH_TIMEOUT:-300}" $PY benchmarks/cpu_backend.py --bundle "$BUNDLE" --threads "$threads" --runs 20 \
     --json "$OUT/cpu_backend_$threads.json" 2>&1 | tee "$OUT/cpu_backend_$threads.log"
+  rc=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] && status=$rc
+done
+# Other chunk sizes: halved at every CPU (twice the chunks, so the request and dense stages run), doubled at 2 threads
+# (at many threads a request of 256 has no larger chunks: the chunk count is rounded up to the slots).
+for run in "$cpus 8" "2 32"; do
+  set -- $run
+  [ "$1" -le "$cpus" ] || continue
+  timeout "${BENCH_TIMEOUT:-300}" $PY benchmarks/cpu_backend.py --bundle "$BUNDLE" --threads "$1" --max-chunk "$2" \
+    --runs 20 --json "$OUT/cpu_backend_${1}_chunk$2.json" 2>&1 | tee "$OUT/cpu_backend_${1}_chunk$2.log"
   rc=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] && status=$rc
 done
 exit "$status"

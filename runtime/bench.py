@@ -136,12 +136,15 @@ def latency_stats(ms: list[float]) -> dict[str, float]:
 @click.option("--split", default=None, type=click.IntRange(min=1),
               help="cpu: chunks of the candidates scored side by side, threads / split threads each "
                    "(default: one per thread).")
+@click.option("--max-chunk", default=None, type=click.IntRange(min=1),
+              help="cpu: most candidates per chunk (default 16).")
 @click.option("--system-malloc", is_flag=True,
               help="Leave glibc's malloc at its defaults (eager then pays page faults whose cost varies by host).")
 @click.option("--onnx-provider", default=CPU_PROVIDER, show_default=True, callback=check_provider,
               help="ONNX Runtime execution provider for the cpu backend's full.onnx.")
 def bench_cmd(bundle: Path, device: str, candidates: int, ll: int | None, runs: int, warmup: int,
-              threads: int | None, split: int | None, onnx_provider: str, system_malloc: bool) -> None:  # fmt: skip
+              threads: int | None, split: int | None, max_chunk: int | None, onnx_provider: str,
+              system_malloc: bool) -> None:  # fmt: skip
     """Time one request (1 user, random inputs) through the runtime and through eager PyTorch."""
     from transact.data.random_batch import random_batch
     from transact.model import transformer_fastpath
@@ -151,7 +154,8 @@ def bench_cmd(bundle: Path, device: str, candidates: int, ll: int | None, runs: 
     kept = not system_malloc and keep_freed_memory()
     if threads:
         torch.set_num_threads(threads)
-    session = Session(bundle, device=device, threads=threads, split=split, onnx_provider=onnx_provider)
+    session = Session(bundle, device=device, threads=threads, split=split, max_chunk=max_chunk,
+                      onnx_provider=onnx_provider)  # fmt: skip
     cfg = session.config
     batch = random_batch(cfg, 1, candidates, ll=cfg.max_ll if ll is None else ll, rt=cfg.max_rt, imp=cfg.max_imp)
     request = Request.from_batch(batch, 0)

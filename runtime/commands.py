@@ -30,9 +30,12 @@ from transact.errors import TransactError
               help="ONNX Runtime threads per server process (default: every CPU this process may use, within "
                    "its cgroup's CPU quota, shared out among the --workers).")
 @click.option("--split", type=click.IntRange(min=1), default=None,
-              help="cpu: chunks of a request's candidates (at most 16 each) scored side by side at a time, "
+              help="cpu: chunks of a request's candidates (at most --max-chunk each) scored side by side at a time, "
                    "threads / split threads each (default: one per thread; several threads per chunk were slower where "
                    "measured, benchmarks/RESULTS.md).")
+@click.option("--max-chunk", type=click.IntRange(min=1), default=None,
+              help="cpu: most candidates per chunk (default 16; chunks keep at least 8 where a request has them). "
+                   "The best size depends on the host's caches.")
 @click.option("--triton-cache-dir", type=click.Path(file_okay=False), default=None,
               help="Persistent compiled-kernel cache (cuda; default ~/.cache/transact/triton).")
 @click.option("--dense-on", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
@@ -50,7 +53,7 @@ from transact.errors import TransactError
               help="ONNX Runtime execution provider for full.onnx (cpu) or dense.onnx (cuda, --dense-on cpu); "
                    "check the bundle on it first with `transact parity --onnx-provider`.")
 def serve_cmd(bundle, host, port, device, max_batch, max_queue_delay_ms, max_candidates, max_body_mb, model_name,
-              threads, split, triton_cache_dir, dense_on, tf32, switch_interval_ms, workers, log_level,
+              threads, split, max_chunk, triton_cache_dir, dense_on, tf32, switch_interval_ms, workers, log_level,
               onnx_provider) -> None:  # fmt: skip
     """Serve BUNDLE over HTTP (KServe / Triton Inference Server v2 protocol) until SIGINT/SIGTERM."""
     import sys
@@ -69,7 +72,7 @@ def serve_cmd(bundle, host, port, device, max_batch, max_queue_delay_ms, max_can
         from .backends.cpu import usable_cpus
 
         threads = max(1, usable_cpus() // workers)
-    options = dict(device=device, threads=threads, split=split, max_candidates=max_candidates,
+    options = dict(device=device, threads=threads, split=split, max_chunk=max_chunk, max_candidates=max_candidates,
                    triton_cache_dir=triton_cache_dir, max_batch=max_batch, dense_on=dense_on, tf32=tf32,
                    onnx_provider=onnx_provider)  # fmt: skip
     if workers > 1:

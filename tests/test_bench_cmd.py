@@ -54,6 +54,27 @@ def test_bench_and_serve_take_an_onnx_provider() -> None:
         assert result.exit_code == 2 and "'NoSuchExecutionProvider' is not available" in result.output
 
 
+def test_bench_and_serve_take_a_chunk_size(monkeypatch) -> None:
+    """``--max-chunk`` reaches the cpu backend's session options; below 1 it is refused with exit status 2, by name."""
+    import runtime.session
+
+    made = []
+
+    class Recorded(Session):
+        def __init__(self, *args, **options) -> None:  # noqa: ANN002, ANN003
+            super().__init__(*args, **options)
+            made.append(self.backend.max_chunk)
+
+    monkeypatch.setattr(runtime.session, "Session", Recorded)
+    args = ["--device", "cpu", "--candidates", "3", "--runs", "1", "--warmup", "0", "--system-malloc", "--threads", "1"]
+    result = CliRunner().invoke(bench_cmd, [str(small_bundle()), *args, "--max-chunk", "9"])
+    assert result.exit_code == 0, result.output
+    assert made == [9]
+    for cmd in (bench_cmd, serve_cmd):
+        result = CliRunner().invoke(cmd, [str(small_bundle()), "--max-chunk", "0"])
+        assert result.exit_code == 2 and "--max-chunk" in result.output
+
+
 def test_take_turns_interleaves_blocks_after_one_untimed_call() -> None:
     """The call order, worked out by hand for runs=7, warmup=2, block=3: warm-ups first, then per round each
     function's untimed call and its block; the last round's blocks are cut to what is still owed."""

@@ -149,6 +149,39 @@ def test_chunk_bounds_cover_every_candidate_once(n: int, split: int) -> None:
     assert min(sizes) >= min(n, 8)
 
 
+@pytest.mark.parametrize(("max_chunk", "sizes"), [
+    (None, [13, 13, 14]),  # MAX_CHUNK (16)
+    (32, [20, 20]),
+    (64, [40]),  # one chunk: the whole graph
+    (10, [10, 10, 10, 10]),
+    (4, [8, 8, 8, 8, 8]),  # never below MIN_CHUNK (8)
+])  # fmt: skip
+def test_max_chunk_sets_the_chunks(bundle_dir: Path, eager: RankingModel, max_chunk: int | None, sizes: list[int],
+                                   monkeypatch) -> None:  # fmt: skip
+    """``max_chunk`` bounds the candidates of each run of full.onnx (or of its candidate stage); the probabilities
+    are the same as eager PyTorch's at every size."""
+    reqs = random_requests(small_config(), 31, n_requests=1, n_cands=40, ll=[200], rt=[30], imp=[20])
+    session = Session(bundle_dir, device="cpu", threads=1, max_chunk=max_chunk, warmup=False)
+    runs = []
+    for slots in (session.backend.whole, session.backend.staged):
+        def counted(feed, run=slots.run):  # noqa: ANN001, ANN202
+            runs.append(len(feed["cand_request"]))
+            return run(feed)
+
+        monkeypatch.setattr(slots, "run", counted)
+    try:
+        got = session.score(reqs[0])
+    finally:
+        session.close()
+    assert runs == sizes
+    np.testing.assert_allclose(got, eager_probs(eager, reqs)[0], atol=1e-5, rtol=0)
+
+
+def test_max_chunk_below_one_is_refused(bundle_dir: Path) -> None:
+    with pytest.raises(ValueError, match="max_chunk must be at least 1, got 0"):
+        Session(bundle_dir, device="cpu", threads=1, max_chunk=0, warmup=False)
+
+
 @pytest.mark.parametrize(("threads", "cpus", "want"), [(16, 4, 4), (2, 16, 2), (1, 8, 1), (8, 8, 8)])
 def test_default_split_is_one_chunk_per_thread_and_cpu(threads: int, cpus: int, want: int, monkeypatch) -> None:
     monkeypatch.setattr(cpu_backend, "usable_cpus", lambda: cpus)

@@ -1,12 +1,13 @@
 """The ``cpu`` backend: the whole model in ONNX Runtime (``full.onnx``).
 
 A request's candidates are scored independently of each other, so the backend cuts them into chunks of at
-most ``MAX_CHUNK`` and runs ``split`` chunks at a time side by side with ``threads // split`` intra-op threads
-each. That keeps every core busy on whole products instead of leaving ONNX Runtime to split each small operator
-between all of them: its LayerNormalization, for one, gets no faster past one thread (benchmarks/RESULTS.md,
-2026-12-05); and a small chunk's intermediates stay in the core's caches. When a request's chunks outnumber the
-slots, the part of the graph that depends on the request alone runs once before them (``request_stage``), the chunks
-stop at the two sequence-module outputs, and ``dense.onnx`` scores all of the row's candidates at once after them."""
+most ``max_chunk`` (``MAX_CHUNK`` by default) and runs ``split`` chunks at a time side by side with
+``threads // split`` intra-op threads each. That keeps every core busy on whole products instead of leaving ONNX
+Runtime to split each small operator between all of them: its LayerNormalization, for one, gets no faster past one
+thread (benchmarks/RESULTS.md, 2026-12-05); and a small chunk's intermediates stay in the core's caches. When a
+request's chunks outnumber the slots, the part of the graph that depends on the request alone runs once before them
+(``request_stage``), the chunks stop at the two sequence-module outputs, and ``dense.onnx`` scores all of the row's
+candidates at once after them."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ MIN_CHUNK = 8
 # stage and the dense stage taking both out of the chunks, 16 is the best size measured on the Intel Xeon of the
 # fifty-fifth session: a chunk costs 0.713 ms per candidate on one thread at 16 (0.843 at 8, 0.740 at 32, 0.767 at
 # 64), and the request ran 1.045-1.053x faster than with chunks of 32 at 256 candidates, 1.05-1.06x at 64-1,024,
-# 1.04x on one thread (48 candidates: 0.98x).
+# 1.04x on one thread (48 candidates: 0.98x). The default of ``SessionOptions.max_chunk``, which a host may tune.
 MAX_CHUNK = 16
 
 
@@ -219,6 +220,9 @@ class CpuBackend:
         self.config = bundle.config
         threads = options.threads or usable_cpus()
         self.split = min(options.split or default_split(threads), threads)
+        if options.max_chunk is not None and options.max_chunk < 1:
+            raise ValueError(f"max_chunk must be at least 1, got {options.max_chunk}")
+        self.max_chunk = options.max_chunk or MAX_CHUNK
         per = max(1, threads // self.split)
         graph, providers = bundle.graph_bytes("full.onnx"), onnx_providers(options.onnx_provider)
         model = onnx.load_from_string(graph)
@@ -289,7 +293,7 @@ class CpuBackend:
     def _submit(self, feed: dict[str, np.ndarray]) -> tuple[list, dict[str, np.ndarray] | None]:
         """Start one row's chunks: their runs (futures, or finished outputs when nothing runs side by side), and the
         row's inputs when the chunks stop at the sequence-module outputs and ``dense.onnx`` is still to run."""
-        bounds = chunk_bounds(len(feed["cand_request"]), self.split)
+        bounds = chunk_bounds(len(feed["cand_request"]), self.split, max_chunk=self.max_chunk)
         slots, rest = self.whole, None
         if self.request_session is not None and self.staged is not None and len(bounds) > self.split:
             with flushed_denormals(self.flush):
@@ -323,8 +327,8 @@ class CpuBackend:
     def warmup(self, limits: Limits) -> None:
         """Run a few shapes once, through every session (the request stage's too), so that ONNX Runtime has
         planned its memory before the first request."""
-        every = min(limits.max_candidates, self.split * MAX_CHUNK)
-        staged = min(limits.max_candidates, self.split * MAX_CHUNK * 2)  # chunks in turns: the request stage
+        every = min(limits.max_candidates, self.split * self.max_chunk)
+        staged = min(limits.max_candidates, self.split * self.max_chunk * 2)  # chunks in turns: the request stage
         shapes = list(dict.fromkeys([(1, 1), (1, 16), (2, 64), (1, every), (1, staged)]))  # small limits repeat some
         for reqs in warmup_requests(self.config, limits, shapes):
             self.run(plan_batch(reqs))
