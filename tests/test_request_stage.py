@@ -164,6 +164,19 @@ def test_keep_outputs_follows_what_subgraphs_read() -> None:
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+def test_keep_outputs_keeps_weights_that_only_subgraphs_read() -> None:
+    """Branches that read the weight ``w`` itself: kept to the If's output, nothing outside the If reads ``w``, and the
+    cut still carries it (else ONNX Runtime could not load the graph) and gives the whole graph's values."""
+    tail = [helper.make_node("MatMul", ["c", "w"], ["y"])]
+    model = _if_graph("c", _branch("Exp", "w"), _branch("Neg", "w"), "z", tail, ["y", "z"])
+    z_only = keep_outputs(model, ["z"])
+    assert _ops(z_only) == ["ReduceSum", "Greater", "If"] and [t.name for t in z_only.graph.initializer] == ["w"]
+    feed = FEED | {"zero": np.array(0.0, np.float32)}
+    (got,), (_, whole) = _run(z_only, feed), _run(model, feed)
+    np.testing.assert_array_equal(got, whole)
+    np.testing.assert_allclose(got, np.exp(W.astype(np.float64)) if FEED["c"].sum() > 0 else -W, rtol=1e-6)
+
+
 class _BeforeSequenceOutputs:
     """A loaded bundle whose full.onnx lacks the ``v1`` / ``v2`` outputs, as bundles exported before them do (the
     nodes are all there; only the graph's output list is shorter)."""

@@ -50,17 +50,6 @@ def _types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     return {v.name: v for v in (*g.value_info, *g.input, *g.output)}
 
 
-def _model(source: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],
-           outputs: list[onnx.ValueInfoProto], name: str) -> onnx.ModelProto:  # fmt: skip
-    used = {i for n in nodes for i in n.input if i}
-    init = [t for t in source.graph.initializer if t.name in used]
-    graph = helper.make_graph(nodes, name, inputs, outputs, init)
-    model = helper.make_model(graph, opset_imports=source.opset_import, ir_version=source.ir_version,
-                              producer_name=source.producer_name, producer_version=source.producer_version)  # fmt: skip
-    model.functions.extend(source.functions)
-    return model
-
-
 def _reads(node: onnx.NodeProto) -> set[str]:
     """The names a node reads: its inputs and, for If / Loop / Scan, every name read inside its subgraphs (a superset
     of their outer-scope reads, which is all a cut needs)."""
@@ -70,6 +59,17 @@ def _reads(node: onnx.NodeProto) -> set[str]:
             for n in sub.node:
                 names |= _reads(n)
     return names
+
+
+def _model(source: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],
+           outputs: list[onnx.ValueInfoProto], name: str) -> onnx.ModelProto:  # fmt: skip
+    used = set().union(*map(_reads, nodes))  # subgraphs' reads too: a weight only a branch reads stays
+    init = [t for t in source.graph.initializer if t.name in used]
+    graph = helper.make_graph(nodes, name, inputs, outputs, init)
+    model = helper.make_model(graph, opset_imports=source.opset_import, ir_version=source.ir_version,
+                              producer_name=source.producer_name, producer_version=source.producer_version)  # fmt: skip
+    model.functions.extend(source.functions)
+    return model
 
 
 def _needed(nodes: list[onnx.NodeProto], names: Collection[str]) -> tuple[list[onnx.NodeProto], set[str]]:
