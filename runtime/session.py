@@ -371,6 +371,10 @@ class SessionOptions:
     # cuda: (request rows, candidates, ll width) buckets compiled and captured at start-up; None: the defaults
     warmup_shapes: list[tuple[int, int, int]] | None = None
 
+    def __post_init__(self) -> None:
+        if self.max_chunk is not None and self.max_chunk < 1:
+            raise ValueError(f"max_chunk must be at least 1, got {self.max_chunk}")
+
 
 class Session:
     """Scores requests against a bundle. ``device``: "auto" (cuda when a GPU is present), "cpu" or "cuda"."""

@@ -220,8 +220,6 @@ class CpuBackend:
         self.config = bundle.config
         threads = options.threads or usable_cpus()
         self.split = min(options.split or default_split(threads), threads)
-        if options.max_chunk is not None and options.max_chunk < 1:
-            raise ValueError(f"max_chunk must be at least 1, got {options.max_chunk}")
         self.max_chunk = options.max_chunk or MAX_CHUNK
         per = max(1, threads // self.split)
         graph, providers = bundle.graph_bytes("full.onnx"), onnx_providers(options.onnx_provider)
