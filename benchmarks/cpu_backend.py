@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--split", type=int, default=None,
                     help="the cpu backend's chunks run at a time (default: runtime.backends.cpu.default_split)")
     ap.add_argument("--max-chunk", type=int, default=None,
-                    help="most candidates per chunk (default: runtime.backends.cpu.MAX_CHUNK)")
+                    help="most candidates per chunk (default: runtime.chunks.MAX_CHUNK)")
     ap.add_argument("--onnx-provider", default=CPU_PROVIDER,
                     help="ONNX Runtime execution provider (the CPU provider takes the nodes it does not)")
     ap.add_argument("--system-malloc", action="store_true",

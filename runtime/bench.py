@@ -14,6 +14,7 @@ import torch
 
 from export.bundle import CPU_PROVIDER
 from export.commands import check_provider
+from runtime.chunks import MAX_CHUNK
 from transact.config import ModelConfig
 
 
@@ -137,7 +138,7 @@ def latency_stats(ms: list[float]) -> dict[str, float]:
               help="cpu: chunks of the candidates scored side by side, threads / split threads each "
                    "(default: one per thread).")
 @click.option("--max-chunk", default=None, type=click.IntRange(min=1),
-              help="cpu: most candidates per chunk (default 16).")
+              help=f"cpu: most candidates per chunk (default {MAX_CHUNK}).")
 @click.option("--system-malloc", is_flag=True,
               help="Leave glibc's malloc at its defaults (eager then pays page faults whose cost varies by host).")
 @click.option("--onnx-provider", default=CPU_PROVIDER, show_default=True, callback=check_provider,

@@ -8,6 +8,7 @@ import click
 
 from export.bundle import CPU_PROVIDER
 from export.commands import check_provider
+from runtime.chunks import MAX_CHUNK, MIN_CHUNK
 from transact.errors import TransactError
 
 
@@ -34,8 +35,8 @@ from transact.errors import TransactError
                    "threads / split threads each (default: one per thread; several threads per chunk were slower where "
                    "measured, benchmarks/RESULTS.md).")
 @click.option("--max-chunk", type=click.IntRange(min=1), default=None,
-              help="cpu: most candidates per chunk (default 16; chunks keep at least 8 where a request has them). "
-                   "The best size depends on the host's caches.")
+              help=f"cpu: most candidates per chunk (default {MAX_CHUNK}; chunks keep at least {MIN_CHUNK} where a "
+                   "request has them). The best size depends on the host's caches.")
 @click.option("--triton-cache-dir", type=click.Path(file_okay=False), default=None,
               help="Persistent compiled-kernel cache (cuda; default ~/.cache/transact/triton).")
 @click.option("--dense-on", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,

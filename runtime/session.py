@@ -339,7 +339,7 @@ class SessionOptions:
     # cpu: chunks of a request's candidates (at most ``max_chunk`` each) run side by side, ``split`` at a time,
     # threads // split threads each (None: runtime.backends.cpu.default_split)
     split: int | None = None
-    # cpu: most candidates per chunk (None: runtime.backends.cpu.MAX_CHUNK); the best size depends on the host's
+    # cpu: most candidates per chunk (None: runtime.chunks.MAX_CHUNK); the best size depends on the host's
     # caches (benchmarks/RESULTS.md: 16 on an Intel Xeon, 32 on an AMD EPYC before the dense stage)
     max_chunk: int | None = None
     # cpu: where a request row's chunks outnumber ``split``, the nodes of full.onnx that depend on the request alone

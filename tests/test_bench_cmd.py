@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,6 +75,23 @@ def test_bench_and_serve_take_a_chunk_size(monkeypatch) -> None:
     for cmd in (bench_cmd, serve_cmd):
         result = CliRunner().invoke(cmd, [str(small_bundle()), "--max-chunk", "0"])
         assert result.exit_code == 2 and "--max-chunk" in result.output
+
+
+def test_chunk_size_help_names_the_backends_defaults() -> None:
+    """The help of both commands gives the sizes the cpu backend uses, and reading them loads no ONNX Runtime (a
+    fresh interpreter, since this one has it already)."""
+    from runtime.chunks import MAX_CHUNK, MIN_CHUNK
+
+    for cmd in (bench_cmd, serve_cmd):
+        text = " ".join(CliRunner().invoke(cmd, ["--help"], terminal_width=400).output.split())
+        assert f"most candidates per chunk (default {MAX_CHUNK}" in text
+    assert f"at least {MIN_CHUNK} where" in " ".join(
+        CliRunner().invoke(serve_cmd, ["--help"], terminal_width=400).output.split()
+    )
+    code = "import sys, runtime.bench, runtime.commands; print(sorted(m for m in sys.modules if 'onnxruntime' in m))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert out.stdout.strip() == "[]"
 
 
 def test_take_turns_interleaves_blocks_after_one_untimed_call() -> None:

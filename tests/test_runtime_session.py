@@ -19,8 +19,8 @@ import torch
 
 from runtime.backends import BackendUnavailable
 from runtime.backends import cpu as cpu_backend
-from runtime.backends.cpu import chunk_bounds
 from runtime.batching import plan_batch
+from runtime.chunks import MAX_CHUNK, chunk_bounds
 from runtime.session import Limits, Request, Session, request_from_tensors, resolve_device
 from transact.batch import Batch, BatchError
 from transact.config import ModelConfig, TransActConfig, TransActV2Config
@@ -145,7 +145,7 @@ def test_chunk_bounds_cover_every_candidate_once(n: int, split: int) -> None:
     assert all(z0 == a1 for (_, z0), (a1, _) in zip(bounds[:-1], bounds[1:], strict=True))
     sizes = [z - a for a, z in bounds]
     assert max(sizes) - min(sizes) <= 1
-    assert max(sizes) <= cpu_backend.MAX_CHUNK or len(bounds) == max(1, n // 8)  # unless MIN_CHUNK caps the count
+    assert max(sizes) <= MAX_CHUNK or len(bounds) == max(1, n // 8)  # unless MIN_CHUNK caps the count
     assert min(sizes) >= min(n, 8)
 
 

@@ -29,6 +29,7 @@ from export.manifest import DENSE_OUTPUTS, FULL_OUTPUTS, SEQUENCE_OUTPUTS
 from transact.batch import INPUT_NAMES
 
 from ..batching import BatchPlan, plan_batch
+from ..chunks import MAX_CHUNK, chunk_bounds
 from ..session import Limits, LoadedBundle, SessionOptions
 from .request_stage import keep_outputs, split_request_stage
 from .warmup import warmup_requests
@@ -36,20 +37,6 @@ from .warmup import warmup_requests
 # Per-candidate inputs of full.onnx: a chunk of candidates is these rows, with the user's inputs whole.
 CANDIDATE_INPUTS = ("cand_request", "cand_item", "item_dense")
 ROW_INPUTS = (*CANDIDATE_INPUTS, *SEQUENCE_OUTPUTS)  # what a part of dense.onnx's run takes only its rows of
-# Fewest candidates worth a run of their own: each run of the whole graph also pays ~1.6 ms on one thread at 16,000
-# actions that no candidate needs (the user's share, 0.8 ms: normalising the lifelong sequence, TransAct's row share;
-# reading the DCN's weights; ~300 small nodes), against ~0.8 ms per candidate (benchmarks/RESULTS.md, 2026-12-05).
-MIN_CHUNK = 8
-# Most candidates per run. A run's intermediates grow with its candidates (V2's tokens are 192 x 64 floats each,
-# the lifelong scores 16,000), and past a few dozen candidates they spill from the core's L2 cache and then
-# crowd the other cores out of the shared L3: on the AMD EPYC of benchmarks/RESULTS.md (2026-12-05, forty-ninth
-# session) 256 candidates on 2 threads ran 1.13x faster as 8 chunks of 32 than as 2 of 128, with chunks of 16
-# 1.02x behind 32 there while every chunk still paid the user's share and read the DCN's weights. With the request
-# stage and the dense stage taking both out of the chunks, 16 is the best size measured on the Intel Xeon of the
-# fifty-fifth session: a chunk costs 0.713 ms per candidate on one thread at 16 (0.843 at 8, 0.740 at 32, 0.767 at
-# 64), and the request ran 1.045-1.053x faster than with chunks of 32 at 256 candidates, 1.05-1.06x at 64-1,024,
-# 1.04x on one thread (48 candidates: 0.98x). The default of ``SessionOptions.max_chunk``, which a host may tune.
-MAX_CHUNK = 16
 
 
 @functools.cache
@@ -156,17 +143,6 @@ def default_split(threads: int) -> int:
     """Chunks side by side for ``threads`` threads: one thread each, at most one per usable CPU (more chunks
     than CPUs would only take turns)."""
     return max(1, min(threads, usable_cpus()))
-
-
-def chunk_bounds(n: int, split: int, min_chunk: int = MIN_CHUNK, max_chunk: int = MAX_CHUNK) -> list[tuple[int, int]]:
-    """[start, end) of near-equal chunks of ``n`` candidates: enough that none exceeds ``max_chunk``, rounded up
-    to a multiple of ``split`` so that the ``split`` slots finish together, but none below ``min_chunk`` (unless
-    ``n`` itself is)."""
-    parts = -(-n // max(1, max_chunk))
-    parts = -(-parts // split) * split
-    parts = max(1, min(parts, n // max(1, min_chunk)))
-    edges = [n * i // parts for i in range(parts + 1)]
-    return list(zip(edges[:-1], edges[1:], strict=True))
 
 
 class _Slots:
