@@ -14,8 +14,9 @@ import torch
 
 from export.bundle import CPU_PROVIDER
 from export.commands import check_provider
-from runtime.chunks import MAX_CHUNK
 from transact.config import ModelConfig
+
+from .chunks import MAX_CHUNK
 
 
 def cpu_name() -> str:

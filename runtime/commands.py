@@ -8,8 +8,9 @@ import click
 
 from export.bundle import CPU_PROVIDER
 from export.commands import check_provider
-from runtime.chunks import MAX_CHUNK, MIN_CHUNK
 from transact.errors import TransactError
+
+from .chunks import MAX_CHUNK, MIN_CHUNK
 
 
 @click.command("serve")

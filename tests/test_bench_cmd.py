@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from test_runtime_session import small_bundle
 
 from runtime.bench import bench_cmd, latency_stats, round_ratios, take_turns
+from runtime.chunks import MAX_CHUNK, MIN_CHUNK
 from runtime.commands import serve_cmd
 from runtime.session import Session
 
@@ -80,8 +81,6 @@ def test_bench_and_serve_take_a_chunk_size(monkeypatch) -> None:
 def test_chunk_size_help_names_the_backends_defaults() -> None:
     """The help of both commands gives the sizes the cpu backend uses, and reading them loads no ONNX Runtime (a
     fresh interpreter, since this one has it already)."""
-    from runtime.chunks import MAX_CHUNK, MIN_CHUNK
-
     for cmd in (bench_cmd, serve_cmd):
         text = " ".join(CliRunner().invoke(cmd, ["--help"], terminal_width=400).output.split())
         assert f"most candidates per chunk (default {MAX_CHUNK}" in text
