@@ -83,6 +83,13 @@ class BatchPlan:
         }
         for s in SEQUENCES:
             w = widths[s]
+            if r == 1 and len(getattr(users[0], s)) == w:  # one full row: views of the request's arrays, no copy
+                seq = getattr(users[0], s)
+                fields = {"ts": (seq.ts, np.int64), "action": (seq.action, np.int32),
+                          "surface": (seq.surface, np.int64), "item": (seq.item, np.int8)}  # fmt: skip
+                out.update({f"{s}_{f}": np.ascontiguousarray(a, dtype)[None] for f, (a, dtype) in fields.items()})
+                out[f"{s}_length"] = np.array([w], np.int64)
+                continue
             ts, action = np.zeros((r, w), np.int64), np.zeros((r, w), np.int32)
             surface, item = np.zeros((r, w), np.int64), np.zeros((r, w, ITEM_DIM), np.int8)
             length = np.zeros(r, np.int64)

@@ -271,7 +271,7 @@ def validate_request(req: Request, config: ModelConfig, limits: Limits | None = 
         _check_codes(f"{s}_item", seq.item)
         if int(seq.surface.min()) < 0 or int(seq.surface.max()) >= config.num_surfaces:
             raise BatchError(f"{s}_surface: values must lie in [0, {config.num_surfaces})")
-        if length > 1 and bool((np.diff(seq.ts) < 0).any()):
+        if length > 1 and bool((seq.ts[1:] < seq.ts[:-1]).any()):  # no int64 difference array
             raise BatchError(f"{s}_ts: each sequence must be sorted oldest -> newest")
 
 

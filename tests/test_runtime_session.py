@@ -88,6 +88,22 @@ def random_requests(config: ModelConfig, seed: int, n_requests: int = 3, n_cands
 # ---------------------------------------------------------------------------------------------
 
 
+def test_a_lone_full_row_reads_the_requests_arrays_in_place() -> None:
+    """One request row: each sequence that fills its width goes in as a view of the request's array (no copy), with
+    the dtypes and values of the zero-padded copy a wider batch makes; an empty sequence still gets one zero slot."""
+    (req,) = random_requests(small_config(), 51, 1, 6, ll=[200], rt=[40], imp=[0])
+    plan = plan_batch([req])
+    lone, wide = plan.padded_inputs(), plan.padded_inputs({"ll": 210, "rt": 45, "imp": 3})
+    for s, n in (("ll", 200), ("rt", 40), ("imp", 0)):
+        assert lone[f"{s}_length"].tolist() == wide[f"{s}_length"].tolist() == [n]
+        for f in ("ts", "action", "surface", "item"):
+            a, b = lone[f"{s}_{f}"], wide[f"{s}_{f}"]
+            assert a.dtype == b.dtype and a.flags.c_contiguous and a.shape[:2] == (1, max(n, 1))
+            np.testing.assert_array_equal(a[:, :n], b[:, :n])
+            assert not b[:, n:].any() and (n > 0 or not a.any())
+            assert np.shares_memory(a, getattr(getattr(req, s), f)) == (n > 0)
+
+
 def test_cpu_session_matches_eager_per_request_and_batched(session: Session, eager: RankingModel) -> None:
     for seed in range(3):
         reqs = random_requests(session.config, seed)
