@@ -11,7 +11,6 @@ import shutil
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -252,58 +251,6 @@ def test_one_thread_chunks_run_at_once_on_one_session(bundle_dir: Path, monkeypa
     finally:
         session.close()
     assert state["most"] == 3 and state["calls"] == 6
-
-
-def test_the_waiting_thread_runs_the_chunks_no_worker_has_started() -> None:
-    """``_joined``: the thread that waits for a row's chunks runs every queued one no worker has started (the worker
-    then skips it), waits for the one a worker runs, and joins the outputs in candidate order."""
-    me, started, release, ran = threading.current_thread(), threading.Event(), threading.Event(), {}
-
-    def run(feed: dict) -> list[np.ndarray]:
-        ran[int(feed["i"])] = threading.current_thread()
-        if feed["i"] == 0:  # the worker's chunk: held until the caller has run the last one
-            started.set()
-            assert release.wait(10)
-        if feed["i"] == 3:
-            release.set()
-        return [np.full((2, 1), feed["i"]), np.full((2,), -feed["i"])]
-
-    pool = ThreadPoolExecutor(1)
-    try:
-        feeds = [{"i": i} for i in range(4)]
-        pending = [cpu_backend._Queued(pool.submit(run, feeds[0]), run, feeds[0])]
-        assert started.wait(10)
-        pending += [cpu_backend._Queued(pool.submit(run, f), run, f) for f in feeds[1:]]
-        column, flat = cpu_backend._joined([*pending[:2], [np.full((2, 1), 9), np.full((2,), -9)], *pending[2:]])
-    finally:
-        pool.shutdown(wait=True)
-    assert ran[0] is not me and all(ran[i] is me for i in (1, 2, 3)) and len(ran) == 4  # none ran twice
-    np.testing.assert_array_equal(column[:, 0], [0, 0, 1, 1, 9, 9, 2, 2, 3, 3])
-    np.testing.assert_array_equal(flat, [0, 0, -1, -1, -9, -9, -2, -2, -3, -3])
-
-
-def test_the_calling_thread_is_one_of_the_slots(bundle_dir: Path, eager: RankingModel, monkeypatch) -> None:
-    """``split`` chunks side by side take ``split - 1`` workers and the thread that asked for the scores, which runs
-    chunks while it waits: no more threads than slots, the same probabilities as eager."""
-    session = Session(bundle_dir, device="cpu", threads=2, split=2, warmup=False)
-    backend, threads = session.backend, []
-    for slots in (backend.whole, backend.staged, backend.dense):
-        (ort_session,) = slots.sessions
-
-        def probed(names, feed, run=ort_session.run):  # noqa: ANN001, ANN202
-            threads.append(threading.current_thread())
-            return run(names, feed)
-
-        monkeypatch.setattr(ort_session, "run", probed)
-    try:
-        for n_cands in (32, 128):  # two whole-graph chunks; eight staged chunks, then two parts of dense.onnx
-            threads.clear()
-            (req,) = random_requests(session.config, 41, 1, n_cands, ll=[200], rt=[40], imp=[30])
-            np.testing.assert_allclose(session.score(req), eager_probs(eager, [req])[0], atol=1e-5, rtol=0)
-            assert len(threads) == (2 if n_cands == 32 else 8 + 2)
-            assert threading.current_thread() in threads and len(set(threads)) == 2
-    finally:
-        session.close()
 
 
 def denormal_product() -> float:

@@ -15,9 +15,8 @@ import contextlib
 import functools
 import os
 import queue
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -171,26 +170,9 @@ class _Slots:
             self._idle.put(session)
 
 
-@dataclass
-class _Queued:
-    """One run handed to the pool, with what it calls, so that the thread waiting for it can run it instead."""
-
-    future: Future
-    run: Callable[[dict[str, np.ndarray]], list[np.ndarray]]
-    feed: dict[str, np.ndarray]
-
-
 def _joined(pending: list) -> list[np.ndarray]:
-    """Each output of the runs (queued runs or finished outputs, in candidate order) joined along the candidates.
-
-    The waiting thread is one of the slots: it runs every queued run that no worker has started (a worker skips a
-    cancelled one) and then waits for the rest. A thread that sleeps through the chunks computes slowly for
-    milliseconds after it wakes on a VM's vCPU (the next request's checks took 2.4 ms there, 0.18 back to back)."""
-    outs: list = list(pending)
-    for i, p in enumerate(pending):
-        if isinstance(p, _Queued) and p.future.cancel():
-            outs[i] = p.run(p.feed)
-    outs = [p.future.result() if isinstance(p, _Queued) else p for p in outs]
+    """Each output of the runs (futures or finished outputs, in candidate order) joined along the candidates."""
+    outs = [p.result() if isinstance(p, Future) else p for p in pending]
     return [np.concatenate(col) if len(outs) > 1 else col[0] for col in zip(*outs, strict=True)]
 
 
@@ -254,8 +236,7 @@ class CpuBackend:
             self.handoff = list(stage.handoff)
             self._request_inputs = [i.name for i in self.request_session.get_inputs()]
         self.threads_per_chunk = per
-        # split - 1 workers: the thread that asks for the scores runs chunks too while it waits (``_joined``)
-        self._pool = ThreadPoolExecutor(self.split - 1, "transact-cpu") if self.split > 1 else None
+        self._pool = ThreadPoolExecutor(self.split, "transact-cpu") if self.split > 1 else None
 
     @property
     def layout(self) -> str:
@@ -284,7 +265,7 @@ class CpuBackend:
         return np.concatenate([p for p, _ in parts]), np.concatenate([s for _, s in parts])
 
     def _submit(self, feed: dict[str, np.ndarray]) -> tuple[list, dict[str, np.ndarray] | None]:
-        """Start one row's chunks: their runs (queued, or finished outputs when nothing runs side by side), and the
+        """Start one row's chunks: their runs (futures, or finished outputs when nothing runs side by side), and the
         row's inputs when the chunks stop at the sequence-module outputs and ``dense.onnx`` is still to run."""
         bounds = chunk_bounds(len(feed["cand_request"]), self.split, max_chunk=self.max_chunk)
         slots, rest = self.whole, None
@@ -304,7 +285,7 @@ class CpuBackend:
         chunks = [{k: (v[a:z] if k in ROW_INPUTS else v) for k, v in feed.items()} for a, z in bounds]
         if self._pool is None:
             return [slots.run(chunk) for chunk in chunks]
-        return [_Queued(self._pool.submit(slots.run, chunk), slots.run, chunk) for chunk in chunks]
+        return [self._pool.submit(slots.run, chunk) for chunk in chunks]
 
     def _gather(self, pending: list, rest: dict[str, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities and scores of one row: its chunks' outputs joined, and when they are the sequence-module
