@@ -87,7 +87,9 @@ class BatchPlan:
                 seq = getattr(users[0], s)
                 fields = {"ts": (seq.ts, np.int64), "action": (seq.action, np.int32),
                           "surface": (seq.surface, np.int64), "item": (seq.item, np.int8)}  # fmt: skip
-                out.update({f"{s}_{f}": np.ascontiguousarray(a, dtype)[None] for f, (a, dtype) in fields.items()})
+                # (a wire request's arrays may sit at any byte offset of its body: those are copied, aligned)
+                out.update({f"{s}_{f}": np.require(a, dtype, ["C_CONTIGUOUS", "ALIGNED"])[None]
+                            for f, (a, dtype) in fields.items()})  # fmt: skip
                 out[f"{s}_length"] = np.array([w], np.int64)
                 continue
             ts, action = np.zeros((r, w), np.int64), np.zeros((r, w), np.int32)

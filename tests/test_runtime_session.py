@@ -101,6 +101,13 @@ def test_a_lone_full_row_reads_the_requests_arrays_in_place() -> None:
             np.testing.assert_array_equal(a[:, :n], b[:, :n])
             assert not b[:, n:].any() and (n > 0 or not a.any())
             assert np.shares_memory(a, getattr(getattr(req, s), f)) == (n > 0)
+    # An array at an odd byte offset (as a binary request body can hold) is copied to aligned memory.
+    body = np.zeros(8 * 200 + 1, np.uint8)
+    odd = np.frombuffer(body.data, np.int64, count=200, offset=1)
+    odd_req = dataclasses.replace(req, ll=dataclasses.replace(req.ll, ts=odd))
+    ts = plan_batch([odd_req]).padded_inputs()["ll_ts"]
+    assert not odd.flags.aligned and ts.flags.aligned and not np.shares_memory(ts, odd)
+    np.testing.assert_array_equal(ts[0], odd)
 
 
 def test_cpu_session_matches_eager_per_request_and_batched(session: Session, eager: RankingModel) -> None:
