@@ -21,7 +21,7 @@ import numpy as np
 from transact.batch import SEQUENCES
 from transact.config import ITEM_DIM
 
-from .session import BatchResult, Request, UserSeq
+from .session import SEQ_DTYPES, BatchResult, Request, UserSeq
 
 
 def same_user(a: Request, b: Request) -> bool:
@@ -82,26 +82,18 @@ class BatchPlan:
             "hour": np.array([u.hour for u in users], np.int64),
         }
         for s in SEQUENCES:
-            w = widths[s]
-            if r == 1 and len(getattr(users[0], s)) == w:  # one full row: views of the request's arrays, no copy
-                seq = getattr(users[0], s)
-                fields = {"ts": (seq.ts, np.int64), "action": (seq.action, np.int32),
-                          "surface": (seq.surface, np.int64), "item": (seq.item, np.int8)}  # fmt: skip
-                # (a wire request's arrays may sit at any byte offset of its body: those are copied, aligned)
-                out.update({f"{s}_{f}": np.require(a, dtype, ["C_CONTIGUOUS", "ALIGNED"])[None]
-                            for f, (a, dtype) in fields.items()})  # fmt: skip
-                out[f"{s}_length"] = np.array([w], np.int64)
-                continue
-            ts, action = np.zeros((r, w), np.int64), np.zeros((r, w), np.int32)
-            surface, item = np.zeros((r, w), np.int64), np.zeros((r, w, ITEM_DIM), np.int8)
-            length = np.zeros(r, np.int64)
-            for i, u in enumerate(users):
-                seq: UserSeq = getattr(u, s)
-                n = len(seq)
-                ts[i, :n], action[i, :n], surface[i, :n], item[i, :n] = seq.ts, seq.action, seq.surface, seq.item
-                length[i] = n
-            out.update({f"{s}_ts": ts, f"{s}_action": action, f"{s}_surface": surface, f"{s}_item": item,
-                        f"{s}_length": length})  # fmt: skip
+            w, seqs = widths[s], [getattr(u, s) for u in users]
+            for f, dtype in SEQ_DTYPES.items():
+                if r == 1 and len(seqs[0]) == w:
+                    # One full row: a view of the request's array, no copy (unless it sits at an odd byte offset of
+                    # a wire body: then an aligned copy).
+                    arr = np.require(getattr(seqs[0], f), dtype, ["C_CONTIGUOUS", "ALIGNED"])[None]
+                else:
+                    arr = np.zeros((r, w, ITEM_DIM) if f == "item" else (r, w), dtype)
+                    for row, seq in enumerate(seqs):
+                        arr[row, : len(seq)] = getattr(seq, f)
+                out[f"{s}_{f}"] = arr
+            out[f"{s}_length"] = np.array([len(seq) for seq in seqs], np.int64)
         out["cand_request"] = self.cand_request()
         out["cand_item"] = np.concatenate([q.cand_item for q in self.requests]).astype(np.float32, copy=False)
         out["item_dense"] = np.concatenate([q.item_dense for q in self.requests]).astype(np.float32, copy=False)

@@ -27,6 +27,10 @@ QMAX = 127
 DEVICES = ("auto", "cpu", "cuda")
 
 
+# Each sequence field's dtype (and the model's input dtype for ``{seq}_{field}``); ``item`` is (L, ITEM_DIM).
+SEQ_DTYPES = {"ts": np.int64, "action": np.int32, "surface": np.int64, "item": np.int8}
+
+
 @dataclass
 class UserSeq:
     """One action sequence of one user, oldest -> newest: (L,) arrays and (L, 32) int8 item codes."""
@@ -41,8 +45,7 @@ class UserSeq:
 
     @classmethod
     def empty(cls) -> UserSeq:
-        z = np.zeros
-        return cls(z(0, np.int64), z(0, np.int32), z(0, np.int64), z((0, ITEM_DIM), np.int8))
+        return cls(**{f: np.zeros((0, ITEM_DIM) if f == "item" else 0, d) for f, d in SEQ_DTYPES.items()})
 
 
 @dataclass
@@ -255,10 +258,8 @@ def validate_request(req: Request, config: ModelConfig, limits: Limits | None = 
     for s in SEQUENCES:
         seq: UserSeq = getattr(req, s)
         length = len(seq)
-        expect = {"ts": ((length,), np.int64), "action": ((length,), np.int32),
-                  "surface": ((length,), np.int64), "item": ((length, ITEM_DIM), np.int8)}  # fmt: skip
-        for f, (shape, dtype) in expect.items():
-            arr = getattr(seq, f)
+        for f, dtype in SEQ_DTYPES.items():
+            shape, arr = ((length, ITEM_DIM) if f == "item" else (length,)), getattr(seq, f)
             if arr.dtype != dtype:
                 raise BatchError(f"{s}_{f}: expected {np.dtype(dtype).name}, got {arr.dtype}")
             if arr.shape != shape:
