@@ -17,16 +17,17 @@ tracing.
 Self-attention inside ``full.onnx``: PyTorch's ``nn.MultiheadAttention`` decomposes into a long chain of
 transposes, mask arithmetic and batched matmuls that materialise every (N, T, T) score tensor; ONNX
 Runtime runs that about as fast as eager PyTorch. While exporting, each post-norm ``nn.TransformerEncoder``
-is therefore traced through ``encoder_forward`` below, which computes the same function with one fused
-``com.microsoft.Attention`` node per layer (QKV projection, scaled scores, causal and key-padding masks,
-softmax, weighted sum; one (T, T) tile per sequence and head at a time). ONNX Runtime's CPU kernel computes
-the masked upper triangle of a causal layer too, so a causal layer of static length (V2's T) becomes four
-query blocks, each against the keys up to its end, chained through the node's ``past`` / ``present``
-keys and values: 62.5% of the score work. TransAct's first layer goes further (``candidate_attention``): its
-tokens are the request's rt actions with the candidate's embedding appended, so the request row's share of
-the projections and scores is computed once and every candidate's attention comes out of two products
-over the row's keys. The eager model is untouched and the parity checker holds the exported graph to it.
-``dense.onnx`` contains no attention and stays standard ONNX.
+is therefore traced through ``encoder_forward`` below, which computes the same function with the attention
+of each layer written out as plain products per head (``_self_attention_onnx``: q, k and v each by its own
+projection, scores, masks, softmax, weighted sum; no transposes of the token tensors). A causal layer of static
+length (V2's T) runs as four query blocks, each against the keys up to its end: 62.5% of the score work. Where
+a layer has one head, its output projection is folded into the values (``_values_through_out_proj``). V2's
+kept tokens are a prefix of each sequence, so its causal layers need no key-padding mask at all
+(``transact_v2_encode``). TransAct's first layer goes further (``candidate_attention``): its tokens are the
+request's rt actions with the candidate's embedding appended, so the request row's share of the projections
+and scores is computed once and every candidate's attention comes out of two products over the row's keys.
+The eager model is untouched and the parity checker holds the exported graph to it. Both graphs are standard
+ONNX (opset 18), with no operator of ONNX Runtime's own domains.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-import onnxscript
 import torch
 import torch.nn.functional as F
 from onnxscript import opset18 as op
@@ -51,7 +51,7 @@ from torch.export import Dim
 from transact.batch import INPUT_NAMES, SEQUENCES, Batch, Seq
 from transact.config import ModelConfig
 from transact.data.random_batch import random_batch
-from transact.model import RankingModel, TransAct, transformer_fastpath
+from transact.model import RankingModel, TransAct, TransActV2, transformer_fastpath
 
 from .manifest import DEFAULT_OPSET, DENSE_INPUTS, DENSE_OUTPUTS, FULL_OUTPUTS, SELECTION_OUTPUTS, SEQUENCE_OUTPUTS
 
@@ -62,8 +62,9 @@ EXAMPLE_WIDTH = {"ll": 53, "rt": 29, "imp": 23}
 
 
 MASK_FILTER = -1e30  # added to masked attention scores; exp() of it is exactly 0, like -inf
-# Causal attention of a static length runs as this many query blocks in full.onnx (V2: T = 192 -> 4 x 48):
-# one Attention node at the V2 shape took 48.4 ms on a 2-thread Xeon, four chained blocks 38.1 ms.
+# Causal attention of a static length runs as this many query blocks in full.onnx (V2: T = 192 -> 4 x 48), each
+# against the keys up to its end: 62.5% of the (S, S) score work (benchmarks/RESULTS.md: 2, 3, 4 and 6 blocks
+# within 3% of each other on V2's layer, one whole block ~10% slower).
 CAUSAL_BLOCKS = 4
 
 
@@ -72,21 +73,25 @@ class ExportFailed(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Fused self-attention for export
+# Self-attention for export
 # ---------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("transact_export::self_attention", mutates_args=())
 def self_attention(
     x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor, keep: torch.Tensor, num_heads: int, causal: bool,
-    block_ends: list[int],
-) -> torch.Tensor:
+    block_ends: list[int], keys_prefix: bool,
+) -> torch.Tensor:  # fmt: skip
     """Multi-head self-attention before the output projection: x (B, S, E), weight_t (E, 3E), bias (3E,),
-    keep (B, S) int32 (1 = attend to this key), -> (B, S, E). Mirrors ``com.microsoft.Attention``.
+    keep (B, S) int32 (1 = attend to this key), -> (B, S, E).
 
-    ``block_ends`` (causal, static S only; empty = one block) only changes how the ONNX graph computes
-    the same function: queries in blocks, each block against the keys up to its end (see
-    ``_self_attention_onnx``)."""
+    ``block_ends`` (causal, static S only; empty = one block) only changes how the ONNX graph computes the same
+    function: queries in blocks, each block against the keys up to its end (``_self_attention_onnx``).
+    ``keys_prefix`` (causal only): the caller's kept keys are a prefix of every sequence, so no kept query ever
+    reads a dropped key under the causal mask; the key-padding mask is left out, which changes only the rows of
+    dropped positions."""
+    if keys_prefix:
+        keep = torch.ones_like(keep)
     return _attention(x, weight_t, bias, keep, num_heads, causal)
 
 
@@ -106,55 +111,68 @@ def _attention(
 
 
 @self_attention.register_fake
-def _self_attention_fake(x, weight_t, bias, keep, num_heads, causal, block_ends):  # noqa: ANN001, ANN202
+def _self_attention_fake(x, weight_t, bias, keep, num_heads, causal, block_ends, keys_prefix):  # noqa: ANN001, ANN202
     return torch.empty_like(x)
 
 
-def _attention_schema(past: bool) -> onnx.defs.OpSchema:
-    """The part of ONNX Runtime's ``com.microsoft.Attention`` schema used here (onnx itself has none):
-    without ``past`` one output; with it, the ``past`` input and the ``present`` output too."""
-    schema = onnx.defs.OpSchema
-    param = schema.FormalParameter
-    attr = schema.Attribute
-    optional = schema.FormalParameterOption.Optional
-    inputs = [param("input", "T"), param("weights", "T"), param("bias", "T", param_option=optional),
-              param("mask_index", "M", param_option=optional)]  # fmt: skip
-    outputs = [param("output", "T")]
-    if past:
-        inputs.append(param("past", "T", param_option=optional))
-        outputs.append(param("present", "T"))
-    return schema(
-        "Attention", "com.microsoft", 1, inputs=inputs, outputs=outputs,
-        type_constraints=[("T", ["tensor(float)"], "float"), ("M", ["tensor(int32)"], "int32 mask")],
-        attributes=[attr("num_heads", schema.AttrType.INT, "heads"),
-                    attr("unidirectional", schema.AttrType.INT, "causal"),
-                    attr("mask_filter_value", schema.AttrType.FLOAT, "added to masked scores")],
-    )  # fmt: skip
+def _causal_tile(start: int, end: int) -> onnx.TensorProto:
+    """Query rows [start, end) against keys [0, end): 0 where the key is at or before the query, else MASK_FILTER."""
+    tile = torch.zeros(end - start, end)
+    tile[:, start:] = torch.full((end - start, end - start), MASK_FILTER).triu(1)
+    return onnx.numpy_helper.from_array(tile.numpy())
 
 
-_MS = onnxscript.values.Opset("com.microsoft", 1)
-_ATTENTION = onnxscript.values.Op(_MS, "Attention", _attention_schema(past=False))
-_ATTENTION_PAST = onnxscript.values.Op(_MS, "Attention", _attention_schema(past=True))
+def _self_attention_onnx(x, weight_t, bias, keep, num_heads: int, causal: bool, block_ends: list[int],  # noqa: ANN001, ANN202
+                         keys_prefix: bool):  # fmt: skip
+    # Plain products, per head: q, k and v each by its own projection (the score scale folded into q's weights;
+    # no packed QKV product to split, which is a copy of all three), the scores of each query block against
+    # the keys up to its end, a constant causal tile and the key-padding bias added, softmax, the weighted sum.
+    # ONNX Runtime's com.microsoft.Attention computes these same products (bit for bit on V2's layer) but
+    # splits its packed projection and builds its masks on every call: the plain form took V2's request 1.07x
+    # faster and TransAct's second layer 1.03x on top (benchmarks/RESULTS.md, 2026-12-06). Standard ONNX only.
+    e = weight_t.shape[0]
+    hd = e // num_heads
+    scale = op.Constant(value_float=hd**-0.5)
+    axis0, axis1, axis2 = (op.Constant(value_ints=[a]) for a in (0, 1, 2))
+    start0 = op.Constant(value_ints=[0])
+    key_bias = None
+    if not (causal and keys_prefix):
+        dropped = op.Equal(keep, op.CastLike(op.Constant(value_int=0), keep))
+        key_bias = op.Unsqueeze(op.Where(dropped, op.Constant(value_float=MASK_FILTER), op.Constant(value_float=0.0)),
+                                axis1)  # (B, 1, S)  # fmt: skip
+    whole = not (causal and block_ends)
+    spans = [(0, None)] if whole else list(zip([0, *block_ends[:-1]], block_ends, strict=True))
+    if causal and whole:  # a dynamic (or short) length: the causal tile from the sequence's length
+        s = op.Shape(x, start=1, end=2)
+        tiles = [op.Trilu(op.Expand(op.Constant(value_float=MASK_FILTER), op.Concat(s, s, axis=0)),
+                          op.Constant(value_int=1), upper=1)]  # fmt: skip
+    else:
+        tiles = [_causal_tile(a, z) for a, z in spans] if causal else [None]
+    heads = []
+    for h in range(num_heads):
 
+        def weights(part: int, h: int = h):  # noqa: ANN202
+            lo, hi = op.Constant(value_ints=[part * e + h * hd]), op.Constant(value_ints=[part * e + (h + 1) * hd])
+            return op.Slice(weight_t, lo, hi, axis1), op.Slice(bias, lo, hi, axis0)
 
-def _self_attention_onnx(x, weight_t, bias, keep, num_heads: int, causal: bool, block_ends: list[int]):  # noqa: ANN001, ANN202
-    if not block_ends:
-        return _ATTENTION(x, weight_t, bias, keep, num_heads=num_heads, unidirectional=int(causal),
-                          mask_filter_value=MASK_FILTER)  # fmt: skip
-    # Causal attention in query blocks: block i attends to the keys [0, end_i) only, the keys and values
-    # of the earlier blocks coming in as ``past`` (the previous node's ``present``). ONNX Runtime's CPU
-    # kernel computes every (query, key) pair it is given, masked or not, so four blocks do 62.5% of the
-    # (S, S) work of one node.
-    outs, past, start = [], None, 0
-    one = op.Constant(value_ints=[1])
-    for end in block_ends:
-        xs = op.Slice(x, op.Constant(value_ints=[start]), op.Constant(value_ints=[end]), one)
-        ks = op.Slice(keep, op.Constant(value_ints=[0]), op.Constant(value_ints=[end]), one)
-        args = (xs, weight_t, bias, ks) if past is None else (xs, weight_t, bias, ks, past)
-        y, past = _ATTENTION_PAST(*args, num_heads=num_heads, unidirectional=1, mask_filter_value=MASK_FILTER)
-        outs.append(y)
-        start = end
-    return op.Concat(*outs, axis=1)
+        (wq, bq), (wk, bk), (wv, bv) = weights(0), weights(1), weights(2)
+        q = op.Add(op.MatMul(x, op.Mul(wq, scale)), op.Mul(bq, scale))  # (B, S, hd)
+        k = op.Add(op.MatMul(x, wk), bk)
+        v = op.Add(op.MatMul(x, wv), bv)
+        blocks = []
+        for (start, end), tile in zip(spans, tiles, strict=True):
+            stop = None if end is None else op.Constant(value_ints=[end])
+            qb = q if end is None else op.Slice(q, op.Constant(value_ints=[start]), stop, axis1)
+            last = end is None or end == block_ends[-1]
+            kb, vb = (k, v) if last else (op.Slice(k, start0, stop, axis1), op.Slice(v, start0, stop, axis1))
+            scores = op.MatMul(qb, op.Transpose(kb, perm=[0, 2, 1]))
+            if tile is not None:
+                scores = op.Add(scores, tile if not isinstance(tile, onnx.TensorProto) else op.Constant(value=tile))
+            if key_bias is not None:
+                scores = op.Add(scores, key_bias if last else op.Slice(key_bias, start0, stop, axis2))
+            blocks.append(op.MatMul(op.Softmax(scores, axis=-1), vb))
+        heads.append(blocks[0] if len(blocks) == 1 else op.Concat(*blocks, axis=1))
+    return heads[0] if num_heads == 1 else op.Concat(*heads, axis=-1)
 
 
 # Smallest softmax denominator the factored candidate attention trusts (below it the two separately shifted
@@ -187,10 +205,10 @@ def _candidate_attention_onnx(x, tokens, cand, cand_request, keep, weight_t, bia
     #     out_c[t] = sum_s e^A[t,s] e^B_c[s] va_s / sum_s e^A[t,s] e^B_c[s] + vc.
     # With e^A shifted by its row maxima and e^B by each candidate's, every candidate of a row comes out of
     # one product e^A @ [e^B_c * va for all c] and one e^A @ (e^B)^T: the QKV projection of N x S tokens
-    # and the N x S x S score products of the plain node are gone. The two shifts are not the (t, c) pair's
+    # and the N x S x S score products of the plain form are gone. The two shifts are not the (t, c) pair's
     # own maximum, so a pair whose best key scores poorly on both sides can underflow; a candidate with a
-    # denominator below FACTORED_MIN_DENOMINATOR anywhere is computed again by the plain node (usually none:
-    # the node then runs on zero rows). Every row pairs with every candidate (R x N work, exactly right for
+    # denominator below FACTORED_MIN_DENOMINATOR anywhere is computed again in the plain form (usually none:
+    # it then runs on zero rows). Every row pairs with every candidate (R x N work, exactly right for
     # one request row, as the selection).
     heads = op.Constant(value_ints=[0, 0, num_heads, -1])
     w_cand = op.Slice(weight_t, op.Shape(tokens, start=2), op.Constant(value_ints=[2**62]), op.Constant(value_ints=[0]))
@@ -226,8 +244,8 @@ def _candidate_attention_onnx(x, tokens, cand, cand_request, keep, weight_t, bia
     out = op.Add(op.Gather(out, own, axis=0), op.Unsqueeze(vc, op.Constant(value_ints=[1])))  # (N, S, E)
     smallest = op.Gather(op.Reshape(op.ReduceMin(den, op.Constant(value_ints=[1, 2]), keepdims=0), last), own)
     redo = op.Reshape(op.NonZero(op.Less(smallest, op.Constant(value_float=FACTORED_MIN_DENOMINATOR))), last)
-    plain = _ATTENTION(op.Gather(x, redo, axis=0), weight_t, bias, op.Gather(op.Gather(keep, cand_request), redo),
-                       num_heads=num_heads, unidirectional=0, mask_filter_value=MASK_FILTER)  # fmt: skip
+    redo_keep = op.Gather(op.Gather(keep, cand_request), redo)
+    plain = _self_attention_onnx(op.Gather(x, redo, axis=0), weight_t, bias, redo_keep, num_heads, False, [], False)
     return op.ScatterND(out, op.Unsqueeze(redo, last), plain)
 
 
@@ -290,12 +308,24 @@ def encoder_forward(
     return _encoder_layers(encoder, src, keep, causal)
 
 
+def _values_through_out_proj(attn: nn.MultiheadAttention) -> tuple[torch.Tensor, torch.Tensor]:
+    """One head's QKV weights (E, 3E) and bias (3E,) with the output projection folded into the values: a row of
+    attention weights sums to 1, so (P V) Wo^T + bo = P (V Wo^T + bo), and V Wo^T + bo = x (Wv^T Wo^T) +
+    (bv Wo^T + bo). One (B S, E) x (E, E) product per layer fewer (V2's request 1.02x, benchmarks/RESULTS.md)."""
+    e = attn.embed_dim
+    w, bias, wo = attn.in_proj_weight.t(), attn.in_proj_bias, attn.out_proj.weight.t()
+    wv = w[:, 2 * e :] @ wo
+    bv = bias[2 * e :] @ wo + attn.out_proj.bias
+    return torch.cat([w[:, : 2 * e], wv], dim=1), torch.cat([bias[: 2 * e], bv])
+
+
 def _encoder_layers(
     encoder: nn.TransformerEncoder, src: torch.Tensor, keep: torch.Tensor, causal: bool,
-    first_attention: torch.Tensor | None = None,
+    first_attention: torch.Tensor | None = None, keys_prefix: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """Every layer (and the final norm) on src (B, S, E) with keys ``keep`` (B, S) int32; ``first_attention``,
-    when given, is the first layer's attention output (before its output projection), computed elsewhere."""
+    when given, is the first layer's attention output (before its output projection), computed elsewhere;
+    ``keys_prefix``: see ``self_attention``."""
     # Rows are independent outside attention: keep them 2-D there (plain Gemm and LayerNormalization;
     # ONNX Runtime would otherwise fuse the 3-D residual adds into SkipLayerNormalization, which its CPU
     # kernel runs several times slower than Add + LayerNormalization at these widths).
@@ -305,11 +335,15 @@ def _encoder_layers(
     for i, layer in enumerate(encoder.layers):
         attn = layer.self_attn
         if i == 0 and first_attention is not None:
-            a = first_attention
+            a = attn.out_proj(first_attention.reshape(b * s, e))
+        elif attn.num_heads == 1:  # the output projection folded into the values
+            weight_t, bias = _values_through_out_proj(attn)
+            a = self_attention(x.reshape(b, s, e), weight_t, bias, keep, 1, causal, ends, keys_prefix).reshape(b * s, e)
         else:
             a = self_attention(x.reshape(b, s, e), attn.in_proj_weight.t(), attn.in_proj_bias, keep, attn.num_heads,
-                               causal, ends)  # fmt: skip
-        x = layer.norm1(x + attn.out_proj(a.reshape(b * s, e)))
+                               causal, ends, keys_prefix)  # fmt: skip
+            a = attn.out_proj(a.reshape(b * s, e))
+        x = layer.norm1(x + a)
         x = layer.norm2(x + layer.linear2(F.relu(layer.linear1(x))))
     if encoder.norm is not None:
         x = encoder.norm(x)
@@ -332,6 +366,13 @@ def transact_forward_rows(
     return self.output(_encoder_layers(self.transformer_encoder, x, keep[cand_request], False, first))
 
 
+def transact_v2_encode(self: TransActV2, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """``TransActV2.encode`` for export (eval mode). The selection packs valid tokens to the front, so padding is a
+    suffix and under the causal mask a valid row reads no padded key: the key-padding mask changes only padded
+    rows, which the pool never reads, and the graph leaves it out."""
+    return _encoder_layers(self.transformer_encoder, x, (~pad).to(torch.int32), True, keys_prefix=True)
+
+
 @contextlib.contextmanager
 def fused_attention(model: nn.Module) -> Iterator[None]:
     """Route every fusable ``nn.TransformerEncoder`` of ``model`` through ``encoder_forward``, and TransAct's
@@ -341,6 +382,9 @@ def fused_attention(model: nn.Module) -> Iterator[None]:
         if isinstance(module, nn.TransformerEncoder) and _fusable(module):
             module.forward = encoder_forward.__get__(module)
             patched.append((module, "forward"))
+        elif isinstance(module, TransActV2) and _fusable(module.transformer_encoder):
+            module.encode = transact_v2_encode.__get__(module)
+            patched.append((module, "encode"))
         elif (isinstance(module, TransAct) and module.config.concat_candidate_emb
               and _fusable(module.transformer_encoder)):  # fmt: skip
             module.forward_rows = transact_forward_rows.__get__(module)

@@ -152,26 +152,35 @@ def test_graph_dims_are_symbolic(bundle) -> None:  # noqa: ANN001
     assert dims["cand_request"] == ["N"] and dims["item_dense"] == ["N", small_config().item_dense_dim]
 
 
-def test_causal_attention_runs_in_query_blocks(bundle) -> None:  # noqa: ANN001
-    """V2's causal layers: four Attention nodes each, the later ones fed the earlier keys and values as
-    ``past`` (the parity tests above hold them to the eager model); V1's: one node per layer, the first
-    layer's only for the candidates its factored form hands back (``candidate_attention``)."""
+def test_attention_is_plain_products_in_query_blocks(bundle) -> None:  # noqa: ANN001
+    """full.onnx is standard ONNX: no node of ONNX Runtime's domains. Each head of each attention layer is a
+    Softmax per query block: V2's causal layers (one head) four blocks each, TransAct's one per head per layer
+    (the first layer's in the fallback of its factored form, which scatters its rows back)."""
     proto = onnx.load_model_from_string(bundle.graph_bytes("full"))
-    nodes = [n for n in proto.graph.node if n.op_type == "Attention"]
-    causal = [n for n in nodes if any(a.name == "unidirectional" and a.i == 1 for a in n.attribute)]
-    layers = small_config().transact.num_layer, small_config().transact_v2.num_layer
-    assert len(nodes) - len(causal) == layers[0] and len(causal) == 4 * layers[1]
-    assert [n.op_type for n in proto.graph.node].count("ScatterND") == 1  # the first V1 layer's fallback
-    assert sum(len(n.input) == 5 and n.input[4] != "" for n in causal) == 3 * layers[1]
+    assert {o.domain for o in proto.opset_import} == {""}
+    assert all(n.domain == "" for n in proto.graph.node)
+    v1, v2 = small_config().transact, small_config().transact_v2
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("Softmax") == 4 * v2.num_layer * v2.nhead + v1.num_layer * v1.nhead
+    assert ops.count("ScatterND") == 1  # the first V1 layer's fallback
+    # V2's causal tiles (T = 20: blocks of 5), -1e30 above the diagonal of the block's own keys (one per block and
+    # layer, small equal ones merged by the exporter's optimizer)
+    tiles = [onnx.numpy_helper.to_array(t) for t in proto.graph.initializer if list(t.dims[:1]) == [5]
+             and len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT]  # fmt: skip
+    assert {t.shape for t in tiles} == {(5, end) for end in (5, 10, 15, 20)}
+    for tile in tiles:
+        assert np.array_equal(tile[:, -5:], np.triu(np.full((5, 5), -1e30, np.float32), 1)) and not tile[:, :-5].any()
 
 
+@pytest.mark.parametrize("heads", [1, 2])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("final_norm", [False, True])
-def test_encoder_forward_is_the_encoder_in_float64(causal: bool, final_norm: bool) -> None:
-    """The encoder the export traces (fused attention, rows 2-D outside it) against PyTorch's own module,
-    every parameter random (biases and LayerNorm parameters included), in float64."""
+def test_encoder_forward_is_the_encoder_in_float64(heads: int, causal: bool, final_norm: bool) -> None:
+    """The encoder the export traces (its attention op, one-head layers' output projection in the values, rows
+    2-D outside attention) against PyTorch's own module, every parameter random (biases and LayerNorm
+    parameters included), in float64."""
     torch.manual_seed(3)
-    d, heads, layers = 24, 2, 3
+    d, layers = 24, 3
     layer = torch.nn.TransformerEncoderLayer(d, heads, dim_feedforward=20, dropout=0.0, batch_first=True)
     enc = torch.nn.TransformerEncoder(layer, layers, norm=torch.nn.LayerNorm(d) if final_norm else None,
                                       enable_nested_tensor=False).double().eval()  # fmt: skip

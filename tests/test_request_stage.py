@@ -243,7 +243,7 @@ def test_bundle_graph_cut_and_backend_with_and_without_it(monkeypatch) -> None:
     stage = split_request_stage(model, CANDIDATE_INPUTS)
     assert stage is not None
     ops = set(_ops(stage.request))
-    assert {"LpNormalization", "Exp"} <= ops and "Attention" not in ops and "TopK" not in ops
+    assert {"LpNormalization", "Exp"} <= ops and "Softmax" not in ops and "TopK" not in ops  # no candidate's attention
     assert not {i.name for i in stage.request.graph.input} & set(CANDIDATE_INPUTS)
     assert len(stage.candidates.graph.node) + stage.request_nodes >= len(model.graph.node)
     cut = Session(bundle_dir, device="cpu", threads=2, split=2, warmup=False)
