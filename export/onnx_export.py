@@ -148,6 +148,10 @@ def _self_attention_onnx(x, weight_t, bias, keep, num_heads: int, causal: bool, 
                           op.Constant(value_int=1), upper=1)]  # fmt: skip
     else:
         tiles = [_causal_tile(a, z) for a, z in spans] if causal else [None]
+    # The projections on the tokens as rows (B S, E): ONNX Runtime fuses a 2-D product and its bias into one Gemm,
+    # where with a dynamic batch the 3-D product's bias stayed a pass of its own over the result.
+    rows = op.Reshape(x, op.Constant(value_ints=[-1, e]))
+    per_head = op.Concat(op.Shape(x, start=0, end=2), op.Constant(value_ints=[hd]), axis=0)
     heads = []
     for h in range(num_heads):
 
@@ -156,9 +160,9 @@ def _self_attention_onnx(x, weight_t, bias, keep, num_heads: int, causal: bool, 
             return op.Slice(weight_t, lo, hi, axis1), op.Slice(bias, lo, hi, axis0)
 
         (wq, bq), (wk, bk), (wv, bv) = weights(0), weights(1), weights(2)
-        q = op.Add(op.MatMul(x, op.Mul(wq, scale)), op.Mul(bq, scale))  # (B, S, hd)
-        k = op.Add(op.MatMul(x, wk), bk)
-        v = op.Add(op.MatMul(x, wv), bv)
+        q = op.Reshape(op.Add(op.MatMul(rows, op.Mul(wq, scale)), op.Mul(bq, scale)), per_head)  # (B, S, hd)
+        k = op.Reshape(op.Add(op.MatMul(rows, wk), bk), per_head)
+        v = op.Reshape(op.Add(op.MatMul(rows, wv), bv), per_head)
         blocks = []
         for (start, end), tile in zip(spans, tiles, strict=True):
             stop = None if end is None else op.Constant(value_ints=[end])
