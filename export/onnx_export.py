@@ -63,8 +63,8 @@ EXAMPLE_WIDTH = {"ll": 53, "rt": 29, "imp": 23}
 
 MASK_FILTER = -1e30  # added to masked attention scores; exp() of it is exactly 0, like -inf
 # Causal attention of a static length runs as this many query blocks in full.onnx (V2: T = 192 -> 4 x 48), each
-# against the keys up to its end: 62.5% of the (S, S) score work (benchmarks/RESULTS.md: 2, 3, 4 and 6 blocks
-# within 3% of each other on V2's layer, one whole block ~10% slower).
+# against the keys up to its end: 62.5% of the (S, S) score work (benchmarks/RESULTS.md, 2026-12-06: the request
+# with 2, 3 or 6 blocks within 1% of 4, with 8 3% slower; V2's layer as one whole block ~10% slower).
 CAUSAL_BLOCKS = 4
 
 
@@ -90,7 +90,7 @@ def self_attention(
     ``keys_prefix`` (causal only): the caller's kept keys are a prefix of every sequence, so no kept query ever
     reads a dropped key under the causal mask; the key-padding mask is left out, which changes only the rows of
     dropped positions."""
-    if keys_prefix:
+    if keys_prefix and causal:
         keep = torch.ones_like(keep)
     return _attention(x, weight_t, bias, keep, num_heads, causal)
 
@@ -128,8 +128,9 @@ def _self_attention_onnx(x, weight_t, bias, keep, num_heads: int, causal: bool, 
     # no packed QKV product to split, which is a copy of all three), the scores of each query block against
     # the keys up to its end, a constant causal tile and the key-padding bias added, softmax, the weighted sum.
     # ONNX Runtime's com.microsoft.Attention computes these same products (bit for bit on V2's layer) but
-    # splits its packed projection and builds its masks on every call: the plain form took V2's request 1.07x
-    # faster and TransAct's second layer 1.03x on top (benchmarks/RESULTS.md, 2026-12-06). Standard ONNX only.
+    # splits its packed projection and builds its masks on every call: written out so, V2's layers made the
+    # request 1.05-1.09x faster and TransAct's second layer ~1.03x more (benchmarks/RESULTS.md, 2026-12-06).
+    # Standard ONNX only.
     e = weight_t.shape[0]
     hd = e // num_heads
     scale = op.Constant(value_float=hd**-0.5)
@@ -147,7 +148,7 @@ def _self_attention_onnx(x, weight_t, bias, keep, num_heads: int, causal: bool, 
         tiles = [op.Trilu(op.Expand(op.Constant(value_float=MASK_FILTER), op.Concat(s, s, axis=0)),
                           op.Constant(value_int=1), upper=1)]  # fmt: skip
     else:
-        tiles = [_causal_tile(a, z) for a, z in spans] if causal else [None]
+        tiles = [op.Constant(value=_causal_tile(a, z)) for a, z in spans] if causal else [None]
     # The projections on the tokens as rows (B S, E): ONNX Runtime fuses a 2-D product and its bias into one Gemm,
     # where with a dynamic batch the 3-D product's bias stayed a pass of its own over the result.
     rows = op.Reshape(x, op.Constant(value_ints=[-1, e]))
@@ -171,7 +172,7 @@ def _self_attention_onnx(x, weight_t, bias, keep, num_heads: int, causal: bool, 
             kb, vb = (k, v) if last else (op.Slice(k, start0, stop, axis1), op.Slice(v, start0, stop, axis1))
             scores = op.MatMul(qb, op.Transpose(kb, perm=[0, 2, 1]))
             if tile is not None:
-                scores = op.Add(scores, tile if not isinstance(tile, onnx.TensorProto) else op.Constant(value=tile))
+                scores = op.Add(scores, tile)
             if key_bias is not None:
                 scores = op.Add(scores, key_bias if last else op.Slice(key_bias, start0, stop, axis2))
             blocks.append(op.MatMul(op.Softmax(scores, axis=-1), vb))
@@ -379,8 +380,9 @@ def transact_v2_encode(self: TransActV2, x: torch.Tensor, pad: torch.Tensor) -> 
 
 @contextlib.contextmanager
 def fused_attention(model: nn.Module) -> Iterator[None]:
-    """Route every fusable ``nn.TransformerEncoder`` of ``model`` through ``encoder_forward``, and TransAct's
-    request rows through ``transact_forward_rows`` when its tokens carry the candidate's embedding."""
+    """Route every fusable ``nn.TransformerEncoder`` of ``model`` through ``encoder_forward``, TransActV2's causal
+    encoder through ``transact_v2_encode``, and TransAct's request rows through ``transact_forward_rows`` when its
+    tokens carry the candidate's embedding."""
     patched = []
     for module in model.modules():
         if isinstance(module, nn.TransformerEncoder) and _fusable(module):
