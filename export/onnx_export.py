@@ -115,6 +115,11 @@ def _self_attention_fake(x, weight_t, bias, keep, num_heads, causal, block_ends,
     return torch.empty_like(x)
 
 
+def _dropped(keep):  # noqa: ANN001, ANN202
+    """The keys that ``keep`` (int32, 1 = attend) drops, as booleans."""
+    return op.Not(op.Cast(keep, to=onnx.TensorProto.BOOL))
+
+
 def _causal_tile(start: int, end: int) -> onnx.TensorProto:
     """Query rows [start, end) against keys [0, end): 0 where the key is at or before the query, else MASK_FILTER."""
     tile = torch.zeros(end - start, end)
@@ -138,9 +143,8 @@ def _self_attention_onnx(x, weight_t, bias, keep, num_heads: int, causal: bool, 
     start0 = op.Constant(value_ints=[0])
     key_bias = None
     if not (causal and keys_prefix):
-        dropped = op.Equal(keep, op.CastLike(op.Constant(value_int=0), keep))
-        key_bias = op.Unsqueeze(op.Where(dropped, op.Constant(value_float=MASK_FILTER), op.Constant(value_float=0.0)),
-                                axis1)  # (B, 1, S)  # fmt: skip
+        neg, zero = op.Constant(value_float=MASK_FILTER), op.Constant(value_float=0.0)
+        key_bias = op.Unsqueeze(op.Where(_dropped(keep), neg, zero), axis1)  # (B, 1, S)
     whole = not (causal and block_ends)
     spans = [(0, None)] if whole else list(zip([0, *block_ends[:-1]], block_ends, strict=True))
     if causal and whole:  # a dynamic (or short) length: the causal tile from the sequence's length
@@ -224,7 +228,7 @@ def _candidate_attention_onnx(x, tokens, cand, cand_request, keep, weight_t, bia
     qa = op.Mul(op.Transpose(op.Reshape(qa, heads), perm=[0, 2, 1, 3]), scale)  # (R, H, S, hd)
     ka = op.Transpose(op.Reshape(ka, heads), perm=[0, 2, 3, 1])  # (R, H, hd, S)
     va = op.Transpose(op.Reshape(va, heads), perm=[0, 2, 1, 3])  # (R, H, S, hd)
-    unkept = op.Not(op.Cast(keep, to=onnx.TensorProto.BOOL))  # (R, S)
+    unkept = _dropped(keep)  # (R, S)
     padded = op.Unsqueeze(unkept, op.Constant(value_ints=[1, 2]))  # (R, 1, 1, S)
     neg = op.Constant(value_float=MASK_FILTER)
     last = op.Constant(value_ints=[-1])

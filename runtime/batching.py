@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from transact.batch import SEQUENCES
-from transact.config import ITEM_DIM
 
-from .session import SEQ_DTYPES, BatchResult, Request, UserSeq
+from .session import SEQ_DTYPES, BatchResult, Request, UserSeq, seq_field_shape
 
 
 def same_user(a: Request, b: Request) -> bool:
@@ -83,13 +82,14 @@ class BatchPlan:
         }
         for s in SEQUENCES:
             w, seqs = widths[s], [getattr(u, s) for u in users]
+            # One full row: views of the request's arrays, no copy (unless one sits at an odd byte offset of a wire
+            # body: then an aligned copy).
+            in_place = r == 1 and len(seqs[0]) == w
             for f, dtype in SEQ_DTYPES.items():
-                if r == 1 and len(seqs[0]) == w:
-                    # One full row: a view of the request's array, no copy (unless it sits at an odd byte offset of
-                    # a wire body: then an aligned copy).
+                if in_place:
                     arr = np.require(getattr(seqs[0], f), dtype, ["C_CONTIGUOUS", "ALIGNED"])[None]
                 else:
-                    arr = np.zeros((r, w, ITEM_DIM) if f == "item" else (r, w), dtype)
+                    arr = np.zeros(seq_field_shape(f, r, w), dtype)
                     for row, seq in enumerate(seqs):
                         arr[row, : len(seq)] = getattr(seq, f)
                 out[f"{s}_{f}"] = arr

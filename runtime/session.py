@@ -31,6 +31,12 @@ DEVICES = ("auto", "cpu", "cuda")
 SEQ_DTYPES = {"ts": np.int64, "action": np.int32, "surface": np.int64, "item": np.int8}
 
 
+def seq_field_shape(field: str, *lead: int) -> tuple[int, ...]:
+    """The shape of a sequence field over the leading dims ``lead`` (length, or rows and width): ``item`` adds
+    ITEM_DIM."""
+    return (*lead, ITEM_DIM) if field == "item" else lead
+
+
 @dataclass
 class UserSeq:
     """One action sequence of one user, oldest -> newest: (L,) arrays and (L, 32) int8 item codes."""
@@ -45,7 +51,7 @@ class UserSeq:
 
     @classmethod
     def empty(cls) -> UserSeq:
-        return cls(**{f: np.zeros((0, ITEM_DIM) if f == "item" else 0, d) for f, d in SEQ_DTYPES.items()})
+        return cls(**{f: np.zeros(seq_field_shape(f, 0), d) for f, d in SEQ_DTYPES.items()})
 
 
 @dataclass
@@ -259,7 +265,7 @@ def validate_request(req: Request, config: ModelConfig, limits: Limits | None = 
         seq: UserSeq = getattr(req, s)
         length = len(seq)
         for f, dtype in SEQ_DTYPES.items():
-            shape, arr = ((length, ITEM_DIM) if f == "item" else (length,)), getattr(seq, f)
+            shape, arr = seq_field_shape(f, length), getattr(seq, f)
             if arr.dtype != dtype:
                 raise BatchError(f"{s}_{f}: expected {np.dtype(dtype).name}, got {arr.dtype}")
             if arr.shape != shape:
