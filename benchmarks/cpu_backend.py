@@ -12,6 +12,7 @@ timed at its steadier, faster setting.
 
     python benchmarks/cpu_backend.py                      # random default model, exported to a temp folder
     python benchmarks/cpu_backend.py --bundle BUNDLE --threads 4 --runs 50 --json out.json
+    python benchmarks/cpu_backend.py --threads 1,2,4,8,16 --runs 40   # each count in turn, then one table
     python benchmarks/cpu_backend.py --threads 2 --profile 10   # also ONNX Runtime's time per operator
     python benchmarks/cpu_backend.py --onnx-provider OpenVINOExecutionProvider   # with onnxruntime-openvino
     python benchmarks/cpu_backend.py --compile    # also torch.compile (inductor; needs a C++ compiler, ~30-60 s)
@@ -34,11 +35,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.bundle import CPU_PROVIDER, load_bundle, onnx_providers  # noqa: E402
+from export.bundle import CPU_PROVIDER, Bundle, load_bundle, onnx_providers  # noqa: E402
 from export.manifest import tool_versions  # noqa: E402
 from runtime.backends.cpu import usable_cpus  # noqa: E402
 from runtime.bench import cpu_name, keep_freed_memory, profile_node_times, random_bundle, round_ratios, take_turns  # noqa: E402
 from runtime.session import Request, Session  # noqa: E402
+from transact.batch import Batch  # noqa: E402
 from transact.data.random_batch import random_batch  # noqa: E402
 
 
@@ -60,71 +62,51 @@ def onnxruntime_profile(graph: bytes, feed: dict, threads: int, runs: int, provi
         return profile_node_times(json.loads(Path(session.end_profiling()).read_text()))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", type=Path, help="bundle to time (default: export a random default model)")
-    ap.add_argument("--threads", type=int, default=min(usable_cpus(), 8),
-                    help="intra-op threads for both (default: the usable CPUs, at most 8)")
-    ap.add_argument("--runs", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--candidates", type=int, default=256)
-    ap.add_argument("--ll", type=int, default=16_000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--split", type=int, default=None,
-                    help="the cpu backend's chunks run at a time (default: runtime.backends.cpu.default_split)")
-    ap.add_argument("--max-chunk", type=int, default=None,
-                    help="most candidates per chunk (default: runtime.chunks.MAX_CHUNK)")
-    ap.add_argument("--onnx-provider", default=CPU_PROVIDER,
-                    help="ONNX Runtime execution provider (the CPU provider takes the nodes it does not)")
-    ap.add_argument("--system-malloc", action="store_true",
-                    help="leave glibc's malloc at its defaults (eager then pays page faults that vary by host)")
-    ap.add_argument("--compile", action="store_true",
-                    help="also time torch.compile(model) (inductor, static shapes, fast path off)")
-    ap.add_argument("--json", type=Path, help="write the results here as JSON")
-    ap.add_argument("--profile", type=int, default=0, metavar="RUNS",
-                    help="also profile ONNX Runtime over RUNS runs: node time per operator and per node")  # fmt: skip
-    args = ap.parse_args()
+def thread_counts(text: str) -> list[int]:
+    """``--threads``: one count ("8") or several, comma-separated ("1,2,4,8,16"), each at least 1."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"integers separated by commas, got {text!r}") from None
+    if min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"each thread count must be at least 1, got {text!r}")
+    return list(dict.fromkeys(counts))
 
-    malloc = "defaults" if args.system_malloc else (
-        "glibc, freed memory kept" if keep_freed_memory() else "defaults (no glibc mallopt, or it refused)")
-    torch.set_num_threads(args.threads)
-    tmp = None
-    if args.bundle is None:
-        tmp = tempfile.TemporaryDirectory(prefix="transact-bench-")
-        args.bundle = random_bundle(Path(tmp.name) / "bundle", seed=args.seed)
-    bundle = load_bundle(args.bundle)
-    model = bundle.build_model()
-    batch = random_batch(bundle.config, 1, args.candidates, ll=args.ll, rt=100, imp=100, seed=args.seed)
-    feed = {k: v.numpy() for k, v in batch.named_tensors()}
-    session = bundle.session("full", optimize=True, threads=args.threads, provider=args.onnx_provider)
 
-    def eager(fastpath: bool) -> Callable[[], object]:
-        def run() -> object:
-            torch.backends.mha.set_fastpath_enabled(fastpath)
-            with torch.inference_mode():
-                return model(batch)
+def eager_run(model: torch.nn.Module, batch: Batch, fastpath: bool) -> Callable[[], torch.Tensor]:
+    """One eager forward of the request, PyTorch's transformer fast path on or off."""
 
-        return run
-
-    fns = {"eager (fast path on)": eager(True), "eager (fast path off)": eager(False)}
-    outputs = {fastpath: eager(fastpath)().numpy() for fastpath in (True, False)}
-    compiled = {}
-    if args.compile:  # with the fast path off, as traced; the first call compiles (timed on its own)
-        torch.backends.mha.set_fastpath_enabled(False)
+    def run() -> torch.Tensor:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         with torch.inference_mode():
-            fn = torch.compile(model, dynamic=False)
-            t = time.perf_counter()
-            compiled["probabilities"] = fn(batch).numpy()
-            compiled["compile_s"] = time.perf_counter() - t
+            return model(batch)
 
-        def run_compiled() -> object:
-            torch.backends.mha.set_fastpath_enabled(False)
-            with torch.inference_mode():
-                return fn(batch)
+    return run
 
-        fns["torch.compile (inductor)"] = run_compiled
+
+def compiled_run(model: torch.nn.Module, batch: Batch) -> tuple[Callable[[], torch.Tensor], np.ndarray, float]:
+    """torch.compile of the model (fast path off, as traced), its first output and that first call's seconds
+    (compiling)."""
+    torch.backends.mha.set_fastpath_enabled(False)
+    fn = torch.compile(model, dynamic=False)
+    run = eager_run(fn, batch, False)
+    t = time.perf_counter()
+    probs = run().numpy()
+    return run, probs, time.perf_counter() - t
+
+
+def measure(args: argparse.Namespace, threads: int, bundle: Bundle, model: torch.nn.Module, batch: Batch,
+            reference: np.ndarray, compiled: tuple | None, malloc: str) -> dict:  # fmt: skip
+    """Time eager PyTorch, the cpu backend and one plain session at ``threads`` threads, taking turns; print the
+    figures and return them. ``reference``: eager's probabilities (fast path off), which every runtime must match."""
+    torch.set_num_threads(threads)
+    feed = {k: v.numpy() for k, v in batch.named_tensors()}
+    session = bundle.session("full", optimize=True, threads=threads, provider=args.onnx_provider)
+    fns = {f"eager (fast path {'on' if fast else 'off'})": eager_run(model, batch, fast) for fast in (True, False)}
+    if compiled is not None:
+        fns["torch.compile (inductor)"] = compiled[0]
     probs = session.run(["probabilities"], feed)[0]
-    backend = Session(args.bundle, device="cpu", threads=args.threads, split=args.split, max_chunk=args.max_chunk,
+    backend = Session(args.bundle, device="cpu", threads=threads, split=args.split, max_chunk=args.max_chunk,
                       onnx_provider=args.onnx_provider)  # fmt: skip
     request = Request.from_batch(batch, 0)
     backend_name = f"cpu backend ({backend.backend.layout})"
@@ -140,14 +122,15 @@ def main() -> None:
     eager_best = med[best_name]
     ratio = eager_best / med[backend_name]
     rounds = round_ratios(results[best_name], results[backend_name])
-    diff = float(np.abs(backend_probs - outputs[False]).max())
+    diff = float(np.abs(backend_probs - reference).max())
     info = {
         "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "logical_cpus": os.cpu_count(),
-        "threads": args.threads, "onnx_provider": args.onnx_provider, "malloc": malloc,
+        "usable_cpus": usable_cpus(), "threads": threads, "onnx_provider": args.onnx_provider, "malloc": malloc,
         "request": {"users": 1, "ll": args.ll, "rt": 100, "imp": 100, "candidates": args.candidates},
         "runs": args.runs, "warmup": args.warmup, "median_ms": med,
         "p10_ms": {k: float(np.percentile(v, 10)) for k, v in results.items()},
         "p90_ms": {k: float(np.percentile(v, 90)) for k, v in results.items()},
+        "faster_eager": best_name,
         "backend": {"name": backend_name, "split": backend.backend.split, "max_chunk": backend.backend.max_chunk,
                     "threads_per_chunk": backend.backend.threads_per_chunk,
                     "dense_stage": backend.backend.dense is not None},
@@ -155,17 +138,17 @@ def main() -> None:
         "speedup_per_round": {"median": statistics.median(rounds), "min": min(rounds), "max": max(rounds),
                               "rounds": rounds},
         "plain_session": {"speedup_vs_best_eager": eager_best / med["onnxruntime full.onnx"],
-                          "max_abs_diff_probabilities": float(np.abs(probs - outputs[False]).max())},
+                          "max_abs_diff_probabilities": float(np.abs(probs - reference).max())},
         "versions": tool_versions(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }  # fmt: skip
-    if compiled:
+    if compiled is not None:
         info["torch_compile"] = {
-            "compile_s": compiled["compile_s"],
-            "max_abs_diff_probabilities": float(np.abs(compiled["probabilities"] - outputs[False]).max()),
+            "compile_s": compiled[2],
+            "max_abs_diff_probabilities": float(np.abs(compiled[1] - reference).max()),
             "onnxruntime_speedup": med["torch.compile (inductor)"] / med[backend_name],
         }  # fmt: skip
-    print(f"{info['cpu']} ({info['logical_cpus']} logical CPUs), {args.threads} intra-op threads for both runtimes; "
+    print(f"{info['cpu']} ({info['logical_cpus']} logical CPUs), {threads} intra-op threads for both runtimes; "
           f"ONNX Runtime on {args.onnx_provider}")
     print(f"request: 1 user, ll {args.ll}, rt 100, imp 100, {args.candidates} candidates; "
           f"median of {args.runs} runs after {args.warmup} warm-up; malloc: {malloc}")  # fmt: skip
@@ -175,13 +158,12 @@ def main() -> None:
           f"session: {info['plain_session']['speedup_vs_best_eager']:.2f}x")
     print(f"  the same, round by round (each round's blocks of runs side by side; drift moves both): median "
           f"{statistics.median(rounds):.2f}x, {min(rounds):.2f}-{max(rounds):.2f}x over {len(rounds)} rounds")
-    if compiled:
+    if compiled is not None:
         tc = info["torch_compile"]
         print(f"  cpu backend speed-up over torch.compile: {tc['onnxruntime_speedup']:.2f}x   (its first call "
               f"{tc['compile_s']:.1f} s, compiling; max |diff| against eager {tc['max_abs_diff_probabilities']:.1e})")
     if args.profile:
-        graph = bundle.graph_bytes("full.onnx")
-        prof = onnxruntime_profile(graph, feed, args.threads, args.profile, args.onnx_provider)
+        prof = onnxruntime_profile(bundle.graph_bytes("full.onnx"), feed, threads, args.profile, args.onnx_provider)
         info["onnxruntime_profile_ms"] = prof
         total = sum(prof["by_operator"].values())
         print(f"ONNX Runtime node time per request, {args.profile} profiled runs: {total:.1f} ms")
@@ -189,8 +171,70 @@ def main() -> None:
             print(f"  {title}:")
             for name, ms in list(table.items())[:12]:
                 print(f"    {name[:60]:<60} {ms:8.2f} ms")
+    return info
+
+
+def sweep_table(infos: list[dict]) -> str:
+    """One line per thread count: the faster eager setting, the cpu backend, their ratio by medians and round by
+    round."""
+    lines = ["| threads | eager (faster setting), ms | cpu backend, ms | speed-up | round by round |",
+             "|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for info in infos:
+        med, rounds = info["median_ms"], info["speedup_per_round"]
+        lines.append(f"| {info['threads']} | {med[info['faster_eager']]:.2f} | {med[info['backend']['name']]:.2f} | "
+                     f"{info['speedup_vs_best_eager']:.2f}x | {rounds['median']:.2f}x "
+                     f"({rounds['min']:.2f}-{rounds['max']:.2f}) |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", type=Path, help="bundle to time (default: export a random default model)")
+    ap.add_argument("--threads", type=thread_counts, default=[min(usable_cpus(), 8)],
+                    help="intra-op threads for both (default: the usable CPUs, at most 8); several, comma-separated "
+                         "(1,2,4,8), time each in turn and end with a table")  # fmt: skip
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--candidates", type=int, default=256)
+    ap.add_argument("--ll", type=int, default=16_000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split", type=int, default=None,
+                    help="the cpu backend's chunks run at a time (default: runtime.backends.cpu.default_split)")
+    ap.add_argument("--max-chunk", type=int, default=None,
+                    help="most candidates per chunk (default: runtime.chunks.MAX_CHUNK)")
+    ap.add_argument("--onnx-provider", default=CPU_PROVIDER,
+                    help="ONNX Runtime execution provider (the CPU provider takes the nodes it does not)")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="leave glibc's malloc at its defaults (eager then pays page faults that vary by host)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time torch.compile(model) (inductor, static shapes, fast path off)")
+    ap.add_argument("--json", type=Path, help="write the results here as JSON (several thread counts: "
+                                              "{\"sweep\": [one result per count]})")  # fmt: skip
+    ap.add_argument("--profile", type=int, default=0, metavar="RUNS",
+                    help="also profile ONNX Runtime over RUNS runs: node time per operator and per node")  # fmt: skip
+    args = ap.parse_args()
+
+    malloc = "defaults" if args.system_malloc else (
+        "glibc, freed memory kept" if keep_freed_memory() else "defaults (no glibc mallopt, or it refused)")
+    torch.set_num_threads(args.threads[0])
+    tmp = None
+    if args.bundle is None:
+        tmp = tempfile.TemporaryDirectory(prefix="transact-bench-")
+        args.bundle = random_bundle(Path(tmp.name) / "bundle", seed=args.seed)
+    bundle = load_bundle(args.bundle)
+    model = bundle.build_model()
+    batch = random_batch(bundle.config, 1, args.candidates, ll=args.ll, rt=100, imp=100, seed=args.seed)
+    reference = eager_run(model, batch, False)().numpy()
+    compiled = compiled_run(model, batch) if args.compile else None
+    infos = []
+    for i, threads in enumerate(args.threads):
+        if i:
+            print()
+        infos.append(measure(args, threads, bundle, model, batch, reference, compiled, malloc))
+    if len(infos) > 1:
+        print("\n" + sweep_table(infos))
     if args.json:
-        args.json.write_text(json.dumps(info, indent=2))
+        args.json.write_text(json.dumps(infos[0] if len(infos) == 1 else {"sweep": infos}, indent=2))
     if tmp is not None:
         tmp.cleanup()
 

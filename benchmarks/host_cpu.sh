@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The cpu backend on a GPU machine's host CPU (DESIGN §5 measures on that machine): how its chunks slow each other
 # down side by side (cpu_scaling.py: per operator, and a compute and a streaming probe), then the DESIGN §5 request
-# against eager PyTorch at every usable CPU, at 8 threads and at 2 where the host has them (cpu_backend.py), and with
-# other chunk sizes.
+# against eager PyTorch at 1, 2, 4, 8 threads and every usable CPU, where the host has them (cpu_backend.py, one table),
+# and with other chunk sizes.
 #   OUT=results_dir bash benchmarks/host_cpu.sh
 source "$(dirname "$0")/gpu_env.sh"
 BUNDLE=${BUNDLE:-/tmp/transact-default-bundle}
@@ -23,11 +23,11 @@ for variant in pin separate-sessions; do
   rc=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] && status=$rc
 done
 cpus=$(nproc)
-for threads in $(printf '%s\n' "$cpus" 8 2 | awk -v n="$cpus" '$1 <= n && !seen[$1]++'); do
-  timeout "${BENCH_TIMEOUT:-300}" $PY benchmarks/cpu_backend.py --bundle "$BUNDLE" --threads "$threads" --runs 20 \
-    --json "$OUT/cpu_backend_$threads.json" 2>&1 | tee "$OUT/cpu_backend_$threads.log"
-  rc=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] && status=$rc
-done
+counts=$(printf '%s\n' 1 2 4 8 "$cpus" | awk -v n="$cpus" '$1 <= n && !seen[$1]++' | paste -sd, -)
+ncounts=$(( $(tr -cd , <<< "$counts" | wc -c) + 1 ))
+timeout $(( ${BENCH_TIMEOUT:-300} * ncounts )) $PY benchmarks/cpu_backend.py --bundle "$BUNDLE" --threads "$counts" \
+  --runs 20 --json "$OUT/cpu_backend_sweep.json" 2>&1 | tee "$OUT/cpu_backend_sweep.log"
+rc=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] && status=$rc
 # Other chunk sizes: halved at every CPU (twice the chunks, so the request and dense stages run), doubled at 2 threads
 # (at many threads a request of 256 has no larger chunks: the chunk count is rounded up to the slots).
 for run in "$cpus 8" "2 32"; do

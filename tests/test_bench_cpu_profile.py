@@ -1,14 +1,18 @@
-"""benchmarks/cpu_backend.py --profile reads ONNX Runtime's profile as the installed version writes it:
-node time per operator and per node, the warm-up run left out."""
+"""benchmarks/cpu_backend.py: ``--profile`` reads ONNX Runtime's profile as the installed version writes it (node
+time per operator and per node, the warm-up run left out); ``--threads`` takes several counts and times each."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
+from test_runtime_session import small_bundle
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_backend.py"
 # Loaded from its file: benchmarks/ on sys.path would let benchmarks/runtime.py shadow the package.
@@ -35,3 +39,37 @@ def test_profile_reports_every_node_per_request() -> None:
     assert set(prof["by_node"]) == {"first", "second"}
     assert all(ms > 0 for ms in prof["by_node"].values())
     assert sum(prof["by_operator"].values()) == pytest.approx(sum(prof["by_node"].values()))
+
+
+@pytest.mark.parametrize("text, want", [("8", [8]), ("1,2,4", [1, 2, 4]), ("16,2,16", [16, 2])])
+def test_thread_counts_parse(text: str, want: list[int]) -> None:
+    assert cpu_backend.thread_counts(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "two", "2,", "0", "4,-1", "1.5"])
+def test_thread_counts_refuse(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        cpu_backend.thread_counts(text)
+
+
+def test_sweep_times_each_thread_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """``--threads 1,2``: one measurement per count (the backend laid out for it, its outputs those of eager), the
+    ratios those of the medians, and a table with one line per count."""
+    out = tmp_path / "sweep.json"
+    monkeypatch.setattr(sys, "argv", ["cpu_backend.py", "--bundle", str(small_bundle()), "--threads", "1,2",
+                                      "--runs", "5", "--warmup", "1", "--candidates", "9", "--ll", "40",
+                                      "--json", str(out)])  # fmt: skip
+    cpu_backend.main()
+    sweep = json.loads(out.read_text())["sweep"]
+    assert [run["threads"] for run in sweep] == [1, 2]
+    for run in sweep:
+        med = run["median_ms"]
+        backend = run["backend"]["name"]
+        assert run["backend"]["split"] * run["backend"]["threads_per_chunk"] <= run["threads"]
+        assert run["faster_eager"] == min((k for k in med if k.startswith("eager")), key=med.__getitem__)
+        assert run["speedup_vs_best_eager"] == pytest.approx(med[run["faster_eager"]] / med[backend])
+        assert run["max_abs_diff_probabilities"] < 1e-5
+        assert run["plain_session"]["max_abs_diff_probabilities"] < 1e-5
+    table = capsys.readouterr().out.split("| threads |")[1].splitlines()
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["1", "2"]
+    assert table[3].split("|")[4].strip() == f"{sweep[1]['speedup_vs_best_eager']:.2f}x"
