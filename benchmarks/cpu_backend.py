@@ -38,7 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from export.bundle import CPU_PROVIDER, Bundle, load_bundle, onnx_providers  # noqa: E402
 from export.manifest import tool_versions  # noqa: E402
 from runtime.backends.cpu import usable_cpus  # noqa: E402
-from runtime.bench import cpu_name, keep_freed_memory, profile_node_times, random_bundle, round_ratios, take_turns  # noqa: E402
+from runtime.bench import (  # noqa: E402
+    cpu_name,
+    eager_forward,
+    keep_freed_memory,
+    profile_node_times,
+    random_bundle,
+    round_ratios,
+    take_turns,
+)
 from runtime.session import Request, Session  # noqa: E402
 from transact.batch import Batch  # noqa: E402
 from transact.data.random_batch import random_batch  # noqa: E402
@@ -73,23 +81,11 @@ def thread_counts(text: str) -> list[int]:
     return list(dict.fromkeys(counts))
 
 
-def eager_run(model: torch.nn.Module, batch: Batch, fastpath: bool) -> Callable[[], torch.Tensor]:
-    """One eager forward of the request, PyTorch's transformer fast path on or off."""
-
-    def run() -> torch.Tensor:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-        with torch.inference_mode():
-            return model(batch)
-
-    return run
-
-
 def compiled_run(model: torch.nn.Module, batch: Batch) -> tuple[Callable[[], torch.Tensor], np.ndarray, float]:
     """torch.compile of the model (fast path off, as traced), its first output and that first call's seconds
     (compiling)."""
-    torch.backends.mha.set_fastpath_enabled(False)
     fn = torch.compile(model, dynamic=False)
-    run = eager_run(fn, batch, False)
+    run = eager_forward(fn, batch, False)
     t = time.perf_counter()
     probs = run().numpy()
     return run, probs, time.perf_counter() - t
@@ -102,7 +98,7 @@ def measure(args: argparse.Namespace, threads: int, bundle: Bundle, model: torch
     torch.set_num_threads(threads)
     feed = {k: v.numpy() for k, v in batch.named_tensors()}
     session = bundle.session("full", optimize=True, threads=threads, provider=args.onnx_provider)
-    fns = {f"eager (fast path {'on' if fast else 'off'})": eager_run(model, batch, fast) for fast in (True, False)}
+    fns = {f"eager (fast path {'on' if fast else 'off'})": eager_forward(model, batch, fast) for fast in (True, False)}
     if compiled is not None:
         fns["torch.compile (inductor)"] = compiled[0]
     probs = session.run(["probabilities"], feed)[0]
@@ -114,7 +110,6 @@ def measure(args: argparse.Namespace, threads: int, bundle: Bundle, model: torch
     fns[backend_name] = lambda: backend.score(request)
     fns["onnxruntime full.onnx"] = lambda: session.run(None, feed)
     results = take_turns(fns, args.runs, args.warmup)
-    torch.backends.mha.set_fastpath_enabled(True)
     backend.close()
 
     med = {k: statistics.median(v) for k, v in results.items()}
@@ -224,7 +219,7 @@ def main() -> None:
     bundle = load_bundle(args.bundle)
     model = bundle.build_model()
     batch = random_batch(bundle.config, 1, args.candidates, ll=args.ll, rt=100, imp=100, seed=args.seed)
-    reference = eager_run(model, batch, False)().numpy()
+    reference = eager_forward(model, batch, False)().numpy()
     compiled = compiled_run(model, batch) if args.compile else None
     infos = []
     for i, threads in enumerate(args.threads):

@@ -14,6 +14,7 @@ import torch
 
 from export.bundle import CPU_PROVIDER
 from export.commands import check_provider
+from transact.batch import Batch
 from transact.config import ModelConfig
 
 from .chunks import MAX_CHUNK
@@ -85,6 +86,22 @@ def round_ratios(base: list[float], other: list[float], block: int = 5) -> list[
     return [float(np.median(base[i:i + block]) / np.median(other[i:i + block])) for i in range(0, len(base), block)]
 
 
+def eager_forward(model: torch.nn.Module, batch: Batch, fastpath: bool,
+                  synchronize: bool = False) -> Callable[[], torch.Tensor]:  # fmt: skip
+    """A call of the eager model on ``batch`` for timing: inference mode, PyTorch's transformer fast path on or off
+    for the call (restored after); ``synchronize``: wait for the GPU before returning."""
+    from transact.model import transformer_fastpath
+
+    def run() -> torch.Tensor:
+        with torch.inference_mode(), transformer_fastpath(fastpath):
+            out = model(batch)
+        if synchronize:
+            torch.cuda.synchronize()
+        return out
+
+    return run
+
+
 def random_bundle(out: Path, config: ModelConfig | None = None, seed: int = 0) -> Path:
     """Export a randomly initialised model (``config``, default ``ModelConfig()``) to the bundle folder ``out``
     (replaced if it exists), without the export-time parity run: what the benchmarks time when given no bundle."""
@@ -149,7 +166,6 @@ def bench_cmd(bundle: Path, device: str, candidates: int, ll: int | None, runs: 
               system_malloc: bool) -> None:  # fmt: skip
     """Time one request (1 user, random inputs) through the runtime and through eager PyTorch."""
     from transact.data.random_batch import random_batch
-    from transact.model import transformer_fastpath
 
     from .session import Request, Session
 
@@ -173,18 +189,10 @@ def bench_cmd(bundle: Path, device: str, candidates: int, ll: int | None, runs: 
         parts.append(session.backend.layout)
     path = ", ".join(parts)
 
-    def eager(fastpath: bool) -> Callable[[], None]:
-        def run() -> None:
-            with torch.inference_mode(), transformer_fastpath(fastpath):
-                model(eager_batch)
-            if on_gpu:
-                torch.cuda.synchronize()
-
-        return run
-
     # Eager PyTorch with its transformer fast path on and off, the faster of the two the baseline (which one wins
     # depends on the host: the fast path's fused kernels against the masks it must then build).
-    eager_rows = {f"eager PyTorch fp32, fast path {'on' if fp else 'off'}": eager(fp) for fp in (True, False)}
+    eager_rows = {f"eager PyTorch fp32, fast path {'on' if fp else 'off'}":
+                  eager_forward(model, eager_batch, fp, synchronize=on_gpu) for fp in (True, False)}  # fmt: skip
     runtime_row = f"runtime ({path})"
     times = take_turns({runtime_row: lambda: session.score(request), **eager_rows}, runs, warmup)
     rows = {name: latency_stats(ms) for name, ms in times.items()}
