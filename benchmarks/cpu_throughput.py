@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 import traceback
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +42,7 @@ RUNTIMES = (*EAGER, BACKEND)
 BARRIER_TIMEOUT_S = 900.0  # a worker that died leaves the others waiting; this bounds the wait
 
 
-def worker(index: int, args: argparse.Namespace, barrier, results) -> None:  # noqa: ANN001 (multiprocessing types)
+def worker(index: int, args: argparse.Namespace, barrier: Barrier, results: Queue) -> None:
     """One worker process: both runtimes on ``args.threads`` threads, then ``args.rounds`` rounds in which every
     runtime runs one block of ``args.block`` requests, started together with the other workers. Puts one record per
     block on ``results`` (and the backend's largest difference from eager first), or ("error", text) and stops."""
@@ -76,12 +78,12 @@ def worker(index: int, args: argparse.Namespace, barrier, results) -> None:  # n
                     times.append((time.perf_counter() - t) * 1e3)
                 results.put(("block", index, rnd, name, start, time.monotonic(), times))
         backend.close()
-    except BaseException:  # noqa: BLE001 (reported to the parent, which stops the run)
+    except Exception:  # reported to the parent, which stops the run
         barrier.abort()
         results.put(("error", index, traceback.format_exc()))
 
 
-def collect(procs: list, results, expected: int) -> list[tuple]:  # noqa: ANN001
+def collect(procs: list[mp.Process], results: Queue, expected: int) -> list[tuple]:
     """The workers' records; SystemExit naming the first worker that failed or died."""
     records = []
     while len(records) < expected:
