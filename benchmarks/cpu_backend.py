@@ -39,11 +39,11 @@ from export.bundle import CPU_PROVIDER, Bundle, load_bundle, onnx_providers  # n
 from export.manifest import tool_versions  # noqa: E402
 from runtime.backends.cpu import usable_cpus  # noqa: E402
 from runtime.bench import (  # noqa: E402
+    bundle_or_random,
     cpu_name,
     eager_forward,
     keep_freed_memory,
     profile_node_times,
-    random_bundle,
     round_ratios,
     take_turns,
 )
@@ -212,26 +212,21 @@ def main() -> None:
     malloc = "defaults" if args.system_malloc else (
         "glibc, freed memory kept" if keep_freed_memory() else "defaults (no glibc mallopt, or it refused)")
     torch.set_num_threads(args.threads[0])
-    tmp = None
-    if args.bundle is None:
-        tmp = tempfile.TemporaryDirectory(prefix="transact-bench-")
-        args.bundle = random_bundle(Path(tmp.name) / "bundle", seed=args.seed)
-    bundle = load_bundle(args.bundle)
-    model = bundle.build_model()
-    batch = random_batch(bundle.config, 1, args.candidates, ll=args.ll, rt=100, imp=100, seed=args.seed)
-    reference = eager_forward(model, batch, False)().numpy()
-    compiled = compiled_run(model, batch) if args.compile else None
-    infos = []
-    for i, threads in enumerate(args.threads):
-        if i:
-            print()
-        infos.append(measure(args, threads, bundle, model, batch, reference, compiled, malloc))
+    with bundle_or_random(args.bundle, args.seed) as args.bundle:
+        bundle = load_bundle(args.bundle)
+        model = bundle.build_model()
+        batch = random_batch(bundle.config, 1, args.candidates, ll=args.ll, rt=100, imp=100, seed=args.seed)
+        reference = eager_forward(model, batch, False)().numpy()
+        compiled = compiled_run(model, batch) if args.compile else None
+        infos = []
+        for i, threads in enumerate(args.threads):
+            if i:
+                print()
+            infos.append(measure(args, threads, bundle, model, batch, reference, compiled, malloc))
     if len(infos) > 1:
         print("\n" + sweep_table(infos))
     if args.json:
         args.json.write_text(json.dumps(infos[0] if len(infos) == 1 else {"sweep": infos}, indent=2))
-    if tmp is not None:
-        tmp.cleanup()
 
 
 if __name__ == "__main__":

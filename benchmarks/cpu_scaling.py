@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from export.bundle import load_bundle  # noqa: E402
 from export.manifest import tool_versions  # noqa: E402
 from runtime.backends.cpu import CANDIDATE_INPUTS, ort_options, usable_cpus  # noqa: E402
-from runtime.bench import cpu_name, profile_node_times, random_bundle  # noqa: E402
+from runtime.bench import bundle_or_random, cpu_name, profile_node_times  # noqa: E402
 from transact.data.random_batch import random_batch  # noqa: E402
 
 PROBE_WIDTH = 256  # compute probe: (512, 256) @ (256, 256), eight times; 0.5 MB of activations + 0.25 MB weight
@@ -184,15 +184,12 @@ def main() -> None:
     if min(counts) < 1 or args.runs < 1 or args.warmup < 1 or args.candidates < 1:
         ap.error("--chunks, --runs, --warmup and --candidates must be >= 1")
 
-    tmp = None
-    if args.bundle is None:
-        tmp = tempfile.TemporaryDirectory(prefix="transact-bench-")
-        args.bundle = random_bundle(Path(tmp.name) / "bundle", seed=args.seed)
-    bundle = load_bundle(args.bundle)
-    graph = bundle.graph_bytes("full.onnx")
-    batch = random_batch(bundle.config, 1, args.candidates * max(counts), ll=args.ll, rt=100, imp=100,
-                         seed=args.seed)  # fmt: skip
-    feed = {k: v.numpy() for k, v in batch.named_tensors()}
+    with bundle_or_random(args.bundle, args.seed) as args.bundle:
+        bundle = load_bundle(args.bundle)
+        graph = bundle.graph_bytes("full.onnx")
+        batch = random_batch(bundle.config, 1, args.candidates * max(counts), ll=args.ll, rt=100, imp=100,
+                             seed=args.seed)  # fmt: skip
+        feed = {k: v.numpy() for k, v in batch.named_tensors()}
 
     info: dict = {
         "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "usable_cpus": usable_cpus(), "pinned": args.pin,
@@ -223,8 +220,6 @@ def main() -> None:
                                            for k, w in zip(counts, walls, strict=True)))  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(info, indent=2))
-    if tmp is not None:
-        tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import multiprocessing as mp
 import queue
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from multiprocessing.queues import Queue
@@ -34,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.backends.cpu import usable_cpus  # noqa: E402
-from runtime.bench import cpu_name, eager_forward, keep_freed_memory, random_bundle, round_ratios  # noqa: E402
+from runtime.bench import bundle_or_random, cpu_name, eager_forward, keep_freed_memory, round_ratios  # noqa: E402
 
 EAGER = ("eager (fast path on)", "eager (fast path off)")
 BACKEND = "cpu backend"
@@ -157,22 +156,19 @@ def main() -> None:
     if args.procs < 1:
         ap.error(f"--procs must be at least 1, got {args.procs}")
 
-    tmp = None
-    if args.bundle is None:
-        tmp = tempfile.TemporaryDirectory(prefix="transact-bench-")
-        args.bundle = random_bundle(Path(tmp.name) / "bundle", seed=args.seed)
-    ctx = mp.get_context("spawn")  # fresh interpreters: no thread pool of this process carried into a fork
-    barrier, results = ctx.Barrier(args.procs), ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(i, args, barrier, results), daemon=True) for i in range(args.procs)]
-    for p in procs:
-        p.start()
-    try:
-        records = collect(procs, results, args.procs * (1 + args.rounds * len(RUNTIMES)))
-    finally:
+    with bundle_or_random(args.bundle, args.seed) as args.bundle:
+        ctx = mp.get_context("spawn")  # fresh interpreters: no thread pool of this process carried into a fork
+        barrier, results = ctx.Barrier(args.procs), ctx.Queue()
+        procs = [ctx.Process(target=worker, args=(i, args, barrier, results), daemon=True) for i in range(args.procs)]
         for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.terminate()
+            p.start()
+        try:
+            records = collect(procs, results, args.procs * (1 + args.rounds * len(RUNTIMES)))
+        finally:
+            for p in procs:
+                p.join(timeout=60)
+                if p.is_alive():
+                    p.terminate()
     info = summarise(records, args)
 
     print(f"{info['cpu']} ({info['usable_cpus']} usable CPUs): {args.procs} worker processes x {args.threads} "
@@ -189,8 +185,6 @@ def main() -> None:
           f"{rounds['min']:.2f}-{rounds['max']:.2f}x over {len(rounds['rounds'])} rounds")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(info, indent=2))
-    if tmp is not None:
-        tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
@@ -115,6 +116,19 @@ def random_bundle(out: Path, config: ModelConfig | None = None, seed: int = 0) -
     with tempfile.TemporaryDirectory(prefix="transact-ckpt-") as tmp:
         save_checkpoint(Path(tmp) / "ckpt", RankingModel(config or ModelConfig()).eval())
         return export_bundle(Path(tmp) / "ckpt", out, check=False, force=True)
+
+
+@contextlib.contextmanager
+def bundle_or_random(bundle: Path | None, seed: int = 0) -> Iterator[Path]:
+    """``bundle`` itself, or when None a random default model exported to a temporary folder that lasts the block:
+    what a benchmark script times when given no bundle."""
+    if bundle is not None:
+        yield bundle
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="transact-bench-") as tmp:
+        yield random_bundle(Path(tmp) / "bundle", seed=seed)
 
 
 def profile_node_times(events: list[dict], skip: int = 1) -> dict:

@@ -11,10 +11,12 @@ import pytest
 from click.testing import CliRunner
 from test_runtime_session import small_bundle
 
-from runtime.bench import bench_cmd, latency_stats, round_ratios, take_turns
+from export.bundle import load_bundle
+from runtime.bench import bench_cmd, bundle_or_random, latency_stats, round_ratios, take_turns
 from runtime.chunks import MAX_CHUNK, MIN_CHUNK
 from runtime.commands import serve_cmd
 from runtime.session import Session
+from transact.config import ModelConfig
 
 
 def test_bench_prints_both_paths_with_positive_times() -> None:
@@ -173,3 +175,16 @@ def test_keep_freed_memory_spares_the_page_faults_of_a_reused_block() -> None:
     pages = (64 << 20) // ((2 << 20) if huge else 4096)
     assert faults("defaults") >= pages // 2  # the block's pages fault again (16,385 of 16,384 on the project machine)
     assert faults("kept") < pages // 16  # (0 there)
+
+
+def test_bundle_or_random_exports_a_verified_bundle_for_the_block() -> None:
+    """No bundle given: a default random model exported to a folder that lasts the block (it loads, hashes
+    verified); a bundle given: that bundle, untouched."""
+    with bundle_or_random(None, seed=3) as path:
+        bundle = load_bundle(path)
+        assert bundle.config == ModelConfig()
+    assert not path.exists()
+    given = small_bundle()
+    with bundle_or_random(given) as path:
+        assert path == given
+    assert (given / "manifest.json").exists()
