@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -81,18 +82,26 @@ def thread_counts(text: str) -> list[int]:
     return list(dict.fromkeys(counts))
 
 
-def compiled_run(model: torch.nn.Module, batch: Batch) -> tuple[Callable[[], torch.Tensor], np.ndarray, float]:
-    """torch.compile of the model (fast path off, as traced), its first output and that first call's seconds
-    (compiling)."""
-    fn = torch.compile(model, dynamic=False)
-    run = eager_forward(fn, batch, False)
+@dataclass
+class Compiled:
+    """torch.compile of the model (fast path off, as traced): the call to time, its first output, and the seconds
+    that first call took (compiling)."""
+
+    run: Callable[[], torch.Tensor]
+    probabilities: np.ndarray
+    compile_s: float
+
+
+def compiled_run(model: torch.nn.Module, batch: Batch) -> Compiled:
+    """Compile the model for ``batch``'s shapes and make its first call."""
+    run = eager_forward(torch.compile(model, dynamic=False), batch, False)
     t = time.perf_counter()
     probs = run().numpy()
-    return run, probs, time.perf_counter() - t
+    return Compiled(run, probs, time.perf_counter() - t)
 
 
 def measure(args: argparse.Namespace, threads: int, bundle: Bundle, model: torch.nn.Module, batch: Batch,
-            reference: np.ndarray, compiled: tuple | None, malloc: str) -> dict:  # fmt: skip
+            reference: np.ndarray, compiled: Compiled | None, malloc: str) -> dict:  # fmt: skip
     """Time eager PyTorch, the cpu backend and one plain session at ``threads`` threads, taking turns; print the
     figures and return them. ``reference``: eager's probabilities (fast path off), which every runtime must match."""
     torch.set_num_threads(threads)
@@ -100,7 +109,7 @@ def measure(args: argparse.Namespace, threads: int, bundle: Bundle, model: torch
     session = bundle.session("full", optimize=True, threads=threads, provider=args.onnx_provider)
     fns = {f"eager (fast path {'on' if fast else 'off'})": eager_forward(model, batch, fast) for fast in (True, False)}
     if compiled is not None:
-        fns["torch.compile (inductor)"] = compiled[0]
+        fns["torch.compile (inductor)"] = compiled.run
     probs = session.run(["probabilities"], feed)[0]
     backend = Session(args.bundle, device="cpu", threads=threads, split=args.split, max_chunk=args.max_chunk,
                       onnx_provider=args.onnx_provider)  # fmt: skip
@@ -139,8 +148,8 @@ def measure(args: argparse.Namespace, threads: int, bundle: Bundle, model: torch
     }  # fmt: skip
     if compiled is not None:
         info["torch_compile"] = {
-            "compile_s": compiled[2],
-            "max_abs_diff_probabilities": float(np.abs(compiled[1] - reference).max()),
+            "compile_s": compiled.compile_s,
+            "max_abs_diff_probabilities": float(np.abs(compiled.probabilities - reference).max()),
             "onnxruntime_speedup": med["torch.compile (inductor)"] / med[backend_name],
         }  # fmt: skip
     print(f"{info['cpu']} ({info['logical_cpus']} logical CPUs), {threads} intra-op threads for both runtimes; "
