@@ -28,8 +28,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -82,8 +82,7 @@ def thread_counts(text: str) -> list[int]:
     return list(dict.fromkeys(counts))
 
 
-@dataclass
-class Compiled:
+class Compiled(NamedTuple):
     """torch.compile of the model (fast path off, as traced): the call to time, its first output, and the seconds
     that first call took (compiling)."""
 
