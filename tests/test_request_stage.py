@@ -196,10 +196,12 @@ class _BeforeSequenceOutputs:
 
 
 def test_dense_stage_scores_a_rows_candidates_after_its_chunks(monkeypatch) -> None:
-    """Where a row's chunks outnumber the slots (150 candidates: 10 chunks for 2 slots), the chunks run full.onnx up
-    to v1 / v2 and dense.onnx scores the row in two parts of 75, side by side; where they do not (30: 2 chunks),
-    dense.onnx does not run. The probabilities are those of the chunks run to the end and of eager PyTorch, for one
-    request and for three rows at once. A bundle whose full.onnx lacks v1 / v2 runs its chunks to the end."""
+    """Where a row's chunks outnumber the slots (150 candidates: 10 chunks of 15 for 2 slots), the chunks run
+    full.onnx up to v1 / v2 and dense.onnx scores the row in two groups of 75 (half the row each: five finished
+    chunks); where they do not (30: 2 chunks), dense.onnx does not run. Three rows of 100 (8 chunks of 12 or 13
+    each): two groups per row, the first of at least 50, together the row. The probabilities are those of the
+    chunks run to the end and of eager PyTorch, for one request and for three rows at once. A bundle whose full.onnx
+    lacks v1 / v2 runs its chunks to the end."""
     bundle_dir = small_bundle()
     on = Session(bundle_dir, device="cpu", threads=2, warmup=False)
     off = Session(bundle_dir, device="cpu", threads=2, warmup=False, dense_stage=False)
@@ -216,12 +218,14 @@ def test_dense_stage_scores_a_rows_candidates_after_its_chunks(monkeypatch) -> N
 
     monkeypatch.setattr(dense_session, "run", counted)
     try:
-        for n_rows, n_cands, want_parts in ((1, 150, [75, 75]), (1, 30, []), (3, 300, [50] * 6)):
+        for n_rows, n_cands, want_parts in ((1, 150, 2), (1, 30, 0), (3, 300, 6)):
             parts.clear()
             reqs = random_requests(small_config(), 33, n_rows, n_cands, ll=[200, 90, 3][:n_rows],
                                    rt=[40, 0, 7][:n_rows], imp=[30, 4, 0][:n_rows])  # fmt: skip
             got_all, ref_all = on.score_many(reqs), off.score_many(reqs)
-            assert sorted(parts) == want_parts
+            assert len(parts) == want_parts and sum(parts) == (n_cands if want_parts else 0)
+            assert n_rows > 1 or sorted(parts) == [75] * want_parts
+            assert not want_parts or sum(p >= 50 for p in parts) >= n_rows
             older_all = [older.run(plan_batch([r]))[0] for r in reqs]
             for got, ref, old, e in zip(got_all, ref_all, older_all, eager_probs(eager, reqs), strict=True):
                 np.testing.assert_allclose(got, ref, atol=1e-7, rtol=0)
@@ -269,3 +273,80 @@ def test_bundle_graph_cut_and_backend_with_and_without_it(monkeypatch) -> None:
     finally:
         cut.close()
         whole.close()
+
+
+def _small_chunks(**options) -> Session:  # noqa: ANN003
+    """The small bundle on two slots: 40 candidates make 4 chunks of 10, so the request and dense stages run, in
+    groups of at least 20 candidates."""
+    return Session(small_bundle(), device="cpu", threads=2, split=2, warmup=False, **options)
+
+
+def test_dense_groups_follow_the_order_chunks_finish_in(monkeypatch) -> None:
+    """The first chunk finishes last (held back until the other three are done): the first group is chunks 2 and 3
+    (candidates 10-29), the second chunks 1 and 4 (0-9 and 30-39, not next to each other), and every candidate still
+    gets its own probabilities: those of the backend without the dense stage, and of eager PyTorch."""
+    import threading
+
+    on, off = _small_chunks(), _small_chunks(dense_stage=False)
+    eager = on.bundle.verified.build_model()
+    staged, dense = on.backend.staged, on.backend.dense
+    (req,) = random_requests(small_config(), 41, 1, 40, ll=[180], rt=[25], imp=[12])
+    others_done, lock, finished = threading.Event(), threading.Lock(), []
+
+    def held_back(feed, run=staged.run):  # noqa: ANN001, ANN202
+        first = np.array_equal(feed["cand_item"], req.cand_item[:10])
+        if first:
+            assert others_done.wait(60)
+        out = run(feed)
+        with lock:
+            finished.append(int(first))
+            if finished == [0, 0, 0]:
+                others_done.set()
+        return out
+
+    groups: list[np.ndarray] = []
+
+    def recorded(feed, run=dense.run):  # noqa: ANN001, ANN202
+        groups.append(feed["cand_item"].copy())
+        return run(feed)
+
+    monkeypatch.setattr(staged, "run", held_back)
+    monkeypatch.setattr(dense, "run", recorded)
+    try:
+        got, ref = on.score(req), off.score(req)
+        assert finished == [0, 0, 0, 1]
+        assert [len(g) for g in groups] == [20, 20]
+        np.testing.assert_array_equal(groups[0], req.cand_item[10:30])
+        np.testing.assert_array_equal(groups[1], np.concatenate([req.cand_item[:10], req.cand_item[30:]]))
+        np.testing.assert_allclose(got, ref, atol=1e-7, rtol=0)
+        np.testing.assert_allclose(got, eager_probs(eager, [req])[0], atol=1e-5, rtol=0)
+    finally:
+        on.close()
+        off.close()
+
+
+@pytest.mark.parametrize("where", ["chunk", "dense"])
+def test_a_failed_run_in_a_row_reaches_the_caller(monkeypatch, where: str) -> None:
+    """A chunk's run (the third) or a dense group's run that fails: the request raises that error, once every chunk
+    of the row is done, and the backend serves the next request as before."""
+    session = _small_chunks()
+    slots = session.backend.staged if where == "chunk" else session.backend.dense
+    calls: list[int] = []
+
+    def failing(feed, run=slots.run):  # noqa: ANN001, ANN202
+        calls.append(len(feed["cand_request"]))
+        if len(calls) == 3 or where == "dense":
+            raise RuntimeError(f"{where} run failed")
+        return run(feed)
+
+    try:
+        reqs = random_requests(small_config(), 43, 2, 80, ll=[150, 20], rt=[30, 2], imp=[9, 0])
+        good = [session.score(r) for r in reqs]
+        monkeypatch.setattr(slots, "run", failing)
+        with pytest.raises(RuntimeError, match=f"{where} run failed"):
+            session.score(reqs[0])
+        monkeypatch.undo()
+        for r, want in zip(reqs, good, strict=True):
+            np.testing.assert_array_equal(session.score(r), want)
+    finally:
+        session.close()

@@ -6,8 +6,8 @@ most ``max_chunk`` (``MAX_CHUNK`` by default) and runs ``split`` chunks at a tim
 Runtime to split each small operator between all of them: its LayerNormalization, for one, gets no faster past one
 thread (benchmarks/RESULTS.md, 2026-12-05); and a small chunk's intermediates stay in the core's caches. When a
 request's chunks outnumber the slots, the part of the graph that depends on the request alone runs once before them
-(``request_stage``), the chunks stop at the two sequence-module outputs, and ``dense.onnx`` scores all of the row's
-candidates at once after them."""
+(``request_stage``), the chunks stop at the two sequence-module outputs, and ``dense.onnx`` scores the row's
+candidates in a few large groups, each as soon as its chunks are done (``_StagedRow``)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import contextlib
 import functools
 import os
 import queue
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +171,88 @@ class _Slots:
             self._idle.put(session)
 
 
+class _StagedRow:
+    """One request row's chunks, with ``dense.onnx`` started on finished ones while others still run.
+
+    Side-by-side chunks do not finish together: on a shared host some cores run slower than others (8 to 16 slots on
+    the H100 machine's host: 15-24 % of the chunk phase's slot time idle, waiting for the last chunks; benchmarks/
+    RESULTS.md, 2026-12-06), and the dense stage used to start only after the last of them. Here each finished chunk
+    joins a group, and a group of ``group`` candidates (or the last, whatever is left) goes to the pool as one run of
+    ``dense.onnx``: queued behind the chunks still to start, it runs on slots that would otherwise wait, and only the
+    last group's run follows the last chunk (there, 8 slots: 2.0-3.2 ms from the last chunk to the probabilities
+    where 3.5-4.7 ms had been; the request 1.03-1.06x at 6 to 12 threads)."""
+
+    def __init__(self, backend: CpuBackend, feed: dict[str, np.ndarray], bounds: list[tuple[int, int]],
+                 group: int) -> None:  # fmt: skip
+        assert backend._pool is not None and backend.staged is not None and backend.dense is not None
+        self.backend, self.feed, self.group = backend, feed, group
+        self.n, self.left = bounds[-1][1], len(bounds)
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.ready: list[tuple[int, int, list[np.ndarray]]] = []  # finished chunks not yet in a dense run
+        self.dense: list[tuple[list[tuple[int, int]], Future]] = []
+        self.error: BaseException | None = None
+        staged = {k: feed[k] for k in backend.staged.inputs}
+        for a, z in bounds:
+            chunk = {k: (v[a:z] if k in ROW_INPUTS else v) for k, v in staged.items()}
+            backend._pool.submit(self._chunk, a, z, chunk)
+
+    def _chunk(self, a: int, z: int, chunk: dict[str, np.ndarray]) -> None:
+        """One chunk's run in the pool, then its place in a group (the group's dense run queued when full). Whatever
+        fails is kept for ``result``; the last chunk to finish, failed or not, releases it."""
+        try:
+            outs, error = self.backend.staged.run(chunk), None  # type: ignore[union-attr]
+        except BaseException as e:  # noqa: BLE001 (raised again by result())
+            outs, error = None, e
+        with self.lock:
+            self.left -= 1
+            try:
+                if error is not None:
+                    self.error = self.error or error
+                elif self.error is None:
+                    self.ready.append((a, z, outs))
+                    if self.left == 0 or sum(y - x for x, y, _ in self.ready) >= self.group:
+                        self._queue_dense()
+            except BaseException as e:  # noqa: BLE001 (a pool shut down under the row, say)
+                self.error = self.error or e
+            finally:
+                if self.left == 0:
+                    self.done.set()
+
+    def _queue_dense(self) -> None:
+        """``dense.onnx`` on the finished chunks gathered so far, as one run in the pool (the lock held)."""
+        group, self.ready = sorted(self.ready, key=lambda c: c[0]), []
+        spans = [(a, z) for a, z, _ in group]
+        feed = {k: v for k, v in self.feed.items() if k in self.backend.dense.inputs}  # type: ignore[union-attr]
+        for k in CANDIDATE_INPUTS:
+            if k in feed:
+                feed[k] = np.concatenate([feed[k][a:z] for a, z in spans])
+        for i, k in enumerate(SEQUENCE_OUTPUTS):
+            feed[k] = np.concatenate([c[2][i] for c in group])
+        self.dense.append((spans, self.backend._pool.submit(self.backend.dense.run, feed)))  # type: ignore[union-attr]
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities and scores of the row's candidates, in order, once every chunk and dense run is done."""
+        self.done.wait()
+        if self.error is not None:
+            for _, f in self.dense:  # nothing of this row left running in the pool
+                f.cancel()
+            wait([f for _, f in self.dense])
+            raise self.error
+        out: list[np.ndarray] = []
+        for spans, f in self.dense:
+            parts = f.result()
+            if not out:
+                out = [np.empty((self.n, *p.shape[1:]), p.dtype) for p in parts]
+            at = 0
+            for a, z in spans:
+                for whole, part in zip(out, parts, strict=True):
+                    whole[a:z] = part[at:at + z - a]
+                at += z - a
+        probs, scores = out
+        return probs, scores
+
+
 def _joined(pending: list) -> list[np.ndarray]:
     """Each output of the runs (futures or finished outputs, in candidate order) joined along the candidates."""
     outs = [p.result() if isinstance(p, Future) else p for p in pending]
@@ -183,8 +266,9 @@ class CpuBackend:
     When a row's chunks outnumber the slots (each slot would run several in turn), the work that depends on the
     request alone runs once first (``request_stage``: normalising the sequences, TransAct's row share of its
     first layer), the chunks run the graph from its results up to the sequence-module outputs ``v1`` / ``v2``, and
-    ``dense.onnx`` (input norm, DCN, MLP, heads) then scores all of the row's candidates in ``split`` parts side
-    by side, where in chunks the DCN's products (1,184 x 1,184 in the default config) ran at a chunk's rows, their
+    ``dense.onnx`` (input norm, DCN, MLP, heads) scores the row's candidates in groups of about a slot's share
+    (``_StagedRow``: each group as soon as its chunks are done, on slots that would otherwise wait for the last
+    chunks), where in chunks the DCN's products (1,184 x 1,184 in the default config) ran at a chunk's rows, their
     weights read again after every chunk's attention had pushed them out of the caches (``dense_stage``: 1.016x
     the request of DESIGN §5 on 2 threads, 1.034x at 1,024 candidates, the same probabilities bit for bit; a bundle
     whose full.onnx lacks the two outputs runs its chunks to the end). Otherwise every chunk runs the whole graph,
@@ -251,31 +335,39 @@ class CpuBackend:
         selection work, exactly right for one row), so a batch of R rows would cost R times the work of
         its parts: each row runs on its own, with all the requests that share it, in chunks of candidates."""
         if plan.num_rows <= 1:
-            return self._gather(*self._submit(plan.padded_inputs()))
+            return self._submit(plan.padded_inputs())()
         groups = []
         for row, user in enumerate(plan.users):
             mine = [i for i, r in enumerate(plan.rows) if r == row]
             sub = BatchPlan([plan.requests[i] for i in mine], [user], [0] * len(mine))
             groups.append((mine, sub, self._submit(sub.padded_inputs())))
         parts: list[tuple[np.ndarray, np.ndarray]] = [None] * len(plan.requests)  # type: ignore[list-item]
-        for mine, sub, pending in groups:
-            probs, scores = self._gather(*pending)
+        for mine, sub, result in groups:
+            probs, scores = result()
             for i, p, s in zip(mine, sub.split(probs), sub.split(scores), strict=True):
                 parts[i] = (p, s)
         return np.concatenate([p for p, _ in parts]), np.concatenate([s for _, s in parts])
 
-    def _submit(self, feed: dict[str, np.ndarray]) -> tuple[list, dict[str, np.ndarray] | None]:
-        """Start one row's chunks: their runs (futures, or finished outputs when nothing runs side by side), and the
-        row's inputs when the chunks stop at the sequence-module outputs and ``dense.onnx`` is still to run."""
-        bounds = chunk_bounds(len(feed["cand_request"]), self.split, max_chunk=self.max_chunk)
-        slots, rest = self.whole, None
-        if self.request_session is not None and self.staged is not None and len(bounds) > self.split:
-            with flushed_denormals(self.flush):
-                handed = self.request_session.run(self.handoff, {k: feed[k] for k in self._request_inputs})
-            rest = feed if self.dense is not None else None
-            feed = feed | dict(zip(self.handoff, handed, strict=True))
-            slots = self.staged
-        return self._start(slots, feed, bounds), rest
+    def _submit(self, feed: dict[str, np.ndarray]) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+        """Start one row's chunks; the returned call waits for the row's probabilities and scores."""
+        n = len(feed["cand_request"])
+        bounds = chunk_bounds(n, self.split, max_chunk=self.max_chunk)
+        if self.request_session is None or self.staged is None or len(bounds) <= self.split:
+            return functools.partial(self._joined_outputs, self._start(self.whole, feed, bounds))
+        with flushed_denormals(self.flush):
+            handed = self.request_session.run(self.handoff, {k: feed[k] for k in self._request_inputs})
+        staged = feed | dict(zip(self.handoff, handed, strict=True))
+        if self.dense is None:
+            return functools.partial(self._joined_outputs, self._start(self.staged, staged, bounds))
+        if self._pool is not None:
+            return _StagedRow(self, staged, bounds, group=-(-n // self.split)).result
+        sequences = dict(zip(SEQUENCE_OUTPUTS, _joined(self._start(self.staged, staged, bounds)), strict=True))
+        return functools.partial(self._joined_outputs, self._start(self.dense, feed | sequences, [(0, n)]))
+
+    @staticmethod
+    def _joined_outputs(pending: list) -> tuple[np.ndarray, np.ndarray]:
+        probs, scores = _joined(pending)
+        return probs, scores
 
     def _start(self, slots: _Slots, feed: dict[str, np.ndarray], bounds: list[tuple[int, int]]) -> list:
         """Run ``slots``' graph on each [start, end) of the per-candidate inputs, side by side where there is a pool."""
@@ -286,17 +378,6 @@ class CpuBackend:
         if self._pool is None:
             return [slots.run(chunk) for chunk in chunks]
         return [self._pool.submit(slots.run, chunk) for chunk in chunks]
-
-    def _gather(self, pending: list, rest: dict[str, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities and scores of one row: its chunks' outputs joined, and when they are the sequence-module
-        outputs (``rest``: the row's inputs), ``dense.onnx`` on them in ``split`` parts side by side."""
-        joined = _joined(pending)
-        if rest is not None:  # set only where self.dense runs
-            feed = rest | dict(zip(SEQUENCE_OUTPUTS, joined, strict=True))
-            n = len(feed["cand_request"])
-            joined = _joined(self._start(self.dense, feed, chunk_bounds(n, self.split, max_chunk=n)))
-        probs, scores = joined
-        return probs, scores
 
     def warmup(self, limits: Limits) -> None:
         """Run a few shapes once, through every session (the request stage's too), so that ONNX Runtime has
