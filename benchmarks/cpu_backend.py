@@ -47,6 +47,7 @@ from runtime.bench import (  # noqa: E402
     profile_node_times,
     round_ratios,
     take_turns,
+    thread_counts,
 )
 from runtime.session import Request, Session  # noqa: E402
 from transact.batch import Batch  # noqa: E402
@@ -69,17 +70,6 @@ def onnxruntime_profile(graph: bytes, feed: dict, threads: int, runs: int, provi
         for _ in range(runs + 1):
             session.run(None, feed)
         return profile_node_times(json.loads(Path(session.end_profiling()).read_text()))
-
-
-def thread_counts(text: str) -> list[int]:
-    """``--threads``: one count ("8") or several, comma-separated ("1,2,4,8,16"), each at least 1."""
-    try:
-        counts = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"integers separated by commas, got {text!r}") from None
-    if min(counts) < 1:
-        raise argparse.ArgumentTypeError(f"each thread count must be at least 1, got {text!r}")
-    return list(dict.fromkeys(counts))
 
 
 class Compiled(NamedTuple):

@@ -2,7 +2,8 @@
 # The cpu backend on a GPU machine's host CPU (DESIGN §5 measures on that machine): how its chunks slow each other
 # down side by side (cpu_scaling.py: per operator, and a compute and a streaming probe), then the DESIGN §5 request
 # against eager PyTorch at 1, 2, 4, 8 threads and every usable CPU, where the host has them (cpu_backend.py, one table),
-# requests per second with every core busy (cpu_throughput.py), and with other chunk sizes.
+# where the request's time goes at those counts (cpu_timeline.py), requests per second with every core busy
+# (cpu_throughput.py), and with other chunk sizes.
 #   OUT=results_dir bash benchmarks/host_cpu.sh
 source "$(dirname "$0")/gpu_env.sh"
 BUNDLE=${BUNDLE:-/tmp/transact-default-bundle}
@@ -27,6 +28,10 @@ counts=$(printf '%s\n' 1 2 4 8 "$cpus" | awk -v n="$cpus" '$1 <= n && !seen[$1]+
 ncounts=$(( $(tr -cd , <<< "$counts" | wc -c) + 1 ))
 timeout $(( ${BENCH_TIMEOUT:-300} * ncounts )) $PY benchmarks/cpu_backend.py --bundle "$BUNDLE" --threads "$counts" \
   --runs 20 --json "$OUT/cpu_backend_sweep.json" 2>&1 | tee "$OUT/cpu_backend_sweep.log"
+rc=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] && status=$rc
+# Where one request's time goes at each count: before the chunks, the chunk phase and its idle slots, after them.
+timeout $(( ${BENCH_TIMEOUT:-300} * ncounts )) $PY benchmarks/cpu_timeline.py --bundle "$BUNDLE" --threads "$counts" \
+  --runs 20 --json "$OUT/cpu_timeline.json" 2>&1 | tee "$OUT/cpu_timeline.log"
 rc=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] && status=$rc
 # Requests per second with every core busy: one worker process per CPU, one thread each.
 timeout "${BENCH_TIMEOUT:-300}" $PY benchmarks/cpu_throughput.py --bundle "$BUNDLE" --json "$OUT/cpu_throughput.json" \

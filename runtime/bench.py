@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import platform
@@ -101,6 +102,17 @@ def eager_forward(model: torch.nn.Module, batch: Batch, fastpath: bool,
         return out
 
     return run
+
+
+def thread_counts(text: str) -> list[int]:
+    """``--threads``: one count ("8") or several, comma-separated ("1,2,4,8,16"), each at least 1."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"integers separated by commas, got {text!r}") from None
+    if min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"each thread count must be at least 1, got {text!r}")
+    return list(dict.fromkeys(counts))
 
 
 def random_bundle(out: Path, config: ModelConfig | None = None, seed: int = 0) -> Path:

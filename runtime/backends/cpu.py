@@ -179,8 +179,8 @@ class _StagedRow:
     RESULTS.md, 2026-12-06), and the dense stage used to start only after the last of them. Here each finished chunk
     joins a group, and a group of ``group`` candidates (or the last, whatever is left) goes to the pool as one run of
     ``dense.onnx``: queued behind the chunks still to start, it runs on slots that would otherwise wait, and only the
-    last group's run follows the last chunk (there, 8 slots: 2.0-3.2 ms from the last chunk to the probabilities
-    where 3.5-4.7 ms had been; the request 1.03-1.06x at 6 to 12 threads)."""
+    last group's run follows the last chunk (there, 8 to 12 slots: 2.0-3.3 ms from the last chunk to the
+    probabilities where 3.5-4.9 ms had been; the request 1.03-1.06x at 6 to 12 threads)."""
 
     def __init__(self, backend: CpuBackend, feed: dict[str, np.ndarray], bounds: list[tuple[int, int]],
                  group: int) -> None:  # fmt: skip
