@@ -45,13 +45,14 @@ from runtime.bench import (  # noqa: E402
     eager_forward,
     keep_freed_memory,
     profile_node_times,
+    request_batch,
+    request_shape,
     round_ratios,
     take_turns,
     thread_counts,
 )
 from runtime.session import Request, Session  # noqa: E402
 from transact.batch import Batch  # noqa: E402
-from transact.data.random_batch import random_batch  # noqa: E402
 
 
 def onnxruntime_profile(graph: bytes, feed: dict, threads: int, runs: int, provider: str = CPU_PROVIDER) -> dict:
@@ -119,7 +120,7 @@ def measure(args: argparse.Namespace, threads: int, bundle: Bundle, model: torch
     info = {
         "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "logical_cpus": os.cpu_count(),
         "usable_cpus": usable_cpus(), "threads": threads, "onnx_provider": args.onnx_provider, "malloc": malloc,
-        "request": {"users": 1, "ll": args.ll, "rt": 100, "imp": 100, "candidates": args.candidates},
+        "request": request_shape(args.candidates, args.ll),
         "runs": args.runs, "warmup": args.warmup, "median_ms": med,
         "p10_ms": {k: float(np.percentile(v, 10)) for k, v in results.items()},
         "p90_ms": {k: float(np.percentile(v, 90)) for k, v in results.items()},
@@ -213,7 +214,7 @@ def main() -> None:
     with bundle_or_random(args.bundle, args.seed) as args.bundle:
         bundle = load_bundle(args.bundle)
         model = bundle.build_model()
-        batch = random_batch(bundle.config, 1, args.candidates, ll=args.ll, rt=100, imp=100, seed=args.seed)
+        batch = request_batch(bundle.config, args.candidates, args.ll, args.seed)
         reference = eager_forward(model, batch, False)().numpy()
         compiled = compiled_run(model, batch) if args.compile else None
         infos = []

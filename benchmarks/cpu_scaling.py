@@ -37,8 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from export.bundle import load_bundle  # noqa: E402
 from export.manifest import tool_versions  # noqa: E402
 from runtime.backends.cpu import CANDIDATE_INPUTS, ort_options, usable_cpus  # noqa: E402
-from runtime.bench import bundle_or_random, cpu_name, profile_node_times  # noqa: E402
-from transact.data.random_batch import random_batch  # noqa: E402
+from runtime.bench import bundle_or_random, cpu_name, profile_node_times, request_batch  # noqa: E402
 
 PROBE_WIDTH = 256  # compute probe: (512, 256) @ (256, 256), eight times; 0.5 MB of activations + 0.25 MB weight
 PROBE_PRODUCTS = 8
@@ -187,8 +186,7 @@ def main() -> None:
     with bundle_or_random(args.bundle, args.seed) as args.bundle:
         bundle = load_bundle(args.bundle)
         graph = bundle.graph_bytes("full.onnx")
-        batch = random_batch(bundle.config, 1, args.candidates * max(counts), ll=args.ll, rt=100, imp=100,
-                             seed=args.seed)  # fmt: skip
+        batch = request_batch(bundle.config, args.candidates * max(counts), args.ll, args.seed)
         feed = {k: v.numpy() for k, v in batch.named_tensors()}
 
     info: dict = {

@@ -33,7 +33,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.backends.cpu import usable_cpus  # noqa: E402
-from runtime.bench import bundle_or_random, cpu_name, eager_forward, keep_freed_memory, round_ratios  # noqa: E402
+from runtime.bench import (  # noqa: E402
+    bundle_or_random,
+    cpu_name,
+    eager_forward,
+    keep_freed_memory,
+    request_batch,
+    request_shape,
+    round_ratios,
+)
 
 EAGER = ("eager (fast path on)", "eager (fast path off)")
 BACKEND = "cpu backend"
@@ -50,13 +58,12 @@ def worker(index: int, args: argparse.Namespace, barrier: Barrier, results: Queu
 
         from export.bundle import load_bundle
         from runtime.session import Request, Session
-        from transact.data.random_batch import random_batch
 
         keep_freed_memory()
         torch.set_num_threads(args.threads)
         bundle = load_bundle(args.bundle)
         model = bundle.build_model()
-        batch = random_batch(bundle.config, 1, args.candidates, ll=args.ll, rt=100, imp=100, seed=args.seed + index)
+        batch = request_batch(bundle.config, args.candidates, args.ll, args.seed + index)
         backend = Session(args.bundle, device="cpu", threads=args.threads, split=args.split)
         request = Request.from_batch(batch, 0)
 
@@ -121,7 +128,7 @@ def summarise(records: list[tuple], args: argparse.Namespace) -> dict:
     return {
         "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "usable_cpus": usable_cpus(),
         "procs": args.procs, "threads_per_proc": args.threads, "backend_layout": layouts,
-        "request": {"users": 1, "ll": args.ll, "rt": 100, "imp": 100, "candidates": args.candidates},
+        "request": request_shape(args.candidates, args.ll),
         "rounds": args.rounds, "block": args.block, "warmup": args.warmup,
         "requests_per_s": med, "requests_per_s_per_round": per_round, "faster_eager": best,
         "latency_ms": {name: {"min": min(v), "median": statistics.median(v), "max": max(v)}

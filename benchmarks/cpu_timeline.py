@@ -35,9 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from export.bundle import load_bundle  # noqa: E402
 from export.manifest import tool_versions  # noqa: E402
 from runtime.backends.cpu import CpuBackend, usable_cpus  # noqa: E402
-from runtime.bench import bundle_or_random, cpu_name, thread_counts  # noqa: E402
+from runtime.bench import bundle_or_random, cpu_name, request_batch, thread_counts  # noqa: E402
 from runtime.session import Request, Session  # noqa: E402
-from transact.data.random_batch import random_batch  # noqa: E402
 
 CHUNK_KINDS = ("whole", "staged")  # the sessions whose runs are chunks of candidates
 
@@ -152,7 +151,7 @@ def main() -> None:
         ap.error("--runs must be at least 1 and --warmup at least 0")
     with bundle_or_random(args.bundle, args.seed) as path:
         config = load_bundle(path).config
-        batch = random_batch(config, 1, args.candidates, ll=args.ll, rt=100, imp=100, seed=args.seed)
+        batch = request_batch(config, args.candidates, args.ll, args.seed)
         request = Request.from_batch(batch, 0)
         results = [measure(path, request, t, args.runs, args.warmup) for t in args.threads]
     print(f"{cpu_name()}, {usable_cpus()} usable CPUs; one request of {args.candidates} candidates, ll {args.ll}; "

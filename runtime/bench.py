@@ -88,6 +88,22 @@ def round_ratios(base: list[float], other: list[float], block: int = 5) -> list[
     return [float(np.median(base[i:i + block]) / np.median(other[i:i + block])) for i in range(0, len(base), block)]
 
 
+REQUEST_RT = REQUEST_IMP = 100  # DESIGN §5's request: 100 real-time and 100 impression actions
+
+
+def request_batch(config: ModelConfig, candidates: int, ll: int, seed: int = 0) -> Batch:
+    """A random batch of DESIGN §5's request shape: one user with ``ll`` lifelong actions and the real-time and
+    impression actions above, ``candidates`` candidates."""
+    from transact.data.random_batch import random_batch
+
+    return random_batch(config, 1, candidates, ll=ll, rt=REQUEST_RT, imp=REQUEST_IMP, seed=seed)
+
+
+def request_shape(candidates: int, ll: int) -> dict[str, int]:
+    """``request_batch``'s shape, as the benchmarks' JSON records it."""
+    return {"users": 1, "ll": ll, "rt": REQUEST_RT, "imp": REQUEST_IMP, "candidates": candidates}
+
+
 def eager_forward(model: torch.nn.Module, batch: Batch, fastpath: bool,
                   synchronize: bool = False) -> Callable[[], torch.Tensor]:  # fmt: skip
     """A call of the eager model on ``batch`` for timing: inference mode, PyTorch's transformer fast path on or off

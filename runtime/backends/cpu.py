@@ -171,6 +171,11 @@ class _Slots:
             self._idle.put(session)
 
 
+def _candidates(feed: dict[str, np.ndarray], a: int, z: int) -> dict[str, np.ndarray]:
+    """``feed`` for candidates [a, z): the per-candidate inputs sliced (views), the request's whole."""
+    return {k: (v[a:z] if k in ROW_INPUTS else v) for k, v in feed.items()}
+
+
 class _StagedRow:
     """One request row's chunks, with ``dense.onnx`` started on finished ones while others still run.
 
@@ -194,8 +199,7 @@ class _StagedRow:
         self.error: BaseException | None = None
         staged = {k: feed[k] for k in backend.staged.inputs}
         for a, z in bounds:
-            chunk = {k: (v[a:z] if k in ROW_INPUTS else v) for k, v in staged.items()}
-            backend._pool.submit(self._chunk, a, z, chunk)
+            backend._pool.submit(self._chunk, a, z, _candidates(staged, a, z))
 
     def _chunk(self, a: int, z: int, chunk: dict[str, np.ndarray]) -> None:
         """One chunk's run in the pool, then its place in a group (the group's dense run queued when full). Whatever
@@ -374,7 +378,7 @@ class CpuBackend:
         feed = {k: feed[k] for k in slots.inputs}
         if len(bounds) == 1:
             return [slots.run(feed)]
-        chunks = [{k: (v[a:z] if k in ROW_INPUTS else v) for k, v in feed.items()} for a, z in bounds]
+        chunks = [_candidates(feed, a, z) for a, z in bounds]
         if self._pool is None:
             return [slots.run(chunk) for chunk in chunks]
         return [self._pool.submit(slots.run, chunk) for chunk in chunks]
