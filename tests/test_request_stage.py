@@ -350,3 +350,35 @@ def test_a_failed_run_in_a_row_reaches_the_caller(monkeypatch, where: str) -> No
             np.testing.assert_array_equal(session.score(r), want)
     finally:
         session.close()
+
+
+@pytest.mark.parametrize("split,max_chunk", [(2, 12), (2, 16), (3, 8), (1, 12)])
+def test_warmup_plans_each_session_at_its_largest_run_first(monkeypatch, split: int, max_chunk: int) -> None:
+    """ONNX Runtime keeps the memory plan of a session's first run for every chunk size of the candidate stage (its
+    key of input shapes cancels the candidate count), so the warm-up's first run through each session must be its
+    largest: a chunk of ``max_chunk`` at the longest sequences. Worked out for (2, 12): the old order's first staged
+    run was a chunk of 8 (two users of 32 candidates, four chunks each)."""
+    session = Session(small_bundle(), device="cpu", threads=split, split=split, max_chunk=max_chunk, warmup=False)
+    backend = session.backend
+    seen: dict[str, list[tuple[int, int]]] = {"whole": [], "staged": []}
+    for name in seen:
+        slots = getattr(backend, name)
+
+        def recorded(feed, run=slots.run, name=name):  # noqa: ANN001, ANN202
+            request_size = sum(v.size for k, v in feed.items() if k not in CANDIDATE_INPUTS)
+            seen[name].append((len(feed["cand_request"]), request_size))
+            return run(feed)
+
+        monkeypatch.setattr(slots, "run", recorded)
+    try:
+        backend.warmup(session.limits)
+    finally:
+        session.close()
+    assert seen["staged"], "the warm-up never ran the candidate stage"
+    first_n, first_size = seen["staged"][0]
+    assert first_n == max_chunk
+    assert all(n <= first_n and size <= first_size for n, size in seen["staged"])
+    # the whole graph keys its plans by the candidate count: each count's first run at the longest sequences
+    longest = max(size for _, size in seen["whole"])
+    firsts = {n: size for n, size in reversed(seen["whole"])}
+    assert all(size == longest for size in firsts.values())

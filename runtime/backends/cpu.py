@@ -385,10 +385,17 @@ class CpuBackend:
 
     def warmup(self, limits: Limits) -> None:
         """Run a few shapes once, through every session (the request stage's too), so that ONNX Runtime has
-        planned its memory before the first request."""
+        planned its memory before the first request.
+
+        The largest chunks come first. ONNX Runtime keeps a session's memory plans under a key of its input shapes
+        in which a dimension that appears an even number of times cancels out: the candidate stage reads two
+        per-candidate inputs and four of each sequence's, so every chunk size and sequence length finds the plan of
+        the session's first run, and a run whose tensors outgrow that plan's blocks allocates each one on its own
+        (a chunk of 12 after a first chunk of 8: the request 1.11x slower on two threads, benchmarks/RESULTS.md,
+        2026-12-06). Planned at the longest sequences and the largest chunk, every later run fits."""
         every = min(limits.max_candidates, self.split * self.max_chunk)
         staged = min(limits.max_candidates, self.split * self.max_chunk * 2)  # chunks in turns: the request stage
-        shapes = list(dict.fromkeys([(1, 1), (1, 16), (2, 64), (1, every), (1, staged)]))  # small limits repeat some
+        shapes = list(dict.fromkeys([(1, staged), (1, every), (1, 1), (1, 16), (2, 64)]))  # small limits repeat some
         for reqs in warmup_requests(self.config, limits, shapes):
             self.run(plan_batch(reqs))
 
