@@ -354,10 +354,10 @@ def test_a_failed_run_in_a_row_reaches_the_caller(monkeypatch, where: str) -> No
 
 @pytest.mark.parametrize("split,max_chunk", [(2, 12), (2, 16), (3, 8), (1, 12)])
 def test_warmup_plans_each_session_at_its_largest_run_first(monkeypatch, split: int, max_chunk: int) -> None:
-    """ONNX Runtime keeps the memory plan of a session's first run for every chunk size of the candidate stage (its
-    key of input shapes cancels the candidate count), so the warm-up's first run through each session must be its
-    largest: a chunk of ``max_chunk`` at the longest sequences. Worked out for (2, 12): the old order's first staged
-    run was a chunk of 8 (two users of 32 candidates, four chunks each)."""
+    """ONNX Runtime files the candidate stage's memory plans under a key in which the candidate count cancels, so the
+    warm-up's first run through each session must be its largest: a chunk of ``max_chunk`` at the longest sequences
+    (every later warm-up run no larger). Worked out for (2, 12): the old order's first staged run was a chunk of 8
+    (two users of 32 candidates, four chunks each)."""
     session = Session(small_bundle(), device="cpu", threads=split, split=split, max_chunk=max_chunk, warmup=False)
     backend = session.backend
     seen: dict[str, list[tuple[int, int]]] = {"whole": [], "staged": []}

@@ -387,12 +387,14 @@ class CpuBackend:
         """Run a few shapes once, through every session (the request stage's too), so that ONNX Runtime has
         planned its memory before the first request.
 
-        The largest chunks come first. ONNX Runtime keeps a session's memory plans under a key of its input shapes
-        in which a dimension that appears an even number of times cancels out: the candidate stage reads two
-        per-candidate inputs and four of each sequence's, so every chunk size and sequence length finds the plan of
-        the session's first run, and a run whose tensors outgrow that plan's blocks allocates each one on its own
-        (a chunk of 12 after a first chunk of 8: the request 1.11x slower on two threads, benchmarks/RESULTS.md,
-        2026-12-06). Planned at the longest sequences and the largest chunk, every later run fits."""
+        The largest chunks come first. ONNX Runtime reuses a memory plan only for a run whose every intermediate has
+        exactly the planned size, and files plans under an XOR of all input dimensions, in which a dimension that
+        appears an even number of times cancels: the candidate stage reads two per-candidate inputs, so at given
+        sequence lengths the first run decides the plan for every chunk size, and a chunk of another size allocates
+        its intermediates one by one from the shared arena. The first run through the candidate stage is therefore
+        a full chunk at the longest sequences: the shape of every chunk of a request at those lengths whose
+        candidates fill whole chunks (DESIGN §5's: 16 chunks of 16). With max_chunk 12 a chunk of 8 had come first,
+        and DESIGN §5's request ran 1.16x slower on two threads (benchmarks/RESULTS.md, 2026-12-06)."""
         every = min(limits.max_candidates, self.split * self.max_chunk)
         staged = min(limits.max_candidates, self.split * self.max_chunk * 2)  # chunks in turns: the request stage
         shapes = list(dict.fromkeys([(1, staged), (1, every), (1, 1), (1, 16), (2, 64)]))  # small limits repeat some
