@@ -16,6 +16,7 @@ from export.manifest import SEQUENCE_OUTPUTS
 from runtime.backends.cpu import CANDIDATE_INPUTS, CpuBackend
 from runtime.backends.request_stage import keep_outputs, split_request_stage
 from runtime.batching import plan_batch
+from runtime.chunks import MIN_CHUNK
 from runtime.session import LoadedBundle, Session, SessionOptions
 
 RNG = np.random.default_rng(7)
@@ -352,13 +353,16 @@ def test_a_failed_run_in_a_row_reaches_the_caller(monkeypatch, where: str) -> No
         session.close()
 
 
-@pytest.mark.parametrize("split,max_chunk", [(2, 12), (2, 16), (3, 8), (1, 12)])
-def test_warmup_plans_each_session_at_its_largest_run_first(monkeypatch, split: int, max_chunk: int) -> None:
-    """ONNX Runtime files the candidate stage's memory plans under a key in which the candidate count cancels, so the
-    warm-up's first run through each session must be its largest: a chunk of ``max_chunk`` at the longest sequences
-    (every later warm-up run no larger). Worked out for (2, 12): the old order's first staged run was a chunk of 8
+@pytest.mark.parametrize("threads,split,max_chunk", [(2, 2, 12), (2, 2, 16), (3, 3, 8), (1, 1, 12), (4, 2, 12)])
+def test_warmup_plans_the_chunk_sizes_at_the_longest_sequences(monkeypatch, threads: int, split: int,
+                                                               max_chunk: int) -> None:  # fmt: skip
+    """ONNX Runtime reuses a memory plan only for runs of exactly its sizes, filed under a key in which the candidate
+    count cancels. With one thread per chunk (a candidate-stage session per chunk size) the warm-up runs every size
+    the staged chunks take (MIN_CHUNK to max_chunk), each first at the longest sequences; with several threads per
+    chunk (one session for every size) its first staged run is a chunk of ``max_chunk`` at the longest sequences,
+    and no later warm-up run is larger. Worked out for (2, 2, 12): the old order's first staged run was a chunk of 8
     (two users of 32 candidates, four chunks each)."""
-    session = Session(small_bundle(), device="cpu", threads=split, split=split, max_chunk=max_chunk, warmup=False)
+    session = Session(small_bundle(), device="cpu", threads=threads, split=split, max_chunk=max_chunk, warmup=False)
     backend = session.backend
     seen: dict[str, list[tuple[int, int]]] = {"whole": [], "staged": []}
     for name in seen:
@@ -374,11 +378,41 @@ def test_warmup_plans_each_session_at_its_largest_run_first(monkeypatch, split: 
         backend.warmup(session.limits)
     finally:
         session.close()
-    assert seen["staged"], "the warm-up never ran the candidate stage"
-    first_n, first_size = seen["staged"][0]
-    assert first_n == max_chunk
-    assert all(n <= first_n and size <= first_size for n, size in seen["staged"])
+    longest = max(size for _, size in seen["staged"])
+    firsts = {n: size for n, size in reversed(seen["staged"])}  # each chunk size's first run
+    if threads // split == 1:
+        assert set(range(min(MIN_CHUNK, max_chunk), max_chunk + 1)) <= set(firsts)
+        assert all(size == longest for size in firsts.values())
+    else:
+        assert seen["staged"][0] == (max_chunk, longest)
+        assert all(n <= max_chunk for n, _ in seen["staged"])
     # the whole graph keys its plans by the candidate count: each count's first run at the longest sequences
     longest = max(size for _, size in seen["whole"])
     firsts = {n: size for n, size in reversed(seen["whole"])}
     assert all(size == longest for size in firsts.values())
+
+
+def test_each_chunk_size_runs_in_a_session_of_its_own(monkeypatch) -> None:
+    """With one thread per chunk, chunks of different sizes run in different ONNX Runtime sessions of the candidate
+    stage (each keeps the memory plan of its size), one session per size; the probabilities are eager PyTorch's."""
+    session = Session(small_bundle(), device="cpu", threads=2, split=2, warmup=False)
+    run, used = ort.InferenceSession.run, []
+
+    def recorded(self, names, feed, *args):  # noqa: ANN001, ANN202
+        if list(names) == list(SEQUENCE_OUTPUTS):  # the candidate stage's runs
+            used.append((len(feed["cand_request"]), id(self)))
+        return run(self, names, feed, *args)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", recorded)
+    try:
+        (req,) = random_requests(small_config(), 47, 1, 100, ll=[150], rt=[30], imp=[9])  # 8 chunks of 12 or 13
+        got = session.score(req)
+        eager = session.bundle.verified.build_model()
+    finally:
+        session.close()
+    sizes = {n for n, _ in used}
+    assert sizes == {12, 13} and len(used) == 8
+    by_size = {n: {s for m, s in used if m == n} for n in sizes}
+    assert all(len(ids) == 1 for ids in by_size.values())
+    assert by_size[12] != by_size[13]
+    np.testing.assert_allclose(got, eager_probs(eager, [req])[0], atol=1e-5, rtol=0)

@@ -30,7 +30,7 @@ from export.manifest import DENSE_OUTPUTS, FULL_OUTPUTS, SEQUENCE_OUTPUTS
 from transact.batch import INPUT_NAMES
 
 from ..batching import BatchPlan, plan_batch
-from ..chunks import MAX_CHUNK, chunk_bounds
+from ..chunks import MAX_CHUNK, MIN_CHUNK, chunk_bounds
 from ..session import Limits, LoadedBundle, SessionOptions
 from .request_stage import keep_outputs, split_request_stage
 from .warmup import warmup_requests
@@ -171,6 +171,41 @@ class _Slots:
             self._idle.put(session)
 
 
+class _SlotsBySize:
+    """The candidate stage with one ``_Slots`` (one session, one thread per run) per chunk size, each made on its
+    size's first run.
+
+    ONNX Runtime reuses a session's memory plan only for a run whose every intermediate has exactly the planned size,
+    and files plans under an XOR of the input dimensions, in which the candidate stage's chunk size cancels (two
+    per-candidate inputs): in one session, the first chunk at given sequence lengths decides the plan for every size,
+    and chunks of other sizes allocate their intermediates one by one from the arena that every slot shares. Where a
+    request's chunks are not of that size (256 candidates at 6, 10 or 12 threads; 200 at 8) the request ran 1.08-1.17x
+    slower on the H100 machine's host than with a session per size (benchmarks/RESULTS.md, 2026-12-06). A session of
+    the candidate stage holds only its small weights (sixteen of them: ~47 MB resident)."""
+
+    def __init__(self, graph: bytes, split: int, providers: list, flush: bool, outputs: tuple[str, ...],
+                 first: int) -> None:  # fmt: skip
+        self._make = functools.partial(_Slots, graph, split, 1, providers, flush, outputs)
+        self._by_size: dict[int, _Slots] = {}
+        self._lock = threading.Lock()
+        made = self.slots(first)
+        self.inputs, self.outputs = made.inputs, made.outputs
+
+    def slots(self, size: int) -> _Slots:
+        """The slots for chunks of ``size`` candidates (made now if this is the size's first run)."""
+        with self._lock:
+            if size not in self._by_size:
+                self._by_size[size] = self._make()
+            return self._by_size[size]
+
+    @property
+    def sessions(self) -> list[ort.InferenceSession]:
+        return [s for slots in list(self._by_size.values()) for s in slots.sessions]
+
+    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.slots(len(feed["cand_request"])).run(feed)
+
+
 def _candidates(feed: dict[str, np.ndarray], a: int, z: int) -> dict[str, np.ndarray]:
     """``feed`` for candidates [a, z): the per-candidate inputs sliced (views), the request's whole."""
     return {k: (v[a:z] if k in ROW_INPUTS else v) for k, v in feed.items()}
@@ -306,7 +341,7 @@ class CpuBackend:
                 dense_stage = stage is not None
             stage = stage or split_request_stage(model, CANDIDATE_INPUTS)
         self.request_session: ort.InferenceSession | None = None
-        self.staged: _Slots | None = None
+        self.staged: _Slots | _SlotsBySize | None = None
         self.dense: _Slots | None = None
         self.handoff: list[str] = []
         self._request_inputs: list[str] = []
@@ -317,7 +352,11 @@ class CpuBackend:
                                                         sess_options=ort_options(1, shared_arena=True),
                                                         providers=providers)  # fmt: skip
             outs = SEQUENCE_OUTPUTS if dense_stage else FULL_OUTPUTS
-            self.staged = _Slots(stage.candidates.SerializeToString(), self.split, per, providers, self.flush, outs)
+            candidates = stage.candidates.SerializeToString()
+            # With one thread per chunk, a session per chunk size (_SlotsBySize); with more, a session per slot already
+            # (_Slots), and one per slot and size would be too many.
+            self.staged = (_SlotsBySize(candidates, self.split, providers, self.flush, outs, self.max_chunk) if per == 1
+                           else _Slots(candidates, self.split, per, providers, self.flush, outs))  # fmt: skip
             if dense_stage:
                 self.dense = _Slots(bundle.graph_bytes("dense.onnx"), self.split, per, providers, self.flush,
                                     DENSE_OUTPUTS)  # fmt: skip
@@ -373,7 +412,7 @@ class CpuBackend:
         probs, scores = _joined(pending)
         return probs, scores
 
-    def _start(self, slots: _Slots, feed: dict[str, np.ndarray], bounds: list[tuple[int, int]]) -> list:
+    def _start(self, slots: _Slots | _SlotsBySize, feed: dict[str, np.ndarray], bounds: list[tuple[int, int]]) -> list:
         """Run ``slots``' graph on each [start, end) of the per-candidate inputs, side by side where there is a pool."""
         feed = {k: feed[k] for k in slots.inputs}
         if len(bounds) == 1:
@@ -384,22 +423,32 @@ class CpuBackend:
         return [self._pool.submit(slots.run, chunk) for chunk in chunks]
 
     def warmup(self, limits: Limits) -> None:
-        """Run a few shapes once, through every session (the request stage's too), so that ONNX Runtime has
-        planned its memory before the first request.
-
-        The largest chunks come first. ONNX Runtime reuses a memory plan only for a run whose every intermediate has
-        exactly the planned size, and files plans under an XOR of all input dimensions, in which a dimension that
-        appears an even number of times cancels: the candidate stage reads two per-candidate inputs, so at given
-        sequence lengths the first run decides the plan for every chunk size, and a chunk of another size allocates
-        its intermediates one by one from the shared arena. The first run through the candidate stage is therefore
-        a full chunk at the longest sequences: the shape of every chunk of a request at those lengths whose
-        candidates fill whole chunks (DESIGN §5's: 16 chunks of 16). With max_chunk 12 a chunk of 8 had come first,
-        and DESIGN §5's request ran 1.16x slower on two threads (benchmarks/RESULTS.md, 2026-12-06)."""
+        """Run a few shapes once through every session (the request stage's too), so that ONNX Runtime has planned
+        its memory before the first request, then each chunk size of the candidate stage (``_plan_chunk_sizes``).
+        The largest shapes come first: where one session serves every chunk size (several threads per chunk), its
+        first run at given sequence lengths decides the plan that every chunk size then meets (``_SlotsBySize``)."""
         every = min(limits.max_candidates, self.split * self.max_chunk)
         staged = min(limits.max_candidates, self.split * self.max_chunk * 2)  # chunks in turns: the request stage
         shapes = list(dict.fromkeys([(1, staged), (1, every), (1, 1), (1, 16), (2, 64)]))  # small limits repeat some
         for reqs in warmup_requests(self.config, limits, shapes):
             self.run(plan_batch(reqs))
+        if isinstance(self.staged, _SlotsBySize):
+            self._plan_chunk_sizes(limits)
+
+    def _plan_chunk_sizes(self, limits: Limits) -> None:
+        """One run of the candidate stage per chunk size the staged chunks take (``chunk_bounds``: MIN_CHUNK to
+        max_chunk), largest first, at the longest sequences; other sizes are planned on their first run."""
+        sizes = range(min(self.max_chunk, limits.max_candidates), min(MIN_CHUNK, self.max_chunk) - 1, -1)
+        if not sizes or self.request_session is None or self.staged is None:
+            return
+        (req,) = warmup_requests(self.config, limits, [(1, sizes[0])])[0]
+        feed = plan_batch([req]).padded_inputs()
+        with flushed_denormals(self.flush):
+            handed = self.request_session.run(self.handoff, {k: feed[k] for k in self._request_inputs})
+        feed = feed | dict(zip(self.handoff, handed, strict=True))
+        feed = {k: feed[k] for k in self.staged.inputs}
+        for size in sizes:
+            self.staged.run(_candidates(feed, 0, size))
 
     def close(self) -> None:
         if self._pool is not None:
