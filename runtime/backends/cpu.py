@@ -179,9 +179,9 @@ class _SlotsBySize:
     and files plans under an XOR of the input dimensions, in which the candidate stage's chunk size cancels (two
     per-candidate inputs): in one session, the first chunk at given sequence lengths decides the plan for every size,
     and chunks of other sizes allocate their intermediates one by one from the arena that every slot shares. Where a
-    request's chunks are not of that size (256 candidates at 6, 10 or 12 threads; 200 at 8) the request ran 1.08-1.17x
+    request's chunks are not of that size (256 candidates at 6, 10 or 12 threads; 200 at 8) the request ran 1.08-1.19x
     slower on the H100 machine's host than with a session per size (benchmarks/RESULTS.md, 2026-12-06). A session of
-    the candidate stage holds only its small weights (sixteen of them: ~47 MB resident)."""
+    the candidate stage holds only its small weights (the nine sizes of max_chunk 16: 6 MB more resident than one)."""
 
     def __init__(self, graph: bytes, split: int, providers: list, flush: bool, outputs: tuple[str, ...],
                  first: int) -> None:  # fmt: skip
