@@ -394,7 +394,8 @@ def test_warmup_plans_the_chunk_sizes_at_the_longest_sequences(monkeypatch, thre
 
 def test_each_chunk_size_runs_in_a_session_of_its_own(monkeypatch) -> None:
     """With one thread per chunk, chunks of different sizes run in different ONNX Runtime sessions of the candidate
-    stage (each keeps the memory plan of its size), one session per size; the probabilities are eager PyTorch's."""
+    stage (each keeps the memory plan of its size), one session per size, without ONNX Runtime's arena; the
+    probabilities are eager PyTorch's."""
     session = Session(small_bundle(), device="cpu", threads=2, split=2, warmup=False)
     run, used = ort.InferenceSession.run, []
 
@@ -408,6 +409,11 @@ def test_each_chunk_size_runs_in_a_session_of_its_own(monkeypatch) -> None:
         (req,) = random_requests(small_config(), 47, 1, 100, ll=[150], rt=[30], imp=[9])  # 8 chunks of 12 or 13
         got = session.score(req)
         eager = session.bundle.verified.build_model()
+        # the candidate stage's concurrent runs allocate through malloc; the other sessions share one arena
+        backend = session.backend
+        assert not any(s.get_session_options().enable_cpu_mem_arena for s in backend.staged.sessions)
+        assert all(s.get_session_options().enable_cpu_mem_arena for s in [*backend.whole.sessions,
+                                                                         *backend.dense.sessions])  # fmt: skip
     finally:
         session.close()
     sizes = {n for n, _ in used}

@@ -47,12 +47,15 @@ def _register_shared_arena() -> None:
     ort.create_and_register_allocator(info, None)
 
 
-def ort_options(threads: int | None, shared_arena: bool = False) -> ort.SessionOptions:
+def ort_options(threads: int | None, shared_arena: bool = False, arena: bool = True) -> ort.SessionOptions:
     """The cpu backend's session options. ``shared_arena``: the session draws its intermediates from one arena
     shared with the other sessions that do, so sessions that take turns (the whole graph and the candidate stage)
-    grow one arena, not one each (16 slots: 749 MB resident after warm-up, 1,042 MB with an arena each)."""
+    grow one arena, not one each (16 slots: 749 MB resident after warm-up, 1,042 MB with an arena each).
+    ``arena=False``: no ONNX Runtime arena at all; the session allocates through the C library's malloc."""
     so = ort.SessionOptions()
-    if shared_arena:
+    if not arena:
+        so.enable_cpu_mem_arena = False
+    elif shared_arena:
         _register_shared_arena()
         so.add_session_config_entry("session.use_env_allocators", "1")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -152,8 +155,8 @@ class _Slots:
     a session per slot, since a session's calls share one intra-op thread pool. Each run fetches ``outputs``."""
 
     def __init__(self, graph: bytes, split: int, per: int, providers: list, flush: bool,
-                 outputs: tuple[str, ...] = FULL_OUTPUTS) -> None:  # fmt: skip
-        options = ort_options(per, shared_arena=True)
+                 outputs: tuple[str, ...] = FULL_OUTPUTS, arena: bool = True) -> None:  # fmt: skip
+        options = ort_options(per, shared_arena=True, arena=arena)
         self.flush, self.outputs = flush, list(outputs)
         self.sessions = [ort.InferenceSession(graph, sess_options=options, providers=providers)
                          for _ in range(split if per > 1 else 1)]  # fmt: skip
@@ -181,11 +184,17 @@ class _SlotsBySize:
     and chunks of other sizes allocate their intermediates one by one from the arena that every slot shares. Where a
     request's chunks are not of that size (256 candidates at 6, 10 or 12 threads; 200 at 8) the request ran 1.08-1.19x
     slower on the H100 machine's host than with a session per size (benchmarks/RESULTS.md, 2026-12-06). A session of
-    the candidate stage holds only its small weights (the nine sizes of max_chunk 16: 6 MB more resident than one)."""
+    the candidate stage holds only its small weights (the nine sizes of max_chunk 16: 6 MB more resident than one).
+
+    Their runs allocate through the C library's malloc, not ONNX Runtime's arena: one arena is one lock for every
+    concurrent run of a session, every intermediate a plan does not cover and every kernel's scratch buffer taking it.
+    Without it DESIGN §5's request ran 1.00-1.10x faster at 8 threads on the H100 machine's host and streams of
+    requests of new shapes 1.05-1.08x at 8 and 12 threads; 0.99x on the 2-thread project machine, where resident
+    memory grew 20-60 MB more (benchmarks/RESULTS.md, 2026-12-06)."""
 
     def __init__(self, graph: bytes, split: int, providers: list, flush: bool, outputs: tuple[str, ...],
                  first: int) -> None:  # fmt: skip
-        self._make = functools.partial(_Slots, graph, split, 1, providers, flush, outputs)
+        self._make = functools.partial(_Slots, graph, split, 1, providers, flush, outputs, arena=False)
         self._by_size: dict[int, _Slots] = {}
         self._lock = threading.Lock()
         made = self.slots(first)
