@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from test_runtime_session import eager_probs, random_requests, small_bundle, small_config
 
 from export.manifest import SEQUENCE_OUTPUTS
-from runtime.backends.cpu import CANDIDATE_INPUTS, CpuBackend
+from runtime.backends.cpu import CANDIDATE_INPUTS, MALLOC_FROM_SLOTS, CpuBackend
 from runtime.backends.request_stage import keep_outputs, split_request_stage
 from runtime.batching import plan_batch
 from runtime.chunks import MIN_CHUNK
@@ -394,8 +394,7 @@ def test_warmup_plans_the_chunk_sizes_at_the_longest_sequences(monkeypatch, thre
 
 def test_each_chunk_size_runs_in_a_session_of_its_own(monkeypatch) -> None:
     """With one thread per chunk, chunks of different sizes run in different ONNX Runtime sessions of the candidate
-    stage (each keeps the memory plan of its size), one session per size, without ONNX Runtime's arena; the
-    probabilities are eager PyTorch's."""
+    stage (each keeps the memory plan of its size), one session per size; the probabilities are eager PyTorch's."""
     session = Session(small_bundle(), device="cpu", threads=2, split=2, warmup=False)
     run, used = ort.InferenceSession.run, []
 
@@ -409,11 +408,6 @@ def test_each_chunk_size_runs_in_a_session_of_its_own(monkeypatch) -> None:
         (req,) = random_requests(small_config(), 47, 1, 100, ll=[150], rt=[30], imp=[9])  # 8 chunks of 12 or 13
         got = session.score(req)
         eager = session.bundle.verified.build_model()
-        # the candidate stage's concurrent runs allocate through malloc; the other sessions share one arena
-        backend = session.backend
-        assert not any(s.get_session_options().enable_cpu_mem_arena for s in backend.staged.sessions)
-        assert all(s.get_session_options().enable_cpu_mem_arena for s in [*backend.whole.sessions,
-                                                                         *backend.dense.sessions])  # fmt: skip
     finally:
         session.close()
     sizes = {n for n, _ in used}
@@ -422,3 +416,21 @@ def test_each_chunk_size_runs_in_a_session_of_its_own(monkeypatch) -> None:
     assert all(len(ids) == 1 for ids in by_size.values())
     assert by_size[12] != by_size[13]
     np.testing.assert_allclose(got, eager_probs(eager, [req])[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("split", [2, MALLOC_FROM_SLOTS])
+def test_many_side_by_side_chunks_allocate_without_the_arena(split: int) -> None:
+    """From MALLOC_FROM_SLOTS one-thread slots the candidate stage's sessions have ONNX Runtime's arena off (its one
+    lock would be taken by every concurrent run); below, and for the other sessions, the shared arena stays."""
+    session = Session(small_bundle(), device="cpu", threads=split, split=split, warmup=False)
+    try:
+        backend = session.backend
+        (req,) = random_requests(small_config(), 53, 1, 40 * split, ll=[150], rt=[30], imp=[9])
+        session.score(req)  # more chunks than slots: the candidate stage runs
+        staged = [s.get_session_options().enable_cpu_mem_arena for s in backend.staged.sessions]
+        others = [s.get_session_options().enable_cpu_mem_arena for s in [*backend.whole.sessions,
+                                                                         *backend.dense.sessions]]  # fmt: skip
+    finally:
+        session.close()
+    assert staged and all(on == (split < MALLOC_FROM_SLOTS) for on in staged)
+    assert all(others)

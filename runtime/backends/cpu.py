@@ -174,6 +174,11 @@ class _Slots:
             self._idle.put(session)
 
 
+# From this many concurrent one-thread chunks the candidate stage's sessions allocate through malloc rather than ONNX
+# Runtime's arena (``_SlotsBySize``): measured faster at 8 and 12, slower at 1 and 2; not measured in between.
+MALLOC_FROM_SLOTS = 8
+
+
 class _SlotsBySize:
     """The candidate stage with one ``_Slots`` (one session, one thread per run) per chunk size, each made on its
     size's first run.
@@ -186,15 +191,16 @@ class _SlotsBySize:
     slower on the H100 machine's host than with a session per size (benchmarks/RESULTS.md, 2026-12-06). A session of
     the candidate stage holds only its small weights (the nine sizes of max_chunk 16: 6 MB more resident than one).
 
-    Their runs allocate through the C library's malloc, not ONNX Runtime's arena: one arena is one lock for every
-    concurrent run of a session, every intermediate a plan does not cover and every kernel's scratch buffer taking it.
-    Without it DESIGN §5's request ran 1.00-1.10x faster at 8 threads on the H100 machine's host and streams of
-    requests of new shapes 1.05-1.08x at 8 and 12 threads; 0.99x on the 2-thread project machine, where resident
-    memory grew 20-60 MB more (benchmarks/RESULTS.md, 2026-12-06)."""
+    With ``arena=False`` (``MALLOC_FROM_SLOTS`` slots or more) their runs allocate through the C library's malloc,
+    not ONNX Runtime's arena: one arena is one lock for every concurrent run of a session, every intermediate a plan
+    does not cover and every kernel's scratch buffer taking it. Without it DESIGN §5's request ran 1.00-1.10x faster
+    at 8 threads on the H100 machine's host and streams of requests of new shapes 1.05-1.08x at 8 and 12 threads;
+    on the 2-thread project machine 0.98-0.99x at 1 and 2 threads, with 20-60 MB more resident (benchmarks/
+    RESULTS.md, 2026-12-06)."""
 
     def __init__(self, graph: bytes, split: int, providers: list, flush: bool, outputs: tuple[str, ...],
-                 first: int) -> None:  # fmt: skip
-        self._make = functools.partial(_Slots, graph, split, 1, providers, flush, outputs, arena=False)
+                 first: int, arena: bool = True) -> None:  # fmt: skip
+        self._make = functools.partial(_Slots, graph, split, 1, providers, flush, outputs, arena=arena)
         self._by_size: dict[int, _Slots] = {}
         self._lock = threading.Lock()
         made = self.slots(first)
@@ -364,7 +370,8 @@ class CpuBackend:
             candidates = stage.candidates.SerializeToString()
             # With one thread per chunk, a session per chunk size (_SlotsBySize); with more, a session per slot already
             # (_Slots), and one per slot and size would be too many.
-            self.staged = (_SlotsBySize(candidates, self.split, providers, self.flush, outs, self.max_chunk) if per == 1
+            self.staged = (_SlotsBySize(candidates, self.split, providers, self.flush, outs, self.max_chunk,
+                                        arena=self.split < MALLOC_FROM_SLOTS) if per == 1
                            else _Slots(candidates, self.split, per, providers, self.flush, outs))  # fmt: skip
             if dense_stage:
                 self.dense = _Slots(bundle.graph_bytes("dense.onnx"), self.split, per, providers, self.flush,
