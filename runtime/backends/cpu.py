@@ -208,10 +208,11 @@ class _SlotsBySize:
 
     def slots(self, size: int) -> _Slots:
         """The slots for chunks of ``size`` candidates (made now if this is the size's first run)."""
-        with self._lock:
-            if size not in self._by_size:
-                self._by_size[size] = self._make()
-            return self._by_size[size]
+        made = self._by_size.get(size)  # every chunk's run: no lock once the size has its slots
+        if made is None:
+            with self._lock:
+                made = self._by_size.get(size) or self._by_size.setdefault(size, self._make())
+        return made
 
     @property
     def sessions(self) -> list[ort.InferenceSession]:
@@ -413,15 +414,20 @@ class CpuBackend:
         bounds = chunk_bounds(n, self.split, max_chunk=self.max_chunk)
         if self.request_session is None or self.staged is None or len(bounds) <= self.split:
             return functools.partial(self._joined_outputs, self._start(self.whole, feed, bounds))
-        with flushed_denormals(self.flush):
-            handed = self.request_session.run(self.handoff, {k: feed[k] for k in self._request_inputs})
-        staged = feed | dict(zip(self.handoff, handed, strict=True))
+        staged = self._with_request_stage(feed)
         if self.dense is None:
             return functools.partial(self._joined_outputs, self._start(self.staged, staged, bounds))
         if self._pool is not None:
             return _StagedRow(self, staged, bounds, group=-(-n // self.split)).result
         sequences = dict(zip(SEQUENCE_OUTPUTS, _joined(self._start(self.staged, staged, bounds)), strict=True))
         return functools.partial(self._joined_outputs, self._start(self.dense, feed | sequences, [(0, n)]))
+
+    def _with_request_stage(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``feed`` and the request stage's outputs on it (what the candidate stage reads)."""
+        assert self.request_session is not None
+        with flushed_denormals(self.flush):
+            handed = self.request_session.run(self.handoff, {k: feed[k] for k in self._request_inputs})
+        return feed | dict(zip(self.handoff, handed, strict=True))
 
     @staticmethod
     def _joined_outputs(pending: list) -> tuple[np.ndarray, np.ndarray]:
@@ -458,10 +464,7 @@ class CpuBackend:
         if not sizes or self.request_session is None or self.staged is None:
             return
         (req,) = warmup_requests(self.config, limits, [(1, sizes[0])])[0]
-        feed = plan_batch([req]).padded_inputs()
-        with flushed_denormals(self.flush):
-            handed = self.request_session.run(self.handoff, {k: feed[k] for k in self._request_inputs})
-        feed = feed | dict(zip(self.handoff, handed, strict=True))
+        feed = self._with_request_stage(plan_batch([req]).padded_inputs())
         feed = {k: feed[k] for k in self.staged.inputs}
         for size in sizes:
             self.staged.run(_candidates(feed, 0, size))
