@@ -13,10 +13,10 @@ from onnx import TensorProto, helper, numpy_helper
 from test_runtime_session import eager_probs, random_requests, small_bundle, small_config
 
 from export.manifest import SEQUENCE_OUTPUTS
-from runtime.backends.cpu import CANDIDATE_INPUTS, MALLOC_FROM_SLOTS, CpuBackend
+from runtime.backends.cpu import CANDIDATE_INPUTS, GUIDED_FROM_SLOTS, MALLOC_FROM_SLOTS, CpuBackend
 from runtime.backends.request_stage import keep_outputs, split_request_stage
 from runtime.batching import plan_batch
-from runtime.chunks import MIN_CHUNK
+from runtime.chunks import MIN_CHUNK, chunk_bounds, guided_bounds
 from runtime.session import LoadedBundle, Session, SessionOptions
 
 RNG = np.random.default_rng(7)
@@ -353,15 +353,16 @@ def test_a_failed_run_in_a_row_reaches_the_caller(monkeypatch, where: str) -> No
         session.close()
 
 
-@pytest.mark.parametrize("threads,split,max_chunk", [(2, 2, 12), (2, 2, 16), (3, 3, 8), (1, 1, 12), (4, 2, 12)])
+@pytest.mark.parametrize("threads,split,max_chunk", [(2, 2, 12), (2, 2, 16), (3, 3, 8), (1, 1, 12), (4, 2, 12),
+                                                     (8, 8, 12)])
 def test_warmup_plans_the_chunk_sizes_at_the_longest_sequences(monkeypatch, threads: int, split: int,
                                                                max_chunk: int) -> None:  # fmt: skip
     """ONNX Runtime reuses a memory plan only for runs of exactly its sizes, filed under a key in which the candidate
     count cancels. With one thread per chunk (a candidate-stage session per chunk size) the warm-up runs every size
-    the staged chunks take (MIN_CHUNK to max_chunk), each first at the longest sequences; with several threads per
-    chunk (one session for every size) its first staged run is a chunk of ``max_chunk`` at the longest sequences,
-    and no later warm-up run is larger. Worked out for (2, 2, 12): the old order's first staged run was a chunk of 8
-    (two users of 32 candidates, four chunks each)."""
+    the staged chunks take (MIN_CHUNK to max_chunk, or 1 to max_chunk for guided chunks), each first at the longest
+    sequences; with several threads per chunk (one session for every size) its first staged run is a chunk of
+    ``max_chunk`` at the longest sequences, and no later warm-up run is larger. Worked out for (2, 2, 12): the old
+    order's first staged run was a chunk of 8 (two users of 32 candidates, four chunks each)."""
     session = Session(small_bundle(), device="cpu", threads=threads, split=split, max_chunk=max_chunk, warmup=False)
     backend = session.backend
     seen: dict[str, list[tuple[int, int]]] = {"whole": [], "staged": []}
@@ -380,8 +381,9 @@ def test_warmup_plans_the_chunk_sizes_at_the_longest_sequences(monkeypatch, thre
         session.close()
     longest = max(size for _, size in seen["staged"])
     firsts = {n: size for n, size in reversed(seen["staged"])}  # each chunk size's first run
-    if threads // split == 1:
-        assert set(range(min(MIN_CHUNK, max_chunk), max_chunk + 1)) <= set(firsts)
+    if threads // split == 1:  # guided chunks (from GUIDED_FROM_SLOTS slots) end in a chunk of whatever is left
+        smallest = 1 if split >= GUIDED_FROM_SLOTS else min(MIN_CHUNK, max_chunk)
+        assert set(range(smallest, max_chunk + 1)) <= set(firsts)
         assert all(size == longest for size in firsts.values())
     else:
         assert seen["staged"][0] == (max_chunk, longest)
@@ -434,3 +436,41 @@ def test_many_side_by_side_chunks_allocate_without_the_arena(split: int) -> None
         session.close()
     assert staged and all(on == (split < MALLOC_FROM_SLOTS) for on in staged)
     assert all(others)
+
+
+@pytest.mark.parametrize("n", [40, 100])
+def test_from_eight_slots_a_row_that_fills_them_runs_guided_chunks(monkeypatch, n: int) -> None:
+    """From GUIDED_FROM_SLOTS slots a row whose even chunks fill every slot (40 candidates on 8: five of 8, too few;
+    100: eight of 12-13) runs the request stage and then the candidate stage on exactly ``guided_bounds``' chunks
+    (the pool takes them in any order); below that, ``chunk_bounds``' chunks as before (100 on 4 slots: eight, in
+    turns, staged; 40: the whole graph on four of 10). The probabilities are eager PyTorch's either way."""
+    assert GUIDED_FROM_SLOTS == 8
+    (req,) = random_requests(small_config(), 53, 1, n, ll=[150], rt=[30], imp=[9])
+    eager = None
+    for split in (8, 4):
+        session = Session(small_bundle(), device="cpu", threads=split, split=split, warmup=False)
+        backend = session.backend
+        runs: dict[str, list[int]] = {"whole": [], "staged": []}
+        for name, got in runs.items():
+            slots = getattr(backend, name)
+
+            def counted(feed, run=slots.run, got=got):  # noqa: ANN001, ANN202
+                got.append(len(feed["cand_request"]))
+                return run(feed)
+
+            monkeypatch.setattr(slots, "run", counted)
+        try:
+            probs = session.score(req)
+            eager = eager or session.bundle.verified.build_model()
+        finally:
+            session.close()
+        even = [z - a for a, z in chunk_bounds(n, split)]
+        if split >= GUIDED_FROM_SLOTS and len(even) >= split:
+            assert backend.guided and runs["whole"] == []
+            assert sorted(runs["staged"]) == sorted(z - a for a, z in guided_bounds(n, split))
+            assert len(runs["staged"]) == 16  # 100 on 8: 13, 11, 10, 9, 8, 7, 6, 5, 4 x 7, 3
+        elif len(even) > split:  # several rounds of even chunks: staged, as before
+            assert not backend.guided and runs["whole"] == [] and sorted(runs["staged"]) == sorted(even)
+        else:
+            assert sorted(runs["whole"]) == sorted(even) and runs["staged"] == []
+        np.testing.assert_allclose(probs, eager_probs(eager, [req])[0], atol=1e-5, rtol=0)

@@ -21,7 +21,7 @@ import torch
 from runtime.backends import BackendUnavailable
 from runtime.backends import cpu as cpu_backend
 from runtime.batching import plan_batch
-from runtime.chunks import MAX_CHUNK, chunk_bounds
+from runtime.chunks import MAX_CHUNK, TAIL_CHUNK, chunk_bounds, guided_bounds
 from runtime.session import Limits, Request, Session, request_from_tensors, resolve_device
 from transact.batch import Batch, BatchError
 from transact.config import ModelConfig, TransActConfig, TransActV2Config
@@ -171,6 +171,41 @@ def test_chunk_bounds_cover_every_candidate_once(n: int, split: int) -> None:
     assert max(sizes) - min(sizes) <= 1
     assert max(sizes) <= MAX_CHUNK or len(bounds) == max(1, n // 8)  # unless MIN_CHUNK caps the count
     assert min(sizes) >= min(n, 8)
+
+
+@pytest.mark.parametrize(("n", "split", "max_chunk", "sizes"), [
+    # ceil(left / 8) is 16 or more until 112 are left; then 14 (112 / 8), 13 (98 / 8 = 12.25), 11, 10, 8, 7, 7, 6, 5,
+    # then TAIL_CHUNK (4) from 31 left, and the last 3
+    (256, 8, 16, [16] * 9 + [14, 13, 11, 10, 8, 7, 7, 6, 5] + [4] * 7 + [3]),
+    (40, 8, 16, [5, 5, 4, 4, 4, 4, 4, 4, 4, 2]),  # 40 / 8 = 5; 35 / 8 = 4.4 -> 5; 30 / 8 = 3.75 -> 4
+    (64, 2, 16, [16, 16, 16, 8, 4, 4]),  # 16 / 2 = 8, then 8 / 2 = 4
+    (10, 16, 16, [4, 4, 2]),
+    (5, 8, 2, [2, 2, 1]),  # max_chunk below TAIL_CHUNK bounds both
+    (3, 8, 16, [3]),
+    (1, 1, 16, [1]),
+])  # fmt: skip
+def test_guided_bounds_by_hand(n: int, split: int, max_chunk: int, sizes: list[int]) -> None:
+    bounds = guided_bounds(n, split, max_chunk)
+    assert [z - a for a, z in bounds] == sizes
+    assert bounds[0][0] == 0 and all(z0 == a1 for (_, z0), (a1, _) in zip(bounds[:-1], bounds[1:], strict=True))
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 7, 33, 100, 255, 256, 1000])
+@pytest.mark.parametrize("split", [1, 2, 8, 12, 16])
+@pytest.mark.parametrize("max_chunk", [2, 16, 32])
+def test_guided_bounds_shrink_from_max_chunk_to_the_tail(n: int, split: int, max_chunk: int) -> None:
+    """Every candidate once, in order; sizes never grow, none above ``max_chunk``, none below the tail size but the
+    last; each (but the tail's) a slot's share of what was left."""
+    bounds = guided_bounds(n, split, max_chunk)
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(z0 == a1 for (_, z0), (a1, _) in zip(bounds[:-1], bounds[1:], strict=True))
+    sizes = [z - a for a, z in bounds]
+    tail = min(TAIL_CHUNK, max_chunk)
+    assert all(x >= y for x, y in zip(sizes[:-1], sizes[1:], strict=True))
+    assert max(sizes) <= max_chunk and min(sizes[:-1], default=tail) >= tail
+    for (a, z) in bounds[:-1]:
+        share = -(-(n - a) // split)
+        assert z - a == min(max_chunk, max(tail, share))
 
 
 @pytest.mark.parametrize(("max_chunk", "sizes"), [

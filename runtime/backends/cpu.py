@@ -7,7 +7,10 @@ Runtime to split each small operator between all of them: its LayerNormalization
 thread (benchmarks/RESULTS.md, 2026-12-05); and a small chunk's intermediates stay in the core's caches. When a
 request's chunks outnumber the slots, the part of the graph that depends on the request alone runs once before them
 (``request_stage``), the chunks stop at the two sequence-module outputs, and ``dense.onnx`` scores the row's
-candidates in a few large groups, each as soon as its chunks are done (``_StagedRow``)."""
+candidates in a few large groups, each as soon as its chunks are done (``_StagedRow``). With one thread per chunk,
+a row whose chunks fill every slot is cut by guided self-scheduling (``guided_bounds``): chunks of up to
+``max_chunk`` first, then ever smaller ones, taken by the slots as they free up, so that slots running at different
+speeds end close together."""
 
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from export.manifest import DENSE_OUTPUTS, FULL_OUTPUTS, SEQUENCE_OUTPUTS
 from transact.batch import INPUT_NAMES
 
 from ..batching import BatchPlan, plan_batch
-from ..chunks import MAX_CHUNK, MIN_CHUNK, chunk_bounds
+from ..chunks import MAX_CHUNK, MIN_CHUNK, chunk_bounds, guided_bounds
 from ..session import Limits, LoadedBundle, SessionOptions
 from .request_stage import keep_outputs, split_request_stage
 from .warmup import warmup_requests
@@ -177,6 +180,10 @@ class _Slots:
 # From this many concurrent one-thread chunks the candidate stage's sessions allocate through malloc rather than ONNX
 # Runtime's arena (``_SlotsBySize``): measured faster at 8 and 12, slower at 1 and 2; not measured in between.
 MALLOC_FROM_SLOTS = 8
+
+
+# From this many slots (one thread each) a row whose chunks fill every slot runs staged, cut by ``guided_bounds``.
+GUIDED_FROM_SLOTS = 8
 
 
 class _SlotsBySize:
@@ -381,6 +388,10 @@ class CpuBackend:
             self._request_inputs = [i.name for i in self.request_session.get_inputs()]
         self.threads_per_chunk = per
         self._pool = ThreadPoolExecutor(self.split, "transact-cpu") if self.split > 1 else None
+        # Guided chunks take many sizes: only where each size has a session of its own (one thread per chunk), and
+        # with a dense stage to score the row's candidates after them.
+        self.guided = (isinstance(self.staged, _SlotsBySize) and self.dense is not None
+                       and self.split >= GUIDED_FROM_SLOTS)  # fmt: skip
 
     @property
     def layout(self) -> str:
@@ -412,12 +423,15 @@ class CpuBackend:
         """Start one row's chunks; the returned call waits for the row's probabilities and scores."""
         n = len(feed["cand_request"])
         bounds = chunk_bounds(n, self.split, max_chunk=self.max_chunk)
-        if self.request_session is None or self.staged is None or len(bounds) <= self.split:
+        guided = self.guided and len(bounds) >= self.split
+        if self.request_session is None or self.staged is None or (len(bounds) <= self.split and not guided):
             return functools.partial(self._joined_outputs, self._start(self.whole, feed, bounds))
         staged = self._with_request_stage(feed)
         if self.dense is None:
             return functools.partial(self._joined_outputs, self._start(self.staged, staged, bounds))
         if self._pool is not None:
+            if guided:
+                bounds = guided_bounds(n, self.split, self.max_chunk)
             return _StagedRow(self, staged, bounds, group=-(-n // self.split)).result
         sequences = dict(zip(SEQUENCE_OUTPUTS, _joined(self._start(self.staged, staged, bounds)), strict=True))
         return functools.partial(self._joined_outputs, self._start(self.dense, feed | sequences, [(0, n)]))
@@ -459,8 +473,10 @@ class CpuBackend:
 
     def _plan_chunk_sizes(self, limits: Limits) -> None:
         """One run of the candidate stage per chunk size the staged chunks take (``chunk_bounds``: MIN_CHUNK to
-        max_chunk), largest first, at the longest sequences; other sizes are planned on their first run."""
-        sizes = range(min(self.max_chunk, limits.max_candidates), min(MIN_CHUNK, self.max_chunk) - 1, -1)
+        max_chunk; ``guided_bounds``: 1 to max_chunk, its last chunk being what is left), largest first, at the
+        longest sequences; other sizes are planned on their first run."""
+        smallest = 1 if self.guided else min(MIN_CHUNK, self.max_chunk)
+        sizes = range(min(self.max_chunk, limits.max_candidates), smallest - 1, -1)
         if not sizes or self.request_session is None or self.staged is None:
             return
         (req,) = warmup_requests(self.config, limits, [(1, sizes[0])])[0]
