@@ -183,9 +183,10 @@ MALLOC_FROM_SLOTS = 8
 
 
 # From this many slots (one thread each) a row whose chunks fill every slot runs staged, cut by ``guided_bounds``:
-# against the even cut, 1.08-1.09x at 8 threads, 1.06x at 12 and 1.54x at 16 (where each slot had run one whole-graph
-# chunk) on the H100 machine's host; 0.98-1.01x at 2 threads on the project machine, and 0.87-0.90x for a row of 24
-# candidates there (benchmarks/RESULTS.md, 2026-12-06, sixty-third session). 3 to 7 slots not measured.
+# against the even cut, 1.08-1.16x at 8 threads, 1.06-1.09x at 12 and 1.45-1.54x at 16 (where each slot had run one
+# whole-graph chunk) on the H100 machine's host, 1.05-1.32x for 128 / 200 candidates at 8 / 16; 0.98-1.01x at 2
+# threads on the project machine, and 0.87-0.90x for a row of 24 candidates there (benchmarks/RESULTS.md, 2026-12-06,
+# sixty-third session). At 4 threads, forced on, 1.07-1.14x once on that host (256 candidates; small rows unmeasured).
 GUIDED_FROM_SLOTS = 8
 
 
