@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from test_runtime_session import small_bundle
 
 from export.bundle import load_bundle
-from runtime.bench import bench_cmd, bundle_or_random, latency_stats, round_ratios, take_turns
+from runtime.bench import bench_cmd, bundle_or_random, last_level_cache, latency_stats, round_ratios, take_turns
 from runtime.chunks import MAX_CHUNK, MIN_CHUNK
 from runtime.commands import serve_cmd
 from runtime.session import Session
@@ -188,3 +188,22 @@ def test_bundle_or_random_exports_a_verified_bundle_for_the_block() -> None:
     with bundle_or_random(given) as path:
         assert path == given
     assert (given / "manifest.json").exists()
+
+
+def _caches(root: Path, entries: dict[str, tuple[str, str]]) -> Path:
+    for name, (level, size) in entries.items():
+        (root / name).mkdir(parents=True)
+        (root / name / "level").write_text(level + "\n")
+        (root / name / "size").write_text(size + "\n")
+    return root
+
+
+@pytest.mark.parametrize(("entries", "want"), [
+    ({"index0": ("1", "48K"), "index2": ("2", "2048K"), "index3": ("3", "307200K")}, "L3 300 MiB"),  # 300 x 1024
+    ({"index0": ("1", "32K"), "index1": ("2", "1536K")}, "L2 1536 KiB"),  # 1.5 MiB: not a whole MiB
+    ({"index3": ("3", "105M"), "index4": ("x", "1G")}, "L3 105 MiB"),  # a malformed level is passed over
+    ({"index0": ("1", "48Q")}, None),  # an unknown unit: nothing known
+    ({}, None),
+])  # fmt: skip
+def test_last_level_cache_reads_sysfs(tmp_path: Path, entries: dict, want: str | None) -> None:
+    assert last_level_cache(_caches(tmp_path / "cache", entries)) == want
