@@ -28,18 +28,17 @@ def last_level_cache(root: Path = CPU_CACHES) -> str | None:
     """The largest cache level of the first CPU as Linux's sysfs describes it ("L3 300 MiB"), or None where it does
     not. Lent machines of one CPU model name can differ in it (the H100 machines' hosts: 105 or 300 MiB of L3), and
     their eager PyTorch by a third."""
-    best: tuple[int, int] | None = None
+    found = []  # (level, KiB) of each cache sysfs describes readably
     for index in root.glob("index*"):
         try:
             level = int((index / "level").read_text())
             size = (index / "size").read_text().strip()
-            kib = int(size[:-1]) * {"K": 1, "M": 1024, "G": 1024**2}[size[-1].upper()]
+            found.append((level, int(size[:-1]) * {"K": 1, "M": 1024, "G": 1024**2}[size[-1].upper()]))
         except (OSError, ValueError, KeyError, IndexError):
             continue
-        best = max(best or (level, kib), (level, kib))
-    if best is None:
+    if not found:
         return None
-    level, kib = best
+    level, kib = max(found)
     return f"L{level} {kib // 1024} MiB" if kib % 1024 == 0 else f"L{level} {kib} KiB"
 
 

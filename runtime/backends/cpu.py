@@ -200,7 +200,8 @@ class _SlotsBySize:
     and chunks of other sizes allocate their intermediates one by one from the arena that every slot shares. Where a
     request's chunks are not of that size (256 candidates at 6, 10 or 12 threads; 200 at 8) the request ran 1.08-1.19x
     slower on the H100 machine's host than with a session per size (benchmarks/RESULTS.md, 2026-12-06). A session of
-    the candidate stage holds only its small weights (the nine sizes of max_chunk 16: 6 MB more resident than one).
+    the candidate stage holds only its small weights (the nine sizes of max_chunk 16: 6 MB more resident than one;
+    guided chunks take all sixteen).
 
     With ``arena=False`` (``MALLOC_FROM_SLOTS`` slots or more) their runs allocate through the C library's malloc,
     not ONNX Runtime's arena: one arena is one lock for every concurrent run of a session, every intermediate a plan
@@ -427,15 +428,14 @@ class CpuBackend:
         """Start one row's chunks; the returned call waits for the row's probabilities and scores."""
         n = len(feed["cand_request"])
         bounds = chunk_bounds(n, self.split, max_chunk=self.max_chunk)
-        guided = self.guided and len(bounds) >= self.split
-        if self.request_session is None or self.staged is None or (len(bounds) <= self.split and not guided):
+        if self.guided and len(bounds) >= self.split:  # always more guided chunks than slots: staged below
+            bounds = guided_bounds(n, self.split, self.max_chunk)
+        if self.request_session is None or self.staged is None or len(bounds) <= self.split:
             return functools.partial(self._joined_outputs, self._start(self.whole, feed, bounds))
         staged = self._with_request_stage(feed)
         if self.dense is None:
             return functools.partial(self._joined_outputs, self._start(self.staged, staged, bounds))
         if self._pool is not None:
-            if guided:
-                bounds = guided_bounds(n, self.split, self.max_chunk)
             return _StagedRow(self, staged, bounds, group=-(-n // self.split)).result
         sequences = dict(zip(SEQUENCE_OUTPUTS, _joined(self._start(self.staged, staged, bounds)), strict=True))
         return functools.partial(self._joined_outputs, self._start(self.dense, feed | sequences, [(0, n)]))
