@@ -3,7 +3,8 @@
 The request of DESIGN §5: 1 user, ll 16,000, rt 100, imp 100, 256 candidates. Two ONNX Runtime rows: the
 runtime's cpu backend as `transact serve` runs it (``runtime.Session``: the candidates in chunks of at most 16,
 ``--split`` at a time side by side of threads / split threads each; the request's conversion and checks included),
-and one plain session on full.onnx with every thread. Both runtimes get the same number of threads; they take
+and one plain session on full.onnx with every thread. Both runtimes get the same number of threads, by default every
+usable CPU (affinity and quota), as ``runtime.Session`` takes unless told otherwise; they take
 turns in blocks of runs (``runtime.bench.take_turns``), and the median over many runs after a warm-up is
 reported, with the ratio (the cpu backend's), and the ratio round by round (``runtime.bench.round_ratios``:
 each round's blocks ran side by side, so a host that drifts moves both). glibc's malloc keeps freed memory in the
@@ -184,9 +185,9 @@ def sweep_table(infos: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, help="bundle to time (default: export a random default model)")
-    ap.add_argument("--threads", type=thread_counts, default=[min(usable_cpus(), 8)],
-                    help="intra-op threads for both (default: the usable CPUs, at most 8); several, comma-separated "
-                         "(1,2,4,8), time each in turn and end with a table")  # fmt: skip
+    ap.add_argument("--threads", type=thread_counts, default=[usable_cpus()],
+                    help="intra-op threads for both (default: the usable CPUs, as the cpu backend takes); several, "
+                         "comma-separated (1,2,4,8), time each in turn and end with a table")  # fmt: skip
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--candidates", type=int, default=256)

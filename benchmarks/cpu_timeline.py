@@ -138,8 +138,8 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", type=Path, help="bundle to time (default: export a random default model)")
-    ap.add_argument("--threads", type=thread_counts, default=[min(usable_cpus(), 8)],
-                    help="the backend's threads (default: the usable CPUs, at most 8); several, comma-separated")
+    ap.add_argument("--threads", type=thread_counts, default=[usable_cpus()],
+                    help="the backend's threads (default: the usable CPUs); several, comma-separated")
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--candidates", type=int, default=256)
