@@ -15,7 +15,9 @@ MIN_CHUNK = 8
 # stage and the dense stage taking both out of the chunks, 16 is the best size measured on the Intel Xeon of the
 # fifty-fifth session: a chunk costs 0.713 ms per candidate on one thread at 16 (0.843 at 8, 0.740 at 32, 0.767 at
 # 64), and the request ran 1.045-1.053x faster than with chunks of 32 at 256 candidates, 1.05-1.06x at 64-1,024,
-# 1.04x on one thread (48 candidates: 0.98x). The default of ``SessionOptions.max_chunk``, which a host may tune.
+# 1.04x on one thread (48 candidates: 0.98x). With guided chunks on the H100 machine's host, chunks of at most 8 /
+# 12 read 0.81-0.85x / 0.91-0.95x at 12 and 16 threads (benchmarks/RESULTS.md, 2026-12-06, sixty-fourth session).
+# The default of ``SessionOptions.max_chunk``, which a host may tune.
 MAX_CHUNK = 16
 
 
@@ -34,6 +36,7 @@ def chunk_bounds(n: int, split: int, min_chunk: int = MIN_CHUNK, max_chunk: int 
 # slot. A staged chunk (after the request stage) pays ~0.45 ms per run that no candidate needs (one thread, 16,000
 # actions): 0.76 ms per candidate in chunks of 4 against 0.68 in chunks of 16 on the 2-vCPU Xeon of benchmarks/
 # RESULTS.md (2026-12-06, sixty-third session), which the tail's few chunks of 4 pay for slots that end together.
+# Tails of 2 and 3 read 0.95-1.07x against 4 at 8 to 16 threads on the H100 machine's host (sixty-fourth session).
 TAIL_CHUNK = 4
 
 

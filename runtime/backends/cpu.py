@@ -186,7 +186,9 @@ MALLOC_FROM_SLOTS = 8
 # against the even cut, 1.08-1.16x at 8 threads, 1.06-1.09x at 12 and 1.45-1.54x at 16 (where each slot had run one
 # whole-graph chunk) on the H100 machine's host, 1.05-1.32x for 128 / 200 candidates at 8 / 16; 0.98-1.01x at 2
 # threads on the project machine, and 0.87-0.90x for a row of 24 candidates there (benchmarks/RESULTS.md, 2026-12-06,
-# sixty-third session). At 4 threads, forced on, 1.07-1.14x once on that host (256 candidates; small rows unmeasured).
+# sixty-third session). Below 8 slots, forced on there: 0.92-1.27x on 128 / 256 candidates at 4 to 7 threads, gaining
+# only while the host was loaded (0.98-1.06x on a quiet one), and 0.84-0.95x for rows of 64 at 4, 6 and 7 threads
+# (1.01x at 5), which leave one whole-graph chunk per slot for the staged path (sixty-fourth session).
 GUIDED_FROM_SLOTS = 8
 
 
