@@ -8,12 +8,15 @@ prints, per thread count, medians of:
 
 - *before*: from the call to the first chunk's start (checks, batching, the request stage, ``request ms`` of it);
 - *chunk phase*: from the first chunk's start to the last one's end, and in it the *idle* share of the slots' time
-  (a slot waiting for the queue to empty while others still compute) and the *end spread* (how long the first slot
-  to run out of chunks waited for the last);
+  (a slot waiting for its first chunk, or for the queue to empty while others still compute), the *start spread*
+  (how long after the first chunk the last slot started its own) and the *end spread* (how long the first slot to
+  run out of chunks waited for the last);
 - *after*: from the last chunk's end to the call's return (the dense groups still to run, the join).
 
 On a shared many-core host the chunk phase's idle share shows how unevenly the slots finish (benchmarks/RESULTS.md,
-2026-12-06: 15-24 % at 8 to 16 threads on the H100 machine's host, ~1 % on two quiet vCPUs).
+2026-12-06: 15-24 % at 8 to 16 threads on the H100 machine's host, ~1 % on two quiet vCPUs). The start spread shows
+the slots starting one after another: each needs Python's interpreter lock to start its run (sixty-fifth session:
+~0.2 ms a slot there, 3.3-3.8 ms from the first slot to the sixteenth).
 
     python benchmarks/cpu_timeline.py --threads 8 --runs 30
     python benchmarks/cpu_timeline.py --bundle B --threads 2,8,16 --json out.json
@@ -92,6 +95,7 @@ def timeline(runs: list[Run], start: float, end: float) -> dict[str, float]:
         "request_ms": sum((r.end - r.start) * 1e3 for r in runs if r.kind == "request"),
         "chunk_phase_ms": phase * 1e3,
         "idle_share": 1 - busy / (len(slots) * phase) if phase > 0 else 0.0,
+        "start_spread_ms": (max(min(r.start for r in rs) for rs in slots.values()) - first) * 1e3,
         "end_spread_ms": (last - min(max(r.end for r in rs) for rs in slots.values())) * 1e3,
         "after_ms": (end - last) * 1e3,
         "chunks": len(chunks),
@@ -125,13 +129,14 @@ def measure(bundle: Path, request: Request, threads: int, runs: int, warmup: int
 
 def table(results: list[dict]) -> str:
     lines = ["| threads | layout | request, ms | before (request stage), ms | chunk phase, ms | idle share | "
-             "end spread, ms | after, ms | chunks / dense runs |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "start spread, ms | end spread, ms | after, ms | chunks / dense runs |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for res in results:
         m = res["median"]
         lines.append(f"| {res['threads']} | {res['layout']} | {m['wall_ms']:.2f} | {m['before_ms']:.2f} "
                      f"({m['request_ms']:.2f}) | {m['chunk_phase_ms']:.2f} | {100 * m['idle_share']:.1f} % | "
-                     f"{m['end_spread_ms']:.2f} | {m['after_ms']:.2f} | {m['chunks']:.0f} / {m['dense_runs']:.0f} |")
+                     f"{m['start_spread_ms']:.2f} | {m['end_spread_ms']:.2f} | {m['after_ms']:.2f} | "
+                     f"{m['chunks']:.0f} / {m['dense_runs']:.0f} |")
     return "\n".join(lines)
 
 

@@ -23,17 +23,19 @@ _spec.loader.exec_module(cpu_timeline)
 
 
 def test_timeline_by_hand() -> None:
-    """Two slots: thread 1 runs chunks at 10-20 and 20-35 ms, thread 2 at 10-25 and 25-30; the request stage ran at
-    5-9, one dense run at 35-38; the call lasted 0-40. Chunk phase 10-35 (25 ms), 45 ms of chunks in 2 x 25 of slot
-    time (10 % idle), thread 2 out of chunks 5 ms before thread 1, 5 ms after the last chunk."""
+    """Two slots: thread 1 runs chunks at 10-20 and 20-35 ms, thread 2 at 12-25 and 25-30; the request stage ran at
+    5-9, one dense run at 35-38; the call lasted 0-40. Chunk phase 10-35 (25 ms), 43 ms of chunks in 2 x 25 of slot
+    time (14 % idle), thread 2 starting 2 ms after thread 1 and out of chunks 5 ms before it, 5 ms after the last
+    chunk."""
     Run = cpu_timeline.Run
     ms = 1e-3
-    runs = [Run("staged", 1, 10 * ms, 20 * ms, 16), Run("staged", 2, 10 * ms, 25 * ms, 16),
+    runs = [Run("staged", 1, 10 * ms, 20 * ms, 16), Run("staged", 2, 12 * ms, 25 * ms, 16),
             Run("request", 1, 5 * ms, 9 * ms, 0), Run("staged", 2, 25 * ms, 30 * ms, 16),
             Run("staged", 1, 20 * ms, 35 * ms, 16), Run("dense", 2, 35 * ms, 38 * ms, 64)]  # fmt: skip
     got = cpu_timeline.timeline(runs, 0.0, 40 * ms)
-    want = {"wall_ms": 40, "before_ms": 10, "request_ms": 4, "chunk_phase_ms": 25, "idle_share": 0.1,
-            "end_spread_ms": 5, "after_ms": 5, "chunks": 4, "slots": 2, "dense_runs": 1, "dense_candidates": 64}
+    want = {"wall_ms": 40, "before_ms": 10, "request_ms": 4, "chunk_phase_ms": 25, "idle_share": 0.14,
+            "start_spread_ms": 2, "end_spread_ms": 5, "after_ms": 5, "chunks": 4, "slots": 2, "dense_runs": 1,
+            "dense_candidates": 64}
     assert got.keys() == want.keys()
     for key, value in want.items():
         assert got[key] == pytest.approx(value, abs=1e-9), key
@@ -62,6 +64,7 @@ def test_stages_of_the_backends_requests(tmp_path: Path) -> None:
         assert m["slots"] <= result["threads"] and m["dense_runs"] == dense_runs and m["dense_candidates"] == 40
         assert m["before_ms"] + m["chunk_phase_ms"] + m["after_ms"] == pytest.approx(m["wall_ms"], rel=1e-9)
         assert 0 < m["request_ms"] < m["before_ms"] and 0 <= m["idle_share"] < 1
+        assert 0 <= m["start_spread_ms"] < m["chunk_phase_ms"]
     assert "| 2 | 2 x 1 thread |" in res.stdout and "| 1 | 1 x 1 thread |" in res.stdout
 
 
