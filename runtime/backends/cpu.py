@@ -263,6 +263,10 @@ class _StagedRow:
         self.dense: list[tuple[list[tuple[int, int]], Future]] = []
         self.error: BaseException | None = None
         staged = {k: feed[k] for k in backend.staged.inputs}
+        # The slots start their first chunks one after another: each pool thread holds Python's interpreter lock from
+        # leaving the queue until ONNX Runtime has converted its run's inputs (16 slots on the H100 machine's host:
+        # ~0.2 ms apart, the sixteenth 3.3-3.8 ms after the first; waking the threads early does not shorten it,
+        # benchmarks/RESULTS.md, 2026-12-06, sixty-fifth session).
         for a, z in bounds:
             backend._pool.submit(self._chunk, a, z, _candidates(staged, a, z))
 
