@@ -8,7 +8,8 @@ prints, per thread count, medians of:
 
 - *before*: from the call to the first chunk's start (checks, batching, the request stage, ``request ms`` of it);
 - *chunk phase*: from the first chunk's start to the last one's end, and in it the *idle* share of the slots' time
-  (a slot waiting for its first chunk, or for the queue to empty while others still compute), the *start spread*
+  (a slot waiting for its first chunk, or for the queue to empty while others still compute; only chunk runs count
+  as busy, so a dense group run inside the phase counts as idle too), the *start spread*
   (how long after the first chunk the last slot started its own) and the *end spread* (how long the first slot to
   run out of chunks waited for the last);
 - *after*: from the last chunk's end to the call's return (the dense groups still to run, the join).
