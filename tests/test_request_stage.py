@@ -89,6 +89,31 @@ def test_an_output_of_the_request_alone_is_computed_in_the_candidate_stage() -> 
         np.testing.assert_array_equal(got, want)
 
 
+def test_what_the_weights_alone_give_is_computed_in_the_candidate_stage() -> None:
+    """ww = w @ w and its Relu read weights alone: they move to the candidate stage (where ONNX Runtime folds them
+    into its weights at load), not handed over; exp(r @ w), the request's, is. The candidate stage computes
+    2 * c @ relu(w @ w) + exp(r @ w), as float64 works it out, and as the whole graph does, bit for bit."""
+    model = _graph([
+        helper.make_node("MatMul", ["w", "w"], ["ww"]),
+        helper.make_node("Relu", ["ww"], ["wr"]),
+        helper.make_node("MatMul", ["r", "w"], ["rw"]),
+        helper.make_node("Exp", ["rw"], ["u"]),
+        helper.make_node("MatMul", ["c", "wr"], ["cw"]),
+        helper.make_node("Add", ["cw", "cw"], ["s"]),
+        helper.make_node("Add", ["s", "u"], ["y"]),
+    ], ["y"])  # fmt: skip
+    stage = split_request_stage(model, ["c"])
+    assert stage is not None
+    assert _ops(stage.request) == ["MatMul", "Exp"] and stage.handoff == ("u",)
+    assert _ops(stage.candidates) == ["MatMul", "Relu", "MatMul", "Add", "Add"]
+    assert [i.name for i in stage.candidates.graph.input] == ["c", "u"]
+    w = W.astype(np.float64)
+    want = 2 * FEED["c"] @ np.maximum(w @ w, 0) + np.exp(FEED["r"].astype(np.float64) @ w)
+    (whole,), (staged,) = _run(model, FEED), _staged(stage, FEED)
+    np.testing.assert_allclose(staged, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(staged, whole)
+
+
 def test_nothing_to_cut() -> None:
     """Every node reads a candidate input, or the request's share is layout alone: no stage."""
     per_candidate = _graph([helper.make_node("MatMul", ["c", "w"], ["cw"]),

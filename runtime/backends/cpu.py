@@ -14,13 +14,14 @@ speeds end close together."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -247,10 +248,16 @@ class _StagedRow:
     Side-by-side chunks do not finish together: on a shared host some cores run slower than others (8 to 16 slots on
     the H100 machine's host: 15-24 % of the chunk phase's slot time idle, waiting for the last chunks; benchmarks/
     RESULTS.md, 2026-12-06), and the dense stage used to start only after the last of them. Here each finished chunk
-    joins a group, and a group of ``group`` candidates (or the last, whatever is left) goes to the pool as one run of
+    joins a group, and a group of ``group`` candidates (or the last, whatever is left) becomes one run of
     ``dense.onnx``: queued behind the chunks still to start, it runs on slots that would otherwise wait, and only the
     last group's run follows the last chunk (there, 8 to 12 slots: 2.0-3.3 ms from the last chunk to the
-    probabilities where 3.5-4.9 ms had been; the request 1.03-1.06x at 6 to 12 threads)."""
+    probabilities where 3.5-4.9 ms had been; the request 1.03-1.06x at 6 to 12 threads).
+
+    The row's work is one queue (chunks first, then dense groups as they fill) that up to one worker per slot empties,
+    each worker cutting its chunk's inputs as it takes it. Every step before a run holds Python's interpreter lock,
+    so the slots start one after another whatever the order (16 slots on the H100 machine's host: ~0.2 ms apart,
+    benchmarks/RESULTS.md, 2026-12-06, sixty-fifth session); a pool task and a feed per chunk, made by the calling
+    thread before any slot could start, had added ~1 ms there (36 chunks)."""
 
     def __init__(self, backend: CpuBackend, feed: dict[str, np.ndarray], bounds: list[tuple[int, int]],
                  group: int) -> None:  # fmt: skip
@@ -260,40 +267,49 @@ class _StagedRow:
         self.lock = threading.Lock()
         self.done = threading.Event()
         self.ready: list[tuple[int, int, list[np.ndarray]]] = []  # finished chunks not yet in a dense run
-        self.dense: list[tuple[list[tuple[int, int]], Future]] = []
+        self.dense: list[tuple[list[tuple[int, int]], list[np.ndarray]]] = []
         self.error: BaseException | None = None
-        staged = {k: feed[k] for k in backend.staged.inputs}
-        # The slots start their first chunks one after another: each pool thread holds Python's interpreter lock from
-        # leaving the queue until ONNX Runtime has converted its run's inputs (16 slots on the H100 machine's host:
-        # ~0.2 ms apart, the sixteenth 3.3-3.8 ms after the first; waking the threads early does not shorten it,
-        # benchmarks/RESULTS.md, 2026-12-06, sixty-fifth session).
-        for a, z in bounds:
-            backend._pool.submit(self._chunk, a, z, _candidates(staged, a, z))
+        self.staged = {k: feed[k] for k in backend.staged.inputs}
+        self.rows = [k for k in self.staged if k in ROW_INPUTS]
+        self.todo: collections.deque[tuple[Callable[..., None], tuple]] = collections.deque(
+            (self._chunk, bound) for bound in bounds)  # fmt: skip
+        self.unfinished = len(bounds)  # queued or running tasks; the row is done at none
+        for _ in range(min(backend.split, len(bounds))):
+            backend._pool.submit(self._work)
 
-    def _chunk(self, a: int, z: int, chunk: dict[str, np.ndarray]) -> None:
-        """One chunk's run in the pool, then its place in a group (the group's dense run queued when full). Whatever
-        fails is kept for ``result``; the last chunk to finish, failed or not, releases it."""
-        try:
-            outs, error = self.backend.staged.run(chunk), None  # type: ignore[union-attr]
-        except BaseException as e:  # noqa: BLE001 (raised again by result())
-            outs, error = None, e
-        with self.lock:
-            self.left -= 1
+    def _work(self) -> None:
+        """One slot's worker: the row's tasks in queue order until none is left. A task whose row has already failed
+        is dropped; whatever a task raises is kept for ``result``."""
+        while True:
             try:
-                if error is not None:
-                    self.error = self.error or error
-                elif self.error is None:
-                    self.ready.append((a, z, outs))
-                    if self.left == 0 or sum(y - x for x, y, _ in self.ready) >= self.group:
-                        self._queue_dense()
-            except BaseException as e:  # noqa: BLE001 (a pool shut down under the row, say)
-                self.error = self.error or e
-            finally:
-                if self.left == 0:
+                task, args = self.todo.popleft()
+            except IndexError:
+                return
+            try:
+                if self.error is None:
+                    task(*args)
+            except BaseException as e:  # noqa: BLE001 (raised again by result())
+                with self.lock:
+                    self.error = self.error or e
+            with self.lock:
+                self.unfinished -= 1
+                if self.unfinished == 0:
                     self.done.set()
 
+    def _chunk(self, a: int, z: int) -> None:
+        """One chunk's run, then its place in a group (the group's dense run queued when full)."""
+        chunk = dict(self.staged)
+        for k in self.rows:
+            chunk[k] = chunk[k][a:z]
+        outs = self.backend.staged.run(chunk)  # type: ignore[union-attr]
+        with self.lock:
+            self.left -= 1
+            self.ready.append((a, z, outs))
+            if self.left == 0 or sum(y - x for x, y, _ in self.ready) >= self.group:
+                self._queue_dense()
+
     def _queue_dense(self) -> None:
-        """``dense.onnx`` on the finished chunks gathered so far, as one run in the pool (the lock held)."""
+        """``dense.onnx`` on the finished chunks gathered so far, queued as one task (the lock held)."""
         group, self.ready = sorted(self.ready, key=lambda c: c[0]), []
         spans = [(a, z) for a, z, _ in group]
         feed = {k: v for k, v in self.feed.items() if k in self.backend.dense.inputs}  # type: ignore[union-attr]
@@ -302,19 +318,21 @@ class _StagedRow:
                 feed[k] = np.concatenate([feed[k][a:z] for a, z in spans])
         for i, k in enumerate(SEQUENCE_OUTPUTS):
             feed[k] = np.concatenate([c[2][i] for c in group])
-        self.dense.append((spans, self.backend._pool.submit(self.backend.dense.run, feed)))  # type: ignore[union-attr]
+        self.unfinished += 1
+        self.todo.append((self._dense, (spans, feed)))
+
+    def _dense(self, spans: list[tuple[int, int]], feed: dict[str, np.ndarray]) -> None:
+        parts = self.backend.dense.run(feed)  # type: ignore[union-attr]
+        with self.lock:
+            self.dense.append((spans, parts))
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities and scores of the row's candidates, in order, once every chunk and dense run is done."""
         self.done.wait()
         if self.error is not None:
-            for _, f in self.dense:  # nothing of this row left running in the pool
-                f.cancel()
-            wait([f for _, f in self.dense])
             raise self.error
         out: list[np.ndarray] = []
-        for spans, f in self.dense:
-            parts = f.result()
+        for spans, parts in self.dense:
             if not out:
                 out = [np.empty((self.n, *p.shape[1:]), p.dtype) for p in parts]
             at = 0

@@ -11,7 +11,10 @@ longer be made may the last bits differ.
 
 Cheap layout nodes (transposes, reshapes, slices, concatenations) at the edge of the request stage are
 computed in the candidate stage instead: handing over their inputs costs nothing, while their outputs would
-be materialised once more and can keep ONNX Runtime from fusing them into the product that reads them.
+be materialised once more and can keep ONNX Runtime from fusing them into the product that reads them. So
+are the nodes that read weights alone (products of two weight matrices, say): ONNX Runtime folds them into
+the candidate stage's weights when it loads it, where handed over they would be computed for every request
+and passed in with every chunk (each input of a run costs the calling thread time under Python's lock).
 """
 
 from __future__ import annotations
@@ -107,12 +110,15 @@ def split_request_stage(
         raise ValueError(f"the graph has no input(s) {sorted(missing)}")
     # Nodes are in topological order (an ONNX requirement), so one pass finds every node whose inputs are all
     # request inputs, weights or outputs of such nodes.
-    known = {t.name for t in g.initializer} | (names - set(per_candidate))
+    weights = {t.name for t in g.initializer}
+    known = weights | (names - set(per_candidate))
     hoisted: list[int] = []
     for i, n in enumerate(g.node):
         if all(not x or x in known for x in n.input):
             hoisted.append(i)
             known.update(o for o in n.output if o)
+            if all(not x or x in weights for x in n.input):  # computed from the weights alone
+                weights.update(o for o in n.output if o)
     producer = {o: i for i in hoisted for o in g.node[i].output if o}
     stay = set(range(len(g.node))) - set(hoisted)
     outputs = {o.name for o in g.output}
@@ -122,9 +128,10 @@ def split_request_stage(
         needed = {x for i in stay for x in g.node[i].input if x} | outputs
         return {x for x in needed if x in producer and x not in made_below}
 
-    # A graph output computed from the request alone, and layout nodes at the edge, move down (repeatedly:
-    # moving one exposes its inputs).
-    while moves := {producer[x] for x in handoff() if x in outputs or g.node[producer[x]].op_type in layout_ops}:
+    # A graph output computed from the request alone, layout nodes at the edge and what the weights alone give move
+    # down (repeatedly: moving one exposes its inputs).
+    while moves := {producer[x] for x in handoff()
+                    if x in outputs or x in weights or g.node[producer[x]].op_type in layout_ops}:  # fmt: skip
         stay |= moves
     edge = handoff()
     if not edge:
