@@ -255,9 +255,10 @@ class _StagedRow:
 
     The row's work is one queue (chunks first, then dense groups as they fill) that up to one worker per slot empties,
     each worker cutting its chunk's inputs as it takes it. Every step before a run holds Python's interpreter lock,
-    so the slots start one after another whatever the order (16 slots on the H100 machine's host: ~0.2 ms apart,
-    benchmarks/RESULTS.md, 2026-12-06, sixty-fifth session); a pool task and a feed per chunk, made by the calling
-    thread before any slot could start, had added ~1 ms there (36 chunks)."""
+    so the slots start one after another whatever the order (16 slots on the H100 machine's host: ~0.2 ms apart);
+    a pool task and a feed per chunk, made by the calling thread before any slot could start, had put the first
+    slot's start 0.44 ms later there (36 chunks; the request 1.018x at 16 threads, 0.99x at 8; benchmarks/
+    RESULTS.md, 2026-12-06, sixty-sixth session)."""
 
     def __init__(self, backend: CpuBackend, feed: dict[str, np.ndarray], bounds: list[tuple[int, int]],
                  group: int) -> None:  # fmt: skip
