@@ -343,7 +343,7 @@ def test_dense_groups_follow_the_order_chunks_finish_in(monkeypatch) -> None:
         got, ref = on.score(req), off.score(req)
         assert finished == [0, 0, 0, 1]
         assert [len(g) for g in groups] == [20, 20]
-        # The two dense runs may start in either order (each on the slot that queued it); their groups may not.
+        # The two dense runs may start in either order (each on whichever slot takes it); their groups may not.
         want = [req.cand_item[10:30], np.concatenate([req.cand_item[:10], req.cand_item[30:]])]
         if not np.array_equal(groups[0], want[0]):
             groups.reverse()
