@@ -5,6 +5,8 @@ dense stage (dense.onnx after chunks that stop at full.onnx's sequence outputs) 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -13,7 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 from test_runtime_session import eager_probs, random_requests, small_bundle, small_config
 
 from export.manifest import SEQUENCE_OUTPUTS
-from runtime.backends.cpu import CANDIDATE_INPUTS, GUIDED_FROM_SLOTS, MALLOC_FROM_SLOTS, CpuBackend
+from runtime.backends.cpu import CANDIDATE_INPUTS, CHUNK_ROWS, GUIDED_FROM_SLOTS, MALLOC_FROM_SLOTS, CpuBackend
+from runtime.backends.cpu import _AsyncSlots as AsyncSlots
 from runtime.backends.request_stage import keep_outputs, split_request_stage
 from runtime.batching import plan_batch
 from runtime.chunks import MIN_CHUNK, chunk_bounds, guided_bounds
@@ -489,6 +492,13 @@ def test_from_eight_slots_a_row_that_fills_them_runs_guided_chunks(monkeypatch, 
                 return run(feed)
 
             monkeypatch.setattr(slots, "run", counted)
+            if hasattr(slots, "start"):  # guided rows start their chunks with run_async
+
+                def started(session, feed, *rest, start=slots.start, got=got):  # noqa: ANN001, ANN002, ANN202
+                    got.append(len(feed["cand_request"]))
+                    return start(session, feed, *rest)
+
+                monkeypatch.setattr(slots, "start", started)
         try:
             probs = session.score(req)
             eager = eager or session.bundle.verified.build_model()
@@ -504,3 +514,87 @@ def test_from_eight_slots_a_row_that_fills_them_runs_guided_chunks(monkeypatch, 
         else:
             assert sorted(runs["whole"]) == sorted(even) and runs["staged"] == []
         np.testing.assert_allclose(probs, eager_probs(eager, [req])[0], atol=1e-5, rtol=0)
+
+
+def _guided() -> Session:
+    """The small bundle on GUIDED_FROM_SLOTS one-thread slots: a row of 100 candidates (eight even chunks of 12-13)
+    runs guided chunks, started with run_async."""
+    return Session(small_bundle(), device="cpu", threads=GUIDED_FROM_SLOTS, split=GUIDED_FROM_SLOTS, warmup=False)
+
+
+def test_guided_rows_run_each_slot_on_a_session_of_its_own() -> None:
+    """From GUIDED_FROM_SLOTS slots the candidate stage is a session per slot, each with a third per-candidate input
+    (CHUNK_ROWS) so that it keeps a memory plan per chunk size; the calling thread starts one chunk on every slot's
+    session, each finished run's callback the slot's next: every guided chunk runs once, no session runs two at a
+    time, and the probabilities are eager PyTorch's."""
+    import threading
+
+    session = _guided()
+    slots = session.backend.staged
+    lock, running, most, seen = threading.Lock(), {}, [0], []
+
+    def start(sess, feed, callback, data, start=slots.start):  # noqa: ANN001, ANN202
+        with lock:
+            running[id(sess)] = running.get(id(sess), 0) + 1
+            most[0] = max(most[0], running[id(sess)])
+            seen.append((id(sess), len(feed["cand_request"])))
+
+        def done(outputs, data_, error):  # noqa: ANN001, ANN202
+            with lock:
+                running[id(sess)] -= 1
+            callback(outputs, data_, error)
+
+        return start(sess, feed, done, data)
+
+    (req,) = random_requests(small_config(), 61, 1, 100, ll=[150], rt=[30], imp=[9])
+    try:
+        assert isinstance(slots, AsyncSlots) and len(slots.sessions) == GUIDED_FROM_SLOTS
+        assert all(CHUNK_ROWS in [i.name for i in s.get_inputs()] and CHUNK_ROWS not in slots.inputs
+                   for s in slots.sessions)  # fmt: skip
+        slots.start = start
+        got = session.score(req)
+        eager = session.bundle.verified.build_model()
+    finally:
+        session.close()
+    assert most[0] == 1 and {s for s, _ in seen} == {id(s) for s in slots.sessions}
+    assert sorted(n for _, n in seen) == sorted(z - a for a, z in guided_bounds(100, GUIDED_FROM_SLOTS))
+    np.testing.assert_allclose(got, eager_probs(eager, [req])[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("where", ["start", "callback", "dense"])
+def test_a_failed_run_in_a_guided_row_reaches_the_caller(monkeypatch, where: str) -> None:
+    """A guided row's third chunk that cannot start, or whose run reports an error to its callback, or a dense
+    group's run that fails (on a callback's thread): the request raises that error once nothing of the row runs, and
+    the backend serves the next requests as before."""
+    session = _guided()
+    backend = session.backend
+    slots, calls = backend.staged, []
+
+    def failing_start(sess, feed, callback, data, start=slots.start):  # noqa: ANN001, ANN202
+        calls.append(len(feed["cand_request"]))
+        if len(calls) == 3 and where == "start":
+            raise RuntimeError("start run failed")
+        if len(calls) == 3:
+            callback = functools.partial(reported, callback)
+        return start(sess, feed, callback, data)
+
+    def reported(callback, outputs, data, error):  # noqa: ANN001, ANN202
+        callback(outputs, data, "callback run failed")
+
+    def failing_dense(feed):  # noqa: ANN001, ANN202
+        raise RuntimeError("dense run failed")
+
+    try:
+        reqs = random_requests(small_config(), 67, 2, 200, ll=[150, 20], rt=[30, 2], imp=[9, 0])  # 100 each
+        good = [session.score(r) for r in reqs]
+        if where == "dense":
+            monkeypatch.setattr(backend.dense, "run", failing_dense)
+        else:
+            monkeypatch.setattr(slots, "start", failing_start)
+        with pytest.raises(RuntimeError, match=f"{where} run failed"):
+            session.score(reqs[0])
+        monkeypatch.undo()
+        for r, want in zip(reqs, good, strict=True):
+            np.testing.assert_array_equal(session.score(r), want)
+    finally:
+        session.close()

@@ -213,6 +213,8 @@ class _SlotsBySize:
     on the 2-thread project machine 0.98-0.99x at 1 and 2 threads, with 20-60 MB more resident (benchmarks/
     RESULTS.md, 2026-12-06)."""
 
+    runs_to_plan = 1  # runs of a chunk size that plan it: one session per size
+
     def __init__(self, graph: bytes, split: int, providers: list, flush: bool, outputs: tuple[str, ...],
                  first: int, arena: bool = True) -> None:  # fmt: skip
         self._make = functools.partial(_Slots, graph, split, 1, providers, flush, outputs, arena=arena)
@@ -235,6 +237,66 @@ class _SlotsBySize:
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.slots(len(feed["cand_request"])).run(feed)
+
+
+# A per-candidate input of the candidate stage that no node reads (``_AsyncSlots``): ONNX Runtime files a memory plan
+# under the XOR of every input dimension, in which the two per-candidate inputs' chunk size cancels; with a third it
+# does not, and one session keeps a plan per chunk size.
+CHUNK_ROWS = "chunk_rows"
+
+
+class _AsyncSlots:
+    """The candidate stage of guided rows (``GUIDED_FROM_SLOTS`` one-thread slots and more): a session per slot whose
+    runs ONNX Runtime starts on the session's own worker thread (``start``: ``run_async``), so that no Python thread
+    waits for the interpreter lock before its slot can start.
+
+    Through ``run`` every slot's pool thread takes Python's lock to convert its chunk's inputs, and the slots start one
+    after another: on the H100 machine's host ~55 us per hand-over of the lock plus ~2 us per input (stair probe,
+    benchmarks/RESULTS.md, 2026-12-06, sixty-seventh session), the sixteenth slot ~3 ms after the first. Here the
+    calling thread starts the first chunk of every slot and each finished run's callback starts its slot's next one
+    (the sixteenth slot 1.2-1.8 ms sooner). Each session gets a third per-candidate input (``CHUNK_ROWS``), so that it
+    keeps a memory plan per chunk size (a session per slot and size would be 16 x 13 sessions with a thread each).
+    Against ``_SlotsBySize`` with a pool thread per slot on DESIGN §5's request, on the H100 machine's host (its 105 MiB
+    L3 kind): 1.01-1.08x at 16 threads, 1.12x at 12, 1.15x at 8; the same without the third input 0.98-0.99x on both
+    kinds (sixty-seventh session).
+
+    A session has two intra-op threads: one worker of its own (which runs ``run_async``'s runs, one operator at a time
+    on that thread) beside the calling thread's share, which only a synchronous ``run`` (the warm-up) takes. Idle
+    workers do not spin; they flush denormals as ``flushed_denormals`` does (``flush``)."""
+
+    def __init__(self, graph: bytes, split: int, providers: list, flush: bool, outputs: tuple[str, ...],
+                 arena: bool) -> None:  # fmt: skip
+        model = onnx.load_from_string(graph)
+        model.graph.input.append(onnx.helper.make_tensor_value_info(CHUNK_ROWS, onnx.TensorProto.BOOL, ["chunk"]))
+        options = ort_options(2, arena=arena)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if flush:
+            options.add_session_config_entry("session.set_denormal_as_zero", "1")
+        keyed = model.SerializeToString()
+        self.flush, self.outputs = flush, list(outputs)
+        self.sessions = [ort.InferenceSession(keyed, sess_options=options, providers=providers) for _ in range(split)]
+        self.inputs = [i.name for i in self.sessions[0].get_inputs() if i.name != CHUNK_ROWS]
+        self.runs_to_plan = split  # each session plans each chunk size on its first run of it
+        self._next: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
+        for session in self.sessions:
+            self._next.put(session)
+
+    def _keyed(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return feed | {CHUNK_ROWS: np.ones(len(feed["cand_request"]), dtype=bool)}
+
+    def start(self, session: ort.InferenceSession, feed: dict[str, np.ndarray],
+              callback: Callable[[list[np.ndarray], object, str], None], data: object) -> None:  # fmt: skip
+        """Start a run of ``feed`` on ``session``'s worker thread; ``callback(outputs, data, error)`` follows there."""
+        session.run_async(self.outputs, self._keyed(feed), callback, data)
+
+    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """A run on the calling thread, on each session in turn (the warm-up plans every session's chunk sizes)."""
+        session = self._next.get()
+        try:
+            with flushed_denormals(self.flush):
+                return session.run(self.outputs, self._keyed(feed))
+        finally:
+            self._next.put(session)
 
 
 def _candidates(feed: dict[str, np.ndarray], a: int, z: int) -> dict[str, np.ndarray]:
@@ -275,34 +337,86 @@ class _StagedRow:
         self.todo: collections.deque[tuple[Callable[..., None], tuple]] = collections.deque(
             (self._chunk, bound) for bound in bounds)  # fmt: skip
         self.unfinished = len(bounds)  # queued or running tasks; the row is done at none
-        for _ in range(min(backend.split, len(bounds))):
-            backend._pool.submit(self._work)
+        slots = backend.staged
+        if isinstance(slots, _AsyncSlots):  # the first chunk of each slot started from here (``_AsyncSlots``)
+            for session in slots.sessions[:min(backend.split, len(bounds))]:
+                self._next(session)
+        else:
+            for _ in range(min(backend.split, len(bounds))):
+                backend._pool.submit(self._work)
+
+    def _pop(self) -> tuple[Callable[..., None], tuple] | None:
+        try:
+            return self.todo.popleft()
+        except IndexError:
+            return None
+
+    def _run(self, task: Callable[..., None], args: tuple) -> None:
+        """One task of the row, dropped if the row has already failed; whatever it raises is kept for ``result``."""
+        try:
+            if self.error is None:
+                task(*args)
+        except BaseException as e:  # noqa: BLE001 (raised again by result())
+            self._fail(e)
+        self._finished()
+
+    def _fail(self, error: BaseException) -> None:
+        with self.lock:
+            self.error = self.error or error
+
+    def _finished(self) -> None:
+        with self.lock:
+            self.unfinished -= 1
+            if self.unfinished == 0:
+                self.done.set()
 
     def _work(self) -> None:
-        """One slot's worker: the row's tasks in queue order until none is left. A task whose row has already failed
-        is dropped; whatever a task raises is kept for ``result``."""
-        while True:
-            try:
-                task, args = self.todo.popleft()
-            except IndexError:
-                return
-            try:
-                if self.error is None:
-                    task(*args)
-            except BaseException as e:  # noqa: BLE001 (raised again by result())
-                with self.lock:
-                    self.error = self.error or e
-            with self.lock:
-                self.unfinished -= 1
-                if self.unfinished == 0:
-                    self.done.set()
+        """One slot's worker: the row's tasks in queue order until none is left."""
+        while (item := self._pop()) is not None:
+            self._run(*item)
 
-    def _chunk(self, a: int, z: int) -> None:
-        """One chunk's run, then its place in a group (the group's dense run queued when full)."""
+    def _next(self, session: ort.InferenceSession) -> None:
+        """``_AsyncSlots``: the row's next tasks for the slot of ``session``, in queue order: dense groups run on this
+        thread, and the first chunk is started on the session (its callback, ``_chunk_done``, goes on from there)."""
+        while (item := self._pop()) is not None:
+            task, args = item
+            if task != self._chunk or self.error is not None:
+                self._run(task, args)
+                continue
+            a, z = args
+            try:
+                self.backend.staged.start(session, self._cut(a, z), self._chunk_done, (session, a, z))  # type: ignore[union-attr]
+                return
+            except BaseException as e:  # noqa: BLE001 (raised again by result())
+                self._fail(e)
+                self._finished()
+
+    def _chunk_done(self, outputs: list[np.ndarray], data: tuple, error: str) -> None:
+        """``run_async``'s callback, on the session's worker thread: the chunk's place in a group, then the slot's next
+        tasks. Nothing may leave it raised (ONNX Runtime's thread would take it)."""
+        session, a, z = data
+        try:
+            if error:
+                raise RuntimeError(f"cpu backend: a chunk's run failed: {error}")
+            self._chunk_finished(a, z, list(outputs))
+        except BaseException as e:  # noqa: BLE001 (raised again by result())
+            self._fail(e)
+        self._finished()
+        self._next(session)
+
+    def _cut(self, a: int, z: int) -> dict[str, np.ndarray]:
+        """The candidate stage's inputs for candidates [a, z): the row's dict with the per-candidate inputs sliced."""
         chunk = dict(self.staged)
         for k in self.rows:
             chunk[k] = chunk[k][a:z]
-        outs = self.backend.staged.run(chunk)  # type: ignore[union-attr]
+        return chunk
+
+    def _chunk(self, a: int, z: int) -> None:
+        """One chunk's run on this thread, then its place in a group."""
+        self._chunk_finished(a, z, self.backend.staged.run(self._cut(a, z)))  # type: ignore[union-attr]
+
+    def _chunk_finished(self, a: int, z: int, outs: list[np.ndarray]) -> None:
+        """A finished chunk joins the row's ready chunks; a group that is full (or the last) queues its dense run."""
         with self.lock:
             self.left -= 1
             self.ready.append((a, z, outs))
@@ -394,7 +508,8 @@ class CpuBackend:
                 dense_stage = stage is not None
             stage = stage or split_request_stage(model, CANDIDATE_INPUTS)
         self.request_session: ort.InferenceSession | None = None
-        self.staged: _Slots | _SlotsBySize | None = None
+        self.staged: _Slots | _SlotsBySize | _AsyncSlots | None = None
+        self.guided = False
         self.dense: _Slots | None = None
         self.handoff: list[str] = []
         self._request_inputs: list[str] = []
@@ -406,11 +521,18 @@ class CpuBackend:
                                                         providers=providers)  # fmt: skip
             outs = SEQUENCE_OUTPUTS if dense_stage else FULL_OUTPUTS
             candidates = stage.candidates.SerializeToString()
-            # With one thread per chunk, a session per chunk size (_SlotsBySize); with more, a session per slot already
-            # (_Slots), and one per slot and size would be too many.
-            self.staged = (_SlotsBySize(candidates, self.split, providers, self.flush, outs, self.max_chunk,
-                                        arena=self.split < MALLOC_FROM_SLOTS) if per == 1
-                           else _Slots(candidates, self.split, per, providers, self.flush, outs))  # fmt: skip
+            arena = self.split < MALLOC_FROM_SLOTS
+            # Guided chunks take many sizes: only where each size has a memory plan of its own (one thread per chunk),
+            # and with a dense stage to score the row's candidates after them. Their rows start their chunks with
+            # run_async (_AsyncSlots); other rows with one thread per chunk run a session per chunk size
+            # (_SlotsBySize); with more threads, a session per slot already (_Slots).
+            self.guided = per == 1 and dense_stage and self.split >= GUIDED_FROM_SLOTS
+            if self.guided:
+                self.staged = _AsyncSlots(candidates, self.split, providers, self.flush, outs, arena)
+            elif per == 1:
+                self.staged = _SlotsBySize(candidates, self.split, providers, self.flush, outs, self.max_chunk, arena)
+            else:
+                self.staged = _Slots(candidates, self.split, per, providers, self.flush, outs)
             if dense_stage:
                 self.dense = _Slots(bundle.graph_bytes("dense.onnx"), self.split, per, providers, self.flush,
                                     DENSE_OUTPUTS)  # fmt: skip
@@ -418,10 +540,6 @@ class CpuBackend:
             self._request_inputs = [i.name for i in self.request_session.get_inputs()]
         self.threads_per_chunk = per
         self._pool = ThreadPoolExecutor(self.split, "transact-cpu") if self.split > 1 else None
-        # Guided chunks take many sizes: only where each size has a session of its own (one thread per chunk), and
-        # with a dense stage to score the row's candidates after them.
-        self.guided = (isinstance(self.staged, _SlotsBySize) and self.dense is not None
-                       and self.split >= GUIDED_FROM_SLOTS)  # fmt: skip
 
     @property
     def layout(self) -> str:
@@ -497,13 +615,14 @@ class CpuBackend:
         shapes = list(dict.fromkeys([(1, staged), (1, every), (1, 1), (1, 16), (2, 64)]))  # small limits repeat some
         for reqs in warmup_requests(self.config, limits, shapes):
             self.run(plan_batch(reqs))
-        if isinstance(self.staged, _SlotsBySize):
+        if isinstance(self.staged, (_SlotsBySize, _AsyncSlots)):
             self._plan_chunk_sizes(limits)
 
     def _plan_chunk_sizes(self, limits: Limits) -> None:
-        """One run of the candidate stage per chunk size the staged chunks take (``chunk_bounds``: MIN_CHUNK to
+        """A run of the candidate stage per chunk size the staged chunks take (``chunk_bounds``: MIN_CHUNK to
         max_chunk; ``guided_bounds``: 1 to max_chunk, its last chunk being what is left), largest first, at the
-        longest sequences; other sizes are planned on their first run."""
+        longest sequences, on each session that plans it (``runs_to_plan``); other sizes are planned on their first
+        run."""
         smallest = 1 if self.guided else min(MIN_CHUNK, self.max_chunk)
         sizes = range(min(self.max_chunk, limits.max_candidates), smallest - 1, -1)
         if not sizes or self.request_session is None or self.staged is None:
@@ -512,7 +631,8 @@ class CpuBackend:
         feed = self._with_request_stage(plan_batch([req]).padded_inputs())
         feed = {k: feed[k] for k in self.staged.inputs}
         for size in sizes:
-            self.staged.run(_candidates(feed, 0, size))
+            for _ in range(self.staged.runs_to_plan):  # type: ignore[union-attr]
+                self.staged.run(_candidates(feed, 0, size))
 
     def close(self) -> None:
         if self._pool is not None:
