@@ -10,7 +10,7 @@ request's chunks outnumber the slots, the part of the graph that depends on the 
 candidates in a few large groups, each as soon as its chunks are done (``_StagedRow``). With one thread per chunk,
 a row whose chunks fill every slot is cut by guided self-scheduling (``guided_bounds``): chunks of up to
 ``max_chunk`` first, then ever smaller ones, taken by the slots as they free up, so that slots running at different
-speeds end close together."""
+speeds end close together; ONNX Runtime's own threads start those chunks (``_AsyncSlots``), not Python's."""
 
 from __future__ import annotations
 
@@ -315,12 +315,13 @@ class _StagedRow:
     last group's run follows the last chunk (there, 8 to 12 slots: 2.0-3.3 ms from the last chunk to the
     probabilities where 3.5-4.9 ms had been; the request 1.03-1.06x at 6 to 12 threads).
 
-    The row's work is one queue (chunks first, then dense groups as they fill) that up to one worker per slot empties,
-    each worker cutting its chunk's inputs as it takes it. Every step before a run holds Python's interpreter lock,
-    so the slots start one after another whatever the order (16 slots on the H100 machine's host: ~0.2 ms apart);
-    a pool task and a feed per chunk, made by the calling thread before any slot could start, had put the first
-    slot's start 0.44 ms later there (36 chunks; the request 1.018x at 16 threads, 0.99x at 8; benchmarks/
-    RESULTS.md, 2026-12-06, sixty-sixth session)."""
+    The row's work is one queue (chunks first, then dense groups as they fill) that each slot empties in turn, cutting
+    its chunk's inputs as it takes it: with ``_AsyncSlots`` (guided rows) the calling thread starts one chunk per slot
+    and each finished chunk's callback runs the queued dense groups and starts the slot's next chunk (``_next``);
+    otherwise one pool worker per slot takes the tasks (``_work``). A pool task and a feed per chunk, made by the
+    calling thread before any slot could start, had put the first slot's start 0.44 ms later on the H100 machine's
+    host (36 chunks; the request 1.018x at 16 threads, 0.99x at 8; benchmarks/RESULTS.md, 2026-12-06, sixty-sixth
+    session)."""
 
     def __init__(self, backend: CpuBackend, feed: dict[str, np.ndarray], bounds: list[tuple[int, int]],
                  group: int) -> None:  # fmt: skip
