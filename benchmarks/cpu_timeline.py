@@ -47,7 +47,8 @@ CHUNK_KINDS = ("whole", "staged")  # the sessions whose runs are chunks of candi
 
 class Run(NamedTuple):
     """One run of one of the backend's sessions: which (``whole``, ``staged``, ``dense``, ``request``), on which
-    thread, when (``time.perf_counter`` seconds) and over how many candidates."""
+    slot (the calling thread; for a run started with ``run_async``, its session), when (``time.perf_counter``
+    seconds, a started run from its start to its callback) and over how many candidates."""
 
     kind: str
     thread: int
@@ -69,10 +70,24 @@ def record_runs(backend: CpuBackend, runs: list[Run]) -> None:
             return out
         return wrapper
 
+    def started(kind: str, start):  # noqa: ANN001, ANN202
+        def wrapper(session, feed, callback, data):  # noqa: ANN001, ANN202
+            t0 = time.perf_counter()
+
+            def done(*args):  # noqa: ANN002, ANN202
+                with lock:
+                    runs.append(Run(kind, id(session), t0, time.perf_counter(), len(feed["cand_request"])))
+                return callback(*args)
+
+            return start(session, feed, done, data)
+        return wrapper
+
     for kind in ("whole", "staged", "dense"):
         slots = getattr(backend, kind)
         if slots is not None:
             slots.run = timed(kind, slots.run, lambda feed: len(feed["cand_request"]))
+            if hasattr(slots, "start"):  # runs started with run_async: their slot is their session
+                slots.start = started(kind, slots.start)
     if backend.request_session is not None:
         session = backend.request_session
         session.run = timed("request", session.run, lambda names, feed: 0)

@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_runtime_session import small_bundle
+from test_runtime_session import random_requests, small_bundle, small_config
 
-from runtime.chunks import chunk_bounds
+from runtime.chunks import chunk_bounds, guided_bounds
+from runtime.session import Session
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "cpu_timeline.py"
@@ -66,6 +67,29 @@ def test_stages_of_the_backends_requests(tmp_path: Path) -> None:
         assert 0 < m["request_ms"] < m["before_ms"] and 0 <= m["idle_share"] < 1
         assert 0 <= m["start_spread_ms"] < m["chunk_phase_ms"]
     assert "| 2 | 2 x 1 thread |" in res.stdout and "| 1 | 1 x 1 thread |" in res.stdout
+
+
+def test_a_guided_rows_runs_are_recorded_by_session() -> None:
+    """100 candidates on 8 one-thread slots: guided chunks started with run_async, each recorded from its start to its
+    callback under its session (the slot); the stages still add up to the request."""
+    import time
+
+    session = Session(small_bundle(), device="cpu", threads=8, split=8, warmup=False)
+    record: list = []
+    cpu_timeline.record_runs(session.backend, record)
+    (req,) = random_requests(small_config(), 71, 1, 100, ll=[150], rt=[30], imp=[9])
+    try:
+        session.score(req)
+        record.clear()
+        t0 = time.perf_counter()
+        session.score(req)
+        m = cpu_timeline.timeline(record, t0, time.perf_counter())
+        sessions = {id(s) for s in session.backend.staged.sessions}
+    finally:
+        session.close()
+    assert m["chunks"] == len(guided_bounds(100, 8)) and m["slots"] == 8 and m["dense_candidates"] == 100
+    assert {r.thread for r in record if r.kind == "staged"} == sessions
+    assert m["before_ms"] + m["chunk_phase_ms"] + m["after_ms"] == pytest.approx(m["wall_ms"], rel=1e-9)
 
 
 def test_bad_counts_are_refused() -> None:
