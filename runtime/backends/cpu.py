@@ -254,7 +254,7 @@ class _AsyncSlots:
     after another: on the H100 machine's host ~55 us per hand-over of the lock plus ~2 us per input (stair probe,
     benchmarks/RESULTS.md, 2026-12-06, sixty-seventh session), the sixteenth slot ~3 ms after the first. Here the
     calling thread starts the first chunk of every slot and each finished run's callback starts its slot's next one
-    (the sixteenth slot 1.2-1.8 ms sooner). Each session gets a third per-candidate input (``CHUNK_ROWS``), so that it
+    (the sixteenth slot 1.4-1.8 ms sooner). Each session gets a third per-candidate input (``CHUNK_ROWS``), so that it
     keeps a memory plan per chunk size (a session per slot and size would be 16 x 13 sessions with a thread each).
     Against ``_SlotsBySize`` with a pool thread per slot on DESIGN §5's request, on the H100 machine's host (its 105 MiB
     L3 kind): 1.01-1.08x at 16 threads, 1.12x at 12, 1.15x at 8; the same without the third input 0.98-0.99x on both
