@@ -373,11 +373,18 @@ def test_a_failed_run_in_a_row_reaches_the_caller(monkeypatch, where: str) -> No
             raise RuntimeError(f"{where} run failed")
         return run(feed)
 
+    reqs = random_requests(small_config(), 43, 2, 80, ll=[150, 20], rt=[30, 2], imp=[9, 0])
+    _fails_then_recovers(session, monkeypatch, reqs, lambda: monkeypatch.setattr(slots, "run", failing),
+                         f"{where} run failed")  # fmt: skip
+
+
+def _fails_then_recovers(session: Session, monkeypatch, reqs: list, break_it, message: str) -> None:  # noqa: ANN001
+    """Score ``reqs``, break the backend (``break_it``), check that the first request raises ``message``, mend it and
+    check that every request scores as before; the session is closed afterwards."""
     try:
-        reqs = random_requests(small_config(), 43, 2, 80, ll=[150, 20], rt=[30, 2], imp=[9, 0])
         good = [session.score(r) for r in reqs]
-        monkeypatch.setattr(slots, "run", failing)
-        with pytest.raises(RuntimeError, match=f"{where} run failed"):
+        break_it()
+        with pytest.raises(RuntimeError, match=message):
             session.score(reqs[0])
         monkeypatch.undo()
         for r, want in zip(reqs, good, strict=True):
@@ -584,17 +591,11 @@ def test_a_failed_run_in_a_guided_row_reaches_the_caller(monkeypatch, where: str
     def failing_dense(feed):  # noqa: ANN001, ANN202
         raise RuntimeError("dense run failed")
 
-    try:
-        reqs = random_requests(small_config(), 67, 2, 200, ll=[150, 20], rt=[30, 2], imp=[9, 0])  # 100 each
-        good = [session.score(r) for r in reqs]
+    def break_it() -> None:
         if where == "dense":
             monkeypatch.setattr(backend.dense, "run", failing_dense)
         else:
             monkeypatch.setattr(slots, "start", failing_start)
-        with pytest.raises(RuntimeError, match=f"{where} run failed"):
-            session.score(reqs[0])
-        monkeypatch.undo()
-        for r, want in zip(reqs, good, strict=True):
-            np.testing.assert_array_equal(session.score(r), want)
-    finally:
-        session.close()
+
+    reqs = random_requests(small_config(), 67, 2, 200, ll=[150, 20], rt=[30, 2], imp=[9, 0])  # 100 each
+    _fails_then_recovers(session, monkeypatch, reqs, break_it, f"{where} run failed")
