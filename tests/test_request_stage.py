@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from test_runtime_session import eager_probs, random_requests, small_bundle, small_config
 
 from export.manifest import SEQUENCE_OUTPUTS
+from runtime.backends import cpu
 from runtime.backends.cpu import CANDIDATE_INPUTS, CHUNK_ROWS, GUIDED_FROM_SLOTS, MALLOC_FROM_SLOTS, CpuBackend
 from runtime.backends.cpu import _AsyncSlots as AsyncSlots
 from runtime.backends.request_stage import keep_outputs, split_request_stage
@@ -227,8 +228,9 @@ class _BeforeSequenceOutputs:
 def test_dense_stage_scores_a_rows_candidates_after_its_chunks(monkeypatch) -> None:
     """Where a row's chunks outnumber the slots (150 candidates: 10 chunks of 15 for 2 slots), the chunks run
     full.onnx up to v1 / v2 and dense.onnx scores the row in two groups of 75 (half the row each: five finished
-    chunks); where they do not (30: 2 chunks), dense.onnx does not run. Three rows of 100 (8 chunks of 12 or 13
-    each): two groups per row, the first of at least 50, together the row. The probabilities are those of the
+    chunks), the last cut in two parts of 37 and 38 for the two slots (LAST_PART_ROWS); where they do not (30: 2
+    chunks), dense.onnx does not run. Three rows of 100 (8 chunks of 12 or 13 each): two groups per row, the first
+    of at least 50, the last too small to cut, together the row. The probabilities are those of the
     chunks run to the end and of eager PyTorch, for one request and for three rows at once. A bundle whose full.onnx
     lacks v1 / v2 runs its chunks to the end."""
     bundle_dir = small_bundle()
@@ -247,13 +249,13 @@ def test_dense_stage_scores_a_rows_candidates_after_its_chunks(monkeypatch) -> N
 
     monkeypatch.setattr(dense_session, "run", counted)
     try:
-        for n_rows, n_cands, want_parts in ((1, 150, 2), (1, 30, 0), (3, 300, 6)):
+        for n_rows, n_cands, want_parts in ((1, 150, 3), (1, 30, 0), (3, 300, 6)):
             parts.clear()
             reqs = random_requests(small_config(), 33, n_rows, n_cands, ll=[200, 90, 3][:n_rows],
                                    rt=[40, 0, 7][:n_rows], imp=[30, 4, 0][:n_rows])  # fmt: skip
             got_all, ref_all = on.score_many(reqs), off.score_many(reqs)
             assert len(parts) == want_parts and sum(parts) == (n_cands if want_parts else 0)
-            assert n_rows > 1 or sorted(parts) == [75] * want_parts
+            assert n_rows > 1 or sorted(parts) == [37, 38, 75][:want_parts]
             assert not want_parts or sum(p >= 50 for p in parts) >= n_rows
             older_all = [older.run(plan_batch([r]))[0] for r in reqs]
             for got, ref, old, e in zip(got_all, ref_all, older_all, eager_probs(eager, reqs), strict=True):
@@ -357,6 +359,68 @@ def test_dense_groups_follow_the_order_chunks_finish_in(monkeypatch) -> None:
     finally:
         on.close()
         off.close()
+
+
+def test_cut_rows_by_hand() -> None:
+    """Finished chunks [16, 32), [48, 64), [64, 70) (38 candidates, not all next to each other) in 3 parts: 12, 13
+    and 13 candidates in their order, the first chunk cut after 12 and the second after 9, each piece with its own
+    rows of the chunk's outputs."""
+    chunks = [(a, z, [np.arange(a, z) * 10, np.arange(a, z) * -1.0]) for a, z in ((16, 32), (48, 64), (64, 70))]
+    parts = cpu._cut_rows(chunks, 3)
+    assert [[(a, z) for a, z, _ in part] for part in parts] == [[(16, 28)], [(28, 32), (48, 57)], [(57, 64), (64, 70)]]
+    for part in parts:
+        for a, z, (tens, minus) in part:
+            np.testing.assert_array_equal(tens, np.arange(a, z) * 10)
+            np.testing.assert_array_equal(minus, np.arange(a, z) * -1.0)
+    assert [[(a, z) for a, z, _ in part] for part in cpu._cut_rows(chunks, 1)] == [[(16, 32), (48, 64), (64, 70)]]
+    assert [sum(z - a for a, z, _ in part) for part in cpu._cut_rows(chunks, 38)] == [1] * 38
+
+
+@pytest.mark.parametrize("split, n, last_part_rows", [(2, 150, None), (GUIDED_FROM_SLOTS, 100, 1)])
+def test_a_rows_last_dense_group_runs_on_the_waiting_slots(monkeypatch, split: int, n: int,
+                                                            last_part_rows: int | None) -> None:  # fmt: skip
+    """After a row's last chunk the last dense group is cut into parts (LAST_PART_ROWS candidates or more, one per
+    slot at most), and the parts run at the same time on different threads (each part's run waits, at most 60 s, until
+    every part's has begun): on the pool (2 slots, 150 candidates: two parts of the last 75) and on a guided row's
+    callback thread and the pool (8 slots, 100 candidates, parts of one candidate or more: the chunks that finish
+    last are of any size, the smallest of 3). Every candidate is in one dense run,
+    and the probabilities are eager PyTorch's."""
+    import threading
+
+    if last_part_rows is not None:
+        monkeypatch.setattr(cpu, "LAST_PART_ROWS", last_part_rows)
+    (req,) = random_requests(small_config(), 71, 1, n, ll=[150], rt=[30], imp=[9])
+    session = Session(small_bundle(), device="cpu", threads=split, split=split, warmup=False)
+    last: list[np.ndarray] = []  # the last group's parts' candidates
+    barrier: list[threading.Barrier] = []
+    runs: list[tuple[np.ndarray, int]] = []
+
+    def cut(chunks, parts, cut_rows=cpu._cut_rows):  # noqa: ANN001, ANN202
+        out = cut_rows(chunks, parts)
+        last.extend(np.concatenate([req.cand_item[a:z] for a, z, _ in part]) for part in out)
+        barrier.append(threading.Barrier(parts, timeout=60))
+        return out
+
+    def dense(feed, run=session.backend.dense.run):  # noqa: ANN001, ANN202
+        runs.append((feed["cand_item"].copy(), threading.get_ident()))
+        if any(np.array_equal(feed["cand_item"], part) for part in last):
+            barrier[0].wait()
+        return run(feed)
+
+    monkeypatch.setattr(cpu, "_cut_rows", cut)
+    monkeypatch.setattr(session.backend.dense, "run", dense)
+    try:
+        got = session.score(req)
+        eager = session.bundle.verified.build_model()
+    finally:
+        session.close()
+    assert session.backend.guided == (split >= GUIDED_FROM_SLOTS) and len(barrier) == 1
+    sizes = [len(p) for p in last]
+    assert len(sizes) > 1 and max(sizes) - min(sizes) <= 1 and min(sizes) >= cpu.LAST_PART_ROWS
+    threads = {t for c, t in runs if any(np.array_equal(c, part) for part in last)}
+    assert len(threads) == len(last)
+    assert sorted(row.tobytes() for c, _ in runs for row in c) == sorted(row.tobytes() for row in req.cand_item)
+    np.testing.assert_allclose(got, eager_probs(eager, [req])[0], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("where", ["chunk", "dense"])

@@ -193,6 +193,12 @@ MALLOC_FROM_SLOTS = 8
 GUIDED_FROM_SLOTS = 8
 
 
+# A row's last dense group (after its last chunk, while every slot waits) is cut into parts of at least this many
+# candidates, one per slot: dense.onnx costs ~39 us a candidate on one thread from 64 candidates a run, 44 at 32,
+# 48 at 16 and 84 at 8 (project machine).
+LAST_PART_ROWS = 32
+
+
 class _SlotsBySize:
     """The candidate stage with one ``_Slots`` (one session, one thread per run) per chunk size, each made on its
     size's first run.
@@ -304,6 +310,9 @@ def _candidates(feed: dict[str, np.ndarray], a: int, z: int) -> dict[str, np.nda
     return {k: (v[a:z] if k in ROW_INPUTS else v) for k, v in feed.items()}
 
 
+_Finished = tuple[int, int, list[np.ndarray]]  # a finished chunk: its candidates [start, end) and its outputs
+
+
 class _StagedRow:
     """One request row's chunks, with ``dense.onnx`` started on finished ones while others still run.
 
@@ -330,7 +339,7 @@ class _StagedRow:
         self.n, self.left = bounds[-1][1], len(bounds)
         self.lock = threading.Lock()
         self.done = threading.Event()
-        self.ready: list[tuple[int, int, list[np.ndarray]]] = []  # finished chunks not yet in a dense run
+        self.ready: list[_Finished] = []  # finished chunks not yet in a dense run
         self.dense: list[tuple[list[tuple[int, int]], list[np.ndarray]]] = []
         self.error: BaseException | None = None
         self.staged = {k: feed[k] for k in backend.staged.inputs}
@@ -421,12 +430,28 @@ class _StagedRow:
         with self.lock:
             self.left -= 1
             self.ready.append((a, z, outs))
-            if self.left == 0 or sum(y - x for x, y, _ in self.ready) >= self.group:
-                self._queue_dense()
+            if self.left == 0:
+                self._queue_last()
+            elif sum(y - x for x, y, _ in self.ready) >= self.group:
+                self._queue_dense(self.ready)
+            else:
+                return
+            self.ready = []
 
-    def _queue_dense(self) -> None:
-        """``dense.onnx`` on the finished chunks gathered so far, queued as one task (the lock held)."""
-        group, self.ready = sorted(self.ready, key=lambda c: c[0]), []
+    def _queue_last(self) -> None:
+        """The row's last dense group, after its last chunk, cut into parts of at least ``LAST_PART_ROWS`` candidates,
+        one per slot at most, with idle pool threads woken to take them (the lock held): every slot waits for it."""
+        ready = sorted(self.ready, key=lambda c: c[0])
+        rows = sum(z - a for a, z, _ in ready)
+        parts = max(1, min(self.backend.split, rows // LAST_PART_ROWS))
+        for part in _cut_rows(ready, parts):
+            self._queue_dense(part)
+        for _ in range(parts - 1):
+            self.backend._pool.submit(self._work)  # type: ignore[union-attr]
+
+    def _queue_dense(self, group: list[_Finished]) -> None:
+        """``dense.onnx`` on ``group``'s finished chunks, queued as one task (the lock held)."""
+        group = sorted(group, key=lambda c: c[0])
         spans = [(a, z) for a, z, _ in group]
         feed = {k: v for k, v in self.feed.items() if k in self.backend.dense.inputs}  # type: ignore[union-attr]
         for k in CANDIDATE_INPUTS:
@@ -458,6 +483,23 @@ class _StagedRow:
                 at += z - a
         probs, scores = out
         return probs, scores
+
+
+def _cut_rows(chunks: list[_Finished], parts: int) -> list[list[_Finished]]:
+    """Finished chunks (start, end, outputs), cut into ``parts`` groups in their order whose candidate counts differ
+    by one at most; a chunk may be cut between two groups (its outputs' rows sliced). ``parts`` <= the candidates."""
+    rows = sum(z - a for a, z, _ in chunks)
+    cut: list[list[_Finished]] = [[] for _ in range(parts)]
+    part, placed = 0, 0
+    for start, end, outs in chunks:
+        a = start
+        while a < end:
+            b = min(end, a + rows * (part + 1) // parts - placed)
+            cut[part].append((a, b, [o[a - start:b - start] for o in outs]))
+            placed, a = placed + b - a, b
+            if placed == rows * (part + 1) // parts:
+                part += 1
+    return cut
 
 
 def _joined(pending: list) -> list[np.ndarray]:
