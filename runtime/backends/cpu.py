@@ -264,7 +264,7 @@ class _AsyncSlots:
     keeps a memory plan per chunk size (a session per slot and size would be 16 x 13 sessions with a thread each).
     Against ``_SlotsBySize`` with a pool thread per slot on DESIGN §5's request, on the H100 machine's host (its 105 MiB
     L3 kind): 1.01-1.08x at 16 threads, 1.12x at 12, 1.15x at 8; the same without the third input 0.98-0.99x on both
-    kinds (sixty-seventh session).
+    kinds (sixty-seventh session); as shipped 1.08x at 16 and 1.14x at 8 (sixty-eighth).
 
     A session has two intra-op threads: one worker of its own (which runs ``run_async``'s runs, one operator at a time
     on that thread) beside the calling thread's share, which only a synchronous ``run`` (the warm-up) takes. Idle
@@ -322,7 +322,10 @@ class _StagedRow:
     joins a group, and a group of ``group`` candidates (or the last, whatever is left) becomes one run of
     ``dense.onnx``: queued behind the chunks still to start, it runs on slots that would otherwise wait, and only the
     last group's run follows the last chunk (there, 8 to 12 slots: 2.0-3.3 ms from the last chunk to the
-    probabilities where 3.5-4.9 ms had been; the request 1.03-1.06x at 6 to 12 threads).
+    probabilities where 3.5-4.9 ms had been; the request 1.03-1.06x at 6 to 12 threads). That last group, which
+    every slot waits for, is cut into parts of ``LAST_PART_ROWS`` candidates or more, one per slot at most, and idle
+    pool threads are woken to take them (``_queue_last``; 2 threads, 128 candidates in two parts: the request 1.03x
+    on the project machine, sixty-eighth session).
 
     The row's work is one queue (chunks first, then dense groups as they fill) that each slot empties in turn, cutting
     its chunk's inputs as it takes it: with ``_AsyncSlots`` (guided rows) the calling thread starts one chunk per slot
