@@ -383,8 +383,8 @@ def test_a_rows_last_dense_group_runs_on_the_waiting_slots(monkeypatch, split: i
     slot at most), and the parts run at the same time on different threads (each part's run waits, at most 60 s, until
     every part's has begun): on the pool (2 slots, 150 candidates: two parts of the last 75) and on a guided row's
     callback thread and the pool (8 slots, 100 candidates, parts of one candidate or more: the chunks that finish
-    last are of any size, the smallest of 3). Every candidate is in one dense run,
-    and the probabilities are eager PyTorch's."""
+    last are of any size, the smallest of 3). Every candidate is in one dense run, and the probabilities are eager
+    PyTorch's."""
     import threading
 
     if last_part_rows is not None:
