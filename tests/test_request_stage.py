@@ -390,7 +390,7 @@ def test_a_rows_last_dense_group_runs_on_the_waiting_slots(monkeypatch, split: i
     if last_part_rows is not None:
         monkeypatch.setattr(cpu, "LAST_PART_ROWS", last_part_rows)
     (req,) = random_requests(small_config(), 71, 1, n, ll=[150], rt=[30], imp=[9])
-    session = Session(small_bundle(), device="cpu", threads=split, split=split, warmup=False)
+    session = _guided() if split == GUIDED_FROM_SLOTS else _small_chunks()
     last: list[np.ndarray] = []  # the last group's parts' candidates
     barrier: list[threading.Barrier] = []
     runs: list[tuple[np.ndarray, int]] = []

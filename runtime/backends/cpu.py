@@ -14,6 +14,7 @@ speeds end close together; ONNX Runtime's own threads start those chunks (``_Asy
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import functools
@@ -342,7 +343,7 @@ class _StagedRow:
         self.n, self.left = bounds[-1][1], len(bounds)
         self.lock = threading.Lock()
         self.done = threading.Event()
-        self.ready: list[_Finished] = []  # finished chunks not yet in a dense run
+        self.ready: list[_Finished] = []  # finished chunks not yet in a dense run, in candidate order
         self.dense: list[tuple[list[tuple[int, int]], list[np.ndarray]]] = []
         self.error: BaseException | None = None
         self.staged = {k: feed[k] for k in backend.staged.inputs}
@@ -432,7 +433,7 @@ class _StagedRow:
         """A finished chunk joins the row's ready chunks; a group that is full (or the last) queues its dense run."""
         with self.lock:
             self.left -= 1
-            self.ready.append((a, z, outs))
+            bisect.insort(self.ready, (a, z, outs), key=lambda c: c[0])
             if self.left == 0:
                 self._queue_last()
             elif sum(y - x for x, y, _ in self.ready) >= self.group:
@@ -444,17 +445,15 @@ class _StagedRow:
     def _queue_last(self) -> None:
         """The row's last dense group, after its last chunk, cut into parts of at least ``LAST_PART_ROWS`` candidates,
         one per slot at most, with idle pool threads woken to take them (the lock held): every slot waits for it."""
-        ready = sorted(self.ready, key=lambda c: c[0])
-        rows = sum(z - a for a, z, _ in ready)
+        rows = sum(z - a for a, z, _ in self.ready)
         parts = max(1, min(self.backend.split, rows // LAST_PART_ROWS))
-        for part in _cut_rows(ready, parts):
+        for part in _cut_rows(self.ready, parts):
             self._queue_dense(part)
         for _ in range(parts - 1):
             self.backend._pool.submit(self._work)  # type: ignore[union-attr]
 
     def _queue_dense(self, group: list[_Finished]) -> None:
-        """``dense.onnx`` on ``group``'s finished chunks, queued as one task (the lock held)."""
-        group = sorted(group, key=lambda c: c[0])
+        """``dense.onnx`` on ``group``'s finished chunks (in candidate order), queued as one task (the lock held)."""
         spans = [(a, z) for a, z, _ in group]
         feed = {k: v for k, v in self.feed.items() if k in self.backend.dense.inputs}  # type: ignore[union-attr]
         for k in CANDIDATE_INPUTS:
